@@ -1,0 +1,252 @@
+//! `up`, `down` and `status` over a whole local cluster.
+
+use crate::error::{Error, Result};
+use crate::host::{find_proxy_binary, Host};
+use crate::layout::Layout;
+use crate::node::Node;
+use crate::proxy::ProxyProcess;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What `up` needs when it creates a cluster; ignored for an existing one,
+/// whose ports are fixed in its `cluster.toml`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub nodes: usize,
+    pub base_port: u16,
+    pub proxy_port: u16,
+    pub metrics_port: u16,
+}
+
+impl Default for UpOptions {
+    fn default() -> Self {
+        UpOptions { nodes: 3, base_port: 5433, proxy_port: 6432, metrics_port: 9187 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub host: Host,
+    pub layout: Layout,
+}
+
+/// One line of `mtmctl status`.
+#[derive(Debug, Clone)]
+pub struct MemberStatus {
+    pub name: String,
+    pub port: u16,
+    pub pid: Option<i32>,
+    /// What the member reports about itself, or why it could not be asked.
+    pub detail: String,
+}
+
+impl Cluster {
+    /// The cluster created in `data_dir` (error if there is none).
+    pub fn open(data_dir: &Path) -> Result<Cluster> {
+        let data_dir = absolute(data_dir)?;
+        let layout = Layout::load(&data_dir)?.ok_or_else(|| {
+            Error::DataDir(format!("no cluster in {} (create one with `mtmctl up`)", data_dir.display()))
+        })?;
+        Ok(Cluster { host: Host::detect()?, layout })
+    }
+
+    /// Creates what is missing in `data_dir`, starts what is stopped, and
+    /// waits until a query through the proxy answers. Never removes data.
+    pub fn up(data_dir: &Path, opts: &UpOptions) -> Result<Cluster> {
+        let host = Host::detect()?;
+        host.check_extension()?;
+        let proxy_bin = find_proxy_binary()?;
+        let data_dir = absolute(data_dir)?;
+        prepare_data_dir(&host, &data_dir)?;
+        let layout = match Layout::load(&data_dir)? {
+            Some(l) => l,
+            None => {
+                if opts.nodes == 0 {
+                    return Err(Error::DataDir("a cluster needs at least one node".into()));
+                }
+                let l = Layout::new(&data_dir, opts.nodes, opts.base_port, opts.proxy_port, opts.metrics_port);
+                l.save()?;
+                host.give(&l.file())?;
+                l
+            }
+        };
+        let cluster = Cluster { host, layout };
+        for node in cluster.nodes() {
+            if !node.is_initialised() {
+                node.init(&cluster.host)?;
+            }
+            if node.pid().is_none() {
+                node.start(&cluster.host)?;
+            }
+        }
+        for node in cluster.nodes() {
+            let mut c = node.connect()?;
+            c.batch_execute("CREATE EXTENSION IF NOT EXISTS multimaster").map_err(|e| Error::Sql {
+                what: format!("CREATE EXTENSION multimaster on {} failed", node.name()),
+                source: e,
+            })?;
+        }
+        cluster.proxy().start(&proxy_bin)?;
+        Ok(cluster)
+    }
+
+    /// Stops the proxy, then the nodes (`mode`: fast or immediate). Removes nothing.
+    pub fn down(&self, mode: &str) -> Result<()> {
+        self.proxy().stop(Duration::from_secs(10));
+        let mut first_err = None;
+        for node in self.nodes() {
+            if let Err(e) = node.stop(&self.host, mode) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    pub fn nodes(&self) -> Vec<Node> {
+        self.layout
+            .node_ids()
+            .map(|id| Node {
+                id,
+                port: self.layout.node_port(id),
+                dir: self.layout.node_dir(id),
+                log: self.layout.node_log(id),
+                socket_dir: self.layout.data_dir.clone(),
+            })
+            .collect()
+    }
+
+    pub fn node(&self, id: usize) -> Node {
+        self.nodes().swap_remove(id - 1)
+    }
+
+    pub fn proxy(&self) -> ProxyProcess<'_> {
+        ProxyProcess { layout: &self.layout }
+    }
+
+    pub fn proxy_conninfo(&self, dbname: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={dbname} connect_timeout=10", self.layout.proxy_port)
+    }
+
+    pub fn status(&self) -> Vec<MemberStatus> {
+        let mut out: Vec<MemberStatus> = self
+            .nodes()
+            .into_iter()
+            .map(|node| {
+                let pid = node.pid();
+                let detail = match pid {
+                    None => "stopped".to_string(),
+                    Some(_) => match node.connect() {
+                        Ok(mut c) => node_report(&mut c),
+                        Err(e) => format!("running, not answering: {e}"),
+                    },
+                };
+                MemberStatus { name: node.name(), port: node.port, pid, detail }
+            })
+            .collect();
+        let proxy = self.proxy();
+        let pid = proxy.pid();
+        let detail = match pid {
+            None => "stopped".to_string(),
+            Some(_) if proxy.answers() => {
+                format!("running, metrics on 127.0.0.1:{}", self.layout.metrics_port)
+            }
+            Some(_) => "running, not answering".to_string(),
+        };
+        out.push(MemberStatus { name: "mtm-proxy".into(), port: self.layout.proxy_port, pid, detail });
+        out
+    }
+}
+
+/// What a running node says about the extension.
+fn node_report(c: &mut postgres::Client) -> String {
+    match c.query_opt("SELECT extversion FROM pg_extension WHERE extname = 'multimaster'", &[]) {
+        Ok(Some(row)) => {
+            let v: String = row.get(0);
+            format!("running, multimaster {v} (replication not implemented yet)")
+        }
+        Ok(None) => "running, extension not created".into(),
+        Err(e) => format!("running, query failed: {e}"),
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).map_err(|e| Error::io(format!("bad path {}", p.display()), e))
+}
+
+/// Creates the data directory for the server user, or checks that an
+/// existing one is theirs and reachable.
+fn prepare_data_dir(host: &Host, dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            if !meta.is_dir() {
+                return Err(Error::DataDir(format!("{} exists and is not a directory", dir.display())));
+            }
+            let owner = nix::unistd::Uid::from_raw(meta.uid());
+            if owner != host.owner_uid() {
+                // root may hand over an empty directory it made itself.
+                let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+                if host.run_as.is_some() && owner.is_root() && empty {
+                    host.give(dir)?;
+                } else {
+                    let name = nix::unistd::User::from_uid(owner)
+                        .ok()
+                        .flatten()
+                        .map(|u| u.name)
+                        .unwrap_or_else(|| format!("uid {owner}"));
+                    return Err(Error::ForeignDataDir {
+                        path: dir.to_path_buf(),
+                        owner: name,
+                        expected: host.owner_name(),
+                    });
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            host.give(dir)?;
+        }
+        Err(e) => return Err(Error::io(format!("cannot read {}", dir.display()), e)),
+    }
+    if host.run_as.is_some() && !server_user_can(host, "-w", dir) {
+        // A private parent directory (a 0700 /root, say) would make every
+        // node fail later with a confusing message. Grant the server user
+        // search permission on just those directories, and say so.
+        for ancestor in dir.ancestors().skip(1).collect::<Vec<_>>().into_iter().rev() {
+            if !server_user_can(host, "-x", ancestor) {
+                let granted = std::process::Command::new("setfacl")
+                    .arg("-m")
+                    .arg(format!("u:{}:x", host.owner_name()))
+                    .arg(ancestor)
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                if granted {
+                    eprintln!(
+                        "mtmctl: note: granted the {} user search permission on {} (setfacl) so it can reach the data directory",
+                        host.owner_name(),
+                        ancestor.display()
+                    );
+                }
+            }
+        }
+        if !server_user_can(host, "-w", dir) {
+            return Err(Error::DataDir(format!(
+                "the {} user cannot write to {} (is a parent directory private?); use another --data-dir",
+                host.owner_name(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `test <flag> path` as the server user.
+fn server_user_can(host: &Host, flag: &str, path: &Path) -> bool {
+    std::process::Command::new("runuser")
+        .args(["-u", &host.owner_name(), "--", "test", flag])
+        .arg(path)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}

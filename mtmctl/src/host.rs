@@ -1,0 +1,185 @@
+//! Facts about this machine the launcher depends on: where PostgreSQL's
+//! server binaries are, whether we run as root (then servers run as the
+//! `postgres` system user, since PostgreSQL refuses root), which ports are
+//! free, and where `mtm-proxy` is.
+
+use crate::error::{Error, Result};
+use nix::unistd::{Gid, Uid, User};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+/// The machine-level context every node operation needs.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub bindir: PathBuf,
+    pub pkglibdir: PathBuf,
+    /// Set when running as root: servers run as this user, and the data
+    /// directory is handed to it.
+    pub run_as: Option<(String, Uid, Gid)>,
+}
+
+impl Host {
+    /// Finds PostgreSQL 15 (`MTM_PG_BINDIR`, then `pg_config --bindir`, then
+    /// Debian's path) and the user to run servers as.
+    pub fn detect() -> Result<Host> {
+        let bindir = match std::env::var_os("MTM_PG_BINDIR") {
+            Some(d) => PathBuf::from(d),
+            None => pg_config("--bindir").unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin")),
+        };
+        for bin in ["initdb", "pg_ctl", "postgres"] {
+            if !bindir.join(bin).is_file() {
+                return Err(Error::MissingBinary {
+                    what: format!("PostgreSQL's {bin}"),
+                    detail: format!(
+                        "no {} (install postgresql-15, or set MTM_PG_BINDIR)",
+                        bindir.join(bin).display()
+                    ),
+                });
+            }
+        }
+        let pkglibdir = pg_config("--pkglibdir").unwrap_or_else(|| bindir.join("../lib"));
+        let run_as = if Uid::effective().is_root() {
+            let user = User::from_name("postgres").ok().flatten().ok_or_else(|| Error::MissingBinary {
+                what: "the postgres system user".into(),
+                detail: "PostgreSQL refuses to run as root and there is no 'postgres' user to run it as (install postgresql-15)".into(),
+            })?;
+            Some((user.name, user.uid, user.gid))
+        } else {
+            None
+        };
+        Ok(Host { bindir, pkglibdir, run_as })
+    }
+
+    /// The `multimaster` library must be installed for nodes to start
+    /// (it is in `shared_preload_libraries`).
+    pub fn check_extension(&self) -> Result<()> {
+        let so = self.pkglibdir.join("multimaster.so");
+        if so.is_file() {
+            Ok(())
+        } else {
+            Err(Error::MissingBinary {
+                what: "the multimaster extension".into(),
+                detail: format!("no {} (build and install it: scripts/install.sh)", so.display()),
+            })
+        }
+    }
+
+    /// A command for a PostgreSQL binary, run as the server user when we are root.
+    pub fn pg_command(&self, bin: &str) -> Command {
+        let path = self.bindir.join(bin);
+        match &self.run_as {
+            Some((name, _, _)) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(name).arg("--").arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    /// The uid that must own data directories.
+    pub fn owner_uid(&self) -> Uid {
+        self.run_as.as_ref().map(|(_, uid, _)| *uid).unwrap_or_else(Uid::effective)
+    }
+
+    pub fn owner_name(&self) -> String {
+        match &self.run_as {
+            Some((name, _, _)) => name.clone(),
+            None => User::from_uid(Uid::effective())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_else(|| Uid::effective().to_string()),
+        }
+    }
+
+    /// Hands `path` to the server user (no-op unless root).
+    pub fn give(&self, path: &Path) -> Result<()> {
+        if let Some((_, uid, gid)) = &self.run_as {
+            std::os::unix::fs::chown(path, Some(uid.as_raw()), Some(gid.as_raw()))
+                .map_err(|e| Error::io(format!("cannot chown {}", path.display()), e))?;
+        }
+        Ok(())
+    }
+}
+
+fn pg_config(flag: &str) -> Option<PathBuf> {
+    let out = Command::new("pg_config").arg(flag).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let s = String::from_utf8(out.stdout).ok()?;
+    let p = PathBuf::from(s.trim());
+    p.is_dir().then_some(p)
+}
+
+/// Fails with [`Error::PortInUse`] if something listens on 127.0.0.1:`port`.
+pub fn check_port_free(port: u16, what: &str) -> Result<()> {
+    match TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(Error::PortInUse { port, what: what.to_string() })
+        }
+        Err(e) => Err(Error::io(format!("cannot check port {port} ({what})"), e)),
+    }
+}
+
+/// Picks `n` free ports for a throw-away cluster. Ports come from a range
+/// below Linux's ephemeral range (so outgoing connections do not take them
+/// meanwhile), spread by pid so parallel test processes rarely collide, and
+/// each is checked by binding it.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const LOW: u32 = 16_000;
+    const SPAN: u32 = 16_000;
+    let seed = (std::process::id() * 97) % SPAN;
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+        let port = (LOW + (seed + k) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+/// `mtm-proxy`: `MTM_PROXY_BIN`, else beside the running executable (or
+/// one level up, where cargo puts binaries next to its test executables),
+/// else on `PATH`.
+pub fn find_proxy_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MTM_PROXY_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let mut dir = exe.parent();
+        for _ in 0..2 {
+            if let Some(d) = dir {
+                let cand = d.join("mtm-proxy");
+                if cand.is_file() {
+                    return Ok(cand);
+                }
+                dir = d.parent();
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let cand = d.join("mtm-proxy");
+            if cand.is_file() {
+                return Ok(cand);
+            }
+        }
+    }
+    Err(Error::MissingBinary {
+        what: "mtm-proxy".into(),
+        detail: "not beside mtmctl nor on PATH (build it: cargo build --release -p mtm-proxy, or set MTM_PROXY_BIN)".into(),
+    })
+}
+
+/// Whether a process with this pid exists.
+pub fn pid_alive(pid: i32) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}

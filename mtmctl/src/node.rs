@@ -1,0 +1,188 @@
+//! One PostgreSQL node of a local cluster: created with initdb and the
+//! settings of `conf/node.conf`, started and stopped with pg_ctl (as the
+//! `postgres` user when we are root), queried over TCP.
+
+use crate::error::{Error, Result};
+use crate::host::{pid_alive, Host};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The settings every node needs; see the comments in the file.
+pub const NODE_CONF: &str = include_str!("../../conf/node.conf");
+
+/// How long `pg_ctl start` may wait for a node to accept connections.
+const START_TIMEOUT_SECS: u32 = 60;
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub id: usize,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    /// Directory of the node's unix socket (the cluster's data directory).
+    pub socket_dir: PathBuf,
+}
+
+impl Node {
+    pub fn name(&self) -> String {
+        format!("node{}", self.id)
+    }
+
+    pub fn is_initialised(&self) -> bool {
+        self.dir.join("PG_VERSION").is_file()
+    }
+
+    /// The postmaster's pid, if it is running.
+    pub fn pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        pid_alive(pid).then_some(pid)
+    }
+
+    /// initdb plus our settings. Never called on an initialised node.
+    pub fn init(&self, host: &Host) -> Result<()> {
+        let out = host
+            .pg_command("initdb")
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-instructions"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::io("cannot run initdb", e))?;
+        std::fs::write(&self.log, [&out.stdout[..], &out.stderr[..]].concat())
+            .map_err(|e| Error::io(format!("cannot write {}", self.log.display()), e))?;
+        host.give(&self.log)?;
+        if !out.status.success() {
+            return Err(Error::CommandFailed {
+                what: format!("initdb of {}", self.name()),
+                reason: last_line(&String::from_utf8_lossy(&out.stderr)),
+                log: self.log.clone(),
+            });
+        }
+        let conf = self.dir.join("postgresql.conf");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .map_err(|e| Error::io(format!("cannot open {}", conf.display()), e))?;
+        write!(
+            f,
+            "\n# ---- added by mtmctl (from conf/node.conf) ----\n{NODE_CONF}\n\
+             port = {}\nunix_socket_directories = '{}'\ncluster_name = 'mtm-{}'\n",
+            self.port,
+            self.socket_dir.display(),
+            self.name()
+        )
+        .map_err(|e| Error::io(format!("cannot write {}", conf.display()), e))?;
+        Ok(())
+    }
+
+    /// Starts the node and waits until it accepts connections.
+    pub fn start(&self, host: &Host) -> Result<()> {
+        crate::host::check_port_free(self.port, &self.name())?;
+        // The previous run's log is kept; pg_ctl appends.
+        let out = host
+            .pg_command("pg_ctl")
+            .arg("start")
+            .arg("-D")
+            .arg(&self.dir)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", &START_TIMEOUT_SECS.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::io("cannot run pg_ctl", e))?;
+        if !out.status.success() {
+            return Err(Error::StartFailed {
+                what: self.name(),
+                reason: self.failure_reason(&out.stderr),
+                log: self.log.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops the node: `fast` (roll back sessions, checkpoint) or
+    /// `immediate` (crash-like, for tests).
+    pub fn stop(&self, host: &Host, mode: &str) -> Result<()> {
+        if self.pid().is_none() {
+            return Ok(());
+        }
+        let out = host
+            .pg_command("pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-m", mode, "-w", "-t", "60"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::io("cannot run pg_ctl", e))?;
+        if !out.status.success() && self.pid().is_some() {
+            return Err(Error::CommandFailed {
+                what: format!("stopping {}", self.name()),
+                reason: last_line(&String::from_utf8_lossy(&out.stderr)),
+                log: self.log.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends SIGKILL to the postmaster (a crash, for failure tests).
+    pub fn kill9(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    pub fn conninfo(&self, dbname: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={dbname} connect_timeout=10", self.port)
+    }
+
+    pub fn connect(&self) -> Result<postgres::Client> {
+        postgres::Client::connect(&self.conninfo("postgres"), postgres::NoTls)
+            .map_err(|e| Error::Sql { what: format!("cannot connect to {}", self.name()), source: e })
+    }
+
+    /// Why a start failed: the last FATAL/PANIC line of the server log if
+    /// there is one, else what pg_ctl said.
+    fn failure_reason(&self, pg_ctl_stderr: &[u8]) -> String {
+        if let Ok(log) = std::fs::read_to_string(&self.log) {
+            if let Some(line) = log.lines().rev().find(|l| l.contains("FATAL:") || l.contains("PANIC:")) {
+                return line.trim().to_string();
+            }
+        }
+        last_line(&String::from_utf8_lossy(pg_ctl_stderr))
+    }
+}
+
+fn last_line(s: &str) -> String {
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string()
+}
+
+/// Runs `cmd` and returns its stdout, or a failure naming `log`.
+pub fn run_checked(mut cmd: Command, what: &str, log: &std::path::Path) -> Result<String> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| Error::io(format!("cannot run {what}"), e))?;
+    if !out.status.success() {
+        return Err(Error::CommandFailed {
+            what: what.to_string(),
+            reason: last_line(&String::from_utf8_lossy(&out.stderr)),
+            log: log.to_path_buf(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,126 @@
+//! The cluster's `mtm-proxy` process: started in the background with the
+//! configuration generated from the layout, tracked by a pid file, stopped
+//! with SIGTERM (then SIGKILL if it does not exit).
+
+use crate::error::{Error, Result};
+use crate::host::pid_alive;
+use crate::layout::Layout;
+use crate::node::wait_for;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub struct ProxyProcess<'a> {
+    pub layout: &'a Layout,
+}
+
+impl ProxyProcess<'_> {
+    /// The running proxy's pid: the pid file names a live `mtm-proxy`.
+    pub fn pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.layout.proxy_pid()).ok()?.trim().parse().ok()?;
+        if !pid_alive(pid) {
+            return None;
+        }
+        // Guard against pid reuse after a reboot.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline).contains("mtm-proxy").then_some(pid)
+    }
+
+    /// Starts the proxy (if not running) and waits until a query through it
+    /// answers.
+    pub fn start(&self, binary: &PathBuf) -> Result<()> {
+        let log_path = self.layout.proxy_log();
+        if self.pid().is_none() {
+            crate::host::check_port_free(self.layout.proxy_port, "mtm-proxy")?;
+            crate::host::check_port_free(self.layout.metrics_port, "mtm-proxy metrics")?;
+            std::fs::write(self.layout.proxy_config(), self.layout.proxy_config_toml())
+                .map_err(|e| Error::io("cannot write the proxy configuration", e))?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), e))?;
+            let log2 = log.try_clone().map_err(|e| Error::io("cannot dup log file", e))?;
+            let child = Command::new(binary)
+                .arg("--config")
+                .arg(self.layout.proxy_config())
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                // Its own process group: a Ctrl-C at mtmctl's terminal must not stop it.
+                .process_group(0)
+                .spawn()
+                .map_err(|e| Error::io(format!("cannot start {}", binary.display()), e))?;
+            let pid = child.id() as i32;
+            std::fs::write(self.layout.proxy_pid(), format!("{pid}\n"))
+                .map_err(|e| Error::io("cannot write the proxy pid file", e))?;
+            // Reap it if it exits while we wait (otherwise a zombie looks alive).
+            let mut child = child;
+            let ready = wait_for(Duration::from_secs(30), || {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return Some(false);
+                }
+                self.answers().then_some(true)
+            });
+            match ready {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(Error::StartFailed {
+                        what: "mtm-proxy".into(),
+                        reason: last_log_line(&log_path),
+                        log: log_path,
+                    })
+                }
+                None => {
+                    return Err(Error::StartFailed {
+                        what: "mtm-proxy".into(),
+                        reason: "no answer to `select 1` through it within 30 s".into(),
+                        log: log_path,
+                    })
+                }
+            }
+        } else if wait_for(Duration::from_secs(30), || self.answers().then_some(())).is_none() {
+            return Err(Error::StartFailed {
+                what: "mtm-proxy".into(),
+                reason: "it runs but does not answer `select 1`".into(),
+                log: log_path,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `select 1` through the proxy answers.
+    pub fn answers(&self) -> bool {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5",
+            self.layout.proxy_port
+        );
+        match postgres::Client::connect(&conninfo, postgres::NoTls) {
+            Ok(mut c) => c.simple_query("select 1").is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub fn stop(&self, grace: Duration) {
+        if let Some(pid) = self.pid() {
+            let p = Pid::from_raw(pid);
+            let _ = kill(p, Signal::SIGTERM);
+            if wait_for(grace, || (!pid_alive(pid)).then_some(())).is_none() {
+                let _ = kill(p, Signal::SIGKILL);
+                wait_for(Duration::from_secs(5), || (!pid_alive(pid)).then_some(()));
+            }
+        }
+        let _ = std::fs::remove_file(self.layout.proxy_pid());
+    }
+}
+
+fn last_log_line(path: &PathBuf) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()))
+        .unwrap_or_else(|| "it exited".into())
+}

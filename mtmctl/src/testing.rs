@@ -1,0 +1,61 @@
+//! A throw-away cluster for tests: its own temporary directory and free
+//! ports, started with the same code as `mtmctl up`, stopped (immediate
+//! shutdown) and removed when dropped — pass, fail or panic.
+
+use crate::cluster::{Cluster, UpOptions};
+use crate::host::free_ports;
+use std::ops::Deref;
+
+pub struct TestCluster {
+    cluster: Cluster,
+    // Held for its Drop: removes the directory after the cluster stops.
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `nodes` nodes and a proxy. Panics with the launcher's error
+    /// (which names the log to read) if anything fails to start.
+    pub fn start(nodes: usize) -> TestCluster {
+        let dir = tempfile::Builder::new().prefix("mtm-test-").tempdir().expect("temporary directory");
+        let ports = free_ports(nodes + 2);
+        let opts = UpOptions {
+            nodes,
+            base_port: 0,
+            proxy_port: ports[nodes],
+            metrics_port: ports[nodes + 1],
+        };
+        // Ports need not be consecutive for tests: write the layout first.
+        let mut layout = crate::layout::Layout::new(dir.path(), nodes, 0, opts.proxy_port, opts.metrics_port);
+        layout.node_ports = ports[..nodes].to_vec();
+        let host = crate::host::Host::detect().unwrap_or_else(|e| panic!("{e}"));
+        host.give(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        layout.save().unwrap_or_else(|e| panic!("{e}"));
+        match Cluster::up(dir.path(), &opts) {
+            Ok(cluster) => TestCluster { cluster, _dir: dir },
+            Err(e) => {
+                // Stop whatever did start before reporting.
+                if let Ok(c) = Cluster::open(dir.path()) {
+                    let _ = c.down("immediate");
+                }
+                // Keep the directory so the log named in the error can be read.
+                let kept = dir.keep();
+                panic!("test cluster failed to start: {e} (kept {})", kept.display());
+            }
+        }
+    }
+}
+
+impl Deref for TestCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.cluster.down("immediate") {
+            eprintln!("warning: stopping test cluster: {e}");
+        }
+    }
+}

@@ -1,0 +1,61 @@
+# Shared steps of scripts/quickstart.sh and scripts/test.sh. Every step
+# checks first and does only what is missing, so re-running is cheap.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+PGRX_VERSION=0.18.0
+export PATH="$HOME/.cargo/bin:$PATH"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else log "need root for: $*"; exit 1
+    fi
+}
+
+# Debian packages: PostgreSQL 15 server + headers (pgrx), clang for bindgen,
+# acl (the launcher grants the postgres user access to the data directory),
+# pgbouncer (benchmark baseline), and the client stacks the tests drive.
+DEB_PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 clang libclang-dev acl
+              pgbouncer pkg-config libssl-dev)
+
+install_packages() {
+    local missing=()
+    for p in "${DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing Debian packages: ${missing[*]}"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    # The packaged default cluster (port 5432) is not ours; leave it stopped.
+    command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
+    if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION"; then
+        log "installing cargo-pgrx $PGRX_VERSION (a few minutes)"
+        cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --quiet
+    fi
+    if ! grep -qs '^pg15' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+        log "cargo pgrx init (system PostgreSQL 15)"
+        cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+    fi
+}
+
+# The extension into PostgreSQL's directories, mtm-proxy and mtmctl into
+# /usr/local/bin (or ~/.cargo/bin without root).
+build_and_install() {
+    log "building and installing the multimaster extension"
+    (cd "$REPO/extension" && if [ "$(id -u)" = 0 ]; then
+        cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+    else
+        cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null
+    fi)
+    log "building mtm-proxy and mtmctl"
+    (cd "$REPO" && cargo build --release --quiet)
+    local dest=/usr/local/bin
+    [ "$(id -u)" = 0 ] || dest="$HOME/.cargo/bin"
+    install -m 755 "$REPO/target/release/mtm-proxy" "$REPO/target/release/mtmctl" "$dest/"
+}

@@ -1,0 +1,120 @@
+//! The launcher (`mtmctl` and its library) against real PostgreSQL nodes.
+
+use mtm_tests::{psql_ok, workspace_bin};
+use mtmctl::cluster::{Cluster, UpOptions};
+use mtmctl::testing::TestCluster;
+use std::net::TcpListener;
+use std::process::Command;
+
+fn mtmctl(args: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("mtmctl")).args(args).output().expect("run mtmctl")
+}
+
+#[test]
+fn cluster_answers_through_the_proxy_and_keeps_data_across_down_up() {
+    let cluster = TestCluster::start(3);
+    let proxy_port = cluster.layout.proxy_port;
+    assert_eq!(psql_ok(proxy_port, "select 1"), "1");
+
+    // Every node runs with the extension created.
+    let status = cluster.status();
+    assert_eq!(status.len(), 4);
+    for m in &status[..3] {
+        assert!(m.pid.is_some(), "{} not running: {}", m.name, m.detail);
+        assert!(m.detail.contains("multimaster 0.1.0"), "{}: {}", m.name, m.detail);
+    }
+    assert!(status[3].pid.is_some() && status[3].detail.starts_with("running"), "{:?}", status[3]);
+
+    psql_ok(proxy_port, "create table kept(id int primary key, v text); insert into kept values (1, 'one')");
+    cluster.down("fast").unwrap();
+    assert!(cluster.status().iter().all(|m| m.pid.is_none()), "{:?}", cluster.status());
+
+    let again = Cluster::up(&cluster.layout.data_dir, &UpOptions::default()).unwrap();
+    assert_eq!(again.layout, cluster.layout, "ports come from cluster.toml, not from the options");
+    assert_eq!(psql_ok(proxy_port, "select v from kept where id = 1"), "one");
+}
+
+#[test]
+fn mtmctl_status_lists_every_node_and_the_proxy() {
+    let cluster = TestCluster::start(2);
+    let dir = cluster.layout.data_dir.to_str().unwrap().to_string();
+    let out = mtmctl(&["status", "--data-dir", &dir]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for (i, line) in lines.iter().enumerate().take(2) {
+        assert!(line.starts_with(&format!("node{}", i + 1)), "{line}");
+        assert!(line.contains(&cluster.layout.node_ports[i].to_string()) && line.contains("running"), "{line}");
+    }
+    assert!(lines[2].starts_with("mtm-proxy") && lines[2].contains("running"), "{}", lines[2]);
+
+    cluster.node(2).stop(&cluster.host, "fast").unwrap();
+    let out = mtmctl(&["status", "--data-dir", &dir]);
+    assert_eq!(out.status.code(), Some(3), "a stopped node makes status exit 3");
+    assert!(String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().contains("stopped"));
+}
+
+#[test]
+fn a_taken_port_is_a_one_line_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = tempfile::Builder::new().prefix("mtm-test-").tempdir().unwrap();
+    let free = mtmctl::host::free_ports(2);
+    let out = mtmctl(&[
+        "up",
+        "--nodes",
+        "1",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--base-port",
+        &port,
+        "--proxy-port",
+        &free[0].to_string(),
+        "--metrics-port",
+        &free[1].to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("port {port} (node1) is already in use")), "{err}");
+    // Nothing was left running by the failed attempt.
+    let c = Cluster::open(dir.path()).unwrap();
+    assert!(c.status().iter().all(|m| m.pid.is_none()));
+}
+
+#[test]
+fn a_node_that_cannot_start_names_its_log() {
+    let cluster = TestCluster::start(1);
+    cluster.down("fast").unwrap();
+    let conf = cluster.layout.node_dir(1).join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("\nshared_buffers = 'lots'\n");
+    std::fs::write(&conf, text).unwrap();
+    let out = mtmctl(&["up", "--data-dir", cluster.layout.data_dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("node1 failed to start"), "{err}");
+    assert!(err.contains("shared_buffers"), "the reason comes from the server log: {err}");
+    assert!(err.contains(cluster.layout.node_log(1).to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn a_data_dir_owned_by_someone_else_is_refused() {
+    let dir = tempfile::Builder::new().prefix("mtm-test-").tempdir().unwrap();
+    std::fs::write(dir.path().join("precious"), "not ours").unwrap();
+    let expected_owner = if nix::unistd::Uid::effective().is_root() {
+        // As root the data directory must belong to postgres; give it to nobody.
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        "nobody"
+    } else {
+        "root"
+    };
+    let target = if expected_owner == "root" { std::path::PathBuf::from("/") } else { dir.path().to_path_buf() };
+    let out = mtmctl(&["up", "--data-dir", target.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("is owned by {expected_owner}")), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("precious")).unwrap(), "not ours");
+}
