@@ -179,7 +179,21 @@ pub fn find_proxy_binary() -> Result<PathBuf> {
     })
 }
 
-/// Whether a process with this pid exists.
+/// Whether a process with this pid exists and has not exited. A child of
+/// ours that exited is reaped here (a test process starts the proxy as its
+/// child); anyone else's zombie counts as gone.
 pub fn pid_alive(pid: i32) -> bool {
-    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    if pid <= 0 {
+        return false;
+    }
+    let p = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    if nix::sys::signal::kill(p, None).is_err() {
+        return false;
+    }
+    // /proc/<pid>/stat: "pid (comm) S ..."; comm may contain spaces.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(stat.rsplit(')').next().map(str::trim_start), Some(s) if s.starts_with('Z')),
+        Err(_) => false,
+    }
 }

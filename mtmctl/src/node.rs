@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::host::{pid_alive, Host};
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 /// The settings every node needs; see the comments in the file.
@@ -144,33 +144,48 @@ impl Node {
             .map_err(|e| Error::Sql { what: format!("cannot connect to {}", self.name()), source: e })
     }
 
-    /// Why a start failed: the last FATAL/PANIC line of the server log if
-    /// there is one, else what pg_ctl said.
+    /// Why a start failed: the server log's last FATAL/PANIC message (with
+    /// the line before it from the same process, which often names the bad
+    /// setting), else what pg_ctl said.
     fn failure_reason(&self, pg_ctl_stderr: &[u8]) -> String {
         if let Ok(log) = std::fs::read_to_string(&self.log) {
-            if let Some(line) = log.lines().rev().find(|l| l.contains("FATAL:") || l.contains("PANIC:")) {
-                return line.trim().to_string();
+            if let Some(reason) = fatal_reason(&log) {
+                return reason;
             }
         }
         last_line(&String::from_utf8_lossy(pg_ctl_stderr))
     }
 }
 
-fn last_line(s: &str) -> String {
-    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string()
+/// `"... [pid] LOG:  bad value\n... [pid] FATAL:  file contains errors"` →
+/// `"bad value; file contains errors"`.
+fn fatal_reason(log: &str) -> Option<String> {
+    let lines: Vec<&str> = log.lines().collect();
+    let i = lines.iter().rposition(|l| l.contains("FATAL:") || l.contains("PANIC:"))?;
+    let (pid, fatal) = split_log_line(lines[i])?;
+    let mut reason = fatal.to_string();
+    if i > 0 {
+        if let Some((prev_pid, prev)) = split_log_line(lines[i - 1]) {
+            if prev_pid == pid {
+                reason = format!("{prev}; {reason}");
+            }
+        }
+    }
+    Some(reason)
 }
 
-/// Runs `cmd` and returns its stdout, or a failure naming `log`.
-pub fn run_checked(mut cmd: Command, what: &str, log: &std::path::Path) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| Error::io(format!("cannot run {what}"), e))?;
-    if !out.status.success() {
-        return Err(Error::CommandFailed {
-            what: what.to_string(),
-            reason: last_line(&String::from_utf8_lossy(&out.stderr)),
-            log: log.to_path_buf(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// A line of our `log_line_prefix` (`%m [%p] ...LEVEL:  message`) as (pid, message).
+fn split_log_line(line: &str) -> Option<(&str, &str)> {
+    let pid = line.split('[').nth(1)?.split(']').next()?;
+    let level_end = ["FATAL:", "PANIC:", "ERROR:", "LOG:", "DETAIL:", "HINT:"]
+        .iter()
+        .filter_map(|lvl| line.find(lvl).map(|p| p + lvl.len()))
+        .min()?;
+    Some((pid, line[level_end..].trim()))
+}
+
+fn last_line(s: &str) -> String {
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string()
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.
@@ -184,5 +199,24 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fatal_reason_joins_the_cause_from_the_same_process() {
+        let log = "2026-01-01 00:00:00 UTC [7] LOG:  starting\n\
+                   2026-01-01 00:00:00 UTC [9] LOG:  invalid value for parameter \"shared_buffers\": \"lots\"\n\
+                   2026-01-01 00:00:00 UTC [9] FATAL:  configuration file \"x\" contains errors\n";
+        assert_eq!(
+            fatal_reason(log).unwrap(),
+            "invalid value for parameter \"shared_buffers\": \"lots\"; configuration file \"x\" contains errors"
+        );
+        let other_pid = "t [7] LOG:  unrelated\nt [9] FATAL:  could not bind\n";
+        assert_eq!(fatal_reason(other_pid).unwrap(), "could not bind");
+        assert_eq!(fatal_reason("t [7] LOG:  fine\n"), None);
     }
 }
