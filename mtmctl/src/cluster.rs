@@ -148,7 +148,7 @@ impl Cluster {
         let pid = proxy.pid();
         let detail = match pid {
             None => "stopped".to_string(),
-            Some(_) if proxy.answers() => {
+            Some(_) if proxy.listening() => {
                 format!("running, metrics on 127.0.0.1:{}", self.layout.metrics_port)
             }
             Some(_) => "running, not answering".to_string(),

@@ -29,14 +29,23 @@ impl ProxyProcess<'_> {
         String::from_utf8_lossy(&cmdline).contains("mtm-proxy").then_some(pid)
     }
 
-    /// Starts the proxy (if not running) and waits until a query through it
-    /// answers.
+    /// Starts the proxy (if not running) with the cluster's generated
+    /// configuration and waits until a query through it answers.
     pub fn start(&self, binary: &PathBuf) -> Result<()> {
+        self.start_with(binary, &self.layout.proxy_config_toml(), true)
+    }
+
+    /// Starts the proxy with `config` (a full mtm-proxy.toml). With
+    /// `query_check`, waits until `select 1` as postgres without a password
+    /// answers; otherwise until the proxy answers an SSLRequest (for
+    /// configurations that require a password or TLS).
+    pub fn start_with(&self, binary: &PathBuf, config: &str, query_check: bool) -> Result<()> {
+        let ready = || if query_check { self.answers() } else { self.listening() };
         let log_path = self.layout.proxy_log();
         if self.pid().is_none() {
             crate::host::check_port_free(self.layout.proxy_port, "mtm-proxy")?;
             crate::host::check_port_free(self.layout.metrics_port, "mtm-proxy metrics")?;
-            std::fs::write(self.layout.proxy_config(), self.layout.proxy_config_toml())
+            std::fs::write(self.layout.proxy_config(), config)
                 .map_err(|e| Error::io("cannot write the proxy configuration", e))?;
             let log = std::fs::OpenOptions::new()
                 .create(true)
@@ -63,7 +72,7 @@ impl ProxyProcess<'_> {
                 if let Ok(Some(_)) = child.try_wait() {
                     return Some(false);
                 }
-                self.answers().then_some(true)
+                ready().then_some(true)
             });
             match ready {
                 Some(true) => {}
@@ -82,7 +91,7 @@ impl ProxyProcess<'_> {
                     })
                 }
             }
-        } else if wait_for(Duration::from_secs(30), || self.answers().then_some(())).is_none() {
+        } else if wait_for(Duration::from_secs(30), || ready().then_some(())).is_none() {
             return Err(Error::StartFailed {
                 what: "mtm-proxy".into(),
                 reason: "it runs but does not answer `select 1`".into(),
@@ -104,6 +113,21 @@ impl ProxyProcess<'_> {
         }
     }
 
+    /// Whether the proxy answers an SSLRequest (with 'S' or 'N'): it is up,
+    /// whatever its authentication settings.
+    pub fn listening(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.layout.proxy_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut req = [0u8; 8];
+        req[..4].copy_from_slice(&8u32.to_be_bytes());
+        req[4..].copy_from_slice(&80_877_103u32.to_be_bytes());
+        let mut answer = [0u8; 1];
+        s.write_all(&req).is_ok() && s.read_exact(&mut answer).is_ok() && matches!(answer[0], b'S' | b'N')
+    }
+
     /// SIGTERM, then SIGKILL after `grace`.
     pub fn stop(&self, grace: Duration) {
         if let Some(pid) = self.pid() {
@@ -115,6 +139,12 @@ impl ProxyProcess<'_> {
             }
         }
         let _ = std::fs::remove_file(self.layout.proxy_pid());
+        // Its listening sockets can outlive the pid by a moment; a restart
+        // right after must not trip over them.
+        let ports = [self.layout.proxy_port, self.layout.metrics_port];
+        wait_for(Duration::from_secs(10), || {
+            ports.iter().all(|p| crate::host::check_port_free(*p, "").is_ok()).then_some(())
+        });
     }
 }
 

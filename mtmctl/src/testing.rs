@@ -45,6 +45,19 @@ impl TestCluster {
     }
 }
 
+impl TestCluster {
+    /// Restarts the proxy with its configuration changed by `edit` (TLS,
+    /// authentication, limits...). Waits until it listens.
+    pub fn reconfigure_proxy(&self, edit: impl FnOnce(&mut mtm_proxy::config::Config)) {
+        let mut cfg = mtm_proxy::config::Config::parse(&self.layout.proxy_config_toml()).expect("generated config parses");
+        edit(&mut cfg);
+        let proxy = self.proxy();
+        proxy.stop(std::time::Duration::from_secs(10));
+        let bin = crate::host::find_proxy_binary().unwrap_or_else(|e| panic!("{e}"));
+        proxy.start_with(&bin, &cfg.to_toml(), false).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 impl Deref for TestCluster {
     type Target = Cluster;
     fn deref(&self) -> &Cluster {

@@ -1,14 +1,35 @@
 //! `mtm-proxy`: the PostgreSQL wire-protocol front door of a multimaster
 //! cluster.
 //!
-//! Module map:
-//! - [`config`]  — the TOML configuration (`conf/mtm-proxy.toml` documents every key);
-//! - [`startup`] — the first packet a client sends: SSLRequest, GSSENCRequest,
-//!   CancelRequest or a protocol 3.0 StartupMessage;
-//! - [`server`]  — the listener: accepts clients and spawns one session each;
-//! - [`session`] — one client session from startup to close.
+//! Module map (one role each):
+//! - [`config`]   — the TOML configuration (`conf/mtm-proxy.toml` documents every key);
+//! - [`net`]      — frames, the backend-stream scanner, messages the proxy writes, client streams;
+//! - [`startup`]  — the first packet: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage;
+//! - [`tls`]      — rustls acceptor (clients) and connector (nodes);
+//! - [`auth`]     — users file, SCRAM-SHA-256 and md5 at the proxy;
+//! - [`backend`]  — opening a session on a node (startup, auth, key data);
+//! - [`router`]   — node health state and the routing policy;
+//! - [`health`]   — the background health checks;
+//! - [`classify`] — statement classes (DDL, transaction, remote function, other);
+//! - [`pause`]    — the hold/release gate at transaction boundaries;
+//! - [`cancel`]   — proxy cancel keys → node backend keys;
+//! - [`session`]  — one client session, login to close, and the forwarding loop;
+//! - [`admin`]    — the admin console (SHOW, PAUSE, RESUME, RELOAD);
+//! - [`state`]    — what sessions share; reload;
+//! - [`server`]   — listeners, metrics endpoint, signals.
 
+pub mod admin;
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod classify;
 pub mod config;
+pub mod health;
+pub mod net;
+pub mod pause;
+pub mod router;
 pub mod server;
 pub mod session;
 pub mod startup;
+pub mod state;
+pub mod tls;

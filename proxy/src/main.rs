@@ -1,6 +1,5 @@
 use clap::Parser;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 /// mtm-proxy: PostgreSQL wire-protocol proxy for a multimaster cluster.
 #[derive(Parser)]
@@ -20,14 +19,20 @@ fn main() -> std::process::ExitCode {
         .init();
     let args = Args::parse();
     let config = match mtm_proxy::config::Config::load(&args.config) {
-        Ok(c) => Arc::new(c),
+        Ok(c) => c,
         Err(e) => {
             eprintln!("mtm-proxy: {e}");
             return std::process::ExitCode::from(2);
         }
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(mtm_proxy::server::run(config)) {
+    let result = rt.block_on(async {
+        let shared = mtm_proxy::state::Shared::new(config, Some(args.config.clone()))?;
+        mtm_proxy::server::run(shared).await
+    });
+    // Sessions still open after the shutdown timeout are not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mtm-proxy: {e}");

@@ -1,46 +1,144 @@
-//! The client listener: accepts TCP connections and runs one
-//! [`session`](crate::session) task per client.
+//! The listeners (TCP and optionally a unix socket), the metrics endpoint,
+//! and the process lifecycle: SIGTERM stops accepting and lets sessions
+//! finish for `shutdown_timeout`; SIGHUP reloads the configuration.
 
-use crate::config::Config;
+use crate::net::stream::ClientStream;
+use crate::state::{Shared, SocketAddrOrUnix};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
 
-pub async fn run(config: Arc<Config>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&config.proxy.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.proxy.listen))?;
+/// Query latency buckets, in seconds (0.1 ms .. 10 s).
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let config = shared.startup_config.clone();
     if !config.proxy.metrics_listen.is_empty() {
         let addr: std::net::SocketAddr = config
             .proxy
             .metrics_listen
             .parse()
             .map_err(|e| anyhow::anyhow!("bad metrics_listen {}: {e}", config.proxy.metrics_listen))?;
-        metrics_exporter_prometheus::PrometheusBuilder::new()
+        PrometheusBuilder::new()
             .with_http_listener(addr)
+            .set_buckets_for_metric(Matcher::Full("mtm_proxy_query_duration_seconds".into()), LATENCY_BUCKETS)?
             .install()
             .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+        describe_metrics();
     }
+    let tcp = TcpListener::bind(&config.proxy.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.proxy.listen))?;
+    let unix = if config.proxy.unix_socket_dir.is_empty() {
+        None
+    } else {
+        let port = tcp.local_addr()?.port();
+        let path = std::path::Path::new(&config.proxy.unix_socket_dir).join(format!(".s.PGSQL.{port}"));
+        let _ = std::fs::remove_file(&path);
+        Some(UnixListener::bind(&path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?)
+    };
+    for node in &shared.router.nodes {
+        node.mark_up();
+    }
+    tokio::spawn(crate::health::run(shared.clone()));
     tracing::info!(listen = %config.proxy.listen, nodes = config.nodes.len(), "mtm-proxy listening");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     loop {
-        let (socket, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
+        tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok((socket, peer)) => {
+                    let _ = socket.set_nodelay(true);
+                    spawn_session(&shared, ClientStream::Tcp(socket), SocketAddrOrUnix::Tcp(peer));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            accepted = accept_unix(unix.as_ref()) => match accepted {
+                Ok(socket) => spawn_session(&shared, ClientStream::Unix(socket), SocketAddrOrUnix::Unix),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = hup.recv() => {
+                if let Err(e) = shared.reload() {
+                    tracing::error!("reload failed, the old configuration stays: {e}");
+                }
             }
-        };
-        let _ = socket.set_nodelay(true);
-        let config = config.clone();
-        metrics::counter!("mtm_proxy_client_connections_total").increment(1);
-        tokio::spawn(async move {
-            let active = metrics::gauge!("mtm_proxy_client_sessions_active");
-            active.increment(1.0);
-            if let Err(e) = crate::session::run(socket, config).await {
-                tracing::info!(%peer, error = %e, "session ended with an error");
-            }
-            active.decrement(1.0);
-        });
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
     }
+    shutdown(&shared, tcp, unix).await;
+    Ok(())
+}
+
+async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+fn spawn_session(shared: &Arc<Shared>, client: ClientStream, peer: SocketAddrOrUnix) {
+    let shared = shared.clone();
+    shared.clients.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("mtm_proxy_client_connections_total").increment(1);
+    metrics::gauge!("mtm_proxy_client_sessions").increment(1.0);
+    tokio::spawn(async move {
+        // The session is its own task: a panic in it (a bug) must not take
+        // the counters with it.
+        let s = shared.clone();
+        let result = tokio::spawn(async move { crate::session::run(client, peer, s).await }).await;
+        if let Err(e) = result {
+            tracing::error!("session task failed: {e}");
+        }
+        shared.clients.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("mtm_proxy_client_sessions").decrement(1.0);
+    });
+}
+
+/// Stop accepting, then wait for sessions to end on their own up to
+/// `shutdown_timeout`; whatever is left is closed when the process exits.
+async fn shutdown(shared: &Shared, tcp: TcpListener, unix: Option<UnixListener>) {
+    drop(tcp);
+    drop(unix);
+    shared.shutting_down.store(true, Ordering::Relaxed);
+    let timeout = shared.live.load().config.proxy.shutdown_timeout;
+    tracing::info!(sessions = shared.clients.load(Ordering::Relaxed), "shutting down; waiting up to {timeout:?} for sessions");
+    let deadline = tokio::time::Instant::now() + timeout;
+    while shared.clients.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = shared.clients.load(Ordering::Relaxed);
+    if left > 0 {
+        tracing::warn!(sessions = left, "closing sessions still open");
+    }
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("mtm_proxy_client_connections_total", "Client connections accepted");
+    describe_gauge!("mtm_proxy_client_sessions", "Client connections open");
+    describe_gauge!("mtm_proxy_client_sessions_waiting", "Sessions waiting at the pause gate");
+    describe_gauge!("mtm_proxy_transactions_in_flight", "Transactions between their first message and ReadyForQuery idle");
+    describe_gauge!("mtm_proxy_paused", "1 while PAUSE holds new transactions");
+    describe_gauge!("mtm_proxy_server_connections", "Open connections to each node");
+    describe_gauge!("mtm_proxy_node_up", "1 if the node passes health checks");
+    describe_counter!("mtm_proxy_queries_total", "Statements by node and class (Query and Parse messages)");
+    describe_counter!("mtm_proxy_transactions_total", "Transactions (and autocommit statements) completed per node");
+    describe_histogram!("mtm_proxy_query_duration_seconds", Unit::Seconds, "Time from a request to its ReadyForQuery");
+    describe_counter!("mtm_proxy_client_bytes_received_total", Unit::Bytes, "Bytes received from clients");
+    describe_counter!("mtm_proxy_client_bytes_sent_total", Unit::Bytes, "Bytes sent to clients");
+    describe_counter!("mtm_proxy_errors_total", "Errors sent to clients, by SQLSTATE class");
 }

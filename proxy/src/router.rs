@@ -1,0 +1,156 @@
+//! Which node a new session goes to: the nodes' health (checked in the
+//! background by logging in, the same way sessions do) and the routing
+//! policy (least active sessions, round robin, or a fixed node).
+
+use crate::config::{Config, NodeConfig, Policy};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug)]
+pub struct NodeState {
+    pub config: NodeConfig,
+    up: AtomicBool,
+    sessions: AtomicUsize,
+    last_error: Mutex<String>,
+}
+
+impl NodeState {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+    pub fn last_error(&self) -> String {
+        self.last_error.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    pub fn mark_up(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            tracing::info!(node = %self.config.name, "node is up");
+        }
+        metrics::gauge!("mtm_proxy_node_up", "node" => self.config.name.clone()).set(1.0);
+    }
+
+    pub fn mark_down(&self, reason: &str) {
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(node = %self.config.name, reason, "node is down");
+        }
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = reason.to_string();
+        }
+        metrics::gauge!("mtm_proxy_node_up", "node" => self.config.name.clone()).set(0.0);
+    }
+}
+
+/// A session's claim on a node; releases it when dropped.
+#[derive(Debug)]
+pub struct NodeLease {
+    pub node: Arc<NodeState>,
+}
+
+impl Drop for NodeLease {
+    fn drop(&mut self) {
+        self.node.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct Router {
+    pub nodes: Vec<Arc<NodeState>>,
+    policy: Policy,
+    fixed: usize,
+    next: AtomicUsize,
+}
+
+impl Router {
+    pub fn new(config: &Config) -> Router {
+        let nodes: Vec<_> = config
+            .nodes
+            .iter()
+            .map(|n| {
+                Arc::new(NodeState {
+                    config: n.clone(),
+                    // Optimistic until the first check says otherwise: a
+                    // failed connect marks it down at once anyway.
+                    up: AtomicBool::new(true),
+                    sessions: AtomicUsize::new(0),
+                    last_error: Mutex::new(String::new()),
+                })
+            })
+            .collect();
+        let fixed = config.nodes.iter().position(|n| n.name == config.routing.fixed_node).unwrap_or(0);
+        Router { nodes, policy: config.routing.policy, fixed, next: AtomicUsize::new(0) }
+    }
+
+    /// Picks a healthy node for a new session, skipping `exclude` (nodes
+    /// this session already failed to reach).
+    pub fn pick(&self, exclude: &[usize]) -> Option<(usize, NodeLease)> {
+        let candidates: Vec<usize> =
+            (0..self.nodes.len()).filter(|i| self.nodes[*i].is_up() && !exclude.contains(i)).collect();
+        let chosen = match self.policy {
+            Policy::Fixed => candidates.contains(&self.fixed).then_some(self.fixed),
+            Policy::RoundRobin => {
+                if candidates.is_empty() {
+                    None
+                } else {
+                    let k = self.next.fetch_add(1, Ordering::Relaxed);
+                    Some(candidates[k % candidates.len()])
+                }
+            }
+            Policy::LeastSessions => candidates.iter().copied().min_by_key(|i| self.nodes[*i].sessions()),
+        }?;
+        let node = self.nodes[chosen].clone();
+        node.sessions.fetch_add(1, Ordering::Relaxed);
+        Some((chosen, NodeLease { node }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(policy: &str) -> Config {
+        Config::parse(&format!(
+            "[routing]\npolicy='{policy}'\nfixed_node='b'\n\
+             [[nodes]]\nname='a'\nhost='h'\nport=1\n[[nodes]]\nname='b'\nhost='h'\nport=2\n[[nodes]]\nname='c'\nhost='h'\nport=3\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn least_sessions_spreads_and_skips_down_nodes() {
+        let r = Router::new(&config("least_sessions"));
+        let (a, _l1) = r.pick(&[]).unwrap();
+        let (b, _l2) = r.pick(&[]).unwrap();
+        let (c, _l3) = r.pick(&[]).unwrap();
+        let mut all = vec![a, b, c];
+        all.sort();
+        assert_eq!(all, vec![0, 1, 2]);
+        r.nodes[0].mark_down("test");
+        let (d, _l4) = r.pick(&[]).unwrap();
+        assert_ne!(d, 0);
+        assert!(r.pick(&[1, 2]).is_none());
+    }
+
+    #[test]
+    fn leases_are_released() {
+        let r = Router::new(&config("least_sessions"));
+        {
+            let _l = r.pick(&[]).unwrap();
+            assert_eq!(r.nodes.iter().map(|n| n.sessions()).sum::<usize>(), 1);
+        }
+        assert_eq!(r.nodes.iter().map(|n| n.sessions()).sum::<usize>(), 0);
+    }
+
+    #[test]
+    fn round_robin_and_fixed() {
+        let r = Router::new(&config("round_robin"));
+        let picks: Vec<usize> = (0..6).map(|_| r.pick(&[]).unwrap().0).collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+        let r = Router::new(&config("fixed"));
+        assert_eq!(r.pick(&[]).unwrap().0, 1);
+        r.nodes[1].mark_down("test");
+        assert!(r.pick(&[]).is_none(), "fixed never falls back to another node");
+    }
+}

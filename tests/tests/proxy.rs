@@ -1,0 +1,379 @@
+//! mtm-proxy in front of real PostgreSQL nodes, driven by real clients
+//! (psql, pgbench, the postgres crate) and by raw sockets for bad input.
+
+use mtm_proxy::config::{AuthMethod, ClientTlsMode};
+use mtm_tests::{http_get, pgbench, psql, psql_ok, self_signed_cert};
+use mtmctl::testing::TestCluster;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+fn connect(port: u16, db: &str) -> Client {
+    Client::connect(&format!("host=127.0.0.1 port={port} user=postgres dbname={db} connect_timeout=10"), NoTls)
+        .expect("connect through the proxy")
+}
+
+/// Reads backend messages until one with `tag`; returns its body.
+fn read_until(s: &mut TcpStream, tag: u8) -> Vec<u8> {
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).expect("read message header");
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).unwrap();
+        if head[0] == tag {
+            return body;
+        }
+    }
+}
+
+fn sqlstate(body: &[u8]) -> String {
+    mtm_proxy::net::scan::sqlstate(body).unwrap_or_default()
+}
+
+fn startup_packet(user: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    body.extend_from_slice(format!("user\0{user}\0database\0postgres\0\0").as_bytes());
+    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    p.extend(body);
+    p
+}
+
+#[test]
+fn pgbench_simple_extended_prepared_and_tpcb_through_the_proxy() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    let (ok, out) = pgbench(port, &["-i", "-q", "-s", "1"]);
+    assert!(ok, "{out}");
+    for mode in ["simple", "extended", "prepared"] {
+        let (ok, out) = pgbench(port, &["-S", "-M", mode, "-c", "4", "-j", "2", "-t", "200"]);
+        assert!(ok, "{mode}: {out}");
+        assert!(out.contains("number of transactions actually processed: 800/800"), "{mode}: {out}");
+        assert!(out.contains("number of failed transactions: 0"), "{mode}: {out}");
+    }
+    let (ok, out) = pgbench(port, &["-M", "prepared", "-c", "4", "-t", "100"]);
+    assert!(ok && out.contains("processed: 400/400"), "{out}");
+    // The writes went through to the node.
+    let node = c.node(1).port;
+    assert_eq!(psql_ok(node, "select count(*) from pgbench_history"), "400");
+}
+
+#[test]
+fn psql_features_copy_errors_and_large_rows() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    psql_ok(port, "create table t(id int primary key, v text)");
+    // COPY FROM STDIN / TO STDOUT through psql.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("in.csv");
+    std::fs::write(&csv, (1..=1000).map(|i| format!("{i},row {i}\n")).collect::<String>()).unwrap();
+    psql_ok(port, &format!("\\copy t from '{}' csv", csv.display()));
+    assert_eq!(psql_ok(port, "select count(*), sum(id) from t"), "1000|500500");
+    let out = psql_ok(port, "copy (select * from t order by id limit 3) to stdout");
+    assert_eq!(out, "1\trow 1\n2\trow 2\n3\trow 3");
+
+    // An error inside a transaction, then ROLLBACK: the session goes on.
+    let mut cl = connect(port, "postgres");
+    cl.batch_execute("begin; insert into t values (5000, 'x')").unwrap();
+    let err = cl.batch_execute("insert into t values (1, 'dup')").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "23505");
+    assert_eq!(cl.batch_execute("select 1").unwrap_err().code().unwrap().code(), "25P02");
+    cl.batch_execute("rollback").unwrap();
+    assert_eq!(cl.query_one("select count(*) from t where id = 5000", &[]).unwrap().get::<_, i64>(0), 0);
+
+    // Portal fetched in chunks (Execute with a row limit → PortalSuspended).
+    let mut tx = cl.transaction().unwrap();
+    let portal = tx.bind("select id from t order by id", &[]).unwrap();
+    let mut seen = 0;
+    loop {
+        let rows = tx.query_portal(&portal, 300).unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        seen += rows.len();
+    }
+    assert_eq!(seen, 1000);
+    tx.commit().unwrap();
+
+    // A 100 MB value in both directions.
+    let big = "x".repeat(100 * 1024 * 1024);
+    cl.execute("insert into t values ($1, $2)", &[&9999i32, &big]).unwrap();
+    let row = cl.query_one("select v from t where id = 9999", &[]).unwrap();
+    let back: String = row.get(0);
+    assert_eq!(back.len(), big.len());
+    assert!(back == big);
+
+    // LISTEN/NOTIFY across two sessions.
+    let mut listener = connect(port, "postgres");
+    listener.batch_execute("listen chan").unwrap();
+    cl.batch_execute("notify chan, 'hello'").unwrap();
+    let mut n = listener.notifications();
+    let note = n.timeout_iter(Duration::from_secs(10)).next().unwrap().expect("a notification");
+    assert_eq!((note.channel(), note.payload()), ("chan", "hello"));
+}
+
+#[test]
+fn cancel_reaches_the_right_backend() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    let mut cl = connect(port, "postgres");
+    let token = cl.cancel_token();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        token.cancel_query(NoTls).unwrap();
+    });
+    let start = Instant::now();
+    let err = cl.batch_execute("select pg_sleep(30)").unwrap_err();
+    canceller.join().unwrap();
+    assert_eq!(err.code().unwrap().code(), "57014", "{err}");
+    assert!(start.elapsed() < Duration::from_secs(20));
+    // The session survives the cancel.
+    assert_eq!(cl.query_one("select 2", &[]).unwrap().get::<_, i32>(0), 2);
+}
+
+#[test]
+fn bad_input_is_refused_and_other_sessions_do_not_notice() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    let mut bystander = connect(port, "postgres");
+    bystander.batch_execute("begin; create temp table keep(x int); insert into keep values (1)").unwrap();
+
+    // Truncated startup packet, then close.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&[0, 0, 0, 40, 0, 3, 0]).unwrap();
+    drop(s);
+
+    // Absurd startup length.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&[0x7f, 0, 0, 0, 0, 3, 0, 0]).unwrap();
+    let body = read_until(&mut s, b'E');
+    assert_eq!(sqlstate(&body), "08P01");
+
+    // Garbage after SSLRequest (TLS disabled: 'N', then junk).
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(answer[0], b'N');
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let body = read_until(&mut s, b'E');
+    assert_eq!(sqlstate(&body), "08P01");
+
+    // A malformed message after login: length word below 4.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&startup_packet("postgres")).unwrap();
+    read_until(&mut s, b'Z');
+    s.write_all(&[b'Q', 0, 0, 0, 2]).unwrap();
+    let body = read_until(&mut s, b'E');
+    assert_eq!(sqlstate(&body), "08P01");
+    assert!(String::from_utf8_lossy(&body).contains("invalid message length"));
+
+    // A Query without its terminator.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&startup_packet("postgres")).unwrap();
+    read_until(&mut s, b'Z');
+    s.write_all(&[b'Q', 0, 0, 0, 7, b'a', b'b', b'c']).unwrap();
+    let body = read_until(&mut s, b'E');
+    assert_eq!(sqlstate(&body), "08P01");
+
+    // Oversized message: limit lowered to 64 KiB.
+    c.reconfigure_proxy(|cfg| cfg.limits.max_message_size = 64 * 1024);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&startup_packet("postgres")).unwrap();
+    read_until(&mut s, b'Z');
+    s.write_all(&[b'Q', 0, 0x10, 0, 0]).unwrap();
+    let body = read_until(&mut s, b'E');
+    assert_eq!(sqlstate(&body), "08P01");
+    assert!(String::from_utf8_lossy(&body).contains("exceeds the limit"), "{}", String::from_utf8_lossy(&body));
+
+    // psql sees the same limit as a clear error.
+    let big = format!("select '{}'", "y".repeat(100_000));
+    let out = psql(port, &["-c", &big]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exceeds the limit"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The proxy restarted for the new limit, so the bystander is gone; but
+    // sessions opened now work, and nothing above crashed the proxy.
+    drop(bystander);
+    assert_eq!(psql_ok(port, "select 41 + 1"), "42");
+}
+
+#[test]
+fn tls_and_scram_at_the_proxy() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed_cert(dir.path());
+    let users = dir.path().join("users.txt");
+    let verifier = postgres_protocol::password::scram_sha_256(b"s3cret");
+    std::fs::write(&users, format!("\"postgres\" \"{verifier}\"\n")).unwrap();
+    c.reconfigure_proxy(|cfg| {
+        cfg.tls.mode = ClientTlsMode::Require;
+        cfg.tls.cert_file = Some(cert.clone());
+        cfg.tls.key_file = Some(key.clone());
+        cfg.auth.method = AuthMethod::ScramSha256;
+        cfg.auth.users_file = Some(users.clone());
+    });
+    let run = |password: &str, sslmode: &str| {
+        std::process::Command::new("psql")
+            .args(["-X", "-tAc", "select ssl from pg_stat_ssl where pid = pg_backend_pid()"])
+            .arg(format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode={sslmode}"))
+            .env("PGPASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let ok = run("s3cret", "require");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // The node sees the proxy's own connection (plain TCP here).
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "f");
+
+    let wrong = run("nope", "require");
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("password authentication failed for user \"postgres\""),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    let plain = run("s3cret", "disable");
+    assert!(!plain.status.success());
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("TLS"), "{}", String::from_utf8_lossy(&plain.stderr));
+
+    // An unknown user fails the same way as a wrong password.
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-c", "select 1"])
+        .arg(format!("host=127.0.0.1 port={port} user=mallory dbname=postgres sslmode=require"))
+        .env("PGPASSWORD", "x")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("password authentication failed for user \"mallory\""));
+
+    // SIGHUP reloads the users file: the new password works at once.
+    std::fs::write(&users, "\"postgres\" \"changed\"\n").unwrap();
+    let pid = c.proxy().pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let ok = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        run("changed", "require").status.success()
+    });
+    assert!(ok, "new password accepted after SIGHUP");
+    assert!(!run("s3cret", "require").status.success());
+}
+
+#[test]
+fn admin_console_pause_resume_and_show() {
+    let c = TestCluster::start(2);
+    let port = c.layout.proxy_port;
+    c.reconfigure_proxy(|cfg| cfg.proxy.pause_timeout = Duration::from_secs(2));
+    let mut admin = connect(port, "mtm");
+    let nodes = admin.simple_query("show nodes").unwrap();
+    let rows: Vec<_> = nodes
+        .iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => Some((r.get(0).unwrap().to_string(), r.get(3).unwrap().to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, vec![("node1".into(), "up".into()), ("node2".into(), "up".into())]);
+
+    // PAUSE gives up (bounded) while a transaction stays open...
+    let mut busy = connect(port, "postgres");
+    busy.batch_execute("begin; select 1").unwrap();
+    let t = Instant::now();
+    let err = admin.simple_query("pause").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "57014");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    busy.batch_execute("commit").unwrap();
+
+    // ...and succeeds once it is done; new transactions then wait.
+    admin.simple_query("pause").unwrap();
+    let waiter = std::thread::spawn(move || {
+        let start = Instant::now();
+        busy.batch_execute("select 1").unwrap();
+        start.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let stats = admin.simple_query("show stats").unwrap();
+    let waiting = stats
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("sessions_waiting") => r.get(1).map(str::to_string),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(waiting, "1");
+    let sessions = admin.simple_query("show sessions").unwrap();
+    assert!(sessions.iter().any(|m| matches!(m, postgres::SimpleQueryMessage::Row(r) if r.get(5) == Some("waiting"))));
+    admin.simple_query("resume").unwrap();
+    let waited = waiter.join().unwrap();
+    assert!(waited >= Duration::from_millis(500), "the statement waited for RESUME ({waited:?})");
+
+    let cfg = admin.simple_query("show config").unwrap();
+    assert!(cfg.iter().any(|m| matches!(m, postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("limits.max_message_size"))));
+    admin.simple_query("reload").unwrap();
+    let err = admin.simple_query("drop everything").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "42601");
+}
+
+#[test]
+fn metrics_follow_prometheus_conventions() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    psql_ok(port, "create table m(x int); insert into m values (1); select * from m");
+    let _ = psql(port, &["-c", "select * from no_such_table"]);
+    let body = http_get(c.layout.metrics_port, "/metrics");
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
+    let names: std::collections::BTreeSet<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    for name in [
+        "mtm_proxy_client_connections_total",
+        "mtm_proxy_queries_total",
+        "mtm_proxy_transactions_total",
+        "mtm_proxy_client_bytes_received_total",
+        "mtm_proxy_client_bytes_sent_total",
+        "mtm_proxy_errors_total",
+        "mtm_proxy_node_up",
+        "mtm_proxy_server_connections",
+        "mtm_proxy_query_duration_seconds",
+    ] {
+        assert!(names.contains(name), "{name} missing from {names:?}");
+    }
+    let ddl = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "mtm_proxy_queries_total" && s.labels.get("class") == Some("ddl"))
+        .expect("DDL counted by class");
+    assert!(matches!(ddl.value, prometheus_parse::Value::Counter(v) if v >= 1.0));
+    let err = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "mtm_proxy_errors_total" && s.labels.get("sqlstate_class") == Some("42"))
+        .expect("the undefined-table error counted under class 42");
+    assert!(matches!(err.value, prometheus_parse::Value::Counter(v) if v >= 1.0));
+    let hist = scrape.samples.iter().find(|s| s.metric == "mtm_proxy_query_duration_seconds").unwrap();
+    assert!(matches!(hist.value, prometheus_parse::Value::Histogram(_)), "latency is a histogram");
+}
+
+#[test]
+fn routing_spreads_sessions_and_refuses_clearly_when_no_node_is_up() {
+    let c = TestCluster::start(2);
+    let port = c.layout.proxy_port;
+    // least_sessions: two concurrent sessions land on different nodes.
+    let mut a = connect(port, "postgres");
+    let mut b = connect(port, "postgres");
+    let pa: i32 = a.query_one("select current_setting('port')::int", &[]).unwrap().get(0);
+    let pb: i32 = b.query_one("select current_setting('port')::int", &[]).unwrap().get(0);
+    assert_ne!(pa, pb);
+    drop((a, b));
+
+    c.node(1).stop(&c.host, "immediate").unwrap();
+    c.node(2).stop(&c.host, "immediate").unwrap();
+    let t = Instant::now();
+    let out = psql(port, &["-c", "select 1"]);
+    assert!(!out.status.success());
+    assert!(t.elapsed() < Duration::from_secs(15), "no hang: {:?}", t.elapsed());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no cluster node is available"), "{err}");
+}
