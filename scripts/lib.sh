@@ -20,7 +20,9 @@ as_root() {
 # acl (the launcher grants the postgres user access to the data directory),
 # pgbouncer (benchmark baseline), and the client stacks the tests drive.
 DEB_PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 clang libclang-dev acl
-              pgbouncer pkg-config libssl-dev)
+              pgbouncer openssl)
+# What the driver tests (tests/clients/) run with.
+TEST_DEB_PACKAGES=(libpostgresql-jdbc-java)
 
 install_packages() {
     local missing=()
@@ -58,4 +60,31 @@ build_and_install() {
     local dest=/usr/local/bin
     [ "$(id -u)" = 0 ] || dest="$HOME/.cargo/bin"
     install -m 755 "$REPO/target/release/mtm-proxy" "$REPO/target/release/mtmctl" "$dest/"
+}
+
+# The drivers tests/clients/ exercise: psycopg 3 and asyncpg (PyPI),
+# node-postgres (npm), the PostgreSQL JDBC driver (Debian) with a JDK.
+install_test_clients() {
+    local missing=()
+    for p in "${TEST_DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    command -v javac >/dev/null || missing+=(openjdk-17-jdk-headless)
+    command -v node >/dev/null || missing+=(nodejs)
+    command -v npm >/dev/null || missing+=(npm)
+    command -v python3 >/dev/null || missing+=(python3 python3-pip)
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing Debian packages for the driver tests: ${missing[*]}"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if ! python3 -c 'import psycopg, asyncpg' 2>/dev/null; then
+        log "installing psycopg 3 and asyncpg"
+        python3 -m pip install -q --root-user-action=ignore 'psycopg[binary]>=3.1' 'asyncpg>=0.29' \
+            || python3 -m pip install -q --break-system-packages 'psycopg[binary]>=3.1' 'asyncpg>=0.29'
+    fi
+    if [ ! -d "$REPO/tests/clients/node_modules/pg-cursor" ]; then
+        log "installing node-postgres"
+        (cd "$REPO/tests/clients" && npm install --silent --no-audit --no-fund)
+    fi
 }

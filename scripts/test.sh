@@ -4,6 +4,7 @@
 # temporary directory; at the end no process the suite started may remain.
 source "$(dirname "$0")/lib.sh"
 install_packages
+install_test_clients
 build_and_install
 cd "$REPO"
 log "running the test suite"
