@@ -47,6 +47,8 @@ pub struct ProxySection {
     /// Upper bound for `PAUSE` to wait for in-flight transactions.
     #[serde(with = "humantime_serde")]
     pub pause_timeout: Duration,
+    /// Threads serving sessions: 0 = one per core, 1 = a single thread.
+    pub worker_threads: usize,
 }
 
 impl Default for ProxySection {
@@ -59,6 +61,7 @@ impl Default for ProxySection {
             admin_users: vec!["postgres".into()],
             shutdown_timeout: Duration::from_secs(30),
             pause_timeout: Duration::from_secs(30),
+            worker_threads: 0,
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Background health checks: every `routing.health_check_interval`, each
 //! node is asked for a real session (startup + authentication as
 //! `backend.health_user`, exactly what a client session does) within
-//! `health_check_timeout`. Success marks it up, failure down. A node that
-//! is starting up or shutting down refuses sessions, so it counts as down.
+//! `health_check_timeout`. Success marks it up; no answer, or a refusal
+//! with class 57P (starting up, shutting down), marks it down.
 
 use crate::backend::{self, ConnectError, NodeAuth};
 use crate::state::Shared;
@@ -34,7 +34,14 @@ pub async fn run(shared: Arc<Shared>) {
                         let _ = conn.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
                         node.mark_up();
                     }
-                    Ok(Err(ConnectError::Refused { code, message, .. })) => node.mark_down(&format!("{code}: {message}")),
+                    // Starting up, shutting down, in recovery: no sessions now.
+                    Ok(Err(ConnectError::Refused { code, message, .. })) if code.starts_with("57P") => {
+                        node.mark_down(&format!("{code}: {message}"))
+                    }
+                    // The node answered, so it is up; the refusal (a wrong
+                    // health_user password, say) is configuration, shown in
+                    // SHOW NODES, and clients get the node's own error.
+                    Ok(Err(ConnectError::Refused { code, message, .. })) => node.mark_up_with_warning(&format!("{code}: {message}")),
                     Ok(Err(e)) => node.mark_down(&e.to_string()),
                     Err(_) => node.mark_down(&format!("health check timed out after {timeout:?}")),
                 }

@@ -28,8 +28,19 @@ impl NodeState {
     pub fn mark_up(&self) {
         if !self.up.swap(true, Ordering::Relaxed) {
             tracing::info!(node = %self.config.name, "node is up");
+            if let Ok(mut e) = self.last_error.lock() {
+                e.clear();
+            }
         }
         metrics::gauge!("mtm_proxy_node_up", "node" => self.config.name.clone()).set(1.0);
+    }
+
+    /// Up, but the last check was refused for a reason worth showing.
+    pub fn mark_up_with_warning(&self, reason: &str) {
+        self.mark_up();
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = reason.to_string();
+        }
     }
 
     pub fn mark_down(&self, reason: &str) {

@@ -62,6 +62,9 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPack
 
 /// Parses a complete startup packet (length prefix included).
 pub fn parse_startup(raw: BytesMut) -> Result<StartupPacket, StartupError> {
+    if raw.len() < 8 || u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize != raw.len() {
+        return Err(StartupError::BadLength(raw.len()));
+    }
     let mut body = &raw[4..];
     let code = body.get_u32();
     match code {
@@ -151,6 +154,12 @@ mod tests {
             StartupPacket::Cancel { pid: 7, secret: 9 }
         );
         assert!(parse_startup(packet(SSL_REQUEST, b"x")).is_err());
+    }
+
+    #[test]
+    fn short_or_inconsistent_packets_are_errors() {
+        assert!(parse_startup(BytesMut::from(&[0u8, 0, 0][..])).is_err());
+        assert!(parse_startup(BytesMut::from(&[0u8, 0, 0, 9, 0, 3, 0, 0][..])).is_err());
     }
 
     #[test]

@@ -377,3 +377,138 @@ fn routing_spreads_sessions_and_refuses_clearly_when_no_node_is_up() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no cluster node is available"), "{err}");
 }
+
+#[test]
+fn unix_socket_and_graceful_sigterm() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    let sock = tempfile::tempdir().unwrap();
+    let sock_dir = sock.path().to_str().unwrap().to_string();
+    c.reconfigure_proxy(|cfg| {
+        cfg.proxy.unix_socket_dir = sock_dir.clone();
+        cfg.proxy.shutdown_timeout = Duration::from_secs(20);
+    });
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-h", &sock_dir, "-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-tAc", "select 7"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7", "{}", String::from_utf8_lossy(&out.stderr));
+
+    // SIGTERM with a transaction open: no new sessions, the open one finishes.
+    let mut open = connect(port, "postgres");
+    open.batch_execute("begin; create table during_shutdown(x int)").unwrap();
+    let pid = c.proxy().pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the proxy stops accepting at SIGTERM"
+    );
+    open.batch_execute("insert into during_shutdown values (1); commit").unwrap();
+    drop(open);
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        c.proxy().pid().is_none()
+    });
+    assert!(gone, "the proxy exits once its last session ends");
+    assert_eq!(psql_ok(c.node(1).port, "select count(*) from during_shutdown"), "1");
+}
+
+#[test]
+fn scram_and_tls_towards_the_node() {
+    let c = TestCluster::start(1);
+    let node = c.node(1);
+    let dir = c.layout.data_dir.join("node-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = self_signed_cert(&dir);
+    for f in [&dir, &cert, &key] {
+        c.host.give(f).unwrap();
+    }
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // The node: TLS on, SCRAM for every TCP connection.
+    for sql in [
+        "alter system set ssl = on".to_string(),
+        format!("alter system set ssl_cert_file = '{}'", cert.display()),
+        format!("alter system set ssl_key_file = '{}'", key.display()),
+        "set password_encryption = 'scram-sha-256'; alter role postgres password 'node-pw'".to_string(),
+    ] {
+        psql_ok(node.port, &sql);
+    }
+    let hba = node.dir.join("pg_hba.conf");
+    std::fs::write(&hba, "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n").unwrap();
+    node.stop(&c.host, "fast").unwrap();
+    node.start(&c.host).unwrap();
+
+    c.reconfigure_proxy(|cfg| {
+        cfg.auth.method = AuthMethod::Trust;
+        cfg.backend.password = Some("node-pw".into());
+        cfg.backend.tls = mtm_proxy::config::BackendTlsMode::Require;
+    });
+    let port = c.layout.proxy_port;
+    // The proxy logs in with SCRAM over TLS; the client needs neither.
+    assert_eq!(psql_ok(port, "select ssl from pg_stat_ssl where pid = pg_backend_pid()"), "t");
+    // Health checks use the same path, so the node stays up.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut admin = connect(port, "mtm");
+    let rows = admin.simple_query("show nodes").unwrap();
+    assert!(rows.iter().any(|m| matches!(m, postgres::SimpleQueryMessage::Row(r) if r.get(3) == Some("up"))));
+
+    // A wrong node password is the node's own 28P01, passed on.
+    c.reconfigure_proxy(|cfg| {
+        cfg.auth.method = AuthMethod::Trust;
+        cfg.backend.password = Some("wrong".into());
+        cfg.backend.tls = mtm_proxy::config::BackendTlsMode::Require;
+    });
+    let out = psql(port, &["-c", "select 1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let log = std::fs::read_to_string(c.layout.proxy_log()).unwrap_or_default();
+    assert!(err.contains("password authentication failed for user \"postgres\""), "{err}\nproxy log:\n{log}");
+}
+
+#[test]
+fn pipelines_function_calls_and_limits() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    psql_ok(port, "create table p(id int primary key)");
+    // A pipeline with an error in the middle: pgbench \startpipeline.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("pipe.sql");
+    std::fs::write(
+        &script,
+        "\\startpipeline\nselect 1;\nselect 2;\nselect 3;\n\\endpipeline\n",
+    )
+    .unwrap();
+    let (ok, out) = pgbench(port, &["-n", "-M", "extended", "-c", "2", "-t", "50", "-f", script.to_str().unwrap()]);
+    assert!(ok && out.contains("processed: 100/100"), "{out}");
+    let mut cl = connect(port, "postgres");
+    cl.batch_execute("insert into p values (1)").unwrap();
+    // Several statements in one simple Query with a failure in the middle:
+    // the rest is skipped and the session is usable afterwards.
+    let err = cl.batch_execute("insert into p values (2); insert into p values (1); insert into p values (3)").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "23505");
+    assert_eq!(cl.query_one("select count(*) from p", &[]).unwrap().get::<_, i64>(0), 1);
+
+    // FunctionCall ('F'): psql's \lo_import uses libpq's fast-path calls.
+    let file = dir.path().join("blob.bin");
+    std::fs::write(&file, vec![42u8; 200_000]).unwrap();
+    let out = psql(port, &["-c", &format!("\\lo_import '{}'", file.display())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(psql_ok(port, "select sum(length(data)) from pg_largeobject"), "200000");
+
+    // Client limits: the third connection is refused with 53300, and an
+    // idle session is closed with 57P05.
+    c.reconfigure_proxy(|cfg| {
+        cfg.limits.max_client_connections = 2;
+        cfg.limits.client_idle_timeout = Duration::from_secs(1);
+    });
+    let a = connect(port, "postgres");
+    let b = connect(port, "postgres");
+    let third = Client::connect(&format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"), NoTls);
+    assert_eq!(third.err().and_then(|e| e.code().cloned()).map(|c| c.code().to_string()).as_deref(), Some("53300"));
+    drop(b);
+    let mut a = a;
+    std::thread::sleep(Duration::from_millis(1800));
+    let err = a.batch_execute("select 1").unwrap_err();
+    let code = err.code().map(|c| c.code().to_string());
+    assert!(code.as_deref() == Some("57P05") || a.is_closed(), "{err:?}");
+}

@@ -82,6 +82,11 @@ impl FrameReader {
         (self.buf.len() >= 5).then(|| 1 + u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize)
     }
 
+    /// Appends bytes as if read from the client (tests and fuzzing).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
     /// Cuts every complete frame off the buffer, validating lengths.
     pub fn split_batch(&mut self) -> Result<Option<Batch>, FrameError> {
         let mut frames = Vec::new();

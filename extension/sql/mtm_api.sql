@@ -1,0 +1,292 @@
+-- The user-facing `mtm` API: the objects of the reference system's install
+-- script, with the same names, arguments and result columns. Objects whose
+-- behaviour is not built yet raise feature_not_supported ("not implemented
+-- yet") instead of returning made-up results.
+
+DO $guard$
+BEGIN
+    IF position('multimaster' IN current_setting('shared_preload_libraries')) = 0 THEN
+        RAISE EXCEPTION 'multimaster must be loaded via shared_preload_libraries'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Add multimaster to shared_preload_libraries and restart the server.';
+    END IF;
+END
+$guard$;
+
+-- Raises the "not implemented yet" error for `what`.
+CREATE FUNCTION mtm.not_implemented(what text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% is not implemented yet', what
+        USING ERRCODE = 'feature_not_supported';
+END
+$$;
+
+---- Cluster membership (global: replicated once replication exists) ----
+
+CREATE TABLE mtm.cluster_nodes (
+    id int PRIMARY KEY NOT NULL,
+    conninfo text NOT NULL,
+    is_self bool NOT NULL
+);
+
+-- Per-node progress of node set-up; local to each node.
+CREATE TABLE mtm.nodes_init_done (
+    id int PRIMARY KEY NOT NULL,
+    init_done bool
+);
+
+-- Per-node settings (e.g. where a basebackup came from); local.
+CREATE TABLE mtm.config (
+    key text PRIMARY KEY NOT NULL,
+    value jsonb
+);
+
+-- Tables whose changes are never sent to peers.
+CREATE TABLE mtm.local_tables (
+    rel_schema name,
+    rel_name name,
+    PRIMARY KEY (rel_schema, rel_name)
+) WITH (user_catalog_table = true);
+INSERT INTO mtm.local_tables VALUES ('mtm', 'nodes_init_done'), ('mtm', 'config');
+
+CREATE TYPE mtm.node_info AS (
+    "enabled" bool,
+    "connected" bool,
+    "sender_pid" int,
+    "receiver_pid" int,
+    "n_workers" int,
+    "receiver_mode" text
+);
+
+CREATE TYPE mtm.node AS (
+    "id" int,
+    "conninfo" text,
+    "is_self" bool,
+    "enabled" bool,
+    "connected" bool,
+    "sender_pid" int,
+    "receiver_pid" int,
+    "n_workers" int,
+    "receiver_mode" text
+);
+
+CREATE TYPE mtm.cluster_status AS (
+    "my_node_id" int,
+    "status" text,
+    "connected" int[],
+    "gen_num" int8,
+    "gen_members" int[],
+    "gen_members_online" int[],
+    "gen_configured" int[]
+);
+
+CREATE FUNCTION mtm.node_info(id int) RETURNS mtm.node_info
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mtm.not_implemented('mtm.node_info');
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION mtm.init_cluster(my_conninfo text, peers_conninfo text[]) RETURNS void
+LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.init_cluster') $$;
+
+CREATE FUNCTION mtm.state_create(node_ids int[]) RETURNS void
+LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.state_create') $$;
+
+CREATE FUNCTION mtm.status() RETURNS mtm.cluster_status
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mtm.not_implemented('mtm.status');
+    RETURN NULL;
+END
+$$;
+
+-- Every configured node with its runtime state.
+CREATE FUNCTION mtm.nodes() RETURNS SETOF mtm.node
+LANGUAGE sql AS $$
+    SELECT n.id, n.conninfo, n.is_self, (mtm.node_info(n.id)).*
+    FROM mtm.cluster_nodes n
+    ORDER BY n.id
+$$;
+
+-- Registers a node under the lowest free id (1..16) and returns the id.
+CREATE FUNCTION mtm.add_node(connstr text) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    new_id int;
+BEGIN
+    SELECT min(candidate) INTO new_id
+    FROM generate_series(1, 16) AS candidate
+    WHERE candidate NOT IN (SELECT id FROM mtm.cluster_nodes);
+    IF new_id IS NULL THEN
+        RAISE EXCEPTION 'a cluster has at most 16 nodes' USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    INSERT INTO mtm.cluster_nodes (id, conninfo, is_self) VALUES (new_id, connstr, false);
+    RETURN new_id;
+END
+$$;
+
+CREATE FUNCTION mtm.drop_node(node_id int) RETURNS void
+LANGUAGE sql AS $$ DELETE FROM mtm.cluster_nodes WHERE id = node_id $$;
+
+CREATE FUNCTION mtm.join_node(node_id int, backup_end_lsn pg_lsn) RETURNS void
+LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.join_node') $$;
+
+CREATE FUNCTION mtm.my_node_id() RETURNS int
+LANGUAGE sql STABLE AS $$ SELECT id FROM mtm.cluster_nodes WHERE is_self $$;
+
+---- Data placement ----
+
+-- Keeps a table's changes on this node (the decoder skips it).
+CREATE FUNCTION mtm.make_table_local(relation regclass) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO mtm.local_tables (rel_schema, rel_name)
+    SELECT n.nspname, c.relname
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = relation
+    ON CONFLICT DO NOTHING
+$$;
+
+CREATE FUNCTION mtm.set_temp_schema(nsp text) RETURNS void
+LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.set_temp_schema') $$;
+
+CREATE FUNCTION mtm.alter_sequences() RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mtm.not_implemented('mtm.alter_sequences');
+    RETURN false;
+END
+$$;
+
+---- Syncpoints ----
+
+CREATE TABLE mtm.syncpoints (
+    receiver_node_id int NOT NULL,
+    origin_node_id int NOT NULL,
+    origin_lsn pg_lsn NOT NULL,
+    receiver_lsn pg_lsn NOT NULL
+);
+-- Newest-first per (receiver, origin): what the lookups below read.
+CREATE UNIQUE INDEX syncpoints_idx ON mtm.syncpoints (receiver_node_id, origin_node_id, origin_lsn DESC);
+ALTER TABLE mtm.syncpoints REPLICA IDENTITY USING INDEX syncpoints_idx;
+COMMENT ON TABLE mtm.syncpoints IS
+'receiver_node_id has applied every transaction of origin_node_id ending at or before origin_lsn, '
+'all of it before its own receiver_lsn; later origin transactions land after receiver_lsn';
+
+-- The newest syncpoint of origin_node_id at emitter_node_id not past origin_lsn:
+-- stream from emitter_lsn to get everything of the origin from origin_lsn on.
+CREATE FUNCTION mtm.translate_syncpoint(origin_node_id int, origin_lsn pg_lsn, emitter_node_id int,
+                                        OUT origin_lsn pg_lsn, OUT emitter_lsn pg_lsn)
+RETURNS record LANGUAGE sql STABLE AS $$
+    SELECT sp.origin_lsn, sp.receiver_lsn
+    FROM mtm.syncpoints sp
+    WHERE sp.receiver_node_id = $3
+      AND sp.origin_node_id = $1
+      AND sp.origin_lsn <= $2
+    ORDER BY sp.origin_lsn DESC
+    LIMIT 1
+$$;
+
+-- For every ordered pair of distinct nodes, the newest syncpoint (0/0 if none).
+CREATE VIEW mtm.latest_syncpoints AS
+WITH pairs AS (
+    SELECT o.id AS origin_node_id, r.id AS receiver_node_id
+    FROM mtm.cluster_nodes o CROSS JOIN mtm.cluster_nodes r
+    WHERE o.id <> r.id
+), newest AS (
+    SELECT DISTINCT ON (receiver_node_id, origin_node_id) receiver_node_id, origin_node_id, origin_lsn, receiver_lsn
+    FROM mtm.syncpoints
+    ORDER BY receiver_node_id, origin_node_id, origin_lsn DESC
+)
+SELECT p.receiver_node_id,
+       p.origin_node_id,
+       coalesce(n.origin_lsn, '0/0'::pg_lsn) AS origin_lsn,
+       n.receiver_lsn AS fill_filter_since
+FROM pairs p LEFT JOIN newest n USING (receiver_node_id, origin_node_id)
+ORDER BY p.receiver_node_id, p.origin_node_id;
+
+-- Up to where this node may confirm sender_node_id's stream as applied.
+CREATE FUNCTION mtm.get_recovery_horizon(sender_node_id int) RETURNS pg_lsn
+LANGUAGE sql STABLE AS $$
+    SELECT min(CASE WHEN ls.origin_node_id = sender_node_id THEN ls.origin_lsn
+                    ELSE coalesce((mtm.translate_syncpoint(ls.origin_node_id, ls.origin_lsn, sender_node_id)).emitter_lsn,
+                                  '0/0'::pg_lsn)
+               END)
+    FROM mtm.latest_syncpoints ls
+    WHERE ls.receiver_node_id = mtm.my_node_id()
+$$;
+
+CREATE FUNCTION mtm.get_recovery_horizons(OUT node_id int, OUT horizon pg_lsn) RETURNS SETOF record
+LANGUAGE sql STABLE AS $$
+    SELECT n.id, mtm.get_recovery_horizon(n.id)
+    FROM mtm.cluster_nodes n
+    WHERE n.id <> mtm.my_node_id()
+$$;
+
+-- The oldest origin LSN of origin_node_id some node still needs.
+CREATE FUNCTION mtm.oldest_syncpoint(origin_node_id int) RETURNS pg_lsn
+LANGUAGE sql STABLE AS $$
+    SELECT min(ls.origin_lsn) FROM mtm.latest_syncpoints ls WHERE ls.origin_node_id = $1
+$$;
+
+-- Drops this node's own syncpoint rows nobody needs any more.
+CREATE FUNCTION mtm.cleanup_old_syncpoints() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    origin int;
+    keep_from pg_lsn;
+    newest_own pg_lsn;
+BEGIN
+    FOR origin IN SELECT id FROM mtm.cluster_nodes WHERE id <> mtm.my_node_id() LOOP
+        keep_from := (mtm.translate_syncpoint(origin, mtm.oldest_syncpoint(origin), mtm.my_node_id())).origin_lsn;
+        SELECT ls.origin_lsn INTO newest_own FROM mtm.latest_syncpoints ls
+        WHERE ls.origin_node_id = origin AND ls.receiver_node_id = mtm.my_node_id();
+        DELETE FROM mtm.syncpoints sp
+        WHERE sp.receiver_node_id = mtm.my_node_id()
+          AND sp.origin_node_id = origin
+          AND sp.origin_lsn < keep_from
+          AND sp.origin_lsn < newest_own;
+    END LOOP;
+    DELETE FROM mtm.syncpoints sp
+    WHERE sp.receiver_node_id = mtm.my_node_id()
+      AND sp.origin_node_id NOT IN (SELECT id FROM mtm.cluster_nodes);
+END
+$$;
+
+---- Apply pool, 2PC and consistency ----
+
+CREATE TYPE mtm.bgwpool_result AS (nWorkers int, Active int, Pending int, Size int, Head int, Tail int, ReceiverName text);
+
+CREATE FUNCTION mtm.node_bgwpool_stat() RETURNS SETOF mtm.bgwpool_result
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mtm.not_implemented('the apply pool (mtm.stat_bgwpool)');
+END
+$$;
+
+CREATE VIEW mtm.stat_bgwpool AS
+SELECT nWorkers, Active, Pending, Size, Head, Tail, ReceiverName FROM mtm.node_bgwpool_stat();
+
+CREATE FUNCTION mtm.get_logged_prepared_xact_state(gid text) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mtm.not_implemented('mtm.get_logged_prepared_xact_state');
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION mtm.check_query(query text) RETURNS bool
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mtm.not_implemented('mtm.check_query');
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION mtm.hold_backends() RETURNS void
+LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.hold_backends') $$;
+
+CREATE FUNCTION mtm.release_backends() RETURNS void
+LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.release_backends') $$;
