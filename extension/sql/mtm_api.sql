@@ -140,13 +140,14 @@ LANGUAGE sql STABLE AS $$ SELECT id FROM mtm.cluster_nodes WHERE is_self $$;
 ---- Data placement ----
 
 -- Keeps a table's changes on this node (the decoder skips it).
+-- (ON CONFLICT is not allowed on a user catalog table, hence NOT EXISTS.)
 CREATE FUNCTION mtm.make_table_local(relation regclass) RETURNS void
 LANGUAGE sql AS $$
     INSERT INTO mtm.local_tables (rel_schema, rel_name)
     SELECT n.nspname, c.relname
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = relation
-    ON CONFLICT DO NOTHING
+      AND NOT EXISTS (SELECT 1 FROM mtm.local_tables l WHERE l.rel_schema = n.nspname AND l.rel_name = c.relname)
 $$;
 
 CREATE FUNCTION mtm.set_temp_schema(nsp text) RETURNS void

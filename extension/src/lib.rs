@@ -1,25 +1,39 @@
 //! `multimaster` — the per-node PostgreSQL extension.
 //!
-//! What this version does: it must be preloaded (`shared_preload_libraries`),
-//! `CREATE EXTENSION multimaster` creates the `mtm` schema, and
-//! `mtm.version()` reports the library version. Replication (decoder,
-//! receivers, apply pool), cluster state and the rest of the `mtm` API are
-//! not built yet; see the project's open issues.
+//! Built so far: the `mtm` SQL API surface (`sql/mtm_api.sql`; what is not
+//! built yet raises feature_not_supported), the GUCs, and the output plugin
+//! ([`decoder`], wire format in `PROTOCOL.md`). Receivers, the apply pool,
+//! cluster state and 2PC votes are not built yet.
+//!
+//! Module map: [`decoder`] — the output plugin (unsafe layer over the
+//! reorder buffer; encoding in the safe `mtm-protocol` crate).
 
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
+use std::ffi::CString;
+
+pub mod decoder;
 
 pgrx::pg_module_magic!();
+
+pgrx::extension_sql_file!("../sql/mtm_api.sql", name = "mtm_api");
 
 /// Library version, as built (matches the extension's `default_version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// `multimaster.remote_functions`: functions whose calls run cluster-wide.
+pub static REMOTE_FUNCTIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `multimaster.max_workers`: apply workers per peer.
+pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
+
 /// Called when the library is loaded. The extension keeps shared-memory
-/// state and background workers in later versions, which PostgreSQL only
-/// allows from a preloaded library, so refuse any other way of loading it
-/// now rather than fail obscurely later.
+/// state, background workers and a WAL resource manager, which PostgreSQL
+/// only allows from a preloaded library, so refuse any other way of
+/// loading it rather than fail obscurely later. (Logical decoding loads
+/// the library again in walsenders; that is fine once preloaded.)
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    // SAFETY: a plain read of a postmaster-global flag, during library load.
+    // SAFETY: plain reads of postmaster-global flags, during library load.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if !preloading {
         ereport!(
@@ -29,10 +43,36 @@ pub extern "C-unwind" fn _PG_init() {
             "Add multimaster to shared_preload_libraries (and to output_plugin_libraries) in postgresql.conf and restart the server."
         );
     }
+    GucRegistry::define_string_guc(
+        c"multimaster.remote_functions",
+        c"Functions whose calls run on every node of the cluster.",
+        c"Comma-separated, optionally schema-qualified function names.",
+        &REMOTE_FUNCTIONS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"multimaster.max_workers",
+        c"Apply workers per peer node.",
+        c"Independent transactions from one peer are applied by up to this many workers in parallel.",
+        &MAX_WORKERS,
+        1,
+        64,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    // SAFETY: called once, while preloading, after defining our GUCs.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
 }
 
 /// The version of the loaded `multimaster` library.
 #[pg_extern(immutable, parallel_safe)]
 fn version() -> &'static str {
     VERSION
+}
+
+/// Whether this node answers (used by peers and the proxy).
+#[pg_extern]
+fn ping() -> bool {
+    true
 }

@@ -1,0 +1,431 @@
+//! The wire format of the `multimaster` output plugin, documented in
+//! `extension/PROTOCOL.md`. Safe Rust with no PostgreSQL dependency: the
+//! extension's decoder encodes with it, receivers and tests decode with it.
+//!
+//! Every message is one chunk written by the plugin (one row of
+//! `pg_logical_slot_get_binary_changes`, one CopyData of a walsender
+//! stream) and starts with a one-byte type. Integers are big-endian;
+//! strings are a u32 byte length then UTF-8 bytes.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Begin { xid: u32, final_lsn: u64, commit_time: i64 },
+    /// Follows Begin when the transaction came from another node.
+    Origin { origin_lsn: u64, name: String },
+    Relation { relid: u32, namespace: String, name: String, replica_identity: u8, columns: Vec<Column> },
+    Insert { relid: u32, new: Tuple },
+    Update { relid: u32, old: Option<OldTuple>, new: Tuple },
+    Delete { relid: u32, old: Option<OldTuple> },
+    Truncate { cascade: bool, restart_identity: bool, relids: Vec<u32> },
+    Prepare { prepare_lsn: u64, end_lsn: u64, prepare_time: i64, xid: u32, gid: String },
+    CommitPrepared { commit_lsn: u64, end_lsn: u64, commit_time: i64, xid: u32, gid: String },
+    RollbackPrepared { prepare_end_lsn: u64, rollback_end_lsn: u64, prepare_time: i64, rollback_time: i64, xid: u32, gid: String },
+    Commit { commit_lsn: u64, end_lsn: u64, commit_time: i64 },
+    Message { transactional: bool, lsn: u64, prefix: String, content: Vec<u8> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Part of the replica identity key.
+    pub key: bool,
+    pub name: String,
+    pub type_oid: u32,
+    pub typmod: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Null,
+    /// A TOASTed value the change did not touch; the receiver keeps its own.
+    UnchangedToast,
+    /// The type's binary send format (built-in types).
+    Binary(Vec<u8>),
+    /// The type's text output (other types).
+    Text(Vec<u8>),
+}
+
+pub type Tuple = Vec<Value>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OldTuple {
+    /// Only the replica identity columns are meaningful (others Null).
+    Key(Tuple),
+    /// REPLICA IDENTITY FULL: the whole old row.
+    Full(Tuple),
+}
+
+pub mod tag {
+    pub const BEGIN: u8 = b'B';
+    pub const ORIGIN: u8 = b'O';
+    pub const RELATION: u8 = b'R';
+    pub const INSERT: u8 = b'I';
+    pub const UPDATE: u8 = b'U';
+    pub const DELETE: u8 = b'D';
+    pub const TRUNCATE: u8 = b'T';
+    pub const PREPARE: u8 = b'P';
+    pub const COMMIT_PREPARED: u8 = b'K';
+    pub const ROLLBACK_PREPARED: u8 = b'r';
+    pub const COMMIT: u8 = b'C';
+    pub const MESSAGE: u8 = b'M';
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("message ends early")]
+    Short,
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    #[error("unknown {what} marker {marker:#04x}")]
+    BadMarker { what: &'static str, marker: u8 },
+    #[error("invalid UTF-8 in a string")]
+    Utf8,
+    #[error("{0} bytes left after the message")]
+    Trailing(usize),
+}
+
+// ---- encoding ----
+
+pub fn put_u8(out: &mut Vec<u8>, v: u8) {
+    out.push(v);
+}
+pub fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+pub fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+pub fn put_i32(out: &mut Vec<u8>, v: i32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+pub fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+pub fn put_i64(out: &mut Vec<u8>, v: i64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+pub fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len() as u32);
+    out.extend_from_slice(b);
+}
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_bytes(out, s.as_bytes());
+}
+
+pub fn put_tuple(out: &mut Vec<u8>, t: &[Value]) {
+    put_u16(out, t.len() as u16);
+    for v in t {
+        match v {
+            Value::Null => put_u8(out, b'n'),
+            Value::UnchangedToast => put_u8(out, b'u'),
+            Value::Binary(b) => {
+                put_u8(out, b'b');
+                put_bytes(out, b);
+            }
+            Value::Text(b) => {
+                put_u8(out, b't');
+                put_bytes(out, b);
+            }
+        }
+    }
+}
+
+fn put_old(out: &mut Vec<u8>, old: &Option<OldTuple>) {
+    match old {
+        None => put_u8(out, b'-'),
+        Some(OldTuple::Key(t)) => {
+            put_u8(out, b'K');
+            put_tuple(out, t);
+        }
+        Some(OldTuple::Full(t)) => {
+            put_u8(out, b'O');
+            put_tuple(out, t);
+        }
+    }
+}
+
+impl Message {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Begin { xid, final_lsn, commit_time } => {
+                put_u8(out, tag::BEGIN);
+                put_u32(out, *xid);
+                put_u64(out, *final_lsn);
+                put_i64(out, *commit_time);
+            }
+            Message::Origin { origin_lsn, name } => {
+                put_u8(out, tag::ORIGIN);
+                put_u64(out, *origin_lsn);
+                put_str(out, name);
+            }
+            Message::Relation { relid, namespace, name, replica_identity, columns } => {
+                put_u8(out, tag::RELATION);
+                put_u32(out, *relid);
+                put_str(out, namespace);
+                put_str(out, name);
+                put_u8(out, *replica_identity);
+                put_u16(out, columns.len() as u16);
+                for c in columns {
+                    put_u8(out, c.key as u8);
+                    put_str(out, &c.name);
+                    put_u32(out, c.type_oid);
+                    put_i32(out, c.typmod);
+                }
+            }
+            Message::Insert { relid, new } => {
+                put_u8(out, tag::INSERT);
+                put_u32(out, *relid);
+                put_tuple(out, new);
+            }
+            Message::Update { relid, old, new } => {
+                put_u8(out, tag::UPDATE);
+                put_u32(out, *relid);
+                put_old(out, old);
+                put_tuple(out, new);
+            }
+            Message::Delete { relid, old } => {
+                put_u8(out, tag::DELETE);
+                put_u32(out, *relid);
+                put_old(out, old);
+            }
+            Message::Truncate { cascade, restart_identity, relids } => {
+                put_u8(out, tag::TRUNCATE);
+                put_u8(out, (*cascade as u8) | ((*restart_identity as u8) << 1));
+                put_u32(out, relids.len() as u32);
+                for r in relids {
+                    put_u32(out, *r);
+                }
+            }
+            Message::Prepare { prepare_lsn, end_lsn, prepare_time, xid, gid } => {
+                put_u8(out, tag::PREPARE);
+                put_u64(out, *prepare_lsn);
+                put_u64(out, *end_lsn);
+                put_i64(out, *prepare_time);
+                put_u32(out, *xid);
+                put_str(out, gid);
+            }
+            Message::CommitPrepared { commit_lsn, end_lsn, commit_time, xid, gid } => {
+                put_u8(out, tag::COMMIT_PREPARED);
+                put_u64(out, *commit_lsn);
+                put_u64(out, *end_lsn);
+                put_i64(out, *commit_time);
+                put_u32(out, *xid);
+                put_str(out, gid);
+            }
+            Message::RollbackPrepared { prepare_end_lsn, rollback_end_lsn, prepare_time, rollback_time, xid, gid } => {
+                put_u8(out, tag::ROLLBACK_PREPARED);
+                put_u64(out, *prepare_end_lsn);
+                put_u64(out, *rollback_end_lsn);
+                put_i64(out, *prepare_time);
+                put_i64(out, *rollback_time);
+                put_u32(out, *xid);
+                put_str(out, gid);
+            }
+            Message::Commit { commit_lsn, end_lsn, commit_time } => {
+                put_u8(out, tag::COMMIT);
+                put_u64(out, *commit_lsn);
+                put_u64(out, *end_lsn);
+                put_i64(out, *commit_time);
+            }
+            Message::Message { transactional, lsn, prefix, content } => {
+                put_u8(out, tag::MESSAGE);
+                put_u8(out, *transactional as u8);
+                put_u64(out, *lsn);
+                put_str(out, prefix);
+                put_bytes(out, content);
+            }
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+
+    /// Decodes exactly one message occupying all of `buf`.
+    pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
+        let mut r = Reader(buf);
+        let m = match r.u8()? {
+            tag::BEGIN => Message::Begin { xid: r.u32()?, final_lsn: r.u64()?, commit_time: r.i64()? },
+            tag::ORIGIN => Message::Origin { origin_lsn: r.u64()?, name: r.string()? },
+            tag::RELATION => {
+                let relid = r.u32()?;
+                let namespace = r.string()?;
+                let name = r.string()?;
+                let replica_identity = r.u8()?;
+                let n = r.u16()?;
+                let mut columns = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    columns.push(Column { key: r.u8()? != 0, name: r.string()?, type_oid: r.u32()?, typmod: r.i32()? });
+                }
+                Message::Relation { relid, namespace, name, replica_identity, columns }
+            }
+            tag::INSERT => Message::Insert { relid: r.u32()?, new: r.tuple()? },
+            tag::UPDATE => Message::Update { relid: r.u32()?, old: r.old()?, new: r.tuple()? },
+            tag::DELETE => Message::Delete { relid: r.u32()?, old: r.old()? },
+            tag::TRUNCATE => {
+                let flags = r.u8()?;
+                let n = r.u32()?;
+                let mut relids = Vec::new();
+                for _ in 0..n {
+                    relids.push(r.u32()?);
+                }
+                Message::Truncate { cascade: flags & 1 != 0, restart_identity: flags & 2 != 0, relids }
+            }
+            tag::PREPARE => Message::Prepare {
+                prepare_lsn: r.u64()?,
+                end_lsn: r.u64()?,
+                prepare_time: r.i64()?,
+                xid: r.u32()?,
+                gid: r.string()?,
+            },
+            tag::COMMIT_PREPARED => Message::CommitPrepared {
+                commit_lsn: r.u64()?,
+                end_lsn: r.u64()?,
+                commit_time: r.i64()?,
+                xid: r.u32()?,
+                gid: r.string()?,
+            },
+            tag::ROLLBACK_PREPARED => Message::RollbackPrepared {
+                prepare_end_lsn: r.u64()?,
+                rollback_end_lsn: r.u64()?,
+                prepare_time: r.i64()?,
+                rollback_time: r.i64()?,
+                xid: r.u32()?,
+                gid: r.string()?,
+            },
+            tag::COMMIT => Message::Commit { commit_lsn: r.u64()?, end_lsn: r.u64()?, commit_time: r.i64()? },
+            tag::MESSAGE => Message::Message {
+                transactional: r.u8()? != 0,
+                lsn: r.u64()?,
+                prefix: r.string()?,
+                content: r.bytes()?.to_vec(),
+            },
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        if !r.0.is_empty() {
+            return Err(DecodeError::Trailing(r.0.len()));
+        }
+        Ok(m)
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError::Short);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn i32(&mut self) -> Result<i32, DecodeError> {
+        Ok(i32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn i64(&mut self) -> Result<i64, DecodeError> {
+        Ok(i64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        std::str::from_utf8(self.bytes()?).map(str::to_owned).map_err(|_| DecodeError::Utf8)
+    }
+    fn tuple(&mut self) -> Result<Tuple, DecodeError> {
+        let n = self.u16()?;
+        let mut t = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            t.push(match self.u8()? {
+                b'n' => Value::Null,
+                b'u' => Value::UnchangedToast,
+                b'b' => Value::Binary(self.bytes()?.to_vec()),
+                b't' => Value::Text(self.bytes()?.to_vec()),
+                marker => return Err(DecodeError::BadMarker { what: "value", marker }),
+            });
+        }
+        Ok(t)
+    }
+    fn old(&mut self) -> Result<Option<OldTuple>, DecodeError> {
+        match self.u8()? {
+            b'-' => Ok(None),
+            b'K' => Ok(Some(OldTuple::Key(self.tuple()?))),
+            b'O' => Ok(Some(OldTuple::Full(self.tuple()?))),
+            marker => Err(DecodeError::BadMarker { what: "old tuple", marker }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Message> {
+        let t = vec![Value::Binary(vec![0, 0, 0, 7]), Value::Null, Value::UnchangedToast, Value::Text(b"(1,2)".to_vec())];
+        vec![
+            Message::Begin { xid: 7, final_lsn: 0x1_0000_0010, commit_time: -5 },
+            Message::Origin { origin_lsn: 99, name: "mtm_node_2".into() },
+            Message::Relation {
+                relid: 16384,
+                namespace: "public".into(),
+                name: "t ü".into(),
+                replica_identity: b'd',
+                columns: vec![
+                    Column { key: true, name: "id".into(), type_oid: 23, typmod: -1 },
+                    Column { key: false, name: "v".into(), type_oid: 1043, typmod: 14 },
+                ],
+            },
+            Message::Insert { relid: 1, new: t.clone() },
+            Message::Update { relid: 1, old: None, new: t.clone() },
+            Message::Update { relid: 1, old: Some(OldTuple::Key(vec![Value::Null])), new: t.clone() },
+            Message::Delete { relid: 1, old: Some(OldTuple::Full(t.clone())) },
+            Message::Truncate { cascade: true, restart_identity: false, relids: vec![1, 2] },
+            Message::Prepare { prepare_lsn: 1, end_lsn: 2, prepare_time: 3, xid: 4, gid: "mtm-1".into() },
+            Message::CommitPrepared { commit_lsn: 1, end_lsn: 2, commit_time: 3, xid: 4, gid: "mtm-1".into() },
+            Message::RollbackPrepared { prepare_end_lsn: 1, rollback_end_lsn: 2, prepare_time: 3, rollback_time: 4, xid: 5, gid: "g".into() },
+            Message::Commit { commit_lsn: 1, end_lsn: 2, commit_time: 3 },
+            Message::Message { transactional: true, lsn: 8, prefix: "mtm".into(), content: vec![1, 2, 3] },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in all() {
+            assert_eq!(Message::decode(&m.to_bytes()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn truncated_and_trailing_input_are_errors() {
+        for m in all() {
+            let b = m.to_bytes();
+            for cut in 0..b.len() {
+                assert!(Message::decode(&b[..cut]).is_err(), "{m:?} cut at {cut}");
+            }
+            let mut longer = b.clone();
+            longer.push(0);
+            assert_eq!(Message::decode(&longer), Err(DecodeError::Trailing(1)));
+        }
+        assert_eq!(Message::decode(b"Z"), Err(DecodeError::UnknownType(b'Z')));
+    }
+
+    #[test]
+    fn layout_is_big_endian_and_length_prefixed() {
+        let b = Message::Origin { origin_lsn: 1, name: "ab".into() }.to_bytes();
+        assert_eq!(b, vec![b'O', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, b'a', b'b']);
+    }
+}

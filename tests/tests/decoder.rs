@@ -1,0 +1,174 @@
+//! The `multimaster` output plugin on a real node: changes read back with
+//! pg_logical_slot_get_binary_changes and decoded with mtm-protocol.
+
+use mtm_protocol::{Message, OldTuple, Value};
+use mtmctl::testing::TestCluster;
+use postgres::{Client, NoTls};
+
+fn node_client(c: &TestCluster) -> Client {
+    Client::connect(&c.node(1).conninfo("postgres"), NoTls).expect("connect to node")
+}
+
+/// Everything decoded since the last call (consumes the slot).
+fn changes(cl: &mut Client, slot: &str, recovery: bool) -> Vec<Message> {
+    let sql = if recovery {
+        "select data from pg_logical_slot_get_binary_changes($1, NULL, NULL, 'mtm_mode', 'recovery')"
+    } else {
+        "select data from pg_logical_slot_get_binary_changes($1, NULL, NULL)"
+    };
+    cl.query(sql, &[&slot])
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let data: Vec<u8> = r.get(0);
+            Message::decode(&data).unwrap_or_else(|e| panic!("undecodable message {data:?}: {e}"))
+        })
+        .collect()
+}
+
+/// Runs each `;`-separated statement on its own (one simple Query would
+/// make them one implicit transaction).
+fn exec_each(cl: &mut Client, sql: &str) {
+    for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        cl.batch_execute(stmt).unwrap_or_else(|e| panic!("{stmt}: {e:?}"));
+    }
+}
+
+fn int4(v: i32) -> Value {
+    Value::Binary(v.to_be_bytes().to_vec())
+}
+
+fn data_messages(ms: &[Message]) -> Vec<&Message> {
+    ms.iter().filter(|m| !matches!(m, Message::Relation { .. })).collect()
+}
+
+#[test]
+fn inserts_updates_deletes_and_types() {
+    let c = TestCluster::start(1);
+    let mut cl = node_client(&c);
+    exec_each(
+        &mut cl,
+        "create table t(id int primary key, v text, n numeric, ts timestamptz, j jsonb, a int[], p point, big text);
+         alter table t alter column big set storage external;
+         select pg_create_logical_replication_slot('s', 'multimaster', false, true);",
+    );
+    let big: String = (0..40_000).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
+    cl.execute(
+        "insert into t values (1, 'one', 1.5, '2020-01-01 00:00:00+00', '{\"a\": 1}', '{1,2}', '(1,2)', $1)",
+        &[&big],
+    )
+    .unwrap();
+    exec_each(&mut cl, "update t set v = 'uno' where id = 1; update t set id = 2 where id = 1; delete from t where id = 2");
+    let ms = changes(&mut cl, "s", false);
+
+    let rel = ms.iter().find_map(|m| match m {
+        Message::Relation { namespace, name, columns, .. } if name == "t" => Some((namespace.clone(), columns.clone())),
+        _ => None,
+    });
+    let (nsp, cols) = rel.expect("a Relation message for t");
+    assert_eq!(nsp, "public");
+    let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["id", "v", "n", "ts", "j", "a", "p", "big"]);
+    assert!(cols[0].key && !cols[1].key);
+    assert_eq!(cols[0].type_oid, 23);
+
+    let dml = data_messages(&ms);
+    // B I C  B U C  B U C  B D C
+    assert_eq!(dml.len(), 12);
+    match dml[1] {
+        Message::Insert { new, .. } => {
+            assert_eq!(new[0], int4(1));
+            assert_eq!(new[1], Value::Binary(b"one".to_vec()));
+            // jsonb's binary format: version byte 1, then the text.
+            assert_eq!(new[4], Value::Binary(b"\x01{\"a\": 1}".to_vec()));
+            assert!(new[7] == Value::Binary(big.as_bytes().to_vec()), "new TOAST values are sent whole");
+        }
+        other => panic!("expected Insert, got {other:?}"),
+    }
+    match dml[4] {
+        Message::Update { old, new, .. } => {
+            assert_eq!(*old, None, "key unchanged: no old tuple");
+            assert_eq!(new[1], Value::Binary(b"uno".to_vec()));
+            assert!(new[7] == Value::UnchangedToast, "untouched TOAST value is marked, not detoasted");
+        }
+        other => panic!("expected Update, got {other:?}"),
+    }
+    match dml[7] {
+        Message::Update { old: Some(OldTuple::Key(k)), new, .. } => {
+            assert_eq!(k[0], int4(1), "key change carries the old key");
+            assert_eq!(new[0], int4(2));
+        }
+        other => panic!("expected Update with old key, got {other:?}"),
+    }
+    match dml[10] {
+        Message::Delete { old: Some(OldTuple::Key(k)), .. } => assert_eq!(k[0], int4(2)),
+        other => panic!("expected Delete, got {other:?}"),
+    }
+}
+
+#[test]
+fn two_phase_truncate_messages_local_tables_and_origins() {
+    let c = TestCluster::start(1);
+    let mut cl = node_client(&c);
+    exec_each(
+        &mut cl,
+        "create table t(id int primary key);
+         create table l(id int primary key);
+         create table nokey(x int);
+         select mtm.make_table_local('l');
+         select mtm.make_table_local('l');
+         select pg_create_logical_replication_slot('s', 'multimaster', false, true);
+         begin; insert into t values (1); prepare transaction 'mtm-g1';
+         commit prepared 'mtm-g1';
+         begin; insert into t values (2); prepare transaction 'mtm-g2';
+         rollback prepared 'mtm-g2';
+         insert into l values (1);
+         insert into nokey values (1);
+         delete from nokey;
+         select pg_logical_emit_message(true, 'mtm', 'hello');
+         truncate t;",
+    );
+    assert_eq!(
+        cl.query_one("select count(*) from mtm.local_tables where rel_name = 'l'", &[]).unwrap().get::<_, i64>(0),
+        1,
+        "make_table_local is idempotent"
+    );
+    let ms = changes(&mut cl, "s", false);
+    let dml = data_messages(&ms);
+    let kinds: Vec<char> = dml
+        .iter()
+        .map(|m| {
+            let b = m.to_bytes();
+            b[0] as char
+        })
+        .collect();
+    // g1: B I P | K. g2 was rolled back before it was decoded, so its
+    // changes are skipped: B P | r. The local table's insert sends nothing.
+    // Then the nokey insert and delete, the message, the truncate.
+    assert_eq!(kinds.iter().collect::<String>(), "BIPKBPrBICBDCBMCBTC");
+    assert!(matches!(dml[2], Message::Prepare { gid, .. } if gid == "mtm-g1"));
+    assert!(matches!(dml[3], Message::CommitPrepared { gid, .. } if gid == "mtm-g1"));
+    assert!(matches!(dml[5], Message::Prepare { gid, .. } if gid == "mtm-g2"));
+    assert!(matches!(dml[6], Message::RollbackPrepared { gid, .. } if gid == "mtm-g2"));
+    assert!(matches!(dml[11], Message::Delete { old: None, .. }), "no replica identity: no old tuple, not a guess");
+    assert!(matches!(dml[14], Message::Message { prefix, content, .. } if prefix == "mtm" && content == b"hello"));
+    assert!(!ms.iter().any(|m| matches!(m, Message::Relation { name, .. } if name == "l")), "local table never sent");
+
+    // A transaction applied under a replication origin (as a receiver
+    // does) is not sent in normal mode, and is sent with its origin in
+    // recovery mode.
+    exec_each(
+        &mut cl,
+        "select pg_replication_origin_create('mtm_node_2');
+         select pg_create_logical_replication_slot('r', 'multimaster', false, true);
+         select pg_replication_origin_session_setup('mtm_node_2');
+         begin; select pg_replication_origin_xact_setup('0/AB', now()); insert into t values (42); commit;
+         select pg_replication_origin_session_reset();",
+    );
+    let normal = changes(&mut cl, "s", false);
+    assert!(data_messages(&normal).is_empty(), "{normal:#?}");
+    let recovery = changes(&mut cl, "r", true);
+    let d = data_messages(&recovery);
+    assert!(matches!(d[1], Message::Origin { name, origin_lsn } if name == "mtm_node_2" && *origin_lsn == 0xAB), "{d:#?}");
+    assert!(matches!(d[2], Message::Insert { new, .. } if new[0] == int4(42)));
+}
