@@ -354,7 +354,7 @@ unsafe fn describe(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relati
     let columns = live_attributes(rel)
         .into_iter()
         .map(|a| Column {
-            key: replident == pg_sys::REPLICA_IDENTITY_FULL as u8
+            key: replident == pg_sys::REPLICA_IDENTITY_FULL
                 || pg_sys::bms_is_member(a.attnum as i32 - pg_sys::FirstLowInvalidHeapAttributeNumber, key_attrs),
             name: CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy().into_owned(),
             type_oid: a.atttypid.to_u32(),

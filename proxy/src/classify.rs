@@ -62,7 +62,8 @@ impl Classifier {
                 if DDL.contains(&kw) {
                     return StatementClass::Ddl;
                 }
-                if TXN.contains(&kw) && !(kw == "PREPARE" && !is_prepare_transaction(sql)) {
+                // PREPARE name AS ... is a prepared statement, not 2PC.
+                if TXN.contains(&kw) && (kw != "PREPARE" || is_prepare_transaction(sql)) {
                     return StatementClass::Transaction;
                 }
             }
@@ -182,7 +183,7 @@ pub fn first_keyword(sql: &str) -> Option<String> {
 fn has_inner_semicolon(sql: &str) -> bool {
     match sql.find(';') {
         None => false,
-        Some(p) => sql[p..].trim_start_matches(|c: char| c == ';' || c.is_whitespace()).len() > 0,
+        Some(p) => !sql[p..].trim_start_matches(|c: char| c == ';' || c.is_whitespace()).is_empty(),
     }
 }
 

@@ -53,10 +53,6 @@ impl FrameReader {
         FrameReader { buf: BytesMut::with_capacity(16 * 1024), max_message_size }
     }
 
-    pub fn set_limit(&mut self, max_message_size: usize) {
-        self.max_message_size = max_message_size;
-    }
-
     /// Reads until at least one whole frame is buffered and returns every
     /// whole frame buffered. `Ok(None)`: the client closed cleanly between
     /// messages.

@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, BytesMut};
 use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
-use pgwire::messages::response::{CommandComplete, ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::response::{CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 use pgwire::messages::Message;
 
@@ -58,15 +58,6 @@ impl std::fmt::Display for PgError {
     }
 }
 
-pub fn notice(message: &str) -> BytesMut {
-    encode(NoticeResponse::new(vec![
-        (b'S', "NOTICE".into()),
-        (b'V', "NOTICE".into()),
-        (b'C', "00000".into()),
-        (b'M', message.into()),
-    ]))
-}
-
 pub fn auth_ok() -> BytesMut {
     encode(Authentication::Ok)
 }
@@ -104,8 +95,7 @@ pub fn command_complete(tag: &str) -> BytesMut {
 pub fn result_set(columns: &[&str], rows: &[Vec<String>]) -> BytesMut {
     let fields = columns
         .iter()
-        .enumerate()
-        .map(|(_, name)| FieldDescription::new((*name).into(), 0, 0, TEXT_OID, -1, -1, 0))
+        .map(|name| FieldDescription::new((*name).into(), 0, 0, TEXT_OID, -1, -1, 0))
         .collect();
     let mut out = encode(RowDescription::new(fields));
     for row in rows {

@@ -12,13 +12,6 @@ pub struct Events {
     pub errors: Vec<String>,
 }
 
-impl Events {
-    pub fn clear(&mut self) {
-        self.ready.clear();
-        self.errors.clear();
-    }
-}
-
 /// ErrorResponse bodies are kept up to this size to find the SQLSTATE
 /// (field 'C' comes early; the message text may be long).
 const ERROR_CAPTURE: usize = 512;
