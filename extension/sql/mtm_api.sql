@@ -89,8 +89,62 @@ BEGIN
 END
 $$;
 
+-- Sets up every node of a new cluster from this one: node ids 1..n in the
+-- order given (this node is 1), mtm.cluster_nodes on each node, and on each
+-- node a replication origin mtm_node_<j> and a two-phase logical slot
+-- mtm_slot_<j> (plugin multimaster) for every peer j. Peers are reached
+-- with dblink (shipped with PostgreSQL: CREATE EXTENSION dblink first).
+-- Every remote step is its own committed transaction and is skipped when
+-- already done, so a failed call can be repeated. This transaction writes
+-- nothing locally: creating a slot waits for transactions that did.
 CREATE FUNCTION mtm.init_cluster(my_conninfo text, peers_conninfo text[]) RETURNS void
-LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.init_cluster') $$;
+LANGUAGE plpgsql AS $$
+DECLARE
+    conninfos text[] := array_prepend(my_conninfo, coalesce(peers_conninfo, '{}'));
+    n int := array_length(array_prepend(my_conninfo, coalesce(peers_conninfo, '{}')), 1);
+    k int;
+    j int;
+    rows text;
+BEGIN
+    IF to_regprocedure('dblink_exec(text,text)') IS NULL THEN
+        RAISE EXCEPTION 'mtm.init_cluster needs the dblink extension to reach the peers'
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Run CREATE EXTENSION dblink first.';
+    END IF;
+    IF n > 16 THEN
+        RAISE EXCEPTION 'a cluster has at most 16 nodes' USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF EXISTS (SELECT 1 FROM mtm.cluster_nodes) THEN
+        RAISE EXCEPTION 'this node already belongs to a cluster' USING ERRCODE = 'object_in_use',
+            HINT = 'SELECT * FROM mtm.cluster_nodes shows it; use mtm.add_node to grow it.';
+    END IF;
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'mtm.init_cluster must run in a transaction that has not written anything'
+            USING ERRCODE = 'active_sql_transaction';
+    END IF;
+    FOR k IN 1..n LOOP
+        PERFORM dblink_exec(conninfos[k], 'CREATE EXTENSION IF NOT EXISTS multimaster');
+        SELECT string_agg(format('(%s, %L, %L)', i, conninfos[i], i = k), ', ') INTO rows
+        FROM generate_series(1, n) AS i;
+        PERFORM dblink_exec(conninfos[k], 'INSERT INTO mtm.cluster_nodes (id, conninfo, is_self) VALUES ' || rows
+                                          || ' ON CONFLICT (id) DO NOTHING');
+        FOR j IN 1..n LOOP
+            CONTINUE WHEN j = k;
+            -- (dblink_exec refuses statements that return rows: wrap in DO.)
+            PERFORM dblink_exec(conninfos[k], format(
+                'DO $do$ BEGIN '
+                'IF NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = %1$L) THEN '
+                'PERFORM pg_replication_origin_create(%1$L); END IF; END $do$', 'mtm_node_' || j));
+            PERFORM dblink_exec(conninfos[k], format(
+                'DO $do$ BEGIN '
+                'IF NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %1$L) THEN '
+                'PERFORM pg_create_logical_replication_slot(%1$L, %2$L, false, true); END IF; END $do$',
+                'mtm_slot_' || j, 'multimaster'));
+        END LOOP;
+        PERFORM dblink_exec(conninfos[k], format(
+            'INSERT INTO mtm.nodes_init_done (id, init_done) VALUES (%s, true) ON CONFLICT (id) DO NOTHING', k));
+    END LOOP;
+END
+$$;
 
 CREATE FUNCTION mtm.state_create(node_ids int[]) RETURNS void
 LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.state_create') $$;

@@ -87,8 +87,26 @@ impl Cluster {
                 source: e,
             })?;
         }
+        cluster.init_cluster()?;
         cluster.proxy().start(&proxy_bin)?;
         Ok(cluster)
+    }
+
+    /// Runs `mtm.init_cluster` on node 1 once: node ids, cluster_nodes,
+    /// origins and slots on every node. A cluster already set up is left
+    /// alone.
+    fn init_cluster(&self) -> Result<()> {
+        let nodes = self.nodes();
+        let mut c = nodes[0].connect()?;
+        let sql_err = |e| Error::Sql { what: "mtm.init_cluster on node1 failed".into(), source: e };
+        let done: i64 = c.query_one("SELECT count(*) FROM mtm.cluster_nodes", &[]).map_err(sql_err)?.get(0);
+        if done > 0 {
+            return Ok(());
+        }
+        c.batch_execute("CREATE EXTENSION IF NOT EXISTS dblink").map_err(sql_err)?;
+        let conninfos: Vec<String> = nodes.iter().map(|n| n.conninfo("postgres")).collect();
+        c.execute("SELECT mtm.init_cluster($1, $2)", &[&conninfos[0], &conninfos[1..].to_vec()]).map_err(sql_err)?;
+        Ok(())
     }
 
     /// Stops the proxy, then the nodes (`mode`: fast or immediate). Removes nothing.
@@ -160,10 +178,18 @@ impl Cluster {
 
 /// What a running node says about the extension.
 fn node_report(c: &mut postgres::Client) -> String {
-    match c.query_opt("SELECT extversion FROM pg_extension WHERE extname = 'multimaster'", &[]) {
+    let sql = "SELECT e.extversion, (SELECT id FROM mtm.cluster_nodes WHERE is_self), \
+               (SELECT count(*) FROM mtm.cluster_nodes) FROM pg_extension e WHERE e.extname = 'multimaster'";
+    match c.query_opt(sql, &[]) {
         Ok(Some(row)) => {
             let v: String = row.get(0);
-            format!("running, multimaster {v} (replication not implemented yet)")
+            let id: Option<i32> = row.get(1);
+            let n: i64 = row.get(2);
+            let membership = match id {
+                Some(id) => format!("node {id} of {n}"),
+                None => "not in a cluster".to_string(),
+            };
+            format!("running, multimaster {v}, {membership} (replication not implemented yet)")
         }
         Ok(None) => "running, extension not created".into(),
         Err(e) => format!("running, query failed: {e}"),

@@ -21,12 +21,27 @@ pub enum Error {
     CommandFailed { what: String, reason: String, log: PathBuf },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", describe_sql_error(source))]
     Sql { what: String, source: postgres::Error },
 }
 
 impl Error {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io { what: what.into(), source }
+    }
+}
+
+/// postgres::Error displays a server error as just "db error"; say what
+/// the server said.
+fn describe_sql_error(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} ({})", db.message(), db.code().code());
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => e.to_string(),
     }
 }

@@ -21,7 +21,7 @@ fn cluster_answers_through_the_proxy_and_keeps_data_across_down_up() {
     assert_eq!(status.len(), 4);
     for m in &status[..3] {
         assert!(m.pid.is_some(), "{} not running: {}", m.name, m.detail);
-        assert!(m.detail.contains("multimaster 0.1.0"), "{}: {}", m.name, m.detail);
+        assert!(m.detail.contains("multimaster 0.1.0, node "), "{}: {}", m.name, m.detail);
     }
     assert!(status[3].pid.is_some() && status[3].detail.starts_with("running"), "{:?}", status[3]);
 
@@ -117,4 +117,47 @@ fn a_data_dir_owned_by_someone_else_is_refused() {
     assert!(!out.status.success());
     assert!(err.contains(&format!("is owned by {expected_owner}")), "{err}");
     assert_eq!(std::fs::read_to_string(dir.path().join("precious")).unwrap(), "not ours");
+}
+
+#[test]
+fn up_initialises_the_cluster_on_every_node() {
+    let cluster = TestCluster::start(3);
+    for node in cluster.nodes() {
+        let mut c = node.connect().unwrap();
+        let rows: Vec<(i32, bool)> = c
+            .query("select id, is_self from mtm.cluster_nodes order by id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let expected: Vec<(i32, bool)> = (1..=3).map(|i| (i, i as usize == node.id)).collect();
+        assert_eq!(rows, expected, "{}", node.name());
+        let me: i32 = c.query_one("select mtm.my_node_id()", &[]).unwrap().get(0);
+        assert_eq!(me as usize, node.id);
+        let peers: Vec<usize> = (1..=3).filter(|j| *j != node.id).collect();
+        let slots: Vec<(String, String, bool)> = c
+            .query("select slot_name::text, plugin::text, two_phase from pg_replication_slots order by 1", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let expected: Vec<(String, String, bool)> =
+            peers.iter().map(|j| (format!("mtm_slot_{j}"), "multimaster".to_string(), true)).collect();
+        assert_eq!(slots, expected, "{}", node.name());
+        let origins: Vec<String> = c
+            .query("select roname from pg_replication_origin order by 1", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(origins, peers.iter().map(|j| format!("mtm_node_{j}")).collect::<Vec<_>>(), "{}", node.name());
+    }
+    // Once is enough: a second call is refused, and `up` again leaves it alone.
+    let mut c = cluster.node(1).connect().unwrap();
+    let err = c.batch_execute("select mtm.init_cluster('host=x', '{}')").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "55006");
+    Cluster::up(&cluster.layout.data_dir, &UpOptions::default()).unwrap();
+    let n: i64 = c.query_one("select count(*) from mtm.cluster_nodes", &[]).unwrap().get(0);
+    assert_eq!(n, 3);
+    assert!(cluster.status()[1].detail.contains("node 2 of 3"), "{}", cluster.status()[1].detail);
 }
