@@ -81,12 +81,29 @@ CREATE TYPE mtm.cluster_status AS (
     "gen_configured" int[]
 );
 
+-- Runtime state of node `id` as seen from this node: its receiver here
+-- (a background worker named by application_name) and the walsender
+-- streaming our changes to it (the active pid of its slot). Receivers
+-- apply serially, so n_workers is 1 while the receiver runs.
 CREATE FUNCTION mtm.node_info(id int) RETURNS mtm.node_info
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM mtm.not_implemented('mtm.node_info');
-    RETURN NULL;
-END
+LANGUAGE sql STABLE AS $$
+    WITH me AS (
+        SELECT coalesce((SELECT n.is_self FROM mtm.cluster_nodes n WHERE n.id = $1), false) AS is_self
+    ), recv AS (
+        SELECT a.pid FROM pg_stat_activity a
+        WHERE a.backend_type = 'multimaster receiver' AND a.application_name = 'mtm_receiver_from_' || $1
+        LIMIT 1
+    ), send AS (
+        SELECT s.active_pid FROM pg_replication_slots s WHERE s.slot_name = 'mtm_slot_' || $1 AND s.active
+    )
+    SELECT ROW(
+        EXISTS (SELECT 1 FROM mtm.cluster_nodes n WHERE n.id = $1),
+        (SELECT is_self FROM me) OR (EXISTS (SELECT 1 FROM recv) AND EXISTS (SELECT 1 FROM send)),
+        (SELECT active_pid FROM send),
+        (SELECT pid FROM recv),
+        (SELECT count(*)::int FROM recv),
+        CASE WHEN EXISTS (SELECT 1 FROM recv) THEN 'normal' ELSE 'disabled' END
+    )::mtm.node_info
 $$;
 
 -- Sets up every node of a new cluster from this one: node ids 1..n in the

@@ -1,18 +1,25 @@
 //! `multimaster` — the per-node PostgreSQL extension.
 //!
 //! Built so far: the `mtm` SQL API surface (`sql/mtm_api.sql`; what is not
-//! built yet raises feature_not_supported), the GUCs, and the output plugin
-//! ([`decoder`], wire format in `PROTOCOL.md`). Receivers, the apply pool,
-//! cluster state and 2PC votes are not built yet.
+//! built yet raises feature_not_supported), the GUCs, the output plugin
+//! and the replication mesh (one receiver per peer, serial apply). The
+//! parallel apply pool, cluster state and 2PC votes are not built yet.
 //!
-//! Module map: [`decoder`] — the output plugin (unsafe layer over the
-//! reorder buffer; encoding in the safe `mtm-protocol` crate).
+//! Module map:
+//! - [`decoder`]  — the output plugin (wire format in `PROTOCOL.md`,
+//!   encoding in the safe `mtm-protocol` crate);
+//! - [`launcher`] — starts and restarts one receiver per peer;
+//! - [`receiver`] — streams a peer's slot through libpqwalreceiver;
+//! - [`apply`]    — applies decoded transactions through the executor.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use std::ffi::CString;
 
+pub mod apply;
 pub mod decoder;
+pub mod launcher;
+pub mod receiver;
 
 pgrx::pg_module_magic!();
 
@@ -63,6 +70,7 @@ pub extern "C-unwind" fn _PG_init() {
     );
     // SAFETY: called once, while preloading, after defining our GUCs.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
+    launcher::register();
 }
 
 /// The version of the loaded `multimaster` library.

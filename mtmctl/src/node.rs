@@ -128,10 +128,14 @@ impl Node {
         Ok(())
     }
 
-    /// Sends SIGKILL to the postmaster (a crash, for failure tests).
+    /// Sends SIGKILL to the postmaster (a crash, for failure tests) and
+    /// waits until the process is gone, zombie included: PostgreSQL refuses
+    /// to start while the old pid still answers kill(pid, 0).
     pub fn kill9(&self) {
         if let Some(pid) = self.pid() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let p = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            wait_for(Duration::from_secs(30), || nix::sys::signal::kill(p, None).is_err().then_some(()));
         }
     }
 

@@ -1,0 +1,329 @@
+//! Applying a peer's decoded transactions through the executor helpers
+//! the core apply worker uses: rows located by the replica identity index
+//! (or a sequential scan for REPLICA IDENTITY FULL), inserted, updated and
+//! deleted with ExecSimpleRelation* so indexes and constraints are
+//! maintained. Columns are matched by name. Each transaction commits (or
+//! prepares) with the source's LSN in the session's replication origin, so
+//! a restart resumes exactly after the last applied one.
+//!
+//! Serial for now: the parallel apply pool and vote recording are not
+//! built yet.
+
+use mtm_protocol::{Column, Message, OldTuple, Value};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgBox};
+use std::collections::HashMap;
+use std::ffi::{c_char, CString};
+
+unsafe extern "C-unwind" {
+    // Not exported through pg_sys (twophase.h).
+    fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
+    fn LookupGXact(gid: *const c_char, prepare_end_lsn: pg_sys::XLogRecPtr, origin_prepare_timestamp: pg_sys::TimestampTz) -> bool;
+}
+
+struct RemoteRelation {
+    namespace: String,
+    name: String,
+    columns: Vec<Column>,
+}
+
+pub struct Applier {
+    peer: i32,
+    relations: HashMap<u32, RemoteRelation>,
+    /// End LSN of the last transaction committed or prepared here.
+    confirmed: u64,
+    /// Between Begin and its Commit/Prepare.
+    in_transaction: bool,
+}
+
+impl Applier {
+    pub fn new(peer: i32) -> Self {
+        Applier { peer, relations: HashMap::new(), confirmed: 0, in_transaction: false }
+    }
+
+    /// What may be reported as flushed to the peer: everything received
+    /// when no transaction is half-applied (as the core apply worker
+    /// does), else the end of the last one committed here.
+    pub fn flush_lsn(&self, received: u64) -> u64 {
+        if self.in_transaction {
+            self.confirmed
+        } else {
+            self.confirmed.max(received)
+        }
+    }
+
+    pub fn apply(&mut self, msg: Message) {
+        // SAFETY: executor and transaction calls from the worker's thread.
+        unsafe {
+            match msg {
+                Message::Begin { .. } => {
+                    pg_sys::StartTransactionCommand();
+                    self.in_transaction = true;
+                }
+                Message::Origin { .. } => {}
+                Message::Relation { relid, namespace, name, columns, .. } => {
+                    self.relations.insert(relid, RemoteRelation { namespace, name, columns });
+                }
+                Message::Insert { relid, new } => self.change(relid, None, Some(new)),
+                Message::Update { relid, old, new } => self.change(relid, Some(old), Some(new)),
+                Message::Delete { relid, old } => self.change(relid, Some(old), None),
+                Message::Truncate { cascade, restart_identity, relids } => self.truncate(&relids, cascade, restart_identity),
+                Message::Commit { end_lsn, commit_time, .. } => {
+                    pg_sys::replorigin_session_origin_lsn = end_lsn;
+                    pg_sys::replorigin_session_origin_timestamp = commit_time;
+                    pg_sys::CommitTransactionCommand();
+                    self.confirmed = end_lsn;
+                    self.in_transaction = false;
+                }
+                Message::Prepare { end_lsn, prepare_time, gid, .. } => {
+                    let gid = CString::new(gid).expect("gid without NUL");
+                    // Balances the EndTransactionBlock inside PrepareTransactionBlock.
+                    pg_sys::BeginTransactionBlock();
+                    pg_sys::CommitTransactionCommand();
+                    pg_sys::replorigin_session_origin_lsn = end_lsn;
+                    pg_sys::replorigin_session_origin_timestamp = prepare_time;
+                    pg_sys::PrepareTransactionBlock(gid.as_ptr());
+                    pg_sys::CommitTransactionCommand();
+                    self.confirmed = end_lsn;
+                    self.in_transaction = false;
+                }
+                Message::CommitPrepared { end_lsn, commit_time, gid, .. } => {
+                    let gid = CString::new(gid).expect("gid without NUL");
+                    pg_sys::StartTransactionCommand();
+                    pg_sys::replorigin_session_origin_lsn = end_lsn;
+                    pg_sys::replorigin_session_origin_timestamp = commit_time;
+                    FinishPreparedTransaction(gid.as_ptr(), true);
+                    pg_sys::CommitTransactionCommand();
+                    self.confirmed = end_lsn;
+                }
+                Message::RollbackPrepared { prepare_end_lsn, rollback_end_lsn, prepare_time, rollback_time, gid, .. } => {
+                    let gid = CString::new(gid).expect("gid without NUL");
+                    pg_sys::StartTransactionCommand();
+                    // Prepared here only if its prepare was applied.
+                    if LookupGXact(gid.as_ptr(), prepare_end_lsn, prepare_time) {
+                        pg_sys::replorigin_session_origin_lsn = rollback_end_lsn;
+                        pg_sys::replorigin_session_origin_timestamp = rollback_time;
+                        FinishPreparedTransaction(gid.as_ptr(), false);
+                    }
+                    pg_sys::CommitTransactionCommand();
+                    self.confirmed = rollback_end_lsn;
+                }
+                Message::Message { .. } => {}
+            }
+        }
+    }
+
+    fn remote(&self, relid: u32) -> &RemoteRelation {
+        self.relations
+            .get(&relid)
+            .unwrap_or_else(|| error!("multimaster: change for relation {relid} from node {} without its Relation message", self.peer))
+    }
+
+    unsafe fn truncate(&self, relids: &[u32], cascade: bool, restart: bool) {
+        // One statement for the whole table list, not per row.
+        let names: Vec<String> = relids
+            .iter()
+            .map(|r| {
+                let rr = self.remote(*r);
+                format!("{}.{}", quote_ident(&rr.namespace), quote_ident(&rr.name))
+            })
+            .collect();
+        let sql = format!(
+            "TRUNCATE {}{}{}",
+            names.join(", "),
+            if restart { " RESTART IDENTITY" } else { "" },
+            if cascade { " CASCADE" } else { "" }
+        );
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        if let Err(e) = Spi::run(&sql) {
+            error!("multimaster: applying {sql} from node {}: {e}", self.peer);
+        }
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommandCounterIncrement();
+    }
+
+    /// INSERT (old None), UPDATE (both), DELETE (new None).
+    unsafe fn change(&self, relid: u32, old: Option<Option<OldTuple>>, new: Option<Vec<Value>>) {
+        let remote = self.remote(relid);
+        let table = format!("{}.{}", remote.namespace, remote.name);
+        let nsp = CString::new(remote.namespace.clone()).expect("no NUL");
+        let name = CString::new(remote.name.clone()).expect("no NUL");
+        let rv = pg_sys::makeRangeVar(nsp.as_ptr() as *mut c_char, name.as_ptr() as *mut c_char, -1);
+        let rel = pg_sys::table_openrv_extended(rv, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE, true);
+        if rel.is_null() {
+            error!("multimaster: table {table} from node {} does not exist here", self.peer);
+        }
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+
+        let estate = pg_sys::CreateExecutorState();
+        let mut rte = PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
+        rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
+        rte.relid = (*rel).rd_id;
+        rte.relkind = (*(*rel).rd_rel).relkind;
+        rte.rellockmode = pg_sys::AccessShareLock as i32;
+        pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.into_pg() as *mut std::ffi::c_void));
+        let rri = PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
+        pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
+        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+        pg_sys::ExecOpenIndices(rri, false);
+        pg_sys::AfterTriggerBeginQuery();
+
+        let desc = (*rel).rd_att;
+        match (old, new) {
+            (None, Some(new)) => {
+                let slot = self.build_slot(estate, rel, &remote.columns, &new, None, &table);
+                pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
+            }
+            (Some(old), new) => {
+                let key_values = match (&old, &new) {
+                    (Some(OldTuple::Key(t)) | Some(OldTuple::Full(t)), _) => t,
+                    (None, Some(n)) => n,
+                    (None, None) => error!(
+                        "multimaster: DELETE on {table} from node {} carries no old row: the table has no primary key or replica identity",
+                        self.peer
+                    ),
+                };
+                let full = matches!(old, Some(OldTuple::Full(_)));
+                let mut idx = pg_sys::RelationGetReplicaIndex(rel);
+                if idx == pg_sys::Oid::INVALID {
+                    idx = pg_sys::RelationGetPrimaryKeyIndex(rel);
+                }
+                if idx == pg_sys::Oid::INVALID && !full {
+                    error!(
+                        "multimaster: cannot apply UPDATE/DELETE on {table} from node {}: no primary key or replica identity here",
+                        self.peer
+                    );
+                }
+                let search = self.build_slot(estate, rel, &remote.columns, key_values, None, &table);
+                let local = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let found = if idx != pg_sys::Oid::INVALID {
+                    pg_sys::RelationFindReplTupleByIndex(rel, idx, pg_sys::LockTupleMode::LockTupleExclusive, search, local)
+                } else {
+                    pg_sys::RelationFindReplTupleSeq(rel, pg_sys::LockTupleMode::LockTupleExclusive, search, local)
+                };
+                if !found {
+                    error!(
+                        "multimaster: row to {} not found in {table} (from node {}, key {})",
+                        if new.is_some() { "update" } else { "delete" },
+                        self.peer,
+                        describe_key(&remote.columns, key_values)
+                    );
+                }
+                let mut epq: pg_sys::EPQState = std::mem::zeroed();
+                pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+                match new {
+                    Some(new) => {
+                        let slot = self.build_slot(estate, rel, &remote.columns, &new, Some(local), &table);
+                        pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, local, slot);
+                    }
+                    None => pg_sys::ExecSimpleRelationDelete(rri, estate, &mut epq, local),
+                }
+                pg_sys::EvalPlanQualEnd(&mut epq);
+            }
+            (None, None) => {}
+        }
+        let _ = desc;
+        pg_sys::AfterTriggerEndQuery(estate);
+        pg_sys::ExecCloseIndices(rri);
+        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+        pg_sys::FreeExecutorState(estate);
+        pg_sys::PopActiveSnapshot();
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::CommandCounterIncrement();
+    }
+
+    /// A virtual slot of the local table filled from remote values matched
+    /// by column name. Local columns the peer did not send stay NULL; an
+    /// unchanged TOAST value is taken from `base` (the existing row).
+    unsafe fn build_slot(
+        &self,
+        estate: *mut pg_sys::EState,
+        rel: pg_sys::Relation,
+        columns: &[Column],
+        values: &[Value],
+        base: Option<*mut pg_sys::TupleTableSlot>,
+        table: &str,
+    ) -> *mut pg_sys::TupleTableSlot {
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
+        pg_sys::ExecClearTuple(slot);
+        let datums = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
+        let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
+        if let Some(b) = base {
+            pg_sys::slot_getallattrs(b);
+            datums.copy_from_slice(std::slice::from_raw_parts((*b).tts_values, natts));
+            nulls.copy_from_slice(std::slice::from_raw_parts((*b).tts_isnull, natts));
+        } else {
+            nulls.iter_mut().for_each(|n| *n = true);
+        }
+        let attrs = (*desc).attrs.as_slice(natts);
+        for (i, a) in attrs.iter().enumerate() {
+            if a.attisdropped || a.attgenerated != 0 {
+                continue;
+            }
+            let local_name = std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy();
+            let Some(pos) = columns.iter().position(|c| c.name == local_name) else { continue };
+            match &values[pos] {
+                Value::Null => {
+                    datums[i] = pg_sys::Datum::from(0usize);
+                    nulls[i] = true;
+                }
+                Value::UnchangedToast => {
+                    if base.is_none() {
+                        nulls[i] = true;
+                    }
+                }
+                Value::Binary(bytes) => {
+                    if columns[pos].type_oid != a.atttypid.to_u32() {
+                        error!(
+                            "multimaster: column {local_name} of {table} has type {} here but {} on node {}",
+                            a.atttypid.to_u32(),
+                            columns[pos].type_oid,
+                            self.peer
+                        );
+                    }
+                    let mut recv = pg_sys::Oid::INVALID;
+                    let mut ioparam = pg_sys::Oid::INVALID;
+                    pg_sys::getTypeBinaryInputInfo(a.atttypid, &mut recv, &mut ioparam);
+                    let mut buf: pg_sys::StringInfoData = std::mem::zeroed();
+                    pg_sys::initStringInfo(&mut buf);
+                    pg_sys::appendBinaryStringInfo(&mut buf, bytes.as_ptr() as *const c_char, bytes.len() as i32);
+                    datums[i] = pg_sys::OidReceiveFunctionCall(recv, &mut buf, ioparam, a.atttypmod);
+                    nulls[i] = false;
+                }
+                Value::Text(bytes) => {
+                    let mut input = pg_sys::Oid::INVALID;
+                    let mut ioparam = pg_sys::Oid::INVALID;
+                    pg_sys::getTypeInputInfo(a.atttypid, &mut input, &mut ioparam);
+                    let text = CString::new(bytes.clone()).unwrap_or_else(|_| error!("NUL in a text value"));
+                    datums[i] = pg_sys::OidInputFunctionCall(input, text.as_ptr() as *mut c_char, ioparam, a.atttypmod);
+                    nulls[i] = false;
+                }
+            }
+        }
+        pg_sys::ExecStoreVirtualTuple(slot);
+        slot
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// `col=value` of the key columns, for error messages.
+fn describe_key(columns: &[Column], values: &[Value]) -> String {
+    columns
+        .iter()
+        .zip(values)
+        .filter(|(c, _)| c.key)
+        .map(|(c, v)| match v {
+            Value::Binary(b) if b.len() == 4 => format!("{}={}", c.name, i32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+            Value::Binary(b) if b.len() == 8 => format!("{}={}", c.name, i64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8]))),
+            Value::Binary(b) | Value::Text(b) => format!("{}={}", c.name, String::from_utf8_lossy(b)),
+            Value::Null => format!("{}=NULL", c.name),
+            Value::UnchangedToast => format!("{}=(toast)", c.name),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
