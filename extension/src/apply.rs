@@ -6,8 +6,13 @@
 //! prepares) with the source's LSN in the session's replication origin, so
 //! a restart resumes exactly after the last applied one.
 //!
-//! Serial for now: the parallel apply pool and vote recording are not
-//! built yet.
+//! A transaction that fails to apply (conflict, constraint, lock wait
+//! past `lock_timeout`) is rolled back here. If it ends in PREPARE, the
+//! failure is this node's "no" vote on its gid ([`crate::votes`]) and the
+//! stream moves on (the coordinator will roll it back everywhere); a plain
+//! COMMIT cannot be skipped, so the receiver stops and retries it.
+//!
+//! Serial for now: the parallel apply pool is not built yet.
 
 use mtm_protocol::{Column, Message, OldTuple, Value};
 use pgrx::prelude::*;
@@ -30,26 +35,57 @@ struct RemoteRelation {
 pub struct Applier {
     peer: i32,
     relations: HashMap<u32, RemoteRelation>,
-    /// End LSN of the last transaction committed or prepared here.
+    /// Peer end LSN up to which everything is durably applied here.
     confirmed: u64,
+    /// (peer end LSN, local WAL position after applying it) not yet known
+    /// to be flushed: receivers commit asynchronously, so a position is
+    /// confirmed to the peer only once our WAL is flushed past it.
+    unflushed: std::collections::VecDeque<(u64, u64)>,
     /// Between Begin and its Commit/Prepare.
     in_transaction: bool,
+    /// The current transaction failed (SQLSTATE, message); its remaining
+    /// changes are skipped until its Commit or Prepare.
+    failed: Option<(String, String)>,
 }
 
 impl Applier {
     pub fn new(peer: i32) -> Self {
-        Applier { peer, relations: HashMap::new(), confirmed: 0, in_transaction: false }
+        Applier {
+            peer,
+            relations: HashMap::new(),
+            confirmed: 0,
+            unflushed: Default::default(),
+            in_transaction: false,
+            failed: None,
+        }
     }
 
     /// What may be reported as flushed to the peer: everything received
     /// when no transaction is half-applied (as the core apply worker
     /// does), else the end of the last one committed here.
-    pub fn flush_lsn(&self, received: u64) -> u64 {
-        if self.in_transaction {
+    pub fn flush_lsn(&mut self, received: u64) -> u64 {
+        // SAFETY: reads the WAL flush position.
+        let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+        while let Some(&(remote, local)) = self.unflushed.front() {
+            if local > flushed {
+                break;
+            }
+            self.confirmed = self.confirmed.max(remote);
+            self.unflushed.pop_front();
+        }
+        if self.in_transaction || !self.unflushed.is_empty() {
             self.confirmed
         } else {
             self.confirmed.max(received)
         }
+    }
+
+    /// A transaction (or prepare, or its end) from the peer ending at
+    /// `remote_end` is committed here.
+    unsafe fn applied(&mut self, remote_end: u64) {
+        self.unflushed.push_back((remote_end, pg_sys::GetXLogInsertRecPtr()));
+        self.in_transaction = false;
+        pg_sys::pgstat_report_stat(false);
     }
 
     pub fn apply(&mut self, msg: Message) {
@@ -59,21 +95,37 @@ impl Applier {
                 Message::Begin { .. } => {
                     pg_sys::StartTransactionCommand();
                     self.in_transaction = true;
+                    self.failed = None;
                 }
                 Message::Origin { .. } => {}
                 Message::Relation { relid, namespace, name, columns, .. } => {
                     self.relations.insert(relid, RemoteRelation { namespace, name, columns });
                 }
-                Message::Insert { relid, new } => self.change(relid, None, Some(new)),
-                Message::Update { relid, old, new } => self.change(relid, Some(old), Some(new)),
-                Message::Delete { relid, old } => self.change(relid, Some(old), None),
-                Message::Truncate { cascade, restart_identity, relids } => self.truncate(&relids, cascade, restart_identity),
+                Message::Insert { relid, new } => self.guarded(|a| a.change(relid, None, Some(new))),
+                Message::Update { relid, old, new } => self.guarded(|a| a.change(relid, Some(old), Some(new))),
+                Message::Delete { relid, old } => self.guarded(|a| a.change(relid, Some(old), None)),
+                Message::Truncate { cascade, restart_identity, relids } => {
+                    self.guarded(|a| a.truncate(&relids, cascade, restart_identity))
+                }
+                Message::Commit { .. } if self.failed.is_some() => {
+                    let (code, message) = self.failed.take().unwrap_or_default();
+                    error!("multimaster: a transaction from node {} could not be applied and will be retried: {message} ({code})", self.peer);
+                }
+                Message::Prepare { end_lsn, gid, .. } if self.failed.is_some() => {
+                    let (sqlstate, message) = self.failed.take().unwrap_or_default();
+                    warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
+                    crate::votes::record(&gid, &crate::votes::Vote::No { sqlstate, message });
+                    // Not applied, and not to be retried: move past it. (Kept in
+                    // memory until the next checkpoint or commit; after a crash
+                    // it is applied again, and its ROLLBACK PREPARED follows.)
+                    pg_sys::replorigin_session_advance(end_lsn, pg_sys::GetXLogInsertRecPtr());
+                    self.applied(end_lsn);
+                }
                 Message::Commit { end_lsn, commit_time, .. } => {
                     pg_sys::replorigin_session_origin_lsn = end_lsn;
                     pg_sys::replorigin_session_origin_timestamp = commit_time;
                     pg_sys::CommitTransactionCommand();
-                    self.confirmed = end_lsn;
-                    self.in_transaction = false;
+                    self.applied(end_lsn);
                 }
                 Message::Prepare { end_lsn, prepare_time, gid, .. } => {
                     let gid = CString::new(gid).expect("gid without NUL");
@@ -82,10 +134,25 @@ impl Applier {
                     pg_sys::CommitTransactionCommand();
                     pg_sys::replorigin_session_origin_lsn = end_lsn;
                     pg_sys::replorigin_session_origin_timestamp = prepare_time;
-                    pg_sys::PrepareTransactionBlock(gid.as_ptr());
-                    pg_sys::CommitTransactionCommand();
-                    self.confirmed = end_lsn;
-                    self.in_transaction = false;
+                    let prepared = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+                        pg_sys::PrepareTransactionBlock(gid.as_ptr());
+                        pg_sys::CommitTransactionCommand();
+                        Ok(())
+                    }))
+                    .catch_others(Err)
+                    .execute();
+                    let gid = gid.to_string_lossy().into_owned();
+                    match prepared {
+                        Ok(()) => crate::votes::record(&gid, &crate::votes::Vote::Yes),
+                        Err(e) => {
+                            let (sqlstate, message) = describe(&e);
+                            pg_sys::AbortCurrentTransaction();
+                            warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
+                            crate::votes::record(&gid, &crate::votes::Vote::No { sqlstate, message });
+                            pg_sys::replorigin_session_advance(end_lsn, pg_sys::GetXLogInsertRecPtr());
+                        }
+                    }
+                    self.applied(end_lsn);
                 }
                 Message::CommitPrepared { end_lsn, commit_time, gid, .. } => {
                     let gid = CString::new(gid).expect("gid without NUL");
@@ -94,7 +161,8 @@ impl Applier {
                     pg_sys::replorigin_session_origin_timestamp = commit_time;
                     FinishPreparedTransaction(gid.as_ptr(), true);
                     pg_sys::CommitTransactionCommand();
-                    self.confirmed = end_lsn;
+                    crate::votes::forget(&gid.to_string_lossy());
+                    self.applied(end_lsn);
                 }
                 Message::RollbackPrepared { prepare_end_lsn, rollback_end_lsn, prepare_time, rollback_time, gid, .. } => {
                     let gid = CString::new(gid).expect("gid without NUL");
@@ -106,10 +174,32 @@ impl Applier {
                         FinishPreparedTransaction(gid.as_ptr(), false);
                     }
                     pg_sys::CommitTransactionCommand();
-                    self.confirmed = rollback_end_lsn;
+                    crate::votes::forget(&gid.to_string_lossy());
+                    self.applied(rollback_end_lsn);
                 }
                 Message::Message { .. } => {}
             }
+        }
+    }
+
+    /// Runs one change unless the transaction already failed; a failure
+    /// rolls the transaction back and is remembered for its end.
+    unsafe fn guarded(&mut self, f: impl FnOnce(&Self)) {
+        if self.failed.is_some() {
+            return;
+        }
+        let this = &*self;
+        let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+            f(this);
+            Ok(())
+        }))
+        .catch_others(Err)
+        .execute();
+        if let Err(e) = result {
+            let (sqlstate, message) = describe(&e);
+            pg_sys::AbortCurrentTransaction();
+            log!("multimaster: applying a change from node {} failed: {message} ({sqlstate})", self.peer);
+            self.failed = Some((sqlstate, message));
         }
     }
 
@@ -304,6 +394,16 @@ impl Applier {
         }
         pg_sys::ExecStoreVirtualTuple(slot);
         slot
+    }
+}
+
+/// SQLSTATE and message of a caught error; a Rust panic is re-raised.
+fn describe(e: &pg_sys::panic::CaughtError) -> (String, String) {
+    match e {
+        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+            (crate::votes::sqlstate_text(r.sql_error_code() as i32), r.message().to_string())
+        }
+        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ("XX000".to_string(), ereport.message().to_string()),
     }
 }
 

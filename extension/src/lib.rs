@@ -10,7 +10,8 @@
 //!   encoding in the safe `mtm-protocol` crate);
 //! - [`launcher`] — starts and restarts one receiver per peer;
 //! - [`receiver`] — streams a peer's slot through libpqwalreceiver;
-//! - [`apply`]    — applies decoded transactions through the executor.
+//! - [`apply`]    — applies decoded transactions through the executor;
+//! - [`votes`]    — this node's 2PC votes (shared memory) and `mtm.await_prepared`.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
@@ -20,6 +21,7 @@ pub mod apply;
 pub mod decoder;
 pub mod launcher;
 pub mod receiver;
+pub mod votes;
 
 pgrx::pg_module_magic!();
 
@@ -71,6 +73,8 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: called once, while preloading, after defining our GUCs.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
     launcher::register();
+    use votes::VOTES;
+    pgrx::pg_shmem_init!(VOTES);
 }
 
 /// The version of the loaded `multimaster` library.

@@ -41,6 +41,14 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
         pg_sys::GucContext::PGC_SUSET,
         pg_sys::GucSource::PGC_S_OVERRIDE,
     );
+    // Commit asynchronously: the peer is told only what our WAL has
+    // flushed (Applier::flush_lsn), so nothing acknowledged can be lost.
+    pg_sys::SetConfigOption(
+        c"synchronous_commit".as_ptr(),
+        c"off".as_ptr(),
+        pg_sys::GucContext::PGC_SUSET,
+        pg_sys::GucSource::PGC_S_OVERRIDE,
+    );
     // mtm.node_info finds this worker by its application_name.
     let appname = CString::new(format!("mtm_receiver_from_{peer}")).expect("no NUL");
     pg_sys::SetConfigOption(
@@ -51,6 +59,15 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
     );
     let origin_name = CString::new(format!("mtm_node_{peer}")).expect("no NUL");
     pg_sys::StartTransactionCommand();
+    // A cross-node deadlock shows up here as a lock wait that never ends:
+    // give up after deadlock_timeout (a no vote for a prepare).
+    let deadlock_timeout = pg_sys::GetConfigOption(c"deadlock_timeout".as_ptr(), false, false);
+    pg_sys::SetConfigOption(
+        c"lock_timeout".as_ptr(),
+        deadlock_timeout,
+        pg_sys::GucContext::PGC_SUSET,
+        pg_sys::GucSource::PGC_S_OVERRIDE,
+    );
     let origin = pg_sys::replorigin_by_name(origin_name.as_ptr(), false);
     pg_sys::replorigin_session_setup(origin);
     pg_sys::replorigin_session_origin = origin;

@@ -188,3 +188,51 @@ fn a_killed_node_catches_up_without_loss_or_duplicates() {
         assert_eq!((n, s), (3000, (0..3000i64).sum::<i64>() + 100), "node{id}");
     }
 }
+
+#[test]
+fn a_conflicting_prepare_is_a_no_vote_with_its_reason() {
+    let c = TestCluster::start(3);
+    on_every_node(&c, "create table v(id int primary key, who text)");
+    // A row only node 2 has: written under an origin of its own, which the
+    // decoder does not forward.
+    let mut two = client(&c, 2);
+    two.batch_execute("select pg_replication_origin_create('test_only_here')").unwrap();
+    two.batch_execute("select pg_replication_origin_session_setup('test_only_here')").unwrap();
+    two.batch_execute("insert into v values (7, 'node2 only')").unwrap();
+    two.batch_execute("select pg_replication_origin_session_reset()").unwrap();
+
+    let mut one = client(&c, 1);
+    one.batch_execute("begin; insert into v values (7, 'node1'); prepare transaction 'mtm-c1'").unwrap();
+    let vote = |id: usize, gid: &str, ms: i32| -> (String, Option<String>, Option<String>) {
+        let r = client(&c, id).query_one("select * from mtm.await_prepared($1, $2)", &[&gid, &ms]).unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    let (state, code, message) = vote(2, "mtm-c1", 20_000);
+    assert_eq!(state, "failed");
+    assert_eq!(code.as_deref(), Some("23505"));
+    assert!(message.unwrap_or_default().contains("duplicate key"));
+    assert_eq!(vote(3, "mtm-c1", 20_000).0, "prepared");
+    let t = Instant::now();
+    assert_eq!(vote(3, "mtm-nobody", 300).0, "timeout");
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // The coordinator's answer to a no vote: roll back everywhere. Node 2's
+    // stream is not stuck on the failed prepare.
+    one.batch_execute("rollback prepared 'mtm-c1'").unwrap();
+    one.batch_execute("insert into v values (8, 'after')").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in 2..=3 {
+        loop {
+            let mut cl = client(&c, id);
+            let has8: bool = cl.query_one("select exists (select 1 from v where id = 8)", &[]).unwrap().get(0);
+            let prepared: i64 = cl.query_one("select count(*) from pg_prepared_xacts", &[]).unwrap().get(0);
+            if has8 && prepared == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node{id}: has 8 = {has8}, prepared = {prepared}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let who: String = client(&c, 2).query_one("select who from v where id = 7", &[]).unwrap().get(0);
+    assert_eq!(who, "node2 only");
+}

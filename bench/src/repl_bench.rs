@@ -1,0 +1,181 @@
+//! repl-bench: replication throughput of a 3-node cluster.
+//!
+//! 1. `pgbench -N` on node 1 only for `--duration` seconds: rows/s
+//!    produced there vs rows/s applied by each peer during the run, and
+//!    the lag left at the end (bytes of node 1's WAL a peer has not
+//!    confirmed, and seconds until it has everything).
+//! 2. The same on all three nodes at once, each node writing its own third
+//!    of the accounts (the 2PC commit path that would make overlapping
+//!    writes safe is not built yet), and the time until all converge.
+//!
+//! Usage: cargo run --release -p mtm-bench --bin repl-bench -- [--duration 60] [--scale 5]
+
+use clap::Parser;
+use mtmctl::testing::TestCluster;
+use postgres::{Client, NoTls};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 60)]
+    duration: u32,
+    #[arg(long, default_value_t = 5)]
+    scale: u32,
+    #[arg(long, default_value_t = 8)]
+    clients: u32,
+}
+
+fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg("postgres")
+        .output()
+        .expect("pgbench");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    text
+}
+
+fn tps(out: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Rows inserted + updated into the pgbench tables, as counted by the node.
+fn rows_written(c: &mut Client) -> i64 {
+    c.query_one(
+        "select coalesce(sum(n_tup_ins + n_tup_upd), 0)::int8 from pg_stat_user_tables where relname like 'pgbench_%'",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn history_count(c: &mut Client) -> i64 {
+    c.query_one("select count(*) from pgbench_history", &[]).unwrap().get(0)
+}
+
+fn main() {
+    let args = Args::parse();
+    eprintln!("starting a 3-node cluster ...");
+    let cluster = TestCluster::start(3);
+    let ports: Vec<u16> = cluster.layout.node_ports.clone();
+    let connect = |i: usize| Client::connect(&cluster.node(i + 1).conninfo("postgres"), NoTls).unwrap();
+    // DDL is not replicated yet: tables and keys on every node, data from node 1.
+    for &p in &ports {
+        pgbench(p, &["-i", "-q", "-I", "dtp", "-s", &args.scale.to_string()]);
+    }
+    pgbench(ports[0], &["-i", "-q", "-I", "g", "-s", &args.scale.to_string()]);
+    wait_converged(&connect, 3, Duration::from_secs(300));
+
+    let d = args.duration.to_string();
+    let c = args.clients.to_string();
+    // 1. Writes on node 1.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut stats: Vec<Client> = (0..3).map(connect).collect();
+    let before: Vec<i64> = stats.iter_mut().map(rows_written).collect();
+    let lsn_before: String = stats[0].query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    let started = Instant::now();
+    let out = pgbench(ports[0], &["-N", "-M", "prepared", "-c", &c, "-j", "2", "-T", &d]);
+    let elapsed = started.elapsed().as_secs_f64();
+    let after: Vec<i64> = stats.iter_mut().map(rows_written).collect();
+    let lag_bytes: Vec<i64> = (1..3)
+        .map(|i| {
+            stats[0]
+                .query_one(
+                    "select coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), -1)::int8 from pg_replication_slots where slot_name = $1",
+                    &[&format!("mtm_slot_{}", i + 1)],
+                )
+                .unwrap()
+                .get(0)
+        })
+        .collect();
+    let catch_up = wait_converged(&connect, 3, Duration::from_secs(600));
+    let wal: f64 = stats[0]
+        .query_one("select pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8", &[&lsn_before])
+        .unwrap()
+        .get(0);
+    println!("## pgbench -N on node 1, {} clients, {} s, scale {}\n", args.clients, args.duration, args.scale);
+    println!("| node | rows/s written during the run | vs node 1 |");
+    println!("|---|---|---|");
+    let produced = (after[0] - before[0]) as f64 / elapsed;
+    for i in 0..3 {
+        let r = (after[i] - before[i]) as f64 / elapsed;
+        println!("| node{} | {:.0} | {:.2} |", i + 1, r, r / produced);
+    }
+    println!(
+        "\nnode 1: {:.0} tps, {:.1} MB of WAL; unconfirmed WAL at the end: node2 {} kB, node3 {} kB; all nodes equal {:.1} s after the run\n",
+        tps(&out),
+        wal / 1e6,
+        lag_bytes[0] / 1024,
+        lag_bytes[1] / 1024,
+        catch_up.as_secs_f64()
+    );
+
+    // 2. Writes on every node, disjoint accounts.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("own_third.sql");
+    std::fs::write(
+        &script,
+        "\\set aid 3 * random(0, 100000 * :scale / 3 - 1) + :node\n\\set delta random(-5000, 5000)\n\
+         UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;\n\
+         INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, :aid, :delta, CURRENT_TIMESTAMP);\n",
+    )
+    .unwrap();
+    let before: Vec<i64> = stats.iter_mut().map(rows_written).collect();
+    let started = Instant::now();
+    let handles: Vec<_> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            let (d, c, s, scale) = (d.clone(), c.clone(), script.clone(), args.scale.to_string());
+            std::thread::spawn(move || {
+                let node = format!("node={}", i + 1);
+                let scale = format!("scale={scale}");
+                tps(&pgbench(p, &["-n", "-M", "prepared", "-c", &c, "-j", "2", "-T", &d, "-D", &node, "-D", &scale, "-f", s.to_str().unwrap()]))
+            })
+        })
+        .collect();
+    let tpss: Vec<f64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    let after: Vec<i64> = stats.iter_mut().map(rows_written).collect();
+    let catch_up = wait_converged(&connect, 3, Duration::from_secs(600));
+    println!("## writes on all three nodes at once (disjoint accounts), {} clients each, {} s\n", args.clients, args.duration);
+    println!("| node | local tps | rows/s written (local + applied) |");
+    println!("|---|---|---|");
+    for i in 0..3 {
+        println!("| node{} | {:.0} | {:.0} |", i + 1, tpss[i], (after[i] - before[i]) as f64 / elapsed);
+    }
+    println!(
+        "\ncluster: {:.0} tps in total; all nodes equal {:.1} s after the run",
+        tpss.iter().sum::<f64>(),
+        catch_up.as_secs_f64()
+    );
+}
+
+/// Waits until pgbench_history and pgbench_accounts are identical on all
+/// nodes; returns how long that took.
+fn wait_converged(connect: &dyn Fn(usize) -> Client, n: usize, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let mut cs: Vec<Client> = (0..n).map(connect).collect();
+    loop {
+        let sums: Vec<(i64, i64)> = cs
+            .iter_mut()
+            .map(|c| {
+                let h = history_count(c);
+                let s: i64 = c.query_one("select coalesce(sum(abalance), 0)::int8 from pgbench_accounts", &[]).unwrap().get(0);
+                (h, s)
+            })
+            .collect();
+        if sums.windows(2).all(|w| w[0] == w[1]) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "nodes did not converge: {sums:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

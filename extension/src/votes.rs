@@ -1,0 +1,234 @@
+//! 2PC votes on this node, in shared memory. When a receiver applies a
+//! peer's transaction that ends in PREPARE, the outcome is this node's
+//! vote on its gid: yes (prepared here) or no (the apply failed: conflict,
+//! constraint, lock wait past `lock_timeout`, with its SQLSTATE and
+//! message). `mtm.await_prepared(gid, timeout_ms)` waits for the vote on
+//! its latch, which the receiver sets — no polling.
+//!
+//! The table is small and fixed: a vote is forgotten when the transaction
+//! is committed or rolled back here, or, when the table is full, the
+//! oldest decided vote makes room.
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PGRXSharedMemory, PgLwLock};
+
+const SLOTS: usize = 256;
+const GID_MAX: usize = 200;
+const MESSAGE_MAX: usize = 512;
+
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum VoteState {
+    Free = 0,
+    Pending = 1,
+    Yes = 2,
+    No = 3,
+}
+
+#[derive(Copy, Clone)]
+pub struct VoteSlot {
+    state: VoteState,
+    gid: [u8; GID_MAX],
+    gid_len: u8,
+    sqlstate: [u8; 5],
+    message: [u8; MESSAGE_MAX],
+    message_len: u16,
+    /// pgprocno of a backend waiting in await_prepared, or -1.
+    waiter: i32,
+    /// Order of decisions, for eviction.
+    stamp: u64,
+}
+
+#[derive(Copy, Clone)]
+pub struct VoteTable {
+    slots: [VoteSlot; SLOTS],
+    next_stamp: u64,
+}
+
+impl Default for VoteTable {
+    fn default() -> Self {
+        let empty = VoteSlot {
+            state: VoteState::Free,
+            gid: [0; GID_MAX],
+            gid_len: 0,
+            sqlstate: [0; 5],
+            message: [0; MESSAGE_MAX],
+            message_len: 0,
+            waiter: -1,
+            stamp: 0,
+        };
+        VoteTable { slots: [empty; SLOTS], next_stamp: 1 }
+    }
+}
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for VoteTable {}
+
+// SAFETY: the only lock with this name.
+pub static VOTES: PgLwLock<VoteTable> = unsafe { PgLwLock::new(c"multimaster votes") };
+
+/// What a node says about a gid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vote {
+    Yes,
+    No { sqlstate: String, message: String },
+}
+
+impl VoteTable {
+    fn find(&self, gid: &[u8]) -> Option<usize> {
+        self.slots.iter().position(|s| s.state != VoteState::Free && &s.gid[..s.gid_len as usize] == gid)
+    }
+
+    /// The slot for `gid`, taking a free one or evicting the oldest decided.
+    fn slot_for(&mut self, gid: &[u8]) -> usize {
+        if let Some(i) = self.find(gid) {
+            return i;
+        }
+        let i = self.slots.iter().position(|s| s.state == VoteState::Free).unwrap_or_else(|| {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| matches!(s.state, VoteState::Yes | VoteState::No))
+                .min_by_key(|(_, s)| s.stamp)
+                .map(|(i, _)| i)
+                .unwrap_or(0)
+        });
+        let s = &mut self.slots[i];
+        s.state = VoteState::Pending;
+        s.gid[..gid.len()].copy_from_slice(gid);
+        s.gid_len = gid.len() as u8;
+        s.waiter = -1;
+        s.message_len = 0;
+        i
+    }
+}
+
+fn gid_bytes(gid: &str) -> &[u8] {
+    let b = gid.as_bytes();
+    &b[..b.len().min(GID_MAX)]
+}
+
+/// Records this node's vote and wakes a backend waiting for it.
+pub fn record(gid: &str, vote: &Vote) {
+    let waiter = {
+        let mut t = VOTES.exclusive();
+        let stamp = t.next_stamp;
+        t.next_stamp += 1;
+        let i = t.slot_for(gid_bytes(gid));
+        let s = &mut t.slots[i];
+        s.stamp = stamp;
+        match vote {
+            Vote::Yes => s.state = VoteState::Yes,
+            Vote::No { sqlstate, message } => {
+                s.state = VoteState::No;
+                let code = sqlstate.as_bytes();
+                s.sqlstate = [b'X'; 5];
+                s.sqlstate[..code.len().min(5)].copy_from_slice(&code[..code.len().min(5)]);
+                let m = message.as_bytes();
+                let n = m.len().min(MESSAGE_MAX);
+                s.message[..n].copy_from_slice(&m[..n]);
+                s.message_len = n as u16;
+            }
+        }
+        s.waiter
+    };
+    if waiter >= 0 {
+        // SAFETY: waiter is a valid pgprocno registered by await_prepared.
+        unsafe { pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(waiter as usize)).procLatch) };
+    }
+}
+
+/// Forgets a gid once it is committed or rolled back here.
+pub fn forget(gid: &str) {
+    let mut t = VOTES.exclusive();
+    if let Some(i) = t.find(gid_bytes(gid)) {
+        t.slots[i].state = VoteState::Free;
+    }
+}
+
+fn lookup(gid: &str, register_waiter: bool) -> Option<Vote> {
+    let mut t = VOTES.exclusive();
+    let i = match t.find(gid_bytes(gid)) {
+        Some(i) => i,
+        None if register_waiter => t.slot_for(gid_bytes(gid)),
+        None => return None,
+    };
+    let s = &mut t.slots[i];
+    match s.state {
+        VoteState::Yes => Some(Vote::Yes),
+        VoteState::No => Some(Vote::No {
+            sqlstate: String::from_utf8_lossy(&s.sqlstate).into_owned(),
+            message: String::from_utf8_lossy(&s.message[..s.message_len as usize]).into_owned(),
+        }),
+        _ => {
+            if register_waiter {
+                // SAFETY: MyProc is this backend's PGPROC.
+                s.waiter = unsafe { (*pg_sys::MyProc).pgprocno };
+            }
+            None
+        }
+    }
+}
+
+/// Waits up to `timeout_ms` for this node's vote on `gid`: state is
+/// `prepared`, `failed` (with the SQLSTATE and message of the failed
+/// apply) or `timeout`.
+#[pg_extern]
+fn await_prepared(
+    gid: &str,
+    timeout_ms: i32,
+) -> TableIterator<'static, (name!(state, String), name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    let result = loop {
+        if let Some(v) = lookup(gid, true) {
+            break v_row(v);
+        }
+        // A prepare applied before shared memory was (re)initialised.
+        let prepared = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        if prepared {
+            break v_row(Vote::Yes);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break ("timeout".to_string(), None, None);
+        }
+        // SAFETY: waiting on our own latch, as any backend does.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                left.as_millis().max(1) as i64,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+    };
+    TableIterator::once(result)
+}
+
+fn v_row(v: Vote) -> (String, Option<String>, Option<String>) {
+    match v {
+        Vote::Yes => ("prepared".into(), None, None),
+        Vote::No { sqlstate, message } => ("failed".into(), Some(sqlstate), Some(message)),
+    }
+}
+
+/// PostgreSQL's packed SQLSTATE as its five characters.
+pub fn sqlstate_text(code: i32) -> String {
+    (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unpacks_sqlstates() {
+        // MAKE_SQLSTATE('2','3','5','0','5')
+        let pack = |s: &str| s.bytes().enumerate().fold(0i32, |acc, (i, c)| acc | (((c - b'0') as i32 & 0x3F) << (6 * i)));
+        assert_eq!(super::sqlstate_text(pack("23505")), "23505");
+        assert_eq!(super::sqlstate_text(pack("40P01")), "40P01");
+    }
+}
