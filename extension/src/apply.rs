@@ -80,6 +80,15 @@ impl Applier {
         }
     }
 
+    /// Called while waiting for data: publish the statistics of what was
+    /// applied (PostgreSQL batches them; a worker must push them itself).
+    pub fn idle(&self) {
+        if !self.in_transaction {
+            // SAFETY: outside any transaction, as pgstat requires.
+            unsafe { pg_sys::pgstat_report_stat(false) };
+        }
+    }
+
     /// A transaction (or prepare, or its end) from the peer ending at
     /// `remote_end` is committed here.
     unsafe fn applied(&mut self, remote_end: u64) {

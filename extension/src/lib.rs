@@ -32,8 +32,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// `multimaster.remote_functions`: functions whose calls run cluster-wide.
 pub static REMOTE_FUNCTIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-/// `multimaster.max_workers`: apply workers per peer.
-pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 
 /// Called when the library is loaded. The extension keeps shared-memory
 /// state, background workers and a WAL resource manager, which PostgreSQL
@@ -58,16 +56,6 @@ pub extern "C-unwind" fn _PG_init() {
         c"Comma-separated, optionally schema-qualified function names.",
         &REMOTE_FUNCTIONS,
         GucContext::Userset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"multimaster.max_workers",
-        c"Apply workers per peer node.",
-        c"Independent transactions from one peer are applied by up to this many workers in parallel.",
-        &MAX_WORKERS,
-        1,
-        64,
-        GucContext::Postmaster,
         GucFlags::default(),
     );
     // SAFETY: called once, while preloading, after defining our GUCs.

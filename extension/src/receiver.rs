@@ -136,6 +136,7 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
             send_feedback(funcs, conn, applier.flush_lsn(received));
             last_feedback = std::time::Instant::now();
         }
+        applier.idle();
         let rc = pg_sys::WaitLatchOrSocket(
             pg_sys::MyLatch,
             (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
