@@ -112,14 +112,8 @@ fn median(samples: &[Sample]) -> Sample {
 }
 
 fn run_pgbench(port: u16, args: &[&str]) -> Result<Sample, String> {
-    let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(args)
-        .arg("postgres")
-        .output()
-        .map_err(|e| format!("cannot run pgbench: {e}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
+    let (ok, text) = mtm_tests::pgbench(port, args);
+    if !ok {
         return Err(text);
     }
     let field = |prefix: &str| {

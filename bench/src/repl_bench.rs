@@ -14,7 +14,6 @@
 use clap::Parser;
 use mtmctl::testing::TestCluster;
 use postgres::{Client, NoTls};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -28,14 +27,8 @@ struct Args {
 }
 
 fn pgbench(port: u16, args: &[&str]) -> String {
-    let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(args)
-        .arg("postgres")
-        .output()
-        .expect("pgbench");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    let (ok, text) = mtm_tests::pgbench(port, args);
+    assert!(ok, "pgbench {args:?}: {text}");
     text
 }
 

@@ -148,13 +148,12 @@ impl Applier {
                         pg_sys::CommitTransactionCommand();
                         Ok(())
                     }))
-                    .catch_others(Err)
+                    .catch_others(|e| Err(describe(&e)))
                     .execute();
                     let gid = gid.to_string_lossy().into_owned();
                     match prepared {
                         Ok(()) => crate::votes::record(&gid, &crate::votes::Vote::Yes),
-                        Err(e) => {
-                            let (sqlstate, message) = describe(&e);
+                        Err((sqlstate, message)) => {
                             pg_sys::AbortCurrentTransaction();
                             warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
                             crate::votes::record(&gid, &crate::votes::Vote::No { sqlstate, message });
@@ -202,10 +201,9 @@ impl Applier {
             f(this);
             Ok(())
         }))
-        .catch_others(Err)
+        .catch_others(|e| Err(describe(&e)))
         .execute();
-        if let Err(e) = result {
-            let (sqlstate, message) = describe(&e);
+        if let Err((sqlstate, message)) = result {
             pg_sys::AbortCurrentTransaction();
             log!("multimaster: applying a change from node {} failed: {message} ({sqlstate})", self.peer);
             self.failed = Some((sqlstate, message));

@@ -9,10 +9,10 @@
 //! does not try channel binding to a certificate the node never saw.
 
 use crate::config::BackendTlsMode;
-use crate::net::frame::{read_one, FrameIoError};
+use crate::net::frame::{frame, read_one, FrameIoError};
 use crate::net::messages::{self, PgError};
 use crate::net::stream::ServerStream;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use std::time::Duration;
@@ -97,11 +97,11 @@ pub async fn connect<C: AsyncRead + AsyncWrite + Unpin>(
                 let code = body.get(..4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(-1);
                 match &mut auth {
                     NodeAuth::Relay(client) => {
-                        let raw = if code == 10 { messages::auth_sasl(&["SCRAM-SHA-256"]) } else { reframe(tag, &body) };
+                        let raw = if code == 10 { messages::auth_sasl(&["SCRAM-SHA-256"]) } else { frame(tag, &body) };
                         client.write_all(&raw).await.map_err(|e| ConnectError::Client(e.to_string()))?;
                         if matches!(code, 3 | 5 | 10 | 11) {
                             let (t, b) = read_one(*client, 8192).await.map_err(|e| ConnectError::Client(e.to_string()))?;
-                            write(&mut stream, &reframe(t, &b)).await?;
+                            write(&mut stream, &frame(t, &b)).await?;
                         }
                     }
                     NodeAuth::Password { user, password } => {
@@ -111,10 +111,10 @@ pub async fn connect<C: AsyncRead + AsyncWrite + Unpin>(
             }
             b'E' => {
                 let code = crate::net::scan::sqlstate(&body).unwrap_or_else(|| "XX000".into());
-                let message = error_message(&body);
-                return Err(ConnectError::Refused { raw: reframe(tag, &body), code, message });
+                let message = crate::net::scan::error_field(&body, b'M').unwrap_or_else(|| "unknown error".into());
+                return Err(ConnectError::Refused { raw: frame(tag, &body), code, message });
             }
-            b'S' | b'N' | b'v' => startup_messages.extend_from_slice(&reframe(tag, &body)),
+            b'S' | b'N' | b'v' => startup_messages.extend_from_slice(&frame(tag, &body)),
             b'K' if body.len() >= 8 => {
                 pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                 secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
@@ -219,23 +219,3 @@ fn unreachable(e: FrameIoError) -> ConnectError {
     ConnectError::Unreachable(format!("reading from node: {e}"))
 }
 
-/// Tag + length + body again, for passing a message on.
-pub fn reframe(tag: u8, body: &[u8]) -> BytesMut {
-    let mut out = BytesMut::with_capacity(body.len() + 5);
-    out.put_u8(tag);
-    out.put_u32(body.len() as u32 + 4);
-    out.put_slice(body);
-    out
-}
-
-fn error_message(body: &[u8]) -> String {
-    let mut rest = body;
-    while let Some((&code, tail)) = rest.split_first() {
-        let Some(end) = tail.iter().position(|&b| b == 0) else { break };
-        if code == b'M' {
-            return String::from_utf8_lossy(&tail[..end]).into_owned();
-        }
-        rest = &tail[end + 1..];
-    }
-    "unknown error".into()
-}

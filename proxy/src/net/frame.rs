@@ -179,6 +179,16 @@ impl<'a> BodyReader<'a> {
     }
 }
 
+/// A whole message: tag, length word, body (for messages passed on or
+/// built from parts).
+pub fn frame(tag: u8, body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
 /// The SQL text of a Query ('Q') body.
 pub fn query_text(body: &[u8]) -> Result<&str, FrameError> {
     let mut r = BodyReader::new(body);
@@ -201,10 +211,7 @@ mod tests {
     use super::*;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
+        frame(tag, body).to_vec()
     }
 
     #[tokio::test]

@@ -99,16 +99,21 @@ impl BackendScanner {
     }
 }
 
-/// The 'C' field of an ErrorResponse/NoticeResponse body.
+/// The 'C' field (SQLSTATE) of an ErrorResponse/NoticeResponse body.
 pub fn sqlstate(body: &[u8]) -> Option<String> {
+    error_field(body, b'C')
+}
+
+/// One field of an ErrorResponse/NoticeResponse body ('M' message, ...).
+pub fn error_field(body: &[u8], field: u8) -> Option<String> {
     let mut rest = body;
     while let Some((&code, tail)) = rest.split_first() {
         if code == 0 {
             return None;
         }
         let end = tail.iter().position(|&b| b == 0)?;
-        if code == b'C' {
-            return std::str::from_utf8(&tail[..end]).ok().map(str::to_owned);
+        if code == field {
+            return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
         }
         rest = &tail[end + 1..];
     }
@@ -120,10 +125,7 @@ mod tests {
     use super::*;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
+        crate::net::frame::frame(tag, body).to_vec()
     }
 
     #[test]
