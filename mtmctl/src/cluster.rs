@@ -179,17 +179,20 @@ impl Cluster {
 /// What a running node says about the extension.
 fn node_report(c: &mut postgres::Client) -> String {
     let sql = "SELECT e.extversion, (SELECT id FROM mtm.cluster_nodes WHERE is_self), \
-               (SELECT count(*) FROM mtm.cluster_nodes) FROM pg_extension e WHERE e.extname = 'multimaster'";
+               (SELECT count(*) FROM mtm.cluster_nodes), \
+               (SELECT count(*) FROM mtm.nodes() WHERE NOT is_self AND receiver_mode = 'normal') \
+               FROM pg_extension e WHERE e.extname = 'multimaster'";
     match c.query_opt(sql, &[]) {
         Ok(Some(row)) => {
             let v: String = row.get(0);
             let id: Option<i32> = row.get(1);
             let n: i64 = row.get(2);
+            let receiving: i64 = row.get(3);
             let membership = match id {
-                Some(id) => format!("node {id} of {n}"),
+                Some(id) => format!("node {id} of {n}, receiving from {receiving} of {} peers", n - 1),
                 None => "not in a cluster".to_string(),
             };
-            format!("running, multimaster {v}, {membership} (replication not implemented yet)")
+            format!("running, multimaster {v}, {membership}")
         }
         Ok(None) => "running, extension not created".into(),
         Err(e) => format!("running, query failed: {e}"),
