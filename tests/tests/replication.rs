@@ -236,3 +236,27 @@ fn a_conflicting_prepare_is_a_no_vote_with_its_reason() {
     let who: String = client(&c, 2).query_one("select who from v where id = 7", &[]).unwrap().get(0);
     assert_eq!(who, "node2 only");
 }
+
+#[test]
+fn a_table_without_a_key_gets_a_clear_error_not_corruption() {
+    let c = TestCluster::start(2);
+    on_every_node(&c, "create table nokey(x int, v text)");
+    let mut one = client(&c, 1);
+    one.batch_execute("insert into nokey values (1, 'a'), (1, 'b')").unwrap();
+    converge(&c, &["nokey"]);
+    // Which of two equal-looking rows to change is unknowable: refuse.
+    one.batch_execute("update nokey set v = 'changed' where v = 'a'").unwrap();
+    let log = &c.node(2).log;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("cannot apply UPDATE/DELETE on public.nokey") && text.contains("no primary key or replica identity") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no clear error in {}", log.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rows: Vec<String> =
+        client(&c, 2).query("select v from nokey order by v", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows, ["a", "b"], "nothing guessed on node 2");
+}
