@@ -46,6 +46,9 @@ pub struct Applier {
     /// The current transaction failed (SQLSTATE, message); its remaining
     /// changes are skipped until its Commit or Prepare.
     failed: Option<(String, String)>,
+    /// Reset after every change, so a huge transaction is applied in
+    /// constant memory (values, slots, executor state live here).
+    change_cx: pg_sys::MemoryContext,
 }
 
 impl Applier {
@@ -57,6 +60,16 @@ impl Applier {
             unflushed: Default::default(),
             in_transaction: false,
             failed: None,
+            // SAFETY: a child of TopMemoryContext, kept for the worker's life.
+            change_cx: unsafe {
+                pg_sys::AllocSetContextCreateInternal(
+                    pg_sys::TopMemoryContext,
+                    c"multimaster apply change".as_ptr(),
+                    0,
+                    8 * 1024,
+                    8 * 1024 * 1024,
+                )
+            },
         }
     }
 
@@ -197,17 +210,20 @@ impl Applier {
             return;
         }
         let this = &*self;
+        let outer = pg_sys::MemoryContextSwitchTo(self.change_cx);
         let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
             f(this);
             Ok(())
         }))
         .catch_others(|e| Err(describe(&e)))
         .execute();
+        pg_sys::MemoryContextSwitchTo(outer);
         if let Err((sqlstate, message)) = result {
             pg_sys::AbortCurrentTransaction();
             log!("multimaster: applying a change from node {} failed: {message} ({sqlstate})", self.peer);
             self.failed = Some((sqlstate, message));
         }
+        pg_sys::MemoryContextReset(self.change_cx);
     }
 
     fn remote(&self, relid: u32) -> &RemoteRelation {
