@@ -135,17 +135,11 @@ impl Applier {
                 }
                 Message::Prepare { end_lsn, gid, .. } if self.failed.is_some() => {
                     let (sqlstate, message) = self.failed.take().unwrap_or_default();
-                    warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
-                    crate::votes::record(&gid, &crate::votes::Vote::No { sqlstate, message });
-                    // Not applied, and not to be retried: move past it. (Kept in
-                    // memory until the next checkpoint or commit; after a crash
-                    // it is applied again, and its ROLLBACK PREPARED follows.)
-                    pg_sys::replorigin_session_advance(end_lsn, pg_sys::GetXLogInsertRecPtr());
+                    self.vote_no(&gid, sqlstate, message, end_lsn);
                     self.applied(end_lsn);
                 }
                 Message::Commit { end_lsn, commit_time, .. } => {
-                    pg_sys::replorigin_session_origin_lsn = end_lsn;
-                    pg_sys::replorigin_session_origin_timestamp = commit_time;
+                    set_origin_progress(end_lsn, commit_time);
                     pg_sys::CommitTransactionCommand();
                     self.applied(end_lsn);
                 }
@@ -154,8 +148,7 @@ impl Applier {
                     // Balances the EndTransactionBlock inside PrepareTransactionBlock.
                     pg_sys::BeginTransactionBlock();
                     pg_sys::CommitTransactionCommand();
-                    pg_sys::replorigin_session_origin_lsn = end_lsn;
-                    pg_sys::replorigin_session_origin_timestamp = prepare_time;
+                    set_origin_progress(end_lsn, prepare_time);
                     let prepared = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
                         pg_sys::PrepareTransactionBlock(gid.as_ptr());
                         pg_sys::CommitTransactionCommand();
@@ -168,9 +161,7 @@ impl Applier {
                         Ok(()) => crate::votes::record(&gid, &crate::votes::Vote::Yes),
                         Err((sqlstate, message)) => {
                             pg_sys::AbortCurrentTransaction();
-                            warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
-                            crate::votes::record(&gid, &crate::votes::Vote::No { sqlstate, message });
-                            pg_sys::replorigin_session_advance(end_lsn, pg_sys::GetXLogInsertRecPtr());
+                            self.vote_no(&gid, sqlstate, message, end_lsn);
                         }
                     }
                     self.applied(end_lsn);
@@ -178,8 +169,7 @@ impl Applier {
                 Message::CommitPrepared { end_lsn, commit_time, gid, .. } => {
                     let gid = CString::new(gid).expect("gid without NUL");
                     pg_sys::StartTransactionCommand();
-                    pg_sys::replorigin_session_origin_lsn = end_lsn;
-                    pg_sys::replorigin_session_origin_timestamp = commit_time;
+                    set_origin_progress(end_lsn, commit_time);
                     FinishPreparedTransaction(gid.as_ptr(), true);
                     pg_sys::CommitTransactionCommand();
                     crate::votes::forget(&gid.to_string_lossy());
@@ -190,8 +180,7 @@ impl Applier {
                     pg_sys::StartTransactionCommand();
                     // Prepared here only if its prepare was applied.
                     if LookupGXact(gid.as_ptr(), prepare_end_lsn, prepare_time) {
-                        pg_sys::replorigin_session_origin_lsn = rollback_end_lsn;
-                        pg_sys::replorigin_session_origin_timestamp = rollback_time;
+                        set_origin_progress(rollback_end_lsn, rollback_time);
                         FinishPreparedTransaction(gid.as_ptr(), false);
                     }
                     pg_sys::CommitTransactionCommand();
@@ -201,6 +190,16 @@ impl Applier {
                 Message::Message { .. } => {}
             }
         }
+    }
+
+    /// A prepared transaction that could not be applied: this node votes
+    /// no, and the stream moves past it without retrying. (The position is
+    /// kept in memory until the next checkpoint or commit; after a crash it
+    /// is applied again, and its ROLLBACK PREPARED follows.)
+    unsafe fn vote_no(&self, gid: &str, sqlstate: String, message: String, end_lsn: u64) {
+        warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
+        crate::votes::record(gid, &crate::votes::Vote::No { sqlstate, message });
+        pg_sys::replorigin_session_advance(end_lsn, pg_sys::GetXLogInsertRecPtr());
     }
 
     /// Runs one change unless the transaction already failed; a failure
@@ -281,7 +280,6 @@ impl Applier {
         pg_sys::ExecOpenIndices(rri, false);
         pg_sys::AfterTriggerBeginQuery();
 
-        let desc = (*rel).rd_att;
         match (old, new) {
             (None, Some(new)) => {
                 let slot = self.build_slot(estate, rel, &remote.columns, &new, None, &table);
@@ -335,7 +333,6 @@ impl Applier {
             }
             (None, None) => {}
         }
-        let _ = desc;
         pg_sys::AfterTriggerEndQuery(estate);
         pg_sys::ExecCloseIndices(rri);
         pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
@@ -420,7 +417,13 @@ impl Applier {
     }
 }
 
-/// SQLSTATE and message of a caught error; a Rust panic is re-raised.
+/// The peer's position the next commit or prepare records in our origin.
+unsafe fn set_origin_progress(lsn: u64, time: pg_sys::TimestampTz) {
+    pg_sys::replorigin_session_origin_lsn = lsn;
+    pg_sys::replorigin_session_origin_timestamp = time;
+}
+
+/// SQLSTATE and message of a caught error (a Rust panic counts as XX000).
 fn describe(e: &pg_sys::panic::CaughtError) -> (String, String) {
     match e {
         pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {

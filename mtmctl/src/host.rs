@@ -150,33 +150,30 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 /// one level up, where cargo puts binaries next to its test executables),
 /// else on `PATH`.
 pub fn find_proxy_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("MTM_PROXY_BIN") {
+    find_binary("mtm-proxy", "MTM_PROXY_BIN")
+}
+
+/// A binary of this workspace: `$env_var`, else beside the running
+/// executable or one level up (cargo's test executables live in
+/// `target/<profile>/deps`), else on `PATH`.
+pub fn find_binary(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
         return Ok(PathBuf::from(p));
     }
-    if let Ok(exe) = std::env::current_exe() {
-        let mut dir = exe.parent();
-        for _ in 0..2 {
-            if let Some(d) = dir {
-                let cand = d.join("mtm-proxy");
-                if cand.is_file() {
-                    return Ok(cand);
-                }
-                dir = d.parent();
-            }
-        }
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for d in std::env::split_paths(&path) {
-            let cand = d.join("mtm-proxy");
-            if cand.is_file() {
-                return Ok(cand);
-            }
-        }
-    }
-    Err(Error::MissingBinary {
-        what: "mtm-proxy".into(),
-        detail: "not beside mtmctl nor on PATH (build it: cargo build --release -p mtm-proxy, or set MTM_PROXY_BIN)".into(),
-    })
+    let beside_exe = std::env::current_exe().ok().map(|exe| {
+        exe.ancestors().skip(1).take(2).map(Path::to_path_buf).collect::<Vec<_>>()
+    });
+    let on_path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    beside_exe
+        .into_iter()
+        .flatten()
+        .chain(on_path.into_iter().flatten())
+        .map(|d| d.join(name))
+        .find(|cand| cand.is_file())
+        .ok_or_else(|| Error::MissingBinary {
+            what: name.to_string(),
+            detail: format!("not beside this program nor on PATH (build it: cargo build --release, or set {env_var})"),
+        })
 }
 
 /// Whether a process with this pid exists and has not exited. A child of

@@ -123,7 +123,7 @@ impl ProxyProcess<'_> {
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let mut req = [0u8; 8];
         req[..4].copy_from_slice(&8u32.to_be_bytes());
-        req[4..].copy_from_slice(&80_877_103u32.to_be_bytes());
+        req[4..].copy_from_slice(&mtm_proxy::startup::SSL_REQUEST.to_be_bytes());
         let mut answer = [0u8; 1];
         s.write_all(&req).is_ok() && s.read_exact(&mut answer).is_ok() && matches!(answer[0], b'S' | b'N')
     }

@@ -62,10 +62,15 @@ pub async fn run(client: ClientStream, peer: SocketAddrOrUnix, shared: Arc<Share
     }
 }
 
+/// Counts an error sent to a client under its SQLSTATE class.
+fn count_error(sqlstate: &str) {
+    metrics::counter!("mtm_proxy_errors_total", "sqlstate_class" => sqlstate.get(..2).unwrap_or("XX").to_string()).increment(1);
+}
+
 /// Sends a FATAL error to the client and logs it.
 async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, peer: &SocketAddrOrUnix, err: &PgError) {
     tracing::info!(%peer, code = err.code, "{}", err.message);
-    metrics::counter!("mtm_proxy_errors_total", "sqlstate_class" => err.code[..2].to_string()).increment(1);
+    count_error(err.code);
     let _ = client.write_all(&err.encode()).await;
     let _ = client.flush().await;
 }
@@ -222,7 +227,7 @@ async fn report_connect_error<S: AsyncWrite + Unpin>(client: &mut S, peer: &Sock
     match e {
         ConnectError::Refused { raw, code, message } => {
             tracing::info!(%peer, %code, "node refused the session: {message}");
-            metrics::counter!("mtm_proxy_errors_total", "sqlstate_class" => code.get(..2).unwrap_or("XX").to_string()).increment(1);
+            count_error(&code);
             let _ = client.write_all(&raw).await;
         }
         ConnectError::Proxy(pg) => refuse(client, peer, &pg).await,
@@ -551,8 +556,7 @@ where
             }
             for code in ev.errors.drain(..) {
                 ctx.shared.totals.errors.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("mtm_proxy_errors_total", "sqlstate_class" => code.get(..2).unwrap_or("XX").to_string())
-                    .increment(1);
+                count_error(&code);
             }
         }
     };

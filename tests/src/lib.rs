@@ -4,19 +4,12 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-/// A binary of this workspace (`mtmctl`, `mtm-proxy`), found next to the
-/// test executable's directory, where cargo builds them.
+/// A binary of this workspace (`mtmctl`, `mtm-proxy`) as the launcher
+/// finds it: beside the test executable's directory, where cargo builds
+/// them (`scripts/test.sh` builds them first).
 pub fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let mut dir = exe.parent();
-    while let Some(d) = dir {
-        let cand = d.join(name);
-        if cand.is_file() {
-            return cand;
-        }
-        dir = d.parent();
-    }
-    panic!("{name} is not built; run `cargo build --release` before the tests (scripts/test.sh does)");
+    let env_var = format!("MTM_{}_BIN", name.to_uppercase().replace('-', "_"));
+    mtmctl::host::find_binary(name, &env_var).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs the system `psql` with `args`; panics if psql is missing.
