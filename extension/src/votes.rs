@@ -146,6 +146,17 @@ pub fn forget(gid: &str) {
     }
 }
 
+/// A waiter gave up: free its slot unless a vote arrived meanwhile, so
+/// awaits on gids that never come do not fill the table.
+fn abandon(gid: &str) {
+    let mut t = VOTES.exclusive();
+    if let Some(i) = t.find(gid_bytes(gid)) {
+        if t.slots[i].state == VoteState::Pending {
+            t.slots[i].state = VoteState::Free;
+        }
+    }
+}
+
 fn lookup(gid: &str, register_waiter: bool) -> Option<Vote> {
     let mut t = VOTES.exclusive();
     let i = match t.find(gid_bytes(gid)) {
@@ -193,6 +204,7 @@ fn await_prepared(
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
+            abandon(gid);
             break ("timeout".to_string(), None, None);
         }
         // SAFETY: waiting on our own latch, as any backend does.
