@@ -8,8 +8,13 @@
 //! 2. The same on all three nodes at once, each node writing its own third
 //!    of the accounts (the 2PC commit path that would make overlapping
 //!    writes safe is not built yet), and the time until all converge.
+//! 3. Catch-up, per apply pool size (`--pool-sizes`): node 2 is stopped
+//!    while node 1 runs `pgbench -N` for half the duration, then started
+//!    with `multimaster.max_workers` set to the size; the backlog divided
+//!    by the time node 2 needs to have it all is its apply rate, next to
+//!    the rate node 1 produced it at.
 //!
-//! Usage: cargo run --release -p mtm-bench --bin repl-bench -- [--duration 60] [--scale 5]
+//! Usage: cargo run --release -p mtm-bench --bin repl-bench -- [--duration 60] [--scale 5] [--pool-sizes 1,4]
 
 use clap::Parser;
 use mtmctl::testing::TestCluster;
@@ -24,6 +29,8 @@ struct Args {
     scale: u32,
     #[arg(long, default_value_t = 8)]
     clients: u32,
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4])]
+    pool_sizes: Vec<u32>,
 }
 
 fn pgbench(port: u16, args: &[&str]) -> String {
@@ -140,6 +147,32 @@ fn main() {
         tpss.iter().sum::<f64>(),
         catch_up.as_secs_f64()
     );
+
+    // 3. Catch-up of a backlog, per pool size.
+    let half = (args.duration / 2).max(5).to_string();
+    println!("\n## catch-up: node 2 stopped during {half} s of pgbench -N on node 1, then started\n");
+    println!("| multimaster.max_workers | backlog (transactions) | produced on node 1 (tps) | applied by node 2 (tps) | vs produced |");
+    println!("|---|---|---|---|---|");
+    for &k in &args.pool_sizes {
+        let mut two = connect(1);
+        two.batch_execute(&format!("alter system set multimaster.max_workers = {k}")).unwrap();
+        let before = history_count(&mut two);
+        drop(two);
+        cluster.node(2).stop(&cluster.host, "fast").unwrap();
+        let out = pgbench(ports[0], &["-n", "-N", "-M", "prepared", "-c", &c, "-j", "2", "-T", &half]);
+        let target = history_count(&mut connect(0));
+        let backlog = target - before;
+        let started = Instant::now();
+        cluster.node(2).start(&cluster.host).unwrap();
+        let mut two = connect(1);
+        while history_count(&mut two) < target {
+            assert!(started.elapsed() < Duration::from_secs(900), "node 2 did not catch up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let rate = backlog as f64 / started.elapsed().as_secs_f64();
+        println!("| {k} | {backlog} | {:.0} | {rate:.0} | {:.2} |", tps(&out), rate / tps(&out));
+        wait_converged(&connect, 3, Duration::from_secs(600));
+    }
 }
 
 /// Waits until pgbench_history and pgbench_accounts are identical on all

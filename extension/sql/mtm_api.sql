@@ -56,7 +56,11 @@ CREATE TYPE mtm.node_info AS (
     "sender_pid" int,
     "receiver_pid" int,
     "n_workers" int,
-    "receiver_mode" text
+    "receiver_mode" text,
+    -- (Not in the reference:) apply failures of this peer's changes since
+    -- the server started, and the last one ("SQLSTATE: message").
+    "apply_errors" int8,
+    "last_apply_error" text
 );
 
 CREATE TYPE mtm.node AS (
@@ -68,7 +72,9 @@ CREATE TYPE mtm.node AS (
     "sender_pid" int,
     "receiver_pid" int,
     "n_workers" int,
-    "receiver_mode" text
+    "receiver_mode" text,
+    "apply_errors" int8,
+    "last_apply_error" text
 );
 
 CREATE TYPE mtm.cluster_status AS (
@@ -83,8 +89,8 @@ CREATE TYPE mtm.cluster_status AS (
 
 -- Runtime state of node `id` as seen from this node: its receiver here
 -- (a background worker named by application_name) and the walsender
--- streaming our changes to it (the active pid of its slot). Receivers
--- apply serially, so n_workers is 1 while the receiver runs.
+-- streaming our changes to it (the active pid of its slot), the apply
+-- workers of its pool, and the failures applying its changes.
 CREATE FUNCTION mtm.node_info(id int) RETURNS mtm.node_info
 LANGUAGE sql STABLE AS $$
     WITH me AS (
@@ -101,8 +107,10 @@ LANGUAGE sql STABLE AS $$
         (SELECT is_self FROM me) OR (EXISTS (SELECT 1 FROM recv) AND EXISTS (SELECT 1 FROM send)),
         (SELECT active_pid FROM send),
         (SELECT pid FROM recv),
-        (SELECT count(*)::int FROM recv),
-        CASE WHEN EXISTS (SELECT 1 FROM recv) THEN 'normal' ELSE 'disabled' END
+        CASE WHEN EXISTS (SELECT 1 FROM recv) THEN mtm.pool_workers($1) ELSE 0 END,
+        CASE WHEN EXISTS (SELECT 1 FROM recv) THEN 'normal' ELSE 'disabled' END,
+        coalesce((SELECT e.errors FROM mtm.apply_errors() e WHERE e.node_id = $1), 0),
+        (SELECT e.last_error FROM mtm.apply_errors() e WHERE e.node_id = $1)
     )::mtm.node_info
 $$;
 
@@ -166,11 +174,33 @@ $$;
 CREATE FUNCTION mtm.state_create(node_ids int[]) RETURNS void
 LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.state_create') $$;
 
+-- This node's view of the cluster. `connected`: this node and the peers
+-- it exchanges changes with in both directions (mtm.nodes()); `status`
+-- is 'online' while those are a majority of the configured nodes, else
+-- 'isolated'. Generation switches are not built yet: the configured set
+-- is generation 1, so gen_members = gen_configured = every node.
 CREATE FUNCTION mtm.status() RETURNS mtm.cluster_status
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    me int := (SELECT n.id FROM mtm.cluster_nodes n WHERE n.is_self);
+    everyone int[] := ARRAY(SELECT n.id FROM mtm.cluster_nodes n ORDER BY n.id);
+    online int[];
 BEGIN
-    PERFORM mtm.not_implemented('mtm.status');
-    RETURN NULL;
+    IF me IS NULL THEN
+        RAISE EXCEPTION 'this node is not part of a cluster yet'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Run mtm.init_cluster(my_conninfo, peers_conninfo) on one node.';
+    END IF;
+    online := ARRAY(SELECT n.id FROM mtm.nodes() n WHERE n.connected ORDER BY n.id);
+    RETURN ROW(
+        me,
+        CASE WHEN cardinality(online) * 2 > cardinality(everyone) THEN 'online' ELSE 'isolated' END,
+        online,
+        1::int8,
+        everyone,
+        online,
+        everyone
+    )::mtm.cluster_status;
 END
 $$;
 
@@ -331,12 +361,9 @@ $$;
 
 CREATE TYPE mtm.bgwpool_result AS (nWorkers int, Active int, Pending int, Size int, Head int, Tail int, ReceiverName text);
 
+-- One row per peer whose receiver runs: its apply pool (see mtm.pool_stats).
 CREATE FUNCTION mtm.node_bgwpool_stat() RETURNS SETOF mtm.bgwpool_result
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM mtm.not_implemented('the apply pool (mtm.stat_bgwpool)');
-END
-$$;
+LANGUAGE sql STABLE AS $$ SELECT * FROM mtm.pool_stats() $$;
 
 CREATE VIEW mtm.stat_bgwpool AS
 SELECT nWorkers, Active, Pending, Size, Head, Tail, ReceiverName FROM mtm.node_bgwpool_stat();

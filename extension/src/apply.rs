@@ -6,14 +6,17 @@
 //! prepares) with the source's LSN in the session's replication origin, so
 //! a restart resumes exactly after the last applied one.
 //!
+//! An Applier lives in an apply worker ([`crate::worker`]); its commits,
+//! prepares and their ends wait for their turn ([`crate::pool::Turn`]).
+//!
 //! A transaction that fails to apply (conflict, constraint, lock wait
 //! past `lock_timeout`) is rolled back here. If it ends in PREPARE, the
 //! failure is this node's "no" vote on its gid ([`crate::votes`]) and the
 //! stream moves on (the coordinator will roll it back everywhere); a plain
-//! COMMIT cannot be skipped, so the receiver stops and retries it.
-//!
-//! Serial for now: the parallel apply pool is not built yet.
+//! COMMIT cannot be skipped, so the worker stops, and the pool restarts
+//! and retries it.
 
+use crate::pool::Turn;
 use mtm_protocol::{Column, Message, OldTuple, Value};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgBox};
@@ -26,6 +29,10 @@ unsafe extern "C-unwind" {
     fn LookupGXact(gid: *const c_char, prepare_end_lsn: pg_sys::XLogRecPtr, origin_prepare_timestamp: pg_sys::TimestampTz) -> bool;
 }
 
+/// Ends the error a failed plain commit raises (after recording its
+/// cause with the original SQLSTATE), so the worker does not record it twice.
+pub const RETRY_MARK: &str = "could not be applied and will be retried";
+
 struct RemoteRelation {
     namespace: String,
     name: String,
@@ -34,13 +41,10 @@ struct RemoteRelation {
 
 pub struct Applier {
     peer: i32,
+    turn: Turn,
+    /// The current transaction's number in the peer's commit order.
+    seq: u64,
     relations: HashMap<u32, RemoteRelation>,
-    /// Peer end LSN up to which everything is durably applied here.
-    confirmed: u64,
-    /// (peer end LSN, local WAL position after applying it) not yet known
-    /// to be flushed: receivers commit asynchronously, so a position is
-    /// confirmed to the peer only once our WAL is flushed past it.
-    unflushed: std::collections::VecDeque<(u64, u64)>,
     /// Between Begin and its Commit/Prepare.
     in_transaction: bool,
     /// The current transaction failed (SQLSTATE, message); its remaining
@@ -52,12 +56,12 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn new(peer: i32) -> Self {
+    pub fn new(peer: i32, turn: Turn) -> Self {
         Applier {
             peer,
+            turn,
+            seq: 0,
             relations: HashMap::new(),
-            confirmed: 0,
-            unflushed: Default::default(),
             in_transaction: false,
             failed: None,
             // SAFETY: a child of TopMemoryContext, kept for the worker's life.
@@ -73,24 +77,18 @@ impl Applier {
         }
     }
 
-    /// What may be reported as flushed to the peer: everything received
-    /// when no transaction is half-applied (as the core apply worker
-    /// does), else the end of the last one committed here.
-    pub fn flush_lsn(&mut self, received: u64) -> u64 {
-        // SAFETY: reads the WAL flush position.
-        let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
-        while let Some(&(remote, local)) = self.unflushed.front() {
-            if local > flushed {
-                break;
-            }
-            self.confirmed = self.confirmed.max(remote);
-            self.unflushed.pop_front();
-        }
-        if self.in_transaction || !self.unflushed.is_empty() {
-            self.confirmed
-        } else {
-            self.confirmed.max(received)
-        }
+    pub fn peer(&self) -> i32 {
+        self.peer
+    }
+
+    pub fn turn(&self) -> &Turn {
+        &self.turn
+    }
+
+    /// The next messages are transaction number `seq`.
+    pub fn start(&mut self, seq: u64) {
+        self.seq = seq;
+        self.turn.busy(true);
     }
 
     /// Called while waiting for data: publish the statistics of what was
@@ -103,9 +101,9 @@ impl Applier {
     }
 
     /// A transaction (or prepare, or its end) from the peer ending at
-    /// `remote_end` is committed here.
+    /// `remote_end` is committed here: pass the turn on.
     unsafe fn applied(&mut self, remote_end: u64) {
-        self.unflushed.push_back((remote_end, pg_sys::GetXLogInsertRecPtr()));
+        self.turn.done(self.seq, remote_end);
         self.in_transaction = false;
         pg_sys::pgstat_report_stat(false);
     }
@@ -131,14 +129,17 @@ impl Applier {
                 }
                 Message::Commit { .. } if self.failed.is_some() => {
                     let (code, message) = self.failed.take().unwrap_or_default();
-                    error!("multimaster: a transaction from node {} could not be applied and will be retried: {message} ({code})", self.peer);
+                    crate::status::record_apply_error(self.peer, &code, &message);
+                    error!("multimaster: a transaction from node {} {RETRY_MARK}: {message} ({code})", self.peer);
                 }
                 Message::Prepare { end_lsn, gid, .. } if self.failed.is_some() => {
                     let (sqlstate, message) = self.failed.take().unwrap_or_default();
+                    self.turn.wait(self.seq);
                     self.vote_no(&gid, sqlstate, message, end_lsn);
                     self.applied(end_lsn);
                 }
                 Message::Commit { end_lsn, commit_time, .. } => {
+                    self.turn.wait(self.seq);
                     set_origin_progress(end_lsn, commit_time);
                     pg_sys::CommitTransactionCommand();
                     self.applied(end_lsn);
@@ -148,6 +149,7 @@ impl Applier {
                     // Balances the EndTransactionBlock inside PrepareTransactionBlock.
                     pg_sys::BeginTransactionBlock();
                     pg_sys::CommitTransactionCommand();
+                    self.turn.wait(self.seq);
                     set_origin_progress(end_lsn, prepare_time);
                     let prepared = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
                         pg_sys::PrepareTransactionBlock(gid.as_ptr());
@@ -168,6 +170,7 @@ impl Applier {
                 }
                 Message::CommitPrepared { end_lsn, commit_time, gid, .. } => {
                     let gid = CString::new(gid).expect("gid without NUL");
+                    self.turn.wait(self.seq);
                     pg_sys::StartTransactionCommand();
                     set_origin_progress(end_lsn, commit_time);
                     FinishPreparedTransaction(gid.as_ptr(), true);
@@ -177,6 +180,7 @@ impl Applier {
                 }
                 Message::RollbackPrepared { prepare_end_lsn, rollback_end_lsn, prepare_time, rollback_time, gid, .. } => {
                     let gid = CString::new(gid).expect("gid without NUL");
+                    self.turn.wait(self.seq);
                     pg_sys::StartTransactionCommand();
                     // Prepared here only if its prepare was applied.
                     if LookupGXact(gid.as_ptr(), prepare_end_lsn, prepare_time) {
@@ -263,7 +267,12 @@ impl Applier {
         let rv = pg_sys::makeRangeVar(nsp.as_ptr() as *mut c_char, name.as_ptr() as *mut c_char, -1);
         let rel = pg_sys::table_openrv_extended(rv, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE, true);
         if rel.is_null() {
-            error!("multimaster: table {table} from node {} does not exist here", self.peer);
+            ereport!(
+                PgLogLevel::ERROR,
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("multimaster: table {table} from node {} does not exist here", self.peer),
+                "Create it on this node (DDL is not replicated yet); the transaction is retried until it applies."
+            );
         }
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
 
@@ -424,10 +433,15 @@ unsafe fn set_origin_progress(lsn: u64, time: pg_sys::TimestampTz) {
 }
 
 /// SQLSTATE and message of a caught error (a Rust panic counts as XX000).
-fn describe(e: &pg_sys::panic::CaughtError) -> (String, String) {
+/// PostgreSQL's DETAIL (e.g. which key) follows the message after ": ".
+pub fn describe(e: &pg_sys::panic::CaughtError) -> (String, String) {
     match e {
         pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-            (crate::votes::sqlstate_text(r.sql_error_code() as i32), r.message().to_string())
+            let message = match r.detail() {
+                Some(d) => format!("{}: {d}", r.message()),
+                None => r.message().to_string(),
+            };
+            (crate::votes::sqlstate_text(r.sql_error_code() as i32), message)
         }
         pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ("XX000".to_string(), ereport.message().to_string()),
     }

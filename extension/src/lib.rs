@@ -1,17 +1,22 @@
 //! `multimaster` — the per-node PostgreSQL extension.
 //!
 //! Built so far: the `mtm` SQL API surface (`sql/mtm_api.sql`; what is not
-//! built yet raises feature_not_supported), the GUCs, the output plugin
-//! and the replication mesh (one receiver per peer, serial apply). The
-//! parallel apply pool, cluster state and 2PC votes are not built yet.
+//! built yet raises feature_not_supported), the GUCs, the output plugin,
+//! the replication mesh (one receiver and one apply pool per peer) and
+//! this node's 2PC votes. Cluster state (generations) is not built yet.
 //!
 //! Module map:
 //! - [`decoder`]  — the output plugin (wire format in `PROTOCOL.md`,
 //!   encoding in the safe `mtm-protocol` crate);
 //! - [`launcher`] — starts and restarts one receiver per peer;
-//! - [`receiver`] — streams a peer's slot through libpqwalreceiver;
+//! - [`receiver`] — streams a peer's slot, plans its transactions
+//!   (safe `mtm-schedule` crate) and hands them to the pool;
+//! - [`pool`]     — the apply pool's shared state and commit turns;
+//! - [`worker`]   — an apply worker's main loop;
 //! - [`apply`]    — applies decoded transactions through the executor;
-//! - [`votes`]    — this node's 2PC votes (shared memory) and `mtm.await_prepared`.
+//! - [`votes`]    — this node's 2PC votes (shared memory) and `mtm.await_prepared`;
+//! - [`status`]   — apply errors and pool counters for `mtm.nodes()`,
+//!   `mtm.stat_bgwpool`, `mtm.status()`.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
@@ -20,18 +25,30 @@ use std::ffi::CString;
 pub mod apply;
 pub mod decoder;
 pub mod launcher;
+pub mod pool;
 pub mod receiver;
+pub mod status;
 pub mod votes;
+pub mod worker;
 
 pgrx::pg_module_magic!();
 
-pgrx::extension_sql_file!("../sql/mtm_api.sql", name = "mtm_api");
+pgrx::extension_sql_file!("../sql/mtm_api.sql", name = "mtm_api", requires = [status::pool_stats, status::pool_workers, status::apply_errors]);
 
 /// Library version, as built (matches the extension's `default_version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// `multimaster.remote_functions`: functions whose calls run cluster-wide.
 pub static REMOTE_FUNCTIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// `multimaster.max_workers`: apply workers per peer (read when a
+/// receiver starts).
+pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
+
+/// Whether process `pid` exists (a backend or worker of this server).
+pub fn pid_alive(pid: i32) -> bool {
+    pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
 
 /// Called when the library is loaded. The extension keeps shared-memory
 /// state, background workers and a WAL resource manager, which PostgreSQL
@@ -58,11 +75,25 @@ pub extern "C-unwind" fn _PG_init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"multimaster.max_workers",
+        c"Apply workers per peer node.",
+        c"Transactions from one peer that touch different rows are applied by up to this many workers at once. Takes effect when a receiver (re)starts.",
+        &MAX_WORKERS,
+        1,
+        pool::MAX_WORKERS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     // SAFETY: called once, while preloading, after defining our GUCs.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
     launcher::register();
+    use pool::POOLS;
+    use status::APPLY_ERRORS;
     use votes::VOTES;
     pgrx::pg_shmem_init!(VOTES);
+    pgrx::pg_shmem_init!(POOLS);
+    pgrx::pg_shmem_init!(APPLY_ERRORS);
 }
 
 /// The version of the loaded `multimaster` library.

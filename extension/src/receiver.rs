@@ -1,18 +1,33 @@
 //! A receiver: one dynamic background worker per peer. It streams the
 //! peer's slot `mtm_slot_<me>` through libpqwalreceiver (the path the core
 //! apply worker uses), from the position its replication origin
-//! `mtm_node_<peer>` has durably reached, and hands each decoded message
-//! to [`crate::apply`]. Feedback reports only what is committed here.
+//! `mtm_node_<peer>` has durably reached, and hands whole transactions to
+//! its apply pool ([`crate::pool`]) as `mtm-schedule` plans them:
+//! transactions that touch the same rows go to one worker in order, the
+//! rest spread over the workers; a transaction bigger than
+//! [`STREAM_AT`] is not held in memory but streamed to one worker while
+//! nothing else runs. Feedback reports only what is committed here and
+//! flushed.
 //!
-//! Any error ends the worker (the launcher starts it again), so a
-//! transaction that fails to apply is retried from the origin's position
-//! and never skipped. Not built yet: the parallel apply pool, votes.
+//! Any error ends the receiver (the launcher starts it again), and so
+//! does a failed apply worker; the new receiver resumes from the origin,
+//! so a transaction that failed to apply is retried, never skipped — the
+//! stretch received before the failure one transaction at a time, so a
+//! failure caused by running side by side does not repeat.
 
-use crate::apply::Applier;
-use mtm_protocol::Message;
+use crate::pool::{Queues, SEQ_TAG};
+use mtm_protocol::{tag, Message};
+use mtm_schedule::{KeyTracker, Scheduler, TxnKeys};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
+use std::collections::VecDeque;
 use std::ffi::{c_char, CStr, CString};
+use std::sync::atomic::Ordering::*;
+use std::time::{Duration, Instant};
+
+/// A transaction with more bytes of changes than this is streamed to a
+/// worker as it arrives instead of being held to plan it.
+pub const STREAM_AT: usize = 8 * 1024 * 1024;
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -33,46 +48,39 @@ pub extern "C-unwind" fn mtm_receiver_main(_arg: pg_sys::Datum) {
     unsafe { run(me, peer, &conninfo) }
 }
 
-unsafe fn run(me: i32, peer: i32, conninfo: &str) {
+unsafe fn set_option(name: &CStr, value: &CStr, context: pg_sys::GucContext::Type) {
+    pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), context, pg_sys::GucSource::PGC_S_OVERRIDE);
+}
+
+/// Settings of every process that applies a peer's changes.
+///
+/// # Safety
+/// From a background worker's main thread.
+pub unsafe fn apply_session_settings(application_name: &str) {
     // Applied rows must not fire user triggers a second time.
-    pg_sys::SetConfigOption(
-        c"session_replication_role".as_ptr(),
-        c"replica".as_ptr(),
-        pg_sys::GucContext::PGC_SUSET,
-        pg_sys::GucSource::PGC_S_OVERRIDE,
-    );
+    set_option(c"session_replication_role", c"replica", pg_sys::GucContext::PGC_SUSET);
     // Commit asynchronously: the peer is told only what our WAL has
-    // flushed (Applier::flush_lsn), so nothing acknowledged can be lost.
-    pg_sys::SetConfigOption(
-        c"synchronous_commit".as_ptr(),
-        c"off".as_ptr(),
-        pg_sys::GucContext::PGC_SUSET,
-        pg_sys::GucSource::PGC_S_OVERRIDE,
-    );
-    // mtm.node_info finds this worker by its application_name.
-    let appname = CString::new(format!("mtm_receiver_from_{peer}")).expect("no NUL");
-    pg_sys::SetConfigOption(
-        c"application_name".as_ptr(),
-        appname.as_ptr(),
-        pg_sys::GucContext::PGC_USERSET,
-        pg_sys::GucSource::PGC_S_SESSION,
-    );
-    let origin_name = CString::new(format!("mtm_node_{peer}")).expect("no NUL");
-    pg_sys::StartTransactionCommand();
+    // flushed (Receiver::flush_lsn), so nothing acknowledged can be lost.
+    set_option(c"synchronous_commit", c"off", pg_sys::GucContext::PGC_SUSET);
     // A cross-node deadlock shows up here as a lock wait that never ends:
     // give up after deadlock_timeout (a no vote for a prepare).
-    let deadlock_timeout = pg_sys::GetConfigOption(c"deadlock_timeout".as_ptr(), false, false);
-    pg_sys::SetConfigOption(
-        c"lock_timeout".as_ptr(),
-        deadlock_timeout,
-        pg_sys::GucContext::PGC_SUSET,
-        pg_sys::GucSource::PGC_S_OVERRIDE,
-    );
+    let deadlock_timeout = CStr::from_ptr(pg_sys::GetConfigOption(c"deadlock_timeout".as_ptr(), false, false)).to_owned();
+    set_option(c"lock_timeout", &deadlock_timeout, pg_sys::GucContext::PGC_SUSET);
+    // mtm.node_info finds processes by their application_name.
+    let appname = CString::new(application_name).expect("no NUL");
+    set_option(c"application_name", &appname, pg_sys::GucContext::PGC_USERSET);
+}
+
+unsafe fn run(me: i32, peer: i32, conninfo: &str) {
+    apply_session_settings(&format!("mtm_receiver_from_{peer}"));
+    let origin_name = CString::new(format!("mtm_node_{peer}")).expect("no NUL");
+    pg_sys::StartTransactionCommand();
     let origin = pg_sys::replorigin_by_name(origin_name.as_ptr(), false);
-    pg_sys::replorigin_session_setup(origin);
-    pg_sys::replorigin_session_origin = origin;
-    let start = pg_sys::replorigin_session_get_progress(false);
     pg_sys::CommitTransactionCommand();
+    let workers = crate::MAX_WORKERS.get().max(1) as usize;
+    let queues = Queues::start(peer, workers);
+    // Read after the old pool's workers (which held the origin) are gone.
+    let start = pg_sys::replorigin_get_progress(origin, false);
 
     pg_sys::load_file(c"libpqwalreceiver".as_ptr(), false);
     let funcs = &*pg_sys::WalReceiverFunctions;
@@ -94,76 +102,324 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
     if !(funcs.walrcv_startstreaming.expect("walrcv_startstreaming"))(conn, &opts) {
         error!("multimaster: node {peer} refused to stream slot mtm_slot_{me}");
     }
-    log!("multimaster: receiving from node {peer} at {:X}/{:X}", start >> 32, start as u32);
-
-    let mut applier = Applier::new(peer);
-    let mut last_feedback = std::time::Instant::now();
-    // The peer's WAL position we have seen (XLogData end, keepalive end).
-    let mut received: u64 = start;
-    loop {
-        if BackgroundWorker::sigterm_received() {
-            break;
-        }
-        let mut buf: *mut c_char = std::ptr::null_mut();
-        let mut fd: pg_sys::pgsocket = pg_sys::PGINVALID_SOCKET;
-        let len = (funcs.walrcv_receive.expect("walrcv_receive"))(conn, &mut buf, &mut fd);
-        if len > 0 {
-            let data = std::slice::from_raw_parts(buf as *const u8, len as usize);
-            match data[0] {
-                b'w' if data.len() >= 25 => {
-                    received = received.max(u64::from_be_bytes(data[9..17].try_into().expect("8 bytes")));
-                    let payload = &data[25..];
-                    let msg = Message::decode(payload)
-                        .unwrap_or_else(|e| error!("multimaster: undecodable message from node {peer}: {e}"));
-                    applier.apply(msg);
-                }
-                b'k' if data.len() >= 18 => {
-                    received = received.max(u64::from_be_bytes(data[1..9].try_into().expect("8 bytes")));
-                    if data[17] != 0 {
-                        send_feedback(funcs, conn, applier.flush_lsn(received));
-                        last_feedback = std::time::Instant::now();
-                    }
-                }
-                _ => {}
-            }
-            continue;
-        }
-        if len < 0 {
-            log!("multimaster: node {peer} ended the stream");
-            break;
-        }
-        if last_feedback.elapsed() >= std::time::Duration::from_secs(1) {
-            send_feedback(funcs, conn, applier.flush_lsn(received));
-            last_feedback = std::time::Instant::now();
-        }
-        applier.idle();
-        let rc = pg_sys::WaitLatchOrSocket(
-            pg_sys::MyLatch,
-            (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            fd,
-            1000,
-            pg_sys::PG_WAIT_EXTENSION,
+    let serial_until = queues.pool().serial_until.load(Acquire);
+    if serial_until > start {
+        log!(
+            "multimaster: receiving from node {peer} at {}, one transaction at a time up to {} (after a failed apply)",
+            lsn(start),
+            lsn(serial_until)
         );
-        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pg_sys::check_for_interrupts!();
+    } else {
+        log!("multimaster: receiving from node {peer} at {} with {workers} apply workers", lsn(start));
     }
+
+    let mut r = Receiver {
+        peer,
+        funcs,
+        conn,
+        scheduler: Scheduler::new(queues.workers()),
+        queues,
+        keys: KeyTracker::default(),
+        txn: None,
+        received: start,
+        confirmed: start,
+        seen_remote: 0,
+        unflushed: VecDeque::new(),
+        last_feedback: Instant::now(),
+        serial_until,
+    };
+    r.stream();
     if let Some(disconnect) = funcs.walrcv_disconnect {
         disconnect(conn);
     }
 }
 
-/// Standby status update: everything up to `lsn` is committed here.
-unsafe fn send_feedback(funcs: &pg_sys::WalReceiverFunctionsType, conn: *mut pg_sys::WalReceiverConn, lsn: u64) {
-    let mut msg = Vec::with_capacity(34);
-    msg.push(b'r');
-    for _ in 0..3 {
-        msg.extend_from_slice(&lsn.to_be_bytes());
+fn lsn(l: u64) -> String {
+    format!("{:X}/{:X}", l >> 32, l as u32)
+}
+
+/// A transaction being received.
+struct Txn {
+    /// Its messages, held until its end so it can be planned as a whole.
+    held: Vec<Vec<u8>>,
+    bytes: usize,
+    keys: TxnKeys,
+    /// Too big to hold: the worker it is being streamed to.
+    streaming: Option<usize>,
+}
+
+struct Receiver {
+    peer: i32,
+    funcs: &'static pg_sys::WalReceiverFunctionsType,
+    conn: *mut pg_sys::WalReceiverConn,
+    queues: Queues,
+    scheduler: Scheduler,
+    keys: KeyTracker,
+    txn: Option<Txn>,
+    /// The peer's WAL position we have seen (XLogData, keepalives).
+    received: u64,
+    /// Peer end LSN up to which everything is durably applied here.
+    confirmed: u64,
+    /// The last committed transaction the pool reported.
+    seen_remote: u64,
+    /// (peer end LSN, our WAL position after it) not yet known to be
+    /// flushed: workers commit asynchronously.
+    unflushed: VecDeque<(u64, u64)>,
+    last_feedback: Instant,
+    /// Apply one transaction at a time up to this peer LSN.
+    serial_until: u64,
+}
+
+impl Receiver {
+    unsafe fn stream(&mut self) {
+        loop {
+            if BackgroundWorker::sigterm_received() {
+                return;
+            }
+            self.check_pool();
+            let mut buf: *mut c_char = std::ptr::null_mut();
+            let mut fd: pg_sys::pgsocket = pg_sys::PGINVALID_SOCKET;
+            let len = (self.funcs.walrcv_receive.expect("walrcv_receive"))(self.conn, &mut buf, &mut fd);
+            if len > 0 {
+                let data = std::slice::from_raw_parts(buf as *const u8, len as usize);
+                match data[0] {
+                    b'w' if data.len() >= 25 => {
+                        self.received = self.received.max(u64::from_be_bytes(data[9..17].try_into().expect("8 bytes")));
+                        self.message(&data[25..]);
+                    }
+                    b'k' if data.len() >= 18 => {
+                        self.received = self.received.max(u64::from_be_bytes(data[1..9].try_into().expect("8 bytes")));
+                        if data[17] != 0 {
+                            self.send_feedback();
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            if len < 0 {
+                log!("multimaster: node {} ended the stream", self.peer);
+                return;
+            }
+            self.maybe_feedback();
+            let rc = pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                fd,
+                1000,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+            pg_sys::check_for_interrupts!();
+        }
     }
-    msg.extend_from_slice(&pg_sys::GetCurrentTimestamp().to_be_bytes());
-    msg.push(0);
-    if let Some(send) = funcs.walrcv_send {
-        send(conn, msg.as_ptr() as *const c_char, msg.len() as i32);
+
+    fn decode(&self, payload: &[u8]) -> Message {
+        Message::decode(payload).unwrap_or_else(|e| error!("multimaster: undecodable message from node {}: {e}", self.peer))
     }
+
+    /// One protocol message from the peer.
+    unsafe fn message(&mut self, payload: &[u8]) {
+        let Some(&t) = payload.first() else { return };
+        match t {
+            tag::RELATION => {
+                if let Message::Relation { relid, columns, .. } = self.decode(payload) {
+                    self.keys.relation(relid, &columns);
+                }
+                for w in 0..self.queues.workers() {
+                    self.send(w, payload, false);
+                }
+            }
+            tag::BEGIN => {
+                self.txn = Some(Txn { held: vec![payload.to_vec()], bytes: payload.len(), keys: TxnKeys::default(), streaming: None });
+            }
+            tag::COMMIT_PREPARED | tag::ROLLBACK_PREPARED => {
+                let (gid, end) = match self.decode(payload) {
+                    Message::CommitPrepared { gid, end_lsn, .. } => (gid, end_lsn),
+                    Message::RollbackPrepared { gid, rollback_end_lsn, .. } => (gid, rollback_end_lsn),
+                    _ => unreachable!("tag checked"),
+                };
+                let keys = self.scheduler.finish_prepared(&gid);
+                self.dispatch(vec![payload.to_vec()], &keys, end);
+            }
+            tag::MESSAGE if self.txn.is_none() => {} // non-transactional: nothing to apply
+            _ => self.in_transaction(t, payload),
+        }
+    }
+
+    unsafe fn in_transaction(&mut self, t: u8, payload: &[u8]) {
+        if self.txn.is_none() {
+            error!("multimaster: message {:?} from node {} outside a transaction", t as char, self.peer);
+        }
+        let ends = t == tag::COMMIT || t == tag::PREPARE;
+        let streaming = self.txn.as_ref().and_then(|x| x.streaming);
+        if let Some(w) = streaming {
+            self.send(w, payload, ends);
+            if ends {
+                self.txn = None;
+            }
+            return;
+        }
+        let msg = matches!(t, tag::INSERT | tag::UPDATE | tag::DELETE | tag::TRUNCATE | tag::PREPARE | tag::COMMIT).then(|| self.decode(payload));
+        let txn = self.txn.as_mut().expect("checked above");
+        if let Some(m) = &msg {
+            self.keys.add(m, &mut txn.keys);
+        }
+        txn.held.push(payload.to_vec());
+        txn.bytes += payload.len();
+        match msg {
+            Some(Message::Commit { end_lsn, .. }) => {
+                let txn = self.txn.take().expect("checked above");
+                self.dispatch(txn.held, &txn.keys, end_lsn);
+            }
+            Some(Message::Prepare { end_lsn, gid, .. }) => {
+                let txn = self.txn.take().expect("checked above");
+                self.scheduler.prepared(&gid, &txn.keys);
+                self.dispatch(txn.held, &txn.keys, end_lsn);
+            }
+            _ if txn.bytes > STREAM_AT => self.start_streaming(),
+            _ => {}
+        }
+    }
+
+    /// Hands a whole transaction (ending at the peer's `end`) to the pool.
+    unsafe fn dispatch(&mut self, msgs: Vec<Vec<u8>>, keys: &TxnKeys, end: u64) {
+        self.scheduler.committed(self.queues.pool().committed.load(Acquire));
+        let plan = self.scheduler.plan(keys);
+        self.wait_committed(plan.wait_for);
+        self.queues.pool().dispatched.store(plan.seq, Release);
+        self.send(plan.worker, &seq_message(plan.seq), false);
+        let last = msgs.len().saturating_sub(1);
+        for (i, m) in msgs.iter().enumerate() {
+            self.send(plan.worker, m, i == last);
+        }
+        if end <= self.serial_until {
+            self.wait_committed(plan.seq);
+        }
+    }
+
+    /// The current transaction is too big to hold: once everything
+    /// before it has committed, stream it to one worker.
+    unsafe fn start_streaming(&mut self) {
+        self.scheduler.committed(self.queues.pool().committed.load(Acquire));
+        let plan = self.scheduler.plan(&TxnKeys { barrier: true, ..Default::default() });
+        self.wait_committed(plan.wait_for);
+        self.queues.pool().dispatched.store(plan.seq, Release);
+        let mut txn = self.txn.take().expect("streaming a transaction");
+        log!("multimaster: a transaction from node {} is over {} MB: streaming it to one apply worker", self.peer, STREAM_AT >> 20);
+        self.send(plan.worker, &seq_message(plan.seq), false);
+        for m in std::mem::take(&mut txn.held) {
+            self.send(plan.worker, &m, false);
+        }
+        txn.streaming = Some(plan.worker);
+        self.txn = Some(txn);
+    }
+
+    /// Queues one message for a worker, waiting (and keeping the peer
+    /// informed) while its queue is full.
+    unsafe fn send(&mut self, worker: usize, bytes: &[u8], flush: bool) {
+        loop {
+            match self.queues.try_send(worker, bytes, flush) {
+                Ok(true) => return,
+                Ok(false) => self.wait_a_little(),
+                Err(e) => self.fail(&e),
+            }
+        }
+    }
+
+    /// Waits until the pool has committed everything up to `seq`.
+    unsafe fn wait_committed(&mut self, seq: u64) {
+        let pool = self.queues.pool();
+        pool.receiver_waiting.store(true, SeqCst);
+        loop {
+            let committed = pool.committed.load(SeqCst);
+            self.scheduler.committed(committed);
+            if committed >= seq {
+                break;
+            }
+            self.wait_a_little();
+        }
+        pool.receiver_waiting.store(false, Release);
+    }
+
+    /// Waits for the pool (a commit, room in a queue) or 100 ms.
+    unsafe fn wait_a_little(&mut self) {
+        self.check_pool();
+        self.maybe_feedback();
+        crate::pool::wait_latch(100);
+        if BackgroundWorker::sigterm_received() {
+            error!("multimaster: receiver from node {} terminated", self.peer);
+        }
+    }
+
+    /// Ends the receiver if its pool has stopped (a worker failed).
+    fn check_pool(&mut self) {
+        if self.queues.pool().stopped(self.queues.epoch) || self.queues.dead_worker().is_some() {
+            self.fail("an apply worker stopped");
+        }
+    }
+
+    fn fail(&mut self, why: &str) -> ! {
+        let pool = self.queues.pool();
+        pool.serial_until.fetch_max(self.received, AcqRel);
+        error!(
+            "multimaster: applying changes from node {} failed ({why}; the reason is in mtm.nodes() and the log); they will be applied again one transaction at a time from the last committed one",
+            self.peer
+        );
+    }
+
+    /// What may be reported as flushed to the peer: everything received
+    /// when nothing is in flight (as the core apply worker does), else
+    /// the end of the last transaction committed here and flushed.
+    unsafe fn flush_lsn(&mut self) -> u64 {
+        let pool = self.queues.pool();
+        let (remote, local) = pool.last_commit();
+        if remote > self.seen_remote {
+            self.seen_remote = remote;
+            self.unflushed.push_back((remote, local));
+        }
+        let flushed = pg_sys::GetFlushRecPtr(std::ptr::null_mut());
+        while let Some(&(remote, local)) = self.unflushed.front() {
+            if local > flushed {
+                break;
+            }
+            self.confirmed = self.confirmed.max(remote);
+            self.unflushed.pop_front();
+        }
+        if self.txn.is_none() && pool.pending() == 0 && self.unflushed.is_empty() {
+            self.confirmed.max(self.received)
+        } else {
+            self.confirmed
+        }
+    }
+
+    unsafe fn maybe_feedback(&mut self) {
+        if self.last_feedback.elapsed() >= Duration::from_secs(1) {
+            self.send_feedback();
+        }
+    }
+
+    /// Standby status update: everything up to the flush LSN is committed here.
+    unsafe fn send_feedback(&mut self) {
+        let lsn = self.flush_lsn();
+        let mut msg = Vec::with_capacity(34);
+        msg.push(b'r');
+        for _ in 0..3 {
+            msg.extend_from_slice(&lsn.to_be_bytes());
+        }
+        msg.extend_from_slice(&pg_sys::GetCurrentTimestamp().to_be_bytes());
+        msg.push(0);
+        if let Some(send) = self.funcs.walrcv_send {
+            send(self.conn, msg.as_ptr() as *const c_char, msg.len() as i32);
+        }
+        self.last_feedback = Instant::now();
+    }
+}
+
+fn seq_message(seq: u64) -> [u8; 9] {
+    let mut m = [SEQ_TAG; 9];
+    m[1..].copy_from_slice(&seq.to_be_bytes());
+    m
 }

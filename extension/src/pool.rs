@@ -1,0 +1,418 @@
+//! The apply pool of one peer: `multimaster.max_workers` dynamic workers
+//! ([`crate::worker`]) that apply the peer's transactions side by side
+//! and commit them one at a time in the peer's commit order.
+//!
+//! Why commit in order: each commit records the peer's end LSN in the
+//! replication origin `mtm_node_<peer>`, and a restart streams from the
+//! origin's position. If a later transaction could commit first, a crash
+//! in between would skip the earlier one. So the workers take turns
+//! (transaction numbers 1, 2, … handed out by the receiver; the
+//! committed watermark and a condition variable live in [`PeerPool`]),
+//! and the origin — which PostgreSQL 15 lets only one process hold — is
+//! taken by the worker whose turn it is and released right after its
+//! commit. A commit wakes only the worker whose turn is next (and the
+//! receiver, when it waits for commits): on a small machine a wakeup
+//! per waiter per commit costs more than the apply itself. Which
+//! transactions may run side by side is decided by the receiver with
+//! `mtm-schedule`.
+//!
+//! Shared state is split in two: [`PeerPool`], in the server's shared
+//! memory (one per possible peer, readable by `mtm.stat_bgwpool` from any
+//! backend, and surviving a receiver restart), and the message queues,
+//! one `shm_mq` per worker in a dynamic shared memory segment the
+//! receiver creates ([`Queues`]). A pool is identified by its `epoch`;
+//! any member that exits (error, crash, shutdown) marks its epoch
+//! aborted, the others stop, and the launcher starts the receiver again,
+//! which resumes from the origin.
+//!
+//! Queue messages: a transaction is `#` + its number (u64, big-endian),
+//! then the peer's protocol messages unchanged (`PROTOCOL.md`);
+//! Relation messages are sent to every worker as they arrive.
+
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PGRXSharedMemory, PgAtomic};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+
+/// Node ids are 1..=16 (`mtm.init_cluster`).
+pub const MAX_NODES: usize = 16;
+/// Upper bound of `multimaster.max_workers`.
+pub const MAX_WORKERS: usize = 16;
+/// Bytes of each worker's queue.
+pub const QUEUE_SIZE: usize = 2 * 1024 * 1024;
+/// Tag of the queue message that starts a transaction.
+pub const SEQ_TAG: u8 = b'#';
+
+/// One peer's pool, in the server's shared memory.
+#[repr(C)]
+pub struct PeerPool {
+    /// Bumped by each new receiver; members of older pools stop.
+    pub epoch: AtomicU64,
+    pub aborted: AtomicBool,
+    /// Every transaction up to this number is committed here.
+    pub committed: AtomicU64,
+    /// The last number the receiver handed out.
+    pub dispatched: AtomicU64,
+    /// The peer's end LSN of the last committed transaction, and our WAL
+    /// insert position just after it (what must be flushed before the
+    /// peer may be told). Written local first, read remote first.
+    pub last_remote: AtomicU64,
+    pub last_local: AtomicU64,
+    /// The receiver's latch (PGPROC lives in shared memory at the same
+    /// address in every backend), 0 when none.
+    pub receiver_latch: AtomicUsize,
+    /// The receiver waits for a commit.
+    pub receiver_waiting: AtomicBool,
+    pub receiver_pid: AtomicI32,
+    pub n_workers: AtomicU32,
+    pub worker_pid: [AtomicI32; MAX_WORKERS],
+    pub worker_busy: [AtomicBool; MAX_WORKERS],
+    pub worker_latch: [AtomicUsize; MAX_WORKERS],
+    /// The transaction number whose turn a worker waits for, 0 if none.
+    pub worker_waits_for: [AtomicU64; MAX_WORKERS],
+    /// After a failure, apply one transaction at a time up to this peer
+    /// LSN (what was received when the pool failed), so a failure caused
+    /// by running side by side cannot repeat.
+    pub serial_until: AtomicU64,
+}
+
+pub struct PoolTable {
+    /// Indexed by peer node id (0 unused).
+    peers: [PeerPool; MAX_NODES + 1],
+}
+
+impl Default for PoolTable {
+    fn default() -> Self {
+        PoolTable {
+            peers: std::array::from_fn(|_| PeerPool {
+                epoch: AtomicU64::new(0),
+                aborted: AtomicBool::new(true),
+                committed: AtomicU64::new(0),
+                dispatched: AtomicU64::new(0),
+                last_remote: AtomicU64::new(0),
+                last_local: AtomicU64::new(0),
+                receiver_latch: AtomicUsize::new(0),
+                receiver_waiting: AtomicBool::new(false),
+                receiver_pid: AtomicI32::new(0),
+                n_workers: AtomicU32::new(0),
+                worker_pid: std::array::from_fn(|_| AtomicI32::new(0)),
+                worker_busy: std::array::from_fn(|_| AtomicBool::new(false)),
+                worker_latch: std::array::from_fn(|_| AtomicUsize::new(0)),
+                worker_waits_for: std::array::from_fn(|_| AtomicU64::new(0)),
+                serial_until: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+// SAFETY: atomics only; the latch addresses point into PGPROC, which is
+// in shared memory at the same address in every backend.
+unsafe impl PGRXSharedMemory for PoolTable {}
+
+// SAFETY: the only shared memory with this name.
+pub static POOLS: PgAtomic<PoolTable> = unsafe { PgAtomic::new(c"multimaster apply pools") };
+
+/// The pool of `peer` (a node id, 1..=16).
+pub fn peer(peer: i32) -> &'static PeerPool {
+    let i = usize::try_from(peer).ok().filter(|&i| (1..=MAX_NODES).contains(&i));
+    let i = i.unwrap_or_else(|| error!("multimaster: node id {peer} is outside 1..{MAX_NODES}"));
+    &POOLS.get().peers[i]
+}
+
+impl PeerPool {
+    /// Whether the pool of `epoch` has stopped (failed, or replaced).
+    pub fn stopped(&self, epoch: u64) -> bool {
+        self.epoch.load(Acquire) != epoch || self.aborted.load(Acquire)
+    }
+
+    fn workers(&self) -> usize {
+        (self.n_workers.load(Acquire) as usize).min(MAX_WORKERS)
+    }
+
+    /// Wakes every member: the pool stopped.
+    pub fn wake_all(&self) {
+        let latches = self.worker_latch[..self.workers()].iter().chain([&self.receiver_latch]);
+        for l in latches {
+            set_latch(l.load(Acquire));
+        }
+    }
+
+    /// Transaction `seq` committed: wake the worker whose turn is next,
+    /// and the receiver if it waits. (Waiters publish what they wait for,
+    /// then re-check `committed`; with both sides SeqCst, one of them
+    /// sees the other.)
+    fn committed_wake(&self, seq: u64) {
+        for i in 0..self.workers() {
+            if self.worker_waits_for[i].load(SeqCst) == seq + 1 {
+                set_latch(self.worker_latch[i].load(Acquire));
+            }
+        }
+        if self.receiver_waiting.load(SeqCst) {
+            set_latch(self.receiver_latch.load(Acquire));
+        }
+    }
+
+    /// The last committed transaction: (peer end LSN, our WAL position).
+    pub fn last_commit(&self) -> (u64, u64) {
+        let remote = self.last_remote.load(Acquire);
+        (remote, self.last_local.load(Acquire))
+    }
+
+    /// Transactions handed out and not yet committed.
+    pub fn pending(&self) -> u64 {
+        self.dispatched.load(Acquire).saturating_sub(self.committed.load(Acquire))
+    }
+
+    pub fn active(&self) -> usize {
+        self.worker_busy[..self.workers()].iter().filter(|b| b.load(Relaxed)).count()
+    }
+}
+
+fn set_latch(latch: usize) {
+    if latch != 0 {
+        // SAFETY: a PGPROC latch in shared memory.
+        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+    }
+}
+
+/// Waits on this process's latch (set by the pool, by shm_mq, or by a
+/// signal) for at most `ms`.
+pub fn wait_latch(ms: i64) {
+    // SAFETY: our own latch, as any backend waits.
+    unsafe {
+        let rc = pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+    }
+    pg_sys::check_for_interrupts!();
+}
+
+/// Registered with `on_dsm_detach` by every member of a pool: whoever
+/// leaves (error, crash, shutdown) stops the pool of its epoch.
+#[pg_guard]
+unsafe extern "C-unwind" fn stop_on_detach(_seg: *mut pg_sys::dsm_segment, arg: pg_sys::Datum) {
+    let v = arg.value() as u64;
+    let (p, epoch) = ((v & 0xff) as i32, v >> 8);
+    let pool = peer(p);
+    if pool.epoch.load(Acquire) == epoch {
+        pool.aborted.store(true, Release);
+        pool.wake_all();
+    }
+}
+
+unsafe fn stop_when_detached(seg: *mut pg_sys::dsm_segment, p: i32, epoch: u64) {
+    pg_sys::on_dsm_detach(seg, Some(stop_on_detach), pg_sys::Datum::from(((epoch << 8) | p as u64) as usize));
+}
+
+/// The receiver's side: the segment of queues and the workers reading them.
+pub struct Queues {
+    peer: i32,
+    pub epoch: u64,
+    handles: Vec<*mut pg_sys::shm_mq_handle>,
+    workers: Vec<DynamicBackgroundWorker>,
+}
+
+impl Queues {
+    /// Starts a new pool of `n` workers for `peer`, after the previous
+    /// pool's workers have gone (they may hold the origin).
+    pub fn start(p: i32, n: usize) -> Queues {
+        let pool = peer(p);
+        pool.aborted.store(true, Release);
+        pool.wake_all();
+        let old: Vec<i32> = pool.worker_pid.iter().map(|a| a.swap(0, AcqRel)).filter(|&pid| pid > 0).collect();
+        let since = std::time::Instant::now();
+        while old.iter().any(|&pid| crate::pid_alive(pid)) {
+            if since.elapsed() > std::time::Duration::from_secs(30) {
+                error!("multimaster: apply workers {old:?} of node {p} did not stop within 30 s");
+            }
+            // SAFETY: a plain sleep in a backend.
+            unsafe { pg_sys::pg_usleep(20_000) };
+            pg_sys::check_for_interrupts!();
+        }
+        let n = n.clamp(1, MAX_WORKERS);
+        let epoch = pool.epoch.load(Acquire) + 1;
+        pool.committed.store(0, Release);
+        pool.dispatched.store(0, Release);
+        pool.last_remote.store(0, Release);
+        pool.last_local.store(0, Release);
+        pool.n_workers.store(n as u32, Release);
+        pool.worker_busy.iter().for_each(|b| b.store(false, Release));
+        pool.worker_waits_for.iter().for_each(|w| w.store(0, Release));
+        pool.worker_latch.iter().for_each(|l| l.store(0, Release));
+        pool.receiver_waiting.store(false, Release);
+        // SAFETY: MyProc is this backend's PGPROC, in shared memory.
+        unsafe {
+            pool.receiver_latch.store(&raw mut (*pg_sys::MyProc).procLatch as usize, Release);
+            pool.receiver_pid.store(pg_sys::MyProcPid, Release);
+        }
+        pool.epoch.store(epoch, Release);
+        pool.aborted.store(false, Release);
+
+        // SAFETY: DSM and shm_mq set-up from the receiver's main thread;
+        // the queues are created before any worker can attach.
+        let (seg, handles) = unsafe {
+            let seg = pg_sys::dsm_create(n * QUEUE_SIZE, 0);
+            pg_sys::dsm_pin_mapping(seg);
+            stop_when_detached(seg, p, epoch);
+            let base = pg_sys::dsm_segment_address(seg) as *mut u8;
+            let outer = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+            let handles = (0..n)
+                .map(|i| {
+                    let mq = pg_sys::shm_mq_create(base.add(i * QUEUE_SIZE) as *mut _, QUEUE_SIZE);
+                    pg_sys::shm_mq_set_sender(mq, pg_sys::MyProc);
+                    pg_sys::shm_mq_attach(mq, seg, std::ptr::null_mut())
+                })
+                .collect::<Vec<_>>();
+            pg_sys::MemoryContextSwitchTo(outer);
+            (seg, handles)
+        };
+        // SAFETY: reads the handle of a segment we created.
+        let handle = unsafe { pg_sys::dsm_segment_handle(seg) };
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let w = BackgroundWorkerBuilder::new(&format!("multimaster apply worker {i} for node {p}"))
+                .set_type("multimaster apply worker")
+                .set_library("multimaster")
+                .set_function("mtm_apply_worker_main")
+                .set_argument(Some(pg_sys::Datum::from(handle as usize)))
+                .set_extra(&format!("{p} {i} {epoch}"))
+                .enable_spi_access()
+                // SAFETY: this backend's pid.
+                .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                .load_dynamic()
+                .unwrap_or_else(|_| {
+                    error!("multimaster: cannot start apply workers for node {p}: raise max_worker_processes (it needs one per peer for the receiver plus multimaster.max_workers per peer)")
+                });
+            match w.wait_for_startup() {
+                Ok(pid) => pool.worker_pid[i].store(pid, Release),
+                Err(e) => error!("multimaster: apply worker {i} for node {p} did not start: {e:?}"),
+            }
+            workers.push(w);
+        }
+        Queues { peer: p, epoch, handles, workers }
+    }
+
+    pub fn pool(&self) -> &'static PeerPool {
+        peer(self.peer)
+    }
+
+    pub fn workers(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Tries to queue one message for `worker`. `Ok(false)`: the queue is
+    /// full, call again later with the same bytes (shm_mq keeps what it
+    /// took). `flush` makes it visible at once (end of a transaction).
+    pub fn try_send(&self, worker: usize, bytes: &[u8], flush: bool) -> Result<bool, String> {
+        // SAFETY: our attached handle; shm_mq copies the bytes.
+        let r = unsafe { pg_sys::shm_mq_send(self.handles[worker], bytes.len(), bytes.as_ptr() as *const _, true, flush) };
+        match r {
+            pg_sys::shm_mq_result::SHM_MQ_SUCCESS => Ok(true),
+            pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK => Ok(false),
+            _ => Err(format!("apply worker {worker} for node {} has gone", self.peer)),
+        }
+    }
+
+    /// A worker that has exited, if any (it also stops the pool, but one
+    /// that died before attaching cannot).
+    pub fn dead_worker(&self) -> Option<usize> {
+        self.workers.iter().position(|w| matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)))
+    }
+}
+
+/// A worker's side of taking turns.
+pub struct Turn {
+    peer: i32,
+    epoch: u64,
+    slot: usize,
+    origin: pg_sys::RepOriginId,
+}
+
+impl Turn {
+    /// Joins the pool of `epoch` through the segment `handle`: returns the
+    /// queue to read, or None if that pool is already gone.
+    ///
+    /// # Safety
+    /// From a worker's main thread, connected to the database, once.
+    pub unsafe fn join(p: i32, slot: usize, epoch: u64, handle: u32, origin: pg_sys::RepOriginId) -> Option<(Turn, *mut pg_sys::shm_mq_handle)> {
+        let pool = peer(p);
+        if pool.stopped(epoch) || slot >= MAX_WORKERS {
+            return None;
+        }
+        let seg = pg_sys::dsm_attach(handle);
+        if seg.is_null() {
+            return None;
+        }
+        pg_sys::dsm_pin_mapping(seg);
+        stop_when_detached(seg, p, epoch);
+        pool.worker_pid[slot].store(pg_sys::MyProcPid, Release);
+        pool.worker_latch[slot].store(&raw mut (*pg_sys::MyProc).procLatch as usize, Release);
+        let mq = (pg_sys::dsm_segment_address(seg) as *mut u8).add(slot * QUEUE_SIZE) as *mut pg_sys::shm_mq;
+        pg_sys::shm_mq_set_receiver(mq, pg_sys::MyProc);
+        let outer = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+        let mqh = pg_sys::shm_mq_attach(mq, seg, std::ptr::null_mut());
+        pg_sys::MemoryContextSwitchTo(outer);
+        Some((Turn { peer: p, epoch, slot, origin }, mqh))
+    }
+
+    pub fn pool(&self) -> &'static PeerPool {
+        peer(self.peer)
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.pool().stopped(self.epoch)
+    }
+
+    /// A transaction was handed to this worker.
+    pub fn busy(&self, busy: bool) {
+        self.pool().worker_busy[self.slot].store(busy, Release);
+    }
+
+    /// Waits until transaction `seq` may commit, then takes the origin so
+    /// the commit records the peer's LSN.
+    ///
+    /// # Safety
+    /// Outside a commit; pair with [`Turn::done`] after the commit.
+    pub unsafe fn wait(&self, seq: u64) {
+        let pool = self.pool();
+        pool.worker_waits_for[self.slot].store(seq, SeqCst);
+        loop {
+            if self.stopped() || pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+                error!("multimaster: the apply pool for node {} stopped", self.peer);
+            }
+            let c = pool.committed.load(SeqCst);
+            if c + 1 == seq {
+                break;
+            }
+            if c >= seq {
+                error!("multimaster: transaction {seq} from node {} is already committed ({c})", self.peer);
+            }
+            wait_latch(1000);
+        }
+        pool.worker_waits_for[self.slot].store(0, Release);
+        pg_sys::replorigin_session_setup(self.origin);
+        pg_sys::replorigin_session_origin = self.origin;
+    }
+
+    /// Transaction `seq`, ending at the peer's `remote_end`, is committed:
+    /// release the origin and pass the turn on.
+    ///
+    /// # Safety
+    /// Only after [`Turn::wait`] for the same `seq`.
+    pub unsafe fn done(&self, seq: u64, remote_end: u64) {
+        pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+        pg_sys::replorigin_session_reset();
+        let pool = self.pool();
+        pool.last_local.store(pg_sys::GetXLogInsertRecPtr(), Release);
+        pool.last_remote.store(remote_end, Release);
+        pool.committed.store(seq, SeqCst);
+        self.busy(false);
+        pool.committed_wake(seq);
+    }
+}

@@ -1,0 +1,127 @@
+//! What this node reports about replication, for `mtm.stat_bgwpool`,
+//! `mtm.nodes()` and `mtm.status()` (`sql/mtm_api.sql` builds those on
+//! the functions here): the apply pools' counters ([`crate::pool`]) and
+//! the last apply error per peer, kept in shared memory so any backend
+//! can read them and a restarting receiver does not lose them.
+
+use crate::pool::{self, MAX_NODES, QUEUE_SIZE};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PGRXSharedMemory, PgLwLock};
+
+const MESSAGE_MAX: usize = 1024;
+
+#[derive(Copy, Clone)]
+pub struct ErrorSlot {
+    count: u64,
+    /// TimestampTz of the last error.
+    at: i64,
+    sqlstate: [u8; 5],
+    message: [u8; MESSAGE_MAX],
+    message_len: u16,
+}
+
+#[derive(Copy, Clone)]
+pub struct ApplyErrors {
+    /// Indexed by peer node id.
+    slots: [ErrorSlot; MAX_NODES + 1],
+}
+
+impl Default for ApplyErrors {
+    fn default() -> Self {
+        let empty = ErrorSlot { count: 0, at: 0, sqlstate: [0; 5], message: [0; MESSAGE_MAX], message_len: 0 };
+        ApplyErrors { slots: [empty; MAX_NODES + 1] }
+    }
+}
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for ApplyErrors {}
+
+// SAFETY: the only lock with this name.
+pub static APPLY_ERRORS: PgLwLock<ApplyErrors> = unsafe { PgLwLock::new(c"multimaster apply errors") };
+
+/// A transaction from `peer` failed to apply (it will be retried).
+pub fn record_apply_error(peer: i32, sqlstate: &str, message: &str) {
+    let Some(i) = usize::try_from(peer).ok().filter(|&i| (1..=MAX_NODES).contains(&i)) else { return };
+    let mut cut = message.len().min(MESSAGE_MAX);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut t = APPLY_ERRORS.exclusive();
+    let s = &mut t.slots[i];
+    s.count += 1;
+    // SAFETY: reads the clock.
+    s.at = unsafe { pg_sys::GetCurrentTimestamp() };
+    s.sqlstate = [b'X', b'X', b'0', b'0', b'0'];
+    if let Ok(code) = <[u8; 5]>::try_from(sqlstate.as_bytes()) {
+        s.sqlstate = code;
+    }
+    s.message[..cut].copy_from_slice(&message.as_bytes()[..cut]);
+    s.message_len = cut as u16;
+}
+
+/// Apply errors per peer since the server started: how many, and the
+/// last one ("SQLSTATE: message") with its time.
+#[pg_extern]
+fn apply_errors() -> TableIterator<
+    'static,
+    (name!(node_id, i32), name!(errors, i64), name!(last_error, Option<String>), name!(last_error_at, Option<pgrx::datum::TimestampWithTimeZone>)),
+> {
+    let t = APPLY_ERRORS.share();
+    let rows: Vec<_> = (1..=MAX_NODES)
+        .filter(|&i| t.slots[i].count > 0)
+        .map(|i| {
+            let s = &t.slots[i];
+            let text = format!("{}: {}", String::from_utf8_lossy(&s.sqlstate), String::from_utf8_lossy(&s.message[..s.message_len as usize]));
+            let at = pgrx::datum::TimestampWithTimeZone::try_from(s.at).ok();
+            (i as i32, s.count as i64, Some(text), at)
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// One row per peer whose receiver runs an apply pool: workers, how many
+/// are applying, transactions handed out and not yet committed, queue
+/// bytes, the committed (head) and handed-out (tail) transaction numbers.
+#[pg_extern]
+fn pool_stats() -> TableIterator<
+    'static,
+    (
+        name!(nworkers, i32),
+        name!(active, i32),
+        name!(pending, i32),
+        name!(size, i32),
+        name!(head, i32),
+        name!(tail, i32),
+        name!(receivername, String),
+    ),
+> {
+    let rows: Vec<_> = (1..=MAX_NODES as i32)
+        .filter_map(|id| {
+            let p = pool::peer(id);
+            let pid = p.receiver_pid.load(std::sync::atomic::Ordering::Acquire);
+            if pid <= 0 || !crate::pid_alive(pid) {
+                return None;
+            }
+            let n = p.n_workers.load(std::sync::atomic::Ordering::Acquire) as i32;
+            // (Counters are u64; the reference columns are int.)
+            let head = p.committed.load(std::sync::atomic::Ordering::Acquire) as i32;
+            let tail = p.dispatched.load(std::sync::atomic::Ordering::Acquire) as i32;
+            Some((n, p.active() as i32, p.pending().min(i32::MAX as u64) as i32, n * QUEUE_SIZE as i32, head, tail, format!("mtm_receiver_from_{id}")))
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Apply workers running for `peer` (0 when its receiver is not running).
+#[pg_extern]
+fn pool_workers(node_id: i32) -> i32 {
+    if !(1..=MAX_NODES as i32).contains(&node_id) {
+        return 0;
+    }
+    let p = pool::peer(node_id);
+    let n = (p.n_workers.load(std::sync::atomic::Ordering::Acquire) as usize).min(pool::MAX_WORKERS);
+    p.worker_pid[..n].iter().filter(|pid| {
+        let pid = pid.load(std::sync::atomic::Ordering::Acquire);
+        pid > 0 && crate::pid_alive(pid)
+    }).count() as i32
+}

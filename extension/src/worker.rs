@@ -1,0 +1,88 @@
+//! An apply worker of a peer's pool ([`crate::pool`]): reads whole
+//! transactions from its queue and applies them with [`crate::apply`],
+//! committing each in its turn. Any error that is not a 2PC "no" vote is
+//! recorded for `mtm.nodes()` and ends the worker, which stops the pool;
+//! the launcher restarts the receiver, which resumes from the origin and
+//! applies the failed stretch one transaction at a time.
+
+use crate::apply::Applier;
+use crate::pool::{Turn, SEQ_TAG};
+use mtm_protocol::Message;
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::ffi::CString;
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn mtm_apply_worker_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let extra: Vec<u64> = BackgroundWorker::get_extra().split(' ').filter_map(|s| s.parse().ok()).collect();
+    let [peer, slot, epoch] = extra[..] else {
+        error!("multimaster apply worker started without peer, slot and epoch");
+    };
+    let peer = peer as i32;
+    BackgroundWorker::connect_worker_to_spi(Some(crate::launcher::DATABASE), None);
+    // SAFETY: FFI from the worker's main thread; an ERROR unwinds to the
+    // pg_guard above and ends the worker.
+    unsafe {
+        crate::receiver::apply_session_settings(&format!("mtm_apply_{peer}_{slot}"));
+        let origin_name = CString::new(format!("mtm_node_{peer}")).expect("no NUL");
+        pg_sys::StartTransactionCommand();
+        let origin = pg_sys::replorigin_by_name(origin_name.as_ptr(), false);
+        pg_sys::CommitTransactionCommand();
+        let Some((turn, mq)) = Turn::join(peer, slot as usize, epoch, arg.value() as u32, origin) else {
+            return;
+        };
+        let mut applier = Applier::new(peer, turn);
+        run(&mut applier, mq);
+    }
+}
+
+unsafe fn run(applier: &mut Applier, mq: *mut pg_sys::shm_mq_handle) {
+    loop {
+        if BackgroundWorker::sigterm_received() || applier.turn().stopped() {
+            return;
+        }
+        let mut len: pg_sys::Size = 0;
+        let mut data: *mut std::ffi::c_void = std::ptr::null_mut();
+        match pg_sys::shm_mq_receive(mq, &mut len, &mut data, true) {
+            pg_sys::shm_mq_result::SHM_MQ_SUCCESS => {
+                let bytes = std::slice::from_raw_parts(data as *const u8, len);
+                handle(applier, bytes);
+            }
+            pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK => {
+                applier.idle();
+                crate::pool::wait_latch(1000);
+            }
+            _ => return, // the receiver has gone
+        }
+    }
+}
+
+/// One queue message; an error is recorded for `mtm.nodes()`, then ends
+/// the worker.
+unsafe fn handle(applier: &mut Applier, bytes: &[u8]) {
+    let peer = applier.peer();
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        if bytes.first() == Some(&SEQ_TAG) && bytes.len() == 9 {
+            applier.start(u64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes")));
+        } else {
+            let msg = Message::decode(bytes).unwrap_or_else(|e| error!("multimaster: undecodable message from node {peer}: {e}"));
+            applier.apply(msg);
+        }
+    }))
+    .catch_others(|e| {
+        // (A failed change was recorded with its own SQLSTATE by the
+        // applier; this records any other error, e.g. at commit.)
+        if !applier_recorded(&e) {
+            let (sqlstate, message) = crate::apply::describe(&e);
+            crate::status::record_apply_error(peer, &sqlstate, &message);
+        }
+        e.rethrow()
+    })
+    .execute()
+}
+
+fn applier_recorded(e: &pg_sys::panic::CaughtError) -> bool {
+    crate::apply::describe(e).1.contains(crate::apply::RETRY_MARK)
+}

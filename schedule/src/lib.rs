@@ -1,0 +1,17 @@
+//! How a receiver hands a peer's transactions to its apply pool.
+//!
+//! A peer's stream is a sequence of transactions in its commit order. The
+//! pool applies them on several workers at once but commits them in that
+//! same order (so the replication origin only ever moves forward over
+//! transactions that are all committed here). Two transactions that
+//! touch the same row must also *apply* in order, or the later one would
+//! wait for the earlier one's row lock while the earlier one waits for
+//! its turn to commit: [`keys`] finds the rows, [`scheduler`] keeps such
+//! transactions on one worker (whose queue is first in, first out) or
+//! holds the later one back until the earlier ones have committed.
+
+pub mod keys;
+pub mod scheduler;
+
+pub use keys::{KeyTracker, TxnKeys};
+pub use scheduler::{Plan, Scheduler};

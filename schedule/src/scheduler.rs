@@ -1,0 +1,258 @@
+//! Which worker takes a transaction, and what must commit before it is
+//! handed over. Transactions are numbered 1, 2, … in the peer's commit
+//! order; the pool commits them in that order, so "committed" is a single
+//! watermark. The rule: a transaction that shares a key with transactions
+//! still in flight goes to the worker holding the latest of them (its
+//! queue is FIFO), after any others have committed; one that shares
+//! nothing goes to the least busy worker at once — except that runs of up
+//! to [`BATCH`] independent transactions stay on one worker, because
+//! every hand-over of the commit turn to another worker is a process
+//! wakeup, which on a busy machine costs more than applying a small
+//! transaction; a barrier waits for everything before it, and
+//! everything after it depends on it.
+
+use crate::keys::TxnKeys;
+use std::collections::{HashMap, VecDeque};
+
+/// Where and when to send one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Its number in the peer's commit order.
+    pub seq: u64,
+    pub worker: usize,
+    /// Send only once everything up to this number has committed.
+    pub wait_for: u64,
+}
+
+pub struct Scheduler {
+    workers: usize,
+    last_seq: u64,
+    committed: u64,
+    /// Sent, not yet committed: (seq, worker), in seq order.
+    in_flight: VecDeque<(u64, usize)>,
+    /// Key hash → the latest transaction that touched it.
+    last_touch: HashMap<u64, u64>,
+    prune_at: usize,
+    /// The latest barrier transaction.
+    barrier: u64,
+    /// The worker that took the last transaction.
+    last_worker: usize,
+    batch: usize,
+    /// Keys of transactions prepared but not yet committed or rolled back
+    /// here: their COMMIT/ROLLBACK PREPARED releases those rows.
+    prepared: HashMap<String, Vec<u64>>,
+}
+
+/// Independent transactions a worker takes in a row before the next one
+/// goes to the least busy worker.
+pub const BATCH: usize = 8;
+const MIN_PRUNE: usize = 1 << 16;
+const MAX_PREPARED: usize = 1 << 14;
+
+impl Scheduler {
+    pub fn new(workers: usize) -> Self {
+        Self::with_batch(workers, BATCH)
+    }
+
+    /// Runs of `batch` independent transactions per worker (1: spread
+    /// every transaction).
+    pub fn with_batch(workers: usize, batch: usize) -> Self {
+        Scheduler {
+            batch: batch.max(1),
+            workers: workers.max(1),
+            last_seq: 0,
+            committed: 0,
+            in_flight: VecDeque::new(),
+            last_touch: HashMap::new(),
+            prune_at: MIN_PRUNE,
+            barrier: 0,
+            last_worker: 0,
+            prepared: HashMap::new(),
+        }
+    }
+
+    /// The last number handed out.
+    pub fn dispatched(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// The pool has committed everything up to `seq`.
+    pub fn committed(&mut self, seq: u64) {
+        self.committed = self.committed.max(seq);
+        while self.in_flight.front().is_some_and(|&(s, _)| s <= self.committed) {
+            self.in_flight.pop_front();
+        }
+        if self.last_touch.len() > self.prune_at {
+            let c = self.committed;
+            self.last_touch.retain(|_, s| *s > c);
+            self.prune_at = (self.last_touch.len() * 2).max(MIN_PRUNE);
+        }
+    }
+
+    /// Plans the next transaction.
+    pub fn plan(&mut self, txn: &TxnKeys) -> Plan {
+        let seq = self.last_seq + 1;
+        self.last_seq = seq;
+        let plan = if txn.barrier {
+            self.barrier = seq;
+            Plan { seq, worker: 0, wait_for: seq - 1 }
+        } else {
+            let mut deps: Vec<u64> = txn.keys.iter().filter_map(|k| self.last_touch.get(k).copied()).collect();
+            deps.push(self.barrier);
+            deps.retain(|&d| d > self.committed);
+            match deps.iter().max().copied() {
+                None => Plan { seq, worker: self.independent_worker(), wait_for: 0 },
+                Some(latest) => {
+                    let worker = self.worker_of(latest);
+                    let wait_for = deps.iter().copied().filter(|&d| self.worker_of(d) != worker).max().unwrap_or(0);
+                    Plan { seq, worker, wait_for }
+                }
+            }
+        };
+        for &k in txn.keys.iter().chain(&txn.touches) {
+            self.last_touch.insert(k, seq);
+        }
+        self.in_flight.push_back((seq, plan.worker));
+        self.last_worker = plan.worker;
+        plan
+    }
+
+    /// A transaction ending in PREPARE: its rows stay locked until its
+    /// COMMIT/ROLLBACK PREPARED, which [`Self::finish_prepared`] keys.
+    pub fn prepared(&mut self, gid: &str, txn: &TxnKeys) {
+        if self.prepared.len() >= MAX_PREPARED {
+            // Prepares whose end we will never see (decided before a
+            // restart): forgetting them only costs ordering by lock wait.
+            self.prepared.clear();
+        }
+        self.prepared.insert(gid.to_string(), txn.keys.clone());
+    }
+
+    /// The keys a COMMIT/ROLLBACK PREPARED of `gid` touches.
+    pub fn finish_prepared(&mut self, gid: &str) -> TxnKeys {
+        TxnKeys { keys: self.prepared.remove(gid).unwrap_or_default(), ..Default::default() }
+    }
+
+    fn worker_of(&self, seq: u64) -> usize {
+        self.in_flight.iter().find(|&&(s, _)| s == seq).map(|&(_, w)| w).unwrap_or(0)
+    }
+
+    fn independent_worker(&self) -> usize {
+        let mut load = vec![0usize; self.workers];
+        for &(_, w) in &self.in_flight {
+            load[w] += 1;
+        }
+        if load[self.last_worker] > 0 && load[self.last_worker] < self.batch {
+            return self.last_worker;
+        }
+        (0..self.workers).min_by_key(|&w| load[w]).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(keys: &[u64]) -> TxnKeys {
+        TxnKeys { keys: keys.to_vec(), ..Default::default() }
+    }
+
+    #[test]
+    fn touches_do_not_wait_but_are_waited_for() {
+        let mut s = Scheduler::with_batch(3, 1);
+        let ins = |k| TxnKeys { touches: vec![k], ..Default::default() };
+        let a = s.plan(&ins(9));
+        let b = s.plan(&ins(9));
+        assert_ne!(a.worker, b.worker, "inserts into a keyless table run side by side");
+        let del = s.plan(&t(&[9]));
+        assert_eq!((del.worker, del.wait_for), (b.worker, 0), "a delete runs after the latest insert, hence after all");
+    }
+
+    #[test]
+    fn independent_transactions_spread_over_workers_in_batches() {
+        let mut s = Scheduler::new(3);
+        let n = 3 * BATCH as u64 + 1;
+        let p: Vec<Plan> = (1..=n).map(|k| s.plan(&t(&[k]))).collect();
+        let workers: Vec<usize> = p.iter().map(|p| p.worker).collect();
+        let expect: Vec<usize> = (0..n as usize).map(|i| (i / BATCH) % 3).collect();
+        assert_eq!(workers, expect);
+        assert!(p.iter().all(|p| p.wait_for == 0));
+        assert_eq!(p.iter().map(|p| p.seq).collect::<Vec<_>>(), (1..=n).collect::<Vec<_>>());
+        // A worker with nothing in flight does not keep the run going:
+        // the next one goes to whoever is least busy (all idle: worker 0).
+        s.committed(n);
+        assert_eq!(s.plan(&t(&[1000])).worker, 0);
+    }
+
+    #[test]
+    fn a_shared_key_follows_its_predecessor_on_the_same_worker() {
+        let mut s = Scheduler::with_batch(3, 1);
+        s.plan(&t(&[1]));
+        let b = s.plan(&t(&[2]));
+        let c = s.plan(&t(&[2, 9]));
+        assert_eq!((c.worker, c.wait_for), (b.worker, 0));
+    }
+
+    #[test]
+    fn keys_on_two_workers_wait_for_the_older_one() {
+        let mut s = Scheduler::with_batch(3, 1);
+        let a = s.plan(&t(&[1]));
+        let b = s.plan(&t(&[2]));
+        let c = s.plan(&t(&[1, 2]));
+        assert_eq!(c.worker, b.worker, "joins the latest predecessor's queue");
+        assert_eq!(c.wait_for, a.seq, "and waits for the other one to commit");
+    }
+
+    #[test]
+    fn committed_predecessors_do_not_count() {
+        let mut s = Scheduler::new(2);
+        s.plan(&t(&[1]));
+        s.plan(&t(&[2]));
+        s.committed(2);
+        let c = s.plan(&t(&[1, 2]));
+        assert_eq!((c.worker, c.wait_for), (0, 0));
+    }
+
+    #[test]
+    fn barrier_waits_for_all_and_everything_after_waits_for_it() {
+        let mut s = Scheduler::new(3);
+        s.plan(&t(&[1]));
+        s.plan(&t(&[2]));
+        let bar = s.plan(&TxnKeys { barrier: true, ..Default::default() });
+        assert_eq!(bar.wait_for, 2);
+        let next = s.plan(&t(&[77]));
+        assert_eq!((next.worker, next.wait_for), (bar.worker, 0), "queued behind the barrier");
+        s.committed(bar.seq);
+        let later = s.plan(&t(&[78]));
+        assert_eq!(later.wait_for, 0);
+    }
+
+    #[test]
+    fn commit_prepared_follows_the_rows_of_its_prepare() {
+        let mut s = Scheduler::new(3);
+        let prep = s.plan(&t(&[5]));
+        s.prepared("g1", &t(&[5]));
+        s.committed(prep.seq);
+        s.plan(&t(&[6]));
+        let fin_keys = s.finish_prepared("g1");
+        assert_eq!(fin_keys.keys, vec![5]);
+        let fin = s.plan(&fin_keys);
+        let after = s.plan(&t(&[5]));
+        assert_eq!((after.worker, after.wait_for), (fin.worker, 0));
+        assert!(s.finish_prepared("g1").keys.is_empty(), "forgotten once finished");
+    }
+
+    #[test]
+    fn pruning_keeps_in_flight_keys() {
+        let mut s = Scheduler::new(2);
+        for k in 0..(MIN_PRUNE as u64 + 10) {
+            let p = s.plan(&t(&[k]));
+            s.committed(p.seq);
+        }
+        let keep = s.plan(&t(&[u64::MAX]));
+        s.committed(keep.seq - 1);
+        assert!(s.last_touch.len() < MIN_PRUNE);
+        let dep = s.plan(&t(&[u64::MAX]));
+        assert_eq!(dep.worker, keep.worker);
+    }
+}
