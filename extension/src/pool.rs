@@ -27,7 +27,12 @@
 //!
 //! Queue messages: a transaction is `#` + its number (u64, big-endian),
 //! then the peer's protocol messages unchanged (`PROTOCOL.md`);
-//! Relation messages are sent to every worker as they arrive.
+//! Relation messages are sent to every worker as they arrive; an empty
+//! message only flushes. Writes are made visible (which sets the worker's
+//! latch) only when the worker is hungry — it found its queue empty — or
+//! the receiver is about to wait, or a quarter of the queue is pending:
+//! a worker that waits for its commit turn is not woken by every
+//! transaction queued behind it.
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
@@ -70,6 +75,8 @@ pub struct PeerPool {
     pub worker_latch: [AtomicUsize; MAX_WORKERS],
     /// The transaction number whose turn a worker waits for, 0 if none.
     pub worker_waits_for: [AtomicU64; MAX_WORKERS],
+    /// A worker found its queue empty and sleeps until data is flushed.
+    pub worker_hungry: [AtomicBool; MAX_WORKERS],
     /// After a failure, apply one transaction at a time up to this peer
     /// LSN (what was received when the pool failed), so a failure caused
     /// by running side by side cannot repeat.
@@ -99,6 +106,7 @@ impl Default for PoolTable {
                 worker_busy: std::array::from_fn(|_| AtomicBool::new(false)),
                 worker_latch: std::array::from_fn(|_| AtomicUsize::new(0)),
                 worker_waits_for: std::array::from_fn(|_| AtomicU64::new(0)),
+                worker_hungry: std::array::from_fn(|_| AtomicBool::new(false)),
                 serial_until: AtomicU64::new(0),
             }),
         }
@@ -216,6 +224,13 @@ pub struct Queues {
     pub epoch: u64,
     handles: Vec<*mut pg_sys::shm_mq_handle>,
     workers: Vec<DynamicBackgroundWorker>,
+    /// Bytes written but not yet made visible, per worker.
+    pending: Vec<bool>,
+    /// A flush (empty message) was begun and must be completed before
+    /// anything else goes to that worker.
+    owed: Vec<bool>,
+    /// A message to this worker is half sent (its queue was full).
+    mid: Option<usize>,
 }
 
 impl Queues {
@@ -244,6 +259,7 @@ impl Queues {
         pool.n_workers.store(n as u32, Release);
         pool.worker_busy.iter().for_each(|b| b.store(false, Release));
         pool.worker_waits_for.iter().for_each(|w| w.store(0, Release));
+        pool.worker_hungry.iter().for_each(|h| h.store(false, Release));
         pool.worker_latch.iter().for_each(|l| l.store(0, Release));
         pool.receiver_waiting.store(false, Release);
         // SAFETY: MyProc is this backend's PGPROC, in shared memory.
@@ -295,7 +311,7 @@ impl Queues {
             }
             workers.push(w);
         }
-        Queues { peer: p, epoch, handles, workers }
+        Queues { peer: p, epoch, handles, workers, pending: vec![false; n], owed: vec![false; n], mid: None }
     }
 
     pub fn pool(&self) -> &'static PeerPool {
@@ -306,16 +322,56 @@ impl Queues {
         self.handles.len()
     }
 
-    /// Tries to queue one message for `worker`. `Ok(false)`: the queue is
-    /// full, call again later with the same bytes (shm_mq keeps what it
-    /// took). `flush` makes it visible at once (end of a transaction).
-    pub fn try_send(&self, worker: usize, bytes: &[u8], flush: bool) -> Result<bool, String> {
+    fn raw_send(&self, worker: usize, bytes: &[u8], flush: bool) -> pg_sys::shm_mq_result::Type {
         // SAFETY: our attached handle; shm_mq copies the bytes.
-        let r = unsafe { pg_sys::shm_mq_send(self.handles[worker], bytes.len(), bytes.as_ptr() as *const _, true, flush) };
-        match r {
-            pg_sys::shm_mq_result::SHM_MQ_SUCCESS => Ok(true),
-            pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK => Ok(false),
-            _ => Err(format!("apply worker {worker} for node {} has gone", self.peer)),
+        unsafe { pg_sys::shm_mq_send(self.handles[worker], bytes.len(), bytes.as_ptr() as *const _, true, flush) }
+    }
+
+    /// Tries to queue one message for `worker`. `Ok(false)`: the queue is
+    /// full (so what it holds is visible), call again later with the same
+    /// bytes (shm_mq keeps what it took). `end` (of a transaction) makes
+    /// it visible at once if the worker is hungry.
+    pub fn try_send(&mut self, worker: usize, bytes: &[u8], end: bool) -> Result<bool, String> {
+        use pg_sys::shm_mq_result::*;
+        let gone = || format!("apply worker {worker} for node {} has gone", self.peer);
+        if self.owed[worker] {
+            match self.raw_send(worker, &[], true) {
+                SHM_MQ_SUCCESS => self.owed[worker] = false,
+                SHM_MQ_WOULD_BLOCK => return Ok(false),
+                _ => return Err(gone()),
+            }
+        }
+        let flush = end && self.pool().worker_hungry[worker].load(SeqCst);
+        match self.raw_send(worker, bytes, flush) {
+            SHM_MQ_SUCCESS => {
+                self.pending[worker] = !flush;
+                self.mid = None;
+                Ok(true)
+            }
+            SHM_MQ_WOULD_BLOCK => {
+                self.pending[worker] = false;
+                self.mid = Some(worker);
+                Ok(false)
+            }
+            _ => Err(gone()),
+        }
+    }
+
+    /// Makes pending writes visible: to hungry workers only, or to all
+    /// (before the receiver waits).
+    pub fn flush(&mut self, only_hungry: bool) {
+        for w in 0..self.handles.len() {
+            if !self.pending[w] || self.owed[w] || self.mid == Some(w) {
+                continue;
+            }
+            if only_hungry && !self.pool().worker_hungry[w].load(SeqCst) {
+                continue;
+            }
+            self.pending[w] = false;
+            // (A detached worker stops the pool; check_pool sees that.)
+            if self.raw_send(w, &[], true) == pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK {
+                self.owed[w] = true;
+            }
         }
     }
 
@@ -367,6 +423,11 @@ impl Turn {
 
     pub fn stopped(&self) -> bool {
         self.pool().stopped(self.epoch)
+    }
+
+    /// This worker found its queue empty (and will sleep), or got data.
+    pub fn hungry(&self, hungry: bool) {
+        self.pool().worker_hungry[self.slot].store(hungry, SeqCst);
     }
 
     /// A transaction was handed to this worker.

@@ -201,6 +201,7 @@ impl Receiver {
                 log!("multimaster: node {} ended the stream", self.peer);
                 return;
             }
+            self.queues.flush(false);
             self.maybe_feedback();
             let rc = pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
@@ -257,6 +258,7 @@ impl Receiver {
         let streaming = self.txn.as_ref().and_then(|x| x.streaming);
         if let Some(w) = streaming {
             self.send(w, payload, ends);
+            self.queues.flush(true);
             if ends {
                 self.txn = None;
             }
@@ -295,6 +297,7 @@ impl Receiver {
         for (i, m) in msgs.iter().enumerate() {
             self.send(plan.worker, m, i == last);
         }
+        self.queues.flush(true);
         if end <= self.serial_until {
             self.wait_committed(plan.seq);
         }
@@ -346,6 +349,7 @@ impl Receiver {
 
     /// Waits for the pool (a commit, room in a queue) or 100 ms.
     unsafe fn wait_a_little(&mut self) {
+        self.queues.flush(false);
         self.check_pool();
         self.maybe_feedback();
         crate::pool::wait_latch(100);

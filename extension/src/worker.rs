@@ -39,6 +39,7 @@ pub extern "C-unwind" fn mtm_apply_worker_main(arg: pg_sys::Datum) {
 }
 
 unsafe fn run(applier: &mut Applier, mq: *mut pg_sys::shm_mq_handle) {
+    let mut hungry = false;
     loop {
         if BackgroundWorker::sigterm_received() || applier.turn().stopped() {
             return;
@@ -47,10 +48,22 @@ unsafe fn run(applier: &mut Applier, mq: *mut pg_sys::shm_mq_handle) {
         let mut data: *mut std::ffi::c_void = std::ptr::null_mut();
         match pg_sys::shm_mq_receive(mq, &mut len, &mut data, true) {
             pg_sys::shm_mq_result::SHM_MQ_SUCCESS => {
-                let bytes = std::slice::from_raw_parts(data as *const u8, len);
-                handle(applier, bytes);
+                if hungry {
+                    hungry = false;
+                    applier.turn().hungry(false);
+                }
+                if len > 0 {
+                    handle(applier, std::slice::from_raw_parts(data as *const u8, len));
+                }
             }
             pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK => {
+                if !hungry {
+                    // Say so, then look once more: the receiver flushes
+                    // for hungry workers, and one of us sees the other.
+                    hungry = true;
+                    applier.turn().hungry(true);
+                    continue;
+                }
                 applier.idle();
                 crate::pool::wait_latch(1000);
             }
