@@ -57,11 +57,7 @@ fn main() {
     let cluster = TestCluster::start(3);
     let ports: Vec<u16> = cluster.layout.node_ports.clone();
     let connect = |i: usize| Client::connect(&cluster.node(i + 1).conninfo("postgres"), NoTls).unwrap();
-    // DDL is not replicated yet: tables and keys on every node, data from node 1.
-    for &p in &ports {
-        pgbench(p, &["-i", "-q", "-I", "dtp", "-s", &args.scale.to_string()]);
-    }
-    pgbench(ports[0], &["-i", "-q", "-I", "g", "-s", &args.scale.to_string()]);
+    mtm_tests::pgbench_tables(&ports, args.scale);
     wait_converged(&connect, 3, Duration::from_secs(300));
 
     let d = args.duration.to_string();

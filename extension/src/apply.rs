@@ -29,10 +29,6 @@ unsafe extern "C-unwind" {
     fn LookupGXact(gid: *const c_char, prepare_end_lsn: pg_sys::XLogRecPtr, origin_prepare_timestamp: pg_sys::TimestampTz) -> bool;
 }
 
-/// Ends the error a failed plain commit raises (after recording its
-/// cause with the original SQLSTATE), so the worker does not record it twice.
-pub const RETRY_MARK: &str = "could not be applied and will be retried";
-
 struct RemoteRelation {
     namespace: String,
     name: String,
@@ -129,8 +125,12 @@ impl Applier {
                 }
                 Message::Commit { .. } if self.failed.is_some() => {
                     let (code, message) = self.failed.take().unwrap_or_default();
-                    crate::status::record_apply_error(self.peer, &code, &message);
-                    error!("multimaster: a transaction from node {} {RETRY_MARK}: {message} ({code})", self.peer);
+                    // With the cause's SQLSTATE, so mtm.nodes() shows it.
+                    ereport!(
+                        PgLogLevel::ERROR,
+                        PgSqlErrorCode::from(crate::votes::sqlstate_code(&code)),
+                        format!("multimaster: a transaction from node {} could not be applied and will be retried: {message} ({code})", self.peer)
+                    );
                 }
                 Message::Prepare { end_lsn, gid, .. } if self.failed.is_some() => {
                     let (sqlstate, message) = self.failed.take().unwrap_or_default();

@@ -120,6 +120,18 @@ unsafe impl PGRXSharedMemory for PoolTable {}
 // SAFETY: the only shared memory with this name.
 pub static POOLS: PgAtomic<PoolTable> = unsafe { PgAtomic::new(c"multimaster apply pools") };
 
+/// The replication origin `mtm_node_<peer>` (created by mtm.init_cluster).
+///
+/// # Safety
+/// Outside a transaction, in a backend connected to the database.
+pub unsafe fn origin_of(peer: i32) -> pg_sys::RepOriginId {
+    let name = std::ffi::CString::new(format!("mtm_node_{peer}")).expect("no NUL");
+    pg_sys::StartTransactionCommand();
+    let origin = pg_sys::replorigin_by_name(name.as_ptr(), false);
+    pg_sys::CommitTransactionCommand();
+    origin
+}
+
 /// The pool of `peer` (a node id, 1..=16).
 pub fn peer(peer: i32) -> &'static PeerPool {
     let i = usize::try_from(peer).ok().filter(|&i| (1..=MAX_NODES).contains(&i));
@@ -133,7 +145,8 @@ impl PeerPool {
         self.epoch.load(Acquire) != epoch || self.aborted.load(Acquire)
     }
 
-    fn workers(&self) -> usize {
+    /// Workers of the current (or last) pool.
+    pub fn workers(&self) -> usize {
         (self.n_workers.load(Acquire) as usize).min(MAX_WORKERS)
     }
 

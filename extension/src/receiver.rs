@@ -17,7 +17,7 @@
 
 use crate::pool::{Queues, SEQ_TAG};
 use mtm_protocol::{tag, Message};
-use mtm_schedule::{KeyTracker, Scheduler, TxnKeys};
+use mtm_schedule::{KeyTracker, Plan, Scheduler, TxnKeys};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::collections::VecDeque;
@@ -73,10 +73,7 @@ pub unsafe fn apply_session_settings(application_name: &str) {
 
 unsafe fn run(me: i32, peer: i32, conninfo: &str) {
     apply_session_settings(&format!("mtm_receiver_from_{peer}"));
-    let origin_name = CString::new(format!("mtm_node_{peer}")).expect("no NUL");
-    pg_sys::StartTransactionCommand();
-    let origin = pg_sys::replorigin_by_name(origin_name.as_ptr(), false);
-    pg_sys::CommitTransactionCommand();
+    let origin = crate::pool::origin_of(peer);
     let workers = crate::MAX_WORKERS.get().max(1) as usize;
     let queues = Queues::start(peer, workers);
     // Read after the old pool's workers (which held the origin) are gone.
@@ -286,13 +283,22 @@ impl Receiver {
         }
     }
 
-    /// Hands a whole transaction (ending at the peer's `end`) to the pool.
-    unsafe fn dispatch(&mut self, msgs: Vec<Vec<u8>>, keys: &TxnKeys, end: u64) {
+    /// Plans the next transaction, waits for what it must follow, and
+    /// starts it on its worker: the caller sends its messages there.
+    unsafe fn hand_over(&mut self, keys: &TxnKeys) -> Plan {
         self.scheduler.committed(self.queues.pool().committed.load(Acquire));
         let plan = self.scheduler.plan(keys);
         self.wait_committed(plan.wait_for);
         self.queues.pool().dispatched.store(plan.seq, Release);
-        self.send(plan.worker, &seq_message(plan.seq), false);
+        let mut seq = [SEQ_TAG; 9];
+        seq[1..].copy_from_slice(&plan.seq.to_be_bytes());
+        self.send(plan.worker, &seq, false);
+        plan
+    }
+
+    /// Hands a whole transaction (ending at the peer's `end`) to the pool.
+    unsafe fn dispatch(&mut self, msgs: Vec<Vec<u8>>, keys: &TxnKeys, end: u64) {
+        let plan = self.hand_over(keys);
         let last = msgs.len().saturating_sub(1);
         for (i, m) in msgs.iter().enumerate() {
             self.send(plan.worker, m, i == last);
@@ -306,13 +312,9 @@ impl Receiver {
     /// The current transaction is too big to hold: once everything
     /// before it has committed, stream it to one worker.
     unsafe fn start_streaming(&mut self) {
-        self.scheduler.committed(self.queues.pool().committed.load(Acquire));
-        let plan = self.scheduler.plan(&TxnKeys { barrier: true, ..Default::default() });
-        self.wait_committed(plan.wait_for);
-        self.queues.pool().dispatched.store(plan.seq, Release);
-        let mut txn = self.txn.take().expect("streaming a transaction");
         log!("multimaster: a transaction from node {} is over {} MB: streaming it to one apply worker", self.peer, STREAM_AT >> 20);
-        self.send(plan.worker, &seq_message(plan.seq), false);
+        let plan = self.hand_over(&TxnKeys { barrier: true, ..Default::default() });
+        let mut txn = self.txn.take().expect("streaming a transaction");
         for m in std::mem::take(&mut txn.held) {
             self.send(plan.worker, &m, false);
         }
@@ -420,10 +422,4 @@ impl Receiver {
         }
         self.last_feedback = Instant::now();
     }
-}
-
-fn seq_message(seq: u64) -> [u8; 9] {
-    let mut m = [SEQ_TAG; 9];
-    m[1..].copy_from_slice(&seq.to_be_bytes());
-    m
 }

@@ -102,7 +102,7 @@ fn pool_stats() -> TableIterator<
             if pid <= 0 || !crate::pid_alive(pid) {
                 return None;
             }
-            let n = p.n_workers.load(std::sync::atomic::Ordering::Acquire) as i32;
+            let n = p.workers() as i32;
             // (Counters are u64; the reference columns are int.)
             let head = p.committed.load(std::sync::atomic::Ordering::Acquire) as i32;
             let tail = p.dispatched.load(std::sync::atomic::Ordering::Acquire) as i32;
@@ -119,8 +119,7 @@ fn pool_workers(node_id: i32) -> i32 {
         return 0;
     }
     let p = pool::peer(node_id);
-    let n = (p.n_workers.load(std::sync::atomic::Ordering::Acquire) as usize).min(pool::MAX_WORKERS);
-    p.worker_pid[..n].iter().filter(|pid| {
+    p.worker_pid[..p.workers()].iter().filter(|pid| {
         let pid = pid.load(std::sync::atomic::Ordering::Acquire);
         pid > 0 && crate::pid_alive(pid)
     }).count() as i32

@@ -229,6 +229,16 @@ fn v_row(v: Vote) -> (String, Option<String>, Option<String>) {
     }
 }
 
+/// Five SQLSTATE characters packed as PostgreSQL does (MAKE_SQLSTATE);
+/// anything else is XX000 (internal_error).
+pub fn sqlstate_code(text: &str) -> i32 {
+    let b = text.as_bytes();
+    if b.len() != 5 || !b.iter().all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()) {
+        return sqlstate_code("XX000");
+    }
+    b.iter().enumerate().fold(0, |acc, (i, c)| acc | (((c - b'0') as i32 & 0x3F) << (6 * i)))
+}
+
 /// PostgreSQL's packed SQLSTATE as its five characters.
 pub fn sqlstate_text(code: i32) -> String {
     (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
@@ -242,5 +252,7 @@ mod tests {
         let pack = |s: &str| s.bytes().enumerate().fold(0i32, |acc, (i, c)| acc | (((c - b'0') as i32 & 0x3F) << (6 * i)));
         assert_eq!(super::sqlstate_text(pack("23505")), "23505");
         assert_eq!(super::sqlstate_text(pack("40P01")), "40P01");
+        assert_eq!(super::sqlstate_code("23505"), pack("23505"));
+        assert_eq!(super::sqlstate_code("bogus"), pack("XX000"));
     }
 }

@@ -10,7 +10,6 @@ use crate::pool::{Turn, SEQ_TAG};
 use mtm_protocol::Message;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::ffi::CString;
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -26,10 +25,7 @@ pub extern "C-unwind" fn mtm_apply_worker_main(arg: pg_sys::Datum) {
     // pg_guard above and ends the worker.
     unsafe {
         crate::receiver::apply_session_settings(&format!("mtm_apply_{peer}_{slot}"));
-        let origin_name = CString::new(format!("mtm_node_{peer}")).expect("no NUL");
-        pg_sys::StartTransactionCommand();
-        let origin = pg_sys::replorigin_by_name(origin_name.as_ptr(), false);
-        pg_sys::CommitTransactionCommand();
+        let origin = crate::pool::origin_of(peer);
         let Some((turn, mq)) = Turn::join(peer, slot as usize, epoch, arg.value() as u32, origin) else {
             return;
         };
@@ -85,17 +81,9 @@ unsafe fn handle(applier: &mut Applier, bytes: &[u8]) {
         }
     }))
     .catch_others(|e| {
-        // (A failed change was recorded with its own SQLSTATE by the
-        // applier; this records any other error, e.g. at commit.)
-        if !applier_recorded(&e) {
-            let (sqlstate, message) = crate::apply::describe(&e);
-            crate::status::record_apply_error(peer, &sqlstate, &message);
-        }
+        let (sqlstate, message) = crate::apply::describe(&e);
+        crate::status::record_apply_error(peer, &sqlstate, &message);
         e.rethrow()
     })
     .execute()
-}
-
-fn applier_recorded(e: &pg_sys::panic::CaughtError) -> bool {
-    crate::apply::describe(e).1.contains(crate::apply::RETRY_MARK)
 }

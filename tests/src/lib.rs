@@ -45,6 +45,20 @@ pub fn pgbench(port: u16, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// pgbench's tables at `scale` on a multimaster cluster whose nodes
+/// listen on `ports`: DDL is not replicated yet, so tables and keys are
+/// created on every node; the rows are loaded on the first node only and
+/// replicate. Panics with pgbench's output on failure.
+pub fn pgbench_tables(ports: &[u16], scale: u32) {
+    let scale = scale.to_string();
+    for &p in ports {
+        let (ok, out) = pgbench(p, &["-i", "-q", "-I", "dtp", "-s", &scale]);
+        assert!(ok, "pgbench -i on port {p}: {out}");
+    }
+    let (ok, out) = pgbench(ports[0], &["-i", "-q", "-I", "g", "-s", &scale]);
+    assert!(ok, "pgbench -i -I g on port {}: {out}", ports[0]);
+}
+
 /// A self-signed certificate and key for 127.0.0.1/localhost, made with
 /// the openssl command in `dir`; returns (cert, key).
 pub fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {

@@ -266,22 +266,12 @@ fn a_table_without_a_key_gets_a_clear_error_not_corruption() {
     assert_eq!(rows, ["a", "b"], "nothing guessed on node 2");
 }
 
-/// pgbench tables on every node (DDL is not replicated yet), rows from node 1.
-fn pgbench_tables(c: &TestCluster) {
-    for id in 1..=3 {
-        let (ok, out) = mtm_tests::pgbench(c.node(id).port, &["-i", "-I", "dtp", "-s", "1"]);
-        assert!(ok, "node{id}: {out}");
-    }
-    let (ok, out) = mtm_tests::pgbench(c.node(1).port, &["-i", "-I", "g", "-s", "1"]);
-    assert!(ok, "{out}");
-}
-
 const PGBENCH_TABLES: [&str; 4] = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"];
 
 #[test]
 fn pgbench_on_one_node_survives_a_killed_node_and_a_killed_apply_worker() {
     let c = TestCluster::start(3);
-    pgbench_tables(&c);
+    mtm_tests::pgbench_tables(&c.layout.node_ports, 1);
     // Few accounts, many clients: the pool gets both independent
     // transactions and ones that touch the same rows.
     let port = c.node(1).port;
