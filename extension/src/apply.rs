@@ -24,9 +24,9 @@ use std::collections::HashMap;
 use std::ffi::{c_char, CString};
 
 unsafe extern "C-unwind" {
-    // Not exported through pg_sys (twophase.h).
+    // Not exported through pg_sys (twophase.h); called only through
+    // pg_guard_ffi_boundary.
     fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
-    fn LookupGXact(gid: *const c_char, prepare_end_lsn: pg_sys::XLogRecPtr, origin_prepare_timestamp: pg_sys::TimestampTz) -> bool;
 }
 
 struct RemoteRelation {
@@ -160,7 +160,10 @@ impl Applier {
                     .execute();
                     let gid = gid.to_string_lossy().into_owned();
                     match prepared {
-                        Ok(()) => crate::votes::record(&gid, &crate::votes::Vote::Yes),
+                        Ok(()) => {
+                            crate::votes::record(&gid, &crate::votes::Vote::Yes);
+                            crate::votes::send(self.peer, &gid, None);
+                        }
                         Err((sqlstate, message)) => {
                             pg_sys::AbortCurrentTransaction();
                             self.vote_no(&gid, sqlstate, message, end_lsn);
@@ -169,31 +172,46 @@ impl Applier {
                     self.applied(end_lsn);
                 }
                 Message::CommitPrepared { end_lsn, commit_time, gid, .. } => {
-                    let gid = CString::new(gid).expect("gid without NUL");
                     self.turn.wait(self.seq);
-                    pg_sys::StartTransactionCommand();
-                    set_origin_progress(end_lsn, commit_time);
-                    FinishPreparedTransaction(gid.as_ptr(), true);
-                    pg_sys::CommitTransactionCommand();
-                    crate::votes::forget(&gid.to_string_lossy());
+                    self.finish_prepared(&gid, true, end_lsn, commit_time);
                     self.applied(end_lsn);
                 }
-                Message::RollbackPrepared { prepare_end_lsn, rollback_end_lsn, prepare_time, rollback_time, gid, .. } => {
-                    let gid = CString::new(gid).expect("gid without NUL");
+                Message::RollbackPrepared { rollback_end_lsn, rollback_time, gid, .. } => {
                     self.turn.wait(self.seq);
-                    pg_sys::StartTransactionCommand();
-                    // Prepared here only if its prepare was applied.
-                    if LookupGXact(gid.as_ptr(), prepare_end_lsn, prepare_time) {
-                        set_origin_progress(rollback_end_lsn, rollback_time);
-                        FinishPreparedTransaction(gid.as_ptr(), false);
-                    }
-                    pg_sys::CommitTransactionCommand();
-                    crate::votes::forget(&gid.to_string_lossy());
+                    self.finish_prepared(&gid, false, rollback_end_lsn, rollback_time);
                     self.applied(rollback_end_lsn);
                 }
                 Message::Message { .. } => {}
             }
         }
+    }
+
+    /// COMMIT PREPARED / ROLLBACK PREPARED of `gid`, if it is prepared
+    /// here. It may not be: its PREPARE failed here (this node voted no),
+    /// or a session on this node already finished it (a client's
+    /// `COMMIT PREPARED` can be run on any node). Either way there is
+    /// nothing to do but move past it, which is logged, never an error
+    /// that would stall the stream.
+    unsafe fn finish_prepared(&self, gid: &str, commit: bool, end_lsn: u64, time: pg_sys::TimestampTz) {
+        pg_sys::StartTransactionCommand();
+        set_origin_progress(end_lsn, time);
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let here = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        pg_sys::PopActiveSnapshot();
+        if here {
+            let c_gid = CString::new(gid).expect("gid without NUL");
+            // SAFETY: inside a transaction, main thread; an ERROR unwinds
+            // to the worker's guard through our frames.
+            pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| FinishPreparedTransaction(c_gid.as_ptr(), commit));
+        } else {
+            let what = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
+            log!("multimaster: {what} {gid} from node {}: not prepared here (already finished, or its prepare failed here); skipped", self.peer);
+        }
+        pg_sys::CommitTransactionCommand();
+        crate::votes::forget(gid);
     }
 
     /// A prepared transaction that could not be applied: this node votes
@@ -202,8 +220,9 @@ impl Applier {
     /// is applied again, and its ROLLBACK PREPARED follows.)
     unsafe fn vote_no(&self, gid: &str, sqlstate: String, message: String, end_lsn: u64) {
         warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
-        crate::votes::record(gid, &crate::votes::Vote::No { sqlstate, message });
+        crate::votes::record(gid, &crate::votes::Vote::No { sqlstate: sqlstate.clone(), message: message.clone() });
         pg_sys::replorigin_session_advance(end_lsn, pg_sys::GetXLogInsertRecPtr());
+        crate::votes::send(self.peer, gid, Some((sqlstate, message)));
     }
 
     /// Runs one change unless the transaction already failed; a failure

@@ -14,7 +14,11 @@
 //! - [`pool`]     — the apply pool's shared state and commit turns;
 //! - [`worker`]   — an apply worker's main loop;
 //! - [`apply`]    — applies decoded transactions through the executor;
-//! - [`votes`]    — this node's 2PC votes (shared memory) and `mtm.await_prepared`;
+//! - [`votes`]    — 2PC votes: cast after applying a peer's PREPARE and sent
+//!   back over the mesh; counted for this node's own prepares
+//!   (`mtm.await_votes`, the proxy's commit path);
+//! - [`xact`]     — whether a client transaction wrote (reported to the proxy)
+//!   and the guard against committing such a transaction on one node;
 //! - [`status`]   — apply errors and pool counters for `mtm.nodes()`,
 //!   `mtm.stat_bgwpool`, `mtm.status()`.
 
@@ -30,6 +34,7 @@ pub mod receiver;
 pub mod status;
 pub mod votes;
 pub mod worker;
+pub mod xact;
 
 pgrx::pg_module_magic!();
 
@@ -87,11 +92,14 @@ pub extern "C-unwind" fn _PG_init() {
     );
     // SAFETY: called once, while preloading, after defining our GUCs.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
+    xact::init();
     launcher::register();
     use pool::POOLS;
     use status::APPLY_ERRORS;
-    use votes::VOTES;
+    use votes::{MY_NODE, PEER_VOTES, VOTES};
     pgrx::pg_shmem_init!(VOTES);
+    pgrx::pg_shmem_init!(PEER_VOTES);
+    pgrx::pg_shmem_init!(MY_NODE);
     pgrx::pg_shmem_init!(POOLS);
     pgrx::pg_shmem_init!(APPLY_ERRORS);
 }

@@ -110,7 +110,9 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
         log!("multimaster: receiving from node {peer} at {} with {workers} apply workers", lsn(start));
     }
 
+    crate::votes::MY_NODE.get().store(me, Relaxed);
     let mut r = Receiver {
+        me,
         peer,
         funcs,
         conn,
@@ -146,6 +148,7 @@ struct Txn {
 }
 
 struct Receiver {
+    me: i32,
     peer: i32,
     funcs: &'static pg_sys::WalReceiverFunctionsType,
     conn: *mut pg_sys::WalReceiverConn,
@@ -242,7 +245,19 @@ impl Receiver {
                 let keys = self.scheduler.finish_prepared(&gid);
                 self.dispatch(vec![payload.to_vec()], &keys, end);
             }
-            tag::MESSAGE if self.txn.is_none() => {} // non-transactional: nothing to apply
+            tag::MESSAGE if self.txn.is_none() => {
+                // Non-transactional: nothing to apply; a vote on one of
+                // our prepared transactions is counted.
+                if let Message::Message { prefix, content, .. } = self.decode(payload) {
+                    if prefix == mtm_protocol::VOTE_PREFIX {
+                        match mtm_protocol::VoteMessage::decode(&content) {
+                            Ok(v) if v.coordinator == self.me => crate::votes::record_peer(&v),
+                            Ok(_) => {}
+                            Err(e) => warning!("multimaster: undecodable vote from node {}: {e}", self.peer),
+                        }
+                    }
+                }
+            }
             _ => self.in_transaction(t, payload),
         }
     }

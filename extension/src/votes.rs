@@ -1,16 +1,28 @@
-//! 2PC votes on this node, in shared memory. When a receiver applies a
-//! peer's transaction that ends in PREPARE, the outcome is this node's
-//! vote on its gid: yes (prepared here) or no (the apply failed: conflict,
-//! constraint, lock wait past `lock_timeout`, with its SQLSTATE and
-//! message). `mtm.await_prepared(gid, timeout_ms)` waits for the vote on
-//! its latch, which the receiver sets — no polling.
+//! 2PC votes, both ways.
 //!
-//! The table is small and fixed: a vote is forgotten when the transaction
-//! is committed or rolled back here, or, when the table is full, the
-//! oldest decided vote makes room.
+//! **Cast here.** When an apply worker applies a peer's transaction that
+//! ends in PREPARE, the outcome is this node's vote on its gid: yes
+//! (prepared and flushed here) or no (the apply failed: conflict,
+//! constraint, lock wait past `lock_timeout`, with its SQLSTATE and
+//! message). The vote is kept in [`VOTES`] (`mtm.await_prepared` reads it)
+//! and sent to the gid's home node by [`send`]: a non-transactional
+//! logical message in this node's WAL, which the home node's receiver
+//! from us decodes like any other change. So votes travel over the
+//! replication connections that already exist, and nobody holds a
+//! connection per commit.
+//!
+//! **Counted here.** The home node's receivers pass the votes they decode
+//! to [`record_peer`]; `mtm.await_votes(gid, timeout_ms)` — which the
+//! proxy runs right after its PREPARE — waits on its latch until every
+//! peer voted yes, one voted no, or time is up. The counting itself is
+//! the safe `mtm_schedule::tally` module.
 
+use mtm_protocol::VoteMessage;
+use mtm_schedule::tally::{Outcome, Tally};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PGRXSharedMemory, PgLwLock};
+use pgrx::{pg_sys, PGRXSharedMemory, PgAtomic, PgLwLock};
+use std::ffi::c_char;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 const SLOTS: usize = 256;
 const GID_MAX: usize = 200;
@@ -66,6 +78,27 @@ unsafe impl PGRXSharedMemory for VoteTable {}
 
 // SAFETY: the only lock with this name.
 pub static VOTES: PgLwLock<VoteTable> = unsafe { PgLwLock::new(c"multimaster votes") };
+
+/// The peers' votes on this node's prepared transactions.
+#[derive(Copy, Clone, Default)]
+pub struct PeerVotes(Tally);
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for PeerVotes {}
+
+// SAFETY: the only lock with this name.
+pub static PEER_VOTES: PgLwLock<PeerVotes> = unsafe { PgLwLock::new(c"multimaster peer votes") };
+
+/// This node's id, set by its receivers when they start (0: not yet), so
+/// apply workers can sign their votes without a catalog lookup.
+// SAFETY: the only shared memory with this name.
+pub static MY_NODE: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"multimaster node id") };
+
+unsafe extern "C-unwind" {
+    // replication/message.h; not exported through pg_sys. Called only
+    // through pg_guard_ffi_boundary.
+    fn LogLogicalMessage(prefix: *const c_char, message: *const c_char, size: usize, transactional: bool) -> pg_sys::XLogRecPtr;
+}
 
 /// What a node says about a gid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,8 +166,128 @@ pub fn record(gid: &str, vote: &Vote) {
         s.waiter
     };
     if waiter >= 0 {
-        // SAFETY: waiter is a valid pgprocno registered by await_prepared.
-        unsafe { pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(waiter as usize)).procLatch) };
+        set_latch_of(waiter);
+    }
+}
+
+/// Sends this node's vote on `gid`, prepared on `coordinator`, to it: a
+/// non-transactional logical message, logged without the replication
+/// origin of the transaction being applied (the coordinator's walsender
+/// filters its own origin out) and flushed, so the vote leaves at once —
+/// and, for a yes, only after the PREPARE before it is on disk.
+///
+/// # Safety
+/// From an apply worker's main thread, outside a transaction.
+pub unsafe fn send(coordinator: i32, gid: &str, refusal: Option<(String, String)>) {
+    let voter = MY_NODE.get().load(Ordering::Relaxed);
+    let content = VoteMessage { coordinator, voter, gid: gid.to_string(), refusal }.to_bytes();
+    let prefix = std::ffi::CString::new(mtm_protocol::VOTE_PREFIX).expect("no NUL");
+    let saved = pg_sys::replorigin_session_origin;
+    pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+    let end = log_message(&prefix, &content, false);
+    pg_sys::replorigin_session_origin = saved;
+    pg_sys::XLogFlush(end);
+}
+
+/// Writes a logical message to the WAL (decoded by the peers' walsenders).
+///
+/// # Safety
+/// From a backend's main thread; a transactional message inside a
+/// transaction.
+pub unsafe fn log_message(prefix: &std::ffi::CStr, content: &[u8], transactional: bool) -> pg_sys::XLogRecPtr {
+    // SAFETY: main thread; an ERROR becomes a Rust panic that unwinds
+    // through our frames to the caller's guard instead of jumping over them.
+    pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+        LogLogicalMessage(prefix.as_ptr(), content.as_ptr() as *const c_char, content.len(), transactional)
+    })
+}
+
+/// A peer's vote, decoded from its stream by our receiver from it.
+pub fn record_peer(vote: &VoteMessage) {
+    let refusal = vote.refusal.as_ref().map(|(c, m)| (c.as_str(), m.as_str()));
+    let waiter = match PEER_VOTES.exclusive().0.record(&vote.gid, vote.voter, refusal) {
+        Ok(w) => w,
+        Err(e) => {
+            warning!("multimaster: vote of node {} on {} dropped: {e}", vote.voter, vote.gid);
+            return;
+        }
+    };
+    if let Some(w) = waiter {
+        set_latch_of(w);
+    }
+}
+
+fn set_latch_of(pgprocno: i32) {
+    // SAFETY: pgprocno was registered by a live backend of this server;
+    // PGPROC entries are in shared memory for the server's life.
+    unsafe { pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(pgprocno as usize)).procLatch) };
+}
+
+/// Frees the gid's slot when `await_votes` returns or fails.
+struct Awaiting<'a>(&'a str);
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        PEER_VOTES.exclusive().0.release(self.0);
+    }
+}
+
+/// Waits up to `timeout_ms` for every peer's vote on `gid`, prepared on
+/// this node. `ok` is true when all voted yes; otherwise `node` is the
+/// peer that voted no (with its SQLSTATE and message) or that did not
+/// vote in time (SQLSTATE 40001, "did not vote"), or this node if `gid`
+/// is not prepared here.
+#[pg_extern]
+fn await_votes(
+    gid: &str,
+    timeout_ms: i32,
+) -> TableIterator<'static, (name!(ok, bool), name!(node, i32), name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+    let me = Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten().unwrap_or(0);
+    let prepared = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if !prepared {
+        return TableIterator::once((false, me, Some("40001".into()), Some(format!("transaction {gid} is not prepared on node {me}"))));
+    }
+    let peers: Vec<i32> = Spi::connect(|c| {
+        c.select("SELECT id FROM mtm.cluster_nodes WHERE NOT is_self ORDER BY id", None, &[])
+            .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
+            .unwrap_or_default()
+    });
+    // SAFETY: MyProc is this backend's PGPROC.
+    let me_proc = unsafe { (*pg_sys::MyProc).pgprocno };
+    if let Err(e) = PEER_VOTES.exclusive().0.wait(gid, me_proc) {
+        error!("multimaster: cannot wait for votes on {gid}: {e}");
+    }
+    let _slot = Awaiting(gid);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    loop {
+        let outcome = PEER_VOTES.share().0.outcome(gid, &peers);
+        let row = match outcome {
+            Outcome::Yes => (true, me, None, None),
+            Outcome::No { node, sqlstate, message } => (false, node, Some(sqlstate), Some(message)),
+            Outcome::Pending { missing } => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if !left.is_zero() {
+                    // SAFETY: waiting on our own latch, as any backend does.
+                    unsafe {
+                        pg_sys::WaitLatch(
+                            pg_sys::MyLatch,
+                            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                            left.as_millis().max(1) as i64,
+                            pg_sys::PG_WAIT_EXTENSION,
+                        );
+                        pg_sys::ResetLatch(pg_sys::MyLatch);
+                    }
+                    pg_sys::check_for_interrupts!();
+                    continue;
+                }
+                let node = missing[0];
+                (false, node, Some("40001".into()), Some(format!("node {node} did not vote on {gid} within {timeout_ms} ms")))
+            }
+        };
+        return TableIterator::once(row);
     }
 }
 

@@ -310,6 +310,59 @@ impl Message {
     }
 }
 
+/// Prefix of the non-transactional logical message that carries a node's
+/// 2PC vote on a gid back to the gid's coordinator (its home node), over
+/// the ordinary replication stream.
+pub const VOTE_PREFIX: &str = "mtm_vote";
+
+/// A node's vote on a prepared transaction of another node (the content
+/// of a [`VOTE_PREFIX`] message; layout in `extension/PROTOCOL.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoteMessage {
+    /// The node the gid was prepared on, which counts the votes.
+    pub coordinator: i32,
+    /// The node that voted.
+    pub voter: i32,
+    pub gid: String,
+    /// None: yes (prepared and flushed on the voter). Some: no, with the
+    /// SQLSTATE and message of the failed apply.
+    pub refusal: Option<(String, String)>,
+}
+
+impl VoteMessage {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.gid.len());
+        put_i32(&mut out, self.coordinator);
+        put_i32(&mut out, self.voter);
+        put_str(&mut out, &self.gid);
+        match &self.refusal {
+            None => put_u8(&mut out, b'Y'),
+            Some((sqlstate, message)) => {
+                put_u8(&mut out, b'N');
+                put_str(&mut out, sqlstate);
+                put_str(&mut out, message);
+            }
+        }
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<VoteMessage, DecodeError> {
+        let mut r = Reader(buf);
+        let coordinator = r.i32()?;
+        let voter = r.i32()?;
+        let gid = r.string()?;
+        let refusal = match r.u8()? {
+            b'Y' => None,
+            b'N' => Some((r.string()?, r.string()?)),
+            marker => return Err(DecodeError::BadMarker { what: "vote", marker }),
+        };
+        if !r.0.is_empty() {
+            return Err(DecodeError::Trailing(r.0.len()));
+        }
+        Ok(VoteMessage { coordinator, voter, gid, refusal })
+    }
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -427,5 +480,16 @@ mod tests {
     fn layout_is_big_endian_and_length_prefixed() {
         let b = Message::Origin { origin_lsn: 1, name: "ab".into() }.to_bytes();
         assert_eq!(b, vec![b'O', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, b'a', b'b']);
+    }
+
+    #[test]
+    fn vote_messages_round_trip() {
+        for v in [
+            VoteMessage { coordinator: 1, voter: 3, gid: "mtm-1-2".into(), refusal: None },
+            VoteMessage { coordinator: 2, voter: 1, gid: "x".into(), refusal: Some(("55P03".into(), "lock timeout".into())) },
+        ] {
+            assert_eq!(VoteMessage::decode(&v.to_bytes()), Ok(v.clone()));
+        }
+        assert!(VoteMessage::decode(&[0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, b'?']).is_err());
     }
 }

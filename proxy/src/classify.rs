@@ -138,6 +138,189 @@ impl Classifier {
     }
 }
 
+/// What a statement means for the commit path ([`crate::relay`]). Decided
+/// by keywords, without parsing: it only chooses whether the proxy opens a
+/// transaction around an autocommit statement. Whether a transaction
+/// really wrote is the node's word (`multimaster.xact_writes`), and a
+/// write the proxy did not expect is refused by the node, never lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    /// Cannot write replicated rows, or cannot run in a transaction block
+    /// (VACUUM, CREATE DATABASE...): runs as sent.
+    Read,
+    /// May write: in autocommit the proxy wraps it in a transaction so it
+    /// can commit it with the cluster's two-phase commit.
+    Write,
+    /// COMMIT or END of a transaction block.
+    Commit,
+    /// `PREPARE TRANSACTION 'gid'`: the client's own two-phase commit.
+    PrepareTransaction(String),
+    /// BEGIN, ROLLBACK, SAVEPOINT, COMMIT PREPARED, COMMIT AND CHAIN...:
+    /// forwarded as sent.
+    TransactionControl,
+}
+
+/// Statements that only read, or that PostgreSQL refuses inside a
+/// transaction block (so must never be wrapped in one).
+const READS: &[&str] = &[
+    "SELECT", "VALUES", "TABLE", "SHOW", "SET", "RESET", "FETCH", "MOVE", "CLOSE", "DECLARE", "DEALLOCATE",
+    "DISCARD", "LISTEN", "UNLISTEN", "NOTIFY", "LOAD", "CHECKPOINT", "VACUUM",
+];
+
+/// Functions (and keywords written like calls) that a SELECT may use and
+/// still be taken for a read. Anything else called from a SELECT may
+/// write, so the statement is wrapped (one extra round trip, no risk).
+const READ_CALLS: &[&str] = &[
+    "count", "sum", "avg", "min", "max", "now", "coalesce", "nullif", "greatest", "least", "lower", "upper",
+    "length", "char_length", "substr", "substring", "position", "trim", "btrim", "ltrim", "rtrim", "replace",
+    "concat", "concat_ws", "format", "left", "right", "abs", "round", "floor", "ceil", "ceiling", "trunc", "mod",
+    "power", "sqrt", "random", "md5", "sha256", "encode", "decode", "to_char", "to_date", "to_timestamp",
+    "to_number", "date_trunc", "date_part", "extract", "age", "array_agg", "string_agg", "json_agg",
+    "jsonb_agg", "json_build_object", "jsonb_build_object", "row_to_json", "to_json", "to_jsonb",
+    "array_length", "unnest", "generate_series", "row_number", "rank", "dense_rank", "lag", "lead",
+    "bool_and", "bool_or", "every", "version", "current_setting", "current_database", "current_schema",
+    "current_user", "session_user", "txid_current", "nextval", "currval", "setval", "lastval", "exists", "in",
+    "any", "all", "some", "values", "cast", "over", "filter", "within", "row", "array", "interval", "numeric",
+    "decimal", "varchar", "char", "character", "timestamp", "timestamptz", "time", "bit", "float", "select",
+    "from", "join", "on", "using", "as", "and", "or", "not", "where", "lateral", "is", "like", "ilike",
+    "similar", "between", "case", "when", "then", "else", "by", "distinct", "having", "limit", "offset",
+    "union", "intersect", "except", "with", "recursive", "for", "of", "nowait", "tablesample", "rows",
+    "range", "groups", "partition", "order", "group",
+];
+
+/// The [`Intent`] of a statement (or of a multi-statement string).
+pub fn intent(sql: &str) -> Intent {
+    if has_inner_semicolon(sql) {
+        let pieces: Vec<Intent> = sql.split(';').filter(|p| !p.trim().is_empty()).map(single_intent).collect();
+        return if pieces.iter().any(|i| !matches!(i, Intent::Read | Intent::Write)) {
+            Intent::TransactionControl
+        } else if pieces.iter().all(|i| *i == Intent::Read) {
+            Intent::Read
+        } else {
+            Intent::Write
+        };
+    }
+    single_intent(sql)
+}
+
+fn single_intent(sql: &str) -> Intent {
+    let Some(kw) = first_keyword(sql) else { return Intent::Read };
+    let upper = sql.to_ascii_uppercase();
+    let words: Vec<&str> = upper.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| !w.is_empty()).collect();
+    let has = |w: &str| words.contains(&w);
+    match kw.as_str() {
+        "COMMIT" | "END" => {
+            if has("PREPARED") || (has("CHAIN") && !has("NO")) {
+                Intent::TransactionControl
+            } else {
+                Intent::Commit
+            }
+        }
+        "PREPARE" if is_prepare_transaction(sql) => match quoted_literal(sql) {
+            Some(gid) => Intent::PrepareTransaction(gid),
+            None => Intent::TransactionControl,
+        },
+        "PREPARE" => Intent::Read,
+        "BEGIN" | "START" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => Intent::TransactionControl,
+        "EXPLAIN" if !has("ANALYZE") && !has("ANALYSE") => Intent::Read,
+        "COPY" => {
+            let query_copy = upper.find("COPY").is_some_and(|p| upper[p + 4..].trim_start().starts_with('('));
+            if query_copy || !has("FROM") {
+                Intent::Read
+            } else {
+                Intent::Write
+            }
+        }
+        "CREATE" | "DROP" | "REINDEX" if has("CONCURRENTLY") || has("DATABASE") || has("TABLESPACE") => Intent::Read,
+        "ALTER" if has("SYSTEM") || (has("DATABASE") && words.get(1) == Some(&"DATABASE")) => Intent::Read,
+        "CLUSTER" if words.len() == 1 => Intent::Read,
+        "WITH" if has("INSERT") || has("UPDATE") || has("DELETE") || has("MERGE") => Intent::Write,
+        "SELECT" | "WITH" | "VALUES" | "TABLE" => {
+            if has("INTO") || calls_unknown_function(sql) {
+                Intent::Write
+            } else {
+                Intent::Read
+            }
+        }
+        k if READS.contains(&k) => Intent::Read,
+        _ => Intent::Write,
+    }
+}
+
+/// The first '…' literal of a statement, unescaped.
+fn quoted_literal(sql: &str) -> Option<String> {
+    let start = sql.find('\'')? + 1;
+    let mut out = String::new();
+    let mut chars = sql[start..].chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\'' {
+            if chars.peek() == Some(&'\'') {
+                chars.next();
+                out.push('\'');
+            } else {
+                return Some(out);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    None
+}
+
+/// Whether the statement calls something not in [`READ_CALLS`]: an
+/// identifier followed by '(' outside string literals.
+fn calls_unknown_function(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\'' => {
+                i += 1;
+                while i < b.len() && b[i] != b'\'' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'"' => {
+                // A quoted name called as a function is not a builtin.
+                let end = sql[i + 1..].find('"').map_or(b.len(), |p| i + 1 + p + 1);
+                if sql[end..].trim_start().starts_with('(') {
+                    return true;
+                }
+                i = end;
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.' || b[i] == b'$') {
+                    i += 1;
+                }
+                if sql[i..].trim_start().starts_with('(') {
+                    let name = sql[start..i].to_ascii_lowercase();
+                    let (schema, bare) = match name.rsplit_once('.') {
+                        Some((s, n)) => (Some(s.to_string()), n.to_string()),
+                        None => (None, name.clone()),
+                    };
+                    let builtin = match schema.as_deref() {
+                        Some("pg_catalog") | Some("mtm") => true,
+                        Some(_) => false,
+                        None => READ_CALLS.contains(&bare.as_str()) || bare.starts_with("pg_"),
+                    };
+                    if !builtin {
+                        return true;
+                    }
+                }
+            }
+            c if c.is_ascii_digit() => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    false
+}
+
 /// The first keyword, upper-cased, after whitespace, comments and '('.
 pub fn first_keyword(sql: &str) -> Option<String> {
     let b = sql.as_bytes();
@@ -239,5 +422,39 @@ mod tests {
         assert_eq!(first_keyword("((select 1))").as_deref(), Some("SELECT"));
         assert_eq!(first_keyword("/* unterminated"), None);
         assert_eq!(first_keyword("-- only a comment"), None);
+    }
+
+    #[test]
+    fn intents_for_the_commit_path() {
+        assert_eq!(intent("SELECT abalance FROM pgbench_accounts WHERE aid = $1;"), Intent::Read);
+        assert_eq!(intent("select count(*), max(x) from t where y in (1, 2)"), Intent::Read);
+        assert_eq!(intent("select 'f(' from t"), Intent::Read);
+        assert_eq!(intent("select my_upsert(1)"), Intent::Write);
+        assert_eq!(intent("select public.f()"), Intent::Write);
+        assert_eq!(intent("select pg_catalog.now(), mtm.status()"), Intent::Read);
+        assert_eq!(intent("select * into t2 from t"), Intent::Write);
+        assert_eq!(intent("with x as (delete from t returning *) select * from x"), Intent::Write);
+        assert_eq!(intent("insert into t values (1)"), Intent::Write);
+        assert_eq!(intent("UPDATE t SET v = 1"), Intent::Write);
+        assert_eq!(intent("copy t from stdin"), Intent::Write);
+        assert_eq!(intent("copy t to stdout"), Intent::Read);
+        assert_eq!(intent("copy (select * from t) to stdout"), Intent::Read);
+        assert_eq!(intent("create table t(id int)"), Intent::Write);
+        assert_eq!(intent("vacuum t"), Intent::Read);
+        assert_eq!(intent("create index concurrently i on t(x)"), Intent::Read);
+        assert_eq!(intent("commit"), Intent::Commit);
+        assert_eq!(intent("END;"), Intent::Commit);
+        assert_eq!(intent("commit and no chain"), Intent::Commit);
+        assert_eq!(intent("commit and chain"), Intent::TransactionControl);
+        assert_eq!(intent("commit prepared 'x'"), Intent::TransactionControl);
+        assert_eq!(intent("prepare transaction 'it''s'"), Intent::PrepareTransaction("it's".into()));
+        assert_eq!(intent("prepare s as insert into t values ($1)"), Intent::Read);
+        assert_eq!(intent("begin"), Intent::TransactionControl);
+        assert_eq!(intent("insert into t values (1); insert into t values (2)"), Intent::Write);
+        assert_eq!(intent("select 1; select 2"), Intent::Read);
+        assert_eq!(intent("begin; insert into t values (1); commit"), Intent::TransactionControl);
+        assert_eq!(intent(""), Intent::Read);
+        assert_eq!(intent("explain analyze delete from t"), Intent::Write);
+        assert_eq!(intent("explain select 1"), Intent::Read);
     }
 }

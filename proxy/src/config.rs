@@ -25,6 +25,8 @@ pub struct Config {
     pub routing: Routing,
     #[serde(default)]
     pub classify: Classify,
+    #[serde(default)]
+    pub commit: Commit,
     /// The cluster's nodes, in node-id order.
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
@@ -199,6 +201,22 @@ pub struct Classify {
     pub remote_functions: Vec<String>,
 }
 
+/// The cluster's two-phase commit, which the proxy coordinates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Commit {
+    /// How long a prepared transaction waits for every peer's vote before
+    /// it is rolled back (the client gets 40001).
+    #[serde(with = "humantime_serde")]
+    pub vote_timeout: Duration,
+}
+
+impl Default for Commit {
+    fn default() -> Self {
+        Commit { vote_timeout: Duration::from_secs(10) }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -243,6 +261,9 @@ impl Config {
         }
         if matches!(self.auth.method, AuthMethod::Md5 | AuthMethod::ScramSha256) && self.auth.users_file.is_none() {
             anyhow::bail!("auth.method {:?} needs auth.users_file", self.auth.method);
+        }
+        if self.commit.vote_timeout.is_zero() {
+            anyhow::bail!("commit.vote_timeout must be more than 0s");
         }
         if self.limits.max_message_size < 1024 {
             anyhow::bail!("limits.max_message_size must be at least 1024");

@@ -10,10 +10,14 @@
 //! - [`backend`]  — opening a session on a node (startup, auth, key data);
 //! - [`router`]   — node health state and the routing policy;
 //! - [`health`]   — the background health checks;
-//! - [`classify`] — statement classes (DDL, transaction, remote function, other);
+//! - [`classify`] — statement classes (DDL, transaction, remote function, other) and
+//!   what a statement means for the commit path (read, write, commit...);
 //! - [`pause`]    — the hold/release gate at transaction boundaries;
 //! - [`cancel`]   — proxy cancel keys → node backend keys;
-//! - [`session`]  — one client session, login to close, and the forwarding loop;
+//! - [`login`]    — startup, authentication and the choice of a home node;
+//! - [`session`]  — one client session from login to close, transaction-boundary bookkeeping;
+//! - [`relay`]    — the forwarding loop: units, the proxy's own statements, held replies;
+//! - [`commit`]   — the cluster's two-phase commit: what is sent, how answers read;
 //! - [`admin`]    — the admin console (SHOW, PAUSE, RESUME, RELOAD);
 //! - [`state`]    — what sessions share; reload;
 //! - [`server`]   — listeners, metrics endpoint, signals.
@@ -23,11 +27,14 @@ pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod classify;
+pub mod commit;
 pub mod config;
 pub mod health;
+pub mod login;
 pub mod net;
 pub mod pause;
 pub mod router;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod startup;

@@ -1,47 +1,21 @@
-//! One client session: startup (TLS, cancel, limits), authentication, the
-//! choice of a home node, then the forwarding loop until either side
-//! closes.
-//!
-//! The loop runs two halves concurrently — client→node and node→client —
-//! so a full socket buffer on one side never stalls the other (a pipelined
-//! client and a node writing results cannot deadlock). Client messages are
-//! cut into frames and forwarded as read; node messages are forwarded as
-//! read while a scanner notes each ReadyForQuery. A transaction boundary is
-//! where the pause gate is entered (first message sent while idle) and
-//! exited (ReadyForQuery 'I' with nothing pending): the place where the
-//! 2PC commit path and generation switches hook in.
+//! One client session from accept to close: login ([`crate::login`]),
+//! the hello the client gets from its node, the relay
+//! ([`crate::relay`]) until either side ends, and the bookkeeping around
+//! it — the session's transaction boundaries for the pause gate, the admin
+//! console and metrics ([`Tracker`]).
 
-use crate::auth;
-use crate::backend::{self, ConnectError, NodeAuth, ServerConn};
-use crate::config::{AuthMethod, ClientTlsMode};
-use crate::net::frame::{parse_text, query_text, FrameError, FrameIoError, FrameReader};
+use crate::config::AuthMethod;
+use crate::login::{login, refuse, Established, Login};
+use crate::net::frame::{FrameError, BodyReader};
 use crate::net::messages::{self, PgError};
-use crate::net::scan::{BackendScanner, Events};
 use crate::net::stream::{ClientStream, ServerStream};
-use crate::router::NodeLease;
-use crate::startup::{read_startup, StartupError, StartupPacket};
+use crate::relay::{pump, XACT_WRITES};
 use crate::state::{session_state, Reloadable, SessionInfo, Shared, SocketAddrOrUnix};
 use bytes::BytesMut;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-/// What login produced.
-enum Login {
-    /// Nothing more to do (a cancel request, or an error already sent).
-    Done,
-    Session(Box<Established>),
-    Admin(ClientStream, String),
-}
-
-struct Established {
-    client: ClientStream,
-    server: ServerConn,
-    lease: NodeLease,
-    user: String,
-    database: String,
-}
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
 
 /// Entry point for an accepted connection.
 pub async fn run(client: ClientStream, peer: SocketAddrOrUnix, shared: Arc<Shared>) {
@@ -63,209 +37,8 @@ pub async fn run(client: ClientStream, peer: SocketAddrOrUnix, shared: Arc<Share
 }
 
 /// Counts an error sent to a client under its SQLSTATE class.
-fn count_error(sqlstate: &str) {
+pub fn count_error(sqlstate: &str) {
     metrics::counter!("mtm_proxy_errors_total", "sqlstate_class" => sqlstate.get(..2).unwrap_or("XX").to_string()).increment(1);
-}
-
-/// Sends a FATAL error to the client and logs it.
-async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, peer: &SocketAddrOrUnix, err: &PgError) {
-    tracing::info!(%peer, code = err.code, "{}", err.message);
-    count_error(err.code);
-    let _ = client.write_all(&err.encode()).await;
-    let _ = client.flush().await;
-}
-
-async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &Arc<Shared>, live: &Reloadable) -> Login {
-    // 1. The startup packet, after an optional TLS upgrade.
-    let params = loop {
-        match read_startup(&mut client).await {
-            Ok(StartupPacket::SslRequest) => {
-                let acceptor = live.acceptor.clone();
-                client = match (client, acceptor) {
-                    (ClientStream::Tcp(mut tcp), Some(acceptor)) => {
-                        if tcp.write_all(b"S").await.is_err() {
-                            return Login::Done;
-                        }
-                        match acceptor.accept(tcp).await {
-                            Ok(tls) => ClientStream::Tls(Box::new(tls)),
-                            Err(e) => {
-                                tracing::info!(%peer, "TLS handshake failed: {e}");
-                                return Login::Done;
-                            }
-                        }
-                    }
-                    (ClientStream::Tls(_), _) => {
-                        tracing::info!(%peer, "SSLRequest inside TLS");
-                        return Login::Done;
-                    }
-                    (mut other, _) => {
-                        if other.write_all(b"N").await.is_err() {
-                            return Login::Done;
-                        }
-                        other
-                    }
-                };
-            }
-            Ok(StartupPacket::GssEncRequest) => {
-                if client.write_all(b"N").await.is_err() {
-                    return Login::Done;
-                }
-            }
-            Ok(StartupPacket::Cancel { pid, secret }) => {
-                shared.cancels.cancel((pid, secret)).await;
-                return Login::Done;
-            }
-            Ok(StartupPacket::Startup { params, .. }) => break params,
-            Err(StartupError::Closed) => return Login::Done,
-            Err(StartupError::Io(e)) => {
-                tracing::debug!(%peer, "startup read failed: {e}");
-                return Login::Done;
-            }
-            Err(e @ StartupError::UnsupportedProtocol { .. }) => {
-                refuse(&mut client, peer, &PgError::fatal("0A000", e.to_string())).await;
-                return Login::Done;
-            }
-            Err(e) => {
-                let msg = match e {
-                    StartupError::BadLength(_) => "invalid length of startup packet".to_string(),
-                    other => other.to_string(),
-                };
-                refuse(&mut client, peer, &PgError::fatal("08P01", msg)).await;
-                return Login::Done;
-            }
-        }
-    };
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let user = get("user").unwrap_or_default();
-    let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-
-    // 2. Limits and TLS policy.
-    if live.config.tls.mode == ClientTlsMode::Require && !client.is_tls() && !matches!(peer, SocketAddrOrUnix::Unix) {
-        let e = PgError::fatal("28000", format!("connection without TLS refused for user \"{user}\""))
-            .with_hint("The proxy requires TLS (tls.mode = require); connect with sslmode=require.");
-        refuse(&mut client, peer, &e).await;
-        return Login::Done;
-    }
-    if shared.clients.load(Ordering::Relaxed) > live.config.limits.max_client_connections {
-        refuse(&mut client, peer, &PgError::fatal("53300", "sorry, too many clients already")).await;
-        return Login::Done;
-    }
-    if shared.shutting_down.load(Ordering::Relaxed) {
-        refuse(&mut client, peer, &PgError::fatal("57P03", "the proxy is shutting down")).await;
-        return Login::Done;
-    }
-
-    // 3. The admin console.
-    let method = live.config.auth.method;
-    if database == live.config.proxy.admin_database {
-        if !live.config.proxy.admin_users.contains(&user) {
-            let e = PgError::fatal("28000", format!("user \"{user}\" may not use the admin console"))
-                .with_hint("List the user in proxy.admin_users.");
-            refuse(&mut client, peer, &e).await;
-            return Login::Done;
-        }
-        if method == AuthMethod::Passthrough {
-            // Let a node check the password, then drop that session.
-            let health_db = live.config.backend.health_database.clone();
-            let p = vec![("user".to_string(), user.clone()), ("database".to_string(), health_db)];
-            return match connect_any(shared, &p, NodeAuth::Relay(&mut client)).await {
-                Ok((server, _lease)) => {
-                    drop(server);
-                    Login::Admin(client, user)
-                }
-                Err(e) => {
-                    report_connect_error(&mut client, peer, e).await;
-                    Login::Done
-                }
-            };
-        }
-        return match auth::authenticate(&mut client, method, &live.users, &user).await {
-            Ok(_) => {
-                if client.write_all(&messages::auth_ok()).await.is_err() {
-                    return Login::Done;
-                }
-                Login::Admin(client, user)
-            }
-            Err(auth::AuthError::Pg(e)) => {
-                refuse(&mut client, peer, &e).await;
-                Login::Done
-            }
-            Err(auth::AuthError::Io(_)) => Login::Done,
-        };
-    }
-
-    // 4. Authenticate at the proxy (unless the node does it), then open the
-    //    session on a node.
-    let password = if method == AuthMethod::Passthrough {
-        None
-    } else {
-        match auth::authenticate(&mut client, method, &live.users, &user).await {
-            Ok(p) => p.or_else(|| live.config.backend.password.clone()),
-            Err(auth::AuthError::Pg(e)) => {
-                refuse(&mut client, peer, &e).await;
-                return Login::Done;
-            }
-            Err(auth::AuthError::Io(_)) => return Login::Done,
-        }
-    };
-    let connected = if method == AuthMethod::Passthrough {
-        connect_any(shared, &params, NodeAuth::Relay(&mut client)).await
-    } else {
-        connect_any::<ClientStream>(shared, &params, NodeAuth::Password { user: &user, password: password.as_deref() }).await
-    };
-    let (server, lease) = match connected {
-        Ok(x) => x,
-        Err(e) => {
-            report_connect_error(&mut client, peer, e).await;
-            return Login::Done;
-        }
-    };
-    Login::Session(Box::new(Established { client, server, lease, user, database }))
-}
-
-async fn report_connect_error<S: AsyncWrite + Unpin>(client: &mut S, peer: &SocketAddrOrUnix, e: ConnectError) {
-    match e {
-        ConnectError::Refused { raw, code, message } => {
-            tracing::info!(%peer, %code, "node refused the session: {message}");
-            count_error(&code);
-            let _ = client.write_all(&raw).await;
-        }
-        ConnectError::Proxy(pg) => refuse(client, peer, &pg).await,
-        ConnectError::Unreachable(msg) => {
-            let e = PgError::fatal("57P03", "no cluster node is available")
-                .with_hint(format!("Every healthy node failed to accept the session (last: {msg}); see SHOW NODES in the admin console."));
-            refuse(client, peer, &e).await;
-        }
-        ConnectError::Client(msg) => tracing::info!(%peer, "client left during authentication: {msg}"),
-    }
-}
-
-/// Opens the session on a healthy node chosen by the router, trying the
-/// others if one turns out to be unreachable.
-async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
-    shared: &Shared,
-    params: &[(String, String)],
-    mut auth: NodeAuth<'_, C>,
-) -> Result<(ServerConn, NodeLease), ConnectError> {
-    let mut tried = Vec::new();
-    let mut last = ConnectError::Unreachable("every node is marked down".into());
-    while let Some((idx, lease)) = shared.router.pick(&tried) {
-        tried.push(idx);
-        let node = &lease.node.config;
-        let attempt = match &mut auth {
-            NodeAuth::Relay(c) => NodeAuth::Relay(&mut **c),
-            NodeAuth::Password { user, password } => NodeAuth::Password { user, password: *password },
-        };
-        match backend::connect(&node.addr(), &node.host, &shared.backend, params, attempt).await {
-            Ok(conn) => return Ok((conn, lease)),
-            Err(ConnectError::Unreachable(msg)) => {
-                lease.node.mark_down(&msg);
-                last = ConnectError::Unreachable(msg);
-            }
-            Err(other) => return Err(other),
-        }
-    }
-    Err(last)
 }
 
 /// Sends the client what completes its login, then forwards until the end.
@@ -281,7 +54,7 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
     if live.config.auth.method != AuthMethod::Passthrough {
         hello.extend_from_slice(&messages::auth_ok());
     }
-    hello.extend_from_slice(&server.startup_messages);
+    hello.extend_from_slice(&without_parameter(&server.startup_messages, XACT_WRITES));
     hello.extend_from_slice(&messages::backend_key_data(key.0, key.1));
     hello.extend_from_slice(&messages::ready_for_query(server.status));
     let info = shared.register_session(peer.clone(), &user, &database, &node_name);
@@ -296,12 +69,12 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
             (ClientStream::Tcp(c), ServerStream::Tcp(s)) => {
                 let (cr, cw) = c.split();
                 let (sr, sw) = s.split();
-                pump(cr, cw, sr, sw, &ctx).await
+                pump(cr, cw, sr, sw, &ctx, server.status).await
             }
             (c, s) => {
                 let (cr, cw) = tokio::io::split(c);
                 let (sr, sw) = tokio::io::split(s);
-                pump(cr, cw, sr, sw, &ctx).await
+                pump(cr, cw, sr, sw, &ctx, server.status).await
             }
         };
         ctx.tracker.finish();
@@ -332,8 +105,9 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
     tracing::debug!(%peer, node = %node_name, ?end, "session ended");
 }
 
+/// Why a session ended.
 #[derive(Debug)]
-enum End {
+pub enum End {
     ClientClosed,
     ClientTerminated,
     ClientIo,
@@ -345,13 +119,13 @@ enum End {
 }
 
 /// Per-session handles so the hot path does no metric lookups.
-struct PumpCtx<'a> {
-    shared: &'a Shared,
-    live: &'a Reloadable,
-    tracker: Tracker<'a>,
-    queries_by_class: [metrics::Counter; 4],
-    bytes_in: metrics::Counter,
-    bytes_out: metrics::Counter,
+pub struct PumpCtx<'a> {
+    pub shared: &'a Shared,
+    pub live: &'a Reloadable,
+    pub tracker: Tracker<'a>,
+    pub queries_by_class: [metrics::Counter; 4],
+    pub bytes_in: metrics::Counter,
+    pub bytes_out: metrics::Counter,
 }
 
 impl<'a> PumpCtx<'a> {
@@ -380,6 +154,8 @@ impl<'a> PumpCtx<'a> {
 
 #[derive(Debug, Default)]
 struct TrackState {
+    /// When the session last became idle (no transaction, nothing pending).
+    idle_since: Option<Instant>,
     /// Between the first message sent while idle and ReadyForQuery 'I'.
     in_flight: bool,
     /// Sync/Query/FunctionCall sent whose ReadyForQuery has not come back.
@@ -389,9 +165,9 @@ struct TrackState {
 
 /// Follows the session's transaction boundaries for the pause gate,
 /// metrics and the admin console.
-struct Tracker<'a> {
+pub struct Tracker<'a> {
     gate: &'a crate::pause::PauseGate,
-    info: &'a SessionInfo,
+    pub info: &'a SessionInfo,
     state: Mutex<TrackState>,
     transactions: metrics::Counter,
     latency: metrics::Histogram,
@@ -403,15 +179,18 @@ impl Tracker<'_> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn in_flight(&self) -> bool {
-        self.lock().in_flight
+    /// Since when the session is idle (None: a transaction or a request
+    /// is under way).
+    pub fn idle_since(&self) -> Option<Instant> {
+        self.lock().idle_since
     }
 
     /// Before forwarding a batch with `syncs` Sync/Query/FunctionCall
     /// messages. Waits at the pause gate if this starts a transaction.
-    async fn before_send(&self, syncs: u64) {
+    pub async fn before_send(&self, syncs: u64) {
         {
             let mut s = self.lock();
+            s.idle_since = None;
             if s.in_flight {
                 s.pending += syncs;
                 if s.pending > 0 && s.busy_since.is_none() {
@@ -433,7 +212,7 @@ impl Tracker<'_> {
         }
     }
 
-    fn on_ready(&self, status: u8) {
+    pub fn on_ready(&self, status: u8) {
         let mut s = self.lock();
         s.pending = s.pending.saturating_sub(1);
         if s.pending > 0 {
@@ -441,6 +220,9 @@ impl Tracker<'_> {
         }
         if let Some(t) = s.busy_since.take() {
             self.latency.record(t.elapsed().as_secs_f64());
+        }
+        if status == b'I' {
+            s.idle_since = Some(Instant::now());
         }
         if status == b'I' && s.in_flight {
             s.in_flight = false;
@@ -454,7 +236,7 @@ impl Tracker<'_> {
     }
 
     /// The session ended: release the gate if a transaction was open.
-    fn finish(&self) {
+    pub fn finish(&self) {
         let mut s = self.lock();
         if s.in_flight {
             s.in_flight = false;
@@ -464,104 +246,34 @@ impl Tracker<'_> {
     }
 }
 
-async fn pump<CR, CW, SR, SW>(mut cr: CR, mut cw: CW, mut sr: SR, mut sw: SW, ctx: &PumpCtx<'_>) -> End
-where
-    CR: AsyncRead + Unpin,
-    CW: AsyncWrite + Unpin,
-    SR: AsyncRead + Unpin,
-    SW: AsyncWrite + Unpin,
-{
-    let client_to_server = async {
-        let limits = &ctx.live.config.limits;
-        let mut reader = FrameReader::new(limits.max_message_size);
-        loop {
-            let next = reader.next_batch(&mut cr);
-            let batch = if limits.client_idle_timeout > Duration::ZERO && !ctx.tracker.in_flight() {
-                match tokio::time::timeout(limits.client_idle_timeout, next).await {
-                    Ok(r) => r,
-                    Err(_) => return End::IdleTimeout,
-                }
-            } else {
-                next.await
-            };
-            let batch = match batch {
-                Ok(Some(b)) => b,
-                Ok(None) => return End::ClientClosed,
-                Err(FrameIoError::Frame(e)) => return End::ClientProtocol(e),
-                Err(FrameIoError::Io(_)) => return End::ClientIo,
-            };
-            let mut syncs = 0;
-            let mut terminate = false;
-            for f in &batch.frames {
-                match f.tag {
-                    b'Q' | b'P' => {
-                        let body = batch.body(f);
-                        let text = if f.tag == b'Q' { query_text(body) } else { parse_text(body) };
-                        let class = match text {
-                            Ok(sql) => ctx.live.classifier.classify(sql),
-                            Err(e) => return End::ClientProtocol(e),
-                        };
-                        ctx.queries_by_class[class as usize].increment(1);
-                        ctx.shared.totals.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
-                        if f.tag == b'Q' {
-                            syncs += 1;
-                            ctx.tracker.info.queries.fetch_add(1, Ordering::Relaxed);
-                            ctx.shared.totals.queries.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    b'E' => {
-                        ctx.tracker.info.queries.fetch_add(1, Ordering::Relaxed);
-                        ctx.shared.totals.queries.fetch_add(1, Ordering::Relaxed);
-                    }
-                    b'S' | b'F' => syncs += 1,
-                    b'X' => terminate = true,
-                    _ => {}
-                }
-            }
-            ctx.bytes_in.increment(batch.bytes.len() as u64);
-            ctx.shared.totals.bytes_in.fetch_add(batch.bytes.len() as u64, Ordering::Relaxed);
-            if !terminate {
-                ctx.tracker.before_send(syncs).await;
-            }
-            if sw.write_all(&batch.bytes).await.is_err() {
-                return End::ServerIo;
-            }
-            if terminate {
-                return End::ClientTerminated;
-            }
+/// `messages` (whole backend messages) without the ParameterStatus of
+/// `name`: the node reports `multimaster.xact_writes` to the proxy only.
+fn without_parameter(messages: &[u8], name: &str) -> BytesMut {
+    let mut out = BytesMut::with_capacity(messages.len());
+    let mut rest = messages;
+    while rest.len() >= 5 {
+        let len = 1 + u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let (msg, tail) = rest.split_at(len.min(rest.len()));
+        let ours = msg[0] == b'S' && BodyReader::new(&msg[5..]).cstr().is_ok_and(|n| n == name);
+        if !ours {
+            out.extend_from_slice(msg);
         }
-    };
-    let server_to_client = async {
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        let mut scanner = BackendScanner::default();
-        let mut ev = Events::default();
-        loop {
-            buf.clear();
-            buf.reserve(64 * 1024);
-            match sr.read_buf(&mut buf).await {
-                Ok(0) => return End::ServerClosed,
-                Ok(_) => {}
-                Err(_) => return End::ServerIo,
-            }
-            if let Err(e) = scanner.feed(&buf, &mut ev) {
-                return End::ServerProtocol(e.to_string());
-            }
-            if cw.write_all(&buf).await.is_err() {
-                return End::ClientIo;
-            }
-            ctx.bytes_out.increment(buf.len() as u64);
-            ctx.shared.totals.bytes_out.fetch_add(buf.len() as u64, Ordering::Relaxed);
-            for status in ev.ready.drain(..) {
-                ctx.tracker.on_ready(status);
-            }
-            for code in ev.errors.drain(..) {
-                ctx.shared.totals.errors.fetch_add(1, Ordering::Relaxed);
-                count_error(&code);
-            }
-        }
-    };
-    tokio::select! {
-        end = client_to_server => end,
-        end = server_to_client => end,
+        rest = tail;
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_xact_writes_report_is_not_passed_on() {
+        let mut m = crate::net::messages::parameter_status("TimeZone", "UTC");
+        m.extend_from_slice(&crate::net::messages::parameter_status(crate::relay::XACT_WRITES, "off"));
+        m.extend_from_slice(&crate::net::messages::parameter_status("DateStyle", "ISO"));
+        let kept = super::without_parameter(&m, crate::relay::XACT_WRITES);
+        let mut expected = crate::net::messages::parameter_status("TimeZone", "UTC");
+        expected.extend_from_slice(&crate::net::messages::parameter_status("DateStyle", "ISO"));
+        assert_eq!(kept, expected);
     }
 }

@@ -9,9 +9,13 @@
 //! its turn to commit: [`keys`] finds the rows, [`scheduler`] keeps such
 //! transactions on one worker (whose queue is first in, first out) or
 //! holds the later one back until the earlier ones have committed.
+//!
+//! [`tally`] counts the peers' 2PC votes on this node's prepared
+//! transactions (the coordinator side of the commit path).
 
 pub mod keys;
 pub mod scheduler;
+pub mod tally;
 
 pub use keys::{KeyTracker, TxnKeys};
 pub use scheduler::{Plan, Scheduler};

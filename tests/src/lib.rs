@@ -59,6 +59,75 @@ pub fn pgbench_tables(ports: &[u16], scale: u32) {
     assert!(ok, "pgbench -i -I g on port {}: {out}", ports[0]);
 }
 
+/// Connections to a test cluster's nodes and proxy, and the checks every
+/// multi-node test makes: are the nodes equal?
+pub mod cluster {
+    use mtmctl::testing::TestCluster;
+    use postgres::{Client, NoTls};
+    use std::time::{Duration, Instant};
+
+    /// A session on node `id` directly (not through the proxy).
+    pub fn client(c: &TestCluster, id: usize) -> Client {
+        Client::connect(&c.node(id).conninfo("postgres"), NoTls).expect("connect to node")
+    }
+
+    /// A session through the proxy.
+    pub fn proxy_client(c: &TestCluster) -> Client {
+        Client::connect(&c.proxy_conninfo("postgres"), NoTls).expect("connect through the proxy")
+    }
+
+    /// Runs `sql` on every node directly.
+    pub fn on_every_node(c: &TestCluster, sql: &str) {
+        for id in 1..=c.layout.node_ports.len() {
+            client(c, id).batch_execute(sql).unwrap_or_else(|e| panic!("node{id}: {sql}: {e:?}"));
+        }
+    }
+
+    /// md5 of a table's rows in key order, per node.
+    pub fn digests(c: &TestCluster, table: &str) -> Vec<String> {
+        (1..=c.layout.node_ports.len())
+            .map(|id| {
+                client(c, id)
+                    .query_one(&format!("select coalesce(md5(string_agg(t::text, '|' order by t::text)), 'empty') from {table} t"), &[])
+                    .unwrap()
+                    .get(0)
+            })
+            .collect()
+    }
+
+    /// Waits until every node has the same content for each table; panics
+    /// with the digests if they do not converge within 60 s.
+    pub fn converge(c: &TestCluster, tables: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let all: Vec<Vec<String>> = tables.iter().map(|t| digests(c, t)).collect();
+            if all.iter().all(|d| d.windows(2).all(|w| w[0] == w[1])) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let errors: Vec<String> = c
+                    .nodes()
+                    .iter()
+                    .flat_map(|n| {
+                        let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+                        let errs: Vec<String> = log.lines().filter(|l| l.contains("ERROR")).map(str::to_string).collect();
+                        errs.into_iter().rev().take(3).map(|l| format!("{}: {l}", n.name())).collect::<Vec<_>>()
+                    })
+                    .collect();
+                panic!("nodes did not converge: {tables:?} {all:?}\nlast errors:\n{}", errors.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The gids prepared on each node.
+    pub fn prepared(c: &TestCluster) -> Vec<Vec<String>> {
+        (1..=c.layout.node_ports.len())
+            .map(|id| client(c, id).query("select gid from pg_prepared_xacts order by gid", &[]).unwrap().iter().map(|r| r.get(0)).collect())
+            .collect()
+    }
+}
+
 /// A self-signed certificate and key for 127.0.0.1/localhost, made with
 /// the openssl command in `dir`; returns (cert, key).
 pub fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {

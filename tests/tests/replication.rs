@@ -1,56 +1,10 @@
 //! The replication mesh on a real 3-node cluster, writing to nodes
 //! directly (DDL is not replicated yet: tables are created on every node).
 
+use mtm_tests::cluster::{client, converge, digests, on_every_node};
 use mtmctl::testing::TestCluster;
 use postgres::{Client, NoTls};
 use std::time::{Duration, Instant};
-
-fn client(c: &TestCluster, id: usize) -> Client {
-    Client::connect(&c.node(id).conninfo("postgres"), NoTls).expect("connect to node")
-}
-
-fn on_every_node(c: &TestCluster, sql: &str) {
-    for id in 1..=c.layout.node_ports.len() {
-        client(c, id).batch_execute(sql).unwrap_or_else(|e| panic!("node{id}: {sql}: {e:?}"));
-    }
-}
-
-/// md5 of a table's rows in key order, per node.
-fn digests(c: &TestCluster, table: &str) -> Vec<String> {
-    (1..=c.layout.node_ports.len())
-        .map(|id| {
-            client(c, id)
-                .query_one(&format!("select coalesce(md5(string_agg(t::text, '|' order by t::text)), 'empty') from {table} t"), &[])
-                .unwrap()
-                .get(0)
-        })
-        .collect()
-}
-
-/// Waits until every node has the same content for each table; panics
-/// with the digests if they do not converge within 60 s.
-fn converge(c: &TestCluster, tables: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let all: Vec<Vec<String>> = tables.iter().map(|t| digests(c, t)).collect();
-        if all.iter().all(|d| d.windows(2).all(|w| w[0] == w[1])) {
-            return;
-        }
-        if Instant::now() > deadline {
-            let errors: Vec<String> = c
-                .nodes()
-                .iter()
-                .flat_map(|n| {
-                    let log = std::fs::read_to_string(&n.log).unwrap_or_default();
-                    let errs: Vec<String> = log.lines().filter(|l| l.contains("ERROR")).map(str::to_string).collect();
-                    errs.into_iter().rev().take(3).map(|l| format!("{}: {l}", n.name())).collect::<Vec<_>>()
-                })
-                .collect();
-            panic!("nodes did not converge: {tables:?} {all:?}\nlast errors:\n{}", errors.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 const SCHEMA: &str = "
     create table kv(id int primary key, v text, n numeric, ts timestamptz, j jsonb, a int[], big text, f float8);

@@ -1,0 +1,221 @@
+//! What a client transaction wrote, told to the proxy that coordinates its
+//! commit, and the guard that keeps such a transaction from committing
+//! on this node alone.
+//!
+//! The proxy needs to know, at COMMIT, whether the transaction wrote to a
+//! replicated table (then it runs the cluster's two-phase commit) or not
+//! (then a plain local COMMIT is right, with no extra round trip). The
+//! node knows, so it says so: `multimaster.xact_writes` is a reported
+//! setting (GUC_REPORT), switched on by the first write of a transaction
+//! and off when the transaction ends; PostgreSQL sends the change as a
+//! ParameterStatus message before the next ReadyForQuery, which the proxy
+//! reads and swallows. It is set at session level rather than LOCAL so
+//! a function's own SET clauses cannot revert it at function exit; a
+//! ROLLBACK TO SAVEPOINT does revert it when the writes went with it.
+//!
+//! Writes counted: INSERT/UPDATE/DELETE/MERGE (also in CTEs and inside
+//! functions) on a permanent table, COPY FROM into one, TRUNCATE of one.
+//! Temporary and unlogged tables are not replicated and do not count.
+//! Changes applied for a peer (replication role `replica`) never count.
+//!
+//! Sessions the proxy opens set `multimaster.coordinated_commit`: in them,
+//! a plain COMMIT of a transaction that wrote is refused (it would commit
+//! here only), so a write the proxy did not expect — e.g. a function
+//! called from a SELECT it let run without its own transaction — fails
+//! cleanly instead of letting the nodes diverge.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::prelude::*;
+use pgrx::pg_sys;
+
+/// `multimaster.xact_writes` (reported, read-only for users).
+pub static XACT_WRITES: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// `multimaster.coordinated_commit`: set by the proxy on its sessions.
+pub static COORDINATED_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+/// Defines the settings and installs the hooks (from `_PG_init`).
+pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"multimaster.xact_writes",
+        c"Whether the current transaction wrote to a replicated table.",
+        c"Reported to the client (the proxy), which commits such transactions with the cluster's two-phase commit.",
+        &XACT_WRITES,
+        GucContext::Internal,
+        GucFlags::REPORT | GucFlags::NO_RESET_ALL | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_bool_guc(
+        c"multimaster.coordinated_commit",
+        c"Refuse a plain COMMIT of a transaction that wrote to a replicated table.",
+        c"Set by mtm-proxy on its sessions: their writing transactions commit through the cluster's two-phase commit.",
+        &COORDINATED_COMMIT,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    // SAFETY: while the library is preloaded, before any query runs; the
+    // previous hooks are kept and called.
+    unsafe {
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+    }
+}
+
+/// Whether changes made now are a client's (not applied for a peer).
+fn client_change() -> bool {
+    // SAFETY: plain reads of backend-global settings.
+    unsafe {
+        pg_sys::SessionReplicationRole != pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32
+            && pg_sys::replorigin_session_origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+    }
+}
+
+fn set_writes(on: bool) {
+    if XACT_WRITES.get() == on {
+        return;
+    }
+    let value = if on { c"on" } else { c"off" };
+    // SAFETY: a defined setting, set as the server itself sets internal
+    // ones; errors are raised as ERROR through the guarded binding.
+    unsafe {
+        pg_sys::set_config_option(
+            c"multimaster.xact_writes".as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_INTERNAL,
+            // SESSION, not OVERRIDE: an override also becomes the reset
+            // value and survives an abort; this must not.
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SET,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// Whether relation `relid` is replicated (a permanent table).
+fn replicated(relid: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache lookup of a relation the caller has locked.
+    unsafe { pg_sys::get_rel_persistence(relid) as u8 == pg_sys::RELPERSISTENCE_PERMANENT }
+}
+
+/// The OIDs of the relations a plan writes to.
+///
+/// # Safety
+/// `stmt` is a valid PlannedStmt.
+unsafe fn result_relids(stmt: *mut pg_sys::PlannedStmt) -> Vec<pg_sys::Oid> {
+    let results = (*stmt).resultRelations;
+    let rtable = (*stmt).rtable;
+    if results.is_null() || rtable.is_null() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for i in 0..(*results).length as usize {
+        let rti = (*(*results).elements.add(i)).int_value as usize;
+        if rti == 0 || rti > (*rtable).length as usize {
+            continue;
+        }
+        let rte = (*(*rtable).elements.add(rti - 1)).ptr_value as *mut pg_sys::RangeTblEntry;
+        if !rte.is_null() {
+            out.push((*rte).relid);
+        }
+    }
+    out
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: std::ffi::c_int) {
+    let op = (*query).operation;
+    let stmt = (*query).plannedstmt;
+    let modifies = op != pg_sys::CmdType::CMD_SELECT || (!stmt.is_null() && (*stmt).hasModifyingCTE);
+    let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
+    if modifies && !explain_only && !XACT_WRITES.get() && client_change() && result_relids(stmt).into_iter().any(replicated) {
+        set_writes(true);
+    }
+    match PREV_EXECUTOR_START {
+        Some(prev) => prev(query, eflags),
+        None => pg_sys::standard_ExecutorStart(query, eflags),
+    }
+}
+
+/// The relation a RangeVar names, if it exists.
+unsafe fn range_var_relid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    if rv.is_null() {
+        return None;
+    }
+    let oid = pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut());
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// Whether a utility statement writes rows of a replicated table that the
+/// executor hook does not see (COPY FROM, TRUNCATE).
+unsafe fn utility_writes(node: *mut pg_sys::Node) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    match (*node).type_ {
+        pg_sys::NodeTag::T_CopyStmt => {
+            let copy = node as *mut pg_sys::CopyStmt;
+            (*copy).is_from && range_var_relid((*copy).relation).is_some_and(replicated)
+        }
+        pg_sys::NodeTag::T_TruncateStmt => {
+            let rels = (*(node as *mut pg_sys::TruncateStmt)).relations;
+            !rels.is_null()
+                && (0..(*rels).length as usize).any(|i| {
+                    range_var_relid((*(*rels).elements.add(i)).ptr_value as *mut pg_sys::RangeVar).is_some_and(replicated)
+                })
+        }
+        _ => false,
+    }
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    if !XACT_WRITES.get() && client_change() && utility_writes((*pstmt).utilityStmt) {
+        set_writes(true);
+    }
+    match PREV_PROCESS_UTILITY {
+        Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT if XACT_WRITES.get() && COORDINATED_COMMIT.get() => {
+            ereport!(
+                PgLogLevel::ERROR,
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "multimaster: this transaction wrote to a replicated table but was not committed through the cluster's two-phase commit, so it is rolled back",
+                "Run writes inside BEGIN ... COMMIT (sending COMMIT as a statement of its own), or as statements the proxy recognises as writes; a SELECT that calls a writing function needs an explicit transaction."
+            );
+        }
+        // PostgreSQL does not decode a prepared transaction that changed
+        // nothing (a DELETE that matched no row), so the peers would never
+        // see it nor vote: give every prepare one change, a transactional
+        // message naming this node as the one that prepared it.
+        pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if client_change() => {
+            let me = crate::votes::MY_NODE.get().load(std::sync::atomic::Ordering::Relaxed);
+            crate::votes::log_message(c"mtm_prepare", &me.to_be_bytes(), true);
+        }
+        // The transaction is over (an abort restores the value itself).
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => set_writes(false),
+        _ => {}
+    }
+}

@@ -1,0 +1,240 @@
+//! Login: from an accepted connection to an authenticated session on a
+//! home node — the startup packet (TLS upgrade, cancel requests), limits
+//! and TLS policy, the admin console's door, authentication at the proxy
+//! or relayed to the node, and the choice of node (trying the next one if
+//! a node turns out to be unreachable).
+
+use crate::auth;
+use crate::backend::{self, ConnectError, NodeAuth, ServerConn};
+use crate::config::{AuthMethod, ClientTlsMode};
+use crate::net::messages::{self, PgError};
+use crate::net::stream::ClientStream;
+use crate::router::NodeLease;
+use crate::session::count_error;
+use crate::startup::{read_startup, StartupError, StartupPacket};
+use crate::state::{Reloadable, Shared, SocketAddrOrUnix};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// What login produced.
+pub enum Login {
+    /// Nothing more to do (a cancel request, or an error already sent).
+    Done,
+    Session(Box<Established>),
+    Admin(ClientStream, String),
+}
+
+pub struct Established {
+    pub client: ClientStream,
+    pub server: ServerConn,
+    pub lease: NodeLease,
+    pub user: String,
+    pub database: String,
+}
+
+/// Sends a FATAL error to the client and logs it.
+pub async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, peer: &SocketAddrOrUnix, err: &PgError) {
+    tracing::info!(%peer, code = err.code, "{}", err.message);
+    count_error(err.code);
+    let _ = client.write_all(&err.encode()).await;
+    let _ = client.flush().await;
+}
+
+pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &Arc<Shared>, live: &Reloadable) -> Login {
+    // 1. The startup packet, after an optional TLS upgrade.
+    let params = loop {
+        match read_startup(&mut client).await {
+            Ok(StartupPacket::SslRequest) => {
+                let acceptor = live.acceptor.clone();
+                client = match (client, acceptor) {
+                    (ClientStream::Tcp(mut tcp), Some(acceptor)) => {
+                        if tcp.write_all(b"S").await.is_err() {
+                            return Login::Done;
+                        }
+                        match acceptor.accept(tcp).await {
+                            Ok(tls) => ClientStream::Tls(Box::new(tls)),
+                            Err(e) => {
+                                tracing::info!(%peer, "TLS handshake failed: {e}");
+                                return Login::Done;
+                            }
+                        }
+                    }
+                    (ClientStream::Tls(_), _) => {
+                        tracing::info!(%peer, "SSLRequest inside TLS");
+                        return Login::Done;
+                    }
+                    (mut other, _) => {
+                        if other.write_all(b"N").await.is_err() {
+                            return Login::Done;
+                        }
+                        other
+                    }
+                };
+            }
+            Ok(StartupPacket::GssEncRequest) => {
+                if client.write_all(b"N").await.is_err() {
+                    return Login::Done;
+                }
+            }
+            Ok(StartupPacket::Cancel { pid, secret }) => {
+                shared.cancels.cancel((pid, secret)).await;
+                return Login::Done;
+            }
+            Ok(StartupPacket::Startup { params, .. }) => break params,
+            Err(StartupError::Closed) => return Login::Done,
+            Err(StartupError::Io(e)) => {
+                tracing::debug!(%peer, "startup read failed: {e}");
+                return Login::Done;
+            }
+            Err(e @ StartupError::UnsupportedProtocol { .. }) => {
+                refuse(&mut client, peer, &PgError::fatal("0A000", e.to_string())).await;
+                return Login::Done;
+            }
+            Err(e) => {
+                let msg = match e {
+                    StartupError::BadLength(_) => "invalid length of startup packet".to_string(),
+                    other => other.to_string(),
+                };
+                refuse(&mut client, peer, &PgError::fatal("08P01", msg)).await;
+                return Login::Done;
+            }
+        }
+    };
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let user = get("user").unwrap_or_default();
+    let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+
+    // 2. Limits and TLS policy.
+    if live.config.tls.mode == ClientTlsMode::Require && !client.is_tls() && !matches!(peer, SocketAddrOrUnix::Unix) {
+        let e = PgError::fatal("28000", format!("connection without TLS refused for user \"{user}\""))
+            .with_hint("The proxy requires TLS (tls.mode = require); connect with sslmode=require.");
+        refuse(&mut client, peer, &e).await;
+        return Login::Done;
+    }
+    if shared.clients.load(Ordering::Relaxed) > live.config.limits.max_client_connections {
+        refuse(&mut client, peer, &PgError::fatal("53300", "sorry, too many clients already")).await;
+        return Login::Done;
+    }
+    if shared.shutting_down.load(Ordering::Relaxed) {
+        refuse(&mut client, peer, &PgError::fatal("57P03", "the proxy is shutting down")).await;
+        return Login::Done;
+    }
+
+    // 3. The admin console.
+    let method = live.config.auth.method;
+    if database == live.config.proxy.admin_database {
+        if !live.config.proxy.admin_users.contains(&user) {
+            let e = PgError::fatal("28000", format!("user \"{user}\" may not use the admin console"))
+                .with_hint("List the user in proxy.admin_users.");
+            refuse(&mut client, peer, &e).await;
+            return Login::Done;
+        }
+        if method == AuthMethod::Passthrough {
+            // Let a node check the password, then drop that session.
+            let health_db = live.config.backend.health_database.clone();
+            let p = vec![("user".to_string(), user.clone()), ("database".to_string(), health_db)];
+            return match connect_any(shared, &p, NodeAuth::Relay(&mut client)).await {
+                Ok((server, _lease)) => {
+                    drop(server);
+                    Login::Admin(client, user)
+                }
+                Err(e) => {
+                    report_connect_error(&mut client, peer, e).await;
+                    Login::Done
+                }
+            };
+        }
+        return match auth::authenticate(&mut client, method, &live.users, &user).await {
+            Ok(_) => {
+                if client.write_all(&messages::auth_ok()).await.is_err() {
+                    return Login::Done;
+                }
+                Login::Admin(client, user)
+            }
+            Err(auth::AuthError::Pg(e)) => {
+                refuse(&mut client, peer, &e).await;
+                Login::Done
+            }
+            Err(auth::AuthError::Io(_)) => Login::Done,
+        };
+    }
+
+    // 4. Authenticate at the proxy (unless the node does it), then open the
+    //    session on a node.
+    let password = if method == AuthMethod::Passthrough {
+        None
+    } else {
+        match auth::authenticate(&mut client, method, &live.users, &user).await {
+            Ok(p) => p.or_else(|| live.config.backend.password.clone()),
+            Err(auth::AuthError::Pg(e)) => {
+                refuse(&mut client, peer, &e).await;
+                return Login::Done;
+            }
+            Err(auth::AuthError::Io(_)) => return Login::Done,
+        }
+    };
+    // The node refuses a plain COMMIT of a writing transaction in the
+    // proxy's sessions: those commit through the cluster's 2PC.
+    let mut params = params;
+    params.push((crate::relay::COORDINATED_COMMIT.to_string(), "on".to_string()));
+    let connected = if method == AuthMethod::Passthrough {
+        connect_any(shared, &params, NodeAuth::Relay(&mut client)).await
+    } else {
+        connect_any::<ClientStream>(shared, &params, NodeAuth::Password { user: &user, password: password.as_deref() }).await
+    };
+    let (server, lease) = match connected {
+        Ok(x) => x,
+        Err(e) => {
+            report_connect_error(&mut client, peer, e).await;
+            return Login::Done;
+        }
+    };
+    Login::Session(Box::new(Established { client, server, lease, user, database }))
+}
+
+async fn report_connect_error<S: AsyncWrite + Unpin>(client: &mut S, peer: &SocketAddrOrUnix, e: ConnectError) {
+    match e {
+        ConnectError::Refused { raw, code, message } => {
+            tracing::info!(%peer, %code, "node refused the session: {message}");
+            count_error(&code);
+            let _ = client.write_all(&raw).await;
+        }
+        ConnectError::Proxy(pg) => refuse(client, peer, &pg).await,
+        ConnectError::Unreachable(msg) => {
+            let e = PgError::fatal("57P03", "no cluster node is available")
+                .with_hint(format!("Every healthy node failed to accept the session (last: {msg}); see SHOW NODES in the admin console."));
+            refuse(client, peer, &e).await;
+        }
+        ConnectError::Client(msg) => tracing::info!(%peer, "client left during authentication: {msg}"),
+    }
+}
+
+/// Opens the session on a healthy node chosen by the router, trying the
+/// others if one turns out to be unreachable.
+async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    params: &[(String, String)],
+    mut auth: NodeAuth<'_, C>,
+) -> Result<(ServerConn, NodeLease), ConnectError> {
+    let mut tried = Vec::new();
+    let mut last = ConnectError::Unreachable("every node is marked down".into());
+    while let Some((idx, lease)) = shared.router.pick(&tried) {
+        tried.push(idx);
+        let node = &lease.node.config;
+        let attempt = match &mut auth {
+            NodeAuth::Relay(c) => NodeAuth::Relay(&mut **c),
+            NodeAuth::Password { user, password } => NodeAuth::Password { user, password: *password },
+        };
+        match backend::connect(&node.addr(), &node.host, &shared.backend, params, attempt).await {
+            Ok(conn) => return Ok((conn, lease)),
+            Err(ConnectError::Unreachable(msg)) => {
+                lease.node.mark_down(&msg);
+                last = ConnectError::Unreachable(msg);
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Err(last)
+}
+

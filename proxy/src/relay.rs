@@ -1,0 +1,930 @@
+//! The relay: a session's forwarding loop, which understands every
+//! message it passes on, so that it can put its own statements in and
+//! answer for the node where the cluster's commit needs it.
+//!
+//! Two halves run side by side, so a full socket on one side never stalls
+//! the other (a pipelining client and a node writing results cannot
+//! deadlock):
+//! - the **driver** (client → node) cuts the client's messages into units
+//!   — a Query, a FunctionCall, or extended-protocol messages up to their
+//!   Sync — and decides for each how it runs: as sent; wrapped in a
+//!   transaction of the proxy's (an autocommit unit that may write); or,
+//!   for a COMMIT of a transaction that wrote, replaced by the cluster's
+//!   two-phase commit ([`crate::commit`]). Every unit and every statement
+//!   of the proxy's own pushes an [`Expect`] entry;
+//! - the **responder** (node → client) cuts the node's output into
+//!   messages (a large one streams through, never held whole) and treats
+//!   each according to the [`Expect`] at the head of the queue: forward,
+//!   skip, hold the ReadyForQuery for the driver, or capture the answer to
+//!   the proxy's own statement. It also swallows the node's report of
+//!   `multimaster.xact_writes` (whether the open transaction wrote).
+//!
+//! Plain reads cost nothing extra: a unit that cannot write is forwarded
+//! with one queue entry and no extra round trip; a read-only transaction
+//! commits with the client's own COMMIT.
+
+use crate::classify::{intent, Intent};
+use crate::commit::{self, Reply, Votes};
+use crate::net::frame::{parse_text, query_text, Batch, BodyReader, FrameIoError, FrameReader};
+use crate::net::messages::{self, PgError};
+use crate::session::{count_error, End, PumpCtx};
+use bytes::BytesMut;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, Notify};
+
+/// Startup parameter the proxy sets on its node sessions (see the
+/// extension's `xact` module).
+pub const COORDINATED_COMMIT: &str = "multimaster.coordinated_commit";
+/// The node's reported setting: the open transaction wrote to a
+/// replicated table.
+pub const XACT_WRITES: &str = "multimaster.xact_writes";
+
+/// A message bigger than this streams through the responder in pieces.
+const WHOLE_MESSAGE_LIMIT: usize = 256 * 1024;
+
+/// How the responder treats the node's answers to one request.
+enum Expect {
+    /// The proxy's own BEGIN in front of a client unit: swallow this many
+    /// messages.
+    Skip(usize),
+    /// A client unit: forward everything through its ReadyForQuery.
+    Forward,
+    /// A client unit the proxy finishes itself: forward its answers but
+    /// hand the ReadyForQuery to the driver — and with `hold_complete` its
+    /// last CommandComplete too, which PostgreSQL sends only after a
+    /// successful commit in the simple protocol.
+    Hold { hold_complete: bool, tx: oneshot::Sender<Held> },
+    /// The proxy's own statement: collect its answer for the driver.
+    Capture(oneshot::Sender<Vec<Reply>>),
+}
+
+/// The held end of a unit.
+#[derive(Debug, Default)]
+struct Held {
+    status: u8,
+    complete: Option<BytesMut>,
+    /// An ErrorResponse was among the unit's answers.
+    error: bool,
+}
+
+/// What the two halves share.
+struct Link<CW> {
+    expect: Mutex<VecDeque<Expect>>,
+    /// Signalled whenever an entry leaves the queue.
+    progressed: Notify,
+    /// Transaction status of the last ReadyForQuery from the node.
+    status: AtomicU8,
+    /// The node said the open transaction wrote to a replicated table.
+    wrote: AtomicBool,
+    client: tokio::sync::Mutex<CW>,
+}
+
+impl<CW: AsyncWrite + Unpin> Link<CW> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
+        self.expect.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_status(&self, status: u8) {
+        self.status.store(status, Ordering::Relaxed);
+        if status == b'I' {
+            self.wrote.store(false, Ordering::Relaxed);
+        }
+    }
+
+    async fn to_client(&self, bytes: &[u8]) -> Result<(), End> {
+        let mut c = self.client.lock().await;
+        c.write_all(bytes).await.map_err(|_| End::ClientIo)
+    }
+}
+
+/// Runs a session until either side ends it.
+pub async fn pump<CR, CW, SR, SW>(cr: CR, cw: CW, sr: SR, sw: SW, ctx: &PumpCtx<'_>, initial_status: u8) -> End
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
+    let link = Link {
+        expect: Mutex::new(VecDeque::new()),
+        progressed: Notify::new(),
+        status: AtomicU8::new(initial_status),
+        wrote: AtomicBool::new(false),
+        client: tokio::sync::Mutex::new(cw),
+    };
+    let mut driver = Driver {
+        sw,
+        link: &link,
+        ctx,
+        reader: FrameReader::new(ctx.live.config.limits.max_message_size),
+        out: BytesMut::new(),
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        unit: None,
+        pending: None,
+    };
+    let responder = Responder { link: &link, ctx, out: BytesMut::new(), held_complete: None, held_error: false, captured: Vec::new(), fire: Vec::new() };
+    tokio::select! {
+        end = driver.run(cr) => end,
+        end = responder.run(sr) => end,
+    }
+}
+
+// ---------------------------------------------------------------- responder
+
+/// A signal for the driver, sent once the bytes before it reached the
+/// client (so the driver's own replies never overtake them).
+enum Signal {
+    Held(oneshot::Sender<Held>, Held),
+    Captured(oneshot::Sender<Vec<Reply>>, Vec<Reply>),
+}
+
+struct Responder<'a, CW> {
+    link: &'a Link<CW>,
+    ctx: &'a PumpCtx<'a>,
+    out: BytesMut,
+    held_complete: Option<BytesMut>,
+    held_error: bool,
+    captured: Vec<Reply>,
+    fire: Vec<Signal>,
+}
+
+/// A piece of the node's output.
+enum Piece {
+    Whole(Reply),
+    /// Part of a message too large to hold: passed on as it comes.
+    Through(BytesMut),
+}
+
+/// Cuts the node's output into messages.
+#[derive(Default)]
+struct Splitter {
+    buf: BytesMut,
+    /// Bytes still to pass through of a large message.
+    streaming: usize,
+}
+
+impl Splitter {
+    fn next(&mut self) -> Result<Option<Piece>, String> {
+        if self.streaming > 0 {
+            if self.buf.is_empty() {
+                return Ok(None);
+            }
+            let n = self.streaming.min(self.buf.len());
+            self.streaming -= n;
+            return Ok(Some(Piece::Through(self.buf.split_to(n))));
+        }
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len < 4 {
+            return Err(format!("server sent a message with invalid length {len}"));
+        }
+        let total = len + 1;
+        if self.buf.len() >= total {
+            let raw = self.buf.split_to(total);
+            return Ok(Some(Piece::Whole(Reply { tag: raw[0], raw })));
+        }
+        if total > WHOLE_MESSAGE_LIMIT {
+            let have = self.buf.len();
+            self.streaming = total - have;
+            return Ok(Some(Piece::Through(self.buf.split_to(have))));
+        }
+        Ok(None)
+    }
+}
+
+/// The value of a ParameterStatus for [`XACT_WRITES`], if it is one.
+fn xact_writes_report(body: &[u8]) -> Option<bool> {
+    let mut r = BodyReader::new(body);
+    (r.cstr().ok()? == XACT_WRITES).then(|| r.cstr().ok() == Some("on"))
+}
+
+impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
+    async fn run<SR: AsyncRead + Unpin>(mut self, mut sr: SR) -> End {
+        let mut split = Splitter::default();
+        loop {
+            split.buf.reserve(64 * 1024);
+            match sr.read_buf(&mut split.buf).await {
+                Ok(0) => return End::ServerClosed,
+                Ok(_) => {}
+                Err(_) => return End::ServerIo,
+            }
+            loop {
+                match split.next() {
+                    Err(e) => return End::ServerProtocol(e),
+                    Ok(None) => break,
+                    Ok(Some(Piece::Through(bytes))) => self.out.extend_from_slice(&bytes),
+                    Ok(Some(Piece::Whole(reply))) => self.message(reply),
+                }
+            }
+            if !self.out.is_empty() {
+                if self.link.to_client(&self.out).await.is_err() {
+                    return End::ClientIo;
+                }
+                self.ctx.bytes_out.increment(self.out.len() as u64);
+                self.ctx.shared.totals.bytes_out.fetch_add(self.out.len() as u64, Ordering::Relaxed);
+                self.out.clear();
+            }
+            for s in self.fire.drain(..) {
+                // A driver that is gone has ended the session anyway.
+                let _ = match s {
+                    Signal::Held(tx, h) => tx.send(h).map_err(|_| ()),
+                    Signal::Captured(tx, r) => tx.send(r).map_err(|_| ()),
+                };
+            }
+        }
+    }
+
+    fn count_error(&self, reply: &Reply) {
+        if reply.tag == b'E' {
+            self.ctx.shared.totals.errors.fetch_add(1, Ordering::Relaxed);
+            count_error(&crate::net::scan::sqlstate(reply.body()).unwrap_or_else(|| "XX000".into()));
+        }
+    }
+
+    fn message(&mut self, reply: Reply) {
+        let tag = reply.tag;
+        if tag == b'S' {
+            if let Some(on) = xact_writes_report(reply.body()) {
+                self.link.wrote.store(on, Ordering::Relaxed);
+                return;
+            }
+        }
+        if tag == b'A' {
+            // Notifications belong to the client whatever is running.
+            self.out.extend_from_slice(&reply.raw);
+            return;
+        }
+        let status = (tag == b'Z').then(|| reply.body().first().copied().unwrap_or(b'I'));
+        if let Some(s) = status {
+            self.link.set_status(s);
+        }
+        let mut queue = self.link.queue();
+        let Some(front) = queue.front_mut() else {
+            // Nothing expected (e.g. a notice between units): pass it on.
+            self.out.extend_from_slice(&reply.raw);
+            return;
+        };
+        let done = match front {
+            Expect::Skip(n) => {
+                if tag != b'N' {
+                    *n = n.saturating_sub(1);
+                }
+                *n == 0
+            }
+            Expect::Forward => {
+                self.count_error(&reply);
+                self.out.extend_from_slice(&reply.raw);
+                if let Some(s) = status {
+                    self.ctx.tracker.on_ready(s);
+                }
+                status.is_some()
+            }
+            Expect::Hold { hold_complete, .. } => {
+                if status.is_none() {
+                    if let Some(c) = self.held_complete.take() {
+                        self.out.extend_from_slice(&c);
+                    }
+                    if tag == b'C' && *hold_complete {
+                        self.held_complete = Some(reply.raw);
+                    } else {
+                        self.held_error |= tag == b'E';
+                        self.count_error(&reply);
+                        self.out.extend_from_slice(&reply.raw);
+                    }
+                    false
+                } else {
+                    true
+                }
+            }
+            Expect::Capture(_) => {
+                if tag != b'N' {
+                    self.captured.push(reply);
+                }
+                status.is_some()
+            }
+        };
+        if !done {
+            return;
+        }
+        match queue.pop_front() {
+            Some(Expect::Hold { tx, .. }) => {
+                let held = Held {
+                    status: status.unwrap_or(b'I'),
+                    complete: self.held_complete.take(),
+                    error: std::mem::take(&mut self.held_error),
+                };
+                self.fire.push(Signal::Held(tx, held));
+            }
+            Some(Expect::Capture(tx)) => self.fire.push(Signal::Captured(tx, std::mem::take(&mut self.captured))),
+            _ => {}
+        }
+        drop(queue);
+        self.link.progressed.notify_waiters();
+    }
+}
+
+// ------------------------------------------------------------------- driver
+
+/// How an extended-protocol unit (messages up to a Sync) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnitMode {
+    Plain,
+    /// The node failed a message of the unit before the proxy's Sync:
+    /// PostgreSQL would skip the rest up to the client's Sync, so do we.
+    Discard,
+    /// In a transaction the proxy opened: the proxy commits it at the Sync.
+    Wrapped,
+    /// Contains the COMMIT of a transaction that wrote: the proxy runs the
+    /// two-phase commit in its place.
+    CommitInside,
+}
+
+/// The extended unit under way.
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    mode: UnitMode,
+    /// Messages of the unit already passed on.
+    sent: bool,
+    /// How it runs was decided from an Execute it contains.
+    decided: bool,
+}
+
+/// A unit whose end the proxy finishes itself.
+struct Pending {
+    rx: oneshot::Receiver<Held>,
+    kind: PendingKind,
+}
+
+enum PendingKind {
+    /// An autocommit unit wrapped in the proxy's transaction.
+    Autocommit,
+    /// The client's `PREPARE TRANSACTION 'gid'` of a transaction that wrote.
+    Prepare(String),
+}
+
+struct Driver<'a, SW, CW> {
+    sw: SW,
+    link: &'a Link<CW>,
+    ctx: &'a PumpCtx<'a>,
+    reader: FrameReader,
+    /// Bytes for the node, written at the end of a batch or before a wait.
+    out: BytesMut,
+    /// What each prepared statement / portal (by name) executes.
+    statements: HashMap<Vec<u8>, Intent>,
+    portals: HashMap<Vec<u8>, Intent>,
+    /// The extended unit being passed on (no Sync yet).
+    unit: Option<Unit>,
+    pending: Option<Pending>,
+}
+
+enum Input {
+    Batch(Batch),
+    Held(Held),
+}
+
+impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
+    async fn run<CR: AsyncRead + Unpin>(&mut self, mut cr: CR) -> End {
+        loop {
+            let step = match self.next_input(&mut cr).await {
+                Ok(Input::Batch(b)) => self.batch(b).await,
+                Ok(Input::Held(h)) => self.finish(h).await,
+                Err(end) => Err(end),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    fn status(&self) -> u8 {
+        self.link.status.load(Ordering::Relaxed)
+    }
+
+    fn wrote(&self) -> bool {
+        self.link.wrote.load(Ordering::Relaxed)
+    }
+
+    fn expect(&self, e: Expect) {
+        self.link.queue().push_back(e);
+    }
+
+    fn expect_hold(&self, hold_complete: bool) -> oneshot::Receiver<Held> {
+        let (tx, rx) = oneshot::channel();
+        self.expect(Expect::Hold { hold_complete, tx });
+        rx
+    }
+
+    /// Writes what is queued for the node.
+    async fn send(&mut self) -> Result<(), End> {
+        if !self.out.is_empty() {
+            self.sw.write_all(&self.out).await.map_err(|_| End::ServerIo)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Waits until the node has answered everything sent, so the
+    /// transaction status and `wrote` are exact.
+    async fn drain(&mut self) -> Result<(), End> {
+        self.send().await?;
+        loop {
+            let progressed = self.link.progressed.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            if self.link.queue().is_empty() {
+                return Ok(());
+            }
+            progressed.await;
+        }
+    }
+
+    /// Runs the proxy's own statements (pipelined) and returns the answers.
+    async fn own(&mut self, sqls: &[&str]) -> Result<Vec<Vec<Reply>>, End> {
+        let mut rxs = Vec::with_capacity(sqls.len());
+        for sql in sqls {
+            let (tx, rx) = oneshot::channel();
+            self.expect(Expect::Capture(tx));
+            self.out.extend_from_slice(&commit::own_unit(sql));
+            rxs.push(rx);
+        }
+        self.send().await?;
+        let mut answers = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            answers.push(rx.await.map_err(|_| End::ServerClosed)?);
+        }
+        Ok(answers)
+    }
+
+    /// The next client batch, or the held end of a pending unit, whichever
+    /// comes first; closes an idle session after `client_idle_timeout`.
+    async fn next_input<CR: AsyncRead + Unpin>(&mut self, cr: &mut CR) -> Result<Input, End> {
+        let limit = self.ctx.live.config.limits.client_idle_timeout;
+        loop {
+            let wait = match self.ctx.tracker.idle_since() {
+                Some(since) if !limit.is_zero() => limit.saturating_sub(since.elapsed()),
+                // Busy: look again later, it may become idle meanwhile.
+                _ if !limit.is_zero() => limit,
+                _ => Duration::from_secs(3600),
+            };
+            if !limit.is_zero() && wait.is_zero() && self.pending.is_none() {
+                return Err(End::IdleTimeout);
+            }
+            let read = tokio::time::timeout(wait.max(Duration::from_millis(1)), self.reader.next_batch(cr));
+            let result = match &mut self.pending {
+                Some(p) => tokio::select! {
+                    held = &mut p.rx => return Ok(Input::Held(held.unwrap_or_default())),
+                    r = read => r,
+                },
+                None => read.await,
+            };
+            match result {
+                Err(_elapsed) => continue,
+                Ok(Ok(Some(b))) => return Ok(Input::Batch(b)),
+                Ok(Ok(None)) => return Err(End::ClientClosed),
+                Ok(Err(FrameIoError::Frame(e))) => return Err(End::ClientProtocol(e)),
+                Ok(Err(FrameIoError::Io(_))) => return Err(End::ClientIo),
+            }
+        }
+    }
+
+    async fn batch(&mut self, batch: Batch) -> Result<(), End> {
+        self.ctx.bytes_in.increment(batch.bytes.len() as u64);
+        self.ctx.shared.totals.bytes_in.fetch_add(batch.bytes.len() as u64, Ordering::Relaxed);
+        for (i, f) in batch.frames.iter().enumerate() {
+            let raw = &batch.bytes[f.start..f.start + f.len];
+            let body = batch.body(f);
+            // COPY data belongs to the running unit; anything else starts
+            // a new one, which must wait until the pending one is finished.
+            if self.pending.is_some() && !matches!(f.tag, b'd' | b'c' | b'f') {
+                self.send().await?;
+                let held = match self.pending.as_mut() {
+                    Some(p) => (&mut p.rx).await.unwrap_or_default(),
+                    None => Held::default(),
+                };
+                self.finish(held).await?;
+            }
+            match f.tag {
+                b'Q' => self.query(raw, body).await?,
+                b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.extended(&batch, i).await?,
+                b'S' => self.sync(raw).await?,
+                b'F' => {
+                    self.ctx.tracker.before_send(1).await;
+                    self.expect(Expect::Forward);
+                    self.out.extend_from_slice(raw);
+                }
+                b'X' => {
+                    self.out.extend_from_slice(raw);
+                    self.send().await?;
+                    return Err(End::ClientTerminated);
+                }
+                _ => self.out.extend_from_slice(raw),
+            }
+        }
+        self.send().await
+    }
+
+    fn count_statement(&self, sql: &str, executes: bool) {
+        let class = self.ctx.live.classifier.classify(sql);
+        self.ctx.queries_by_class[class as usize].increment(1);
+        self.ctx.shared.totals.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
+        if executes {
+            self.count_query();
+        }
+    }
+
+    fn count_query(&self) {
+        self.ctx.tracker.info.queries.fetch_add(1, Ordering::Relaxed);
+        self.ctx.shared.totals.queries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A simple-protocol Query.
+    async fn query(&mut self, raw: &[u8], body: &[u8]) -> Result<(), End> {
+        let sql = query_text(body).map_err(End::ClientProtocol)?;
+        self.count_statement(sql, true);
+        self.ctx.tracker.before_send(1).await;
+        // A Query replaces the unnamed statement and portal.
+        self.statements.remove(&b""[..]);
+        self.portals.remove(&b""[..]);
+        match intent(sql) {
+            Intent::Write => {
+                self.drain().await?;
+                if self.status() == b'I' {
+                    self.out.extend_from_slice(&commit::own_statement("BEGIN"));
+                    self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
+                    let rx = self.expect_hold(true);
+                    self.out.extend_from_slice(raw);
+                    self.pending = Some(Pending { rx, kind: PendingKind::Autocommit });
+                    return Ok(());
+                }
+            }
+            Intent::Commit => {
+                self.drain().await?;
+                if self.status() == b'T' && self.wrote() {
+                    let mut reply = match self.two_phase().await? {
+                        Ok(()) => messages::command_complete("COMMIT"),
+                        Err(e) => e.into_bytes(),
+                    };
+                    reply.extend_from_slice(&messages::ready_for_query(b'I'));
+                    self.link.to_client(&reply).await?;
+                    self.ctx.tracker.on_ready(b'I');
+                    return Ok(());
+                }
+            }
+            Intent::PrepareTransaction(gid) => {
+                self.drain().await?;
+                if self.status() == b'T' && self.wrote() {
+                    let rx = self.expect_hold(true);
+                    self.out.extend_from_slice(raw);
+                    self.pending = Some(Pending { rx, kind: PendingKind::Prepare(gid) });
+                    return Ok(());
+                }
+            }
+            Intent::Read | Intent::TransactionControl => {}
+        }
+        self.expect(Expect::Forward);
+        self.out.extend_from_slice(raw);
+        Ok(())
+    }
+
+    /// What the statement or portal `name` runs (unknown: may write).
+    fn resolve(map: &HashMap<Vec<u8>, Intent>, overlay: &HashMap<Vec<u8>, Intent>, name: &[u8]) -> Intent {
+        overlay.get(name).or_else(|| map.get(name)).cloned().unwrap_or(Intent::Write)
+    }
+
+    /// The intents of the Executes in the unit starting at frame `i`.
+    fn look_ahead(&self, batch: &Batch, i: usize) -> Result<Vec<Intent>, End> {
+        let mut statements = HashMap::new();
+        let mut portals = HashMap::new();
+        let mut executes = Vec::new();
+        for f in &batch.frames[i..] {
+            let body = batch.body(f);
+            match f.tag {
+                b'S' => break,
+                b'P' => {
+                    let (name, sql) = parse_message(body)?;
+                    statements.insert(name.to_vec(), intent(sql));
+                }
+                b'B' => {
+                    let (portal, statement) = bind_names(body)?;
+                    let it = Self::resolve(&self.statements, &statements, statement);
+                    portals.insert(portal.to_vec(), it);
+                }
+                b'E' => {
+                    let portal = BodyReader::new(body).cstr().map_err(End::ClientProtocol)?;
+                    executes.push(Self::resolve(&self.portals, &portals, portal.as_bytes()));
+                }
+                _ => {}
+            }
+        }
+        Ok(executes)
+    }
+
+    /// An extended-protocol message other than Sync.
+    async fn extended(&mut self, batch: &Batch, i: usize) -> Result<(), End> {
+        let f = batch.frames[i];
+        let raw = &batch.bytes[f.start..f.start + f.len];
+        let body = batch.body(&f);
+        let mut unit = match self.unit {
+            Some(u) => u,
+            None => {
+                self.ctx.tracker.before_send(0).await;
+                Unit { mode: UnitMode::Plain, sent: false, decided: false }
+            }
+        };
+        if unit.mode == UnitMode::Discard {
+            return Ok(());
+        }
+        if !unit.decided && matches!(f.tag, b'B' | b'E') {
+            let executes = self.look_ahead(batch, i)?;
+            let commit = executes.contains(&Intent::Commit);
+            let control = executes.iter().any(|x| matches!(x, Intent::TransactionControl | Intent::PrepareTransaction(_)));
+            let write = executes.contains(&Intent::Write) && !control;
+            if commit || write {
+                unit.decided = true;
+                // The exact state first: wait for the answers so far — with
+                // a Sync of the proxy's if part of this unit is already on
+                // its way (harmless: nothing of it has executed yet).
+                if unit.sent {
+                    let rx = self.expect_hold(false);
+                    self.out.extend_from_slice(&commit::sync());
+                    self.send().await?;
+                    if rx.await.unwrap_or_default().error {
+                        unit.mode = UnitMode::Discard;
+                        self.unit = Some(unit);
+                        return Ok(());
+                    }
+                } else {
+                    self.drain().await?;
+                }
+                if commit && self.status() == b'T' && self.wrote() {
+                    unit.mode = UnitMode::CommitInside;
+                } else if write && !commit && self.status() == b'I' {
+                    self.out.extend_from_slice(&commit::own_statement("BEGIN"));
+                    self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
+                    unit.mode = UnitMode::Wrapped;
+                }
+            } else if !executes.is_empty() {
+                unit.decided = true;
+            }
+        }
+        unit.sent = true;
+        self.unit = Some(unit);
+        match f.tag {
+            b'P' => {
+                let (name, sql) = parse_message(body)?;
+                self.count_statement(sql, false);
+                self.statements.insert(name.to_vec(), intent(sql));
+            }
+            b'B' => {
+                let (portal, statement) = bind_names(body)?;
+                let it = Self::resolve(&self.statements, &HashMap::new(), statement);
+                self.portals.insert(portal.to_vec(), it);
+            }
+            b'C' => {
+                let mut r = BodyReader::new(body);
+                let kind = r.bytes(1).map_err(End::ClientProtocol)?[0];
+                let name = r.cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
+                if kind == b'S' {
+                    self.statements.remove(&name);
+                } else {
+                    self.portals.remove(&name);
+                }
+            }
+            b'E' => {
+                self.count_query();
+                let portal = BodyReader::new(body).cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
+                if unit.mode == UnitMode::CommitInside && self.portals.get(&portal) == Some(&Intent::Commit) {
+                    unit.mode = UnitMode::Plain;
+                    self.unit = Some(unit);
+                    if self.commit_in_place().await? {
+                        return Ok(());
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.out.extend_from_slice(raw);
+        Ok(())
+    }
+
+    /// At the Execute of a COMMIT inside an extended unit: learn the exact
+    /// state with a Sync of the proxy's (harmless inside a transaction
+    /// block), then, if the transaction wrote, run the two-phase commit and
+    /// answer the Execute ourselves. Returns whether it did.
+    async fn commit_in_place(&mut self) -> Result<bool, End> {
+        let rx = self.expect_hold(false);
+        self.out.extend_from_slice(&commit::sync());
+        self.send().await?;
+        let held = rx.await.unwrap_or_default();
+        if held.status != b'T' || !self.wrote() {
+            return Ok(false);
+        }
+        let reply = match self.two_phase().await? {
+            Ok(()) => messages::command_complete("COMMIT"),
+            Err(e) => e.into_bytes(),
+        };
+        self.link.to_client(&reply).await?;
+        Ok(true)
+    }
+
+    async fn sync(&mut self, raw: &[u8]) -> Result<(), End> {
+        self.ctx.tracker.before_send(1).await;
+        if self.unit.take().map(|u| u.mode) == Some(UnitMode::Wrapped) {
+            let rx = self.expect_hold(false);
+            self.out.extend_from_slice(raw);
+            self.pending = Some(Pending { rx, kind: PendingKind::Autocommit });
+        } else {
+            self.expect(Expect::Forward);
+            self.out.extend_from_slice(raw);
+        }
+        Ok(())
+    }
+
+    /// The pending unit has ended on the node: finish it and give the
+    /// client the end it would have had from one PostgreSQL.
+    async fn finish(&mut self, held: Held) -> Result<(), End> {
+        let Some(pending) = self.pending.take() else { return Ok(()) };
+        let Held { status, complete, .. } = held;
+        let mut reply = BytesMut::new();
+        let mut end = status;
+        match pending.kind {
+            PendingKind::Autocommit => match status {
+                b'T' => {
+                    end = b'I';
+                    let outcome = if self.wrote() {
+                        self.two_phase().await?
+                    } else {
+                        let answer = self.own(&["COMMIT"]).await?.remove(0);
+                        match commit::error_of(&answer) {
+                            Some(e) => Err(Raw(e.raw.clone())),
+                            None => Ok(()),
+                        }
+                    };
+                    match outcome {
+                        Ok(()) => reply.extend_from_slice(complete.as_deref().unwrap_or_default()),
+                        Err(e) => reply.extend_from_slice(&e.into_bytes()),
+                    }
+                }
+                b'E' => {
+                    end = b'I';
+                    self.own(&["ROLLBACK"]).await?;
+                    reply.extend_from_slice(complete.as_deref().unwrap_or_default());
+                }
+                _ => reply.extend_from_slice(complete.as_deref().unwrap_or_default()),
+            },
+            PendingKind::Prepare(gid) => {
+                if status == b'I' && complete.is_some() {
+                    match self.collect_votes(&gid).await? {
+                        Ok(()) => reply.extend_from_slice(complete.as_deref().unwrap_or_default()),
+                        Err(e) => {
+                            count_error(e.code);
+                            reply.extend_from_slice(&e.encode());
+                        }
+                    }
+                } else {
+                    reply.extend_from_slice(complete.as_deref().unwrap_or_default());
+                }
+            }
+        }
+        reply.extend_from_slice(&messages::ready_for_query(end));
+        self.link.to_client(&reply).await?;
+        self.ctx.tracker.on_ready(end);
+        Ok(())
+    }
+
+    /// Waits for the peers' votes on `gid` (prepared here); a refusal
+    /// rolls it back everywhere.
+    async fn collect_votes(&mut self, gid: &str) -> Result<Result<(), PgError>, End> {
+        let timeout = self.ctx.live.config.commit.vote_timeout;
+        let answer = self.own(&[&commit::await_votes_sql(gid, timeout)]).await?.remove(0);
+        match commit::read_votes(gid, &answer) {
+            Votes::AllYes => Ok(Ok(())),
+            Votes::Refused(e) => {
+                let rollback = format!("ROLLBACK PREPARED {}", commit::literal(gid));
+                self.own(&[&rollback]).await?;
+                Ok(Err(e))
+            }
+        }
+    }
+
+    /// The cluster's two-phase commit of the open transaction (module
+    /// [`crate::commit`]). `Err(End)`: the session broke; `Ok(Err(e))`:
+    /// the transaction did not commit and the client gets `e`.
+    async fn two_phase(&mut self) -> Result<Result<(), Raw>, End> {
+        let started = Instant::now();
+        let gid = commit::new_gid(self.ctx.tracker.info.id);
+        let timeout = self.ctx.live.config.commit.vote_timeout;
+        let prepare = format!("PREPARE TRANSACTION {}", commit::literal(&gid));
+        let mut answers = self.own(&[&prepare, &commit::await_votes_sql(&gid, timeout)]).await?;
+        let votes = answers.pop().unwrap_or_default();
+        let prepared = answers.pop().unwrap_or_default();
+        let outcome = if let Some(e) = commit::error_of(&prepared) {
+            // Not prepared (e.g. temporary objects): nothing to undo.
+            Err(Raw(e.raw.clone()))
+        } else {
+            match commit::read_votes(&gid, &votes) {
+                Votes::AllYes => {
+                    let done = self.own(&[&format!("COMMIT PREPARED {}", commit::literal(&gid))]).await?.remove(0);
+                    match commit::error_of(&done) {
+                        None => Ok(()),
+                        Some(_) => Err(Raw::from(commit::commit_unknown(&gid, &done))),
+                    }
+                }
+                Votes::Refused(e) => {
+                    let rollback = format!("ROLLBACK PREPARED {}", commit::literal(&gid));
+                    let undone = self.own(&[&rollback]).await?.remove(0);
+                    if let Some(err) = commit::error_of(&undone) {
+                        let msg = crate::net::scan::error_field(err.body(), b'M').unwrap_or_default();
+                        tracing::warn!(gid, "rollback of a refused transaction failed: {msg}");
+                    }
+                    Err(Raw::from(e))
+                }
+            }
+        };
+        let label = if outcome.is_ok() { "committed" } else { "aborted" };
+        metrics::counter!("mtm_proxy_commits_total", "outcome" => label).increment(1);
+        metrics::histogram!("mtm_proxy_commit_duration_seconds").record(started.elapsed().as_secs_f64());
+        if let Err(e) = &outcome {
+            count_error(&e.sqlstate());
+        }
+        Ok(outcome)
+    }
+}
+
+/// An ErrorResponse for the client, as bytes.
+struct Raw(BytesMut);
+
+impl From<PgError> for Raw {
+    fn from(e: PgError) -> Self {
+        Raw(e.encode())
+    }
+}
+
+impl Raw {
+    fn into_bytes(self) -> BytesMut {
+        self.0
+    }
+
+    fn sqlstate(&self) -> String {
+        crate::net::scan::sqlstate(&self.0[5..]).unwrap_or_else(|| "XX000".into())
+    }
+}
+
+/// (statement name, SQL) of a Parse body.
+fn parse_message(body: &[u8]) -> Result<(&[u8], &str), End> {
+    let mut r = BodyReader::new(body);
+    let name = r.cstr().map_err(End::ClientProtocol)?;
+    let sql = parse_text(body).map_err(End::ClientProtocol)?;
+    Ok((name.as_bytes(), sql))
+}
+
+/// (portal, statement) of a Bind body.
+fn bind_names(body: &[u8]) -> Result<(&[u8], &[u8]), End> {
+    let mut r = BodyReader::new(body);
+    let portal = r.cstr().map_err(End::ClientProtocol)?;
+    let statement = r.cstr().map_err(End::ClientProtocol)?;
+    Ok((portal.as_bytes(), statement.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::frame::frame;
+
+    #[test]
+    fn splitter_cuts_whole_messages_and_streams_large_ones() {
+        let mut s = Splitter::default();
+        s.buf.extend_from_slice(&frame(b'Z', b"I"));
+        s.buf.extend_from_slice(&frame(b'C', b"SEL")[..4]);
+        assert!(matches!(s.next(), Ok(Some(Piece::Whole(r))) if r.tag == b'Z' && r.body() == b"I"));
+        assert!(matches!(s.next(), Ok(None)));
+        let mut s = Splitter::default();
+        let big = frame(b'D', &vec![7u8; WHOLE_MESSAGE_LIMIT + 10]);
+        s.buf.extend_from_slice(&big[..1000]);
+        assert!(matches!(s.next(), Ok(Some(Piece::Through(b))) if b.len() == 1000));
+        s.buf.extend_from_slice(&big[1000..]);
+        s.buf.extend_from_slice(&frame(b'Z', b"T"));
+        assert!(matches!(s.next(), Ok(Some(Piece::Through(b))) if b.len() == big.len() - 1000));
+        assert!(matches!(s.next(), Ok(Some(Piece::Whole(r))) if r.tag == b'Z'));
+        let mut s = Splitter::default();
+        s.buf.extend_from_slice(&[b'Z', 0, 0, 0, 2]);
+        assert!(s.next().is_err());
+    }
+
+    #[test]
+    fn reads_the_xact_writes_report() {
+        let on = messages::parameter_status(XACT_WRITES, "on");
+        let off = messages::parameter_status(XACT_WRITES, "off");
+        let other = messages::parameter_status("TimeZone", "UTC");
+        assert_eq!(xact_writes_report(&on[5..]), Some(true));
+        assert_eq!(xact_writes_report(&off[5..]), Some(false));
+        assert_eq!(xact_writes_report(&other[5..]), None);
+    }
+}

@@ -1,0 +1,385 @@
+//! The synchronous commit path through the proxy of a 3-node cluster:
+//! sessions spread over the nodes (the test asserts they are), every
+//! outcome checked on every node directly. Tables are created on every
+//! node (DDL is not replicated yet); every row is written through the
+//! proxy.
+
+use mtm_tests::cluster::{client, converge, on_every_node, prepared, proxy_client};
+use mtmctl::testing::TestCluster;
+use postgres::Client;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn port_of(cl: &mut Client) -> i32 {
+    cl.query_one("select inet_server_port()", &[]).unwrap().get(0)
+}
+
+/// `n` proxy sessions, held open together so the router spreads them.
+fn sessions(c: &TestCluster, n: usize) -> Vec<Client> {
+    (0..n).map(|_| proxy_client(c)).collect()
+}
+
+fn sqlstate(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+fn commits(c: &TestCluster, outcome: &str) -> f64 {
+    let text = mtm_tests::http_get(c.layout.metrics_port, "/metrics");
+    text.lines()
+        .find(|l| l.starts_with(&format!("mtm_proxy_commits_total{{outcome=\"{outcome}\"}}")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn no_gid_left(c: &TestCluster) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = prepared(c);
+        if left.iter().all(Vec::is_empty) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "prepared transactions left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn conflicting_updates_on_two_nodes_abort_with_40001_and_nodes_agree() {
+    let c = TestCluster::start(3);
+    on_every_node(&c, "create table acc(id int primary key, v int)");
+    proxy_client(&c).batch_execute("insert into acc select g, 100 from generate_series(1, 10) g").unwrap();
+    converge(&c, &["acc"]);
+
+    let mut s = sessions(&c, 3);
+    let ports: BTreeSet<i32> = s.iter_mut().map(port_of).collect();
+    assert_eq!(ports.len(), 3, "three sessions through the proxy are on three nodes");
+    let (mut a, mut b) = {
+        let mut it = s.drain(..2);
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    for round in 0..3 {
+        a.batch_execute("begin; update acc set v = v + 1 where id = 1").unwrap();
+        b.batch_execute("begin; update acc set v = v + 10 where id = 1").unwrap();
+        let ta = std::thread::spawn(move || {
+            let r = a.batch_execute("commit");
+            (a, r)
+        });
+        let tb = std::thread::spawn(move || {
+            let r = b.batch_execute("commit");
+            (b, r)
+        });
+        let (na, ra) = ta.join().unwrap();
+        let (nb, rb) = tb.join().unwrap();
+        a = na;
+        b = nb;
+        for r in [&ra, &rb] {
+            if let Err(e) = r {
+                assert_eq!(sqlstate(e), "40001", "round {round}: {e:?}");
+                let text = format!("{e:?}");
+                assert!(text.contains("node"), "the error names the node: {text}");
+            }
+        }
+        assert!(ra.is_err() || rb.is_err(), "round {round}: two conflicting updates of one row both committed");
+        converge(&c, &["acc"]);
+        no_gid_left(&c);
+    }
+    // The sessions are usable after a 40001.
+    assert_eq!(a.query_one("select count(*) from acc", &[]).unwrap().get::<_, i64>(0), 10);
+    // Each node has the value the committed updates produced.
+    let v: Vec<i32> = (1..=3).map(|id| client(&c, id).query_one("select v from acc where id = 1", &[]).unwrap().get(0)).collect();
+    assert!(v.windows(2).all(|w| w[0] == w[1]) && v[0] >= 100, "{v:?}");
+}
+
+#[test]
+fn bank_transfers_keep_the_total_on_every_node() {
+    const ACCOUNTS: i32 = 100;
+    const WRITERS: usize = 12;
+    const READERS: usize = 4;
+    let c = Arc::new(TestCluster::start(3));
+    on_every_node(&c, "create table bank(id int primary key, balance bigint not null)");
+    proxy_client(&c)
+        .batch_execute(&format!("insert into bank select g, 1000 from generate_series(1, {ACCOUNTS}) g"))
+        .unwrap();
+    converge(&c, &["bank"]);
+    let total = ACCOUNTS as i64 * 1000;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let aborted = Arc::new(AtomicU64::new(0));
+    // Open every session first, so the router spreads them over the nodes.
+    let mut clients = sessions(&c, WRITERS + READERS);
+    let ports: BTreeSet<i32> = clients.iter_mut().map(port_of).collect();
+    assert_eq!(ports.len(), 3, "sessions on every node");
+    let mut threads = Vec::new();
+    for (i, mut cl) in clients.drain(..WRITERS).enumerate() {
+        let (stop, committed, aborted) = (stop.clone(), committed.clone(), aborted.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut n = i as i32;
+            while !stop.load(Ordering::Relaxed) {
+                n = n.wrapping_mul(1103515245).wrapping_add(12345) & 0x7fff_ffff;
+                let from = n % ACCOUNTS + 1;
+                let to = (n / ACCOUNTS) % ACCOUNTS + 1;
+                if from == to {
+                    continue;
+                }
+                let amount = (n % 50 + 1) as i64;
+                let r = (|| {
+                    let mut t = cl.transaction()?;
+                    t.execute("update bank set balance = balance - $1 where id = $2", &[&amount, &from])?;
+                    t.execute("update bank set balance = balance + $1 where id = $2", &[&amount, &to])?;
+                    t.commit()
+                })();
+                match r {
+                    Ok(()) => committed.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        let code = sqlstate(&e);
+                        assert!(["40001", "40P01", "0A000"].contains(&code.as_str()), "transfer failed: {e:?}");
+                        aborted.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let wrong_totals = Arc::new(AtomicU64::new(0));
+    for mut cl in clients.drain(..) {
+        let (stop, wrong) = (stop.clone(), wrong_totals.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let sum: i64 = cl.query_one("select sum(balance)::bigint from bank", &[]).unwrap().get(0);
+                if sum != total {
+                    wrong.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(15));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("a client thread failed");
+    }
+    let (ok, failed) = (committed.load(Ordering::Relaxed), aborted.load(Ordering::Relaxed));
+    eprintln!("bank: {ok} transfers committed, {failed} aborted (40001/40P01)");
+    assert!(ok > 50, "too few transfers committed: {ok} (aborted {failed})");
+    assert_eq!(wrong_totals.load(Ordering::Relaxed), 0, "a reader saw a total other than {total}");
+    converge(&c, &["bank"]);
+    no_gid_left(&c);
+    for id in 1..=3 {
+        let sum: i64 = client(&c, id).query_one("select sum(balance)::bigint from bank", &[]).unwrap().get(0);
+        assert_eq!(sum, total, "node{id}");
+    }
+    assert!(commits(&c, "committed") >= ok as f64, "every committed transfer went through the cluster's commit");
+}
+
+/// Minimal raw-protocol client for what the postgres crate cannot send:
+/// pipelines with an error in the middle, COMMIT as an extended-protocol
+/// statement (as pgjdbc sends it).
+struct Raw {
+    s: TcpStream,
+}
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut body = 196608u32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
+        let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        p.extend(body);
+        s.write_all(&p).unwrap();
+        let mut r = Raw { s };
+        r.until_ready();
+        r
+    }
+
+    /// Reads messages up to and including ReadyForQuery: (tag, body) each.
+    fn until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        loop {
+            let mut head = [0u8; 5];
+            self.s.read_exact(&mut head).expect("read a message");
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let mut body = vec![0; len - 4];
+            self.s.read_exact(&mut body).unwrap();
+            let done = head[0] == b'Z';
+            out.push((head[0], body));
+            if done {
+                return out;
+            }
+        }
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = cstr(name);
+        b.extend(cstr(sql));
+        b.extend_from_slice(&0i16.to_be_bytes());
+        msg(b'P', &b)
+    }
+
+    fn bind_execute(statement: &str) -> Vec<u8> {
+        let mut b = cstr("");
+        b.extend(cstr(statement));
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut out = msg(b'B', &b);
+        let mut e = cstr("");
+        e.extend_from_slice(&0i32.to_be_bytes());
+        out.extend(msg(b'E', &e));
+        out
+    }
+
+    fn sync() -> Vec<u8> {
+        msg(b'S', &[])
+    }
+
+    fn query(sql: &str) -> Vec<u8> {
+        msg(b'Q', &cstr(sql))
+    }
+}
+
+/// Tags of the messages, with CommandComplete tags and ErrorResponse
+/// SQLSTATEs spelled out, e.g. `C:INSERT 0 1`, `E:23505`, `Z:I`.
+fn summary(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
+    msgs.iter()
+        .map(|(t, b)| match t {
+            b'C' => format!("C:{}", String::from_utf8_lossy(&b[..b.len() - 1])),
+            b'E' => format!("E:{}", mtm_proxy::net::scan::sqlstate(b).unwrap_or_default()),
+            b'Z' => format!("Z:{}", b[0] as char),
+            other => (*other as char).to_string(),
+        })
+        .collect()
+}
+
+#[test]
+fn autocommit_pipelines_and_extended_commit_are_coordinated() {
+    let c = TestCluster::start(3);
+    on_every_node(
+        &c,
+        "create table t(id int primary key, src text);
+         create function add_row(i int) returns int language sql as $$ insert into t values (i, 'function') returning i $$;",
+    );
+    let port = c.layout.proxy_port;
+    let mut s = sessions(&c, 3);
+    let ports: BTreeSet<i32> = s.iter_mut().map(port_of).collect();
+    assert_eq!(ports.len(), 3);
+    let before = commits(&c, "committed");
+
+    // Simple protocol: one statement, several in one Query, a SELECT
+    // calling a writing function; extended protocol (the postgres crate).
+    s[0].batch_execute("insert into t values (1, 'simple')").unwrap();
+    s[1].batch_execute("insert into t values (2, 'multi'); insert into t values (3, 'multi')").unwrap();
+    s[2].batch_execute("select add_row(4)").unwrap();
+    s[0].execute("insert into t values ($1, 'extended')", &[&5i32]).unwrap();
+    // COPY FROM STDIN in autocommit, through psql.
+    let mut copy = std::process::Command::new("psql")
+        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-c", "copy t from stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    copy.stdin.take().unwrap().write_all(b"6\tcopy\n7\tcopy\n").unwrap();
+    let out = copy.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after_writes = commits(&c, "committed");
+    assert_eq!(after_writes - before, 5.0, "each writing autocommit unit went through the cluster's commit");
+
+    // Reads and read-only transactions commit locally.
+    s[1].query("select * from t", &[]).unwrap();
+    s[1].batch_execute("begin; select count(*) from t; commit").unwrap();
+    let mut t = s[2].transaction().unwrap();
+    t.query("select * from t where id = $1", &[&1i32]).unwrap();
+    t.commit().unwrap();
+    assert_eq!(commits(&c, "committed"), after_writes, "reads do not use two-phase commit");
+
+    // Temporary tables stay local and commit without 2PC; mixing them
+    // with replicated writes is refused before anything is lost.
+    s[1].batch_execute("create temp table tmp(x int); insert into tmp values (1)").unwrap();
+    s[1].batch_execute("begin").unwrap();
+    s[1].batch_execute("insert into tmp values (2)").unwrap();
+    s[1].batch_execute("insert into t values (99, 'temp')").unwrap();
+    let err = s[1].batch_execute("commit").unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{err:?}");
+    s[1].batch_execute("select 1").unwrap();
+
+    // A pipeline of three autocommit segments, the second failing: the
+    // first and third commit everywhere, the client sees what PostgreSQL
+    // would send.
+    let mut raw = Raw::connect(port);
+    let mut pipe = Vec::new();
+    for (i, id) in [10, 1, 11].iter().enumerate() {
+        pipe.extend(Raw::parse("", &format!("insert into t values ({id}, 'pipeline {i}')")));
+        pipe.extend(Raw::bind_execute(""));
+        pipe.extend(Raw::sync());
+    }
+    raw.s.write_all(&pipe).unwrap();
+    let replies: Vec<Vec<String>> = (0..3).map(|_| summary(&raw.until_ready())).collect();
+    assert_eq!(replies[0], ["1", "2", "C:INSERT 0 1", "Z:I"]);
+    assert_eq!(replies[1], ["1", "2", "E:23505", "Z:I"]);
+    assert_eq!(replies[2], ["1", "2", "C:INSERT 0 1", "Z:I"]);
+
+    // COMMIT as a named extended-protocol statement (pgjdbc's way).
+    raw.s.write_all(&Raw::parse("commit_stmt", "COMMIT")).unwrap();
+    raw.s.write_all(&Raw::sync()).unwrap();
+    assert_eq!(summary(&raw.until_ready()), ["1", "Z:I"]);
+    raw.s.write_all(&Raw::query("begin")).unwrap();
+    raw.until_ready();
+    let mut unit = Raw::parse("", "insert into t values (12, 'extended commit')");
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::sync());
+    raw.s.write_all(&unit).unwrap();
+    assert_eq!(summary(&raw.until_ready()), ["1", "2", "C:INSERT 0 1", "Z:T"]);
+    let mut commit = Raw::bind_execute("commit_stmt");
+    commit.extend(Raw::sync());
+    let before_commit = commits(&c, "committed");
+    raw.s.write_all(&commit).unwrap();
+    assert_eq!(summary(&raw.until_ready()), ["2", "C:COMMIT", "Z:I"]);
+    assert_eq!(commits(&c, "committed"), before_commit + 1.0);
+
+    converge(&c, &["t"]);
+    let ids: Vec<i32> = client(&c, 3).query("select id from t order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6, 7, 10, 11, 12]);
+    no_gid_left(&c);
+}
+
+#[test]
+fn a_clients_own_two_phase_commit_works_from_any_node() {
+    let c = TestCluster::start(3);
+    on_every_node(&c, "create table x(id int primary key)");
+    let mut s = sessions(&c, 2);
+    let (p0, p1) = (port_of(&mut s[0]), port_of(&mut s[1]));
+    assert_ne!(p0, p1);
+    for (id, gid) in [(1, "app-tx-1"), (2, "app-tx-2")] {
+        s[0].batch_execute("begin").unwrap();
+        s[0].execute("insert into x values ($1)", &[&id]).unwrap();
+        s[0].batch_execute(&format!("prepare transaction '{gid}'")).unwrap();
+    }
+    // Prepared on every node before the client hears PREPARE TRANSACTION.
+    for gids in prepared(&c) {
+        assert_eq!(gids, ["app-tx-1", "app-tx-2"]);
+    }
+    // Finished from a session on another node, XA-style.
+    s[1].batch_execute("commit prepared 'app-tx-1'").unwrap();
+    s[1].batch_execute("rollback prepared 'app-tx-2'").unwrap();
+    converge(&c, &["x"]);
+    no_gid_left(&c);
+    let ids: Vec<i32> = client(&c, 2).query("select id from x", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, [1]);
+}
