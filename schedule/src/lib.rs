@@ -9,9 +9,18 @@
 //! its turn to commit: [`keys`] finds the rows, [`scheduler`] keeps such
 //! transactions on one worker (whose queue is first in, first out) or
 //! holds the later one back until the earlier ones have committed.
+//! [`flush`] decides how much of the peer's stream the receiver may
+//! confirm: only what is committed here and flushed.
+//!
+//! Safe Rust only: the extension keeps its `unsafe` calls into PostgreSQL
+//! out of this logic so that it can be tested as plain Rust.
 
+#![forbid(unsafe_code)]
+
+pub mod flush;
 pub mod keys;
 pub mod scheduler;
 
+pub use flush::{CommitSource, FlushTracker};
 pub use keys::{KeyTracker, TxnKeys};
 pub use scheduler::{Plan, Scheduler};
