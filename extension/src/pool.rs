@@ -483,6 +483,9 @@ impl Turn {
         pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
         pg_sys::replorigin_session_reset();
         let pool = self.pool();
+        // The positions before the watermark: the receiver's flush tracker
+        // reads the pending count first and relies on then finding the
+        // positions of every commit that count includes.
         pool.last_local.store(pg_sys::GetXLogInsertRecPtr(), Release);
         pool.last_remote.store(remote_end, Release);
         pool.committed.store(seq, SeqCst);

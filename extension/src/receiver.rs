@@ -17,10 +17,9 @@
 
 use crate::pool::{Queues, SEQ_TAG};
 use mtm_protocol::{tag, Message};
-use mtm_schedule::{KeyTracker, Plan, Scheduler, TxnKeys};
+use mtm_schedule::{CommitSource, FlushTracker, KeyTracker, Plan, Scheduler, TxnKeys};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::collections::VecDeque;
 use std::ffi::{c_char, CStr, CString};
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
@@ -121,9 +120,7 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
         keys: KeyTracker::default(),
         txn: None,
         received: start,
-        confirmed: start,
-        seen_remote: 0,
-        unflushed: VecDeque::new(),
+        flush: FlushTracker::new(start),
         last_feedback: Instant::now(),
         serial_until,
     };
@@ -158,13 +155,8 @@ struct Receiver {
     txn: Option<Txn>,
     /// The peer's WAL position we have seen (XLogData, keepalives).
     received: u64,
-    /// Peer end LSN up to which everything is durably applied here.
-    confirmed: u64,
-    /// The last committed transaction the pool reported.
-    seen_remote: u64,
-    /// (peer end LSN, our WAL position after it) not yet known to be
-    /// flushed: workers commit asynchronously.
-    unflushed: VecDeque<(u64, u64)>,
+    /// What is committed here and flushed: workers commit asynchronously.
+    flush: FlushTracker,
     last_feedback: Instant,
     /// Apply one transaction at a time up to this peer LSN.
     serial_until: u64,
@@ -393,27 +385,11 @@ impl Receiver {
 
     /// What may be reported as flushed to the peer: everything received
     /// when nothing is in flight (as the core apply worker does), else
-    /// the end of the last transaction committed here and flushed.
-    unsafe fn flush_lsn(&mut self) -> u64 {
-        let pool = self.queues.pool();
-        let (remote, local) = pool.last_commit();
-        if remote > self.seen_remote {
-            self.seen_remote = remote;
-            self.unflushed.push_back((remote, local));
-        }
-        let flushed = pg_sys::GetFlushRecPtr(std::ptr::null_mut());
-        while let Some(&(remote, local)) = self.unflushed.front() {
-            if local > flushed {
-                break;
-            }
-            self.confirmed = self.confirmed.max(remote);
-            self.unflushed.pop_front();
-        }
-        if self.txn.is_none() && pool.pending() == 0 && self.unflushed.is_empty() {
-            self.confirmed.max(self.received)
-        } else {
-            self.confirmed
-        }
+    /// the end of the last transaction committed here and flushed. The
+    /// tracker fixes the order of the reads (pending count first).
+    fn flush_lsn(&mut self) -> u64 {
+        let idle_at = self.txn.is_none().then_some(self.received);
+        self.flush.confirmable(&PoolCommits(self.queues.pool()), idle_at)
     }
 
     unsafe fn maybe_feedback(&mut self) {
@@ -436,5 +412,21 @@ impl Receiver {
             send(self.conn, msg.as_ptr() as *const c_char, msg.len() as i32);
         }
         self.last_feedback = Instant::now();
+    }
+}
+
+/// The pool's commits and our WAL, as the flush tracker reads them.
+struct PoolCommits(&'static crate::pool::PeerPool);
+
+impl CommitSource for PoolCommits {
+    fn pending(&self) -> u64 {
+        self.0.pending()
+    }
+    fn last_commit(&self) -> (u64, u64) {
+        self.0.last_commit()
+    }
+    fn flushed(&self) -> u64 {
+        // SAFETY: a read of the shared WAL positions, valid in any backend.
+        unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
     }
 }

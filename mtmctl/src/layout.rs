@@ -7,7 +7,7 @@
 //! <data-dir>/cluster.toml      this layout
 //! <data-dir>/node<i>/          PGDATA of node i (1-based)
 //! <data-dir>/node<i>.log       its server log
-//! <data-dir>/mtm-proxy.toml    generated proxy configuration
+//! <data-dir>/mtm-proxy.toml    proxy configuration (generated if missing)
 //! <data-dir>/mtm-proxy.log     proxy log
 //! <data-dir>/mtm-proxy.pid     proxy pid
 //! ```

@@ -1,6 +1,7 @@
-//! The cluster's `mtm-proxy` process: started in the background with the
-//! configuration generated from the layout, tracked by a pid file, stopped
-//! with SIGTERM (then SIGKILL if it does not exit).
+//! The cluster's `mtm-proxy` process: started in the background with
+//! `<data-dir>/mtm-proxy.toml` (generated from the layout when missing, the
+//! user's own otherwise), tracked by a pid file, stopped with SIGTERM (then
+//! SIGKILL if it does not exit).
 
 use crate::error::{Error, Result};
 use crate::host::pid_alive;
@@ -29,24 +30,69 @@ impl ProxyProcess<'_> {
         String::from_utf8_lossy(&cmdline).contains("mtm-proxy").then_some(pid)
     }
 
-    /// Starts the proxy (if not running) with the cluster's generated
-    /// configuration and waits until a query through it answers.
+    /// Starts the proxy (if not running) and waits until it answers. The
+    /// configuration file is generated from the layout only when it is
+    /// missing: it is where users configure TLS, authentication and
+    /// routing, so `up` must not undo their edits.
     pub fn start(&self, binary: &PathBuf) -> Result<()> {
-        self.start_with(binary, &self.layout.proxy_config_toml(), true)
+        let path = self.layout.proxy_config();
+        let query_check = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let cfg = mtm_proxy::config::Config::parse(&text).map_err(|e| {
+                    Error::DataDir(format!("{} is not a valid proxy configuration: {}", path.display(), one_line(&e.to_string())))
+                })?;
+                self.check_listen_port(&cfg)?;
+                plain_login(&cfg)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.write_config(&self.layout.proxy_config_toml())?;
+                true
+            }
+            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+        };
+        self.launch(binary, query_check)
     }
 
-    /// Starts the proxy with `config` (a full mtm-proxy.toml). With
-    /// `query_check`, waits until `select 1` as postgres without a password
-    /// answers; otherwise until the proxy answers an SSLRequest (for
-    /// configurations that require a password or TLS).
+    /// Replaces the configuration file with `config` (a full mtm-proxy.toml)
+    /// and starts the proxy with it (if not running). With `query_check`,
+    /// waits until `select 1` as postgres without a password answers;
+    /// otherwise until the proxy answers an SSLRequest (for configurations
+    /// that require a password or TLS).
     pub fn start_with(&self, binary: &PathBuf, config: &str, query_check: bool) -> Result<()> {
+        if self.pid().is_none() {
+            self.write_config(config)?;
+        }
+        self.launch(binary, query_check)
+    }
+
+    fn write_config(&self, config: &str) -> Result<()> {
+        std::fs::write(self.layout.proxy_config(), config)
+            .map_err(|e| Error::io("cannot write the proxy configuration", e))
+    }
+
+    /// The readiness checks and `status` look at the port in cluster.toml;
+    /// a file listening elsewhere would make `up` wait 30 s for nothing.
+    fn check_listen_port(&self, cfg: &mtm_proxy::config::Config) -> Result<()> {
+        let port = cfg.proxy.listen.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+        if port != Some(self.layout.proxy_port) {
+            return Err(Error::DataDir(format!(
+                "proxy.listen = {:?} in {} does not use port {}, the proxy port recorded in cluster.toml",
+                cfg.proxy.listen,
+                self.layout.proxy_config().display(),
+                self.layout.proxy_port
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts the proxy with the configuration file as it is (if not
+    /// running) and waits until it is ready.
+    fn launch(&self, binary: &PathBuf, query_check: bool) -> Result<()> {
         let ready = || if query_check { self.answers() } else { self.listening() };
         let log_path = self.layout.proxy_log();
         if self.pid().is_none() {
             crate::host::check_port_free(self.layout.proxy_port, "mtm-proxy")?;
             crate::host::check_port_free(self.layout.metrics_port, "mtm-proxy metrics")?;
-            std::fs::write(self.layout.proxy_config(), config)
-                .map_err(|e| Error::io("cannot write the proxy configuration", e))?;
             let log = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -148,9 +194,54 @@ impl ProxyProcess<'_> {
     }
 }
 
+/// Whether `postgres` can log in through the proxy without a password or
+/// TLS, so that readiness can be checked with a query.
+fn plain_login(cfg: &mtm_proxy::config::Config) -> bool {
+    use mtm_proxy::config::{AuthMethod, ClientTlsMode};
+    matches!(cfg.auth.method, AuthMethod::Passthrough | AuthMethod::Trust) && cfg.tls.mode != ClientTlsMode::Require
+}
+
+/// A TOML error draws the offending line over several lines; launcher
+/// errors are one line, so keep where (the first line) and what (the last).
+fn one_line(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default().to_string();
+    match lines.next_back() {
+        Some(last) => format!("{first}: {last}"),
+        None => first,
+    }
+}
+
 fn last_log_line(path: &PathBuf) -> String {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|s| s.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()))
         .unwrap_or_else(|| "it exited".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_toml_error_becomes_one_line_with_place_and_cause() {
+        let err = mtm_proxy::config::Config::parse("this is not toml").unwrap_err().to_string();
+        assert!(err.lines().count() > 1, "{err}");
+        let line = one_line(&err);
+        assert_eq!(line.lines().count(), 1);
+        assert!(line.starts_with("TOML parse error at line 1"), "{line}");
+        assert_eq!(one_line("no [[nodes]] configured"), "no [[nodes]] configured");
+    }
+
+    #[test]
+    fn readiness_by_query_only_when_postgres_logs_in_without_password_or_tls() {
+        use mtm_proxy::config::{AuthMethod, ClientTlsMode, Config};
+        let mut cfg = Config::example();
+        assert!(plain_login(&cfg));
+        cfg.auth.method = AuthMethod::ScramSha256;
+        assert!(!plain_login(&cfg));
+        cfg.auth.method = AuthMethod::Trust;
+        cfg.tls.mode = ClientTlsMode::Require;
+        assert!(!plain_login(&cfg));
+    }
 }

@@ -181,11 +181,36 @@ fn show_stats(shared: &Shared) -> BytesMut {
 }
 
 fn show_config(shared: &Shared) -> BytesMut {
-    let live = shared.live.load();
-    let value = toml::Value::try_from(&live.config).unwrap_or(toml::Value::Table(Default::default()));
+    messages::result_set(&["key", "value"], &config_rows(&shared.live.load().config))
+}
+
+/// The configuration as (key, value) rows, secrets redacted.
+fn config_rows(config: &crate::config::Config) -> Vec<Vec<String>> {
+    let value = toml::Value::try_from(config).unwrap_or(toml::Value::Table(Default::default()));
     let mut rows = Vec::new();
     flatten("", &value, &mut rows);
-    messages::result_set(&["key", "value"], &rows)
+    for row in &mut rows {
+        if is_secret(&row[0]) {
+            row[1] = REDACTED.to_string();
+        }
+    }
+    rows
+}
+
+/// Shown instead of a secret: the reader learns the key is set, not its value.
+const REDACTED: &str = "********";
+
+/// Whether a flattened key names a secret. Judged by name rather than by a
+/// list of known keys so that a secret added to the configuration later is
+/// hidden without anyone remembering this console; paths to key or users
+/// files (`*_file`) are not secrets themselves.
+fn is_secret(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    let last = last.split('[').next().unwrap_or(&last);
+    if last.ends_with("_file") {
+        return false;
+    }
+    ["password", "secret", "token", "passphrase"].iter().any(|w| last.contains(w))
 }
 
 fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<Vec<String>>) {
@@ -203,5 +228,31 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<Vec<String>>) {
         }
         toml::Value::String(s) => out.push(vec![prefix.to_string(), s.clone()]),
         other => out.push(vec![prefix.to_string(), other.to_string()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_recognised_by_name_and_paths_are_not() {
+        for key in ["backend.password", "auth.secret", "x.api_token", "tls.key_passphrase", "a[0].Password"] {
+            assert!(is_secret(key), "{key}");
+        }
+        for key in ["tls.key_file", "auth.users_file", "backend.tls_ca_file", "proxy.listen", "backend.health_user"] {
+            assert!(!is_secret(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn the_backend_password_is_listed_but_not_shown() {
+        let mut cfg = crate::config::Config::example();
+        cfg.backend.password = Some("hunter2".into());
+        cfg.tls.key_file = Some("/etc/mtm/key.pem".into());
+        let rows = config_rows(&cfg);
+        assert!(rows.iter().all(|r| !r[1].contains("hunter2")), "{rows:?}");
+        assert!(rows.contains(&vec!["backend.password".to_string(), REDACTED.to_string()]), "{rows:?}");
+        assert!(rows.contains(&vec!["tls.key_file".to_string(), "/etc/mtm/key.pem".to_string()]), "{rows:?}");
     }
 }

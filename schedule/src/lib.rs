@@ -9,13 +9,22 @@
 //! its turn to commit: [`keys`] finds the rows, [`scheduler`] keeps such
 //! transactions on one worker (whose queue is first in, first out) or
 //! holds the later one back until the earlier ones have committed.
+//! [`flush`] decides how much of the peer's stream the receiver may
+//! confirm: only what is committed here and flushed.
 //!
 //! [`tally`] counts the peers' 2PC votes on this node's prepared
 //! transactions (the coordinator side of the commit path).
+//!
+//! Safe Rust only: the extension keeps its `unsafe` calls into PostgreSQL
+//! out of this logic so that it can be tested as plain Rust.
 
+#![forbid(unsafe_code)]
+
+pub mod flush;
 pub mod keys;
 pub mod scheduler;
 pub mod tally;
 
+pub use flush::{CommitSource, FlushTracker};
 pub use keys::{KeyTracker, TxnKeys};
 pub use scheduler::{Plan, Scheduler};

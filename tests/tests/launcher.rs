@@ -161,3 +161,37 @@ fn up_initialises_the_cluster_on_every_node() {
     assert_eq!(n, 3);
     assert!(cluster.status()[1].detail.contains("node 2 of 3"), "{}", cluster.status()[1].detail);
 }
+
+#[test]
+fn up_keeps_the_users_proxy_configuration() {
+    let cluster = TestCluster::start(1);
+    let dir = cluster.layout.data_dir.to_str().unwrap().to_string();
+    let path = cluster.layout.proxy_config();
+    let mut cfg = mtm_proxy::config::Config::load(&path).unwrap();
+    cfg.proxy.pause_timeout = std::time::Duration::from_secs(7);
+    let edited = format!("# edited by hand\n{}", cfg.to_toml());
+    std::fs::write(&path, &edited).unwrap();
+
+    let out = mtmctl(&["down", "--data-dir", &dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mtmctl(&["up", "--data-dir", &dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), edited, "`up` rewrote {}", path.display());
+    // The proxy runs with the edit, not with a regenerated file.
+    let mut admin = postgres::Client::connect(&cluster.proxy_conninfo("mtm"), postgres::NoTls).unwrap();
+    let timeout = admin.simple_query("show config").unwrap().iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("proxy.pause_timeout") => r.get(1).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(timeout.as_deref(), Some("7s"));
+
+    // A file that does not parse stops `up` with one line naming it.
+    cluster.down("fast").unwrap();
+    std::fs::write(&path, "this is not toml").unwrap();
+    let out = mtmctl(&["up", "--data-dir", &dir]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(path.to_str().unwrap()), "{err}");
+}

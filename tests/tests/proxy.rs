@@ -266,7 +266,11 @@ fn tls_and_scram_at_the_proxy() {
 fn admin_console_pause_resume_and_show() {
     let c = TestCluster::start(2);
     let port = c.layout.proxy_port;
-    c.reconfigure_proxy(|cfg| cfg.proxy.pause_timeout = Duration::from_secs(2));
+    c.reconfigure_proxy(|cfg| {
+        cfg.proxy.pause_timeout = Duration::from_secs(2);
+        // Unused by trust-auth nodes; here only so SHOW CONFIG has a secret to hide.
+        cfg.backend.password = Some("do-not-show-me".into());
+    });
     let mut admin = connect(port, "mtm");
     let nodes = admin.simple_query("show nodes").unwrap();
     let rows: Vec<_> = nodes
@@ -311,7 +315,17 @@ fn admin_console_pause_resume_and_show() {
     assert!(waited >= Duration::from_millis(500), "the statement waited for RESUME ({waited:?})");
 
     let cfg = admin.simple_query("show config").unwrap();
-    assert!(cfg.iter().any(|m| matches!(m, postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("limits.max_message_size"))));
+    let cfg: Vec<(String, String)> = cfg
+        .iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => Some((r.get(0).unwrap().to_string(), r.get(1).unwrap().to_string())),
+            _ => None,
+        })
+        .collect();
+    assert!(cfg.iter().any(|(k, _)| k == "limits.max_message_size"), "{cfg:?}");
+    assert!(cfg.iter().all(|(_, v)| !v.contains("do-not-show-me")), "the password leaks: {cfg:?}");
+    let pw = cfg.iter().find(|(k, _)| k == "backend.password").map(|(_, v)| v.as_str());
+    assert_eq!(pw, Some("********"), "the key is listed, its value hidden");
     admin.simple_query("reload").unwrap();
     let err = admin.simple_query("drop everything").unwrap_err();
     assert_eq!(err.code().unwrap().code(), "42601");
