@@ -99,6 +99,7 @@ impl Applier {
     /// A transaction (or prepare, or its end) from the peer ending at
     /// `remote_end` is committed here: pass the turn on.
     unsafe fn applied(&mut self, remote_end: u64) {
+        self.turn.applying(0);
         self.turn.done(self.seq, remote_end);
         self.in_transaction = false;
         pg_sys::pgstat_report_stat(false);
@@ -108,7 +109,8 @@ impl Applier {
         // SAFETY: executor and transaction calls from the worker's thread.
         unsafe {
             match msg {
-                Message::Begin { .. } => {
+                Message::Begin { commit_time, .. } => {
+                    self.turn.applying(commit_time);
                     pg_sys::StartTransactionCommand();
                     self.in_transaction = true;
                     self.failed = None;

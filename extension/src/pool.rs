@@ -37,7 +37,7 @@
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PGRXSharedMemory, PgAtomic};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 
 /// Node ids are 1..=16 (`mtm.init_cluster`).
 pub const MAX_NODES: usize = 16;
@@ -77,6 +77,10 @@ pub struct PeerPool {
     pub worker_waits_for: [AtomicU64; MAX_WORKERS],
     /// A worker found its queue empty and sleeps until data is flushed.
     pub worker_hungry: [AtomicBool; MAX_WORKERS],
+    /// The peer's prepare (or commit) time of the transaction a worker is
+    /// applying, 0 when none: a conflicting transaction prepared here that
+    /// is younger yields to it (`mtm.await_votes`).
+    pub worker_txn_time: [AtomicI64; MAX_WORKERS],
     /// After a failure, apply one transaction at a time up to this peer
     /// LSN (what was received when the pool failed), so a failure caused
     /// by running side by side cannot repeat.
@@ -107,6 +111,7 @@ impl Default for PoolTable {
                 worker_latch: std::array::from_fn(|_| AtomicUsize::new(0)),
                 worker_waits_for: std::array::from_fn(|_| AtomicU64::new(0)),
                 worker_hungry: std::array::from_fn(|_| AtomicBool::new(false)),
+                worker_txn_time: std::array::from_fn(|_| AtomicI64::new(0)),
                 serial_until: AtomicU64::new(0),
             }),
         }
@@ -133,6 +138,19 @@ pub unsafe fn origin_of(peer: i32) -> pg_sys::RepOriginId {
 }
 
 /// The pool of `peer` (a node id, 1..=16).
+/// The peer and the transaction time of the apply worker `pid`, if it is
+/// one and is applying a transaction.
+pub fn applying(pid: i32) -> Option<(i32, i64)> {
+    let table = POOLS.get();
+    (1..=MAX_NODES).find_map(|p| {
+        let pool = &table.peers[p];
+        (0..pool.workers()).find_map(|w| {
+            let time = pool.worker_txn_time[w].load(Acquire);
+            (pool.worker_pid[w].load(Acquire) == pid && time != 0).then_some((p as i32, time))
+        })
+    })
+}
+
 pub fn peer(peer: i32) -> &'static PeerPool {
     let i = usize::try_from(peer).ok().filter(|&i| (1..=MAX_NODES).contains(&i));
     let i = i.unwrap_or_else(|| error!("multimaster: node id {peer} is outside 1..{MAX_NODES}"));
@@ -441,6 +459,12 @@ impl Turn {
     /// This worker found its queue empty (and will sleep), or got data.
     pub fn hungry(&self, hungry: bool) {
         self.pool().worker_hungry[self.slot].store(hungry, SeqCst);
+    }
+
+    /// The transaction this worker applies was prepared (or committed) on
+    /// the peer at `time` (0: none).
+    pub fn applying(&self, time: i64) {
+        self.pool().worker_txn_time[self.slot].store(time, Release);
     }
 
     /// A transaction was handed to this worker.

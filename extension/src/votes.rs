@@ -261,14 +261,23 @@ fn await_votes(
         error!("multimaster: cannot wait for votes on {gid}: {e}");
     }
     let _slot = Awaiting(gid);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    let mut next_look = started + YIELD_FIRST_LOOK;
     loop {
         let outcome = PEER_VOTES.share().0.outcome(gid, &peers);
         let row = match outcome {
             Outcome::Yes => (true, me, None, None),
             Outcome::No { node, sqlstate, message } => (false, node, Some(sqlstate), Some(message)),
             Outcome::Pending { missing } => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let now = std::time::Instant::now();
+                if now >= next_look {
+                    next_look = now + YIELD_LOOK_EVERY;
+                    if let Some(older) = older_blocked_transaction(gid, me) {
+                        return TableIterator::once((false, me, Some("40001".into()), Some(older)));
+                    }
+                }
+                let left = deadline.min(next_look).saturating_duration_since(now);
                 if !left.is_zero() {
                     // SAFETY: waiting on our own latch, as any backend does.
                     unsafe {
@@ -289,6 +298,36 @@ fn await_votes(
         };
         return TableIterator::once(row);
     }
+}
+
+/// How soon, and then how often, a waiting coordinator looks for an older
+/// transaction it blocks (most commits are decided before the first look).
+const YIELD_FIRST_LOOK: std::time::Duration = std::time::Duration::from_millis(5);
+const YIELD_LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Conflicts between transactions prepared on different nodes: each node
+/// has prepared its own and the other's apply waits for its row locks, so
+/// neither can get every vote. The older one (earlier prepare time, then
+/// lower node id) wins: the coordinator of the younger, seeing an apply
+/// worker here wait for its transaction's lock while applying an older
+/// one, gives up (40001), which releases the lock. Returns why it yields.
+fn older_blocked_transaction(gid: &str, me: i32) -> Option<String> {
+    let rows: Vec<(i32, i64)> = Spi::connect(|c| {
+        c.select(
+            "SELECT w.pid, ((extract(epoch FROM p.prepared) - 946684800) * 1000000)::int8
+               FROM pg_prepared_xacts p
+               JOIN pg_locks w ON w.locktype = 'transactionid' AND w.transactionid = p.transaction AND NOT w.granted
+              WHERE p.gid = $1",
+            None,
+            &[gid.into()],
+        )
+        .map(|rows| rows.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<i64>(2).ok()??))).collect())
+        .unwrap_or_default()
+    });
+    rows.into_iter().find_map(|(pid, mine)| {
+        let (peer, theirs) = crate::pool::applying(pid)?;
+        ((theirs, peer) < (mine, me)).then(|| format!("yields to an older conflicting transaction from node {peer} that waits for its locks on node {me}"))
+    })
 }
 
 /// Forgets a gid once it is committed or rolled back here.

@@ -199,12 +199,13 @@ unsafe extern "C-unwind" fn process_utility(
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT if XACT_WRITES.get() && COORDINATED_COMMIT.get() => {
-            ereport!(
-                PgLogLevel::ERROR,
+            pgrx::pg_sys::panic::ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 "multimaster: this transaction wrote to a replicated table but was not committed through the cluster's two-phase commit, so it is rolled back",
-                "Run writes inside BEGIN ... COMMIT (sending COMMIT as a statement of its own), or as statements the proxy recognises as writes; a SELECT that calls a writing function needs an explicit transaction."
-            );
+                "xact_callback",
+            )
+            .set_hint("Run the writes inside BEGIN ... COMMIT and send COMMIT as a statement of its own (not with COMMIT AND CHAIN, nor inside a multi-statement query).")
+            .report(PgLogLevel::ERROR);
         }
         // PostgreSQL does not decode a prepared transaction that changed
         // nothing (a DELETE that matched no row), so the peers would never
