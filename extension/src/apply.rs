@@ -26,7 +26,7 @@ use std::ffi::{c_char, CString};
 unsafe extern "C-unwind" {
     // Not exported through pg_sys (twophase.h); called only through
     // pg_guard_ffi_boundary.
-    fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
+    pub(crate) fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
 }
 
 struct RemoteRelation {

@@ -2,7 +2,8 @@
 //! receiver (a dynamic worker, [`crate::receiver`]) for each peer listed in
 //! `mtm.cluster_nodes`, and starts it again when it exits (a receiver exits
 //! on any error; restarting it resumes from its replication origin, so a
-//! failed transaction is retried, never skipped).
+//! failed transaction is retried, never skipped). Once a second it also
+//! runs the resolver ([`crate::resolver`]).
 
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
@@ -35,6 +36,7 @@ pub extern "C-unwind" fn mtm_launcher_main(_arg: pg_sys::Datum) {
     // be retried in a tight loop (its worker exits at once).
     let mut started_at: HashMap<i32, std::time::Instant> = HashMap::new();
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+        crate::resolver::resolve_orphans();
         for peer in BackgroundWorker::transaction(peers) {
             // A worker registered but not yet forked counts as running.
             let alive = receivers

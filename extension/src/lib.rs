@@ -19,6 +19,8 @@
 //!   (`mtm.await_votes`, the proxy's commit path);
 //! - [`xact`]     — whether a client transaction wrote (reported to the proxy)
 //!   and the guard against committing such a transaction on one node;
+//! - [`resolver`] — rolls back this node's own prepared `mtm-` gids whose
+//!   coordinator is gone (run by the launcher);
 //! - [`status`]   — apply errors and pool counters for `mtm.nodes()`,
 //!   `mtm.stat_bgwpool`, `mtm.status()`.
 
@@ -31,6 +33,7 @@ pub mod decoder;
 pub mod launcher;
 pub mod pool;
 pub mod receiver;
+pub mod resolver;
 pub mod status;
 pub mod votes;
 pub mod worker;
@@ -96,10 +99,12 @@ pub extern "C-unwind" fn _PG_init() {
     launcher::register();
     use pool::POOLS;
     use status::APPLY_ERRORS;
+    use resolver::COORDINATORS;
     use votes::{MY_NODE, PEER_VOTES, VOTES};
     pgrx::pg_shmem_init!(VOTES);
     pgrx::pg_shmem_init!(PEER_VOTES);
     pgrx::pg_shmem_init!(MY_NODE);
+    pgrx::pg_shmem_init!(COORDINATORS);
     pgrx::pg_shmem_init!(POOLS);
     pgrx::pg_shmem_init!(APPLY_ERRORS);
 }

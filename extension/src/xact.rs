@@ -174,6 +174,25 @@ unsafe fn utility_writes(node: *mut pg_sys::Node) -> bool {
     }
 }
 
+/// Tells the resolver which backend coordinates an `mtm-` gid.
+unsafe fn note_two_phase(node: *mut pg_sys::Node) {
+    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_TransactionStmt {
+        return;
+    }
+    let stmt = node as *mut pg_sys::TransactionStmt;
+    if (*stmt).gid.is_null() {
+        return;
+    }
+    let gid = std::ffi::CStr::from_ptr((*stmt).gid).to_string_lossy();
+    match (*stmt).kind {
+        pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE => crate::resolver::note_prepare(&gid),
+        pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED => {
+            crate::resolver::note_finished(&gid)
+        }
+        _ => {}
+    }
+}
+
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
@@ -186,9 +205,11 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    if !XACT_WRITES.get() && client_change() && utility_writes((*pstmt).utilityStmt) {
+    let node = (*pstmt).utilityStmt;
+    if !XACT_WRITES.get() && client_change() && utility_writes(node) {
         set_writes(true);
     }
+    note_two_phase(node);
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),

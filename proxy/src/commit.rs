@@ -95,16 +95,16 @@ pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// A gid unique in the cluster: the time (which orders transactions when
-/// a conflict needs a winner), this proxy process, the session and a
-/// per-process counter.
-pub fn new_gid(session: u64) -> String {
+/// A gid unique in the cluster: the home node's id (its resolver finishes
+/// the gid if the proxy goes away), the time, this proxy process, the
+/// session and a per-process counter.
+pub fn new_gid(node: usize, session: u64) -> String {
     static INSTANCE: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let instance = *INSTANCE.get_or_init(|| now.as_nanos() as u64 ^ ((std::process::id() as u64) << 40));
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("mtm-{:x}-{:x}-{session}-{n}", now.as_micros(), instance & 0xffff_ffff_ffff)
+    format!("mtm-{node}-{:x}-{:x}-{session}-{n}", now.as_micros(), instance & 0xffff_ffff_ffff)
 }
 
 /// The statement that waits for the peers' votes on `gid`.
@@ -210,10 +210,10 @@ mod tests {
 
     #[test]
     fn gids_are_unique_and_short() {
-        let a = new_gid(7);
-        let b = new_gid(7);
+        let a = new_gid(2, 7);
+        let b = new_gid(2, 7);
         assert_ne!(a, b);
-        assert!(a.starts_with("mtm-") && a.len() < 200, "{a}");
+        assert!(a.starts_with("mtm-2-") && a.len() < 200, "{a}");
     }
 
     #[test]

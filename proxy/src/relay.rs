@@ -819,7 +819,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// the transaction did not commit and the client gets `e`.
     async fn two_phase(&mut self) -> Result<Result<(), Raw>, End> {
         let started = Instant::now();
-        let gid = commit::new_gid(self.ctx.tracker.info.id);
+        let gid = commit::new_gid(self.ctx.node_id, self.ctx.tracker.info.id);
         let timeout = self.ctx.live.config.commit.vote_timeout;
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(&gid));
         let mut answers = self.own(&[&prepare, &commit::await_votes_sql(&gid, timeout)]).await?;

@@ -120,6 +120,9 @@ pub enum End {
 
 /// Per-session handles so the hot path does no metric lookups.
 pub struct PumpCtx<'a> {
+    /// The home node's id in the cluster (its place in `[[nodes]]`, which
+    /// lists them in id order): the prefix of the gids the proxy makes.
+    pub node_id: usize,
     pub shared: &'a Shared,
     pub live: &'a Reloadable,
     pub tracker: Tracker<'a>,
@@ -135,6 +138,7 @@ impl<'a> PumpCtx<'a> {
         };
         use crate::classify::StatementClass::*;
         PumpCtx {
+            node_id: live.config.nodes.iter().position(|n| n.name == node).map_or(0, |i| i + 1),
             shared,
             live,
             tracker: Tracker {

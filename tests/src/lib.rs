@@ -120,6 +120,26 @@ pub mod cluster {
         }
     }
 
+    /// Waits until every node receives from and sends to every peer (so
+    /// votes can flow); panics after 60 s.
+    pub fn wait_connected(c: &TestCluster) {
+        let n = c.layout.node_ports.len() as i64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for id in 1..=c.layout.node_ports.len() {
+            loop {
+                let linked: i64 = client(c, id)
+                    .query_one("select count(*) from mtm.nodes() where not is_self and receiver_pid is not null and sender_pid is not null", &[])
+                    .unwrap()
+                    .get(0);
+                if linked == n - 1 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node{id} is linked to {linked} of {} peers", n - 1);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
     /// The gids prepared on each node.
     pub fn prepared(c: &TestCluster) -> Vec<Vec<String>> {
         (1..=c.layout.node_ports.len())

@@ -142,16 +142,18 @@ fn two_phase_truncate_messages_local_tables_and_origins() {
             b[0] as char
         })
         .collect();
-    // g1: B I P | K. g2 was rolled back before it was decoded, so its
-    // changes are skipped: B P | r. The local table's insert sends nothing.
-    // Then the nokey insert and delete, the message, the truncate.
-    assert_eq!(kinds.iter().collect::<String>(), "BIPKBPrBICBDCBMCBTC");
-    assert!(matches!(dml[2], Message::Prepare { gid, .. } if gid == "mtm-g1"));
-    assert!(matches!(dml[3], Message::CommitPrepared { gid, .. } if gid == "mtm-g1"));
-    assert!(matches!(dml[5], Message::Prepare { gid, .. } if gid == "mtm-g2"));
-    assert!(matches!(dml[6], Message::RollbackPrepared { gid, .. } if gid == "mtm-g2"));
-    assert!(matches!(dml[11], Message::Delete { old: None, .. }), "no replica identity: no old tuple, not a guess");
-    assert!(matches!(dml[14], Message::Message { prefix, content, .. } if prefix == "mtm" && content == b"hello"));
+    // g1: B I M P | K, M being the mtm_prepare message every PREPARE
+    // carries. g2 was rolled back before it was decoded, so its changes
+    // are skipped: B P | r. The local table's insert sends nothing. Then
+    // the nokey insert and delete, the message, the truncate.
+    assert_eq!(kinds.iter().collect::<String>(), "BIMPKBPrBICBDCBMCBTC");
+    assert!(matches!(&dml[2], Message::Message { transactional: true, prefix, .. } if prefix == "mtm_prepare"));
+    assert!(matches!(dml[3], Message::Prepare { gid, .. } if gid == "mtm-g1"));
+    assert!(matches!(dml[4], Message::CommitPrepared { gid, .. } if gid == "mtm-g1"));
+    assert!(matches!(dml[6], Message::Prepare { gid, .. } if gid == "mtm-g2"));
+    assert!(matches!(dml[7], Message::RollbackPrepared { gid, .. } if gid == "mtm-g2"));
+    assert!(matches!(dml[12], Message::Delete { old: None, .. }), "no replica identity: no old tuple, not a guess");
+    assert!(matches!(dml[15], Message::Message { prefix, content, .. } if prefix == "mtm" && content == b"hello"));
     assert!(!ms.iter().any(|m| matches!(m, Message::Relation { name, .. } if name == "l")), "local table never sent");
 
     // A transaction applied under a replication origin (as a receiver

@@ -1,0 +1,145 @@
+//! The resolver: finishes the cluster's prepared transactions that their
+//! coordinator left behind.
+//!
+//! The proxy prepares a transaction on its home node under a gid
+//! `mtm-<home node id>-…`, then commits it there with COMMIT PREPARED: the
+//! home node's COMMIT PREPARED is the commit point, and the peers follow it
+//! through the stream. So while a gid is still prepared on its home node,
+//! nobody has committed it and nobody was told it committed, and rolling it
+//! back is always safe. The home node rolls back those of its gids whose
+//! coordinating session is gone — the proxy was killed or lost its
+//! connection, or the node itself restarted — and the ROLLBACK PREPARED
+//! reaches every peer like any other.
+//!
+//! A gid whose home node is down stays prepared on the peers until that
+//! node is back (its WAL decides: committed, or rolled back by its own
+//! resolver); deciding without it needs the commit decision recorded on a
+//! majority, which is not built yet.
+//!
+//! Which backend coordinates a gid is noted in shared memory when it runs
+//! `PREPARE TRANSACTION 'mtm-…'` (the `xact` module's utility hook); the
+//! launcher runs [`resolve_orphans`] once a second.
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PGRXSharedMemory, PgLwLock};
+
+const SLOTS: usize = 512;
+const GID_MAX: usize = 200;
+/// Leave a prepared gid alone this long after it was prepared: its
+/// coordinator may still be about to be noted.
+const GRACE_SECONDS: i32 = 1;
+
+#[derive(Copy, Clone)]
+struct Slot {
+    pid: i32,
+    gid_len: u8,
+    gid: [u8; GID_MAX],
+}
+
+#[derive(Copy, Clone)]
+pub struct Coordinators {
+    slots: [Slot; SLOTS],
+}
+
+impl Default for Coordinators {
+    fn default() -> Self {
+        Coordinators { slots: [Slot { pid: 0, gid_len: 0, gid: [0; GID_MAX] }; SLOTS] }
+    }
+}
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for Coordinators {}
+
+// SAFETY: the only lock with this name.
+pub static COORDINATORS: PgLwLock<Coordinators> = unsafe { PgLwLock::new(c"multimaster coordinators") };
+
+impl Coordinators {
+    fn find(&self, gid: &[u8]) -> Option<usize> {
+        self.slots.iter().position(|s| s.pid != 0 && &s.gid[..s.gid_len as usize] == gid)
+    }
+}
+
+/// This backend prepares `gid` and will finish it.
+pub fn note_prepare(gid: &str) {
+    let g = gid.as_bytes();
+    if !gid.starts_with("mtm-") || g.len() > GID_MAX {
+        return;
+    }
+    // SAFETY: this backend's pid.
+    let me = unsafe { pg_sys::MyProcPid };
+    let mut t = COORDINATORS.exclusive();
+    let i = t.find(g).or_else(|| t.slots.iter().position(|s| s.pid == 0 || !crate::pid_alive(s.pid)));
+    // A full table only means the resolver may roll back a gid whose
+    // coordinator is slow, which that coordinator then reports (40003).
+    if let Some(i) = i {
+        let s = &mut t.slots[i];
+        s.pid = me;
+        s.gid_len = g.len() as u8;
+        s.gid[..g.len()].copy_from_slice(g);
+    }
+}
+
+/// `gid` was committed or rolled back: nobody coordinates it any more.
+pub fn note_finished(gid: &str) {
+    let mut t = COORDINATORS.exclusive();
+    if let Some(i) = t.find(gid.as_bytes()) {
+        t.slots[i].pid = 0;
+    }
+}
+
+fn coordinated(gid: &str) -> bool {
+    let t = COORDINATORS.share();
+    t.find(gid.as_bytes()).is_some_and(|i| crate::pid_alive(t.slots[i].pid))
+}
+
+/// Rolls back this node's own `mtm-` gids whose coordinator is gone.
+/// Called by the launcher, outside a transaction.
+pub fn resolve_orphans() {
+    let orphans: Vec<String> = BackgroundWorker::transaction(|| {
+        let me = Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten();
+        let Some(me) = me else { return Vec::new() };
+        Spi::connect(|c| {
+            c.select(
+                "SELECT gid FROM pg_prepared_xacts
+                  WHERE gid LIKE 'mtm-' || $1 || '-%' AND database = current_database()
+                    AND prepared < now() - make_interval(secs => $2)",
+                None,
+                &[me.to_string().into(), GRACE_SECONDS.into()],
+            )
+            .map(|rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect::<Vec<String>>())
+            .unwrap_or_else(|e| {
+                warning!("multimaster: resolver cannot list prepared transactions: {e}");
+                Vec::new()
+            })
+        })
+        .into_iter()
+        .filter(|g| !coordinated(g))
+        .collect()
+    });
+    for gid in orphans {
+        let done = PgTryBuilder::new(|| {
+            BackgroundWorker::transaction(|| {
+                let c_gid = std::ffi::CString::new(gid.as_str()).expect("gid without NUL");
+                // SAFETY: inside a transaction, main thread; an ERROR (e.g.
+                // the coordinator finished it meanwhile) unwinds to the
+                // catch below through our frames.
+                unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| crate::apply::FinishPreparedTransaction(c_gid.as_ptr(), false)) };
+            });
+            true
+        })
+        .catch_others(|e| {
+            let (code, message) = crate::apply::describe(&e);
+            warning!("multimaster: resolver could not roll back {gid}: {message} ({code})");
+            false
+        })
+        .execute();
+        if done {
+            note_finished(&gid);
+            log!("multimaster: resolver rolled back {gid}: its coordinator is gone and it was not committed");
+        } else {
+            // SAFETY: clean up after the failed transaction, as a worker
+            // that survives an ERROR must.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+        }
+    }
+}
