@@ -96,6 +96,11 @@ fn coordinated(gid: &str) -> bool {
 /// Called by the launcher, outside a transaction.
 pub fn resolve_orphans() {
     let orphans: Vec<String> = BackgroundWorker::transaction(|| {
+        // Before CREATE EXTENSION there is nothing to resolve.
+        let ready = Spi::get_one::<bool>("SELECT to_regclass('mtm.cluster_nodes') IS NOT NULL").ok().flatten().unwrap_or(false);
+        if !ready {
+            return Vec::new();
+        }
         let me = Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten();
         let Some(me) = me else { return Vec::new() };
         Spi::connect(|c| {
