@@ -18,9 +18,9 @@ as_root() {
 
 # Debian packages: PostgreSQL 15 server + headers (pgrx), clang for bindgen,
 # acl (the launcher grants the postgres user access to the data directory),
-# pgbouncer (benchmark baseline), and the client stacks the tests drive.
+# pgbouncer and haproxy (benchmark baselines), and the client stacks the tests drive.
 DEB_PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 clang libclang-dev acl
-              pgbouncer openssl)
+              pgbouncer haproxy openssl)
 # What the driver tests (tests/clients/) run with.
 TEST_DEB_PACKAGES=(libpostgresql-jdbc-java)
 

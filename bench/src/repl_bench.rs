@@ -19,6 +19,7 @@
 use clap::Parser;
 use mtmctl::testing::TestCluster;
 use postgres::{Client, NoTls};
+use mtm_bench::pgbench::{history_count, wait_converged, Outcome};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -33,22 +34,8 @@ struct Args {
     pool_sizes: Vec<u32>,
 }
 
-fn pgbench(port: u16, args: &[&str]) -> String {
-    let (ok, text) = mtm_tests::pgbench(port, args);
-    assert!(ok, "pgbench {args:?}: {text}");
-    text
-}
-
-fn tps(out: &str) -> f64 {
-    out.lines()
-        .find_map(|l| l.strip_prefix("tps = "))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn history_count(c: &mut Client) -> i64 {
-    c.query_one("select count(*) from pgbench_history", &[]).unwrap().get(0)
+fn pgbench(port: u16, args: &[&str]) -> Outcome {
+    mtm_bench::pgbench::run(port, args).unwrap_or_else(|text| panic!("pgbench {args:?}: {text}"))
 }
 
 fn main() {
@@ -58,7 +45,7 @@ fn main() {
     let ports: Vec<u16> = cluster.layout.node_ports.clone();
     let connect = |i: usize| Client::connect(&cluster.node(i + 1).conninfo("postgres"), NoTls).unwrap();
     mtm_tests::pgbench_tables(&ports, args.scale);
-    wait_converged(&connect, 3, Duration::from_secs(300));
+    wait_converged(&ports, Duration::from_secs(300));
 
     let d = args.duration.to_string();
     let c = args.clients.to_string();
@@ -82,7 +69,7 @@ fn main() {
                 .get(0)
         })
         .collect();
-    let catch_up = wait_converged(&connect, 3, Duration::from_secs(600));
+    let catch_up = wait_converged(&ports, Duration::from_secs(600));
     let wal: f64 = stats[0]
         .query_one("select pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8", &[&lsn_before])
         .unwrap()
@@ -97,7 +84,7 @@ fn main() {
     }
     println!(
         "\nnode 1: {:.0} tps, {:.1} MB of WAL; unconfirmed WAL at the end: node2 {} kB, node3 {} kB; all nodes equal {:.1} s after the run\n",
-        tps(&out),
+        out.tps,
         wal / 1e6,
         lag_bytes[0] / 1024,
         lag_bytes[1] / 1024,
@@ -124,14 +111,14 @@ fn main() {
             std::thread::spawn(move || {
                 let node = format!("node={}", i + 1);
                 let scale = format!("scale={scale}");
-                tps(&pgbench(p, &["-n", "-M", "prepared", "-c", &c, "-j", "2", "-T", &d, "-D", &node, "-D", &scale, "-f", s.to_str().unwrap()]))
+                pgbench(p, &["-n", "-M", "prepared", "-c", &c, "-j", "2", "-T", &d, "-D", &node, "-D", &scale, "-f", s.to_str().unwrap()]).tps
             })
         })
         .collect();
     let tpss: Vec<f64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let elapsed = started.elapsed().as_secs_f64();
     let after: Vec<i64> = stats.iter_mut().map(history_count).collect();
-    let catch_up = wait_converged(&connect, 3, Duration::from_secs(600));
+    let catch_up = wait_converged(&ports, Duration::from_secs(600));
     println!("## writes on all three nodes at once (disjoint accounts), {} clients each, {} s\n", args.clients, args.duration);
     println!("| node | local tps | transactions/s on the node (local + applied) |");
     println!("|---|---|---|");
@@ -166,29 +153,7 @@ fn main() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let rate = backlog as f64 / started.elapsed().as_secs_f64();
-        println!("| {k} | {backlog} | {:.0} | {rate:.0} | {:.2} |", tps(&out), rate / tps(&out));
-        wait_converged(&connect, 3, Duration::from_secs(600));
-    }
-}
-
-/// Waits until pgbench_history and pgbench_accounts are identical on all
-/// nodes; returns how long that took.
-fn wait_converged(connect: &dyn Fn(usize) -> Client, n: usize, limit: Duration) -> Duration {
-    let start = Instant::now();
-    let mut cs: Vec<Client> = (0..n).map(connect).collect();
-    loop {
-        let sums: Vec<(i64, i64)> = cs
-            .iter_mut()
-            .map(|c| {
-                let h = history_count(c);
-                let s: i64 = c.query_one("select coalesce(sum(abalance), 0)::int8 from pgbench_accounts", &[]).unwrap().get(0);
-                (h, s)
-            })
-            .collect();
-        if sums.windows(2).all(|w| w[0] == w[1]) {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "nodes did not converge: {sums:?}");
-        std::thread::sleep(Duration::from_millis(100));
+        println!("| {k} | {backlog} | {:.0} | {rate:.0} | {:.2} |", out.tps, rate / out.tps);
+        wait_converged(&ports, Duration::from_secs(600));
     }
 }
