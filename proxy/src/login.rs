@@ -134,7 +134,7 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
             // Let a node check the password, then drop that session.
             let health_db = live.config.backend.health_database.clone();
             let p = vec![("user".to_string(), user.clone()), ("database".to_string(), health_db)];
-            return match connect_any(shared, &p, NodeAuth::Relay(&mut client)).await {
+            return match connect_any(shared, &p, None, NodeAuth::Relay(&mut client)).await {
                 Ok((server, _lease)) => {
                     drop(server);
                     Login::Admin(client, user)
@@ -178,10 +178,24 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
     // proxy's sessions: those commit through the cluster's 2PC.
     let mut params = params;
     params.push((crate::relay::COORDINATED_COMMIT.to_string(), "on".to_string()));
+    // A client may ask for its home node (maintenance, tests).
+    let pinned = match take_node_option(&mut params) {
+        None => None,
+        Some(wanted) => match shared.router.index_of(&wanted) {
+            Some(i) => Some(i),
+            None => {
+                let names: Vec<&str> = shared.router.nodes.iter().map(|n| n.config.name.as_str()).collect();
+                let e = PgError::fatal("22023", format!("multimaster.node = \"{wanted}\" names no node of the cluster"))
+                    .with_hint(format!("Give a node name or id: {}.", names.join(", ")));
+                refuse(&mut client, peer, &e).await;
+                return Login::Done;
+            }
+        },
+    };
     let connected = if method == AuthMethod::Passthrough {
-        connect_any(shared, &params, NodeAuth::Relay(&mut client)).await
+        connect_any(shared, &params, pinned, NodeAuth::Relay(&mut client)).await
     } else {
-        connect_any::<ClientStream>(shared, &params, NodeAuth::Password { user: &user, password: password.as_deref() }).await
+        connect_any::<ClientStream>(shared, &params, pinned, NodeAuth::Password { user: &user, password: password.as_deref() }).await
     };
     let (server, lease) = match connected {
         Ok(x) => x,
@@ -210,13 +224,27 @@ async fn report_connect_error<S: AsyncWrite + Unpin>(client: &mut S, peer: &Sock
     }
 }
 
-/// Opens the session on a healthy node chosen by the router, trying the
-/// others if one turns out to be unreachable.
+/// Opens the session on the node the client pinned, or on a healthy node
+/// chosen by the router, trying the others if one turns out to be
+/// unreachable.
 async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     params: &[(String, String)],
+    pinned: Option<usize>,
     mut auth: NodeAuth<'_, C>,
 ) -> Result<(ServerConn, NodeLease), ConnectError> {
+    if let Some(idx) = pinned {
+        let lease = shared.router.lease(idx);
+        let node = lease.node.config.clone();
+        return match backend::connect(&node.addr(), &node.host, &shared.backend, params, auth).await {
+            Ok(conn) => Ok((conn, lease)),
+            Err(ConnectError::Unreachable(msg)) => Err(ConnectError::Proxy(
+                PgError::fatal("57P03", format!("node {} is not available", node.name))
+                    .with_hint(format!("The session asked for this node (multimaster.node); it failed: {msg}")),
+            )),
+            Err(other) => Err(other),
+        };
+    }
     let mut tried = Vec::new();
     let mut last = ConnectError::Unreachable("every node is marked down".into());
     while let Some((idx, lease)) = shared.router.pick(&tried) {
@@ -238,3 +266,73 @@ async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
     Err(last)
 }
 
+
+/// Startup setting that pins a session to a node: `multimaster.node` as a
+/// startup parameter, or `-c multimaster.node=…` in `options` (what
+/// PGOPTIONS and the `options` connection keyword send). It is the proxy's,
+/// so it is taken out before the startup packet goes to the node.
+pub const NODE_OPTION: &str = "multimaster.node";
+
+/// Removes [`NODE_OPTION`] from the startup parameters; returns its value.
+fn take_node_option(params: &mut Vec<(String, String)>) -> Option<String> {
+    let mut found = None;
+    if let Some(i) = params.iter().position(|(k, _)| k == NODE_OPTION) {
+        found = Some(params.remove(i).1);
+    }
+    if let Some(i) = params.iter().position(|(k, _)| k == "options") {
+        let words: Vec<&str> = params[i].1.split_whitespace().collect();
+        let mut kept = Vec::new();
+        let mut j = 0;
+        while j < words.len() {
+            let (setting, used) = match words[j] {
+                "-c" if j + 1 < words.len() => (words[j + 1], 2),
+                w if w.starts_with("-c") => (&w[2..], 1),
+                w if w.starts_with("--") => (&w[2..], 1),
+                w => (w, 0),
+            };
+            match setting.strip_prefix(NODE_OPTION).and_then(|rest| rest.strip_prefix('=')) {
+                Some(value) if used > 0 => {
+                    found = Some(value.to_string());
+                    j += used;
+                }
+                _ => {
+                    kept.push(words[j]);
+                    j += 1;
+                }
+            }
+        }
+        if kept.is_empty() {
+            params.remove(i);
+        } else {
+            params[i].1 = kept.join(" ");
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_node_option_is_taken_out_of_the_startup_packet() {
+        let mut a = p(&[("user", "u"), ("options", "-c multimaster.node=2 -c work_mem=8MB")]);
+        assert_eq!(take_node_option(&mut a).as_deref(), Some("2"));
+        assert_eq!(a, p(&[("user", "u"), ("options", "-c work_mem=8MB")]));
+        let mut b = p(&[("options", "-cmultimaster.node=node3")]);
+        assert_eq!(take_node_option(&mut b).as_deref(), Some("node3"));
+        assert!(b.is_empty());
+        let mut c = p(&[("options", "--multimaster.node=1"), ("multimaster.node", "ignored-first")]);
+        assert_eq!(take_node_option(&mut c).as_deref(), Some("1"));
+        let mut d = p(&[("options", "-c multimaster.nodes=2")]);
+        assert_eq!(take_node_option(&mut d), None);
+        assert_eq!(d, p(&[("options", "-c multimaster.nodes=2")]));
+        let mut e = p(&[("multimaster.node", "node1"), ("database", "postgres")]);
+        assert_eq!(take_node_option(&mut e).as_deref(), Some("node1"));
+        assert_eq!(e, p(&[("database", "postgres")]));
+    }
+}

@@ -94,6 +94,22 @@ impl Router {
         Router { nodes, policy: config.routing.policy, fixed, next: AtomicUsize::new(0) }
     }
 
+    /// The node a client named (`multimaster.node`): its name or its id
+    /// (1-based, the order of `[[nodes]]`).
+    pub fn index_of(&self, name_or_id: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.config.name == name_or_id)
+            .or_else(|| name_or_id.parse::<usize>().ok().filter(|&i| (1..=self.nodes.len()).contains(&i)).map(|i| i - 1))
+    }
+
+    /// A lease on node `idx`, healthy or not: the client asked for it.
+    pub fn lease(&self, idx: usize) -> NodeLease {
+        let node = self.nodes[idx].clone();
+        node.sessions.fetch_add(1, Ordering::Relaxed);
+        NodeLease { node }
+    }
+
     /// Picks a healthy node for a new session, skipping `exclude` (nodes
     /// this session already failed to reach).
     pub fn pick(&self, exclude: &[usize]) -> Option<(usize, NodeLease)> {
@@ -120,6 +136,18 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_are_found_by_name_or_id() {
+        let r = Router::new(&config("least_sessions"));
+        assert_eq!(r.index_of("b"), Some(1));
+        assert_eq!(r.index_of("3"), Some(2));
+        assert_eq!(r.index_of("0"), None);
+        assert_eq!(r.index_of("4"), None);
+        assert_eq!(r.index_of("zz"), None);
+        let lease = r.lease(2);
+        assert_eq!((lease.node.config.name.as_str(), lease.node.sessions()), ("c", 1));
+    }
 
     fn config(policy: &str) -> Config {
         Config::parse(&format!(

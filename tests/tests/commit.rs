@@ -393,6 +393,18 @@ fn a_clients_own_two_phase_commit_works_from_any_node() {
     no_gid_left(&c);
     let ids: Vec<i32> = client(&c, 2).query("select id from x", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(ids, [1]);
+
+    // A session can ask the proxy for its node, by id or by name (what
+    // PGOPTIONS or the options keyword send); an unknown node is refused.
+    let pinned = |which: &str| postgres::Client::connect(&format!("{} options='-c multimaster.node={which}'", c.proxy_conninfo("postgres")), postgres::NoTls);
+    for id in 1..=3 {
+        let mut cl = pinned(&id.to_string()).unwrap();
+        assert_eq!(port_of(&mut cl), c.node(id).port as i32);
+        let mut cl = pinned(&format!("node{id}")).unwrap();
+        assert_eq!(port_of(&mut cl), c.node(id).port as i32);
+    }
+    let err = pinned("node9").err().expect("an unknown node is refused");
+    assert_eq!(sqlstate(&err), "22023", "{err:?}");
 }
 
 /// Transfers through the proxy while the proxy, then a node, is killed
