@@ -140,7 +140,7 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM mtm.cluster_nodes) THEN
         RAISE EXCEPTION 'this node already belongs to a cluster' USING ERRCODE = 'object_in_use',
-            HINT = 'SELECT * FROM mtm.cluster_nodes shows it; use mtm.add_node to grow it.';
+            HINT = 'SELECT * FROM mtm.cluster_nodes shows it.';
     END IF;
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
         RAISE EXCEPTION 'mtm.init_cluster must run in a transaction that has not written anything'
@@ -212,25 +212,20 @@ LANGUAGE sql AS $$
     ORDER BY n.id
 $$;
 
--- Registers a node under the lowest free id (1..16) and returns the id.
+-- Adding and dropping nodes needs membership changes (generations,
+-- catching a new node up from a donor): not built. Editing
+-- mtm.cluster_nodes alone would only make the launcher start receivers
+-- that fail, or leave one running, so refuse rather than pretend.
 CREATE FUNCTION mtm.add_node(connstr text) RETURNS int
 LANGUAGE plpgsql AS $$
-DECLARE
-    new_id int;
 BEGIN
-    SELECT min(candidate) INTO new_id
-    FROM generate_series(1, 16) AS candidate
-    WHERE candidate NOT IN (SELECT id FROM mtm.cluster_nodes);
-    IF new_id IS NULL THEN
-        RAISE EXCEPTION 'a cluster has at most 16 nodes' USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    INSERT INTO mtm.cluster_nodes (id, conninfo, is_self) VALUES (new_id, connstr, false);
-    RETURN new_id;
+    PERFORM mtm.not_implemented('mtm.add_node');
+    RETURN NULL;
 END
 $$;
 
 CREATE FUNCTION mtm.drop_node(node_id int) RETURNS void
-LANGUAGE sql AS $$ DELETE FROM mtm.cluster_nodes WHERE id = node_id $$;
+LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.drop_node') $$;
 
 CREATE FUNCTION mtm.join_node(node_id int, backup_end_lsn pg_lsn) RETURNS void
 LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.join_node') $$;

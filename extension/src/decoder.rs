@@ -350,7 +350,10 @@ unsafe fn describe(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relati
     }
     let form = &*(*rel).rd_rel;
     let replident = form.relreplident as u8;
-    let key_attrs = pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY);
+    // Not RelationGetIndexAttrBitmap: that locks the indexes, and a PREPAREd
+    // transaction that created the table holds them: decoding would wait
+    // for its own transaction to end (as pgoutput avoids, too).
+    let key_attrs = pg_sys::RelationGetIdentityKeyBitmap(rel);
     let columns = live_attributes(rel)
         .into_iter()
         .map(|a| Column {

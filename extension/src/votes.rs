@@ -279,17 +279,7 @@ fn await_votes(
                 }
                 let left = deadline.min(next_look).saturating_duration_since(now);
                 if !left.is_zero() {
-                    // SAFETY: waiting on our own latch, as any backend does.
-                    unsafe {
-                        pg_sys::WaitLatch(
-                            pg_sys::MyLatch,
-                            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                            left.as_millis().max(1) as i64,
-                            pg_sys::PG_WAIT_EXTENSION,
-                        );
-                        pg_sys::ResetLatch(pg_sys::MyLatch);
-                    }
-                    pg_sys::check_for_interrupts!();
+                    crate::pool::wait_latch(left.as_millis().max(1) as i64);
                     continue;
                 }
                 let node = missing[0];
@@ -399,17 +389,7 @@ fn await_prepared(
             abandon(gid);
             break ("timeout".to_string(), None, None);
         }
-        // SAFETY: waiting on our own latch, as any backend does.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                left.as_millis().max(1) as i64,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pg_sys::check_for_interrupts!();
+        crate::pool::wait_latch(left.as_millis().max(1) as i64);
     };
     TableIterator::once(result)
 }

@@ -88,8 +88,38 @@ impl Cluster {
             })?;
         }
         cluster.init_cluster()?;
+        cluster.wait_for_mesh()?;
         cluster.proxy().start(&proxy_bin)?;
         Ok(cluster)
+    }
+
+    /// Waits until every node receives from and sends to every peer: a
+    /// transaction prepared before its peers stream from it is decoded
+    /// late, and its commit would wait for votes that cannot come yet.
+    fn wait_for_mesh(&self) -> Result<()> {
+        let nodes = self.nodes();
+        let peers = nodes.len() as i64 - 1;
+        for node in &nodes {
+            let linked = crate::node::wait_for(std::time::Duration::from_secs(60), || {
+                let mut c = node.connect().ok()?;
+                let n: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM mtm.nodes() WHERE NOT is_self AND receiver_pid IS NOT NULL AND sender_pid IS NOT NULL",
+                        &[],
+                    )
+                    .ok()?
+                    .get(0);
+                (n == peers).then_some(())
+            });
+            if linked.is_none() {
+                return Err(Error::DataDir(format!(
+                    "{} did not connect to all {peers} peers within 60 s; see {}",
+                    node.name(),
+                    node.log.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Runs `mtm.init_cluster` on node 1 once: node ids, cluster_nodes,

@@ -247,6 +247,22 @@ fn single_intent(sql: &str) -> Intent {
     }
 }
 
+/// For a multi-statement Query whose last statement is a plain COMMIT or
+/// END (`BEGIN; UPDATE …; COMMIT`), the statements before it: the proxy
+/// runs those, then commits with the cluster's two-phase commit itself.
+pub fn strip_trailing_commit(sql: &str) -> Option<&str> {
+    let body = sql.trim_end().trim_end_matches(';').trim_end();
+    let cut = body.rfind(';')?;
+    let last: Vec<String> = body[cut + 1..].split_whitespace().map(str::to_ascii_uppercase).collect();
+    let plain_commit = match last.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["COMMIT"] | ["END"] => true,
+        ["COMMIT" | "END", "WORK" | "TRANSACTION"] => true,
+        _ => false,
+    };
+    let head = &body[..cut];
+    (plain_commit && !head.trim().is_empty()).then_some(head)
+}
+
 /// The first '…' literal of a statement, unescaped.
 fn quoted_literal(sql: &str) -> Option<String> {
     let start = sql.find('\'')? + 1;
@@ -456,5 +472,17 @@ mod tests {
         assert_eq!(intent(""), Intent::Read);
         assert_eq!(intent("explain analyze delete from t"), Intent::Write);
         assert_eq!(intent("explain select 1"), Intent::Read);
+    }
+
+    #[test]
+    fn a_trailing_commit_is_found_only_as_a_statement_of_its_own() {
+        assert_eq!(strip_trailing_commit("begin; update t set v = 1; commit"), Some("begin; update t set v = 1"));
+        assert_eq!(strip_trailing_commit("insert into t values (1); COMMIT WORK;"), Some("insert into t values (1)"));
+        assert_eq!(strip_trailing_commit("insert into t values (1); end"), Some("insert into t values (1)"));
+        assert_eq!(strip_trailing_commit("commit"), None);
+        assert_eq!(strip_trailing_commit("; commit"), None);
+        assert_eq!(strip_trailing_commit("insert into t values ('a;commit')"), None);
+        assert_eq!(strip_trailing_commit("update t set v = 1; commit and chain"), None);
+        assert_eq!(strip_trailing_commit("update t set v = 1; commit prepared 'x'"), None);
     }
 }

@@ -367,6 +367,9 @@ enum PendingKind {
     Autocommit,
     /// The client's `PREPARE TRANSACTION 'gid'` of a transaction that wrote.
     Prepare(String),
+    /// The statements of a `…; COMMIT` Query before its COMMIT: the proxy
+    /// commits after them.
+    CommitAfter,
 }
 
 struct Driver<'a, SW, CW> {
@@ -552,6 +555,20 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         // A Query replaces the unnamed statement and portal.
         self.statements.remove(&b""[..]);
         self.portals.remove(&b""[..]);
+        if let Some(head) = crate::classify::strip_trailing_commit(sql) {
+            // `…; COMMIT` in one string: run what comes before the COMMIT,
+            // then commit as for a COMMIT of its own.
+            self.drain().await?;
+            let opens = matches!(crate::classify::first_keyword(head).as_deref(), Some("BEGIN" | "START"));
+            if self.status() == b'T' || opens {
+                let mut body = head.as_bytes().to_vec();
+                body.push(0);
+                let rx = self.expect_hold(false);
+                self.out.extend_from_slice(&crate::net::frame::frame(b'Q', &body));
+                self.pending = Some(Pending { rx, kind: PendingKind::CommitAfter });
+                return Ok(());
+            }
+        }
         match intent(sql) {
             Intent::Write => {
                 self.drain().await?;
@@ -758,15 +775,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             PendingKind::Autocommit => match status {
                 b'T' => {
                     end = b'I';
-                    let outcome = if self.wrote() {
-                        self.two_phase().await?
-                    } else {
-                        let answer = self.own(&["COMMIT"]).await?.remove(0);
-                        match commit::error_of(&answer) {
-                            Some(e) => Err(Raw(e.raw.clone())),
-                            None => Ok(()),
-                        }
-                    };
+                    let outcome = self.commit_open().await?;
                     match outcome {
                         Ok(()) => reply.extend_from_slice(complete.as_deref().unwrap_or_default()),
                         Err(e) => reply.extend_from_slice(&e.into_bytes()),
@@ -778,6 +787,21 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     reply.extend_from_slice(complete.as_deref().unwrap_or_default());
                 }
                 _ => reply.extend_from_slice(complete.as_deref().unwrap_or_default()),
+            },
+            PendingKind::CommitAfter => match status {
+                b'T' => {
+                    end = b'I';
+                    let outcome = self.commit_open().await?;
+                    match outcome {
+                        Ok(()) => reply.extend_from_slice(&messages::command_complete("COMMIT")),
+                        Err(e) => reply.extend_from_slice(&e.into_bytes()),
+                    }
+                }
+                // A failed statement: PostgreSQL skips the rest of the
+                // string, COMMIT included, and the block stays failed.
+                b'E' => {}
+                // The statements ended the transaction themselves.
+                _ => reply.extend_from_slice(&messages::command_complete("COMMIT")),
             },
             PendingKind::Prepare(gid) => {
                 if status == b'I' && complete.is_some() {
@@ -797,6 +821,19 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         self.link.to_client(&reply).await?;
         self.ctx.tracker.on_ready(end);
         Ok(())
+    }
+
+    /// Commits the open transaction: with the cluster's two-phase commit
+    /// if it wrote, else with a plain COMMIT of the proxy's.
+    async fn commit_open(&mut self) -> Result<Result<(), Raw>, End> {
+        if self.wrote() {
+            return self.two_phase().await;
+        }
+        let answer = self.own(&["COMMIT"]).await?.remove(0);
+        Ok(match commit::error_of(&answer) {
+            Some(e) => Err(Raw(e.raw.clone())),
+            None => Ok(()),
+        })
     }
 
     /// Waits for the peers' votes on `gid` (prepared here); a refusal

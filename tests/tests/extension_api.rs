@@ -12,13 +12,11 @@ fn api_surface_and_not_implemented_errors() {
     assert_eq!(one(&mut cl, "select mtm.version()"), env!("CARGO_PKG_VERSION"));
     assert!(cl.query_one("select mtm.ping()", &[]).unwrap().get::<_, bool>(0));
 
-    // Node bookkeeping in plain SQL works (the launcher made this node 1).
-    let id2: i32 = cl.query_one("select mtm.add_node('host=a')", &[]).unwrap().get(0);
-    let id3: i32 = cl.query_one("select mtm.add_node('host=b')", &[]).unwrap().get(0);
-    assert_eq!((id2, id3), (2, 3));
-    cl.batch_execute("select mtm.drop_node(2)").unwrap();
-    let again: i32 = cl.query_one("select mtm.add_node('host=c')", &[]).unwrap().get(0);
-    assert_eq!(again, 2, "the lowest free id is reused");
+    // Membership changes are not built: add_node and drop_node refuse
+    // (below) and leave mtm.cluster_nodes alone. Two unreachable peers,
+    // written by hand, for what follows.
+    cl.batch_execute("insert into mtm.cluster_nodes (id, conninfo, is_self) values (2, 'host=a', false), (3, 'host=b', false)")
+        .unwrap();
     let horizon: Option<String> = cl
         .query_one("select (mtm.translate_syncpoint(1, '0/10', 2)).emitter_lsn::text", &[])
         .unwrap()
@@ -55,12 +53,17 @@ fn api_surface_and_not_implemented_errors() {
     for sql in [
         "select mtm.get_logged_prepared_xact_state('mtm-1')",
         "select mtm.hold_backends()",
+        "select mtm.add_node('host=c')",
+        "select mtm.drop_node(2)",
     ] {
         let err = cl.batch_execute(sql).unwrap_err();
         let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
         assert_eq!(db.code().code(), "0A000", "{sql}");
         assert!(db.message().contains("not implemented yet"), "{sql}: {}", db.message());
     }
+
+    let ids: Vec<i32> = cl.query("select id from mtm.cluster_nodes order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, [1, 2, 3], "a refused add_node/drop_node changed nothing");
 
     // GUCs under the reserved prefix.
     cl.batch_execute("set multimaster.remote_functions = 'public.f, g'").unwrap();
