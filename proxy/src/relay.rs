@@ -818,6 +818,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// [`crate::commit`]). `Err(End)`: the session broke; `Ok(Err(e))`:
     /// the transaction did not commit and the client gets `e`.
     async fn two_phase(&mut self) -> Result<Result<(), Raw>, End> {
+        // A paused cluster (e.g. a generation switch) takes no commits.
+        let _pass = self.ctx.tracker.before_commit().await;
         let started = Instant::now();
         let gid = commit::new_gid(self.ctx.tracker.info.id);
         let timeout = self.ctx.live.config.commit.vote_timeout;

@@ -212,6 +212,18 @@ impl Tracker<'_> {
         }
     }
 
+    /// Before the cluster commit of the open transaction: waits at the
+    /// gate while it is held. The commit counts as in progress (a pause
+    /// waits for it) until the pass is dropped.
+    pub async fn before_commit(&self) -> crate::pause::CommitPass {
+        if self.gate.is_paused() {
+            self.info.state.store(session_state::WAITING, Ordering::Relaxed);
+        }
+        let pass = self.gate.commit().await;
+        self.info.state.store(session_state::ACTIVE, Ordering::Relaxed);
+        pass
+    }
+
     pub fn on_ready(&self, status: u8) {
         let mut s = self.lock();
         s.pending = s.pending.saturating_sub(1);

@@ -90,6 +90,8 @@ pub struct Shared {
     pub backend: BackendSettings,
     pub cancels: CancelRegistry,
     pub pause: PauseGate,
+    /// The admin console's pause (one for all console sessions).
+    pub admin_pause: std::sync::Mutex<Option<crate::pause::Hold>>,
     pub sessions: DashMap<u64, Arc<SessionInfo>>,
     pub next_session: AtomicU64,
     pub clients: AtomicUsize,
@@ -116,6 +118,7 @@ impl Shared {
             startup_config: config,
             cancels: CancelRegistry::default(),
             pause: PauseGate::default(),
+            admin_pause: std::sync::Mutex::new(None),
             sessions: DashMap::new(),
             next_session: AtomicU64::new(1),
             clients: AtomicUsize::new(0),

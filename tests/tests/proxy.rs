@@ -282,37 +282,60 @@ fn admin_console_pause_resume_and_show() {
         .collect();
     assert_eq!(rows, vec![("node1".into(), "up".into()), ("node2".into(), "up".into())]);
 
-    // PAUSE gives up (bounded) while a transaction stays open...
-    let mut busy = connect(port, "postgres");
-    busy.batch_execute("begin; select 1").unwrap();
+    // PAUSE does not wait for a session idle in a transaction that wrote...
+    mtm_tests::cluster::on_every_node(&c, "create table paused(id int primary key)");
+    let mut writer = connect(port, "postgres");
+    writer.batch_execute("begin; insert into paused values (1)").unwrap();
     let t = Instant::now();
-    let err = admin.simple_query("pause").unwrap_err();
-    assert_eq!(err.code().unwrap().code(), "57014");
-    assert!(t.elapsed() < Duration::from_secs(10));
-    busy.batch_execute("commit").unwrap();
-
-    // ...and succeeds once it is done; new transactions then wait.
     admin.simple_query("pause").unwrap();
-    let waiter = std::thread::spawn(move || {
+    assert!(t.elapsed() < Duration::from_secs(2), "PAUSE waited for an open transaction ({:?})", t.elapsed());
+
+    // ...which is held at its COMMIT instead, as a new transaction is held
+    // at its start, until RESUME.
+    let committer = std::thread::spawn(move || {
         let start = Instant::now();
-        busy.batch_execute("select 1").unwrap();
-        start.elapsed()
+        writer.batch_execute("commit").unwrap();
+        (start.elapsed(), writer)
+    });
+    let mut fresh = connect(port, "postgres");
+    let newcomer = std::thread::spawn(move || {
+        let start = Instant::now();
+        fresh.batch_execute("select 1").unwrap();
+        (start.elapsed(), fresh)
     });
     std::thread::sleep(Duration::from_millis(700));
-    let stats = admin.simple_query("show stats").unwrap();
-    let waiting = stats
-        .iter()
-        .find_map(|m| match m {
-            postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("sessions_waiting") => r.get(1).map(str::to_string),
-            _ => None,
-        })
-        .unwrap();
-    assert_eq!(waiting, "1");
+    let stat = |admin: &mut Client, name: &str| {
+        admin
+            .simple_query("show stats")
+            .unwrap()
+            .iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some(name) => r.get(1).map(str::to_string),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(stat(&mut admin, "sessions_waiting"), "2");
+    assert_eq!(stat(&mut admin, "paused_by"), "admin console");
+    for node in [1, 2] {
+        let n: i64 = mtm_tests::cluster::client(&c, node).query_one("select count(*) from paused", &[]).unwrap().get(0);
+        assert_eq!(n, 0, "the commit has not run (node {node})");
+    }
     let sessions = admin.simple_query("show sessions").unwrap();
-    assert!(sessions.iter().any(|m| matches!(m, postgres::SimpleQueryMessage::Row(r) if r.get(5) == Some("waiting"))));
+    let waiting = sessions.iter().filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(r) if r.get(5) == Some("waiting"))).count();
+    assert_eq!(waiting, 2);
+    // A second PAUSE stacks on nothing: one RESUME releases the console's pause.
+    admin.simple_query("pause").unwrap();
     admin.simple_query("resume").unwrap();
-    let waited = waiter.join().unwrap();
-    assert!(waited >= Duration::from_millis(500), "the statement waited for RESUME ({waited:?})");
+    let (waited, mut writer) = committer.join().unwrap();
+    assert!(waited >= Duration::from_millis(500), "the COMMIT waited for RESUME ({waited:?})");
+    let (waited, _) = newcomer.join().unwrap();
+    assert!(waited >= Duration::from_millis(500), "the new transaction waited for RESUME ({waited:?})");
+    assert_eq!(writer.query_one("select count(*) from paused", &[]).unwrap().get::<_, i64>(0), 1);
+    assert_eq!(stat(&mut admin, "paused"), "0");
+    // RESUME releases only the console's own pause; there is none now.
+    let err = admin.simple_query("resume").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "55000");
 
     let cfg = admin.simple_query("show config").unwrap();
     let cfg: Vec<(String, String)> = cfg
