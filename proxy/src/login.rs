@@ -134,7 +134,7 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
             // Let a node check the password, then drop that session.
             let health_db = live.config.backend.health_database.clone();
             let p = vec![("user".to_string(), user.clone()), ("database".to_string(), health_db)];
-            return match connect_any(shared, &p, NodeAuth::Relay(&mut client)).await {
+            return match connect_any(shared, live, &p, NodeAuth::Relay(&mut client)).await {
                 Ok((server, _lease)) => {
                     drop(server);
                     Login::Admin(client, user)
@@ -179,9 +179,9 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
     let mut params = params;
     params.push((crate::relay::COORDINATED_COMMIT.to_string(), "on".to_string()));
     let connected = if method == AuthMethod::Passthrough {
-        connect_any(shared, &params, NodeAuth::Relay(&mut client)).await
+        connect_any(shared, live, &params, NodeAuth::Relay(&mut client)).await
     } else {
-        connect_any::<ClientStream>(shared, &params, NodeAuth::Password { user: &user, password: password.as_deref() }).await
+        connect_any::<ClientStream>(shared, live, &params, NodeAuth::Password { user: &user, password: password.as_deref() }).await
     };
     let (server, lease) = match connected {
         Ok(x) => x,
@@ -214,19 +214,21 @@ async fn report_connect_error<S: AsyncWrite + Unpin>(client: &mut S, peer: &Sock
 /// others if one turns out to be unreachable.
 async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
+    live: &Reloadable,
     params: &[(String, String)],
     mut auth: NodeAuth<'_, C>,
 ) -> Result<(ServerConn, NodeLease), ConnectError> {
     let mut tried = Vec::new();
     let mut last = ConnectError::Unreachable("every node is marked down".into());
-    while let Some((idx, lease)) = shared.router.pick(&tried) {
+    let (routing, connect_timeout) = (&live.config.routing, live.config.limits.server_connect_timeout);
+    while let Some((idx, lease)) = shared.router.pick(&tried, routing) {
         tried.push(idx);
         let node = &lease.node.config;
         let attempt = match &mut auth {
             NodeAuth::Relay(c) => NodeAuth::Relay(&mut **c),
             NodeAuth::Password { user, password } => NodeAuth::Password { user, password: *password },
         };
-        match backend::connect(&node.addr(), &node.host, &shared.backend, params, attempt).await {
+        match backend::connect(&node.addr(), &node.host, &shared.backend, connect_timeout, params, attempt).await {
             Ok(conn) => return Ok((conn, lease)),
             Err(ConnectError::Unreachable(msg)) => {
                 lease.node.mark_down(&msg);

@@ -51,6 +51,8 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
         secret: server.secret,
     });
     let mut hello = BytesMut::new();
+    // The login's snapshot, not the current one: the method that
+    // authenticated the client decides whether the proxy owes it AuthOk.
     if live.config.auth.method != AuthMethod::Passthrough {
         hello.extend_from_slice(&messages::auth_ok());
     }
@@ -63,7 +65,7 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
     shared.totals.sessions.fetch_add(1, Ordering::Relaxed);
 
     let end = if client.write_all(&hello).await.is_ok() {
-        let ctx = PumpCtx::new(shared, live, &info, &node_name);
+        let ctx = PumpCtx::new(shared, &info, &node_name);
         let end = match (&mut client, &mut server.stream) {
             // The common case without TLS: zero-cost borrowed halves.
             (ClientStream::Tcp(c), ServerStream::Tcp(s)) => {
@@ -118,10 +120,11 @@ pub enum End {
     ServerProtocol(String),
 }
 
-/// Per-session handles so the hot path does no metric lookups.
+/// Per-session handles so the hot path does no metric lookups. No
+/// configuration is kept here: the relay reads `shared.live` where it uses
+/// a setting, so that a reload reaches sessions already open.
 pub struct PumpCtx<'a> {
     pub shared: &'a Shared,
-    pub live: &'a Reloadable,
     pub tracker: Tracker<'a>,
     pub queries_by_class: [metrics::Counter; 4],
     pub bytes_in: metrics::Counter,
@@ -129,14 +132,13 @@ pub struct PumpCtx<'a> {
 }
 
 impl<'a> PumpCtx<'a> {
-    fn new(shared: &'a Shared, live: &'a Reloadable, info: &'a Arc<SessionInfo>, node: &str) -> Self {
+    fn new(shared: &'a Shared, info: &'a Arc<SessionInfo>, node: &str) -> Self {
         let q = |c: crate::classify::StatementClass| {
             metrics::counter!("mtm_proxy_queries_total", "node" => node.to_string(), "class" => c.as_str())
         };
         use crate::classify::StatementClass::*;
         PumpCtx {
             shared,
-            live,
             tracker: Tracker {
                 gate: &shared.pause,
                 info,

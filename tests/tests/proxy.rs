@@ -549,3 +549,63 @@ fn pipelines_function_calls_and_limits() {
     let code = err.code().map(|c| c.code().to_string());
     assert!(code.as_deref() == Some("57P05") || a.is_closed(), "{err:?}");
 }
+
+/// A simple-protocol Query message.
+fn query_message(sql: &str) -> Vec<u8> {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}
+
+#[test]
+fn reload_reaches_sessions_already_open() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    let open = || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(&startup_packet("postgres")).unwrap();
+        read_until(&mut s, b'Z');
+        s
+    };
+    let query = |s: &mut TcpStream| {
+        s.write_all(&query_message("select 1")).unwrap();
+        read_until(s, b'Z');
+    };
+    // Rewrites the proxy's file and reloads it through the admin console;
+    // the proxy keeps running.
+    let reload = |edit: &dyn Fn(&mut mtm_proxy::config::Config)| {
+        let path = c.layout.proxy_config();
+        let mut cfg = mtm_proxy::config::Config::load(&path).unwrap();
+        edit(&mut cfg);
+        std::fs::write(&path, cfg.to_toml()).unwrap();
+        connect(port, "mtm").simple_query("reload").unwrap();
+    };
+    let mut small = open();
+    let mut idle = open();
+    query(&mut small);
+    query(&mut idle);
+    let started = mtm_proxy::config::Config::load(&c.layout.proxy_config()).unwrap();
+    assert!(started.limits.client_idle_timeout.is_zero(), "the sessions start without an idle timeout");
+
+    // limits.max_message_size: an open session is held to it from the
+    // read it starts after the reload (within a second).
+    reload(&|cfg| cfg.limits.max_message_size = 4096);
+    std::thread::sleep(Duration::from_millis(1200));
+    small.write_all(&query_message(&format!("select '{}'", "x".repeat(10_000)))).unwrap();
+    assert_eq!(sqlstate(&read_until(&mut small, b'E')), "08P01");
+
+    // limits.client_idle_timeout: an open session that has run queries is
+    // closed once it has been idle for the new timeout, not before.
+    reload(&|cfg| cfg.limits.client_idle_timeout = Duration::from_secs(2));
+    query(&mut idle);
+    std::thread::sleep(Duration::from_millis(1200));
+    query(&mut idle);
+    let since = Instant::now();
+    let body = read_until(&mut idle, b'E');
+    let waited = since.elapsed();
+    assert_eq!(sqlstate(&body), "57P05");
+    assert!(waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4), "closed after {waited:?}");
+}
