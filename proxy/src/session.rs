@@ -65,7 +65,7 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
     shared.totals.sessions.fetch_add(1, Ordering::Relaxed);
 
     let end = if client.write_all(&hello).await.is_ok() {
-        let ctx = PumpCtx::new(shared, &info, &node_name);
+        let ctx = PumpCtx::new(shared, &info, &node_name, server.status);
         let end = match (&mut client, &mut server.stream) {
             // The common case without TLS: zero-cost borrowed halves.
             (ClientStream::Tcp(c), ServerStream::Tcp(s)) => {
@@ -132,7 +132,7 @@ pub struct PumpCtx<'a> {
 }
 
 impl<'a> PumpCtx<'a> {
-    fn new(shared: &'a Shared, info: &'a Arc<SessionInfo>, node: &str) -> Self {
+    fn new(shared: &'a Shared, info: &'a Arc<SessionInfo>, node: &str, status: u8) -> Self {
         let q = |c: crate::classify::StatementClass| {
             metrics::counter!("mtm_proxy_queries_total", "node" => node.to_string(), "class" => c.as_str())
         };
@@ -142,7 +142,12 @@ impl<'a> PumpCtx<'a> {
             tracker: Tracker {
                 gate: &shared.pause,
                 info,
-                state: Mutex::new(TrackState::default()),
+                // Idle from the login's ReadyForQuery on, so that a client
+                // that never sends a query is timed out too.
+                state: Mutex::new(TrackState {
+                    idle_since: (status == b'I').then(Instant::now),
+                    ..TrackState::default()
+                }),
                 transactions: metrics::counter!("mtm_proxy_transactions_total", "node" => node.to_string()),
                 latency: metrics::histogram!("mtm_proxy_query_duration_seconds", "node" => node.to_string()),
                 totals: &shared.totals,
