@@ -1,6 +1,8 @@
 //! The admin console: a virtual database (`proxy.admin_database`, "mtm")
 //! that speaks the simple query protocol and answers
 //! `SHOW NODES | SESSIONS | STATS | CONFIG`, `PAUSE`, `RESUME`, `RELOAD`.
+//! It owns the console's pause: one hold on the pause gate shared by all
+//! console sessions, which RESUME releases without touching other owners'.
 
 use crate::net::frame::{query_text, FrameIoError, FrameReader};
 use crate::net::messages::{self, PgError};
@@ -80,20 +82,33 @@ pub async fn execute(sql: &str, shared: &Shared) -> Result<BytesMut, PgError> {
         ["SHOW", "CONFIG"] => Ok(show_config(shared)),
         ["PAUSE"] => {
             let timeout = shared.live.load().config.proxy.pause_timeout;
-            match shared.pause.pause(timeout).await {
-                Ok(()) => {
-                    tracing::info!("paused: new transactions wait");
+            match shared.pause.pause(ADMIN_OWNER, timeout).await {
+                Ok(hold) => {
+                    // Console sessions share one pause: a second PAUSE
+                    // replaces the first, so one RESUME undoes both.
+                    let earlier = lock(&shared.admin_pause).replace(hold);
+                    drop(earlier);
+                    tracing::info!("paused by the admin console: new transactions and commits wait");
                     metrics::gauge!("mtm_proxy_paused").set(1.0);
                     Ok(messages::command_complete("PAUSE"))
                 }
                 Err(e) => Err(PgError::error("57014", format!("PAUSE gave up: {e}"))
-                    .with_hint("Raise proxy.pause_timeout or retry when the long transactions are done.")),
+                    .with_hint("Raise proxy.pause_timeout or retry when the commits under way are done.")),
             }
         }
         ["RESUME"] => {
-            shared.pause.resume();
-            metrics::gauge!("mtm_proxy_paused").set(0.0);
-            tracing::info!("resumed");
+            let Some(hold) = lock(&shared.admin_pause).take() else {
+                return Err(PgError::error("55000", "the admin console holds no pause")
+                    .with_hint(held_by(shared)));
+            };
+            drop(hold);
+            let others = shared.pause.owners();
+            if others.is_empty() {
+                metrics::gauge!("mtm_proxy_paused").set(0.0);
+                tracing::info!("resumed");
+            } else {
+                tracing::info!(?others, "the admin console's pause is released; others still hold the gate");
+            }
             Ok(messages::command_complete("RESUME"))
         }
         ["RELOAD"] => match shared.reload() {
@@ -103,6 +118,20 @@ pub async fn execute(sql: &str, shared: &Shared) -> Result<BytesMut, PgError> {
         [] => Ok(BytesMut::from(&[b'I', 0, 0, 0, 4][..])),
         _ => Err(PgError::error("42601", format!("unsupported admin command: {}", sql.trim()))
             .with_hint("Commands: SHOW NODES | SESSIONS | STATS | CONFIG, PAUSE, RESUME, RELOAD.")),
+    }
+}
+
+/// The owner name of the console's pause, as SHOW STATS lists it.
+pub const ADMIN_OWNER: &str = "admin console";
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn held_by(shared: &Shared) -> String {
+    match shared.pause.owners() {
+        owners if owners.is_empty() => "The proxy is not paused.".to_string(),
+        owners => format!("The gate is held by: {}; each owner releases only its own pause.", owners.join(", ")),
     }
 }
 
@@ -168,6 +197,7 @@ fn show_stats(shared: &Shared) -> BytesMut {
         ("transactions_in_flight", shared.pause.in_flight() as u64),
         ("sessions_waiting", shared.pause.waiting() as u64),
         ("paused", shared.pause.is_paused() as u64),
+        ("commits_in_progress", shared.pause.committing() as u64),
     ];
     let class_names = crate::classify::StatementClass::ALL.map(|c| c.as_str());
     let by_class: Vec<(String, u64)> = class_names
@@ -177,6 +207,7 @@ fn show_stats(shared: &Shared) -> BytesMut {
         .collect();
     let mut out: Vec<Vec<String>> = rows.drain(..).map(|(k, v)| vec![k.to_string(), v.to_string()]).collect();
     out.extend(by_class.into_iter().map(|(k, v)| vec![k, v.to_string()]));
+    out.push(vec!["paused_by".to_string(), shared.pause.owners().join(", ")]);
     messages::result_set(&["stat", "value"], &out)
 }
 

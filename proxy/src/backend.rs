@@ -26,7 +26,6 @@ const STARTUP_MESSAGE_LIMIT: usize = 1 << 20;
 pub struct BackendSettings {
     pub tls: BackendTlsMode,
     pub connector: Option<tokio_rustls::TlsConnector>,
-    pub connect_timeout: Duration,
 }
 
 /// How to answer the node's authentication requests.
@@ -68,6 +67,7 @@ pub async fn connect<C: AsyncRead + AsyncWrite + Unpin>(
     addr: &str,
     host: &str,
     settings: &BackendSettings,
+    connect_timeout: Duration,
     params: &[(String, String)],
     auth: NodeAuth<'_, C>,
 ) -> Result<ServerConn, ConnectError> {
@@ -77,9 +77,9 @@ pub async fn connect<C: AsyncRead + AsyncWrite + Unpin>(
         let stream = negotiate_tls(tcp, host, settings).await?;
         Ok::<_, ConnectError>(stream)
     };
-    let mut stream = tokio::time::timeout(settings.connect_timeout, fut)
+    let mut stream = tokio::time::timeout(connect_timeout, fut)
         .await
-        .map_err(|_| ConnectError::Unreachable(format!("connect to {addr}: timed out after {:?}", settings.connect_timeout)))??;
+        .map_err(|_| ConnectError::Unreachable(format!("connect to {addr}: timed out after {connect_timeout:?}")))??;
 
     let mut buf = BytesMut::new();
     frontend::startup_message(params.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut buf)

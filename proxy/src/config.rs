@@ -46,7 +46,7 @@ pub struct ProxySection {
     /// On SIGTERM, how long sessions may go on before they are closed.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Upper bound for `PAUSE` to wait for in-flight transactions.
+    /// Upper bound for `PAUSE` to wait for the commits already under way.
     #[serde(with = "humantime_serde")]
     pub pause_timeout: Duration,
     /// Threads serving sessions: 0 = one per core, 1 = a single thread.

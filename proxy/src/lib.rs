@@ -12,7 +12,7 @@
 //! - [`health`]   — the background health checks;
 //! - [`classify`] — statement classes (DDL, transaction, remote function, other) and
 //!   what a statement means for the commit path (read, write, commit...);
-//! - [`pause`]    — the hold/release gate at transaction boundaries;
+//! - [`pause`]    — the gate that owners close to hold new transactions and commits;
 //! - [`cancel`]   — proxy cancel keys → node backend keys;
 //! - [`login`]    — startup, authentication and the choice of a home node;
 //! - [`session`]  — one client session from login to close, transaction-boundary bookkeeping;

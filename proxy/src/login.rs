@@ -134,7 +134,7 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
             // Let a node check the password, then drop that session.
             let health_db = live.config.backend.health_database.clone();
             let p = vec![("user".to_string(), user.clone()), ("database".to_string(), health_db)];
-            return match connect_any(shared, &p, None, NodeAuth::Relay(&mut client)).await {
+            return match connect_any(shared, live, &p, None, NodeAuth::Relay(&mut client)).await {
                 Ok((server, _lease)) => {
                     drop(server);
                     Login::Admin(client, user)
@@ -193,9 +193,9 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
         },
     };
     let connected = if method == AuthMethod::Passthrough {
-        connect_any(shared, &params, pinned, NodeAuth::Relay(&mut client)).await
+        connect_any(shared, live, &params, pinned, NodeAuth::Relay(&mut client)).await
     } else {
-        connect_any::<ClientStream>(shared, &params, pinned, NodeAuth::Password { user: &user, password: password.as_deref() }).await
+        connect_any::<ClientStream>(shared, live, &params, pinned, NodeAuth::Password { user: &user, password: password.as_deref() }).await
     };
     let (server, lease) = match connected {
         Ok(x) => x,
@@ -229,6 +229,7 @@ async fn report_connect_error<S: AsyncWrite + Unpin>(client: &mut S, peer: &Sock
 /// unreachable.
 async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
+    live: &Reloadable,
     params: &[(String, String)],
     pinned: Option<usize>,
     mut auth: NodeAuth<'_, C>,
@@ -236,7 +237,7 @@ async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
     if let Some(idx) = pinned {
         let lease = shared.router.lease(idx);
         let node = lease.node.config.clone();
-        return match backend::connect(&node.addr(), &node.host, &shared.backend, params, auth).await {
+        return match backend::connect(&node.addr(), &node.host, &shared.backend, live.config.limits.server_connect_timeout, params, auth).await {
             Ok(conn) => Ok((conn, lease)),
             Err(ConnectError::Unreachable(msg)) => Err(ConnectError::Proxy(
                 PgError::fatal("57P03", format!("node {} is not available", node.name))
@@ -247,14 +248,15 @@ async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
     }
     let mut tried = Vec::new();
     let mut last = ConnectError::Unreachable("every node is marked down".into());
-    while let Some((idx, lease)) = shared.router.pick(&tried) {
+    let (routing, connect_timeout) = (&live.config.routing, live.config.limits.server_connect_timeout);
+    while let Some((idx, lease)) = shared.router.pick(&tried, routing) {
         tried.push(idx);
         let node = &lease.node.config;
         let attempt = match &mut auth {
             NodeAuth::Relay(c) => NodeAuth::Relay(&mut **c),
             NodeAuth::Password { user, password } => NodeAuth::Password { user, password: *password },
         };
-        match backend::connect(&node.addr(), &node.host, &shared.backend, params, attempt).await {
+        match backend::connect(&node.addr(), &node.host, &shared.backend, connect_timeout, params, attempt).await {
             Ok(conn) => return Ok((conn, lease)),
             Err(ConnectError::Unreachable(msg)) => {
                 lease.node.mark_down(&msg);

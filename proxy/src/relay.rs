@@ -46,6 +46,14 @@ pub const XACT_WRITES: &str = "multimaster.xact_writes";
 /// A message bigger than this streams through the responder in pieces.
 const WHOLE_MESSAGE_LIMIT: usize = 256 * 1024;
 
+/// The longest a driver waits for its client without looking at the
+/// configuration again: how late a reloaded `client_idle_timeout` or
+/// `max_message_size` can reach a session blocked in a read. Chosen over
+/// waking sessions on reload, which would add a waiter registration (a
+/// lock) to every read; its cost is one timer wake-up per second per
+/// session that is waiting for its client.
+const RECHECK: Duration = Duration::from_secs(1);
+
 /// How the responder treats the node's answers to one request.
 enum Expect {
     /// The proxy's own BEGIN in front of a client unit: swallow this many
@@ -120,7 +128,7 @@ where
         sw,
         link: &link,
         ctx,
-        reader: FrameReader::new(ctx.live.config.limits.max_message_size),
+        reader: FrameReader::new(ctx.shared.live.load().config.limits.max_message_size),
         out: BytesMut::new(),
         statements: HashMap::new(),
         portals: HashMap::new(),
@@ -468,18 +476,25 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// The next client batch, or the held end of a pending unit, whichever
     /// comes first; closes an idle session after `client_idle_timeout`.
     async fn next_input<CR: AsyncRead + Unpin>(&mut self, cr: &mut CR) -> Result<Input, End> {
-        let limit = self.ctx.live.config.limits.client_idle_timeout;
         loop {
+            // Read at every wait, not once per session, so that RELOAD
+            // reaches sessions already open.
+            let limit = {
+                let live = self.ctx.shared.live.load();
+                self.reader.set_max_message_size(live.config.limits.max_message_size);
+                live.config.limits.client_idle_timeout
+            };
             let wait = match self.ctx.tracker.idle_since() {
                 Some(since) if !limit.is_zero() => limit.saturating_sub(since.elapsed()),
-                // Busy: look again later, it may become idle meanwhile.
-                _ if !limit.is_zero() => limit,
-                _ => Duration::from_secs(3600),
+                // Busy, or no idle timeout: look again later (it may
+                // become idle, or a reload may set a timeout).
+                _ => RECHECK,
             };
             if !limit.is_zero() && wait.is_zero() && self.pending.is_none() {
                 return Err(End::IdleTimeout);
             }
-            let read = tokio::time::timeout(wait.max(Duration::from_millis(1)), self.reader.next_batch(cr));
+            let wait = wait.clamp(Duration::from_millis(1), RECHECK);
+            let read = tokio::time::timeout(wait, self.reader.next_batch(cr));
             let result = match &mut self.pending {
                 Some(p) => tokio::select! {
                     held = &mut p.rx => return Ok(Input::Held(held.unwrap_or_default())),
@@ -534,7 +549,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     }
 
     fn count_statement(&self, sql: &str, executes: bool) {
-        let class = self.ctx.live.classifier.classify(sql);
+        let class = self.ctx.shared.live.load().classifier.classify(sql);
         self.ctx.queries_by_class[class as usize].increment(1);
         self.ctx.shared.totals.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
         if executes {
@@ -839,7 +854,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// Waits for the peers' votes on `gid` (prepared here); a refusal
     /// rolls it back everywhere.
     async fn collect_votes(&mut self, gid: &str) -> Result<Result<(), PgError>, End> {
-        let timeout = self.ctx.live.config.commit.vote_timeout;
+        let timeout = self.ctx.shared.live.load().config.commit.vote_timeout;
         let answer = self.own(&[&commit::await_votes_sql(gid, timeout)]).await?.remove(0);
         match commit::read_votes(gid, &answer) {
             Votes::AllYes => Ok(Ok(())),
@@ -855,9 +870,11 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// [`crate::commit`]). `Err(End)`: the session broke; `Ok(Err(e))`:
     /// the transaction did not commit and the client gets `e`.
     async fn two_phase(&mut self) -> Result<Result<(), Raw>, End> {
+        // A paused cluster (e.g. a generation switch) takes no commits.
+        let _pass = self.ctx.tracker.before_commit().await;
         let started = Instant::now();
         let gid = commit::new_gid(self.ctx.node_id, self.ctx.tracker.info.id);
-        let timeout = self.ctx.live.config.commit.vote_timeout;
+        let timeout = self.ctx.shared.live.load().config.commit.vote_timeout;
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(&gid));
         let mut answers = self.own(&[&prepare, &commit::await_votes_sql(&gid, timeout)]).await?;
         let votes = answers.pop().unwrap_or_default();

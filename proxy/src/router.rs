@@ -2,7 +2,7 @@
 //! background by logging in, the same way sessions do) and the routing
 //! policy (least active sessions, round robin, or a fixed node).
 
-use crate::config::{Config, NodeConfig, Policy};
+use crate::config::{Config, NodeConfig, Policy, Routing};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -69,8 +69,6 @@ impl Drop for NodeLease {
 #[derive(Debug)]
 pub struct Router {
     pub nodes: Vec<Arc<NodeState>>,
-    policy: Policy,
-    fixed: usize,
     next: AtomicUsize,
 }
 
@@ -90,8 +88,7 @@ impl Router {
                 })
             })
             .collect();
-        let fixed = config.nodes.iter().position(|n| n.name == config.routing.fixed_node).unwrap_or(0);
-        Router { nodes, policy: config.routing.policy, fixed, next: AtomicUsize::new(0) }
+        Router { nodes, next: AtomicUsize::new(0) }
     }
 
     /// The node a client named (`multimaster.node`): its name or its id
@@ -110,13 +107,17 @@ impl Router {
         NodeLease { node }
     }
 
-    /// Picks a healthy node for a new session, skipping `exclude` (nodes
-    /// this session already failed to reach).
-    pub fn pick(&self, exclude: &[usize]) -> Option<(usize, NodeLease)> {
+    /// Picks a healthy node for a new session by `routing` (the current
+    /// configuration's, so a reload changes where new sessions go),
+    /// skipping `exclude` (nodes this session already failed to reach).
+    pub fn pick(&self, exclude: &[usize], routing: &Routing) -> Option<(usize, NodeLease)> {
         let candidates: Vec<usize> =
             (0..self.nodes.len()).filter(|i| self.nodes[*i].is_up() && !exclude.contains(i)).collect();
-        let chosen = match self.policy {
-            Policy::Fixed => candidates.contains(&self.fixed).then_some(self.fixed),
+        let chosen = match routing.policy {
+            Policy::Fixed => {
+                let fixed = self.nodes.iter().position(|n| n.config.name == routing.fixed_node)?;
+                candidates.contains(&fixed).then_some(fixed)
+            }
             Policy::RoundRobin => {
                 if candidates.is_empty() {
                     None
@@ -159,24 +160,26 @@ mod tests {
 
     #[test]
     fn least_sessions_spreads_and_skips_down_nodes() {
-        let r = Router::new(&config("least_sessions"));
-        let (a, _l1) = r.pick(&[]).unwrap();
-        let (b, _l2) = r.pick(&[]).unwrap();
-        let (c, _l3) = r.pick(&[]).unwrap();
+        let cfg = config("least_sessions");
+        let r = Router::new(&cfg);
+        let (a, _l1) = r.pick(&[], &cfg.routing).unwrap();
+        let (b, _l2) = r.pick(&[], &cfg.routing).unwrap();
+        let (c, _l3) = r.pick(&[], &cfg.routing).unwrap();
         let mut all = vec![a, b, c];
         all.sort();
         assert_eq!(all, vec![0, 1, 2]);
         r.nodes[0].mark_down("test");
-        let (d, _l4) = r.pick(&[]).unwrap();
+        let (d, _l4) = r.pick(&[], &cfg.routing).unwrap();
         assert_ne!(d, 0);
-        assert!(r.pick(&[1, 2]).is_none());
+        assert!(r.pick(&[1, 2], &cfg.routing).is_none());
     }
 
     #[test]
     fn leases_are_released() {
-        let r = Router::new(&config("least_sessions"));
+        let cfg = config("least_sessions");
+        let r = Router::new(&cfg);
         {
-            let _l = r.pick(&[]).unwrap();
+            let _l = r.pick(&[], &cfg.routing).unwrap();
             assert_eq!(r.nodes.iter().map(|n| n.sessions()).sum::<usize>(), 1);
         }
         assert_eq!(r.nodes.iter().map(|n| n.sessions()).sum::<usize>(), 0);
@@ -184,12 +187,27 @@ mod tests {
 
     #[test]
     fn round_robin_and_fixed() {
-        let r = Router::new(&config("round_robin"));
-        let picks: Vec<usize> = (0..6).map(|_| r.pick(&[]).unwrap().0).collect();
+        let cfg = config("round_robin");
+        let r = Router::new(&cfg);
+        let picks: Vec<usize> = (0..6).map(|_| r.pick(&[], &cfg.routing).unwrap().0).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
-        let r = Router::new(&config("fixed"));
-        assert_eq!(r.pick(&[]).unwrap().0, 1);
+        let cfg = config("fixed");
+        let r = Router::new(&cfg);
+        assert_eq!(r.pick(&[], &cfg.routing).unwrap().0, 1);
         r.nodes[1].mark_down("test");
-        assert!(r.pick(&[]).is_none(), "fixed never falls back to another node");
+        assert!(r.pick(&[], &cfg.routing).is_none(), "fixed never falls back to another node");
+    }
+
+    #[test]
+    fn the_policy_is_the_one_passed_in_so_a_reload_reaches_new_sessions() {
+        let r = Router::new(&config("round_robin"));
+        let fixed = config("fixed");
+        assert_eq!(r.pick(&[], &fixed.routing).unwrap().0, 1);
+        assert_eq!(r.pick(&[], &fixed.routing).unwrap().0, 1);
+        let mut elsewhere = fixed.routing.clone();
+        elsewhere.fixed_node = "c".into();
+        assert_eq!(r.pick(&[], &elsewhere).unwrap().0, 2);
+        elsewhere.fixed_node = "not-running".into();
+        assert!(r.pick(&[], &elsewhere).is_none());
     }
 }

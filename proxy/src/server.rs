@@ -132,7 +132,7 @@ fn describe_metrics() {
     describe_gauge!("mtm_proxy_client_sessions", "Client connections open");
     describe_gauge!("mtm_proxy_client_sessions_waiting", "Sessions waiting at the pause gate");
     describe_gauge!("mtm_proxy_transactions_in_flight", "Transactions between their first message and ReadyForQuery idle");
-    describe_gauge!("mtm_proxy_paused", "1 while PAUSE holds new transactions");
+    describe_gauge!("mtm_proxy_paused", "1 while any owner holds the pause gate (new transactions and commits wait)");
     describe_gauge!("mtm_proxy_server_connections", "Open connections to each node");
     describe_gauge!("mtm_proxy_node_up", "1 if the node passes health checks");
     describe_counter!("mtm_proxy_queries_total", "Statements by node and class (Query and Parse messages)");

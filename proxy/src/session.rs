@@ -51,6 +51,8 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
         secret: server.secret,
     });
     let mut hello = BytesMut::new();
+    // The login's snapshot, not the current one: the method that
+    // authenticated the client decides whether the proxy owes it AuthOk.
     if live.config.auth.method != AuthMethod::Passthrough {
         hello.extend_from_slice(&messages::auth_ok());
     }
@@ -63,7 +65,7 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
     shared.totals.sessions.fetch_add(1, Ordering::Relaxed);
 
     let end = if client.write_all(&hello).await.is_ok() {
-        let ctx = PumpCtx::new(shared, live, &info, &node_name);
+        let ctx = PumpCtx::new(shared, &info, &node_name, server.status);
         let end = match (&mut client, &mut server.stream) {
             // The common case without TLS: zero-cost borrowed halves.
             (ClientStream::Tcp(c), ServerStream::Tcp(s)) => {
@@ -118,13 +120,14 @@ pub enum End {
     ServerProtocol(String),
 }
 
-/// Per-session handles so the hot path does no metric lookups.
+/// Per-session handles so the hot path does no metric lookups. No
+/// configuration is kept here: the relay reads `shared.live` where it uses
+/// a setting, so that a reload reaches sessions already open.
 pub struct PumpCtx<'a> {
     /// The home node's id in the cluster (its place in `[[nodes]]`, which
     /// lists them in id order): the prefix of the gids the proxy makes.
     pub node_id: usize,
     pub shared: &'a Shared,
-    pub live: &'a Reloadable,
     pub tracker: Tracker<'a>,
     pub queries_by_class: [metrics::Counter; 4],
     pub bytes_in: metrics::Counter,
@@ -132,19 +135,23 @@ pub struct PumpCtx<'a> {
 }
 
 impl<'a> PumpCtx<'a> {
-    fn new(shared: &'a Shared, live: &'a Reloadable, info: &'a Arc<SessionInfo>, node: &str) -> Self {
+    fn new(shared: &'a Shared, info: &'a Arc<SessionInfo>, node: &str, status: u8) -> Self {
         let q = |c: crate::classify::StatementClass| {
             metrics::counter!("mtm_proxy_queries_total", "node" => node.to_string(), "class" => c.as_str())
         };
         use crate::classify::StatementClass::*;
         PumpCtx {
-            node_id: live.config.nodes.iter().position(|n| n.name == node).map_or(0, |i| i + 1),
+            node_id: shared.live.load().config.nodes.iter().position(|n| n.name == node).map_or(0, |i| i + 1),
             shared,
-            live,
             tracker: Tracker {
                 gate: &shared.pause,
                 info,
-                state: Mutex::new(TrackState::default()),
+                // Idle from the login's ReadyForQuery on, so that a client
+                // that never sends a query is timed out too.
+                state: Mutex::new(TrackState {
+                    idle_since: (status == b'I').then(Instant::now),
+                    ..TrackState::default()
+                }),
                 transactions: metrics::counter!("mtm_proxy_transactions_total", "node" => node.to_string()),
                 latency: metrics::histogram!("mtm_proxy_query_duration_seconds", "node" => node.to_string()),
                 totals: &shared.totals,
@@ -214,6 +221,18 @@ impl Tracker<'_> {
         if s.pending > 0 {
             s.busy_since = Some(Instant::now());
         }
+    }
+
+    /// Before the cluster commit of the open transaction: waits at the
+    /// gate while it is held. The commit counts as in progress (a pause
+    /// waits for it) until the pass is dropped.
+    pub async fn before_commit(&self) -> crate::pause::CommitPass {
+        if self.gate.is_paused() {
+            self.info.state.store(session_state::WAITING, Ordering::Relaxed);
+        }
+        let pass = self.gate.commit().await;
+        self.info.state.store(session_state::ACTIVE, Ordering::Relaxed);
+        pass
     }
 
     pub fn on_ready(&self, status: u8) {

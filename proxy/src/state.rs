@@ -90,6 +90,8 @@ pub struct Shared {
     pub backend: BackendSettings,
     pub cancels: CancelRegistry,
     pub pause: PauseGate,
+    /// The admin console's pause (one for all console sessions).
+    pub admin_pause: std::sync::Mutex<Option<crate::pause::Hold>>,
     pub sessions: DashMap<u64, Arc<SessionInfo>>,
     pub next_session: AtomicU64,
     pub clients: AtomicUsize,
@@ -106,7 +108,6 @@ impl Shared {
         let backend = BackendSettings {
             tls: config.backend.tls,
             connector,
-            connect_timeout: config.limits.server_connect_timeout,
         };
         Ok(Arc::new(Shared {
             config_path,
@@ -116,6 +117,7 @@ impl Shared {
             startup_config: config,
             cancels: CancelRegistry::default(),
             pause: PauseGate::default(),
+            admin_pause: std::sync::Mutex::new(None),
             sessions: DashMap::new(),
             next_session: AtomicU64::new(1),
             clients: AtomicUsize::new(0),
@@ -124,14 +126,34 @@ impl Shared {
         }))
     }
 
-    /// Re-reads the configuration file: users, limits, TLS files and the
-    /// remote function list take effect for new sessions; changes to
-    /// nodes or listeners are reported and ignored until a restart.
+    /// Re-reads the configuration file. Which keys reach open sessions,
+    /// which only new ones and which wait for a restart is documented in
+    /// `conf/mtm-proxy.toml`; edits of restart-only keys are reported and
+    /// ignored.
     pub fn reload(&self) -> anyhow::Result<()> {
         let path = self.config_path.as_ref().ok_or_else(|| anyhow::anyhow!("no configuration file to reload"))?;
         let config = Config::load(path)?;
-        if config.nodes != self.startup_config.nodes || config.proxy.listen != self.startup_config.proxy.listen {
-            tracing::warn!("nodes and listen addresses change only on restart; those edits are ignored");
+        let old = &self.startup_config;
+        let restart_only = [
+            ("nodes", config.nodes != old.nodes),
+            ("proxy.listen", config.proxy.listen != old.proxy.listen),
+            ("proxy.unix_socket_dir", config.proxy.unix_socket_dir != old.proxy.unix_socket_dir),
+            ("proxy.metrics_listen", config.proxy.metrics_listen != old.proxy.metrics_listen),
+            ("proxy.worker_threads", config.proxy.worker_threads != old.proxy.worker_threads),
+            ("backend.tls", config.backend.tls != old.backend.tls),
+            ("backend.tls_ca_file", config.backend.tls_ca_file != old.backend.tls_ca_file),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                tracing::warn!(key, "this key changes only on restart; the edit is ignored until then");
+            }
+        }
+        // The router's nodes are the running ones, so a fixed node must be
+        // one of them, not only of the file's (possibly edited) list.
+        if config.routing.policy == crate::config::Policy::Fixed
+            && !old.nodes.iter().any(|n| n.name == config.routing.fixed_node)
+        {
+            anyhow::bail!("routing.fixed_node {:?} is not a node the proxy runs with", config.routing.fixed_node);
         }
         if config.auth.method != self.startup_config.auth.method && config.auth.method == AuthMethod::Passthrough {
             tracing::warn!("auth.method changed; new sessions use the new method");

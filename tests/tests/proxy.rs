@@ -282,37 +282,60 @@ fn admin_console_pause_resume_and_show() {
         .collect();
     assert_eq!(rows, vec![("node1".into(), "up".into()), ("node2".into(), "up".into())]);
 
-    // PAUSE gives up (bounded) while a transaction stays open...
-    let mut busy = connect(port, "postgres");
-    busy.batch_execute("begin; select 1").unwrap();
+    // PAUSE does not wait for a session idle in a transaction that wrote...
+    mtm_tests::cluster::on_every_node(&c, "create table paused(id int primary key)");
+    let mut writer = connect(port, "postgres");
+    writer.batch_execute("begin; insert into paused values (1)").unwrap();
     let t = Instant::now();
-    let err = admin.simple_query("pause").unwrap_err();
-    assert_eq!(err.code().unwrap().code(), "57014");
-    assert!(t.elapsed() < Duration::from_secs(10));
-    busy.batch_execute("commit").unwrap();
-
-    // ...and succeeds once it is done; new transactions then wait.
     admin.simple_query("pause").unwrap();
-    let waiter = std::thread::spawn(move || {
+    assert!(t.elapsed() < Duration::from_secs(2), "PAUSE waited for an open transaction ({:?})", t.elapsed());
+
+    // ...which is held at its COMMIT instead, as a new transaction is held
+    // at its start, until RESUME.
+    let committer = std::thread::spawn(move || {
         let start = Instant::now();
-        busy.batch_execute("select 1").unwrap();
-        start.elapsed()
+        writer.batch_execute("commit").unwrap();
+        (start.elapsed(), writer)
+    });
+    let mut fresh = connect(port, "postgres");
+    let newcomer = std::thread::spawn(move || {
+        let start = Instant::now();
+        fresh.batch_execute("select 1").unwrap();
+        (start.elapsed(), fresh)
     });
     std::thread::sleep(Duration::from_millis(700));
-    let stats = admin.simple_query("show stats").unwrap();
-    let waiting = stats
-        .iter()
-        .find_map(|m| match m {
-            postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("sessions_waiting") => r.get(1).map(str::to_string),
-            _ => None,
-        })
-        .unwrap();
-    assert_eq!(waiting, "1");
+    let stat = |admin: &mut Client, name: &str| {
+        admin
+            .simple_query("show stats")
+            .unwrap()
+            .iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some(name) => r.get(1).map(str::to_string),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(stat(&mut admin, "sessions_waiting"), "2");
+    assert_eq!(stat(&mut admin, "paused_by"), "admin console");
+    for node in [1, 2] {
+        let n: i64 = mtm_tests::cluster::client(&c, node).query_one("select count(*) from paused", &[]).unwrap().get(0);
+        assert_eq!(n, 0, "the commit has not run (node {node})");
+    }
     let sessions = admin.simple_query("show sessions").unwrap();
-    assert!(sessions.iter().any(|m| matches!(m, postgres::SimpleQueryMessage::Row(r) if r.get(5) == Some("waiting"))));
+    let waiting = sessions.iter().filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(r) if r.get(5) == Some("waiting"))).count();
+    assert_eq!(waiting, 2);
+    // A second PAUSE stacks on nothing: one RESUME releases the console's pause.
+    admin.simple_query("pause").unwrap();
     admin.simple_query("resume").unwrap();
-    let waited = waiter.join().unwrap();
-    assert!(waited >= Duration::from_millis(500), "the statement waited for RESUME ({waited:?})");
+    let (waited, mut writer) = committer.join().unwrap();
+    assert!(waited >= Duration::from_millis(500), "the COMMIT waited for RESUME ({waited:?})");
+    let (waited, _) = newcomer.join().unwrap();
+    assert!(waited >= Duration::from_millis(500), "the new transaction waited for RESUME ({waited:?})");
+    assert_eq!(writer.query_one("select count(*) from paused", &[]).unwrap().get::<_, i64>(0), 1);
+    assert_eq!(stat(&mut admin, "paused"), "0");
+    // RESUME releases only the console's own pause; there is none now.
+    let err = admin.simple_query("resume").unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "55000");
 
     let cfg = admin.simple_query("show config").unwrap();
     let cfg: Vec<(String, String)> = cfg
@@ -525,4 +548,64 @@ fn pipelines_function_calls_and_limits() {
     let err = a.batch_execute("select 1").unwrap_err();
     let code = err.code().map(|c| c.code().to_string());
     assert!(code.as_deref() == Some("57P05") || a.is_closed(), "{err:?}");
+}
+
+/// A simple-protocol Query message.
+fn query_message(sql: &str) -> Vec<u8> {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}
+
+#[test]
+fn reload_reaches_sessions_already_open() {
+    let c = TestCluster::start(1);
+    let port = c.layout.proxy_port;
+    let open = || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(&startup_packet("postgres")).unwrap();
+        read_until(&mut s, b'Z');
+        s
+    };
+    let query = |s: &mut TcpStream| {
+        s.write_all(&query_message("select 1")).unwrap();
+        read_until(s, b'Z');
+    };
+    // Rewrites the proxy's file and reloads it through the admin console;
+    // the proxy keeps running.
+    let reload = |edit: &dyn Fn(&mut mtm_proxy::config::Config)| {
+        let path = c.layout.proxy_config();
+        let mut cfg = mtm_proxy::config::Config::load(&path).unwrap();
+        edit(&mut cfg);
+        std::fs::write(&path, cfg.to_toml()).unwrap();
+        connect(port, "mtm").simple_query("reload").unwrap();
+    };
+    let mut small = open();
+    let mut idle = open();
+    query(&mut small);
+    query(&mut idle);
+    let started = mtm_proxy::config::Config::load(&c.layout.proxy_config()).unwrap();
+    assert!(started.limits.client_idle_timeout.is_zero(), "the sessions start without an idle timeout");
+
+    // limits.max_message_size: an open session is held to it from the
+    // read it starts after the reload (within a second).
+    reload(&|cfg| cfg.limits.max_message_size = 4096);
+    std::thread::sleep(Duration::from_millis(1200));
+    small.write_all(&query_message(&format!("select '{}'", "x".repeat(10_000)))).unwrap();
+    assert_eq!(sqlstate(&read_until(&mut small, b'E')), "08P01");
+
+    // limits.client_idle_timeout: an open session that has run queries is
+    // closed once it has been idle for the new timeout, not before.
+    reload(&|cfg| cfg.limits.client_idle_timeout = Duration::from_secs(2));
+    query(&mut idle);
+    std::thread::sleep(Duration::from_millis(1200));
+    query(&mut idle);
+    let since = Instant::now();
+    let body = read_until(&mut idle, b'E');
+    let waited = since.elapsed();
+    assert_eq!(sqlstate(&body), "57P05");
+    assert!(waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4), "closed after {waited:?}");
 }

@@ -53,6 +53,11 @@ impl FrameReader {
         FrameReader { buf: BytesMut::with_capacity(16 * 1024), max_message_size }
     }
 
+    /// Applies to frames not yet cut (a reload changes it for open sessions).
+    pub fn set_max_message_size(&mut self, max_message_size: usize) {
+        self.max_message_size = max_message_size;
+    }
+
     /// Reads until at least one whole frame is buffered and returns every
     /// whole frame buffered. `Ok(None)`: the client closed cleanly between
     /// messages.
