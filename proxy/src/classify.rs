@@ -254,11 +254,10 @@ pub fn strip_trailing_commit(sql: &str) -> Option<&str> {
     let body = sql.trim_end().trim_end_matches(';').trim_end();
     let cut = body.rfind(';')?;
     let last: Vec<String> = body[cut + 1..].split_whitespace().map(str::to_ascii_uppercase).collect();
-    let plain_commit = match last.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["COMMIT"] | ["END"] => true,
-        ["COMMIT" | "END", "WORK" | "TRANSACTION"] => true,
-        _ => false,
-    };
+    let plain_commit = matches!(
+        last.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
+        ["COMMIT" | "END"] | ["COMMIT" | "END", "WORK" | "TRANSACTION"]
+    );
     let head = &body[..cut];
     (plain_commit && !head.trim().is_empty()).then_some(head)
 }
