@@ -134,6 +134,7 @@ where
         portals: HashMap::new(),
         unit: None,
         pending: None,
+        wake: Box::pin(tokio::time::sleep(RECHECK)),
     };
     let responder = Responder { link: &link, ctx, out: BytesMut::new(), held_complete: None, held_error: false, captured: Vec::new(), fire: Vec::new() };
     tokio::select! {
@@ -393,6 +394,10 @@ struct Driver<'a, SW, CW> {
     /// The extended unit being passed on (no Sync yet).
     unit: Option<Unit>,
     pending: Option<Pending>,
+    /// Bounds each wait for the client (idle timeout, reload re-check).
+    /// One timer for the session's life: moving its deadline later is
+    /// lock-free in tokio, a new timer per read is not.
+    wake: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 enum Input {
@@ -494,20 +499,25 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 return Err(End::IdleTimeout);
             }
             let wait = wait.clamp(Duration::from_millis(1), RECHECK);
-            let read = tokio::time::timeout(wait, self.reader.next_batch(cr));
+            self.wake.as_mut().reset(tokio::time::Instant::now() + wait);
+            let read = self.reader.next_batch(cr);
             let result = match &mut self.pending {
                 Some(p) => tokio::select! {
                     held = &mut p.rx => return Ok(Input::Held(held.unwrap_or_default())),
-                    r = read => r,
+                    () = self.wake.as_mut() => None,
+                    r = read => Some(r),
                 },
-                None => read.await,
+                None => tokio::select! {
+                    () = self.wake.as_mut() => None,
+                    r = read => Some(r),
+                },
             };
             match result {
-                Err(_elapsed) => continue,
-                Ok(Ok(Some(b))) => return Ok(Input::Batch(b)),
-                Ok(Ok(None)) => return Err(End::ClientClosed),
-                Ok(Err(FrameIoError::Frame(e))) => return Err(End::ClientProtocol(e)),
-                Ok(Err(FrameIoError::Io(_))) => return Err(End::ClientIo),
+                None => continue,
+                Some(Ok(Some(b))) => return Ok(Input::Batch(b)),
+                Some(Ok(None)) => return Err(End::ClientClosed),
+                Some(Err(FrameIoError::Frame(e))) => return Err(End::ClientProtocol(e)),
+                Some(Err(FrameIoError::Io(_))) => return Err(End::ClientIo),
             }
         }
     }
