@@ -83,7 +83,8 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
     let c_conninfo = CString::new(conninfo).unwrap_or_else(|_| error!("conninfo of node {peer} contains NUL"));
     let walsender_name = CString::new(format!("mtm_receiver_{me}_from_{peer}")).expect("no NUL");
     let mut err: *mut c_char = std::ptr::null_mut();
-    let conn = (funcs.walrcv_connect.expect("walrcv_connect"))(c_conninfo.as_ptr(), true, walsender_name.as_ptr(), &mut err);
+    let connect = funcs.walrcv_connect.expect("walrcv_connect");
+    let conn = guarded(|| connect(c_conninfo.as_ptr(), true, walsender_name.as_ptr(), &mut err));
     if conn.is_null() {
         let msg = if err.is_null() { "unknown error".into() } else { CStr::from_ptr(err).to_string_lossy().into_owned() };
         error!("multimaster: cannot connect to node {peer}: {msg}");
@@ -95,7 +96,8 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
     opts.startpoint = start;
     opts.proto.logical.proto_version = 1;
     opts.proto.logical.twophase = true;
-    if !(funcs.walrcv_startstreaming.expect("walrcv_startstreaming"))(conn, &opts) {
+    let start_streaming = funcs.walrcv_startstreaming.expect("walrcv_startstreaming");
+    if !guarded(|| start_streaming(conn, &opts)) {
         error!("multimaster: node {peer} refused to stream slot mtm_slot_{me}");
     }
     let serial_until = queues.pool().serial_until.load(Acquire);
@@ -126,8 +128,21 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
     };
     r.stream();
     if let Some(disconnect) = funcs.walrcv_disconnect {
-        disconnect(conn);
+        guarded(|| disconnect(conn));
     }
+}
+
+/// Calls into libpqwalreceiver through a raw function pointer, which can
+/// raise an ERROR (a peer that disconnects inside `walrcv_receive`): the
+/// guard turns it into a Rust panic that unwinds through our frames —
+/// dropping the pool's queues and the receiver's state properly — to the
+/// worker's own guard, which ends the worker (the launcher restarts it)
+/// instead of a longjmp over Rust destructors.
+///
+/// # Safety
+/// From the worker's main thread, with arguments valid for the call.
+unsafe fn guarded<T>(f: impl FnOnce() -> T) -> T {
+    pg_sys::submodules::ffi::pg_guard_ffi_boundary(f)
 }
 
 fn lsn(l: u64) -> String {
@@ -171,7 +186,8 @@ impl Receiver {
             self.check_pool();
             let mut buf: *mut c_char = std::ptr::null_mut();
             let mut fd: pg_sys::pgsocket = pg_sys::PGINVALID_SOCKET;
-            let len = (self.funcs.walrcv_receive.expect("walrcv_receive"))(self.conn, &mut buf, &mut fd);
+            let receive = self.funcs.walrcv_receive.expect("walrcv_receive");
+            let len = guarded(|| receive(self.conn, &mut buf, &mut fd));
             if len > 0 {
                 let data = std::slice::from_raw_parts(buf as *const u8, len as usize);
                 match data[0] {
@@ -409,7 +425,7 @@ impl Receiver {
         msg.extend_from_slice(&pg_sys::GetCurrentTimestamp().to_be_bytes());
         msg.push(0);
         if let Some(send) = self.funcs.walrcv_send {
-            send(self.conn, msg.as_ptr() as *const c_char, msg.len() as i32);
+            guarded(|| send(self.conn, msg.as_ptr() as *const c_char, msg.len() as i32));
         }
         self.last_feedback = Instant::now();
     }
