@@ -800,11 +800,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             PendingKind::Autocommit => match status {
                 b'T' => {
                     end = b'I';
-                    let outcome = self.commit_open().await?;
-                    match outcome {
-                        Ok(()) => reply.extend_from_slice(complete.as_deref().unwrap_or_default()),
-                        Err(e) => reply.extend_from_slice(&e.into_bytes()),
-                    }
+                    let done = complete.unwrap_or_default();
+                    reply.extend_from_slice(&self.commit_open_reply(done).await?);
                 }
                 b'E' => {
                     end = b'I';
@@ -816,11 +813,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             PendingKind::CommitAfter => match status {
                 b'T' => {
                     end = b'I';
-                    let outcome = self.commit_open().await?;
-                    match outcome {
-                        Ok(()) => reply.extend_from_slice(&messages::command_complete("COMMIT")),
-                        Err(e) => reply.extend_from_slice(&e.into_bytes()),
-                    }
+                    reply.extend_from_slice(&self.commit_open_reply(messages::command_complete("COMMIT")).await?);
                 }
                 // A failed statement: PostgreSQL skips the rest of the
                 // string, COMMIT included, and the block stays failed.
@@ -861,6 +854,15 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         })
     }
 
+    /// Commits the open transaction; the client's reply is `done` if it
+    /// committed, else the error.
+    async fn commit_open_reply(&mut self, done: BytesMut) -> Result<BytesMut, End> {
+        Ok(match self.commit_open().await? {
+            Ok(()) => done,
+            Err(e) => e.into_bytes(),
+        })
+    }
+
     /// Waits for the peers' votes on `gid` (prepared here); a refusal
     /// rolls it back everywhere.
     async fn collect_votes(&mut self, gid: &str) -> Result<Result<(), PgError>, End> {
@@ -869,11 +871,23 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         match commit::read_votes(gid, &answer) {
             Votes::AllYes => Ok(Ok(())),
             Votes::Refused(e) => {
-                let rollback = format!("ROLLBACK PREPARED {}", commit::literal(gid));
-                self.own(&[&rollback]).await?;
+                self.roll_back_prepared(gid).await?;
                 Ok(Err(e))
             }
         }
+    }
+
+    /// ROLLBACK PREPARED of a refused `gid`; the node's rollback reaches
+    /// the peers. A failure is logged: the home node's resolver finishes
+    /// the gid once this session is gone.
+    async fn roll_back_prepared(&mut self, gid: &str) -> Result<(), End> {
+        let rollback = format!("ROLLBACK PREPARED {}", commit::literal(gid));
+        let undone = self.own(&[&rollback]).await?.remove(0);
+        if let Some(err) = commit::error_of(&undone) {
+            let msg = crate::net::scan::error_field(err.body(), b'M').unwrap_or_default();
+            tracing::warn!(gid, "rollback of a refused transaction failed: {msg}");
+        }
+        Ok(())
     }
 
     /// The cluster's two-phase commit of the open transaction (module
@@ -902,12 +916,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     }
                 }
                 Votes::Refused(e) => {
-                    let rollback = format!("ROLLBACK PREPARED {}", commit::literal(&gid));
-                    let undone = self.own(&[&rollback]).await?.remove(0);
-                    if let Some(err) = commit::error_of(&undone) {
-                        let msg = crate::net::scan::error_field(err.body(), b'M').unwrap_or_default();
-                        tracing::warn!(gid, "rollback of a refused transaction failed: {msg}");
-                    }
+                    self.roll_back_prepared(&gid).await?;
                     Err(Raw::from(e))
                 }
             }
