@@ -77,7 +77,7 @@ fn main() {
     eprintln!("starting a 3-node multimaster cluster, scale {scale} ...");
     let cluster = TestCluster::start(3);
     let ports = cluster.layout.node_ports.clone();
-    mtm_tests::pgbench_tables(&ports, args.scale);
+    mtm_tests::pgbench_tables(&cluster, args.scale);
     wait_converged(&ports, Duration::from_secs(600));
     eprintln!("starting a primary with two synchronous standbys ...");
     let sync = PlainServers::start(2);

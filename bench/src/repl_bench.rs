@@ -44,7 +44,7 @@ fn main() {
     let cluster = TestCluster::start(3);
     let ports: Vec<u16> = cluster.layout.node_ports.clone();
     let connect = |i: usize| Client::connect(&cluster.node(i + 1).conninfo("postgres"), NoTls).unwrap();
-    mtm_tests::pgbench_tables(&ports, args.scale);
+    mtm_tests::pgbench_tables(&cluster, args.scale);
     wait_converged(&ports, Duration::from_secs(300));
 
     let d = args.duration.to_string();

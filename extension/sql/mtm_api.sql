@@ -249,13 +249,7 @@ $$;
 CREATE FUNCTION mtm.set_temp_schema(nsp text) RETURNS void
 LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.set_temp_schema') $$;
 
-CREATE FUNCTION mtm.alter_sequences() RETURNS boolean
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM mtm.not_implemented('mtm.alter_sequences');
-    RETURN false;
-END
-$$;
+-- mtm.alter_sequences() is defined by the library (sequences.rs).
 
 ---- Syncpoints ----
 

@@ -183,6 +183,9 @@ impl Applier {
                     self.finish_prepared(&gid, false, rollback_end_lsn, rollback_time);
                     self.applied(rollback_end_lsn);
                 }
+                Message::Message { transactional: true, prefix, content, .. } if prefix == mtm_protocol::DDL_PREFIX => {
+                    self.guarded(|a| a.ddl(&content))
+                }
                 Message::Message { .. } => {}
             }
         }
@@ -256,6 +259,13 @@ impl Applier {
             .unwrap_or_else(|| error!("multimaster: change for relation {relid} from node {} without its Relation message", self.peer))
     }
 
+    /// A peer's DDL statement, at its place in the transaction.
+    unsafe fn ddl(&self, content: &[u8]) {
+        let m = mtm_protocol::DdlMessage::decode(content)
+            .unwrap_or_else(|e| error!("multimaster: undecodable DDL message from node {}: {e}", self.peer));
+        crate::ddl::replay(&m, self.peer);
+    }
+
     unsafe fn truncate(&self, relids: &[u32], cascade: bool, restart: bool) {
         // One statement for the whole table list, not per row.
         let names: Vec<String> = relids
@@ -292,7 +302,7 @@ impl Applier {
                 PgLogLevel::ERROR,
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
                 format!("multimaster: table {table} from node {} does not exist here", self.peer),
-                "Create it on this node (DDL is not replicated yet); the transaction is retried until it applies."
+                "It was created with multimaster.replicate_ddl off or dropped here by hand: create it on this node; the transaction is retried until it applies."
             );
         }
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());

@@ -14,8 +14,11 @@
 //! - built-in types go in their binary send format, other types as text;
 //!   unchanged TOAST values are marked, never detoasted;
 //! - a Relation message precedes the first change of each table in each
-//!   transaction, so a receiver always has the columns (by name) of the
-//!   table as the change saw it.
+//!   transaction (and again after a DDL statement), so a receiver always
+//!   has the columns (by name) of the table as the change saw it;
+//! - a DDL statement ([`crate::ddl`]) goes out as one message at its place
+//!   in the transaction; the rows the statement itself wrote (CREATE TABLE
+//!   AS, an extension script) do not, the peers' replay writes them.
 
 use mtm_protocol::{Column, Message, OldTuple, Value};
 use pgrx::pg_sys;
@@ -36,6 +39,9 @@ struct DecoderState {
     /// sent lazily, so a transaction with nothing to send (only local
     /// tables) sends nothing at all.
     begun: bool,
+    /// Between a DDL statement's two messages: its own row changes are not
+    /// sent (the peers' replay of the statement makes them).
+    in_ddl: bool,
 }
 
 /// Normal mode sends only transactions that originated on this node.
@@ -102,7 +108,7 @@ unsafe extern "C-unwind" fn startup(
         8 * 1024,
         8 * 1024 * 1024,
     );
-    let st = Box::new(DecoderState { recovery, scratch, described: HashSet::new(), local: HashMap::new(), begun: false });
+    let st = Box::new(DecoderState { recovery, scratch, described: HashSet::new(), local: HashMap::new(), begun: false, in_ddl: false });
     (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
 }
 
@@ -135,6 +141,7 @@ unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, _txn
     st.described.clear();
     st.local.clear();
     st.begun = false;
+    st.in_ddl = false;
 }
 
 /// Sends Begin (and Origin) before the transaction's first message.
@@ -260,6 +267,20 @@ unsafe extern "C-unwind" fn message(
 ) {
     let prefix = CStr::from_ptr(prefix).to_string_lossy().into_owned();
     let content = std::slice::from_raw_parts(content as *const u8, size).to_vec();
+    if transactional && prefix == mtm_protocol::DDL_BEGIN_PREFIX {
+        state(ctx).in_ddl = true;
+        return;
+    }
+    if transactional && prefix == mtm_protocol::DDL_PREFIX {
+        let st = state(ctx);
+        st.in_ddl = false;
+        // The statement may have changed the columns of tables already
+        // described in this transaction: describe them again.
+        st.described.clear();
+        if content.is_empty() {
+            return; // temporary objects only: stays on this node
+        }
+    }
     if transactional {
         ensure_begun(ctx, txn);
     }
@@ -274,6 +295,9 @@ unsafe extern "C-unwind" fn truncate(
     relations: *mut pg_sys::Relation,
     change: *mut pg_sys::ReorderBufferChange,
 ) {
+    if state(ctx).in_ddl {
+        return;
+    }
     let rels: Vec<pg_sys::Relation> = std::slice::from_raw_parts(relations, nrelations as usize)
         .iter()
         .copied()
@@ -299,7 +323,7 @@ unsafe extern "C-unwind" fn change(
     rel: pg_sys::Relation,
     change: *mut pg_sys::ReorderBufferChange,
 ) {
-    if is_local(ctx, rel) {
+    if state(ctx).in_ddl || is_local(ctx, rel) {
         return;
     }
     ensure_begun(ctx, txn);

@@ -17,6 +17,10 @@
 //! - [`votes`]    — 2PC votes: cast after applying a peer's PREPARE and sent
 //!   back over the mesh; counted for this node's own prepares
 //!   (`mtm.await_votes`, the proxy's commit path);
+//! - [`ddl`]      — schema changes captured where they run and replayed on
+//!   every peer inside the same transaction;
+//! - [`sequences`] — sequences whose values never collide across nodes
+//!   (`mtm.alter_sequences`);
 //! - [`xact`]     — whether a client transaction wrote (reported to the proxy)
 //!   and the guard against committing such a transaction on one node;
 //! - [`resolver`] — rolls back this node's own prepared `mtm-` gids whose
@@ -29,11 +33,13 @@ use pgrx::prelude::*;
 use std::ffi::CString;
 
 pub mod apply;
+pub mod ddl;
 pub mod decoder;
 pub mod launcher;
 pub mod pool;
 pub mod receiver;
 pub mod resolver;
+pub mod sequences;
 pub mod status;
 pub mod votes;
 pub mod worker;
@@ -96,6 +102,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: called once, while preloading, after defining our GUCs.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
     xact::init();
+    ddl::init();
     launcher::register();
     use pool::POOLS;
     use status::APPLY_ERRORS;

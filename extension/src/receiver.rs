@@ -284,7 +284,9 @@ impl Receiver {
             }
             return;
         }
-        let msg = matches!(t, tag::INSERT | tag::UPDATE | tag::DELETE | tag::TRUNCATE | tag::PREPARE | tag::COMMIT).then(|| self.decode(payload));
+        // Messages matter to the plan for DDL (a barrier).
+        let msg = matches!(t, tag::INSERT | tag::UPDATE | tag::DELETE | tag::TRUNCATE | tag::MESSAGE | tag::PREPARE | tag::COMMIT)
+            .then(|| self.decode(payload));
         let txn = self.txn.as_mut().expect("checked above");
         if let Some(m) = &msg {
             self.keys.add(m, &mut txn.keys);

@@ -304,9 +304,23 @@ const YIELD_LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 fn older_blocked_transaction(gid: &str, me: i32) -> Option<String> {
     let rows: Vec<(i32, i64)> = Spi::connect(|c| {
         c.select(
+            // A row lock is waited for on the holder's xid; a table or
+            // object lock (DDL) on the lock itself. A prepared
+            // transaction's locks have no pid; they share the
+            // virtualtransaction of the lock on its own xid.
             "SELECT w.pid, ((extract(epoch FROM p.prepared) - 946684800) * 1000000)::int8
                FROM pg_prepared_xacts p
                JOIN pg_locks w ON w.locktype = 'transactionid' AND w.transactionid = p.transaction AND NOT w.granted
+              WHERE p.gid = $1
+             UNION ALL
+             SELECT w.pid, ((extract(epoch FROM p.prepared) - 946684800) * 1000000)::int8
+               FROM pg_prepared_xacts p
+               JOIN pg_locks x ON x.locktype = 'transactionid' AND x.transactionid = p.transaction AND x.granted AND x.pid IS NULL
+               JOIN pg_locks h ON h.granted AND h.pid IS NULL AND h.virtualtransaction = x.virtualtransaction
+               JOIN pg_locks w ON NOT w.granted AND w.locktype = h.locktype AND w.locktype <> 'transactionid'
+                    AND w.database IS NOT DISTINCT FROM h.database AND w.relation IS NOT DISTINCT FROM h.relation
+                    AND w.classid IS NOT DISTINCT FROM h.classid AND w.objid IS NOT DISTINCT FROM h.objid
+                    AND w.objsubid IS NOT DISTINCT FROM h.objsubid
               WHERE p.gid = $1",
             None,
             &[gid.into()],

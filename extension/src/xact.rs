@@ -67,7 +67,7 @@ pub fn init() {
 }
 
 /// Whether changes made now are a client's (not applied for a peer).
-fn client_change() -> bool {
+pub(crate) fn client_change() -> bool {
     // SAFETY: plain reads of backend-global settings.
     unsafe {
         pg_sys::SessionReplicationRole != pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32
@@ -75,7 +75,7 @@ fn client_change() -> bool {
     }
 }
 
-fn set_writes(on: bool) {
+pub(crate) fn set_writes(on: bool) {
     if XACT_WRITES.get() == on {
         return;
     }
@@ -210,9 +210,20 @@ unsafe extern "C-unwind" fn process_utility(
         set_writes(true);
     }
     note_two_phase(node);
-    match PREV_PROCESS_UTILITY {
+    let (pstmt, read_only_tree) = crate::sequences::adjust(pstmt, read_only_tree);
+    let run = || match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+    };
+    match crate::ddl::begin(pstmt, query_string) {
+        None => run(),
+        Some(capture) => {
+            crate::ddl::while_capturing(run);
+            // A schema change goes through the cluster's commit like a write.
+            if crate::ddl::finish(capture) {
+                set_writes(true);
+            }
+        }
     }
 }
 

@@ -69,14 +69,18 @@ impl Host {
     /// A command for a PostgreSQL binary, run as the server user when we are root.
     pub fn pg_command(&self, bin: &str) -> Command {
         let path = self.bindir.join(bin);
-        match &self.run_as {
+        let mut c = match &self.run_as {
             Some((name, _, _)) => {
                 let mut c = Command::new("runuser");
                 c.arg("-u").arg(name).arg("--").arg(path);
                 c
             }
             None => Command::new(path),
-        }
+        };
+        // With these set, the extension (pgrx) appends a Rust backtrace to
+        // the DETAIL of every error a client gets.
+        c.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+        c
     }
 
     /// The uid that must own data directories.

@@ -363,6 +363,57 @@ impl VoteMessage {
     }
 }
 
+/// Prefix of the transactional message that opens a captured DDL
+/// statement: the changes decoded until its [`DDL_PREFIX`] message are the
+/// statement's own (CREATE TABLE AS rows, an extension script's inserts)
+/// and are not sent: the peer's replay of the statement produces them.
+pub const DDL_BEGIN_PREFIX: &str = "mtm_ddl_begin";
+
+/// Prefix of the transactional message that closes a captured DDL
+/// statement and carries it ([`DdlMessage`]); empty content: the
+/// statement touched only this session's temporary objects and stays here.
+pub const DDL_PREFIX: &str = "mtm_ddl";
+
+/// A DDL statement as it ran on its origin node, to run on every peer at
+/// the same point of the same transaction (layout in `extension/PROTOCOL.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdlMessage {
+    /// The role it ran as (`current_user`), which owns what it creates.
+    pub role: String,
+    /// The `search_path` it ran with, which resolves its unqualified names.
+    pub search_path: String,
+    /// The statement's text, exactly one statement.
+    pub sql: String,
+}
+
+impl DdlMessage {
+    /// One statement of a query string, as PostgreSQL locates it
+    /// (`stmt_location`, `stmt_len`: -1 / 0 mean the whole string / the
+    /// rest of it), without surrounding blanks and its final semicolon.
+    pub fn statement_text(query: &[u8], location: i32, len: i32) -> String {
+        let start = (location.max(0) as usize).min(query.len());
+        let end = if location < 0 || len <= 0 { query.len() } else { (start + len as usize).min(query.len()) };
+        String::from_utf8_lossy(&query[start..end]).trim().trim_end_matches(';').trim_end().to_string()
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.role.len() + self.search_path.len() + self.sql.len());
+        put_str(&mut out, &self.role);
+        put_str(&mut out, &self.search_path);
+        put_str(&mut out, &self.sql);
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<DdlMessage, DecodeError> {
+        let mut r = Reader(buf);
+        let m = DdlMessage { role: r.string()?, search_path: r.string()?, sql: r.string()? };
+        if !r.0.is_empty() {
+            return Err(DecodeError::Trailing(r.0.len()));
+        }
+        Ok(m)
+    }
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -491,5 +542,25 @@ mod tests {
             assert_eq!(VoteMessage::decode(&v.to_bytes()), Ok(v.clone()));
         }
         assert!(VoteMessage::decode(&[0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, b'?']).is_err());
+    }
+
+    #[test]
+    fn statement_text_cuts_one_statement_out_of_a_query_string() {
+        let q = b"create table a(x int); create table b(y int);";
+        assert_eq!(DdlMessage::statement_text(q, 0, 21), "create table a(x int)");
+        assert_eq!(DdlMessage::statement_text(q, 22, 0), "create table b(y int)");
+        assert_eq!(DdlMessage::statement_text(q, -1, 0), "create table a(x int); create table b(y int)");
+        assert_eq!(DdlMessage::statement_text(q, 400, 5), "", "a location past the end is empty, not a panic");
+    }
+
+    #[test]
+    fn ddl_message_round_trips_and_rejects_trailing_bytes() {
+        let m = DdlMessage { role: "app owner".into(), search_path: "\"$user\", public".into(), sql: "create table t(id int)".into() };
+        let bytes = m.to_bytes();
+        assert_eq!(DdlMessage::decode(&bytes), Ok(m));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(DdlMessage::decode(&longer), Err(DecodeError::Trailing(1)));
+        assert_eq!(DdlMessage::decode(&bytes[..bytes.len() - 1]), Err(DecodeError::Short));
     }
 }

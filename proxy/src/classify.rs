@@ -75,9 +75,8 @@ impl Classifier {
             Ok(stmts) => stmts.iter().map(|s| self.classify_parsed(s)).max().unwrap_or(StatementClass::Other),
             // sqlparser does not know every PostgreSQL statement: decide
             // each ';'-separated piece by keyword instead.
-            Err(_) => sql
-                .split(';')
-                .filter(|p| !p.trim().is_empty())
+            Err(_) => statements(sql)
+                .into_iter()
                 .map(|p| self.classify_keyword_only(p))
                 .max()
                 .unwrap_or(StatementClass::Other),
@@ -158,13 +157,17 @@ pub enum Intent {
     /// BEGIN, ROLLBACK, SAVEPOINT, COMMIT PREPARED, COMMIT AND CHAIN...:
     /// forwarded as sent.
     TransactionControl,
+    /// Cannot run in a transaction block and concerns every node (VACUUM,
+    /// CREATE INDEX CONCURRENTLY, CREATE DATABASE, ALTER SYSTEM...): in
+    /// autocommit the proxy runs it on every node ([`crate::everywhere`]).
+    EveryNode,
 }
 
 /// Statements that only read, or that PostgreSQL refuses inside a
 /// transaction block (so must never be wrapped in one).
 const READS: &[&str] = &[
     "SELECT", "VALUES", "TABLE", "SHOW", "SET", "RESET", "FETCH", "MOVE", "CLOSE", "DECLARE", "DEALLOCATE",
-    "DISCARD", "LISTEN", "UNLISTEN", "NOTIFY", "LOAD", "CHECKPOINT", "VACUUM",
+    "DISCARD", "LISTEN", "UNLISTEN", "NOTIFY", "LOAD", "CHECKPOINT",
 ];
 
 /// Functions (and keywords written like calls) that a SELECT may use and
@@ -188,10 +191,13 @@ const READ_CALLS: &[&str] = &[
     "range", "groups", "partition", "order", "group",
 ];
 
+/// Functions of the `mtm` schema that write (the others only read).
+const MTM_WRITES: &[&str] = &["alter_sequences", "make_table_local", "set_temp_schema"];
+
 /// The [`Intent`] of a statement (or of a multi-statement string).
 pub fn intent(sql: &str) -> Intent {
     if has_inner_semicolon(sql) {
-        let pieces: Vec<Intent> = sql.split(';').filter(|p| !p.trim().is_empty()).map(single_intent).collect();
+        let pieces: Vec<Intent> = statements(sql).into_iter().map(single_intent).collect();
         return if pieces.iter().any(|i| !matches!(i, Intent::Read | Intent::Write)) {
             Intent::TransactionControl
         } else if pieces.iter().all(|i| *i == Intent::Read) {
@@ -231,9 +237,11 @@ fn single_intent(sql: &str) -> Intent {
                 Intent::Write
             }
         }
-        "CREATE" | "DROP" | "REINDEX" if has("CONCURRENTLY") || has("DATABASE") || has("TABLESPACE") => Intent::Read,
-        "ALTER" if has("SYSTEM") || (has("DATABASE") && words.get(1) == Some(&"DATABASE")) => Intent::Read,
-        "CLUSTER" if words.len() == 1 => Intent::Read,
+        // Tablespaces are directories of one server: they stay local.
+        "CREATE" | "DROP" | "ALTER" if words.get(1) == Some(&"TABLESPACE") => Intent::Read,
+        "CREATE" | "DROP" if has("CONCURRENTLY") || words.get(1) == Some(&"DATABASE") => Intent::EveryNode,
+        "ALTER" if words.get(1) == Some(&"SYSTEM") || words.get(1) == Some(&"DATABASE") => Intent::EveryNode,
+        "VACUUM" | "ANALYZE" | "ANALYSE" | "REINDEX" | "CLUSTER" => Intent::EveryNode,
         "WITH" if has("INSERT") || has("UPDATE") || has("DELETE") || has("MERGE") => Intent::Write,
         "SELECT" | "WITH" | "VALUES" | "TABLE" => {
             if has("INTO") || calls_unknown_function(sql) {
@@ -251,14 +259,14 @@ fn single_intent(sql: &str) -> Intent {
 /// END (`BEGIN; UPDATE …; COMMIT`), the statements before it: the proxy
 /// runs those, then commits with the cluster's two-phase commit itself.
 pub fn strip_trailing_commit(sql: &str) -> Option<&str> {
-    let body = sql.trim_end().trim_end_matches(';').trim_end();
-    let cut = body.rfind(';')?;
-    let last: Vec<String> = body[cut + 1..].split_whitespace().map(str::to_ascii_uppercase).collect();
+    let spans = statement_spans(sql);
+    let [.., _, (last_start, last_end)] = spans.as_slice() else { return None };
+    let last: Vec<String> = sql[*last_start..*last_end].split_whitespace().map(str::to_ascii_uppercase).collect();
     let plain_commit = matches!(
         last.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
         ["COMMIT" | "END"] | ["COMMIT" | "END", "WORK" | "TRANSACTION"]
     );
-    let head = &body[..cut];
+    let head = sql[..*last_start].trim_end().trim_end_matches(';').trim_end();
     (plain_commit && !head.trim().is_empty()).then_some(head)
 }
 
@@ -316,7 +324,8 @@ fn calls_unknown_function(sql: &str) -> bool {
                         None => (None, name.clone()),
                     };
                     let builtin = match schema.as_deref() {
-                        Some("pg_catalog") | Some("mtm") => true,
+                        Some("pg_catalog") => true,
+                        Some("mtm") => !MTM_WRITES.contains(&bare.as_str()),
                         Some(_) => false,
                         None => READ_CALLS.contains(&bare.as_str()) || bare.starts_with("pg_"),
                     };
@@ -349,22 +358,7 @@ pub fn first_keyword(sql: &str) -> Option<String> {
                 i += 1;
             }
         } else if b[i..].starts_with(b"/*") {
-            // Nested comments, as PostgreSQL allows.
-            let mut depth = 0;
-            while i < b.len() {
-                if b[i..].starts_with(b"/*") {
-                    depth += 1;
-                    i += 2;
-                } else if b[i..].starts_with(b"*/") {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
+            i = after_block_comment(b, i);
         } else {
             break;
         }
@@ -378,11 +372,100 @@ pub fn first_keyword(sql: &str) -> Option<String> {
 
 /// A ';' followed by more than whitespace: possibly several statements.
 /// (A ';' inside a string literal makes us parse, which is only slower.)
-fn has_inner_semicolon(sql: &str) -> bool {
-    match sql.find(';') {
-        None => false,
-        Some(p) => !sql[p..].trim_start_matches(|c: char| c == ';' || c.is_whitespace()).is_empty(),
+/// The position after the block comment starting at `i` (comments nest,
+/// as PostgreSQL allows).
+fn after_block_comment(b: &[u8], mut i: usize) -> usize {
+    let mut depth = 0;
+    while i < b.len() {
+        if b[i..].starts_with(b"/*") {
+            depth += 1;
+            i += 2;
+        } else if b[i..].starts_with(b"*/") {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                break;
+            }
+        } else {
+            i += 1;
+        }
     }
+    i
+}
+
+fn has_inner_semicolon(sql: &str) -> bool {
+    statement_spans(sql).len() > 1
+}
+
+/// The statements of a query string, split at the semicolons PostgreSQL
+/// would split at — not those inside quotes, dollar quotes (function
+/// bodies, DO blocks) or comments.
+pub fn statements(sql: &str) -> Vec<&str> {
+    statement_spans(sql).into_iter().map(|(a, b)| &sql[a..b]).collect()
+}
+
+/// Byte ranges of the non-blank statements of `sql`.
+fn statement_spans(sql: &str) -> Vec<(usize, usize)> {
+    let b = sql.as_bytes();
+    let mut spans = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    let push = |a: usize, z: usize, spans: &mut Vec<(usize, usize)>| {
+        let piece = &sql[a..z];
+        if !piece.trim().is_empty() {
+            let lead = piece.len() - piece.trim_start().len();
+            spans.push((a + lead, a + piece.trim_end().len()));
+        }
+    };
+    while i < b.len() {
+        match b[i] {
+            b';' => {
+                push(start, i, &mut spans);
+                start = i + 1;
+                i += 1;
+            }
+            b'\'' => {
+                let backslashes = i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e');
+                i += 1;
+                while i < b.len() {
+                    if backslashes && b[i] == b'\\' {
+                        i += 2;
+                    } else if b[i] == b'\'' {
+                        if b.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                        } else {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                i += 1;
+            }
+            b'"' => {
+                i += 1 + sql[i + 1..].find('"').map_or(b.len(), |p| p + 1);
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i += sql[i..].find('\n').unwrap_or(b.len() - i);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => i = after_block_comment(b, i),
+            b'$' => {
+                // $tag$ or $$ opens a dollar quote; $1 is a parameter.
+                let tag_len = b[i + 1..].iter().take_while(|c| c.is_ascii_alphanumeric() || **c == b'_').count();
+                let starts_ok = tag_len == 0 || !b[i + 1].is_ascii_digit();
+                if starts_ok && b.get(i + 1 + tag_len) == Some(&b'$') {
+                    let tag = &sql[i..i + tag_len + 2];
+                    let body = i + tag.len();
+                    i = sql[body..].find(tag).map_or(b.len(), |p| body + p + tag.len());
+                } else {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    push(start, b.len().max(start), &mut spans);
+    spans
 }
 
 fn is_prepare_transaction(sql: &str) -> bool {
@@ -447,6 +530,9 @@ mod tests {
         assert_eq!(intent("select my_upsert(1)"), Intent::Write);
         assert_eq!(intent("select public.f()"), Intent::Write);
         assert_eq!(intent("select pg_catalog.now(), mtm.status()"), Intent::Read);
+        assert_eq!(intent("select mtm.alter_sequences()"), Intent::Write);
+        assert_eq!(intent("do $$ begin execute 'create table x(i int)'; end $$"), Intent::Write, "one statement");
+        assert_eq!(intent("create function f() returns int language plpgsql as $f$ begin return 1; end $f$"), Intent::Write);
         assert_eq!(intent("select * into t2 from t"), Intent::Write);
         assert_eq!(intent("with x as (delete from t returning *) select * from x"), Intent::Write);
         assert_eq!(intent("insert into t values (1)"), Intent::Write);
@@ -455,8 +541,15 @@ mod tests {
         assert_eq!(intent("copy t to stdout"), Intent::Read);
         assert_eq!(intent("copy (select * from t) to stdout"), Intent::Read);
         assert_eq!(intent("create table t(id int)"), Intent::Write);
-        assert_eq!(intent("vacuum t"), Intent::Read);
-        assert_eq!(intent("create index concurrently i on t(x)"), Intent::Read);
+        assert_eq!(intent("vacuum t"), Intent::EveryNode);
+        assert_eq!(intent("VACUUM ANALYZE pgbench_branches"), Intent::EveryNode);
+        assert_eq!(intent("create index concurrently i on t(x)"), Intent::EveryNode);
+        assert_eq!(intent("drop index concurrently i"), Intent::EveryNode);
+        assert_eq!(intent("create database d"), Intent::EveryNode);
+        assert_eq!(intent("alter system set work_mem = '8MB'"), Intent::EveryNode);
+        assert_eq!(intent("create tablespace ts location '/x'"), Intent::Read);
+        assert_eq!(intent("create table database_log(id int)"), Intent::Write);
+        assert_eq!(intent("vacuum a; vacuum b"), Intent::TransactionControl, "PostgreSQL refuses it: forwarded as sent");
         assert_eq!(intent("commit"), Intent::Commit);
         assert_eq!(intent("END;"), Intent::Commit);
         assert_eq!(intent("commit and no chain"), Intent::Commit);
@@ -483,5 +576,9 @@ mod tests {
         assert_eq!(strip_trailing_commit("insert into t values ('a;commit')"), None);
         assert_eq!(strip_trailing_commit("update t set v = 1; commit and chain"), None);
         assert_eq!(strip_trailing_commit("update t set v = 1; commit prepared 'x'"), None);
+        assert_eq!(strip_trailing_commit("do $$ begin perform 1; end $$; commit"), Some("do $$ begin perform 1; end $$"));
+        assert_eq!(statements("a; 'b;c'; \"d;\"; -- e;\n f; /* g; /* h; */ */ i; $x$ j; $x$; E'k\\';l'; $1;"), vec![
+            "a", "'b;c'", "\"d;\"", "-- e;\n f", "/* g; /* h; */ */ i", "$x$ j; $x$", "E'k\\';l'", "$1"
+        ]);
     }
 }

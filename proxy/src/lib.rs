@@ -18,6 +18,8 @@
 //! - [`session`]  — one client session from login to close, transaction-boundary bookkeeping;
 //! - [`relay`]    — the forwarding loop: units, the proxy's own statements, held replies;
 //! - [`commit`]   — the cluster's two-phase commit: what is sent, how answers read;
+//! - [`everywhere`] — statements that cannot run in a transaction (VACUUM, CREATE INDEX
+//!   CONCURRENTLY…) run on every node in turn;
 //! - [`admin`]    — the admin console (SHOW, PAUSE, RESUME, RELOAD);
 //! - [`state`]    — what sessions share; reload;
 //! - [`server`]   — listeners, metrics endpoint, signals.
@@ -29,6 +31,7 @@ pub mod cancel;
 pub mod classify;
 pub mod commit;
 pub mod config;
+pub mod everywhere;
 pub mod health;
 pub mod login;
 pub mod net;

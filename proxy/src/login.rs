@@ -31,6 +31,8 @@ pub struct Established {
     pub lease: NodeLease,
     pub user: String,
     pub database: String,
+    /// How to open more sessions as this user (statements run on every node).
+    pub side: crate::everywhere::SideLogin,
 }
 
 /// Sends a FATAL error to the client and logs it.
@@ -204,7 +206,12 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
             return Login::Done;
         }
     };
-    Login::Session(Box::new(Established { client, server, lease, user, database }))
+    let side = crate::everywhere::SideLogin {
+        params: params.clone(),
+        user: user.clone(),
+        password: password.or_else(|| live.config.backend.password.clone()),
+    };
+    Login::Session(Box::new(Established { client, server, lease, user, database, side }))
 }
 
 async fn report_connect_error<S: AsyncWrite + Unpin>(client: &mut S, peer: &SocketAddrOrUnix, e: ConnectError) {

@@ -628,6 +628,19 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     return Ok(());
                 }
             }
+            Intent::EveryNode => {
+                self.drain().await?;
+                if self.status() == b'I' {
+                    let (home, side) = (self.ctx.node_id.saturating_sub(1), &self.ctx.side);
+                    if let Err(mut reply) = crate::everywhere::run_on_others(self.ctx.shared, side, home, sql).await {
+                        count_error(&crate::net::scan::sqlstate(&reply[5..]).unwrap_or_default());
+                        reply.extend_from_slice(&messages::ready_for_query(b'I'));
+                        self.link.to_client(&reply).await?;
+                        self.ctx.tracker.on_ready(b'I');
+                        return Ok(());
+                    }
+                }
+            }
             Intent::Read | Intent::TransactionControl => {}
         }
         self.expect(Expect::Forward);

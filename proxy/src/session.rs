@@ -43,7 +43,7 @@ pub fn count_error(sqlstate: &str) {
 
 /// Sends the client what completes its login, then forwards until the end.
 async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>, live: &Reloadable) {
-    let Established { mut client, mut server, lease, user, database } = est;
+    let Established { mut client, mut server, lease, user, database, side } = est;
     let node_name = lease.node.config.name.clone();
     let key = shared.cancels.register(crate::cancel::CancelTarget {
         addr: lease.node.config.addr(),
@@ -65,7 +65,7 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
     shared.totals.sessions.fetch_add(1, Ordering::Relaxed);
 
     let end = if client.write_all(&hello).await.is_ok() {
-        let ctx = PumpCtx::new(shared, &info, &node_name, server.status);
+        let ctx = PumpCtx::new(shared, &info, &node_name, server.status, side);
         let end = match (&mut client, &mut server.stream) {
             // The common case without TLS: zero-cost borrowed halves.
             (ClientStream::Tcp(c), ServerStream::Tcp(s)) => {
@@ -127,6 +127,8 @@ pub struct PumpCtx<'a> {
     /// The home node's id in the cluster (its place in `[[nodes]]`, which
     /// lists them in id order): the prefix of the gids the proxy makes.
     pub node_id: usize,
+    /// Extra sessions as the client's user, for statements run on every node.
+    pub side: crate::everywhere::SideLogin,
     pub shared: &'a Shared,
     pub tracker: Tracker<'a>,
     pub queries_by_class: [metrics::Counter; 4],
@@ -135,13 +137,14 @@ pub struct PumpCtx<'a> {
 }
 
 impl<'a> PumpCtx<'a> {
-    fn new(shared: &'a Shared, info: &'a Arc<SessionInfo>, node: &str, status: u8) -> Self {
+    fn new(shared: &'a Shared, info: &'a Arc<SessionInfo>, node: &str, status: u8, side: crate::everywhere::SideLogin) -> Self {
         let q = |c: crate::classify::StatementClass| {
             metrics::counter!("mtm_proxy_queries_total", "node" => node.to_string(), "class" => c.as_str())
         };
         use crate::classify::StatementClass::*;
         PumpCtx {
             node_id: shared.live.load().config.nodes.iter().position(|n| n.name == node).map_or(0, |i| i + 1),
+            side,
             shared,
             tracker: Tracker {
                 gate: &shared.pause,

@@ -5,7 +5,7 @@
 //! and deletes (which find rows by their whole content) are ordered after
 //! everything before them on that table, while its inserts, which cannot
 //! conflict with each other, only [`TxnKeys::touches`] it (pgbench_history
-//! is such a table). TRUNCATE makes the transaction a barrier.
+//! is such a table). TRUNCATE and DDL make the transaction a barrier.
 
 use mtm_protocol::{Column, Message, OldTuple, Value};
 use std::collections::HashMap;
@@ -63,6 +63,8 @@ impl KeyTracker {
                 None => txn.keys.push(table_key(*relid)),
             },
             Message::Truncate { .. } => txn.barrier = true,
+            // A schema change: nothing may run beside it on either side.
+            Message::Message { transactional: true, prefix, .. } if prefix == mtm_protocol::DDL_PREFIX => txn.barrier = true,
             _ => {}
         }
     }
@@ -169,5 +171,14 @@ mod tests {
         assert!(!a.barrier);
         let tr = keys_of(&t, &[Message::Truncate { cascade: false, restart_identity: false, relids: vec![3] }]);
         assert!(tr.barrier);
+    }
+
+    #[test]
+    fn a_ddl_message_makes_a_barrier_other_messages_do_not() {
+        let t = KeyTracker::default();
+        let msg = |prefix: &str, transactional| Message::Message { transactional, lsn: 0, prefix: prefix.into(), content: vec![] };
+        assert!(keys_of(&t, &[msg(mtm_protocol::DDL_PREFIX, true)]).barrier);
+        assert!(!keys_of(&t, &[msg("mtm_prepare", true)]).barrier);
+        assert!(!keys_of(&t, &[msg(mtm_protocol::DDL_PREFIX, false)]).barrier);
     }
 }

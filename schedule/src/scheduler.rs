@@ -39,8 +39,9 @@ pub struct Scheduler {
     last_worker: usize,
     batch: usize,
     /// Keys of transactions prepared but not yet committed or rolled back
-    /// here: their COMMIT/ROLLBACK PREPARED releases those rows.
-    prepared: HashMap<String, Vec<u64>>,
+    /// here: their COMMIT/ROLLBACK PREPARED releases those rows (or, for a
+    /// barrier such as DDL, the tables it locked: a barrier again).
+    prepared: HashMap<String, TxnKeys>,
 }
 
 /// Independent transactions a worker takes in a row before the next one
@@ -125,12 +126,12 @@ impl Scheduler {
             // restart): forgetting them only costs ordering by lock wait.
             self.prepared.clear();
         }
-        self.prepared.insert(gid.to_string(), txn.keys.clone());
+        self.prepared.insert(gid.to_string(), TxnKeys { keys: txn.keys.clone(), touches: Vec::new(), barrier: txn.barrier });
     }
 
-    /// The keys a COMMIT/ROLLBACK PREPARED of `gid` touches.
+    /// What a COMMIT/ROLLBACK PREPARED of `gid` touches.
     pub fn finish_prepared(&mut self, gid: &str) -> TxnKeys {
-        TxnKeys { keys: self.prepared.remove(gid).unwrap_or_default(), ..Default::default() }
+        self.prepared.remove(gid).unwrap_or_default()
     }
 
     fn worker_of(&self, seq: u64) -> usize {
@@ -240,6 +241,18 @@ mod tests {
         let after = s.plan(&t(&[5]));
         assert_eq!((after.worker, after.wait_for), (fin.worker, 0));
         assert!(s.finish_prepared("g1").keys.is_empty(), "forgotten once finished");
+    }
+
+    #[test]
+    fn commit_prepared_of_a_barrier_is_a_barrier() {
+        let mut s = Scheduler::new(3);
+        let ddl = TxnKeys { barrier: true, ..Default::default() };
+        s.plan(&ddl);
+        s.prepared("ddl", &ddl);
+        let fin = s.finish_prepared("ddl");
+        assert!(fin.barrier, "the tables the DDL locked are released only by its COMMIT PREPARED");
+        let p = s.plan(&fin);
+        assert_eq!(p.wait_for, p.seq - 1, "waits for everything before it");
     }
 
     #[test]

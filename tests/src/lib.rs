@@ -45,18 +45,13 @@ pub fn pgbench(port: u16, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// pgbench's tables at `scale` on a multimaster cluster whose nodes
-/// listen on `ports`: DDL is not replicated yet, so tables and keys are
-/// created on every node; the rows are loaded on the first node only and
-/// replicate. Panics with pgbench's output on failure.
-pub fn pgbench_tables(ports: &[u16], scale: u32) {
-    let scale = scale.to_string();
-    for &p in ports {
-        let (ok, out) = pgbench(p, &["-i", "-q", "-I", "dtp", "-s", &scale]);
-        assert!(ok, "pgbench -i on port {p}: {out}");
-    }
-    let (ok, out) = pgbench(ports[0], &["-i", "-q", "-I", "g", "-s", &scale]);
-    assert!(ok, "pgbench -i -I g on port {}: {out}", ports[0]);
+/// pgbench's tables at `scale` on a multimaster cluster, made the way a
+/// user makes them: `pgbench -i` through the proxy (tables, rows and keys
+/// reach every node in its transactions). Panics with pgbench's output on
+/// failure.
+pub fn pgbench_tables(c: &mtmctl::testing::TestCluster, scale: u32) {
+    let (ok, out) = pgbench(c.layout.proxy_port, &["-i", "-q", "-s", &scale.to_string()]);
+    assert!(ok, "pgbench -i through the proxy: {out}");
 }
 
 /// Connections to a test cluster's nodes and proxy, and the checks every
@@ -74,6 +69,12 @@ pub mod cluster {
     /// A session through the proxy.
     pub fn proxy_client(c: &TestCluster) -> Client {
         Client::connect(&c.proxy_conninfo("postgres"), NoTls).expect("connect through the proxy")
+    }
+
+    /// Runs schema changes (and anything else in `sql`) through the proxy:
+    /// when it returns, they are committed on every node.
+    pub fn schema(c: &TestCluster, sql: &str) {
+        proxy_client(c).batch_execute(sql).unwrap_or_else(|e| panic!("through the proxy: {sql}: {e:?}"));
     }
 
     /// Runs `sql` on every node directly.

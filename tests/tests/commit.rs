@@ -4,7 +4,7 @@
 //! node (DDL is not replicated yet); every row is written through the
 //! proxy.
 
-use mtm_tests::cluster::{client, converge, on_every_node, prepared, proxy_client, wait_connected};
+use mtm_tests::cluster::{client, converge, prepared, proxy_client, schema, wait_connected};
 use mtmctl::testing::TestCluster;
 use postgres::Client;
 use std::collections::BTreeSet;
@@ -51,7 +51,7 @@ fn no_gid_left(c: &TestCluster) {
 #[test]
 fn conflicting_updates_on_two_nodes_abort_with_40001_and_nodes_agree() {
     let c = TestCluster::start(3);
-    on_every_node(&c, "create table acc(id int primary key, v int)");
+    schema(&c, "create table acc(id int primary key, v int)");
     proxy_client(&c).batch_execute("insert into acc select g, 100 from generate_series(1, 10) g").unwrap();
     converge(&c, &["acc"]);
 
@@ -105,7 +105,7 @@ fn bank_transfers_keep_the_total_on_every_node() {
     const WRITERS: usize = 12;
     const READERS: usize = 4;
     let c = Arc::new(TestCluster::start(3));
-    on_every_node(&c, "create table bank(id int primary key, balance bigint not null)");
+    schema(&c, "create table bank(id int primary key, balance bigint not null)");
     proxy_client(&c)
         .batch_execute(&format!("insert into bank select g, 1000 from generate_series(1, {ACCOUNTS}) g"))
         .unwrap();
@@ -274,7 +274,7 @@ fn summary(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
 #[test]
 fn autocommit_pipelines_and_extended_commit_are_coordinated() {
     let c = TestCluster::start(3);
-    on_every_node(
+    schema(
         &c,
         "create table t(id int primary key, src text);
          create function add_row(i int) returns int language sql as $$ insert into t values (i, 'function') returning i $$;
@@ -373,7 +373,7 @@ fn autocommit_pipelines_and_extended_commit_are_coordinated() {
 #[test]
 fn a_clients_own_two_phase_commit_works_from_any_node() {
     let c = TestCluster::start(3);
-    on_every_node(&c, "create table x(id int primary key)");
+    schema(&c, "create table x(id int primary key)");
     let mut s = sessions(&c, 2);
     let (p0, p1) = (port_of(&mut s[0]), port_of(&mut s[1]));
     assert_ne!(p0, p1);
@@ -417,7 +417,7 @@ fn kill_9_of_the_proxy_and_of_a_node_loses_no_acknowledged_commit() {
     const WRITERS: usize = 6;
     let c = Arc::new(TestCluster::start(3));
     c.reconfigure_proxy(|cfg| cfg.commit.vote_timeout = Duration::from_secs(3));
-    on_every_node(
+    schema(
         &c,
         "create table bank(id int primary key, balance bigint not null);
          create table ledger(id bigint primary key, amount bigint not null)",

@@ -283,7 +283,7 @@ fn admin_console_pause_resume_and_show() {
     assert_eq!(rows, vec![("node1".into(), "up".into()), ("node2".into(), "up".into())]);
 
     // PAUSE does not wait for a session idle in a transaction that wrote...
-    mtm_tests::cluster::on_every_node(&c, "create table paused(id int primary key)");
+    mtm_tests::cluster::schema(&c, "create table paused(id int primary key)");
     let mut writer = connect(port, "postgres");
     writer.batch_execute("begin; insert into paused values (1)").unwrap();
     let t = Instant::now();

@@ -1,7 +1,8 @@
 //! The replication mesh on a real 3-node cluster, writing to nodes
-//! directly (DDL is not replicated yet: tables are created on every node).
+//! directly (tables are created through the proxy, which puts them on
+//! every node).
 
-use mtm_tests::cluster::{client, converge, digests, on_every_node};
+use mtm_tests::cluster::{client, converge, digests, schema};
 use mtmctl::testing::TestCluster;
 use postgres::{Client, NoTls};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ const SCHEMA: &str = "
 #[test]
 fn writes_on_every_node_reach_every_node() {
     let c = TestCluster::start(3);
-    on_every_node(&c, SCHEMA);
+    schema(&c, SCHEMA);
     // mtm.local_tables is replicated: marking the table on one node is enough.
     client(&c, 1).batch_execute("select mtm.make_table_local('loc')").unwrap();
     converge(&c, &["mtm.local_tables"]);
@@ -82,7 +83,7 @@ fn writes_on_every_node_reach_every_node() {
 #[test]
 fn prepared_transactions_are_prepared_committed_and_rolled_back_everywhere() {
     let c = TestCluster::start(3);
-    on_every_node(&c, "create table p(id int primary key)");
+    schema(&c, "create table p(id int primary key)");
     let mut one = client(&c, 1);
     one.batch_execute("begin; insert into p values (1); prepare transaction 'mtm-t1'").unwrap();
     one.batch_execute("begin; insert into p values (2); prepare transaction 'mtm-t2'").unwrap();
@@ -117,7 +118,7 @@ fn prepared_transactions_are_prepared_committed_and_rolled_back_everywhere() {
 #[test]
 fn a_killed_node_catches_up_without_loss_or_duplicates() {
     let c = TestCluster::start(3);
-    on_every_node(&c, "create table w(id int primary key, v int)");
+    schema(&c, "create table w(id int primary key, v int)");
     let writer = {
         let conninfo = c.node(1).conninfo("postgres");
         std::thread::spawn(move || {
@@ -151,7 +152,7 @@ fn a_killed_node_catches_up_without_loss_or_duplicates() {
 #[test]
 fn a_conflicting_prepare_is_a_no_vote_with_its_reason() {
     let c = TestCluster::start(3);
-    on_every_node(&c, "create table v(id int primary key, who text)");
+    schema(&c, "create table v(id int primary key, who text)");
     // A row only node 2 has: written under an origin of its own, which the
     // decoder does not forward.
     let mut two = client(&c, 2);
@@ -199,7 +200,7 @@ fn a_conflicting_prepare_is_a_no_vote_with_its_reason() {
 #[test]
 fn a_table_without_a_key_gets_a_clear_error_not_corruption() {
     let c = TestCluster::start(2);
-    on_every_node(&c, "create table nokey(x int, v text)");
+    schema(&c, "create table nokey(x int, v text)");
     let mut one = client(&c, 1);
     one.batch_execute("insert into nokey values (1, 'a'), (1, 'b')").unwrap();
     converge(&c, &["nokey"]);
@@ -225,7 +226,7 @@ const PGBENCH_TABLES: [&str; 4] = ["pgbench_accounts", "pgbench_branches", "pgbe
 #[test]
 fn pgbench_on_one_node_survives_a_killed_node_and_a_killed_apply_worker() {
     let c = TestCluster::start(3);
-    mtm_tests::pgbench_tables(&c.layout.node_ports, 1);
+    mtm_tests::pgbench_tables(&c, 1);
     // Few accounts, many clients: the pool gets both independent
     // transactions and ones that touch the same rows.
     let port = c.node(1).port;
@@ -268,10 +269,12 @@ fn pgbench_on_one_node_survives_a_killed_node_and_a_killed_apply_worker() {
 #[test]
 fn an_apply_error_is_shown_in_mtm_nodes_and_retried_until_it_applies() {
     let c = TestCluster::start(3);
-    // Missing on node 3: its worker cannot apply node 1's rows.
-    client(&c, 1).batch_execute("create table late(id int primary key)").unwrap();
-    client(&c, 2).batch_execute("create table late(id int primary key)").unwrap();
-    on_every_node(&c, "create table other(id int primary key)");
+    // Missing on node 3 (made locally on nodes 1 and 2, which a superuser
+    // can ask for): its worker cannot apply node 1's rows.
+    const LOCAL: &str = "set multimaster.replicate_ddl = off; create table late(id int primary key)";
+    client(&c, 1).batch_execute(LOCAL).unwrap();
+    client(&c, 2).batch_execute(LOCAL).unwrap();
+    schema(&c, "create table other(id int primary key)");
     let mut one = client(&c, 1);
     one.batch_execute("insert into late values (1); insert into other values (1)").unwrap();
     let mut three = client(&c, 3);
@@ -289,7 +292,7 @@ fn an_apply_error_is_shown_in_mtm_nodes_and_retried_until_it_applies() {
     let applied: i64 = three.query_one("select count(*) from other", &[]).unwrap().get(0);
     assert_eq!(applied, 0, "nothing after the failed transaction is applied out of order");
     // Fix the cause: the retry goes through, and what followed it too.
-    three.batch_execute("create table late(id int primary key)").unwrap();
+    three.batch_execute(LOCAL).unwrap();
     one.batch_execute("insert into other values (2)").unwrap();
     converge(&c, &["late", "other"]);
     assert_eq!(digests(&c, "other")[2], digests(&c, "other")[0]);
@@ -323,7 +326,7 @@ fn sample_rss(conninfo: String, backend_type: &'static str, done: std::sync::Arc
 #[test]
 fn a_transaction_of_more_than_200_mb_replicates_in_bounded_memory() {
     let c = TestCluster::start(3);
-    on_every_node(&c, "create table huge(id int primary key, pad text); alter table huge alter column pad set storage plain");
+    schema(&c, "create table huge(id int primary key, pad text); alter table huge alter column pad set storage plain");
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let receiver = sample_rss(c.node(2).conninfo("postgres"), "multimaster receiver", done.clone());
     let workers = sample_rss(c.node(2).conninfo("postgres"), "multimaster apply worker", done.clone());

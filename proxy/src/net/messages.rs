@@ -52,6 +52,15 @@ impl PgError {
     }
 }
 
+/// An ERROR with a SQLSTATE known only at run time (a node's own).
+pub fn error_response(code: &str, message: &str, hint: Option<&str>) -> BytesMut {
+    let mut fields = vec![(b'S', "ERROR".to_string()), (b'V', "ERROR".to_string()), (b'C', code.to_string()), (b'M', message.to_string())];
+    if let Some(h) = hint {
+        fields.push((b'H', h.to_string()));
+    }
+    encode(ErrorResponse::new(fields))
+}
+
 impl std::fmt::Display for PgError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}: {}", self.severity, self.code, self.message)

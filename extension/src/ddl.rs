@@ -1,0 +1,259 @@
+//! Cluster-wide DDL: a schema change made on one node runs on every node,
+//! inside the same transaction, at the same point among its row changes.
+//!
+//! Capture (origin node, in the utility hook of [`crate::xact`]): a DDL
+//! statement run by a client is written to the transaction's WAL as two
+//! transactional logical messages around its execution — `mtm_ddl_begin`
+//! before, `mtm_ddl` after, carrying the statement's text, the role it ran
+//! as and its `search_path` ([`mtm_protocol::DdlMessage`]). The decoder
+//! sends the `mtm_ddl` message at its place in the transaction and drops
+//! the row changes between the two (rows the statement wrote itself, as
+//! CREATE TABLE AS or an extension's script do): the peers' replay of the
+//! statement writes them. A statement that turned out to touch only this
+//! session's temporary relations gets an empty `mtm_ddl`: it stays here.
+//!
+//! What is captured: every utility statement except those that are not
+//! schema changes (transaction control, SET/SHOW, cursors, LISTEN/NOTIFY,
+//! COPY, TRUNCATE — replicated as rows —, LOCK, EXPLAIN, DO and CALL —
+//! the statements they run are captured one by one —, maintenance such as
+//! VACUUM/REINDEX/CLUSTER/CHECKPOINT) and those PostgreSQL refuses inside
+//! a transaction block (CREATE DATABASE, ALTER SYSTEM, tablespaces,
+//! `… CONCURRENTLY`), which the proxy runs on every node itself. Statements
+//! run by a captured statement (a CREATE TABLE's sequences, an extension's
+//! script) are part of it, not captured again; DDL inside functions,
+//! procedures, DO blocks and dynamic EXECUTE is captured where it runs.
+//!
+//! Replay (peer, [`replay`]): the statement runs through SPI in the apply
+//! transaction as the same role with the same `search_path`, restored
+//! afterwards. Its failure fails the transaction like any apply error (a
+//! "no" vote for a prepared one).
+//!
+//! `multimaster.replicate_ddl = off` (superuser) keeps a session's DDL on
+//! its node, for repairs by hand.
+
+use mtm_protocol::DdlMessage;
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::Cell;
+use std::ffi::{c_char, CStr, CString};
+
+/// `multimaster.replicate_ddl`.
+pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+thread_local! {
+    /// A captured statement is running: what it runs is part of it.
+    static CAPTURING: Cell<bool> = const { Cell::new(false) };
+    /// Relations the captured statement created, altered or dropped:
+    /// (some temporary, some not).
+    static TOUCHED: Cell<(bool, bool)> = const { Cell::new((false, false)) };
+}
+
+static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+
+/// Defines the setting and installs the object access hook (from `_PG_init`).
+pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"multimaster.replicate_ddl",
+        c"Run this session's DDL statements on every node of the cluster.",
+        c"Off keeps schema changes on this node only (for repairs by hand); the nodes' schemas then differ until repaired.",
+        &REPLICATE_DDL,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    // SAFETY: while the library is preloaded; the previous hook is kept
+    // and called.
+    unsafe {
+        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(object_access);
+    }
+}
+
+/// Whether a statement of this kind is a schema change to replicate.
+///
+/// # Safety
+/// `node` is a valid parse node.
+unsafe fn is_replicated_kind(node: *mut pg_sys::Node) -> bool {
+    use pg_sys::NodeTag::*;
+    match (*node).type_ {
+        T_TransactionStmt | T_VariableSetStmt | T_VariableShowStmt | T_DiscardStmt | T_PrepareStmt | T_ExecuteStmt
+        | T_DeallocateStmt | T_DeclareCursorStmt | T_FetchStmt | T_ClosePortalStmt | T_NotifyStmt | T_ListenStmt
+        | T_UnlistenStmt | T_LoadStmt | T_CheckPointStmt | T_LockStmt | T_CopyStmt | T_TruncateStmt | T_ExplainStmt
+        | T_DoStmt | T_CallStmt | T_VacuumStmt | T_ReindexStmt | T_ClusterStmt | T_CreatedbStmt | T_DropdbStmt
+        | T_AlterDatabaseStmt | T_AlterDatabaseSetStmt | T_AlterDatabaseRefreshCollStmt | T_AlterSystemStmt
+        | T_CreateTableSpaceStmt | T_DropTableSpaceStmt | T_AlterTableSpaceOptionsStmt | T_CreateSubscriptionStmt
+        | T_AlterSubscriptionStmt | T_DropSubscriptionStmt | T_CreatePublicationStmt | T_AlterPublicationStmt => false,
+        T_IndexStmt => !(*(node as *mut pg_sys::IndexStmt)).concurrent,
+        T_DropStmt => !(*(node as *mut pg_sys::DropStmt)).concurrent,
+        _ => true,
+    }
+}
+
+/// Whether this database is the cluster's (the extension is installed).
+fn replicated_database() -> bool {
+    // SAFETY: a syscache lookup inside a transaction.
+    unsafe { pg_sys::get_namespace_oid(c"mtm".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+/// A statement being captured.
+pub struct Capture {
+    message: DdlMessage,
+}
+
+/// Starts capturing `pstmt` if it is a client's DDL statement to run on
+/// every node: writes the opening message. The caller runs the statement
+/// with [`while_capturing`] and then calls [`finish`].
+///
+/// # Safety
+/// Called from the ProcessUtility hook with its arguments.
+pub unsafe fn begin(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char) -> Option<Capture> {
+    let node = (*pstmt).utilityStmt;
+    if node.is_null()
+        || CAPTURING.get()
+        || !REPLICATE_DDL.get()
+        || !crate::xact::client_change()
+        || !is_replicated_kind(node)
+        || !replicated_database()
+    {
+        return None;
+    }
+    let sql = DdlMessage::statement_text(CStr::from_ptr(query_string).to_bytes(), (*pstmt).stmt_location, (*pstmt).stmt_len);
+    let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned();
+    let search_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_string_lossy().into_owned();
+    crate::votes::log_message(c"mtm_ddl_begin", &[], true);
+    TOUCHED.set((false, false));
+    Some(Capture { message: DdlMessage { role, search_path, sql } })
+}
+
+/// Runs `f` (the captured statement) with capturing on, as it was again
+/// however it ends.
+pub fn while_capturing(f: impl FnOnce()) {
+    let was = CAPTURING.replace(true);
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(f)).finally(|| CAPTURING.set(was)).execute();
+}
+
+/// Sends `sql` to the peers as a DDL statement of this transaction (for
+/// work a function did here with capturing off, which each peer must do
+/// its own way), when a client's statement would be captured now.
+pub fn send_statement(sql: &str) {
+    if CAPTURING.get() || !REPLICATE_DDL.get() || !crate::xact::client_change() || !replicated_database() {
+        return;
+    }
+    // SAFETY: inside the caller's transaction, main thread.
+    unsafe {
+        let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned();
+        let search_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_string_lossy().into_owned();
+        crate::votes::log_message(c"mtm_ddl_begin", &[], true);
+        crate::votes::log_message(c"mtm_ddl", &DdlMessage { role, search_path, sql: sql.to_string() }.to_bytes(), true);
+    }
+    crate::xact::set_writes(true);
+}
+
+/// Writes the closing message of a statement that ran; returns whether it
+/// goes to the peers (false: it touched only temporary relations).
+///
+/// # Safety
+/// Inside the transaction that ran the statement.
+pub unsafe fn finish(capture: Capture) -> bool {
+    let (temp, permanent) = TOUCHED.get();
+    let replicated = !temp || permanent;
+    let content = if replicated { capture.message.to_bytes() } else { Vec::new() };
+    crate::votes::log_message(c"mtm_ddl", &content, true);
+    replicated
+}
+
+/// Notes whether the captured statement touches temporary relations.
+#[pg_guard]
+unsafe extern "C-unwind" fn object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: std::ffi::c_int,
+    arg: *mut std::ffi::c_void,
+) {
+    if let Some(prev) = PREV_OBJECT_ACCESS {
+        prev(access, class_id, object_id, sub_id, arg);
+    }
+    if !CAPTURING.get() || class_id != pg_sys::RelationRelationId {
+        return;
+    }
+    if !matches!(
+        access,
+        pg_sys::ObjectAccessType::OAT_POST_CREATE | pg_sys::ObjectAccessType::OAT_POST_ALTER | pg_sys::ObjectAccessType::OAT_DROP
+    ) {
+        return;
+    }
+    // A relation being created is not in the syscache yet (no command
+    // counter increment since its insert): read its namespace from the
+    // catalog with a snapshot that sees our own changes.
+    let nsp = relation_namespace(object_id);
+    if nsp == pg_sys::InvalidOid {
+        return;
+    }
+    let temp = pg_sys::isAnyTempNamespace(nsp);
+    let (t, p) = TOUCHED.get();
+    TOUCHED.set((t || temp, p || !temp));
+}
+
+/// The namespace of relation `relid`, also one created by the running
+/// command; InvalidOid if none.
+unsafe fn relation_namespace(relid: pg_sys::Oid) -> pg_sys::Oid {
+    let nsp = pg_sys::get_rel_namespace(relid);
+    if nsp != pg_sys::InvalidOid {
+        return nsp;
+    }
+    let rel = pg_sys::table_open(pg_sys::RelationRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+    pg_sys::ScanKeyInit(
+        &mut key,
+        pg_sys::Anum_pg_class_oid as pg_sys::AttrNumber,
+        pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+        pg_sys::F_OIDEQ.into(),
+        pg_sys::Datum::from(relid),
+    );
+    let scan = pg_sys::systable_beginscan(rel, pg_sys::Oid::from(pg_sys::ClassOidIndexId), true, &raw mut pg_sys::SnapshotSelfData, 1, &mut key);
+    let tup = pg_sys::systable_getnext(scan);
+    let nsp = if tup.is_null() {
+        pg_sys::InvalidOid
+    } else {
+        // GETSTRUCT: the fixed part of a pg_class row follows the header.
+        let data = (*tup).t_data;
+        let form = (data as *mut u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_class;
+        (*form).relnamespace
+    };
+    pg_sys::systable_endscan(scan);
+    pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    nsp
+}
+
+/// Runs a peer's DDL statement in the applying transaction.
+///
+/// # Safety
+/// In an apply worker, inside a transaction.
+pub unsafe fn replay(m: &DdlMessage, peer: i32) {
+    let nest = pg_sys::NewGUCNestLevel();
+    set_for_statement(c"search_path", &m.search_path);
+    set_for_statement(c"role", &m.role);
+    pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    if let Err(e) = Spi::run(&m.sql) {
+        error!("multimaster: DDL from node {peer} failed here: {e}: {}", m.sql);
+    }
+    pg_sys::PopActiveSnapshot();
+    pg_sys::AtEOXact_GUC(true, nest);
+    pg_sys::CommandCounterIncrement();
+}
+
+/// Sets a setting until the GUC nest level opened by the caller ends.
+unsafe fn set_for_statement(name: &CStr, value: &str) {
+    let value = CString::new(value).unwrap_or_else(|_| error!("multimaster: NUL in the value of {}", name.to_string_lossy()));
+    pg_sys::set_config_option(
+        name.as_ptr(),
+        value.as_ptr(),
+        pg_sys::GucContext::PGC_SUSET,
+        pg_sys::GucSource::PGC_S_SESSION,
+        pg_sys::GucAction::GUC_ACTION_SAVE,
+        true,
+        0,
+        false,
+    );
+}

@@ -1,0 +1,259 @@
+//! Cluster-wide DDL through the proxy of a 3-node cluster: sessions on
+//! different nodes change the schema, every node is checked directly.
+
+use mtm_tests::cluster::{client, converge, prepared, proxy_client};
+use mtmctl::testing::TestCluster;
+use postgres::Client;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// `n` proxy sessions held open together (the router spreads them), each
+/// with the id of the node it landed on.
+fn sessions(c: &TestCluster, n: usize) -> Vec<(usize, Client)> {
+    let mut out: Vec<(usize, Client)> = (0..n)
+        .map(|_| {
+            let mut cl = proxy_client(c);
+            let port: i32 = cl.query_one("select inet_server_port()", &[]).unwrap().get(0);
+            let id = c.layout.node_ports.iter().position(|&p| p as i32 == port).expect("a node's port") + 1;
+            (id, cl)
+        })
+        .collect();
+    out.sort_by_key(|(id, _)| *id);
+    let nodes: BTreeSet<usize> = out.iter().map(|(id, _)| *id).collect();
+    assert_eq!(nodes.len(), n.min(c.layout.node_ports.len()), "sessions spread over the nodes");
+    out
+}
+
+/// One text value of `sql` on every node.
+fn on_each(c: &TestCluster, sql: &str) -> Vec<String> {
+    (1..=c.layout.node_ports.len())
+        .map(|id| client(c, id).query_one(sql, &[]).unwrap_or_else(|e| panic!("node{id}: {sql}: {e:?}")).get(0))
+        .collect()
+}
+
+/// Waits (up to 30 s) until `sql` gives `expected` on every node: the
+/// client's COMMIT returns once every node has prepared the transaction;
+/// the peers commit it a moment later.
+fn same_everywhere(c: &TestCluster, sql: &str, expected: &str) {
+    let want = vec![expected.to_string(); c.layout.node_ports.len()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = on_each(c, sql);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{sql}: {got:?}, expected {expected:?} everywhere");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until no node has a transaction still prepared (every commit
+/// has reached every node).
+fn settle(c: &TestCluster) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !prepared(c).iter().all(Vec::is_empty) {
+        assert!(Instant::now() < deadline, "still prepared: {:?}", prepared(c));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sqlstate(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+#[test]
+fn a_migration_mixing_ddl_and_dml_commits_on_every_node() {
+    let c = TestCluster::start(3);
+    let mut s = sessions(&c, 3);
+    s[0].1
+        .batch_execute(
+            "begin;
+             create table acct(id int primary key, owner text);
+             insert into acct values (1, 'ann'), (2, 'bob');
+             alter table acct add column balance int not null default 100;
+             update acct set balance = balance + id;
+             create index acct_owner on acct(owner);
+             commit",
+        )
+        .unwrap();
+    same_everywhere(&c, "select string_agg(attname, ',' order by attnum) from pg_attribute where attrelid = 'acct'::regclass and attnum > 0", "id,owner,balance");
+    same_everywhere(&c, "select string_agg(id || ':' || owner || ':' || balance, ' ' order by id) from acct", "1:ann:101 2:bob:102");
+    same_everywhere(&c, "select count(*)::text from pg_indexes where indexname = 'acct_owner'", "1");
+    // A row written on another node under the new schema.
+    settle(&c);
+    s[1].1.batch_execute("insert into acct(id, owner) values (3, 'cy')").unwrap();
+    same_everywhere(&c, "select sum(balance)::text from acct", "303");
+
+    // Rows a DDL statement writes itself are written once per node.
+    s[2].1.batch_execute("create table acct_copy as select * from acct").unwrap();
+    same_everywhere(&c, "select count(*)::text from acct_copy", "3");
+
+    // DDL in a DO block with dynamic EXECUTE, and inside a function
+    // called from a SELECT: caught where it runs.
+    s[1].1.batch_execute("do $$ begin execute 'create table dyn_' || 7 || '(x int)'; end $$").unwrap();
+    s[2].1
+        .batch_execute("create function mk() returns void language plpgsql as $$ begin create table from_fn(x int); insert into from_fn values (1); end $$")
+        .unwrap();
+    settle(&c);
+    s[0].1.batch_execute("select mk()").unwrap();
+    same_everywhere(&c, "select (to_regclass('dyn_7') is not null)::text", "true");
+    same_everywhere(&c, "select count(*)::text from from_fn", "1");
+
+    // Other kinds of statements, from sessions on different nodes.
+    s[0].1.batch_execute("create schema app; create type app.mood as enum ('ok', 'meh'); create domain app.pos as int check (value > 0)").unwrap();
+    settle(&c);
+    s[1].1.batch_execute("create or replace function app.twice(x int) returns int language sql as 'select 2 * x'").unwrap();
+    settle(&c);
+    s[2].1.batch_execute("create or replace function app.twice(x int) returns int language sql as 'select x + x'").unwrap();
+    settle(&c);
+    s[0].1.batch_execute("create view app.rich as select owner from acct where balance > 101; comment on view app.rich is 'the rich'").unwrap();
+    settle(&c);
+    s[1].1.batch_execute("create role auditor; grant select on acct to auditor; create extension pg_trgm").unwrap();
+    same_everywhere(
+        &c,
+        "select concat_ws('|', app.twice(21), (select count(*) from app.rich), obj_description('app.rich'::regclass),
+                has_table_privilege('auditor', 'acct', 'select'), (select extname from pg_extension where extname = 'pg_trgm'),
+                'meh'::app.mood, 5::app.pos, pg_get_functiondef('app.twice'::regproc) like '%x + x%')",
+        "42|1|the rich|t|pg_trgm|meh|5|t",
+    );
+    s[2].1.batch_execute("drop schema app cascade").unwrap();
+    settle(&c);
+    same_everywhere(&c, "select count(*)::text from pg_namespace where nspname = 'app'", "0");
+
+    // Temporary tables stay on their node; an unlogged table's schema is
+    // everywhere, its rows only where they were written.
+    let (home, ref mut one) = s[0];
+    // (Separate transactions: PostgreSQL cannot PREPARE one that used a
+    // temporary table, and a schema change commits with PREPARE.)
+    one.batch_execute("create temp table scratch(x int); insert into scratch values (1)").unwrap();
+    one.batch_execute("create unlogged table cache(k int primary key)").unwrap();
+    settle(&c);
+    one.batch_execute("insert into cache values (1)").unwrap();
+    let scratch = on_each(&c, "select count(*)::text from pg_class where relname = 'scratch'");
+    let cache_rows = on_each(&c, "select count(*)::text from cache");
+    for id in 1..=3 {
+        let here = if id == home { "1" } else { "0" };
+        assert_eq!(scratch[id - 1], here, "temporary table on node{id}");
+        assert_eq!(cache_rows[id - 1], here, "unlogged rows on node{id}");
+    }
+    assert!(prepared(&c).iter().all(Vec::is_empty), "{:?}", prepared(&c));
+}
+
+#[test]
+fn sequences_never_give_the_same_value_on_two_nodes() {
+    let c = TestCluster::start(3);
+    let mut s = sessions(&c, 3);
+    s[0].1
+        .batch_execute(
+            "create table ser(id bigserial primary key, node int);
+             create table ident(id int generated always as identity primary key, node int);
+             create sequence explicit_seq increment by 1",
+        )
+        .unwrap();
+    settle(&c);
+    for (node, cl) in s.iter_mut() {
+        for _ in 0..5 {
+            cl.execute("insert into ser(node) values ($1)", &[&(*node as i32)]).unwrap();
+            cl.execute("insert into ident(node) values ($1)", &[&(*node as i32)]).unwrap();
+        }
+    }
+    converge(&c, &["ser", "ident"]);
+    for table in ["ser", "ident"] {
+        let mut cl = client(&c, 1);
+        let rows = cl.query(&format!("select id::int8, node from {table}"), &[]).unwrap();
+        assert_eq!(rows.len(), 15, "{table}");
+        for r in rows {
+            let (id, node): (i64, i32) = (r.get(0), r.get(1));
+            assert_eq!(id.rem_euclid(3), (node as i64).rem_euclid(3), "{table}: id {id} drawn on node {node}");
+        }
+    }
+    // A sequence created with an explicit step keeps it, until
+    // mtm.alter_sequences() gives every node its own values.
+    same_everywhere(&c, "select increment_by::text from pg_sequences where sequencename = 'explicit_seq'", "1");
+    s[1].1.batch_execute("select mtm.alter_sequences()").unwrap();
+    settle(&c);
+    same_everywhere(&c, "select increment_by::text from pg_sequences where sequencename = 'explicit_seq'", "3");
+    let values: Vec<i64> = (1..=3).map(|id| client(&c, id).query_one("select nextval('explicit_seq')", &[]).unwrap().get(0)).collect();
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(v.rem_euclid(3), ((i + 1) as i64).rem_euclid(3), "node{} drew {v}", i + 1);
+    }
+}
+
+#[test]
+fn statements_that_cannot_run_in_a_transaction_run_on_every_node() {
+    let c = TestCluster::start(3);
+    let mut s = sessions(&c, 3);
+    s[0].1.batch_execute("create table big(id int primary key, v text); insert into big select g, md5(g::text) from generate_series(1, 1000) g").unwrap();
+    settle(&c);
+    s[1].1.batch_execute("create index concurrently big_v on big(v)").unwrap();
+    s[2].1.batch_execute("vacuum analyze big").unwrap();
+    s[0].1.batch_execute("create database side_db").unwrap();
+    same_everywhere(&c, "select count(*)::text from pg_indexes where indexname = 'big_v'", "1");
+    same_everywhere(&c, "select (last_vacuum is not null and last_analyze is not null)::text from pg_stat_user_tables where relname = 'big'", "true");
+    same_everywhere(&c, "select count(*)::text from pg_database where datname = 'side_db'", "1");
+
+    // A node where it fails: the client gets that node's error, naming it,
+    // and the statement is not run on the nodes after it.
+    client(&c, 2).batch_execute("set multimaster.replicate_ddl = off; create index big_clash on big(id)").unwrap();
+    let (home, ref mut cl) = s[0];
+    assert_eq!(home, 1);
+    let e = cl.batch_execute("create index concurrently big_clash on big(v)").unwrap_err();
+    assert_eq!(sqlstate(&e), "42P07", "{e:?}");
+    let text = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(text.contains("failed on node node2"), "{text}");
+    let indexes = on_each(&c, "select count(*)::text from pg_indexes where indexname = 'big_clash'");
+    assert_eq!(indexes, ["0", "1", "0"], "only node2's own index");
+    let hint = e.as_db_error().and_then(|d| d.hint()).unwrap_or_default().to_string();
+    assert!(hint.contains("not run on any node"), "{hint}");
+    cl.batch_execute("select 1").unwrap();
+}
+
+#[test]
+fn concurrent_schema_changes_on_two_nodes_never_stall() {
+    let c = TestCluster::start(3);
+    proxy_client(&c).batch_execute("create table x(id int primary key)").unwrap();
+    settle(&c);
+    let mut committed = 0;
+    for round in 0..4 {
+        let mut s = sessions(&c, 2);
+        for (i, (_, cl)) in s.iter_mut().enumerate() {
+            cl.batch_execute(&format!("begin; alter table x add column c{round}_{i} int")).unwrap_or_else(|e| {
+                // The other session's change may already hold the table.
+                assert!(matches!(sqlstate(&e).as_str(), "40001" | "55P03" | "40P01"), "{e:?}");
+            });
+        }
+        let handles: Vec<_> = s
+            .into_iter()
+            .map(|(_, mut cl)| {
+                std::thread::spawn(move || match cl.batch_execute("commit") {
+                    Ok(()) => true,
+                    Err(e) => {
+                        assert!(matches!(sqlstate(&e).as_str(), "40001" | "55P03" | "40P01" | "25P02"), "{e:?}");
+                        false
+                    }
+                })
+            })
+            .collect();
+        committed += handles.into_iter().map(|h| h.join().unwrap() as usize).sum::<usize>();
+        settle(&c);
+    }
+    assert!(committed >= 4, "one of each round's two changes commits (older wins): {committed} of 8");
+    let columns = on_each(&c, "select string_agg(attname, ',' order by attname) from pg_attribute where attrelid = 'x'::regclass and attnum > 0 and not attisdropped");
+    assert!(columns.windows(2).all(|w| w[0] == w[1]), "{columns:?}");
+    // Nothing is stuck: a write through the proxy reaches every node.
+    proxy_client(&c).batch_execute("insert into x(id) values (1)").unwrap();
+    same_everywhere(&c, "select count(*)::text from x", "1");
+    assert!(prepared(&c).iter().all(Vec::is_empty), "{:?}", prepared(&c));
+}
+
+#[test]
+fn pgbench_initialises_and_runs_through_the_proxy() {
+    let c = TestCluster::start(3);
+    mtm_tests::pgbench_tables(&c, 1);
+    same_everywhere(&c, "select count(*)::text from pgbench_accounts", "100000");
+    same_everywhere(&c, "select count(*)::text from pg_indexes where tablename like 'pgbench%'", "3");
+    let (ok, out) = mtm_tests::pgbench(c.layout.proxy_port, &["-c", "3", "-T", "5", "--max-tries", "50"]);
+    assert!(ok && out.contains("number of failed transactions: 0"), "{out}");
+    converge(&c, &["pgbench_accounts", "pgbench_history"]);
+    same_everywhere(&c, "select ((select sum(abalance) from pgbench_accounts) = (select coalesce(sum(delta), 0) from pgbench_history))::text", "true");
+}
