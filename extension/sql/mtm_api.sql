@@ -148,6 +148,8 @@ BEGIN
     END IF;
     FOR k IN 1..n LOOP
         PERFORM dblink_exec(conninfos[k], 'CREATE EXTENSION IF NOT EXISTS multimaster');
+        -- mtm.check_query reaches the nodes with dblink from any of them.
+        PERFORM dblink_exec(conninfos[k], 'CREATE EXTENSION IF NOT EXISTS dblink');
         SELECT string_agg(format('(%s, %L, %L)', i, conninfos[i], i = k), ', ') INTO rows
         FROM generate_series(1, n) AS i;
         PERFORM dblink_exec(conninfos[k], 'INSERT INTO mtm.cluster_nodes (id, conninfo, is_self) VALUES ' || rows
@@ -365,11 +367,62 @@ BEGIN
 END
 $$;
 
+-- Runs `query` on every node and says whether all results are equal
+-- (rows compared as text, in any order); where they differ, a NOTICE per
+-- node gives its row count and digest. The nodes' snapshots are taken
+-- back to back (REPEATABLE READ, one connection per node, opened first),
+-- so a transaction committing in between can make the answer false:
+-- rerun to confirm. Needs dblink, which mtmctl installs.
 CREATE FUNCTION mtm.check_query(query text) RETURNS bool
 LANGUAGE plpgsql AS $$
+DECLARE
+    node record;
+    names text[] := '{}';
+    digests text[] := '{}';
+    counts bigint[] := '{}';
+    d text;
+    n bigint;
 BEGIN
-    PERFORM mtm.not_implemented('mtm.check_query');
-    RETURN NULL;
+    IF to_regprocedure('dblink_connect(text,text)') IS NULL THEN
+        RAISE EXCEPTION 'mtm.check_query needs the dblink extension to reach the nodes'
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Run CREATE EXTENSION dblink.';
+    END IF;
+    FOR node IN SELECT id, conninfo FROM mtm.cluster_nodes ORDER BY id LOOP
+        names := names || ('mtm_check_' || node.id);
+        PERFORM dblink_connect(names[array_length(names, 1)], node.conninfo);
+    END LOOP;
+    IF array_length(names, 1) IS NULL THEN
+        RAISE EXCEPTION 'this node is not part of a cluster' USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    BEGIN
+        FOR i IN 1 .. array_length(names, 1) LOOP
+            PERFORM dblink_exec(names[i], 'BEGIN ISOLATION LEVEL REPEATABLE READ');
+            PERFORM * FROM dblink(names[i], 'SELECT 1') AS t(x int);
+        END LOOP;
+        FOR i IN 1 .. array_length(names, 1) LOOP
+            SELECT r.d, r.n INTO d, n FROM dblink(names[i], format(
+                'SELECT coalesce(md5(string_agg(q::text, %L ORDER BY q::text)), %L), count(*) FROM (%s) q',
+                E'\n', 'no rows', query)) AS r(d text, n bigint);
+            digests := digests || d;
+            counts := counts || n;
+            PERFORM dblink_exec(names[i], 'COMMIT');
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        FOR i IN 1 .. array_length(names, 1) LOOP
+            PERFORM dblink_disconnect(names[i]);
+        END LOOP;
+        RAISE;
+    END;
+    FOR i IN 1 .. array_length(names, 1) LOOP
+        PERFORM dblink_disconnect(names[i]);
+    END LOOP;
+    IF (SELECT count(DISTINCT x) FROM unnest(digests) x) = 1 THEN
+        RETURN true;
+    END IF;
+    FOR i IN 1 .. array_length(names, 1) LOOP
+        RAISE NOTICE 'node %: % rows, digest %', substr(names[i], 11), counts[i], digests[i];
+    END LOOP;
+    RETURN false;
 END
 $$;
 

@@ -217,6 +217,10 @@ impl Applier {
         }
         pg_sys::CommitTransactionCommand();
         crate::votes::forget(gid);
+        if commit {
+            // Now visible here: the coordinator may answer its client.
+            crate::votes::send_committed(self.peer, gid);
+        }
     }
 
     /// A prepared transaction that could not be applied: this node votes

@@ -28,6 +28,11 @@
 //! afterwards. Its failure fails the transaction like any apply error (a
 //! "no" vote for a prepared one).
 //!
+//! Remote functions: a statement that calls a function named in
+//! `multimaster.remote_functions` is captured whole the same way (from the
+//! executor hooks of [`crate::xact`]): it runs on every node, and the rows
+//! it writes are each node's own, not replicated.
+//!
 //! `multimaster.replicate_ddl = off` (superuser) keeps a session's DDL on
 //! its node, for repairs by hand.
 
@@ -41,12 +46,22 @@ use std::ffi::{c_char, CStr, CString};
 /// `multimaster.replicate_ddl`.
 pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// `multimaster.identity_full_without_pk`.
+pub static IDENTITY_FULL_WITHOUT_PK: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 thread_local! {
     /// A captured statement is running: what it runs is part of it.
     static CAPTURING: Cell<bool> = const { Cell::new(false) };
     /// Relations the captured statement created, altered or dropped:
     /// (some temporary, some not).
     static TOUCHED: Cell<(bool, bool)> = const { Cell::new((false, false)) };
+    /// The executor run of a captured statement calling a remote function
+    /// (its QueryDesc), and the transaction nesting level it started at.
+    static CAPTURED_QUERY: Cell<(usize, i32)> = const { Cell::new((0, 0)) };
+}
+
+thread_local! {
+    static CAPTURED_MESSAGE: std::cell::RefCell<Option<DdlMessage>> = const { std::cell::RefCell::new(None) };
 }
 
 static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
@@ -59,6 +74,14 @@ pub fn init() {
         c"Off keeps schema changes on this node only (for repairs by hand); the nodes' schemas then differ until repaired.",
         &REPLICATE_DDL,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"multimaster.identity_full_without_pk",
+        c"Give tables without a primary key REPLICA IDENTITY FULL, so their UPDATE and DELETE replicate.",
+        c"Rows of such a table are then found on the other nodes by all their columns. Off: UPDATE/DELETE of such a table stop the peers' apply with an error until the table gets a key.",
+        &IDENTITY_FULL_WITHOUT_PK,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     // SAFETY: while the library is preloaded; the previous hook is kept
@@ -89,10 +112,25 @@ unsafe fn is_replicated_kind(node: *mut pg_sys::Node) -> bool {
     }
 }
 
-/// Whether this database is the cluster's (the extension is installed).
-fn replicated_database() -> bool {
+/// Whether this backend's database is the replicated one
+/// (`multimaster.database`) and the extension is installed in it.
+pub(crate) fn replicated_database() -> bool {
+    thread_local! {
+        static THIS_ONE: Cell<Option<bool>> = const { Cell::new(None) };
+    }
+    let named = THIS_ONE.get().unwrap_or_else(|| {
+        // SAFETY: the backend's database is fixed once connected; the
+        // name is read from the catalog inside a transaction.
+        let name = unsafe {
+            let p = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+            if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
+        };
+        let v = name == crate::launcher::database();
+        THIS_ONE.set(Some(v));
+        v
+    });
     // SAFETY: a syscache lookup inside a transaction.
-    unsafe { pg_sys::get_namespace_oid(c"mtm".as_ptr(), true) != pg_sys::InvalidOid }
+    named && unsafe { pg_sys::get_namespace_oid(c"mtm".as_ptr(), true) != pg_sys::InvalidOid }
 }
 
 /// A statement being captured.
@@ -160,6 +198,155 @@ pub unsafe fn finish(capture: Capture) -> bool {
     let content = if replicated { capture.message.to_bytes() } else { Vec::new() };
     crate::votes::log_message(c"mtm_ddl", &content, true);
     replicated
+}
+
+/// Whether `sql` calls one of `functions` (comma-separated, optionally
+/// schema-qualified names): a name as a word followed by `(`. A name in a
+/// string literal also counts; that only runs the statement on every node
+/// for nothing.
+pub fn calls_any(sql: &str, functions: &str) -> bool {
+    let lower = sql.to_lowercase();
+    let b = lower.as_bytes();
+    functions.split(',').map(|f| f.trim().to_lowercase()).filter(|f| !f.is_empty()).any(|f| {
+        let name = f.rsplit('.').next().unwrap_or(&f).trim_matches('"').to_string();
+        let mut from = 0;
+        while let Some(p) = lower[from..].find(&name) {
+            let at = from + p;
+            let end = at + name.len();
+            let word_start = at == 0 || !(b[at - 1].is_ascii_alphanumeric() || b[at - 1] == b'_');
+            if word_start && lower[end..].trim_start().starts_with('(') {
+                return true;
+            }
+            from = at + 1;
+        }
+        false
+    })
+}
+
+/// Starts capturing a statement that calls a remote function, from
+/// ExecutorStart: the opening message now, the closing one at its
+/// ExecutorEnd ([`end_statement`]).
+///
+/// # Safety
+/// From the ExecutorStart hook with its QueryDesc.
+pub unsafe fn begin_statement(query: *mut pg_sys::QueryDesc) {
+    if CAPTURING.get() || !REPLICATE_DDL.get() || !crate::xact::client_change() {
+        return;
+    }
+    let Some(functions) = crate::REMOTE_FUNCTIONS.get() else { return };
+    let functions = functions.to_string_lossy().into_owned();
+    let text = (*query).sourceText;
+    let stmt = (*query).plannedstmt;
+    if functions.trim().is_empty() || text.is_null() || stmt.is_null() || !replicated_database() {
+        return;
+    }
+    let sql = DdlMessage::statement_text(CStr::from_ptr(text).to_bytes(), (*stmt).stmt_location, (*stmt).stmt_len);
+    if !calls_any(&sql, &functions) {
+        return;
+    }
+    let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned();
+    let search_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_string_lossy().into_owned();
+    crate::votes::log_message(c"mtm_ddl_begin", &[], true);
+    CAPTURING.set(true);
+    CAPTURED_QUERY.set((query as usize, pg_sys::GetCurrentTransactionNestLevel()));
+    CAPTURED_MESSAGE.with_borrow_mut(|m| *m = Some(DdlMessage { role, search_path, sql }));
+}
+
+/// Ends the capture of a statement started by [`begin_statement`], from
+/// ExecutorEnd.
+///
+/// # Safety
+/// From the ExecutorEnd hook, inside the statement's transaction.
+pub unsafe fn end_statement(query: *mut pg_sys::QueryDesc) {
+    if CAPTURED_QUERY.get().0 != query as usize {
+        return;
+    }
+    CAPTURED_QUERY.set((0, 0));
+    CAPTURING.set(false);
+    if let Some(m) = CAPTURED_MESSAGE.with_borrow_mut(Option::take) {
+        crate::votes::log_message(c"mtm_ddl", &m.to_bytes(), true);
+        crate::xact::set_writes(true);
+    }
+}
+
+/// A (sub)transaction at `level` aborted: a statement capture it started
+/// is over.
+pub fn aborted(level: i32) {
+    let (query, started) = CAPTURED_QUERY.get();
+    if query != 0 && started >= level {
+        CAPTURED_QUERY.set((0, 0));
+        CAPTURING.set(false);
+        CAPTURED_MESSAGE.with_borrow_mut(|m| *m = None);
+    }
+}
+
+/// The table a CREATE TABLE / CREATE TABLE AS / ALTER TABLE statement
+/// works on, if it is one of those (looked up after it ran).
+///
+/// # Safety
+/// `node` is a valid parse node, inside a transaction.
+unsafe fn table_of(node: *mut pg_sys::Node) -> Option<(pg_sys::Oid, bool)> {
+    let (rv, created) = match (*node).type_ {
+        pg_sys::NodeTag::T_CreateStmt => ((*(node as *mut pg_sys::CreateStmt)).relation, true),
+        pg_sys::NodeTag::T_CreateTableAsStmt => {
+            let into = (*(node as *mut pg_sys::CreateTableAsStmt)).into;
+            (if into.is_null() { std::ptr::null_mut() } else { (*into).rel }, true)
+        }
+        pg_sys::NodeTag::T_AlterTableStmt => ((*(node as *mut pg_sys::AlterTableStmt)).relation, false),
+        _ => return None,
+    };
+    if rv.is_null() {
+        return None;
+    }
+    let oid = pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut());
+    (oid != pg_sys::InvalidOid).then_some((oid, created))
+}
+
+/// Keeps the replica identity of a table that was just created or
+/// altered (on every node, as the statement runs there): FULL while it
+/// has no primary key, so its UPDATE and DELETE replicate (rows found by
+/// all their columns); back to DEFAULT when it gets one.
+///
+/// # Safety
+/// From the ProcessUtility hook, after the statement ran.
+pub unsafe fn keep_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
+    let node = (*pstmt).utilityStmt;
+    if node.is_null() || !IDENTITY_FULL_WITHOUT_PK.get() {
+        return;
+    }
+    let Some((oid, created)) = table_of(node) else { return };
+    if !replicated_database() {
+        return;
+    }
+    let pushed = !pg_sys::ActiveSnapshotSet();
+    if pushed {
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let state = Spi::get_two_with_args::<bool, String>(
+        "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = c.oid AND indisprimary), c.relreplident::text
+           FROM pg_class c WHERE c.oid = $1 AND c.relkind = 'r' AND c.relpersistence = 'p'",
+        &[oid.into()],
+    );
+    let change = match state {
+        Ok((Some(false), Some(ident))) if created && ident == "d" => Some("FULL"),
+        Ok((Some(true), Some(ident))) if !created && ident == "f" => Some("DEFAULT"),
+        _ => None,
+    };
+    if let Some(change) = change {
+        let sql = format!("ALTER TABLE {} REPLICA IDENTITY {change}", regclass_text(oid));
+        while_capturing(|| Spi::run(&sql).unwrap_or_else(|e| error!("multimaster: {sql}: {e}")));
+    }
+    if pushed {
+        pg_sys::PopActiveSnapshot();
+    }
+}
+
+/// `oid::regclass` as text (schema-qualified when needed).
+unsafe fn regclass_text(oid: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[oid.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| error!("multimaster: relation {} vanished", oid.to_u32()))
 }
 
 /// Notes whether the captured statement touches temporary relations.

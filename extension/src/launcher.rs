@@ -12,8 +12,15 @@ use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// The database the extension lives in (where `mtm.cluster_nodes` is).
-pub const DATABASE: &str = "postgres";
+/// `multimaster.database`: the replicated database, where the extension
+/// and `mtm.cluster_nodes` live and the cluster's workers connect.
+pub static DATABASE: pgrx::guc::GucSetting<Option<std::ffi::CString>> =
+    pgrx::guc::GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
+
+/// The replicated database's name.
+pub fn database() -> String {
+    DATABASE.get().map(|d| d.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".into())
+}
 
 pub fn register() {
     BackgroundWorkerBuilder::new("multimaster launcher")
@@ -30,7 +37,7 @@ pub fn register() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn mtm_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(DATABASE), None);
+    BackgroundWorker::connect_worker_to_spi(Some(&database()), None);
     let mut receivers: HashMap<i32, DynamicBackgroundWorker> = HashMap::new();
     // When each receiver was last started: a peer that is down must not
     // be retried in a tight loop (its worker exits at once).

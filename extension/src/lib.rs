@@ -99,6 +99,14 @@ pub extern "C-unwind" fn _PG_init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"multimaster.database",
+        c"The replicated database.",
+        c"The cluster's workers connect to it; the extension is installed in it. Other databases on the nodes are local to each node.",
+        &launcher::DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
     // SAFETY: called once, while preloading, after defining our GUCs.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
     xact::init();

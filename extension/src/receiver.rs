@@ -33,7 +33,7 @@ pub const STREAM_AT: usize = 8 * 1024 * 1024;
 pub extern "C-unwind" fn mtm_receiver_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let peer: i32 = BackgroundWorker::get_extra().parse().unwrap_or_else(|_| error!("receiver started without a peer id"));
-    BackgroundWorker::connect_worker_to_spi(Some(crate::launcher::DATABASE), None);
+    BackgroundWorker::connect_worker_to_spi(Some(&crate::launcher::database()), None);
     let (me, conninfo) = BackgroundWorker::transaction(|| {
         let me = Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten();
         let conninfo = Spi::get_one::<String>(&format!("SELECT conninfo FROM mtm.cluster_nodes WHERE id = {peer}")).ok().flatten();

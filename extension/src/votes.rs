@@ -187,6 +187,10 @@ pub unsafe fn send(coordinator: i32, gid: &str, refusal: Option<(String, String)
     let end = log_message(&prefix, &content, false);
     pg_sys::replorigin_session_origin = saved;
     pg_sys::XLogFlush(end);
+    // Walsenders are woken by flushes of commits, not of a message logged
+    // after an asynchronous commit (as an ack of COMMIT PREPARED is): wake
+    // them, or the vote waits for their next timeout.
+    pg_sys::WalSndWakeup();
 }
 
 /// Writes a logical message to the WAL (decoded by the peers' walsenders).
@@ -221,6 +225,64 @@ fn set_latch_of(pgprocno: i32) {
     // SAFETY: pgprocno was registered by a live backend of this server;
     // PGPROC entries are in shared memory for the server's life.
     unsafe { pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(pgprocno as usize)).procLatch) };
+}
+
+/// The tally key under which peers report they committed `gid`: the same
+/// table and the same messages as votes (a "yes" on this key).
+pub fn committed_key(gid: &str) -> String {
+    format!("{gid}#committed")
+}
+
+/// Tells the coordinator that its transaction `gid` is committed here (an
+/// apply worker, after COMMIT PREPARED). Only for the proxy's own gids:
+/// nobody waits for a client's.
+///
+/// # Safety
+/// From an apply worker's main thread, outside a transaction.
+pub unsafe fn send_committed(coordinator: i32, gid: &str) {
+    if gid.starts_with("mtm-") {
+        send(coordinator, &committed_key(gid), None);
+    }
+}
+
+/// Waits up to `timeout_ms` until every peer has committed `gid`, which
+/// this node committed (COMMIT PREPARED) after every peer voted yes. True
+/// when all did: a session on any node now sees the transaction. False
+/// after the timeout (a peer slow or gone; the transaction is committed
+/// anyway and the peer will commit it when it gets there).
+#[pg_extern]
+fn await_commits(gid: &str, timeout_ms: i32) -> bool {
+    let key = committed_key(gid);
+    let peers: Vec<i32> = Spi::connect(|c| {
+        c.select("SELECT id FROM mtm.cluster_nodes WHERE NOT is_self ORDER BY id", None, &[])
+            .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
+            .unwrap_or_default()
+    });
+    // SAFETY: MyProc is this backend's PGPROC.
+    let me_proc = unsafe { (*pg_sys::MyProc).pgprocno };
+    if let Err(e) = PEER_VOTES.exclusive().0.wait(&key, me_proc) {
+        error!("multimaster: cannot wait for the commits of {gid}: {e}");
+    }
+    let _slot = Awaiting(&key);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    loop {
+        // Its own statement: the shared lock must be released before the
+        // wait (a temporary in a `match` head would live through the arms,
+        // and the receivers could not record the acks meanwhile).
+        let outcome = PEER_VOTES.share().0.outcome(&key, &peers);
+        match outcome {
+            Outcome::Yes => return true,
+            // A peer cannot refuse a commit; anything else is pending.
+            // The receiver that counts an ack sets our latch.
+            _ => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                crate::pool::wait_latch(left.as_millis().clamp(1, 50) as i64);
+            }
+        }
+    }
 }
 
 /// Frees the gid's slot when `await_votes` returns or fails.
@@ -307,21 +369,22 @@ fn older_blocked_transaction(gid: &str, me: i32) -> Option<String> {
             // A row lock is waited for on the holder's xid; a table or
             // object lock (DDL) on the lock itself. A prepared
             // transaction's locks have no pid; they share the
-            // virtualtransaction of the lock on its own xid.
-            "SELECT w.pid, ((extract(epoch FROM p.prepared) - 946684800) * 1000000)::int8
-               FROM pg_prepared_xacts p
-               JOIN pg_locks w ON w.locktype = 'transactionid' AND w.transactionid = p.transaction AND NOT w.granted
-              WHERE p.gid = $1
+            // virtualtransaction of the lock on its own xid. pg_locks is
+            // read once (each read takes every lock-table partition).
+            "WITH l AS MATERIALIZED (
+                 SELECT locktype, coalesce(database, 0) AS db, coalesce(relation, 0) AS rel, coalesce(classid, 0) AS cls,
+                        coalesce(objid, 0) AS obj, coalesce(objsubid, 0) AS sub, transactionid, virtualtransaction, pid, granted
+                   FROM pg_locks),
+                  p AS (SELECT transaction, ((extract(epoch FROM prepared) - 946684800) * 1000000)::int8 AS t
+                          FROM pg_prepared_xacts WHERE gid = $1)
+             SELECT w.pid, p.t FROM p JOIN l w ON w.locktype = 'transactionid' AND w.transactionid = p.transaction AND NOT w.granted
              UNION ALL
-             SELECT w.pid, ((extract(epoch FROM p.prepared) - 946684800) * 1000000)::int8
-               FROM pg_prepared_xacts p
-               JOIN pg_locks x ON x.locktype = 'transactionid' AND x.transactionid = p.transaction AND x.granted AND x.pid IS NULL
-               JOIN pg_locks h ON h.granted AND h.pid IS NULL AND h.virtualtransaction = x.virtualtransaction
-               JOIN pg_locks w ON NOT w.granted AND w.locktype = h.locktype AND w.locktype <> 'transactionid'
-                    AND w.database IS NOT DISTINCT FROM h.database AND w.relation IS NOT DISTINCT FROM h.relation
-                    AND w.classid IS NOT DISTINCT FROM h.classid AND w.objid IS NOT DISTINCT FROM h.objid
-                    AND w.objsubid IS NOT DISTINCT FROM h.objsubid
-              WHERE p.gid = $1",
+             SELECT w.pid, p.t
+               FROM p
+               JOIN l x ON x.locktype = 'transactionid' AND x.transactionid = p.transaction AND x.granted AND x.pid IS NULL
+               JOIN l h ON h.granted AND h.pid IS NULL AND h.virtualtransaction = x.virtualtransaction AND h.locktype <> 'transactionid'
+               JOIN l w ON NOT w.granted AND w.locktype = h.locktype AND w.db = h.db AND w.rel = h.rel
+                       AND w.cls = h.cls AND w.obj = h.obj AND w.sub = h.sub",
             None,
             &[gid.into()],
         )

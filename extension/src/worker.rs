@@ -20,7 +20,7 @@ pub extern "C-unwind" fn mtm_apply_worker_main(arg: pg_sys::Datum) {
         error!("multimaster apply worker started without peer, slot and epoch");
     };
     let peer = peer as i32;
-    BackgroundWorker::connect_worker_to_spi(Some(crate::launcher::DATABASE), None);
+    BackgroundWorker::connect_worker_to_spi(Some(&crate::launcher::database()), None);
     // SAFETY: FFI from the worker's main thread; an ERROR unwinds to the
     // pg_guard above and ends the worker.
     unsafe {

@@ -35,6 +35,7 @@ pub static XACT_WRITES: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static COORDINATED_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
 /// Defines the settings and installs the hooks (from `_PG_init`).
@@ -60,9 +61,12 @@ pub fn init() {
     unsafe {
         PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
         pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
         PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(process_utility);
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
     }
 }
 
@@ -76,7 +80,8 @@ pub(crate) fn client_change() -> bool {
 }
 
 pub(crate) fn set_writes(on: bool) {
-    if XACT_WRITES.get() == on {
+    // Other databases are local to each node: their writes commit here.
+    if XACT_WRITES.get() == on || (on && !crate::ddl::replicated_database()) {
         return;
     }
     let value = if on { c"on" } else { c"off" };
@@ -137,9 +142,33 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     if modifies && !explain_only && !XACT_WRITES.get() && client_change() && result_relids(stmt).into_iter().any(replicated) {
         set_writes(true);
     }
+    if !explain_only {
+        crate::ddl::begin_statement(query);
+    }
     match PREV_EXECUTOR_START {
         Some(prev) => prev(query, eflags),
         None => pg_sys::standard_ExecutorStart(query, eflags),
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
+    match PREV_EXECUTOR_END {
+        Some(prev) => prev(query),
+        None => pg_sys::standard_ExecutorEnd(query),
+    }
+    crate::ddl::end_statement(query);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        crate::ddl::aborted(pg_sys::GetCurrentTransactionNestLevel());
     }
 }
 
@@ -219,12 +248,31 @@ unsafe extern "C-unwind" fn process_utility(
         None => run(),
         Some(capture) => {
             crate::ddl::while_capturing(run);
+            crate::ddl::keep_replica_identity(pstmt);
             // A schema change goes through the cluster's commit like a write.
             if crate::ddl::finish(capture) {
                 set_writes(true);
             }
+            return;
         }
     }
+    // A peer's replayed DDL, or a statement inside a captured one.
+    crate::ddl::keep_replica_identity(pstmt);
+    if finishes_prepared(node) {
+        // The peers apply it as soon as the walsenders see it.
+        pg_sys::WalSndWakeup();
+    }
+}
+
+/// COMMIT PREPARED or ROLLBACK PREPARED.
+unsafe fn finishes_prepared(node: *mut pg_sys::Node) -> bool {
+    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_TransactionStmt {
+        return false;
+    }
+    matches!(
+        (*(node as *mut pg_sys::TransactionStmt)).kind,
+        pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED
+    )
 }
 
 #[pg_guard]
@@ -248,7 +296,15 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             crate::votes::log_message(c"mtm_prepare", &me.to_be_bytes(), true);
         }
         // The transaction is over (an abort restores the value itself).
-        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => set_writes(false),
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            if XACT_WRITES.get() {
+                // The peers vote on (or apply) this transaction as soon as
+                // the walsenders see it: do not leave that to their timers.
+                pg_sys::WalSndWakeup();
+            }
+            set_writes(false);
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => crate::ddl::aborted(0),
         _ => {}
     }
 }

@@ -108,6 +108,12 @@ pub fn new_gid(node: usize, session: u64) -> String {
 }
 
 /// The statement that waits for the peers' votes on `gid`.
+/// The wait for every peer to have committed `gid` (after its COMMIT
+/// PREPARED here).
+pub fn await_commits_sql(gid: &str, timeout: Duration) -> String {
+    format!("SELECT mtm.await_commits({}, {})", literal(gid), timeout.as_millis().min(i32::MAX as u128))
+}
+
 pub fn await_votes_sql(gid: &str, timeout: Duration) -> String {
     format!("SELECT ok, node, sqlstate, message FROM mtm.await_votes({}, {})", literal(gid), timeout.as_millis().min(i32::MAX as u128))
 }

@@ -209,11 +209,16 @@ pub struct Commit {
     /// it is rolled back (the client gets 40001).
     #[serde(with = "humantime_serde")]
     pub vote_timeout: Duration,
+    /// Answer COMMIT only once every node has committed (so a session on
+    /// any node sees the transaction), waiting at most `vote_timeout`;
+    /// false: once every node has prepared it (a round trip less; another
+    /// node shows it a moment later).
+    pub visible_everywhere: bool,
 }
 
 impl Default for Commit {
     fn default() -> Self {
-        Commit { vote_timeout: Duration::from_secs(10) }
+        Commit { vote_timeout: Duration::from_secs(10), visible_everywhere: true }
     }
 }
 

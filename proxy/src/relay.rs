@@ -911,7 +911,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         let _pass = self.ctx.tracker.before_commit().await;
         let started = Instant::now();
         let gid = commit::new_gid(self.ctx.node_id, self.ctx.tracker.info.id);
-        let timeout = self.ctx.shared.live.load().config.commit.vote_timeout;
+        let (timeout, visible_everywhere) = {
+            let live = self.ctx.shared.live.load();
+            (live.config.commit.vote_timeout, live.config.commit.visible_everywhere)
+        };
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(&gid));
         let mut answers = self.own(&[&prepare, &commit::await_votes_sql(&gid, timeout)]).await?;
         let votes = answers.pop().unwrap_or_default();
@@ -922,9 +925,25 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         } else {
             match commit::read_votes(&gid, &votes) {
                 Votes::AllYes => {
-                    let done = self.own(&[&format!("COMMIT PREPARED {}", commit::literal(&gid))]).await?.remove(0);
+                    let commit_prepared = format!("COMMIT PREPARED {}", commit::literal(&gid));
+                    let await_commits = commit::await_commits_sql(&gid, timeout);
+                    // One write: the wait runs right after the commit.
+                    let mut sqls = vec![commit_prepared.as_str()];
+                    if visible_everywhere {
+                        sqls.push(&await_commits);
+                    }
+                    let mut answers = self.own(&sqls).await?;
+                    let done = answers.remove(0);
                     match commit::error_of(&done) {
-                        None => Ok(()),
+                        None => {
+                            if let Some(waited) = answers.first() {
+                                if commit::first_row(waited).and_then(|r| r.into_iter().next().flatten()).as_deref() != Some("t") {
+                                    tracing::warn!(%gid, "committed, but not every node confirmed its commit within {timeout:?}");
+                                    metrics::counter!("mtm_proxy_commits_unconfirmed_total").increment(1);
+                                }
+                            }
+                            Ok(())
+                        }
                         Some(_) => Err(Raw::from(commit::commit_unknown(&gid, &done))),
                     }
                 }

@@ -49,6 +49,27 @@ fn no_gid_left(c: &TestCluster) {
 }
 
 #[test]
+fn a_commit_is_visible_on_every_node_when_it_returns() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table seen(id int primary key, v int)");
+    let mut s = sessions(&c, 3);
+    let mut nodes: Vec<Client> = (1..=3).map(|id| client(&c, id)).collect();
+    for i in 0..60 {
+        let writer = &mut s[i % 3];
+        writer.batch_execute(&format!("insert into seen values ({i}, 0)")).unwrap();
+        writer.batch_execute(&format!("begin; update seen set v = {i} where id = {i}; commit")).unwrap();
+        // Read at once on every node directly: no waiting, no retry.
+        for (id, n) in nodes.iter_mut().enumerate() {
+            let v: Option<i32> = n.query_opt("select v from seen where id = $1", &[&(i as i32)]).unwrap().map(|r| r.get(0));
+            assert_eq!(v, Some(i as i32), "node{} right after COMMIT of row {i}", id + 1);
+        }
+    }
+    assert_eq!(commits(&c, "committed"), 120.0 + 1.0, "every write through the 2PC (and the CREATE TABLE)");
+    let text = mtm_tests::http_get(c.layout.metrics_port, "/metrics");
+    assert!(!text.lines().any(|l| l.starts_with("mtm_proxy_commits_unconfirmed_total") && !l.ends_with(" 0")), "{text}");
+}
+
+#[test]
 fn conflicting_updates_on_two_nodes_abort_with_40001_and_nodes_agree() {
     let c = TestCluster::start(3);
     schema(&c, "create table acc(id int primary key, v int)");

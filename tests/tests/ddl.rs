@@ -191,6 +191,25 @@ fn statements_that_cannot_run_in_a_transaction_run_on_every_node() {
     same_everywhere(&c, "select count(*)::text from pg_indexes where indexname = 'big_v'", "1");
     same_everywhere(&c, "select (last_vacuum is not null and last_analyze is not null)::text from pg_stat_user_tables where relname = 'big'", "true");
     same_everywhere(&c, "select count(*)::text from pg_database where datname = 'side_db'", "1");
+    // Other databases are local to each node: their writes commit where
+    // they run, with no two-phase commit.
+    let mut side = postgres::Client::connect(&c.proxy_conninfo("side_db"), postgres::NoTls).unwrap();
+    side.batch_execute("create table here_only(x int); insert into here_only values (1)").unwrap();
+    let port: i32 = side.query_one("select inet_server_port()", &[]).unwrap().get(0);
+    let tables: Vec<i64> = c
+        .layout
+        .node_ports
+        .iter()
+        .map(|p| {
+            postgres::Client::connect(&format!("host=127.0.0.1 port={p} user=postgres dbname=side_db"), postgres::NoTls)
+                .unwrap()
+                .query_one("select count(*) from pg_class where relname = 'here_only'", &[])
+                .unwrap()
+                .get(0)
+        })
+        .collect();
+    let expected: Vec<i64> = c.layout.node_ports.iter().map(|p| (*p as i32 == port) as i64).collect();
+    assert_eq!(tables, expected, "side_db's table only on the session's node");
 
     // A node where it fails: the client gets that node's error, naming it,
     // and the statement is not run on the nodes after it.
@@ -256,4 +275,58 @@ fn pgbench_initialises_and_runs_through_the_proxy() {
     assert!(ok && out.contains("number of failed transactions: 0"), "{out}");
     converge(&c, &["pgbench_accounts", "pgbench_history"]);
     same_everywhere(&c, "select ((select sum(abalance) from pgbench_accounts) = (select coalesce(sum(delta), 0) from pgbench_history))::text", "true");
+}
+
+#[test]
+fn remote_functions_run_on_every_node_and_their_rows_are_each_nodes_own() {
+    let c = TestCluster::start(3);
+    let mut s = sessions(&c, 3);
+    s[0].1
+        .batch_execute(
+            "create table seen(node int, note text);
+             create function note_here(note text) returns int language sql as
+               $$ insert into seen select id, note from mtm.cluster_nodes where is_self returning node $$",
+        )
+        .unwrap();
+    settle(&c);
+    // Not a remote function: its row is written where it ran and replicates.
+    s[1].1.batch_execute("select note_here('plain')").unwrap();
+    // A remote function: it runs on every node, each writing its own row.
+    s[2].1.batch_execute("set multimaster.remote_functions = 'public.note_here'; select note_here('remote')").unwrap();
+    settle(&c);
+    let home_of_1 = s[1].0;
+    same_everywhere(
+        &c,
+        "select string_agg(node || ':' || note, ' ' order by note, node) from seen where note = 'plain'",
+        &format!("{home_of_1}:plain"),
+    );
+    let own = on_each(&c, "select string_agg(node::text, ',' order by node) from seen where note = 'remote'");
+    assert_eq!(own, ["1", "2", "3"], "each node's own row, not replicated");
+    assert!(prepared(&c).iter().all(Vec::is_empty));
+}
+
+#[test]
+fn tables_without_a_primary_key_replicate_updates_and_deletes() {
+    let c = TestCluster::start(3);
+    let mut s = sessions(&c, 3);
+    s[0].1.batch_execute("create table nokey(x int, v text); insert into nokey values (1, 'a'), (1, 'a'), (2, 'b')").unwrap();
+    settle(&c);
+    same_everywhere(&c, "select relreplident::text from pg_class where relname = 'nokey'", "f");
+    // Rows found by all their columns; of two equal rows, either is the same.
+    s[1].1.batch_execute("update nokey set v = 'c' where ctid = (select min(ctid) from nokey where x = 1)").unwrap();
+    s[2].1.batch_execute("delete from nokey where x = 2").unwrap();
+    settle(&c);
+    same_everywhere(&c, "select string_agg(x || v, ',' order by x, v) from nokey", "1a,1c");
+    // A primary key added later: back to the default identity.
+    s[0].1.batch_execute("alter table nokey add column id serial primary key").unwrap();
+    settle(&c);
+    same_everywhere(&c, "select relreplident::text from pg_class where relname = 'nokey'", "d");
+    // mtm.check_query compares every node at once.
+    let equal: bool = s[1].1.query_one("select mtm.check_query('select x, v from nokey')", &[]).unwrap().get(0);
+    assert!(equal);
+    s[0].1.batch_execute("select mtm.make_table_local('nokey')").unwrap();
+    settle(&c);
+    client(&c, 2).batch_execute("insert into nokey(x, v) values (9, 'only on node 2')").unwrap();
+    let equal: bool = s[1].1.query_one("select mtm.check_query('select x, v from nokey')", &[]).unwrap().get(0);
+    assert!(!equal, "node 2 has a row the others lack");
 }
