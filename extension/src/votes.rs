@@ -324,7 +324,8 @@ fn await_votes(
     }
     let _slot = Awaiting(gid);
     let started = std::time::Instant::now();
-    let deadline = started + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    let timeout = std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    let mut deadline = started + timeout;
     let mut next_look = started + YIELD_FIRST_LOOK;
     loop {
         let outcome = PEER_VOTES.share().0.outcome(gid, &peers);
@@ -338,6 +339,18 @@ fn await_votes(
                     if let Some(older) = older_blocked_transaction(gid, me) {
                         return TableIterator::once((false, me, Some("40001".into()), Some(older)));
                     }
+                    // The timeout starts once a peer has been sent the
+                    // transaction: this node's walsender decodes a big one
+                    // (and streams it as the peer applies it) for longer
+                    // than a vote takes; meanwhile the wait is extended,
+                    // up to PATIENCE timeouts.
+                    if now >= started + PROGRESS_AFTER {
+                        let prepared_at = PREPARED_AT.get();
+                        let sending = still_sending(prepared_at);
+                        if missing.iter().all(|p| sending.contains(p)) {
+                            deadline = deadline.max(now + timeout).min(started + timeout * PATIENCE);
+                        }
+                    }
                 }
                 let left = deadline.min(next_look).saturating_duration_since(now);
                 if !left.is_zero() {
@@ -345,11 +358,47 @@ fn await_votes(
                     continue;
                 }
                 let node = missing[0];
-                (false, node, Some("40001".into()), Some(format!("node {node} did not vote on {gid} within {timeout_ms} ms")))
+                (false, node, Some("40001".into()), Some(format!("node {node} did not vote on {gid} within {timeout_ms} ms (or went quiet)")))
             }
         };
         return TableIterator::once(row);
     }
+}
+
+/// After how long a wait for votes the peers' progress is watched.
+const PROGRESS_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A wait for votes from peers that are alive is extended at most to
+/// this many vote timeouts.
+const PATIENCE: u32 = 30;
+
+thread_local! {
+    /// Where this backend's last PREPARE TRANSACTION ended in the WAL.
+    static PREPARED_AT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// This backend prepared a transaction ending at `lsn` (from the
+/// transaction callback).
+pub fn note_prepared_at(lsn: u64) {
+    PREPARED_AT.set(lsn);
+}
+
+/// Peers this node's walsender has not yet sent everything up to `lsn`.
+fn still_sending(lsn: u64) -> Vec<i32> {
+    if lsn == 0 {
+        return Vec::new();
+    }
+    Spi::connect(|c| {
+        c.select(
+            "SELECT substring(application_name FROM '^mtm_receiver_([0-9]+)_from_')::int
+               FROM pg_stat_replication
+              WHERE application_name LIKE 'mtm_receiver_%' AND sent_lsn < ('0/0'::pg_lsn + $1::numeric)",
+            None,
+            &[(lsn as i64).into()],
+        )
+        .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
+        .unwrap_or_default()
+    })
 }
 
 /// How soon, and then how often, a waiting coordinator looks for an older

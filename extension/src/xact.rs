@@ -297,6 +297,9 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         }
         // The transaction is over (an abort restores the value itself).
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            if event == pg_sys::XactEvent::XACT_EVENT_PREPARE {
+                crate::votes::note_prepared_at(pg_sys::GetXLogInsertRecPtr());
+            }
             if XACT_WRITES.get() {
                 // The peers vote on (or apply) this transaction as soon as
                 // the walsenders see it: do not leave that to their timers.
