@@ -59,6 +59,9 @@ pub static REMOTE_FUNCTIONS: GucSetting<Option<CString>> = GucSetting::<Option<C
 /// receiver starts).
 pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 
+/// `multimaster.peer_timeout` (ms): a peer silent this long is dropped.
+pub static PEER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
 /// Whether process `pid` exists (a backend or worker of this server).
 pub fn pid_alive(pid: i32) -> bool {
     pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -98,6 +101,16 @@ pub extern "C-unwind" fn _PG_init() {
         pool::MAX_WORKERS as i32,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"multimaster.peer_timeout",
+        c"How long a receiver waits for any message from its peer before it drops the connection and reconnects.",
+        c"Receivers ask their peer's walsender for a reply every second, so a live peer always answers; a frozen or unreachable one is noticed after this long (mtm.nodes() then shows it disconnected).",
+        &PEER_TIMEOUT,
+        1000,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_string_guc(
         c"multimaster.database",

@@ -71,7 +71,7 @@ pub unsafe fn apply_session_settings(application_name: &str) {
 }
 
 unsafe fn run(me: i32, peer: i32, conninfo: &str) {
-    apply_session_settings(&format!("mtm_receiver_from_{peer}"));
+    apply_session_settings(&format!("mtm_receiver_from_{peer}_connecting"));
     let origin = crate::pool::origin_of(peer);
     let workers = crate::MAX_WORKERS.get().max(1) as usize;
     let queues = Queues::start(peer, workers);
@@ -111,6 +111,9 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
         log!("multimaster: receiving from node {peer} at {} with {workers} apply workers", lsn(start));
     }
 
+    // mtm.nodes() counts a receiver as connected by this name: set it
+    // only now that the peer streams to us.
+    set_option(c"application_name", &CString::new(format!("mtm_receiver_from_{peer}")).expect("no NUL"), pg_sys::GucContext::PGC_USERSET);
     crate::votes::MY_NODE.get().store(me, Relaxed);
     let mut r = Receiver {
         me,
@@ -124,6 +127,7 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
         received: start,
         flush: FlushTracker::new(start),
         last_feedback: Instant::now(),
+        last_heard: Instant::now(),
         serial_until,
     };
     r.stream();
@@ -173,6 +177,8 @@ struct Receiver {
     /// What is committed here and flushed: workers commit asynchronously.
     flush: FlushTracker,
     last_feedback: Instant,
+    /// When the peer last sent anything (data or keepalive).
+    last_heard: Instant,
     /// Apply one transaction at a time up to this peer LSN.
     serial_until: u64,
 }
@@ -184,11 +190,18 @@ impl Receiver {
                 return;
             }
             self.check_pool();
+            if BackgroundWorker::sighup_received() {
+                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+            }
             let mut buf: *mut c_char = std::ptr::null_mut();
             let mut fd: pg_sys::pgsocket = pg_sys::PGINVALID_SOCKET;
             let receive = self.funcs.walrcv_receive.expect("walrcv_receive");
             let len = guarded(|| receive(self.conn, &mut buf, &mut fd));
             if len > 0 {
+                self.last_heard = Instant::now();
+                // Also while data keeps coming (a big transaction): the
+                // peer's walsender needs our replies to keep the link.
+                self.maybe_feedback();
                 let data = std::slice::from_raw_parts(buf as *const u8, len as usize);
                 match data[0] {
                     b'w' if data.len() >= 25 => {
@@ -209,6 +222,8 @@ impl Receiver {
                 log!("multimaster: node {} ended the stream", self.peer);
                 return;
             }
+            // Nothing to read: has the peer gone quiet for too long?
+            self.check_peer_alive();
             self.queues.flush(false);
             self.maybe_feedback();
             let rc = pg_sys::WaitLatchOrSocket(
@@ -385,6 +400,20 @@ impl Receiver {
         }
     }
 
+    /// Ends the receiver (the launcher reconnects) if the peer has sent
+    /// nothing for `multimaster.peer_timeout`: a frozen node or a half-open
+    /// connection would otherwise look connected forever.
+    fn check_peer_alive(&self) {
+        let timeout = Duration::from_millis(crate::PEER_TIMEOUT.get().max(1000) as u64);
+        if self.last_heard.elapsed() > timeout {
+            error!(
+                "multimaster: node {} has not answered for {} ms (multimaster.peer_timeout); reconnecting",
+                self.peer,
+                self.last_heard.elapsed().as_millis()
+            );
+        }
+    }
+
     /// Ends the receiver if its pool has stopped (a worker failed).
     fn check_pool(&mut self) {
         if self.queues.pool().stopped(self.queues.epoch) || self.queues.dead_worker().is_some() {
@@ -425,7 +454,9 @@ impl Receiver {
             msg.extend_from_slice(&lsn.to_be_bytes());
         }
         msg.extend_from_slice(&pg_sys::GetCurrentTimestamp().to_be_bytes());
-        msg.push(0);
+        // Ask for a keepalive when the peer has been quiet: a live peer
+        // then always answers within a second or two.
+        msg.push((self.last_heard.elapsed() >= Duration::from_secs(1)) as u8);
         if let Some(send) = self.funcs.walrcv_send {
             guarded(|| send(self.conn, msg.as_ptr() as *const c_char, msg.len() as i32));
         }

@@ -345,3 +345,38 @@ fn a_transaction_of_more_than_200_mb_replicates_in_bounded_memory() {
     // Streamed, not held: each process stays far below the transaction.
     assert!(receiver < 64 << 20 && workers < 64 << 20, "receiver {receiver} B, workers {workers} B for a {bytes} B transaction");
 }
+
+/// `kill -STOP` (or `-CONT`) of a node's postmaster and every process it
+/// started: the node freezes as a hung machine would.
+fn signal_node(c: &TestCluster, id: usize, signal: &str) {
+    let pid = c.node(id).pid().expect("node running").to_string();
+    let status = std::process::Command::new("pkill").args([signal, "-P", &pid]).status().unwrap();
+    assert!(status.success(), "pkill {signal} -P {pid}");
+    let status = std::process::Command::new("kill").args([signal, &pid]).status().unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+fn connected(c: &TestCluster, from: usize, to: i32) -> bool {
+    client(c, from).query_one("select connected from mtm.nodes() where id = $1", &[&to]).unwrap().get(0)
+}
+
+#[test]
+fn a_frozen_node_is_shown_disconnected_and_reconnects_when_it_thaws() {
+    let c = TestCluster::start(3);
+    mtm_tests::cluster::wait_connected(&c);
+    schema(&c, "create table thaw(id int primary key)");
+    signal_node(&c, 3, "-STOP");
+    let frozen = Instant::now();
+    while connected(&c, 1, 3) {
+        assert!(frozen.elapsed() < Duration::from_secs(40), "node 1 still shows frozen node 3 connected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("node 1 saw node 3 disconnected after {:?}", frozen.elapsed());
+    assert!(connected(&c, 1, 2), "node 2 is still connected");
+    let status: String = client(&c, 1).query_one("select status from mtm.status()", &[]).unwrap().get(0);
+    assert_eq!(status, "online", "two of three nodes are a majority");
+    signal_node(&c, 3, "-CONT");
+    mtm_tests::cluster::wait_connected(&c);
+    client(&c, 1).batch_execute("insert into thaw values (1)").unwrap();
+    converge(&c, &["thaw"]);
+}
