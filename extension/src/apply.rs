@@ -326,7 +326,7 @@ impl Applier {
 
         match (old, new) {
             (None, Some(new)) => {
-                let slot = self.build_slot(estate, rel, &remote.columns, &new, None, &table);
+                let slot = self.build_slot(estate, rel, &remote.columns, &new, Row::New, &table);
                 pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
             }
             (Some(old), new) => {
@@ -349,7 +349,7 @@ impl Applier {
                         self.peer
                     );
                 }
-                let search = self.build_slot(estate, rel, &remote.columns, key_values, None, &table);
+                let search = self.build_slot(estate, rel, &remote.columns, key_values, Row::Search, &table);
                 let local = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
                 let found = if idx != pg_sys::Oid::INVALID {
                     pg_sys::RelationFindReplTupleByIndex(rel, idx, pg_sys::LockTupleMode::LockTupleExclusive, search, local)
@@ -368,7 +368,7 @@ impl Applier {
                 pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
                 match new {
                     Some(new) => {
-                        let slot = self.build_slot(estate, rel, &remote.columns, &new, Some(local), &table);
+                        let slot = self.build_slot(estate, rel, &remote.columns, &new, Row::Update(local), &table);
                         pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, local, slot);
                     }
                     None => pg_sys::ExecSimpleRelationDelete(rri, estate, &mut epq, local),
@@ -387,7 +387,8 @@ impl Applier {
     }
 
     /// A virtual slot of the local table filled from remote values matched
-    /// by column name. Local columns the peer did not send stay NULL; an
+    /// by column name. Local columns the peer did not send get their
+    /// default in a new row and keep their value in an updated one; an
     /// unchanged TOAST value is taken from `base` (the existing row).
     unsafe fn build_slot(
         &self,
@@ -395,9 +396,13 @@ impl Applier {
         rel: pg_sys::Relation,
         columns: &[Column],
         values: &[Value],
-        base: Option<*mut pg_sys::TupleTableSlot>,
+        row: Row,
         table: &str,
     ) -> *mut pg_sys::TupleTableSlot {
+        let base = match row {
+            Row::Update(local) => Some(local),
+            Row::New | Row::Search => None,
+        };
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
         let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
@@ -417,7 +422,18 @@ impl Applier {
                 continue;
             }
             let local_name = std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy();
-            let Some(pos) = columns.iter().position(|c| c.name == local_name) else { continue };
+            let Some(pos) = columns.iter().position(|c| c.name == local_name) else {
+                // A column the peer does not have (its schema differs
+                // here): a new row gets the column's default, as an
+                // INSERT that leaves it out would.
+                if matches!(row, Row::New) {
+                    if let Some(d) = column_default(estate, rel, i) {
+                        datums[i] = d;
+                        nulls[i] = false;
+                    }
+                }
+                continue;
+            };
             match &values[pos] {
                 Value::Null => {
                     datums[i] = pg_sys::Datum::from(0usize);
@@ -459,6 +475,39 @@ impl Applier {
         pg_sys::ExecStoreVirtualTuple(slot);
         slot
     }
+}
+
+/// What a slot built from a peer's values is for.
+#[derive(Clone, Copy)]
+enum Row {
+    /// An inserted row: columns the peer did not send get their default.
+    New,
+    /// The values an UPDATE/DELETE looks the row up by.
+    Search,
+    /// The new version of this existing row: what the peer did not send
+    /// (or left as unchanged TOAST) is kept.
+    Update(*mut pg_sys::TupleTableSlot),
+}
+
+/// The default of column `i` (0-based) of `rel`, evaluated in `estate`;
+/// None when it has none (or it evaluates to NULL).
+///
+/// # Safety
+/// `rel` is open, `estate` is the change's executor state.
+unsafe fn column_default(estate: *mut pg_sys::EState, rel: pg_sys::Relation, i: usize) -> Option<pg_sys::Datum> {
+    let expr = pg_sys::build_column_default(rel, i as i32 + 1);
+    if expr.is_null() {
+        return None;
+    }
+    let state = pg_sys::ExecPrepareExpr(expr as *mut pg_sys::Expr, estate);
+    let econtext = pg_sys::MakePerTupleExprContext(estate);
+    let eval = (*state).evalfunc?;
+    // ExecEvalExprSwitchContext: evaluate in the per-tuple memory.
+    let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+    let mut is_null = false;
+    let d = eval(state, econtext, &mut is_null);
+    pg_sys::MemoryContextSwitchTo(old);
+    (!is_null).then_some(d)
 }
 
 /// The peer's position the next commit or prepare records in our origin.

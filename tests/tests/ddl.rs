@@ -330,3 +330,30 @@ fn tables_without_a_primary_key_replicate_updates_and_deletes() {
     let equal: bool = s[1].1.query_one("select mtm.check_query('select x, v from nokey')", &[]).unwrap().get(0);
     assert!(!equal, "node 2 has a row the others lack");
 }
+
+#[test]
+fn a_column_one_node_lacks_gets_its_default_and_materialized_views_refresh_everywhere() {
+    let c = TestCluster::start(3);
+    let mut s = sessions(&c, 3);
+    s[0].1.batch_execute("create table t(id int primary key, v int)").unwrap();
+    settle(&c);
+    // Only node 2 has this column (a superuser's local change): rows from
+    // elsewhere get its default there, as an INSERT that leaves it out.
+    client(&c, 2).batch_execute("set multimaster.replicate_ddl = off; alter table t add column extra int default 7").unwrap();
+    let (home, ref mut one) = s[0];
+    assert_ne!(home, 2);
+    one.batch_execute("insert into t values (1, 10)").unwrap();
+    settle(&c);
+    let extra: Option<i32> = client(&c, 2).query_one("select extra from t where id = 1", &[]).unwrap().get(0);
+    assert_eq!(extra, Some(7));
+
+    // A materialized view's rows are not in the stream: REFRESH runs on
+    // every node.
+    s[0].1.batch_execute("create materialized view mv as select count(*) as n, sum(v) as total from t").unwrap();
+    s[1].1.batch_execute("insert into t(id, v) values (2, 20)").unwrap();
+    settle(&c);
+    same_everywhere(&c, "select n || ':' || total from mv", "1:10");
+    s[2].1.batch_execute("refresh materialized view mv").unwrap();
+    settle(&c);
+    same_everywhere(&c, "select n || ':' || total from mv", "2:30");
+}
