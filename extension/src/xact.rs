@@ -284,7 +284,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
                 "multimaster: this transaction wrote to a replicated table but was not committed through the cluster's two-phase commit, so it is rolled back",
                 "xact_callback",
             )
-            .set_hint("Run the writes inside BEGIN ... COMMIT and send COMMIT as a statement of its own (not with COMMIT AND CHAIN, nor inside a multi-statement query).")
+            .set_hint("Run the writes inside BEGIN ... COMMIT and send COMMIT (or COMMIT AND CHAIN, in the simple protocol) as a statement of its own or at the end of a multi-statement query.")
             .report(PgLogLevel::ERROR);
         }
         // PostgreSQL does not decode a prepared transaction that changed

@@ -152,6 +152,8 @@ pub enum Intent {
     Write,
     /// COMMIT or END of a transaction block.
     Commit,
+    /// COMMIT AND CHAIN: commit, then start a transaction like it.
+    CommitAndChain,
     /// `PREPARE TRANSACTION 'gid'`: the client's own two-phase commit.
     PrepareTransaction(String),
     /// BEGIN, ROLLBACK, SAVEPOINT, COMMIT PREPARED, COMMIT AND CHAIN...:
@@ -216,8 +218,10 @@ fn single_intent(sql: &str) -> Intent {
     let has = |w: &str| words.contains(&w);
     match kw.as_str() {
         "COMMIT" | "END" => {
-            if has("PREPARED") || (has("CHAIN") && !has("NO")) {
+            if has("PREPARED") {
                 Intent::TransactionControl
+            } else if has("CHAIN") && !has("NO") {
+                Intent::CommitAndChain
             } else {
                 Intent::Commit
             }
@@ -553,7 +557,7 @@ mod tests {
         assert_eq!(intent("commit"), Intent::Commit);
         assert_eq!(intent("END;"), Intent::Commit);
         assert_eq!(intent("commit and no chain"), Intent::Commit);
-        assert_eq!(intent("commit and chain"), Intent::TransactionControl);
+        assert_eq!(intent("commit and chain"), Intent::CommitAndChain);
         assert_eq!(intent("commit prepared 'x'"), Intent::TransactionControl);
         assert_eq!(intent("prepare transaction 'it''s'"), Intent::PrepareTransaction("it's".into()));
         assert_eq!(intent("prepare s as insert into t values ($1)"), Intent::Read);

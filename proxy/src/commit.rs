@@ -108,6 +108,24 @@ pub fn new_gid(node: usize, session: u64) -> String {
 }
 
 /// The statement that waits for the peers' votes on `gid`.
+/// The START TRANSACTION that continues a chain, from the ended
+/// transaction's `transaction_isolation`, `transaction_read_only` and
+/// `transaction_deferrable` settings.
+pub fn chained_begin(isolation: &str, read_only: &str, deferrable: &str) -> String {
+    let level = match isolation {
+        "serializable" => "SERIALIZABLE",
+        "repeatable read" => "REPEATABLE READ",
+        "read uncommitted" => "READ UNCOMMITTED",
+        _ => "READ COMMITTED",
+    };
+    let mut sql = format!("START TRANSACTION ISOLATION LEVEL {level}");
+    sql.push_str(if read_only == "on" { ", READ ONLY" } else { ", READ WRITE" });
+    if deferrable == "on" {
+        sql.push_str(", DEFERRABLE");
+    }
+    sql
+}
+
 /// The wait for every peer to have committed `gid` (after its COMMIT
 /// PREPARED here).
 pub fn await_commits_sql(gid: &str, timeout: Duration) -> String {
@@ -195,6 +213,13 @@ mod tests {
 
     fn reply(raw: BytesMut) -> Reply {
         Reply { tag: raw[0], raw }
+    }
+
+    #[test]
+    fn a_chain_keeps_the_transaction_characteristics() {
+        assert_eq!(chained_begin("repeatable read", "off", "off"), "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ WRITE");
+        assert_eq!(chained_begin("serializable", "on", "on"), "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE");
+        assert_eq!(chained_begin("read committed", "off", "off"), "START TRANSACTION ISOLATION LEVEL READ COMMITTED, READ WRITE");
     }
 
     #[test]

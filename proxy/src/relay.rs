@@ -619,6 +619,12 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     return Ok(());
                 }
             }
+            Intent::CommitAndChain => {
+                self.drain().await?;
+                if self.status() == b'T' && self.wrote() {
+                    return self.commit_and_chain().await;
+                }
+            }
             Intent::PrepareTransaction(gid) => {
                 self.drain().await?;
                 if self.status() == b'T' && self.wrote() {
@@ -699,7 +705,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         if !unit.decided && matches!(f.tag, b'B' | b'E') {
             let executes = self.look_ahead(batch, i)?;
             let commit = executes.contains(&Intent::Commit);
-            let control = executes.iter().any(|x| matches!(x, Intent::TransactionControl | Intent::PrepareTransaction(_)));
+            let control = executes.iter().any(|x| matches!(x, Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_)));
             let write = executes.contains(&Intent::Write) && !control;
             if commit || write {
                 unit.decided = true;
@@ -874,6 +880,34 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Ok(()) => done,
             Err(e) => e.into_bytes(),
         })
+    }
+
+    /// COMMIT AND CHAIN of a transaction that wrote: the cluster's commit,
+    /// then a new transaction with the same isolation level, read-only
+    /// and deferrable settings, as PostgreSQL's chain starts.
+    async fn commit_and_chain(&mut self) -> Result<(), End> {
+        let settings = self
+            .own(&["SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only'), current_setting('transaction_deferrable')"])
+            .await?
+            .remove(0);
+        let row = commit::first_row(&settings).unwrap_or_default();
+        let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        let begin = commit::chained_begin(&get(0), &get(1), &get(2));
+        let (mut reply, status) = match self.two_phase().await? {
+            Ok(()) => {
+                let started = self.own(&[&begin]).await?.remove(0);
+                match commit::error_of(&started) {
+                    None => (messages::command_complete("COMMIT"), b'T'),
+                    // Committed, but the chain could not start: say so.
+                    Some(e) => (e.raw.clone(), b'I'),
+                }
+            }
+            Err(e) => (e.into_bytes(), b'I'),
+        };
+        reply.extend_from_slice(&messages::ready_for_query(status));
+        self.link.to_client(&reply).await?;
+        self.ctx.tracker.on_ready(status);
+        Ok(())
     }
 
     /// Waits for the peers' votes on `gid` (prepared here); a refusal

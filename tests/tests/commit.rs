@@ -91,6 +91,29 @@ fn a_transaction_bigger_than_the_vote_timeout_allows_still_commits() {
 }
 
 #[test]
+fn commit_and_chain_commits_everywhere_and_keeps_the_transaction_like_it() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table chained(id int primary key)");
+    let mut s = sessions(&c, 3);
+    let before = commits(&c, "committed");
+    s[1].batch_execute("begin isolation level repeatable read; insert into chained values (1)").unwrap();
+    s[1].batch_execute("commit and chain").unwrap();
+    let iso: String = s[1].query_one("show transaction_isolation", &[]).unwrap().get(0);
+    assert_eq!(iso, "repeatable read", "the chained transaction is like the first");
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from chained", &[]).unwrap().get(0);
+        assert_eq!(n, 1, "node{id}: the first part is committed everywhere");
+    }
+    s[1].batch_execute("insert into chained values (2)").unwrap();
+    s[1].batch_execute("commit").unwrap();
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from chained", &[]).unwrap().get(0);
+        assert_eq!(n, 2, "node{id}");
+    }
+    assert_eq!(commits(&c, "committed") - before, 2.0, "both parts through the cluster's commit");
+}
+
+#[test]
 fn conflicting_updates_on_two_nodes_abort_with_40001_and_nodes_agree() {
     let c = TestCluster::start(3);
     schema(&c, "create table acc(id int primary key, v int)");
