@@ -138,6 +138,44 @@ pub struct Capture {
     message: DdlMessage,
 }
 
+/// Whether a client's statement running now is to be captured: not part
+/// of a captured one, DDL replication on, a client's (not a peer's
+/// replay), in the replicated database.
+fn capture_allowed() -> bool {
+    !CAPTURING.get() && REPLICATE_DDL.get() && crate::xact::client_change() && replicated_database()
+}
+
+/// `sql` as this session runs it now: as the current role, with the
+/// current search_path.
+///
+/// # Safety
+/// Inside a transaction, main thread.
+unsafe fn as_this_session(sql: String) -> DdlMessage {
+    let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned();
+    let search_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_string_lossy().into_owned();
+    DdlMessage { role, search_path, sql }
+}
+
+/// Writes the message that opens a captured statement: the decoder drops
+/// the rows up to the closing one.
+///
+/// # Safety
+/// Inside the transaction that runs the statement.
+unsafe fn log_opening() {
+    let prefix = CString::new(mtm_protocol::DDL_BEGIN_PREFIX).expect("no NUL");
+    crate::votes::log_message(&prefix, &[], true);
+}
+
+/// Writes the message that closes a captured statement and carries it to
+/// the peers (None: it stays here).
+///
+/// # Safety
+/// Inside the transaction that ran the statement.
+unsafe fn log_closing(message: Option<&DdlMessage>) {
+    let prefix = CString::new(mtm_protocol::DDL_PREFIX).expect("no NUL");
+    crate::votes::log_message(&prefix, &message.map(DdlMessage::to_bytes).unwrap_or_default(), true);
+}
+
 /// Starts capturing `pstmt` if it is a client's DDL statement to run on
 /// every node: writes the opening message. The caller runs the statement
 /// with [`while_capturing`] and then calls [`finish`].
@@ -146,21 +184,14 @@ pub struct Capture {
 /// Called from the ProcessUtility hook with its arguments.
 pub unsafe fn begin(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char) -> Option<Capture> {
     let node = (*pstmt).utilityStmt;
-    if node.is_null()
-        || CAPTURING.get()
-        || !REPLICATE_DDL.get()
-        || !crate::xact::client_change()
-        || !is_replicated_kind(node)
-        || !replicated_database()
-    {
+    if node.is_null() || !is_replicated_kind(node) || !capture_allowed() {
         return None;
     }
     let sql = DdlMessage::statement_text(CStr::from_ptr(query_string).to_bytes(), (*pstmt).stmt_location, (*pstmt).stmt_len);
-    let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned();
-    let search_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_string_lossy().into_owned();
-    crate::votes::log_message(c"mtm_ddl_begin", &[], true);
+    let message = as_this_session(sql);
+    log_opening();
     TOUCHED.set((false, false));
-    Some(Capture { message: DdlMessage { role, search_path, sql } })
+    Some(Capture { message })
 }
 
 /// Runs `f` (the captured statement) with capturing on, as it was again
@@ -174,15 +205,13 @@ pub fn while_capturing(f: impl FnOnce()) {
 /// work a function did here with capturing off, which each peer must do
 /// its own way), when a client's statement would be captured now.
 pub fn send_statement(sql: &str) {
-    if CAPTURING.get() || !REPLICATE_DDL.get() || !crate::xact::client_change() || !replicated_database() {
+    if !capture_allowed() {
         return;
     }
     // SAFETY: inside the caller's transaction, main thread.
     unsafe {
-        let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned();
-        let search_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_string_lossy().into_owned();
-        crate::votes::log_message(c"mtm_ddl_begin", &[], true);
-        crate::votes::log_message(c"mtm_ddl", &DdlMessage { role, search_path, sql: sql.to_string() }.to_bytes(), true);
+        log_opening();
+        log_closing(Some(&as_this_session(sql.to_string())));
     }
     crate::xact::set_writes(true);
 }
@@ -195,8 +224,7 @@ pub fn send_statement(sql: &str) {
 pub unsafe fn finish(capture: Capture) -> bool {
     let (temp, permanent) = TOUCHED.get();
     let replicated = !temp || permanent;
-    let content = if replicated { capture.message.to_bytes() } else { Vec::new() };
-    crate::votes::log_message(c"mtm_ddl", &content, true);
+    log_closing(replicated.then_some(&capture.message));
     replicated
 }
 
@@ -230,26 +258,23 @@ pub fn calls_any(sql: &str, functions: &str) -> bool {
 /// # Safety
 /// From the ExecutorStart hook with its QueryDesc.
 pub unsafe fn begin_statement(query: *mut pg_sys::QueryDesc) {
-    if CAPTURING.get() || !REPLICATE_DDL.get() || !crate::xact::client_change() {
-        return;
-    }
+    // Every statement passes here: the setting first, it is usually unset.
     let Some(functions) = crate::REMOTE_FUNCTIONS.get() else { return };
     let functions = functions.to_string_lossy().into_owned();
     let text = (*query).sourceText;
     let stmt = (*query).plannedstmt;
-    if functions.trim().is_empty() || text.is_null() || stmt.is_null() || !replicated_database() {
+    if functions.trim().is_empty() || text.is_null() || stmt.is_null() || !capture_allowed() {
         return;
     }
     let sql = DdlMessage::statement_text(CStr::from_ptr(text).to_bytes(), (*stmt).stmt_location, (*stmt).stmt_len);
     if !calls_any(&sql, &functions) {
         return;
     }
-    let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned();
-    let search_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_string_lossy().into_owned();
-    crate::votes::log_message(c"mtm_ddl_begin", &[], true);
+    let message = as_this_session(sql);
+    log_opening();
     CAPTURING.set(true);
     CAPTURED_QUERY.set((query as usize, pg_sys::GetCurrentTransactionNestLevel()));
-    CAPTURED_MESSAGE.with_borrow_mut(|m| *m = Some(DdlMessage { role, search_path, sql }));
+    CAPTURED_MESSAGE.with_borrow_mut(|m| *m = Some(message));
 }
 
 /// Ends the capture of a statement started by [`begin_statement`], from
@@ -264,7 +289,7 @@ pub unsafe fn end_statement(query: *mut pg_sys::QueryDesc) {
     CAPTURED_QUERY.set((0, 0));
     CAPTURING.set(false);
     if let Some(m) = CAPTURED_MESSAGE.with_borrow_mut(Option::take) {
-        crate::votes::log_message(c"mtm_ddl", &m.to_bytes(), true);
+        log_closing(Some(&m));
         crate::xact::set_writes(true);
     }
 }
@@ -318,35 +343,20 @@ pub unsafe fn keep_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
     if !replicated_database() {
         return;
     }
-    let pushed = !pg_sys::ActiveSnapshotSet();
-    if pushed {
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let state = Spi::get_two_with_args::<bool, String>(
-        "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = c.oid AND indisprimary), c.relreplident::text
-           FROM pg_class c WHERE c.oid = $1 AND c.relkind = 'r' AND c.relpersistence = 'p'",
-        &[oid.into()],
-    );
-    let change = match state {
-        Ok((Some(false), Some(ident))) if created && ident == "d" => Some("FULL"),
-        Ok((Some(true), Some(ident))) if !created && ident == "f" => Some("DEFAULT"),
-        _ => None,
+    let state = crate::with_snapshot(|| {
+        Spi::get_three_with_args::<bool, String, String>(
+            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = c.oid AND indisprimary), c.relreplident::text, c.oid::regclass::text
+               FROM pg_class c WHERE c.oid = $1 AND c.relkind = 'r' AND c.relpersistence = 'p'",
+            &[oid.into()],
+        )
+    });
+    let (change, table) = match state {
+        Ok((Some(false), Some(ident), Some(table))) if created && ident == "d" => ("FULL", table),
+        Ok((Some(true), Some(ident), Some(table))) if !created && ident == "f" => ("DEFAULT", table),
+        _ => return,
     };
-    if let Some(change) = change {
-        let sql = format!("ALTER TABLE {} REPLICA IDENTITY {change}", regclass_text(oid));
-        while_capturing(|| Spi::run(&sql).unwrap_or_else(|e| error!("multimaster: {sql}: {e}")));
-    }
-    if pushed {
-        pg_sys::PopActiveSnapshot();
-    }
-}
-
-/// `oid::regclass` as text (schema-qualified when needed).
-unsafe fn regclass_text(oid: pg_sys::Oid) -> String {
-    Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[oid.into()])
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| error!("multimaster: relation {} vanished", oid.to_u32()))
+    let sql = format!("ALTER TABLE {table} REPLICA IDENTITY {change}");
+    crate::with_snapshot(|| while_capturing(|| Spi::run(&sql).unwrap_or_else(|e| error!("multimaster: {sql}: {e}"))));
 }
 
 /// Notes whether the captured statement touches temporary relations.

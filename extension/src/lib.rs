@@ -62,6 +62,21 @@ pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 /// `multimaster.peer_timeout` (ms): a peer silent this long is dropped.
 pub static PEER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
+/// Runs `f` with an active snapshot: SPI needs one, and a utility
+/// statement (or a hook around it) may run without.
+pub fn with_snapshot<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: snapshot stack calls inside a transaction, balanced.
+    unsafe {
+        if pg_sys::ActiveSnapshotSet() {
+            return f();
+        }
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let out = f();
+        pg_sys::PopActiveSnapshot();
+        out
+    }
+}
+
 /// Whether process `pid` exists (a backend or worker of this server).
 pub fn pid_alive(pid: i32) -> bool {
     pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()

@@ -25,27 +25,12 @@ fn node_and_count() -> Option<(i32, i64)> {
     if unsafe { pg_sys::get_namespace_oid(c"mtm".as_ptr(), true) } == pg_sys::InvalidOid {
         return None;
     }
-    with_snapshot(|| {
+    crate::with_snapshot(|| {
         match Spi::get_two::<i32, i64>("SELECT id, (SELECT count(*) FROM mtm.cluster_nodes) FROM mtm.cluster_nodes WHERE is_self") {
             Ok((Some(id), Some(n))) => Some((id, n)),
             _ => None,
         }
     })
-}
-
-/// Runs `f` with an active snapshot (SPI needs one; a utility statement
-/// may run without).
-fn with_snapshot<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: snapshot stack calls inside a transaction, balanced.
-    unsafe {
-        if pg_sys::ActiveSnapshotSet() {
-            return f();
-        }
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let out = f();
-        pg_sys::PopActiveSnapshot();
-        out
-    }
 }
 
 /// The names of the options a CREATE SEQUENCE gives, and START/MINVALUE.

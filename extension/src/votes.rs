@@ -253,17 +253,8 @@ pub unsafe fn send_committed(coordinator: i32, gid: &str) {
 #[pg_extern]
 fn await_commits(gid: &str, timeout_ms: i32) -> bool {
     let key = committed_key(gid);
-    let peers: Vec<i32> = Spi::connect(|c| {
-        c.select("SELECT id FROM mtm.cluster_nodes WHERE NOT is_self ORDER BY id", None, &[])
-            .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
-            .unwrap_or_default()
-    });
-    // SAFETY: MyProc is this backend's PGPROC.
-    let me_proc = unsafe { (*pg_sys::MyProc).pgprocno };
-    if let Err(e) = PEER_VOTES.exclusive().0.wait(&key, me_proc) {
-        error!("multimaster: cannot wait for the commits of {gid}: {e}");
-    }
-    let _slot = Awaiting(&key);
+    let peers = peer_ids();
+    let _slot = Awaiting::register(&key);
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
     loop {
         // Its own statement: the shared lock must be released before the
@@ -285,8 +276,31 @@ fn await_commits(gid: &str, timeout_ms: i32) -> bool {
     }
 }
 
-/// Frees the gid's slot when `await_votes` returns or fails.
+/// The ids of this node's peers.
+fn peer_ids() -> Vec<i32> {
+    Spi::connect(|c| {
+        c.select("SELECT id FROM mtm.cluster_nodes WHERE NOT is_self ORDER BY id", None, &[])
+            .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// A registered wait for the peers' answers on a key (`await_votes`,
+/// `await_commits`); frees its slot however the wait ends.
 struct Awaiting<'a>(&'a str);
+
+impl<'a> Awaiting<'a> {
+    /// This backend waits for the peers' answers on `key` (its latch is
+    /// set when one comes).
+    fn register(key: &'a str) -> Self {
+        // SAFETY: MyProc is this backend's PGPROC.
+        let me_proc = unsafe { (*pg_sys::MyProc).pgprocno };
+        if let Err(e) = PEER_VOTES.exclusive().0.wait(key, me_proc) {
+            error!("multimaster: cannot wait for the peers' answers on {key}: {e}");
+        }
+        Awaiting(key)
+    }
+}
 
 impl Drop for Awaiting<'_> {
     fn drop(&mut self) {
@@ -312,17 +326,8 @@ fn await_votes(
     if !prepared {
         return TableIterator::once((false, me, Some("40001".into()), Some(format!("transaction {gid} is not prepared on node {me}"))));
     }
-    let peers: Vec<i32> = Spi::connect(|c| {
-        c.select("SELECT id FROM mtm.cluster_nodes WHERE NOT is_self ORDER BY id", None, &[])
-            .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
-            .unwrap_or_default()
-    });
-    // SAFETY: MyProc is this backend's PGPROC.
-    let me_proc = unsafe { (*pg_sys::MyProc).pgprocno };
-    if let Err(e) = PEER_VOTES.exclusive().0.wait(gid, me_proc) {
-        error!("multimaster: cannot wait for votes on {gid}: {e}");
-    }
-    let _slot = Awaiting(gid);
+    let peers = peer_ids();
+    let _slot = Awaiting::register(gid);
     let started = std::time::Instant::now();
     let timeout = std::time::Duration::from_millis(timeout_ms.max(0) as u64);
     let mut deadline = started + timeout;

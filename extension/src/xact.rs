@@ -203,22 +203,27 @@ unsafe fn utility_writes(node: *mut pg_sys::Node) -> bool {
     }
 }
 
-/// Tells the resolver which backend coordinates an `mtm-` gid.
-unsafe fn note_two_phase(node: *mut pg_sys::Node) {
+/// Tells the resolver which backend coordinates an `mtm-` gid. Returns
+/// whether the statement is a COMMIT/ROLLBACK PREPARED.
+unsafe fn note_two_phase(node: *mut pg_sys::Node) -> bool {
     if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_TransactionStmt {
-        return;
+        return false;
     }
     let stmt = node as *mut pg_sys::TransactionStmt;
     if (*stmt).gid.is_null() {
-        return;
+        return false;
     }
     let gid = std::ffi::CStr::from_ptr((*stmt).gid).to_string_lossy();
     match (*stmt).kind {
-        pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE => crate::resolver::note_prepare(&gid),
-        pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED => {
-            crate::resolver::note_finished(&gid)
+        pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE => {
+            crate::resolver::note_prepare(&gid);
+            false
         }
-        _ => {}
+        pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED => {
+            crate::resolver::note_finished(&gid);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -238,7 +243,7 @@ unsafe extern "C-unwind" fn process_utility(
     if !XACT_WRITES.get() && client_change() && utility_writes(node) {
         set_writes(true);
     }
-    note_two_phase(node);
+    let finishes_prepared = note_two_phase(node);
     let (pstmt, read_only_tree) = crate::sequences::adjust(pstmt, read_only_tree);
     let run = || match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
@@ -258,22 +263,12 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // A peer's replayed DDL, or a statement inside a captured one.
     crate::ddl::keep_replica_identity(pstmt);
-    if finishes_prepared(node) {
+    if finishes_prepared {
         // The peers apply it as soon as the walsenders see it.
         pg_sys::WalSndWakeup();
     }
 }
 
-/// COMMIT PREPARED or ROLLBACK PREPARED.
-unsafe fn finishes_prepared(node: *mut pg_sys::Node) -> bool {
-    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_TransactionStmt {
-        return false;
-    }
-    matches!(
-        (*(node as *mut pg_sys::TransactionStmt)).kind,
-        pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED
-    )
-}
 
 #[pg_guard]
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {

@@ -609,14 +609,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Intent::Commit => {
                 self.drain().await?;
                 if self.status() == b'T' && self.wrote() {
-                    let mut reply = match self.two_phase().await? {
-                        Ok(()) => messages::command_complete("COMMIT"),
-                        Err(e) => e.into_bytes(),
-                    };
-                    reply.extend_from_slice(&messages::ready_for_query(b'I'));
-                    self.link.to_client(&reply).await?;
-                    self.ctx.tracker.on_ready(b'I');
-                    return Ok(());
+                    let reply = self.commit_open_reply(messages::command_complete("COMMIT")).await?;
+                    return self.answer(reply, b'I').await;
                 }
             }
             Intent::CommitAndChain => {
@@ -638,12 +632,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 self.drain().await?;
                 if self.status() == b'I' {
                     let (home, side) = (self.ctx.node_id.saturating_sub(1), &self.ctx.side);
-                    if let Err(mut reply) = crate::everywhere::run_on_others(self.ctx.shared, side, home, sql).await {
+                    if let Err(reply) = crate::everywhere::run_on_others(self.ctx.shared, side, home, sql).await {
                         count_error(&crate::net::scan::sqlstate(&reply[5..]).unwrap_or_default());
-                        reply.extend_from_slice(&messages::ready_for_query(b'I'));
-                        self.link.to_client(&reply).await?;
-                        self.ctx.tracker.on_ready(b'I');
-                        return Ok(());
+                        return self.answer(reply, b'I').await;
                     }
                 }
             }
@@ -854,9 +845,15 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 }
             }
         }
-        reply.extend_from_slice(&messages::ready_for_query(end));
+        self.answer(reply, end).await
+    }
+
+    /// Sends the proxy's answer to a unit it finished itself, with the
+    /// ReadyForQuery of transaction status `status`.
+    async fn answer(&self, mut reply: BytesMut, status: u8) -> Result<(), End> {
+        reply.extend_from_slice(&messages::ready_for_query(status));
         self.link.to_client(&reply).await?;
-        self.ctx.tracker.on_ready(end);
+        self.ctx.tracker.on_ready(status);
         Ok(())
     }
 
@@ -893,7 +890,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         let row = commit::first_row(&settings).unwrap_or_default();
         let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         let begin = commit::chained_begin(&get(0), &get(1), &get(2));
-        let (mut reply, status) = match self.two_phase().await? {
+        let (reply, status) = match self.two_phase().await? {
             Ok(()) => {
                 let started = self.own(&[&begin]).await?.remove(0);
                 match commit::error_of(&started) {
@@ -904,10 +901,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
             Err(e) => (e.into_bytes(), b'I'),
         };
-        reply.extend_from_slice(&messages::ready_for_query(status));
-        self.link.to_client(&reply).await?;
-        self.ctx.tracker.on_ready(status);
-        Ok(())
+        self.answer(reply, status).await
     }
 
     /// Waits for the peers' votes on `gid` (prepared here); a refusal

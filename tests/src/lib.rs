@@ -141,6 +141,26 @@ pub mod cluster {
         }
     }
 
+    /// Waits until no node has a transaction still prepared (every commit
+    /// and rollback has reached every node); panics with what is left
+    /// after `within`.
+    pub fn nothing_prepared(c: &TestCluster, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = prepared(c);
+            if left.iter().all(Vec::is_empty) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "prepared transactions left behind: {left:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The SQLSTATE of a failed statement.
+    pub fn sqlstate(e: &postgres::Error) -> String {
+        e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+    }
+
     /// The gids prepared on each node.
     pub fn prepared(c: &TestCluster) -> Vec<Vec<String>> {
         (1..=c.layout.node_ports.len())

@@ -4,7 +4,7 @@
 //! node (DDL is not replicated yet); every row is written through the
 //! proxy.
 
-use mtm_tests::cluster::{client, converge, prepared, proxy_client, schema, wait_connected};
+use mtm_tests::cluster::{client, converge, nothing_prepared, prepared, proxy_client, schema, sqlstate, wait_connected};
 use mtmctl::testing::TestCluster;
 use postgres::Client;
 use std::collections::BTreeSet;
@@ -23,10 +23,6 @@ fn sessions(c: &TestCluster, n: usize) -> Vec<Client> {
     (0..n).map(|_| proxy_client(c)).collect()
 }
 
-fn sqlstate(e: &postgres::Error) -> String {
-    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
-}
-
 fn commits(c: &TestCluster, outcome: &str) -> f64 {
     let text = mtm_tests::http_get(c.layout.metrics_port, "/metrics");
     text.lines()
@@ -37,15 +33,7 @@ fn commits(c: &TestCluster, outcome: &str) -> f64 {
 }
 
 fn no_gid_left(c: &TestCluster) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = prepared(c);
-        if left.iter().all(Vec::is_empty) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "prepared transactions left behind: {left:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nothing_prepared(c, Duration::from_secs(10));
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Cluster-wide DDL through the proxy of a 3-node cluster: sessions on
 //! different nodes change the schema, every node is checked directly.
 
-use mtm_tests::cluster::{client, converge, prepared, proxy_client};
+use mtm_tests::cluster::{client, converge, nothing_prepared, prepared, proxy_client, sqlstate};
 use mtmctl::testing::TestCluster;
 use postgres::Client;
 use std::collections::BTreeSet;
@@ -31,9 +31,10 @@ fn on_each(c: &TestCluster, sql: &str) -> Vec<String> {
         .collect()
 }
 
-/// Waits (up to 30 s) until `sql` gives `expected` on every node: the
-/// client's COMMIT returns once every node has prepared the transaction;
-/// the peers commit it a moment later.
+/// Waits (up to 30 s) until `sql` gives `expected` on every node. (COMMIT
+/// through the proxy already returns once every node has committed; the
+/// wait keeps these checks true with `[commit] visible_everywhere = false`
+/// too.)
 fn same_everywhere(c: &TestCluster, sql: &str, expected: &str) {
     let want = vec![expected.to_string(); c.layout.node_ports.len()];
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -47,18 +48,9 @@ fn same_everywhere(c: &TestCluster, sql: &str, expected: &str) {
     }
 }
 
-/// Waits until no node has a transaction still prepared (every commit
-/// has reached every node).
+/// Waits until every commit has reached every node.
 fn settle(c: &TestCluster) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !prepared(c).iter().all(Vec::is_empty) {
-        assert!(Instant::now() < deadline, "still prepared: {:?}", prepared(c));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn sqlstate(e: &postgres::Error) -> String {
-    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+    nothing_prepared(c, Duration::from_secs(30));
 }
 
 #[test]
