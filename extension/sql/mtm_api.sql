@@ -48,7 +48,17 @@ CREATE TABLE mtm.local_tables (
     rel_name name,
     PRIMARY KEY (rel_schema, rel_name)
 ) WITH (user_catalog_table = true);
-INSERT INTO mtm.local_tables VALUES ('mtm', 'nodes_init_done'), ('mtm', 'config');
+-- NOTIFYs of prepared transactions, each node's own, queued when the gid
+-- commits there (src/notify.rs).
+CREATE TABLE mtm.notifications (
+    gid text NOT NULL,
+    n int NOT NULL,
+    channel text NOT NULL,
+    payload text NOT NULL,
+    PRIMARY KEY (gid, n)
+);
+
+INSERT INTO mtm.local_tables VALUES ('mtm', 'nodes_init_done'), ('mtm', 'config'), ('mtm', 'notifications');
 
 CREATE TYPE mtm.node_info AS (
     "enabled" bool,
@@ -359,13 +369,8 @@ LANGUAGE sql STABLE AS $$ SELECT * FROM mtm.pool_stats() $$;
 CREATE VIEW mtm.stat_bgwpool AS
 SELECT nWorkers, Active, Pending, Size, Head, Tail, ReceiverName FROM mtm.node_bgwpool_stat();
 
-CREATE FUNCTION mtm.get_logged_prepared_xact_state(gid text) RETURNS text
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM mtm.not_implemented('mtm.get_logged_prepared_xact_state');
-    RETURN NULL;
-END
-$$;
+-- mtm.get_logged_prepared_xact_state(gid) and mtm.xact_state(gid) are
+-- defined by the library (src/decisions.rs).
 
 -- Runs `query` on every node and says whether all results are equal
 -- (rows compared as text, in any order); where they differ, a NOTICE per

@@ -18,6 +18,7 @@
 
 use crate::pool::Turn;
 use mtm_protocol::{Column, Message, OldTuple, Value};
+use mtm_state::decisions::State;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgBox};
 use std::collections::HashMap;
@@ -46,6 +47,9 @@ pub struct Applier {
     /// The current transaction failed (SQLSTATE, message); its remaining
     /// changes are skipped until its Commit or Prepare.
     failed: Option<(String, String)>,
+    /// The transaction's NOTIFYs (channel, payload), queued at its commit
+    /// ([`crate::notify`]).
+    notifications: Vec<(String, String)>,
     /// Reset after every change, so a huge transaction is applied in
     /// constant memory (values, slots, executor state live here).
     change_cx: pg_sys::MemoryContext,
@@ -58,6 +62,7 @@ impl Applier {
             turn,
             seq: 0,
             relations: HashMap::new(),
+            notifications: Vec::new(),
             in_transaction: false,
             failed: None,
             // SAFETY: a child of TopMemoryContext, kept for the worker's life.
@@ -108,12 +113,20 @@ impl Applier {
     pub fn apply(&mut self, msg: Message) {
         // SAFETY: executor and transaction calls from the worker's thread.
         unsafe {
+            if let Message::Prepare { gid, .. } = &msg {
+                // Kept in the prepared transaction, queued at its commit.
+                if !self.notifications.is_empty() {
+                    let notifications = std::mem::take(&mut self.notifications);
+                    self.guarded(|_| crate::notify::store(gid, &notifications));
+                }
+            }
             match msg {
                 Message::Begin { commit_time, .. } => {
                     self.turn.applying(commit_time);
                     pg_sys::StartTransactionCommand();
                     self.in_transaction = true;
                     self.failed = None;
+                    self.notifications.clear();
                 }
                 Message::Origin { .. } => {}
                 Message::Relation { relid, namespace, name, columns, .. } => {
@@ -143,6 +156,7 @@ impl Applier {
                 Message::Commit { end_lsn, commit_time, .. } => {
                     self.turn.wait(self.seq);
                     set_origin_progress(end_lsn, commit_time);
+                    crate::notify::queue(&std::mem::take(&mut self.notifications));
                     pg_sys::CommitTransactionCommand();
                     self.applied(end_lsn);
                 }
@@ -186,6 +200,9 @@ impl Applier {
                 Message::Message { transactional: true, prefix, content, .. } if prefix == mtm_protocol::DDL_PREFIX => {
                     self.guarded(|a| a.ddl(&content))
                 }
+                Message::Message { transactional: true, prefix, content, .. } if crate::notify::is_notify(&prefix) => {
+                    self.notifications.extend(crate::notify::decode(&content));
+                }
                 Message::Message { .. } => {}
             }
         }
@@ -207,10 +224,14 @@ impl Applier {
             .unwrap_or(false);
         pg_sys::PopActiveSnapshot();
         if here {
+            crate::decisions::log(gid, if commit { State::Committed } else { State::Aborted });
             let c_gid = CString::new(gid).expect("gid without NUL");
             // SAFETY: inside a transaction, main thread; an ERROR unwinds
             // to the worker's guard through our frames.
             pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| FinishPreparedTransaction(c_gid.as_ptr(), commit));
+            if commit {
+                crate::notify::deliver(gid);
+            }
         } else {
             let what = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
             log!("multimaster: {what} {gid} from node {}: not prepared here (already finished, or its prepare failed here); skipped", self.peer);

@@ -3,7 +3,8 @@
 //! `mtm.cluster_nodes`, and starts it again when it exits (a receiver exits
 //! on any error; restarting it resumes from its replication origin, so a
 //! failed transaction is retried, never skipped). Once a second it also
-//! runs the resolver ([`crate::resolver`]).
+//! runs the resolver ([`crate::resolver`]) and writes the decision log's
+//! state file ([`crate::decisions::persist`]).
 
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
@@ -44,6 +45,7 @@ pub extern "C-unwind" fn mtm_launcher_main(_arg: pg_sys::Datum) {
     let mut started_at: HashMap<i32, std::time::Instant> = HashMap::new();
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         crate::resolver::resolve_orphans();
+        crate::decisions::persist();
         for peer in BackgroundWorker::transaction(peers) {
             // A worker registered but not yet forked counts as running.
             let alive = receivers
@@ -70,6 +72,7 @@ pub extern "C-unwind" fn mtm_launcher_main(_arg: pg_sys::Datum) {
             }
         }
     }
+    crate::decisions::persist();
 }
 
 /// Peers of this node, or none while the extension or cluster is not set up.

@@ -19,12 +19,18 @@
 //!   (`mtm.await_votes`, the proxy's commit path);
 //! - [`ddl`]      — schema changes captured where they run and replayed on
 //!   every peer inside the same transaction;
+//! - [`notify`]   — NOTIFY heard on every node when its transaction
+//!   commits there;
 //! - [`sequences`] — sequences whose values never collide across nodes
 //!   (`mtm.alter_sequences`);
 //! - [`xact`]     — whether a client transaction wrote (reported to the proxy)
 //!   and the guard against committing such a transaction on one node;
-//! - [`resolver`] — rolls back this node's own prepared `mtm-` gids whose
-//!   coordinator is gone (run by the launcher);
+//! - [`decisions`] — the durable 2PC decision log: the extension's WAL
+//!   resource manager (precommit / commit / abort of `mtm-` gids), redone
+//!   after a crash, `mtm.get_logged_prepared_xact_state`;
+//! - [`resolver`] — finishes this node's own prepared `mtm-` gids whose
+//!   coordinator is gone: commits the precommitted ones, rolls back the
+//!   rest (run by the launcher);
 //! - [`status`]   — apply errors and pool counters for `mtm.nodes()`,
 //!   `mtm.stat_bgwpool`, `mtm.status()`.
 
@@ -34,8 +40,10 @@ use std::ffi::CString;
 
 pub mod apply;
 pub mod ddl;
+pub mod decisions;
 pub mod decoder;
 pub mod launcher;
+pub mod notify;
 pub mod pool;
 pub mod receiver;
 pub mod resolver;
@@ -139,15 +147,18 @@ pub extern "C-unwind" fn _PG_init() {
     unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
     xact::init();
     ddl::init();
+    decisions::init();
     launcher::register();
     use pool::POOLS;
     use status::APPLY_ERRORS;
+    use decisions::DECISIONS;
     use resolver::COORDINATORS;
     use votes::{MY_NODE, PEER_VOTES, VOTES};
     pgrx::pg_shmem_init!(VOTES);
     pgrx::pg_shmem_init!(PEER_VOTES);
     pgrx::pg_shmem_init!(MY_NODE);
     pgrx::pg_shmem_init!(COORDINATORS);
+    pgrx::pg_shmem_init!(DECISIONS);
     pgrx::pg_shmem_init!(POOLS);
     pgrx::pg_shmem_init!(APPLY_ERRORS);
 }

@@ -2,25 +2,27 @@
 //! coordinator left behind.
 //!
 //! The proxy prepares a transaction on its home node under a gid
-//! `mtm-<home node id>-…`, then commits it there with COMMIT PREPARED: the
-//! home node's COMMIT PREPARED is the commit point, and the peers follow it
-//! through the stream. So while a gid is still prepared on its home node,
-//! nobody has committed it and nobody was told it committed, and rolling it
-//! back is always safe. The home node rolls back those of its gids whose
+//! `mtm-<home node id>-…`, asks for the peers' votes (`mtm.await_votes`,
+//! which logs the gid PRECOMMIT in the decision log once every peer said
+//! yes), then commits it there with COMMIT PREPARED: the home node's
+//! COMMIT PREPARED is the commit point, and the peers follow it through
+//! the stream. The home node finishes those of its gids whose
 //! coordinating session is gone — the proxy was killed or lost its
-//! connection, or the node itself restarted — and the ROLLBACK PREPARED
-//! reaches every peer like any other.
+//! connection, or the node itself restarted: a precommitted gid is
+//! committed (every node holds it prepared and agreed), any other is
+//! rolled back (nobody committed it or was told it committed). Either
+//! reaches every peer like any other COMMIT/ROLLBACK PREPARED.
 //!
 //! A gid whose home node is down stays prepared on the peers until that
-//! node is back (its WAL decides: committed, or rolled back by its own
-//! resolver); deciding without it needs the commit decision recorded on a
-//! majority, which is not built yet.
+//! node is back (its WAL and decision log decide); deciding without it
+//! needs the precommit recorded on a majority, which is not built yet.
 //!
 //! Which backend coordinates a gid is noted in shared memory when it runs
 //! `PREPARE TRANSACTION 'mtm-…'` (the `xact` module's utility hook); the
 //! launcher runs [`resolve_orphans`] once a second.
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
+use mtm_state::decisions::State;
 use pgrx::{pg_sys, PGRXSharedMemory, PgLwLock};
 
 const SLOTS: usize = 512;
@@ -122,25 +124,38 @@ pub fn resolve_orphans() {
         .collect()
     });
     for gid in orphans {
+        // All peers voted yes and the decision was logged: commit it (its
+        // client may not have heard, but nobody can have been told
+        // otherwise). Anything short of that rolls back.
+        let commit = crate::decisions::state(&gid) == Some(State::Precommitted);
         let done = PgTryBuilder::new(|| {
             BackgroundWorker::transaction(|| {
+                crate::decisions::log(&gid, if commit { State::Committed } else { State::Aborted });
                 let c_gid = std::ffi::CString::new(gid.as_str()).expect("gid without NUL");
                 // SAFETY: inside a transaction, main thread; an ERROR (e.g.
                 // the coordinator finished it meanwhile) unwinds to the
                 // catch below through our frames.
-                unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| crate::apply::FinishPreparedTransaction(c_gid.as_ptr(), false)) };
+                unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| crate::apply::FinishPreparedTransaction(c_gid.as_ptr(), commit)) };
+                if commit {
+                    crate::notify::deliver(&gid);
+                }
             });
             true
         })
         .catch_others(|e| {
             let (code, message) = crate::apply::describe(&e);
-            warning!("multimaster: resolver could not roll back {gid}: {message} ({code})");
+            let what = if commit { "commit" } else { "roll back" };
+            warning!("multimaster: resolver could not {what} {gid}: {message} ({code})");
             false
         })
         .execute();
         if done {
             note_finished(&gid);
-            log!("multimaster: resolver rolled back {gid}: its coordinator is gone and it was not committed");
+            if commit {
+                log!("multimaster: resolver committed {gid}: its coordinator is gone after every node voted yes");
+            } else {
+                log!("multimaster: resolver rolled back {gid}: its coordinator is gone and it was not committed");
+            }
         } else {
             // SAFETY: clean up after the failed transaction, as a worker
             // that survives an ERROR must.

@@ -335,7 +335,11 @@ fn await_votes(
     loop {
         let outcome = PEER_VOTES.share().0.outcome(gid, &peers);
         let row = match outcome {
-            Outcome::Yes => (true, me, None, None),
+            Outcome::Yes => {
+                // The decision: from here on the gid can only commit.
+                crate::decisions::log(gid, mtm_state::decisions::State::Precommitted);
+                (true, me, None, None)
+            }
             Outcome::No { node, sqlstate, message } => (false, node, Some(sqlstate), Some(message)),
             Outcome::Pending { missing } => {
                 let now = std::time::Instant::now();

@@ -139,7 +139,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     let stmt = (*query).plannedstmt;
     let modifies = op != pg_sys::CmdType::CMD_SELECT || (!stmt.is_null() && (*stmt).hasModifyingCTE);
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
-    if modifies && !explain_only && !XACT_WRITES.get() && client_change() && result_relids(stmt).into_iter().any(replicated) {
+    if modifies && !explain_only && !XACT_WRITES.get() && client_change() && !crate::notify::own_work() && result_relids(stmt).into_iter().any(replicated) {
         set_writes(true);
     }
     if !explain_only {
@@ -167,8 +167,12 @@ unsafe extern "C-unwind" fn subxact_callback(
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
+    let level = pg_sys::GetCurrentTransactionNestLevel();
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        crate::ddl::aborted(pg_sys::GetCurrentTransactionNestLevel());
+        crate::ddl::aborted(level);
+        crate::notify::subtransaction_ended(level, true);
+    } else if event == pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB {
+        crate::notify::subtransaction_ended(level, false);
     }
 }
 
@@ -203,27 +207,54 @@ unsafe fn utility_writes(node: *mut pg_sys::Node) -> bool {
     }
 }
 
-/// Tells the resolver which backend coordinates an `mtm-` gid. Returns
-/// whether the statement is a COMMIT/ROLLBACK PREPARED.
-unsafe fn note_two_phase(node: *mut pg_sys::Node) -> bool {
+/// A COMMIT PREPARED (`commit`) or ROLLBACK PREPARED of `gid`.
+struct Finishing {
+    gid: String,
+    commit: bool,
+}
+
+/// Tells the resolver which backend coordinates an `mtm-` gid, and says
+/// whether the statement finishes a prepared transaction.
+unsafe fn note_two_phase(node: *mut pg_sys::Node) -> Option<Finishing> {
     if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_TransactionStmt {
-        return false;
+        return None;
     }
     let stmt = node as *mut pg_sys::TransactionStmt;
     if (*stmt).gid.is_null() {
-        return false;
+        return None;
     }
-    let gid = std::ffi::CStr::from_ptr((*stmt).gid).to_string_lossy();
+    let gid = std::ffi::CStr::from_ptr((*stmt).gid).to_string_lossy().into_owned();
     match (*stmt).kind {
         pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE => {
             crate::resolver::note_prepare(&gid);
-            false
+            crate::notify::prepare(&gid);
+            None
         }
         pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED => {
             crate::resolver::note_finished(&gid);
-            true
+            let commit = (*stmt).kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
+            Some(Finishing { gid, commit })
         }
-        _ => false,
+        _ => None,
+    }
+}
+
+/// Logs the outcome of an `mtm-` gid about to be finished here, if it is
+/// prepared here (a COMMIT PREPARED of an unknown gid is an error, not a
+/// decision).
+fn log_finishing(f: &Finishing) {
+    if !mtm_state::decisions::loggable(&f.gid) {
+        return;
+    }
+    let prepared = crate::with_snapshot(|| {
+        Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[f.gid.as_str().into()])
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    });
+    if prepared {
+        use mtm_state::decisions::State;
+        crate::decisions::log(&f.gid, if f.commit { State::Committed } else { State::Aborted });
     }
 }
 
@@ -240,10 +271,16 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let node = (*pstmt).utilityStmt;
+    if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_NotifyStmt && crate::notify::take_over(node as *mut pg_sys::NotifyStmt) {
+        return;
+    }
     if !XACT_WRITES.get() && client_change() && utility_writes(node) {
         set_writes(true);
     }
-    let finishes_prepared = note_two_phase(node);
+    let finishing = note_two_phase(node);
+    if let Some(f) = &finishing {
+        log_finishing(f);
+    }
     let (pstmt, read_only_tree) = crate::sequences::adjust(pstmt, read_only_tree);
     let run = || match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
@@ -263,7 +300,10 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // A peer's replayed DDL, or a statement inside a captured one.
     crate::ddl::keep_replica_identity(pstmt);
-    if finishes_prepared {
+    if let Some(f) = finishing.as_ref().filter(|f| f.commit) {
+        crate::notify::deliver(&f.gid);
+    }
+    if finishing.is_some() {
         // The peers apply it as soon as the walsenders see it.
         pg_sys::WalSndWakeup();
     }
@@ -292,6 +332,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         }
         // The transaction is over (an abort restores the value itself).
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            crate::notify::transaction_ended();
             if event == pg_sys::XactEvent::XACT_EVENT_PREPARE {
                 crate::votes::note_prepared_at(pg_sys::GetXLogInsertRecPtr());
             }
@@ -302,7 +343,10 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             }
             set_writes(false);
         }
-        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => crate::ddl::aborted(0),
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
+            crate::ddl::aborted(0);
+            crate::notify::transaction_ended();
+        }
         _ => {}
     }
 }

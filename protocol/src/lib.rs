@@ -414,6 +414,36 @@ impl DdlMessage {
     }
 }
 
+/// Prefix of the transactional message a client's NOTIFY becomes in a
+/// session of the proxy ([`NotifyMessage`]): each node delivers it when
+/// the transaction commits there.
+pub const NOTIFY_PREFIX: &str = "mtm_notify";
+
+/// A NOTIFY, to be delivered on every node at the transaction's commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyMessage {
+    pub channel: String,
+    pub payload: String,
+}
+
+impl NotifyMessage {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.channel.len() + self.payload.len());
+        put_str(&mut out, &self.channel);
+        put_str(&mut out, &self.payload);
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<NotifyMessage, DecodeError> {
+        let mut r = Reader(buf);
+        let m = NotifyMessage { channel: r.string()?, payload: r.string()? };
+        if !r.0.is_empty() {
+            return Err(DecodeError::Trailing(r.0.len()));
+        }
+        Ok(m)
+    }
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -548,6 +578,9 @@ mod tests {
     fn statement_text_cuts_one_statement_out_of_a_query_string() {
         let q = b"create table a(x int); create table b(y int);";
         assert_eq!(DdlMessage::statement_text(q, 0, 21), "create table a(x int)");
+        let n = NotifyMessage { channel: "orders".into(), payload: "id=7 é".into() };
+        assert_eq!(NotifyMessage::decode(&n.to_bytes()), Ok(n.clone()));
+        assert!(NotifyMessage::decode(&n.to_bytes()[..5]).is_err());
         assert_eq!(DdlMessage::statement_text(q, 22, 0), "create table b(y int)");
         assert_eq!(DdlMessage::statement_text(q, -1, 0), "create table a(x int); create table b(y int)");
         assert_eq!(DdlMessage::statement_text(q, 400, 5), "", "a location past the end is empty, not a panic");

@@ -166,10 +166,12 @@ pub enum Intent {
 }
 
 /// Statements that only read, or that PostgreSQL refuses inside a
-/// transaction block (so must never be wrapped in one).
+/// transaction block (so must never be wrapped in one). NOTIFY is not
+/// one: on a node it becomes part of the transaction's writes, so that
+/// every node delivers it (the extension's `notify` module).
 const READS: &[&str] = &[
     "SELECT", "VALUES", "TABLE", "SHOW", "SET", "RESET", "FETCH", "MOVE", "CLOSE", "DECLARE", "DEALLOCATE",
-    "DISCARD", "LISTEN", "UNLISTEN", "NOTIFY", "LOAD", "CHECKPOINT",
+    "DISCARD", "LISTEN", "UNLISTEN", "LOAD", "CHECKPOINT",
 ];
 
 /// Functions (and keywords written like calls) that a SELECT may use and
@@ -540,6 +542,8 @@ mod tests {
         assert_eq!(intent("select * into t2 from t"), Intent::Write);
         assert_eq!(intent("with x as (delete from t returning *) select * from x"), Intent::Write);
         assert_eq!(intent("insert into t values (1)"), Intent::Write);
+        assert_eq!(intent("notify chan, 'x'"), Intent::Write, "delivered on every node");
+        assert_eq!(intent("listen chan"), Intent::Read);
         assert_eq!(intent("UPDATE t SET v = 1"), Intent::Write);
         assert_eq!(intent("copy t from stdin"), Intent::Write);
         assert_eq!(intent("copy t to stdout"), Intent::Read);

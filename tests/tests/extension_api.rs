@@ -49,9 +49,12 @@ fn api_surface_and_not_implemented_errors() {
     assert_eq!(st.get::<_, Vec<i32>>(3), [1, 2, 3]);
     assert_eq!(cl.query("select * from mtm.stat_bgwpool", &[]).unwrap().len(), 0);
 
+    // The decision log answers for a gid it never saw.
+    assert_eq!(one(&mut cl, "select mtm.get_logged_prepared_xact_state('mtm-1-404')"), "notfound");
+    assert_eq!(one(&mut cl, "select mtm.xact_state('mtm-1-404')"), "notfound");
+
     // Not built yet: a clear feature_not_supported, never a made-up answer.
     for sql in [
-        "select mtm.get_logged_prepared_xact_state('mtm-1')",
         "select mtm.hold_backends()",
         "select mtm.add_node('host=c')",
         "select mtm.drop_node(2)",

@@ -1,0 +1,222 @@
+//! The durable 2PC decision log: the extension's own WAL resource manager
+//! and the table it is redone into.
+//!
+//! Three record types, each carrying one `mtm-` gid (PROTOCOL.md, "WAL
+//! records"): PRECOMMIT, logged by `mtm.await_votes` on the home node once
+//! every peer voted yes; COMMIT and ABORT, logged on every node just
+//! before its COMMIT PREPARED / ROLLBACK PREPARED of the gid (by the
+//! proxy's session, the apply worker or the resolver), so the commit
+//! record's own flush makes them durable. The states live in a table in
+//! shared memory (logic in the safe `mtm-state` crate): filled as records
+//! are written, redone from the WAL after a crash, and copied by the
+//! launcher to `pg_mtm/decisions` (at most a second after a change, and
+//! when it stops) so what a checkpoint puts out of the redo's reach is
+//! read back at start. `mtm.get_logged_prepared_xact_state(gid)` answers
+//! from it; `pg_walinspect` shows the records (`rm_identify`, `rm_desc`).
+//!
+//! What is not covered: a decision logged in the last second before a
+//! checkpoint that completes just before a crash is in neither the redone
+//! WAL nor the file (the gid's own prepared state and COMMIT/ROLLBACK
+//! PREPARED record are, as PostgreSQL keeps them).
+
+use mtm_state::decisions::{Log, State};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PGRXSharedMemory, PgLwLock};
+use std::ffi::{c_char, CStr};
+
+/// The resource manager's id, in PostgreSQL's range for custom ones
+/// (128–255). Not RM_EXPERIMENTAL_ID (128), which any extension under
+/// development may use.
+pub const RMGR_ID: u8 = 201;
+const RMGR_NAME: &CStr = c"multimaster";
+
+/// Where the launcher keeps the table, relative to the data directory.
+const STATE_DIR: &str = "pg_mtm";
+const STATE_FILE: &str = "pg_mtm/decisions";
+
+#[derive(Copy, Clone, Default)]
+pub struct Decisions {
+    log: Log,
+    /// The state file has been read into `log` (once per server start).
+    loaded: bool,
+    /// `log.changes()` when the file was last written.
+    written: u64,
+}
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for Decisions {}
+
+// SAFETY: the only lock with this name.
+pub static DECISIONS: PgLwLock<Decisions> = unsafe { PgLwLock::new(c"multimaster decisions") };
+
+/// Registers the resource manager (from `_PG_init`, while preloading).
+pub fn init() {
+    let rmgr = Box::leak(Box::new(pg_sys::RmgrData {
+        rm_name: RMGR_NAME.as_ptr(),
+        rm_redo: Some(redo),
+        rm_desc: Some(desc),
+        rm_identify: Some(identify),
+        rm_startup: Some(startup),
+        rm_cleanup: None,
+        rm_mask: None,
+        rm_decode: None,
+    }));
+    // SAFETY: called once while preloading; the table lives forever.
+    unsafe { pg_sys::RegisterCustomRmgr(RMGR_ID, rmgr) };
+}
+
+/// Logs `state` for `gid` (an `mtm-` gid; others are not logged) and
+/// returns the record's position. The record is not flushed here: COMMIT
+/// and ABORT are flushed by the commit record that follows them, and a
+/// PRECOMMIT lost in a crash is one whose COMMIT PREPARED never ran.
+pub fn log(gid: &str, state: State) -> Option<u64> {
+    if !mtm_state::decisions::loggable(gid) {
+        return None;
+    }
+    ensure_loaded();
+    // SAFETY: the record is built and inserted in one go by this backend;
+    // the gid outlives the insert. The bindings raise errors as ERROR.
+    let lsn = unsafe {
+        pg_sys::XLogBeginInsert();
+        pg_sys::XLogRegisterData(gid.as_ptr() as *mut c_char, gid.len() as _);
+        pg_sys::XLogInsert(RMGR_ID, state.info())
+    };
+    DECISIONS.exclusive().log.note(gid, state, lsn);
+    Some(lsn)
+}
+
+/// What this node logged about `gid`.
+pub fn state(gid: &str) -> Option<State> {
+    ensure_loaded();
+    DECISIONS.share().log.get(gid)
+}
+
+/// Reads the state file into the table, once per server start (from the
+/// redo's start, or at first use when there was nothing to redo).
+fn ensure_loaded() {
+    if DECISIONS.share().loaded {
+        return;
+    }
+    let mut d = DECISIONS.exclusive();
+    if d.loaded {
+        return;
+    }
+    d.loaded = true;
+    match std::fs::read_to_string(STATE_FILE) {
+        Ok(text) => match d.log.load(&text) {
+            Ok(_) => d.written = d.log.changes(),
+            Err(e) => warning!("multimaster: {STATE_FILE} is damaged ({e}); decisions before the last checkpoint may be missing"),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warning!("multimaster: cannot read {STATE_FILE}: {e}"),
+    }
+}
+
+/// Writes the table to the state file if it changed since the last
+/// write (the launcher calls this once a second and when it stops).
+pub fn persist() {
+    ensure_loaded();
+    let (changes, text) = {
+        let d = DECISIONS.share();
+        if d.log.changes() == d.written {
+            return;
+        }
+        (d.log.changes(), d.log.snapshot())
+    };
+    match write_durably(&text) {
+        Ok(()) => DECISIONS.exclusive().written = changes,
+        Err(e) => warning!("multimaster: cannot write {STATE_FILE}: {e}"),
+    }
+}
+
+/// Replaces the state file so that a crash leaves the old or the new one.
+fn write_durably(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(STATE_DIR)?;
+    let tmp = format!("{STATE_FILE}.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, STATE_FILE)?;
+    std::fs::File::open(STATE_DIR)?.sync_all()
+}
+
+/// The gid and state of the record `record` is reading.
+///
+/// # Safety
+/// `record` is a reader positioned on a decoded record of this manager.
+unsafe fn read(record: *mut pg_sys::XLogReaderState) -> (Option<State>, String, u64) {
+    let decoded = (*record).record;
+    let info = (*decoded).header.xl_info;
+    let data = std::slice::from_raw_parts((*decoded).main_data as *const u8, (*decoded).main_data_len as usize);
+    (State::from_info(info), String::from_utf8_lossy(data).into_owned(), (*record).ReadRecPtr)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
+    let (state, gid, lsn) = read(record);
+    match state {
+        Some(state) => {
+            DECISIONS.exclusive().log.note(&gid, state, lsn);
+        }
+        None => warning!("multimaster: unknown decision record at {lsn:X} skipped"),
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup() {
+    // Before any record is redone: the file holds what the redo may not.
+    ensure_loaded();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::XLogReaderState) {
+    let (_, gid, _) = read(record);
+    let text = format!("gid {gid}");
+    pg_sys::appendBinaryStringInfo(buf, text.as_ptr() as *const c_char, text.len() as _);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn identify(info: u8) -> *const c_char {
+    match State::from_info(info) {
+        Some(State::Precommitted) => c"PRECOMMIT".as_ptr(),
+        Some(State::Committed) => c"COMMIT".as_ptr(),
+        Some(State::Aborted) => c"ABORT".as_ptr(),
+        None => std::ptr::null(),
+    }
+}
+
+/// What this node's decision log says about `gid`: `committed`,
+/// `aborted`, or `notfound` (as the reference defines it; a gid that is
+/// only precommitted is `notfound` until it is finished).
+#[pg_extern]
+fn get_logged_prepared_xact_state(gid: &str) -> &'static str {
+    match state(gid) {
+        Some(State::Committed) => "committed",
+        Some(State::Aborted) => "aborted",
+        Some(State::Precommitted) | None => "notfound",
+    }
+}
+
+/// The states a gid is in on this node, for operators and resolvers:
+/// `prepared` (and not yet precommitted), `precommitted`, `committed`,
+/// `aborted` or `notfound`.
+#[pg_extern]
+fn xact_state(gid: &str) -> &'static str {
+    match state(gid) {
+        Some(State::Committed) => "committed",
+        Some(State::Aborted) => "aborted",
+        Some(State::Precommitted) => "precommitted",
+        None => {
+            let prepared = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+            if prepared {
+                "prepared"
+            } else {
+                "notfound"
+            }
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The 2PC decision log: what this node logged about each `mtm-` gid.
+//!
+//! A gid is *precommitted* on its home node once every peer voted yes
+//! (from then on the only right outcome is commit: the home node's
+//! resolver commits it if its coordinator dies), and *committed* or
+//! *aborted* on every node just before its COMMIT PREPARED / ROLLBACK
+//! PREPARED runs there (so the state is flushed by that statement's own
+//! commit record: a finished gid is never missing from the log).
+//!
+//! Each entry is first a record of the extension's WAL resource manager
+//! ([`State::info`] says which, the record's data is the gid), redone into
+//! this table after a crash; the table is also written to a state file
+//! ([`Log::snapshot`] / [`Log::load`]) so what a checkpoint takes out of
+//! the WAL's reach survives a restart. The table is fixed-size, to live in
+//! shared memory: when it is full the oldest finished entry makes room
+//! (old entries are trimmed), a precommitted one is kept while any
+//! finished one can go.
+
+/// Gids longer than this are refused by PostgreSQL too (GIDSIZE 200).
+pub const GID_MAX: usize = 200;
+/// Entries kept; the oldest finished ones are trimmed beyond this.
+pub const CAPACITY: usize = 4096;
+
+/// What the log says about a gid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Precommitted,
+    Committed,
+    Aborted,
+}
+
+impl State {
+    /// The record type, in the rmgr's bits of a WAL record's `xl_info`.
+    pub fn info(self) -> u8 {
+        match self {
+            State::Precommitted => 0x10,
+            State::Committed => 0x20,
+            State::Aborted => 0x30,
+        }
+    }
+
+    /// The state a record of type `info` logs (the low four bits, which
+    /// belong to the WAL itself, are ignored).
+    pub fn from_info(info: u8) -> Option<State> {
+        match info & 0xF0 {
+            0x10 => Some(State::Precommitted),
+            0x20 => Some(State::Committed),
+            0x30 => Some(State::Aborted),
+            _ => None,
+        }
+    }
+
+    /// The record type's name, as `pg_walinspect` shows it.
+    pub fn record_name(self) -> &'static str {
+        match self {
+            State::Precommitted => "PRECOMMIT",
+            State::Committed => "COMMIT",
+            State::Aborted => "ABORT",
+        }
+    }
+
+    /// The state's name, as `mtm.get_logged_prepared_xact_state` and the
+    /// state file spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Precommitted => "precommitted",
+            State::Committed => "committed",
+            State::Aborted => "aborted",
+        }
+    }
+
+    fn parse(s: &str) -> Option<State> {
+        [State::Precommitted, State::Committed, State::Aborted].into_iter().find(|st| st.as_str() == s)
+    }
+
+    fn code(self) -> u8 {
+        self.info() >> 4
+    }
+
+    fn from_code(code: u8) -> Option<State> {
+        State::from_info(code << 4)
+    }
+}
+
+/// Whether `gid` can be logged: an `mtm-` gid PostgreSQL accepts, with no
+/// whitespace or control characters (so the state file stays one line per
+/// entry).
+pub fn loggable(gid: &str) -> bool {
+    gid.starts_with("mtm-") && gid.len() <= GID_MAX && !gid.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    /// [`State::code`], 0 for an empty entry.
+    state: u8,
+    gid_len: u8,
+    gid: [u8; GID_MAX],
+    /// Where the entry's record is in the WAL: a record older than the
+    /// entry (redone after the state file was loaded) changes nothing.
+    lsn: u64,
+}
+
+impl Entry {
+    const EMPTY: Entry = Entry { state: 0, gid_len: 0, gid: [0; GID_MAX], lsn: 0 };
+
+    fn gid(&self) -> &[u8] {
+        &self.gid[..self.gid_len as usize]
+    }
+
+    fn state(&self) -> Option<State> {
+        State::from_code(self.state)
+    }
+}
+
+/// The log's table (fixed-size, `Copy`: it lives in shared memory).
+#[derive(Clone, Copy)]
+pub struct Log {
+    entries: [Entry; CAPACITY],
+    /// The next entry to reuse (entries are taken in a ring, so this is
+    /// also the oldest).
+    next: usize,
+    /// Bumped by every change: the state file is rewritten when it moved.
+    changes: u64,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { entries: [Entry::EMPTY; CAPACITY], next: 0, changes: 0 }
+    }
+}
+
+/// Why a state file could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadSnapshot {
+    pub line: usize,
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for BadSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.reason)
+    }
+}
+
+const SNAPSHOT_HEADER: &str = "multimaster decision log 1";
+
+impl Log {
+    fn find(&self, gid: &[u8]) -> Option<usize> {
+        self.entries.iter().position(|e| e.state != 0 && e.gid() == gid)
+    }
+
+    /// What the log says about `gid`.
+    pub fn get(&self, gid: &str) -> Option<State> {
+        self.find(gid.as_bytes()).and_then(|i| self.entries[i].state())
+    }
+
+    /// Notes that `state` was logged for `gid` at `lsn`. A record older
+    /// than what the table holds for the gid is ignored (the state file
+    /// may be newer than the WAL being redone). Returns false when the gid
+    /// cannot be logged ([`loggable`]).
+    pub fn note(&mut self, gid: &str, state: State, lsn: u64) -> bool {
+        if !loggable(gid) {
+            return false;
+        }
+        let i = match self.find(gid.as_bytes()) {
+            Some(i) if self.entries[i].lsn > lsn => return true,
+            Some(i) => i,
+            None => self.make_room(),
+        };
+        let e = &mut self.entries[i];
+        e.state = state.code();
+        e.gid_len = gid.len() as u8;
+        e.gid[..gid.len()].copy_from_slice(gid.as_bytes());
+        e.lsn = lsn;
+        self.changes += 1;
+        true
+    }
+
+    /// The entry a new gid takes: the oldest that is empty or finished,
+    /// or, when every entry is precommitted, the oldest.
+    fn make_room(&mut self) -> usize {
+        let start = self.next;
+        let taken = (0..CAPACITY)
+            .map(|k| (start + k) % CAPACITY)
+            .find(|&i| self.entries[i].state() != Some(State::Precommitted))
+            .unwrap_or(start);
+        self.next = (taken + 1) % CAPACITY;
+        taken
+    }
+
+    /// Counts changes, so a writer can tell whether the file is stale.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The state file's text: a header line, then one `lsn state gid`
+    /// line per entry, oldest first.
+    pub fn snapshot(&self) -> String {
+        let mut out = String::with_capacity(64 + CAPACITY * 32);
+        out.push_str(SNAPSHOT_HEADER);
+        out.push('\n');
+        for k in 0..CAPACITY {
+            let e = &self.entries[(self.next + k) % CAPACITY];
+            if let (Some(state), Ok(gid)) = (e.state(), std::str::from_utf8(e.gid())) {
+                out.push_str(&format!("{:X} {} {gid}\n", e.lsn, state.as_str()));
+            }
+        }
+        out
+    }
+
+    /// Adds a state file's entries (oldest first, as written) to the
+    /// table. Returns how many were read.
+    pub fn load(&mut self, text: &str) -> Result<usize, BadSnapshot> {
+        let mut lines = text.lines();
+        if lines.next() != Some(SNAPSHOT_HEADER) {
+            return Err(BadSnapshot { line: 1, reason: "not a multimaster decision log" });
+        }
+        let mut read = 0;
+        for (n, line) in lines.enumerate() {
+            let bad = |reason| BadSnapshot { line: n + 2, reason };
+            let mut parts = line.splitn(3, ' ');
+            let lsn = parts.next().and_then(|s| u64::from_str_radix(s, 16).ok()).ok_or(bad("bad position"))?;
+            let state = parts.next().and_then(State::parse).ok_or(bad("bad state"))?;
+            let gid = parts.next().ok_or(bad("no gid"))?;
+            if !self.note(gid, state, lsn) {
+                return Err(bad("bad gid"));
+            }
+            read += 1;
+        }
+        Ok(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boxed() -> Box<Log> {
+        Box::default()
+    }
+
+    #[test]
+    fn record_types_round_trip() {
+        for s in [State::Precommitted, State::Committed, State::Aborted] {
+            assert_eq!(State::from_info(s.info()), Some(s));
+            assert_eq!(State::from_info(s.info() | 0x0B), Some(s), "low bits belong to the WAL");
+        }
+        assert_eq!(State::from_info(0x40), None);
+        assert_eq!(State::from_info(0x00), None);
+    }
+
+    #[test]
+    fn a_gid_goes_from_precommitted_to_committed() {
+        let mut log = boxed();
+        assert_eq!(log.get("mtm-1-7"), None);
+        assert!(log.note("mtm-1-7", State::Precommitted, 100));
+        assert_eq!(log.get("mtm-1-7"), Some(State::Precommitted));
+        assert!(log.note("mtm-1-7", State::Committed, 200));
+        assert_eq!(log.get("mtm-1-7"), Some(State::Committed));
+        assert_eq!(log.get("mtm-1-8"), None);
+    }
+
+    #[test]
+    fn an_older_record_does_not_undo_a_newer_entry() {
+        let mut log = boxed();
+        log.note("mtm-1-7", State::Committed, 200);
+        // Redo after the state file was loaded replays the precommit.
+        log.note("mtm-1-7", State::Precommitted, 100);
+        assert_eq!(log.get("mtm-1-7"), Some(State::Committed));
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_mtm_gid() {
+        let mut log = boxed();
+        assert!(!log.note("client-xa-1", State::Committed, 1));
+        assert!(!log.note("mtm-1 2", State::Committed, 1));
+        assert!(!log.note("mtm-1\n2", State::Committed, 1));
+        assert!(!log.note(&format!("mtm-{}", "x".repeat(GID_MAX)), State::Committed, 1));
+        assert_eq!(log.changes(), 0);
+    }
+
+    #[test]
+    fn trims_the_oldest_finished_entries_and_keeps_precommitted_ones() {
+        let mut log = boxed();
+        log.note("mtm-1-pending", State::Precommitted, 1);
+        for i in 0..(CAPACITY as u64 * 2) {
+            log.note(&format!("mtm-2-{i}"), State::Committed, 10 + i);
+        }
+        assert_eq!(log.get("mtm-1-pending"), Some(State::Precommitted));
+        assert_eq!(log.get("mtm-2-0"), None, "trimmed");
+        assert_eq!(log.get(&format!("mtm-2-{}", CAPACITY * 2 - 1)), Some(State::Committed));
+        assert_eq!(log.get(&format!("mtm-2-{}", CAPACITY * 2 - (CAPACITY - 1))), Some(State::Committed));
+    }
+
+    #[test]
+    fn a_full_table_of_precommitted_entries_still_takes_a_new_one() {
+        let mut log = boxed();
+        for i in 0..CAPACITY as u64 {
+            log.note(&format!("mtm-1-{i}"), State::Precommitted, i + 1);
+        }
+        assert!(log.note("mtm-1-new", State::Precommitted, 1_000_000));
+        assert_eq!(log.get("mtm-1-new"), Some(State::Precommitted));
+        assert_eq!(log.get("mtm-1-0"), None, "the oldest made room");
+    }
+
+    #[test]
+    fn snapshot_round_trips_in_age_order() {
+        let mut log = boxed();
+        log.note("mtm-1-a", State::Committed, 0x10);
+        log.note("mtm-1-b", State::Aborted, 0x20);
+        log.note("mtm-1-c", State::Precommitted, 0x30);
+        let text = log.snapshot();
+        assert_eq!(text, "multimaster decision log 1\n10 committed mtm-1-a\n20 aborted mtm-1-b\n30 precommitted mtm-1-c\n");
+        let mut back = boxed();
+        assert_eq!(back.load(&text), Ok(3));
+        assert_eq!(back.snapshot(), text);
+        // Redo then moves it on.
+        back.note("mtm-1-c", State::Committed, 0x40);
+        assert_eq!(back.get("mtm-1-c"), Some(State::Committed));
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_refused_with_its_line() {
+        let mut log = boxed();
+        assert_eq!(log.load("hello\n").unwrap_err().line, 1);
+        let e = log.load("multimaster decision log 1\n10 committed mtm-1-a\n20 maybe mtm-1-b\n").unwrap_err();
+        assert_eq!(e, BadSnapshot { line: 3, reason: "bad state" });
+        assert_eq!(log.load("multimaster decision log 1\nzz committed mtm-1-a\n").unwrap_err().reason, "bad position");
+    }
+}

@@ -1,0 +1,166 @@
+//! The durable 2PC decision log (the extension's WAL resource manager):
+//! what every node logs for the transactions committed through the proxy
+//! of a 3-node cluster (sessions on every node), read back with
+//! `pg_walinspect` and `mtm.get_logged_prepared_xact_state`, after a
+//! kill -9 from the WAL alone and from the state file alone; and the
+//! resolver, which commits a gid its coordinator left precommitted and
+//! rolls back one left merely prepared.
+
+use mtm_tests::cluster::{client, converge, nothing_prepared, proxy_client, schema, sqlstate, wait_connected};
+use mtmctl::testing::TestCluster;
+use postgres::Client;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// The multimaster records on node `id` since `from`: type → gids.
+fn records(c: &TestCluster, id: usize, from: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let rows = client(c, id)
+        .query(
+            "select record_type, description from pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_lsn())
+              where resource_manager = 'multimaster'",
+            &[&from],
+        )
+        .unwrap();
+    for r in rows {
+        let (kind, desc): (String, String) = (r.get(0), r.get(1));
+        let gid = desc.strip_prefix("gid ").unwrap_or_else(|| panic!("node{id}: description {desc:?}"));
+        out.entry(kind).or_default().insert(gid.to_string());
+    }
+    out
+}
+
+fn logged(cl: &mut Client, gid: &str) -> String {
+    cl.query_one("select mtm.get_logged_prepared_xact_state($1)", &[&gid]).unwrap().get(0)
+}
+
+fn home_of(gid: &str) -> usize {
+    gid.split('-').nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("gid {gid}"))
+}
+
+fn restart(c: &TestCluster, id: usize) {
+    c.node(id).start(&c.host).unwrap();
+    wait_connected(c);
+}
+
+#[test]
+fn every_node_logs_each_decision_and_keeps_it_across_a_crash() {
+    let c = TestCluster::start(3);
+    schema(&c, "create extension pg_walinspect; create table t(id int primary key, v int)");
+    proxy_client(&c).batch_execute("insert into t select g, 0 from generate_series(1, 3) g").unwrap();
+    converge(&c, &["t"]);
+    let start: Vec<String> = (1..=3).map(|id| client(&c, id).query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0)).collect();
+
+    let mut s: Vec<Client> = (0..3).map(|_| proxy_client(&c)).collect();
+    let ports: BTreeSet<i32> = s.iter_mut().map(|cl| cl.query_one("select inet_server_port()", &[]).unwrap().get(0)).collect();
+    assert_eq!(ports.len(), 3, "three sessions through the proxy are on three nodes");
+    for i in 0..15 {
+        s[i % 3].batch_execute(&format!("insert into t values ({}, 1)", 100 + i)).unwrap();
+    }
+    // Two sessions on different nodes update one row: one commits, the
+    // other is refused and rolled back everywhere.
+    let (mut a, mut b) = (s.remove(0), s.remove(0));
+    a.batch_execute("begin; update t set v = v + 1 where id = 1").unwrap();
+    b.batch_execute("begin; update t set v = v + 10 where id = 1").unwrap();
+    let ta = std::thread::spawn(move || a.batch_execute("commit").map_err(|e| sqlstate(&e)));
+    let tb = std::thread::spawn(move || b.batch_execute("commit").map_err(|e| sqlstate(&e)));
+    let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
+    assert!(ra.is_ok() != rb.is_ok(), "exactly one commits: {ra:?} {rb:?}");
+    assert_eq!(ra.err().or(rb.err()).as_deref(), Some("40001"));
+    converge(&c, &["t"]);
+    nothing_prepared(&c, Duration::from_secs(10));
+
+    let logs: Vec<_> = (1..=3).map(|id| records(&c, id, &start[id - 1])).collect();
+    let of = |id: usize, kind: &str| logs[id - 1].get(kind).cloned().unwrap_or_default();
+    // Every node commits every transaction and logs it first.
+    let committed = of(1, "COMMIT");
+    assert!(committed.len() >= 16, "15 inserts and the update that won: {committed:?}");
+    assert_eq!(of(2, "COMMIT"), committed, "node2 logged the same commits");
+    assert_eq!(of(3, "COMMIT"), committed, "node3 logged the same commits");
+    // A gid is precommitted on its home node only, before it commits.
+    let mut homes = BTreeSet::new();
+    for gid in &committed {
+        let home = home_of(gid);
+        homes.insert(home);
+        assert!(of(home, "PRECOMMIT").contains(gid), "{gid} precommitted on node{home}");
+        for other in (1..=3).filter(|&n| n != home) {
+            assert!(!of(other, "PRECOMMIT").contains(gid), "{gid} precommitted on node{other}, not its home");
+        }
+    }
+    assert_eq!(homes.len(), 3, "commits came from every node");
+    // The refused transaction: aborted on its home node, committed nowhere.
+    let aborted: BTreeSet<String> = (1..=3).flat_map(|id| of(id, "ABORT")).collect();
+    assert!(!aborted.is_empty(), "the refused transaction's rollback is logged");
+    for gid in &aborted {
+        let home = home_of(gid);
+        assert!(of(home, "ABORT").contains(gid), "{gid} aborted on its home node{home}");
+        assert!(!committed.contains(gid) && !of(home, "PRECOMMIT").contains(gid), "{gid} was never decided to commit");
+    }
+
+    let check = |c: &TestCluster, id: usize, what: &str| {
+        let mut cl = client(c, id);
+        for gid in &committed {
+            assert_eq!(logged(&mut cl, gid), "committed", "node{id} ({what}): {gid}");
+        }
+        for gid in of(id, "ABORT").iter() {
+            assert_eq!(logged(&mut cl, gid), "aborted", "node{id} ({what}): {gid}");
+        }
+        assert_eq!(logged(&mut cl, "mtm-9-never"), "notfound");
+    };
+    for id in 1..=3 {
+        check(&c, id, "running");
+    }
+
+    // kill -9, and the state file removed: the decisions come back from
+    // the WAL (no checkpoint since they were logged).
+    c.node(3).kill9();
+    std::fs::remove_file(c.node(3).dir.join("pg_mtm/decisions")).ok();
+    restart(&c, 3);
+    check(&c, 3, "redone from the WAL");
+
+    // A checkpoint puts them out of the redo's reach: after kill -9 they
+    // come back from the state file the launcher wrote.
+    client(&c, 2).batch_execute("checkpoint").unwrap();
+    let file = c.node(2).dir.join("pg_mtm/decisions");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&file).is_ok_and(|t| committed.iter().all(|g| t.contains(g.as_str()))) {
+        assert!(Instant::now() < deadline, "node2's launcher did not write {}", file.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.node(2).kill9();
+    restart(&c, 2);
+    check(&c, 2, "read from the state file after a checkpoint");
+}
+
+#[test]
+fn the_resolver_commits_a_precommitted_orphan_and_rolls_back_an_undecided_one() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table r(id int primary key)");
+    wait_connected(&c);
+    // A coordinator that gets every vote, then disappears before its
+    // COMMIT PREPARED: the decision was logged, so the gid commits.
+    {
+        let mut coordinator = client(&c, 1);
+        coordinator.batch_execute("begin; insert into r values (1); prepare transaction 'mtm-1-orphan-decided'").unwrap();
+        let ok: bool = coordinator.query_one("select ok from mtm.await_votes('mtm-1-orphan-decided', 10000)", &[]).unwrap().get(0);
+        assert!(ok, "every peer voted yes");
+        assert_eq!(
+            coordinator.query_one("select mtm.xact_state('mtm-1-orphan-decided')", &[]).unwrap().get::<_, String>(0),
+            "precommitted"
+        );
+    }
+    // One that disappears right after its PREPARE: rolled back everywhere.
+    {
+        let mut coordinator = client(&c, 1);
+        coordinator.batch_execute("begin; insert into r values (2); prepare transaction 'mtm-1-orphan-undecided'").unwrap();
+    }
+    nothing_prepared(&c, Duration::from_secs(15));
+    converge(&c, &["r"]);
+    for id in 1..=3 {
+        let mut cl = client(&c, id);
+        let ids: Vec<i32> = cl.query("select id from r order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [1], "node{id}: the decided gid committed, the other did not");
+        assert_eq!(logged(&mut cl, "mtm-1-orphan-decided"), "committed", "node{id}");
+    }
+    assert_eq!(logged(&mut client(&c, 1), "mtm-1-orphan-undecided"), "aborted");
+}

@@ -1,0 +1,72 @@
+//! LISTEN/NOTIFY through the proxy of a 3-node cluster: listeners on
+//! every node hear every NOTIFY sent from a session on any node, when its
+//! transaction commits, and nothing of one that rolled back.
+
+use mtm_tests::cluster::{client, nothing_prepared, proxy_client, schema, wait_connected};
+use mtmctl::testing::TestCluster;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::Client;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+fn one_per_node(c: &TestCluster) -> Vec<Client> {
+    let mut s: Vec<Client> = (0..3).map(|_| proxy_client(c)).collect();
+    let ports: BTreeSet<i32> = s.iter_mut().map(|cl| cl.query_one("select inet_server_port()", &[]).unwrap().get(0)).collect();
+    assert_eq!(ports.len(), 3, "three sessions through the proxy are on three nodes");
+    s
+}
+
+/// Up to `n` payloads heard on channel `chan`, each waited for at most `wait`.
+fn payloads(l: &mut Client, n: usize, wait: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut notes = l.notifications();
+    let mut it = notes.timeout_iter(wait);
+    while out.len() < n {
+        match it.next() {
+            Ok(Some(note)) => {
+                assert_eq!(note.channel(), "chan");
+                out.push(note.payload().to_string());
+            }
+            Ok(None) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    out
+}
+
+#[test]
+fn a_listener_on_any_node_hears_a_notify_from_any_node_once_it_commits() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table t(id int primary key)");
+    wait_connected(&c);
+    let mut listeners = one_per_node(&c);
+    for l in &mut listeners {
+        l.batch_execute("listen chan").unwrap();
+    }
+    let mut senders = one_per_node(&c);
+    senders[0].batch_execute("notify chan, 'autocommit'").unwrap();
+    senders[1].batch_execute("begin; insert into t values (1); notify chan, 'with a write'; commit").unwrap();
+    senders[2].batch_execute("begin; notify chan, 'rolled back'; rollback").unwrap();
+    senders[2]
+        .batch_execute("begin; savepoint s; notify chan, 'undone'; rollback to s; notify chan, 'kept'; commit")
+        .unwrap();
+    senders[0].batch_execute("do $$ begin execute 'notify chan, ''from plpgsql'''; end $$").unwrap();
+    let err = senders[1].batch_execute("notify chan, ''").map(|_| ());
+    assert!(err.is_ok(), "an empty payload is a payload: {err:?}");
+    let err = senders[1].batch_execute(&format!("notify chan, '{}'", "x".repeat(8000))).unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"), "payload too long, as PostgreSQL says: {err:?}");
+
+    for (i, l) in listeners.iter_mut().enumerate() {
+        let heard = payloads(l, 5, Duration::from_secs(10));
+        assert_eq!(heard, ["autocommit", "with a write", "kept", "from plpgsql", ""], "listener {i}");
+        let more = payloads(l, 1, Duration::from_millis(500));
+        assert!(more.is_empty(), "listener {i} heard more: {more:?}");
+    }
+    nothing_prepared(&c, Duration::from_secs(10));
+    for id in 1..=3 {
+        let left: i64 = client(&c, id).query_one("select count(*) from mtm.notifications", &[]).unwrap().get(0);
+        assert_eq!(left, 0, "node{id} keeps no delivered notification");
+        let rows: i64 = client(&c, id).query_one("select count(*) from t", &[]).unwrap().get(0);
+        assert_eq!(rows, 1, "node{id}");
+    }
+}
