@@ -52,6 +52,9 @@ fn main() {
     // 64 proxy clients + PgBouncer's pooled server connections at once.
     let mut c = node.connect().expect("connect to node");
     c.batch_execute("alter system set max_connections = 300").unwrap();
+    // pgbench writes to the node directly and through PgBouncer and
+    // HAProxy, which the node refuses unless allowed.
+    c.batch_execute("alter system set multimaster.direct_writes = on").unwrap();
     drop(c);
     node.stop(&cluster.host, "fast").unwrap();
     node.start(&cluster.host).unwrap();

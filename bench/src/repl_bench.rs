@@ -43,8 +43,15 @@ fn main() {
     eprintln!("starting a 3-node cluster ...");
     let cluster = TestCluster::start(3);
     let ports: Vec<u16> = cluster.layout.node_ports.clone();
-    let connect = |i: usize| Client::connect(&cluster.node(i + 1).conninfo("postgres"), NoTls).unwrap();
+    let connect = |i: usize| Client::connect(&cluster.node(i + 1).admin_conninfo("postgres"), NoTls).unwrap();
     mtm_tests::pgbench_tables(&cluster, args.scale);
+    // This benchmark measures the mesh: pgbench writes on node 1 directly,
+    // which the node refuses unless allowed.
+    for i in 0..3 {
+        let mut c = connect(i);
+        c.batch_execute("alter system set multimaster.direct_writes = on").unwrap();
+        c.batch_execute("select pg_reload_conf()").unwrap();
+    }
     wait_converged(&ports, Duration::from_secs(300));
 
     let d = args.duration.to_string();

@@ -157,9 +157,11 @@ BEGIN
             USING ERRCODE = 'active_sql_transaction';
     END IF;
     FOR k IN 1..n LOOP
-        PERFORM dblink_exec(conninfos[k], 'CREATE EXTENSION IF NOT EXISTS multimaster');
-        -- mtm.check_query reaches the nodes with dblink from any of them.
-        PERFORM dblink_exec(conninfos[k], 'CREATE EXTENSION IF NOT EXISTS dblink');
+        -- Each node's own set-up, in a direct session (hence the opt-in):
+        -- the extension, and dblink, with which mtm.check_query reaches
+        -- the nodes from any of them.
+        PERFORM dblink_exec(conninfos[k], 'SET multimaster.direct_writes = on; '
+                                          'CREATE EXTENSION IF NOT EXISTS multimaster; CREATE EXTENSION IF NOT EXISTS dblink');
         SELECT string_agg(format('(%s, %L, %L)', i, conninfos[i], i = k), ', ') INTO rows
         FROM generate_series(1, n) AS i;
         PERFORM dblink_exec(conninfos[k], 'INSERT INTO mtm.cluster_nodes (id, conninfo, is_self) VALUES ' || rows

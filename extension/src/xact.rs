@@ -34,6 +34,10 @@ pub static XACT_WRITES: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// `multimaster.coordinated_commit`: set by the proxy on its sessions.
 pub static COORDINATED_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// `multimaster.direct_writes`: a session connected to a node directly
+/// may write to replicated tables (superuser; repairs and tests).
+pub static DIRECT_WRITES: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
@@ -54,6 +58,14 @@ pub fn init() {
         c"Set by mtm-proxy on its sessions: their writing transactions commit through the cluster's two-phase commit.",
         &COORDINATED_COMMIT,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"multimaster.direct_writes",
+        c"Allow writes to replicated tables in a session connected to this node directly.",
+        c"Off: such writes (rows and schema changes) are refused; they go through mtm-proxy, which commits them on every node at once. On: they commit here and reach the other nodes afterwards, with no conflict check across nodes.",
+        &DIRECT_WRITES,
+        GucContext::Suset,
         GucFlags::default(),
     );
     // SAFETY: while the library is preloaded, before any query runs; the
@@ -103,6 +115,32 @@ pub(crate) fn set_writes(on: bool) {
     }
 }
 
+/// Refuses a client's write to replicated tables (`relids`; empty: a
+/// schema change or a statement whose tables are not known) in a session
+/// that did not come through the proxy: it would commit on this node
+/// alone first, with no conflict check against the others. The
+/// extension's own tables (schema `mtm`, written by `mtm.init_cluster`
+/// and friends on each node) and extension scripts are exempt.
+pub(crate) fn refuse_direct_write(relids: &[pg_sys::Oid], what: &str) {
+    // SAFETY: a plain read of a backend-global flag.
+    let in_extension_script = unsafe { pg_sys::creating_extension };
+    if COORDINATED_COMMIT.get() || DIRECT_WRITES.get() || in_extension_script || !client_change() || !crate::ddl::replicated_database() {
+        return;
+    }
+    // SAFETY: syscache lookups of relations the statement has locked.
+    let mtm = unsafe { pg_sys::get_namespace_oid(c"mtm".as_ptr(), true) };
+    if !relids.is_empty() && relids.iter().all(|&r| unsafe { pg_sys::get_rel_namespace(r) } == mtm) {
+        return;
+    }
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+        format!("multimaster: {what} on a node directly is refused: writes go through mtm-proxy, which commits them on every node at once"),
+        "refuse_direct_write",
+    )
+    .set_hint("Connect through mtm-proxy (reads are allowed here). For repairs on this node, a superuser can SET multimaster.direct_writes = on: such writes reach the other nodes afterwards, with no conflict check.")
+    .report(PgLogLevel::ERROR);
+}
+
 /// Whether relation `relid` is replicated (a permanent table).
 fn replicated(relid: pg_sys::Oid) -> bool {
     // SAFETY: a syscache lookup of a relation the caller has locked.
@@ -139,8 +177,14 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     let stmt = (*query).plannedstmt;
     let modifies = op != pg_sys::CmdType::CMD_SELECT || (!stmt.is_null() && (*stmt).hasModifyingCTE);
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
-    if modifies && !explain_only && !XACT_WRITES.get() && client_change() && !crate::notify::own_work() && result_relids(stmt).into_iter().any(replicated) {
-        set_writes(true);
+    if modifies && !explain_only && client_change() && !crate::notify::own_work() {
+        let written: Vec<pg_sys::Oid> = result_relids(stmt).into_iter().filter(|&r| replicated(r)).collect();
+        if !written.is_empty() {
+            refuse_direct_write(&written, "writing to a replicated table");
+            if !XACT_WRITES.get() {
+                set_writes(true);
+            }
+        }
     }
     if !explain_only {
         crate::ddl::begin_statement(query);
@@ -274,7 +318,8 @@ unsafe extern "C-unwind" fn process_utility(
     if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_NotifyStmt && crate::notify::take_over(node as *mut pg_sys::NotifyStmt) {
         return;
     }
-    if !XACT_WRITES.get() && client_change() && utility_writes(node) {
+    if client_change() && utility_writes(node) {
+        refuse_direct_write(&[], "COPY FROM or TRUNCATE of a replicated table");
         set_writes(true);
     }
     let finishing = note_two_phase(node);
@@ -293,6 +338,8 @@ unsafe extern "C-unwind" fn process_utility(
             crate::ddl::keep_replica_identity(pstmt);
             // A schema change goes through the cluster's commit like a write.
             if crate::ddl::finish(capture) {
+                // After it ran: only now is it known not to be temp-only.
+                refuse_direct_write(&[], "a schema change");
                 set_writes(true);
             }
             return;

@@ -143,8 +143,16 @@ impl Node {
         format!("host=127.0.0.1 port={} user=postgres dbname={dbname} connect_timeout=10", self.port)
     }
 
+    /// An administrator's session on the node: it may write to replicated
+    /// tables directly (`multimaster.direct_writes`), which a node refuses
+    /// to sessions that do not come through the proxy.
+    pub fn admin_conninfo(&self, dbname: &str) -> String {
+        format!("{} options='-c multimaster.direct_writes=on'", self.conninfo(dbname))
+    }
+
+    /// Connects as [`Node::admin_conninfo`].
     pub fn connect(&self) -> Result<postgres::Client> {
-        postgres::Client::connect(&self.conninfo("postgres"), postgres::NoTls)
+        postgres::Client::connect(&self.admin_conninfo("postgres"), postgres::NoTls)
             .map_err(|e| Error::Sql { what: format!("cannot connect to {}", self.name()), source: e })
     }
 

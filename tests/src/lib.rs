@@ -35,7 +35,22 @@ pub fn psql_ok(port: u16, sql: &str) -> String {
 
 /// Runs `pgbench` against `port` with `args`; returns (success, stdout+stderr).
 pub fn pgbench(port: u16, args: &[&str]) -> (bool, String) {
-    let out = Command::new("pgbench")
+    pgbench_with(port, args, None)
+}
+
+/// [`pgbench`] on a node directly, as an administrator: the node refuses
+/// writes from sessions that do not come through the proxy unless they
+/// opt in (tests of the replication mesh itself).
+pub fn pgbench_on_node(port: u16, args: &[&str]) -> (bool, String) {
+    pgbench_with(port, args, Some("-c multimaster.direct_writes=on"))
+}
+
+fn pgbench_with(port: u16, args: &[&str], options: Option<&str>) -> (bool, String) {
+    let mut cmd = Command::new("pgbench");
+    if let Some(o) = options {
+        cmd.env("PGOPTIONS", o);
+    }
+    let out = cmd
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
         .args(args)
         .arg("postgres")
@@ -63,7 +78,7 @@ pub mod cluster {
 
     /// A session on node `id` directly (not through the proxy).
     pub fn client(c: &TestCluster, id: usize) -> Client {
-        Client::connect(&c.node(id).conninfo("postgres"), NoTls).expect("connect to node")
+        Client::connect(&c.node(id).admin_conninfo("postgres"), NoTls).expect("connect to node")
     }
 
     /// A session through the proxy.

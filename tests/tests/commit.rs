@@ -562,3 +562,52 @@ fn kill_9_of_the_proxy_and_of_a_node_loses_no_acknowledged_commit() {
         assert_eq!(present as usize, acked.len(), "node{id}: an acknowledged transfer is missing");
     }
 }
+
+#[test]
+fn writes_on_a_node_directly_are_refused_unless_a_superuser_allows_them() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table d(id int primary key); create role app login");
+    wait_connected(&c);
+    // A plain session on node 2, as an application would open one.
+    let mut n2 = postgres::Client::connect(&c.node(2).conninfo("postgres"), postgres::NoTls).unwrap();
+    assert_eq!(n2.query_one("select count(*) from d", &[]).unwrap().get::<_, i64>(0), 0, "reads are allowed");
+    for sql in [
+        "insert into d values (1)",
+        "update d set id = 2",
+        "with x as (delete from d returning *) select * from x",
+        "truncate d",
+        "create table d2(id int)",
+        "alter table d add column v int",
+        "do $$ begin insert into d values (3); end $$",
+        "begin; select 1; insert into d values (4); commit",
+    ] {
+        let e = n2.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&e), "25006", "{sql}: {e:?}");
+        let db = e.as_db_error().unwrap();
+        assert!(db.message().contains("mtm-proxy"), "{sql}: {}", db.message());
+        assert!(db.hint().unwrap_or_default().contains("multimaster.direct_writes"), "{sql}: {:?}", db.hint());
+        n2.batch_execute("rollback").unwrap();
+    }
+    // Temporary tables are the session's own.
+    n2.batch_execute("create temp table tt(x int); insert into tt values (1); truncate tt").unwrap();
+    for id in 1..=3 {
+        let mut cl = client(&c, id);
+        assert_eq!(cl.query_one("select count(*) from d", &[]).unwrap().get::<_, i64>(0), 0, "node{id}: nothing written");
+        let d2: Option<String> = cl.query_one("select to_regclass('d2')::text", &[]).unwrap().get(0);
+        assert_eq!(d2, None, "node{id}");
+    }
+    // A superuser may allow it (repairs); the write then reaches every node.
+    n2.batch_execute("set multimaster.direct_writes = on; insert into d values (7)").unwrap();
+    converge(&c, &["d"]);
+    assert_eq!(client(&c, 3).query_one("select count(*) from d where id = 7", &[]).unwrap().get::<_, i64>(0), 1);
+    // Nobody else may.
+    let mut app = postgres::Client::connect(&format!("host=127.0.0.1 port={} user=app dbname=postgres", c.node(2).port), postgres::NoTls).unwrap();
+    let e = app.batch_execute("set multimaster.direct_writes = on").unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
+    // Through the proxy, writes work as before, on every node.
+    let mut s = sessions(&c, 3);
+    for (i, cl) in s.iter_mut().enumerate() {
+        cl.batch_execute(&format!("insert into d values ({})", 100 + i)).unwrap();
+    }
+    converge(&c, &["d"]);
+}

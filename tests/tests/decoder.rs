@@ -6,7 +6,7 @@ use mtmctl::testing::TestCluster;
 use postgres::{Client, NoTls};
 
 fn node_client(c: &TestCluster) -> Client {
-    Client::connect(&c.node(1).conninfo("postgres"), NoTls).expect("connect to node")
+    Client::connect(&c.node(1).admin_conninfo("postgres"), NoTls).expect("connect to node")
 }
 
 /// Everything decoded since the last call (consumes the slot).

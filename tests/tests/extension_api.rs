@@ -7,7 +7,7 @@ use postgres::{Client, NoTls};
 #[test]
 fn api_surface_and_not_implemented_errors() {
     let c = TestCluster::start(1);
-    let mut cl = Client::connect(&c.node(1).conninfo("postgres"), NoTls).unwrap();
+    let mut cl = Client::connect(&c.node(1).admin_conninfo("postgres"), NoTls).unwrap();
     let one = |cl: &mut Client, sql: &str| -> String { cl.query_one(sql, &[]).unwrap().get(0) };
     assert_eq!(one(&mut cl, "select mtm.version()"), env!("CARGO_PKG_VERSION"));
     assert!(cl.query_one("select mtm.ping()", &[]).unwrap().get::<_, bool>(0));

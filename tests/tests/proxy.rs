@@ -467,7 +467,8 @@ fn scram_and_tls_towards_the_node() {
         "alter system set ssl = on".to_string(),
         format!("alter system set ssl_cert_file = '{}'", cert.display()),
         format!("alter system set ssl_key_file = '{}'", key.display()),
-        "set password_encryption = 'scram-sha-256'; alter role postgres password 'node-pw'".to_string(),
+        // (On the node directly: a schema change there needs the opt-in.)
+        "set multimaster.direct_writes = on; set password_encryption = 'scram-sha-256'; alter role postgres password 'node-pw'".to_string(),
     ] {
         psql_ok(node.port, &sql);
     }

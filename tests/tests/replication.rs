@@ -120,7 +120,7 @@ fn a_killed_node_catches_up_without_loss_or_duplicates() {
     let c = TestCluster::start(3);
     schema(&c, "create table w(id int primary key, v int)");
     let writer = {
-        let conninfo = c.node(1).conninfo("postgres");
+        let conninfo = c.node(1).admin_conninfo("postgres");
         std::thread::spawn(move || {
             let mut cl = Client::connect(&conninfo, NoTls).unwrap();
             for i in 0..3000 {
@@ -232,7 +232,7 @@ fn pgbench_on_one_node_survives_a_killed_node_and_a_killed_apply_worker() {
     // Few accounts, many clients: the pool gets both independent
     // transactions and ones that touch the same rows.
     let port = c.node(1).port;
-    let bench = std::thread::spawn(move || mtm_tests::pgbench(port, &["-N", "-c", "8", "-j", "2", "-T", "12", "--random-seed", "7"]));
+    let bench = std::thread::spawn(move || mtm_tests::pgbench_on_node(port, &["-N", "-c", "8", "-j", "2", "-T", "12", "--random-seed", "7"]));
     std::thread::sleep(Duration::from_secs(3));
     c.node(2).kill9();
     std::thread::sleep(Duration::from_secs(1));
