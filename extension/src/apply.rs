@@ -18,6 +18,7 @@
 
 use crate::pool::Turn;
 use mtm_protocol::{Column, Message, OldTuple, Value};
+use crate::relmap::LocalColumn;
 use mtm_state::decisions::State;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgBox};
@@ -42,6 +43,8 @@ pub struct Applier {
     /// The current transaction's number in the peer's commit order.
     seq: u64,
     relations: HashMap<u32, RemoteRelation>,
+    /// The local tables of the peer's relations ([`crate::relmap`]).
+    cache: std::cell::RefCell<crate::relmap::RelationCache>,
     /// Between Begin and its Commit/Prepare.
     in_transaction: bool,
     /// The current transaction failed (SQLSTATE, message); its remaining
@@ -62,6 +65,7 @@ impl Applier {
             turn,
             seq: 0,
             relations: HashMap::new(),
+            cache: std::cell::RefCell::new(crate::relmap::RelationCache::new()),
             notifications: Vec::new(),
             in_transaction: false,
             failed: None,
@@ -130,6 +134,7 @@ impl Applier {
                 }
                 Message::Origin { .. } => {}
                 Message::Relation { relid, namespace, name, columns, .. } => {
+                    self.cache.get_mut().forget(relid);
                     self.relations.insert(relid, RemoteRelation { namespace, name, columns });
                 }
                 Message::Insert { relid, new } => self.guarded(|a| a.change(relid, None, Some(new))),
@@ -318,18 +323,8 @@ impl Applier {
     unsafe fn change(&self, relid: u32, old: Option<Option<OldTuple>>, new: Option<Vec<Value>>) {
         let remote = self.remote(relid);
         let table = format!("{}.{}", remote.namespace, remote.name);
-        let nsp = CString::new(remote.namespace.clone()).expect("no NUL");
-        let name = CString::new(remote.name.clone()).expect("no NUL");
-        let rv = pg_sys::makeRangeVar(nsp.as_ptr() as *mut c_char, name.as_ptr() as *mut c_char, -1);
-        let rel = pg_sys::table_openrv_extended(rv, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE, true);
-        if rel.is_null() {
-            ereport!(
-                PgLogLevel::ERROR,
-                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                format!("multimaster: table {table} from node {} does not exist here", self.peer),
-                "It was created with multimaster.replicate_ddl off or dropped here by hand: create it on this node; the transaction is retried until it applies."
-            );
-        }
+        let mut cache = self.cache.borrow_mut();
+        let (rel, map) = cache.open(relid, &remote.namespace, &remote.name, &remote.columns, self.peer);
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
 
         let estate = pg_sys::CreateExecutorState();
@@ -347,7 +342,7 @@ impl Applier {
 
         match (old, new) {
             (None, Some(new)) => {
-                let slot = self.build_slot(estate, rel, &remote.columns, &new, Row::New, &table);
+                let slot = self.build_slot(estate, rel, map, &new, Row::New, &table);
                 pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
             }
             (Some(old), new) => {
@@ -370,7 +365,7 @@ impl Applier {
                         self.peer
                     );
                 }
-                let search = self.build_slot(estate, rel, &remote.columns, key_values, Row::Search, &table);
+                let search = self.build_slot(estate, rel, map, key_values, Row::Search, &table);
                 let local = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
                 let found = if idx != pg_sys::Oid::INVALID {
                     pg_sys::RelationFindReplTupleByIndex(rel, idx, pg_sys::LockTupleMode::LockTupleExclusive, search, local)
@@ -389,7 +384,7 @@ impl Applier {
                 pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
                 match new {
                     Some(new) => {
-                        let slot = self.build_slot(estate, rel, &remote.columns, &new, Row::Update(local), &table);
+                        let slot = self.build_slot(estate, rel, map, &new, Row::Update(local), &table);
                         pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, local, slot);
                     }
                     None => pg_sys::ExecSimpleRelationDelete(rri, estate, &mut epq, local),
@@ -415,7 +410,7 @@ impl Applier {
         &self,
         estate: *mut pg_sys::EState,
         rel: pg_sys::Relation,
-        columns: &[Column],
+        local: &crate::relmap::LocalRelation,
         values: &[Value],
         row: Row,
         table: &str,
@@ -437,25 +432,24 @@ impl Applier {
         } else {
             nulls.iter_mut().for_each(|n| *n = true);
         }
-        let attrs = (*desc).attrs.as_slice(natts);
-        for (i, a) in attrs.iter().enumerate() {
-            if a.attisdropped || a.attgenerated != 0 {
-                continue;
-            }
-            let local_name = std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy();
-            let Some(pos) = columns.iter().position(|c| c.name == local_name) else {
-                // A column the peer does not have (its schema differs
-                // here): a new row gets the column's default, as an
-                // INSERT that leaves it out would.
-                if matches!(row, Row::New) {
-                    if let Some(d) = column_default(estate, rel, i) {
-                        datums[i] = d;
-                        nulls[i] = false;
+        for (i, column) in local.columns.iter().enumerate() {
+            let col = match column {
+                LocalColumn::Ignored => continue,
+                LocalColumn::NotSent => {
+                    // A column the peer does not have (its schema differs
+                    // here): a new row gets the column's default, as an
+                    // INSERT that leaves it out would.
+                    if matches!(row, Row::New) {
+                        if let Some(d) = column_default(estate, rel, i) {
+                            datums[i] = d;
+                            nulls[i] = false;
+                        }
                     }
+                    continue;
                 }
-                continue;
+                LocalColumn::Sent(col) => col,
             };
-            match &values[pos] {
+            match &values[col.remote] {
                 Value::Null => {
                     datums[i] = pg_sys::Datum::from(0usize);
                     nulls[i] = true;
@@ -466,29 +460,25 @@ impl Applier {
                     }
                 }
                 Value::Binary(bytes) => {
-                    if columns[pos].type_oid != a.atttypid.to_u32() {
+                    if !col.same_type {
+                        let a = &(*desc).attrs.as_slice(natts)[i];
                         error!(
-                            "multimaster: column {local_name} of {table} has type {} here but {} on node {}",
+                            "multimaster: column {} of {table} has type {} here but {} on node {}",
+                            std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy(),
                             a.atttypid.to_u32(),
-                            columns[pos].type_oid,
+                            col.remote_type,
                             self.peer
                         );
                     }
-                    let mut recv = pg_sys::Oid::INVALID;
-                    let mut ioparam = pg_sys::Oid::INVALID;
-                    pg_sys::getTypeBinaryInputInfo(a.atttypid, &mut recv, &mut ioparam);
                     let mut buf: pg_sys::StringInfoData = std::mem::zeroed();
                     pg_sys::initStringInfo(&mut buf);
                     pg_sys::appendBinaryStringInfo(&mut buf, bytes.as_ptr() as *const c_char, bytes.len() as i32);
-                    datums[i] = pg_sys::OidReceiveFunctionCall(recv, &mut buf, ioparam, a.atttypmod);
+                    datums[i] = pg_sys::ReceiveFunctionCall(col.recv, &mut buf, col.recv_ioparam, col.typmod);
                     nulls[i] = false;
                 }
                 Value::Text(bytes) => {
-                    let mut input = pg_sys::Oid::INVALID;
-                    let mut ioparam = pg_sys::Oid::INVALID;
-                    pg_sys::getTypeInputInfo(a.atttypid, &mut input, &mut ioparam);
                     let text = CString::new(bytes.clone()).unwrap_or_else(|_| error!("NUL in a text value"));
-                    datums[i] = pg_sys::OidInputFunctionCall(input, text.as_ptr() as *mut c_char, ioparam, a.atttypmod);
+                    datums[i] = pg_sys::InputFunctionCall(col.input, text.as_ptr() as *mut c_char, col.input_ioparam, col.typmod);
                     nulls[i] = false;
                 }
             }

@@ -14,6 +14,8 @@
 //! - [`pool`]     — the apply pool's shared state and commit turns;
 //! - [`worker`]   — an apply worker's main loop;
 //! - [`apply`]    — applies decoded transactions through the executor;
+//! - [`relmap`]   — the apply side's relation cache (local table and column
+//!   readers of each peer relation);
 //! - [`votes`]    — 2PC votes: cast after applying a peer's PREPARE and sent
 //!   back over the mesh; counted for this node's own prepares
 //!   (`mtm.await_votes`, the proxy's commit path);
@@ -46,6 +48,7 @@ pub mod launcher;
 pub mod notify;
 pub mod pool;
 pub mod receiver;
+pub mod relmap;
 pub mod resolver;
 pub mod sequences;
 pub mod status;
