@@ -359,6 +359,28 @@ pub unsafe fn keep_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
     crate::with_snapshot(|| while_capturing(|| Spi::run(&sql).unwrap_or_else(|e| error!("multimaster: {sql}: {e}"))));
 }
 
+/// `LargeObjectRelationId` (pg_largeobject's OID, catalog/pg_largeobject.h;
+/// not in pgrx's bindings): the class a large object's creation reports.
+const LARGE_OBJECT_RELATION_ID: pg_sys::Oid = pg_sys::Oid::from_u32(2613);
+
+/// Large objects live in a catalog (`pg_largeobject`) that logical
+/// decoding does not see, so they would exist on one node only: creating
+/// one in the replicated database is refused (lo_create, lo_import,
+/// lo_from_bytea, libpq's lo_creat/lo_import...). Other databases are
+/// local to each node anyway.
+fn refuse_large_object() {
+    if !crate::xact::client_change() || !replicated_database() {
+        return;
+    }
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        "multimaster: large objects are not replicated, so none can be created in the replicated database",
+        "refuse_large_object",
+    )
+    .set_hint("Store the data in a bytea column (up to 1 GB per value), or keep large objects in another database, which is local to each node.")
+    .report(PgLogLevel::ERROR);
+}
+
 /// Notes whether the captured statement touches temporary relations.
 #[pg_guard]
 unsafe extern "C-unwind" fn object_access(
@@ -370,6 +392,9 @@ unsafe extern "C-unwind" fn object_access(
 ) {
     if let Some(prev) = PREV_OBJECT_ACCESS {
         prev(access, class_id, object_id, sub_id, arg);
+    }
+    if class_id == LARGE_OBJECT_RELATION_ID && access == pg_sys::ObjectAccessType::OAT_POST_CREATE {
+        refuse_large_object();
     }
     if !CAPTURING.get() || class_id != pg_sys::RelationRelationId {
         return;

@@ -349,3 +349,23 @@ fn a_column_one_node_lacks_gets_its_default_and_materialized_views_refresh_every
     settle(&c);
     same_everywhere(&c, "select n || ':' || total from mv", "2:30");
 }
+
+#[test]
+fn large_objects_are_refused_clearly_in_the_replicated_database() {
+    let c = TestCluster::start(3);
+    let mut s: Vec<Client> = (0..3).map(|_| proxy_client(&c)).collect();
+    for (i, cl) in s.iter_mut().enumerate() {
+        for sql in ["select lo_create(0)", "select lo_from_bytea(0, 'data')", "begin; select lo_creat(-1); commit"] {
+            let e = cl.batch_execute(sql).unwrap_err();
+            let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+            assert_eq!(db.code().code(), "0A000", "session {i}: {sql}");
+            assert!(db.message().contains("large objects are not replicated"), "{}", db.message());
+            assert!(db.hint().unwrap_or_default().contains("bytea"), "{:?}", db.hint());
+            cl.batch_execute("rollback").unwrap();
+        }
+    }
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from pg_largeobject_metadata", &[]).unwrap().get(0);
+        assert_eq!(n, 0, "node{id}");
+    }
+}

@@ -527,11 +527,23 @@ fn pipelines_function_calls_and_limits() {
     assert_eq!(cl.query_one("select count(*) from p", &[]).unwrap().get::<_, i64>(0), 1);
 
     // FunctionCall ('F'): psql's \lo_import uses libpq's fast-path calls.
+    // Large objects are not replicated: refused in the replicated
+    // database (the refusal comes back through the same path), fine in
+    // another one, which is local to the node.
     let file = dir.path().join("blob.bin");
     std::fs::write(&file, vec![42u8; 200_000]).unwrap();
-    let out = psql(port, &["-c", &format!("\\lo_import '{}'", file.display())]);
+    let import = format!("\\lo_import '{}'", file.display());
+    let out = psql(port, &["-c", &import]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("large objects are not replicated"), "{stderr}");
+    psql_ok(port, "create database blobs");
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "blobs", "-c", &import])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(psql_ok(port, "select sum(length(data)) from pg_largeobject"), "200000");
+    let mut blobs = connect(port, "blobs");
+    assert_eq!(blobs.query_one("select sum(length(data))::int from pg_largeobject", &[]).unwrap().get::<_, i32>(0), 200_000);
 
     // Client limits: the third connection is refused with 53300, and an
     // idle session is closed with 57P05.
