@@ -25,7 +25,7 @@
 
 use crate::classify::{intent, Intent};
 use crate::commit::{self, Reply, Votes};
-use crate::net::frame::{parse_text, query_text, Batch, BodyReader, FrameIoError, FrameReader};
+use crate::net::frame::{parse_text, query_text, Batch, BodyReader, FrameIoError, FrameReader, Read};
 use crate::net::messages::{self, PgError};
 use crate::session::{count_error, End, PumpCtx};
 use bytes::BytesMut;
@@ -403,6 +403,9 @@ struct Driver<'a, SW, CW> {
 enum Input {
     Batch(Batch),
     Held(Held),
+    /// The start of a CopyData message too big to buffer, and how many of
+    /// its bytes are still to come from the client.
+    Stream(BytesMut, usize),
 }
 
 impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
@@ -411,6 +414,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             let step = match self.next_input(&mut cr).await {
                 Ok(Input::Batch(b)) => self.batch(b).await,
                 Ok(Input::Held(h)) => self.finish(h).await,
+                Ok(Input::Stream(head, remaining)) => self.stream(head, remaining, &mut cr).await,
                 Err(end) => Err(end),
             };
             if let Err(end) = step {
@@ -500,7 +504,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
             let wait = wait.clamp(Duration::from_millis(1), RECHECK);
             self.wake.as_mut().reset(tokio::time::Instant::now() + wait);
-            let read = self.reader.next_batch(cr);
+            let read = self.reader.next_read(cr);
             let result = match &mut self.pending {
                 Some(p) => tokio::select! {
                     held = &mut p.rx => return Ok(Input::Held(held.unwrap_or_default())),
@@ -514,12 +518,36 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             };
             match result {
                 None => continue,
-                Some(Ok(Some(b))) => return Ok(Input::Batch(b)),
+                Some(Ok(Some(Read::Batch(b)))) => return Ok(Input::Batch(b)),
+                Some(Ok(Some(Read::Stream { head, remaining }))) => return Ok(Input::Stream(head, remaining)),
                 Some(Ok(None)) => return Err(End::ClientClosed),
                 Some(Err(FrameIoError::Frame(e))) => return Err(End::ClientProtocol(e)),
                 Some(Err(FrameIoError::Io(_))) => return Err(End::ClientIo),
             }
         }
+    }
+
+    /// A CopyData message too big to buffer (`net::frame::Read::Stream`):
+    /// passed to the node as it arrives, through a fixed buffer. It belongs
+    /// to the running COPY, so nothing waits for a pending unit.
+    async fn stream<CR: AsyncRead + Unpin>(&mut self, head: BytesMut, mut remaining: usize, cr: &mut CR) -> Result<(), End> {
+        let total = (head.len() + remaining) as u64;
+        self.ctx.bytes_in.increment(total);
+        self.ctx.shared.totals.bytes_in.fetch_add(total, Ordering::Relaxed);
+        self.out.extend_from_slice(&head);
+        self.send().await?;
+        let mut buf = vec![0u8; 64 * 1024];
+        while remaining > 0 {
+            let want = remaining.min(buf.len());
+            let n = cr.read(&mut buf[..want]).await.map_err(|_| End::ClientIo)?;
+            if n == 0 {
+                // The node sees its connection end inside the message.
+                return Err(End::ClientIo);
+            }
+            self.sw.write_all(&buf[..n]).await.map_err(|_| End::ServerIo)?;
+            remaining -= n;
+        }
+        Ok(())
     }
 
     async fn batch(&mut self, batch: Batch) -> Result<(), End> {

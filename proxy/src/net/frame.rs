@@ -43,6 +43,23 @@ impl Batch {
     }
 }
 
+/// A CopyData message at least this big is passed on as it arrives (its
+/// start, then the rest read straight from the client) instead of being
+/// buffered whole: a session's memory stays bounded however big the rows
+/// a client copies in. Other messages are needed whole (the proxy reads
+/// Query, Parse, Bind) and stay limited by `max_message_size`.
+pub const STREAM_COPY_DATA_AT: usize = 256 * 1024;
+
+/// What [`FrameReader::next_read`] found.
+#[derive(Debug)]
+pub enum Read {
+    /// Whole frames.
+    Batch(Batch),
+    /// The start of a big CopyData frame (header included, as buffered so
+    /// far); `remaining` bytes of it are still to be read from the client.
+    Stream { head: BytesMut, remaining: usize },
+}
+
 pub struct FrameReader {
     buf: BytesMut,
     max_message_size: usize,
@@ -69,6 +86,28 @@ impl FrameReader {
             if let Some(need) = self.pending_frame_len() {
                 self.buf.reserve(need.saturating_sub(self.buf.len()).min(1 << 20));
             } else if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(16 * 1024);
+            }
+            let n = r.read_buf(&mut self.buf).await.map_err(FrameIoError::Io)?;
+            if n == 0 {
+                return if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Truncated.into()) };
+            }
+        }
+    }
+
+    /// Like [`FrameReader::next_batch`], but a big CopyData frame at the
+    /// head of the buffer is handed over before it is complete
+    /// ([`STREAM_COPY_DATA_AT`]).
+    pub async fn next_read<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Option<Read>, FrameIoError> {
+        loop {
+            if let Some(batch) = self.split_batch()? {
+                return Ok(Some(Read::Batch(batch)));
+            }
+            if let Some(total) = self.pending_frame_len().filter(|&t| self.buf[0] == b'd' && t >= STREAM_COPY_DATA_AT) {
+                let head = self.buf.split_to(self.buf.len().min(total));
+                return Ok(Some(Read::Stream { remaining: total - head.len(), head }));
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
                 self.buf.reserve(16 * 1024);
             }
             let n = r.read_buf(&mut self.buf).await.map_err(FrameIoError::Io)?;
@@ -242,6 +281,33 @@ mod tests {
         let mut r = FrameReader::new(1024);
         let mut src: &[u8] = &[];
         assert!(r.next_batch(&mut src).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_big_copy_data_frame_is_handed_over_before_it_is_complete() {
+        let mut bytes = frame(b'Q', b"copy t from stdin\0").to_vec();
+        let big = vec![7u8; STREAM_COPY_DATA_AT * 3];
+        bytes.extend_from_slice(&frame(b'd', &big));
+        bytes.extend_from_slice(&frame(b'c', b""));
+        let mut src: &[u8] = &bytes;
+        let mut r = FrameReader::new(1 << 30);
+        // The Query comes whole, alone.
+        match r.next_read(&mut src).await.unwrap().unwrap() {
+            Read::Batch(b) => assert_eq!(b.frames.iter().map(|f| f.tag).collect::<Vec<_>>(), [b'Q']),
+            other => panic!("{other:?}"),
+        }
+        // Then the CopyData's start, with what is left to read of it.
+        let Read::Stream { head, remaining } = r.next_read(&mut src).await.unwrap().unwrap() else { panic!("not streamed") };
+        assert_eq!(&head[..5], &frame(b'd', &big)[..5]);
+        assert_eq!(head.len() + remaining, 5 + big.len());
+        assert!(head.len() < 5 + big.len(), "not buffered whole");
+        // The caller reads `remaining` bytes itself; then framing goes on.
+        let mut rest = vec![0u8; remaining];
+        tokio::io::AsyncReadExt::read_exact(&mut src, &mut rest).await.unwrap();
+        match r.next_read(&mut src).await.unwrap().unwrap() {
+            Read::Batch(b) => assert_eq!(b.frames.iter().map(|f| f.tag).collect::<Vec<_>>(), [b'c']),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
