@@ -359,6 +359,107 @@ pub unsafe fn keep_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
     crate::with_snapshot(|| while_capturing(|| Spi::run(&sql).unwrap_or_else(|e| error!("multimaster: {sql}: {e}"))));
 }
 
+/// A schema change that fills existing rows with values each node would
+/// compute on its own — `ADD COLUMN` with a default that is not immutable
+/// (`now()`, `random()`, `nextval()`, so `serial`: each node evaluates it
+/// at its own time) or an identity, on a table that has rows; a
+/// `CREATE TABLE AS` / materialized view whose query calls such a function
+/// and produced rows — would leave the nodes with different data, as each
+/// replays the statement itself. Refused after it ran here
+/// (so only where it did fill rows), with what to do instead.
+///
+/// # Safety
+/// `pstmt` is the utility statement that just ran, in its transaction.
+pub unsafe fn refuse_values_per_node(pstmt: *mut pg_sys::PlannedStmt) {
+    let node = (*pstmt).utilityStmt;
+    if node.is_null() {
+        return;
+    }
+    let refuse = |what: &str, hint: &str| {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("multimaster: {what} would compute different values on each node"),
+            "refuse_values_per_node",
+        )
+        .set_hint(hint)
+        .report(PgLogLevel::ERROR);
+    };
+    match (*node).type_ {
+        pg_sys::NodeTag::T_CreateTableAsStmt => {
+            let ctas = node as *mut pg_sys::CreateTableAsStmt;
+            let query = (*ctas).query;
+            let into = (*ctas).into;
+            if query.is_null() || (*query).type_ != pg_sys::NodeTag::T_Query || into.is_null() {
+                return;
+            }
+            if !pg_sys::contain_mutable_functions(query) {
+                return;
+            }
+            if crate::xact::range_var_relid((*into).rel).is_some_and(|r| has_rows(r)) {
+                refuse(
+                    "CREATE TABLE AS (or a materialized view) whose query calls a function that is not immutable (now(), random()…)",
+                    "Create the table first, then fill it with INSERT … SELECT through the proxy (its rows are computed once and replicated).",
+                );
+            }
+        }
+        pg_sys::NodeTag::T_AlterTableStmt => {
+            let at = node as *mut pg_sys::AlterTableStmt;
+            let cmds = (*at).cmds;
+            if cmds.is_null() {
+                return;
+            }
+            let added: Vec<String> = (0..(*cmds).length as usize)
+                .map(|i| (*(*cmds).elements.add(i)).ptr_value as *mut pg_sys::AlterTableCmd)
+                .filter(|&c| !c.is_null() && (*c).subtype == pg_sys::AlterTableType::AT_AddColumn && !(*c).def.is_null())
+                .map(|c| (*c).def as *mut pg_sys::ColumnDef)
+                .filter(|&d| (*d).type_ == pg_sys::NodeTag::T_ColumnDef && !(*d).colname.is_null())
+                .map(|d| CStr::from_ptr((*d).colname).to_string_lossy().into_owned())
+                .collect();
+            if added.is_empty() {
+                return;
+            }
+            let Some(relid) = crate::xact::range_var_relid((*at).relation) else { return };
+            if !added.iter().any(|c| filled_per_node(relid, c)) || !has_rows(relid) {
+                return;
+            }
+            refuse(
+                "ADD COLUMN with a default that is not immutable (now(), random(), nextval(), serial) or an identity, on a table that has rows,",
+                "Add the column without a default (or with a constant one), fill it with an UPDATE through the proxy, then ALTER COLUMN … SET DEFAULT (or ADD GENERATED … AS IDENTITY).",
+            );
+        }
+        _ => {}
+    }
+}
+
+/// Whether column `name` of `relid` is an identity or has a default that
+/// is not immutable.
+unsafe fn filled_per_node(relid: pg_sys::Oid, name: &str) -> bool {
+    let row = crate::with_snapshot(|| {
+        Spi::get_two_with_args::<bool, String>(
+            "SELECT a.attidentity <> '', d.adbin::text FROM pg_attribute a
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+              WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+            &[relid.into(), name.into()],
+        )
+    });
+    match row {
+        Ok((Some(true), _)) => true,
+        Ok((_, Some(adbin))) => {
+            let text = CString::new(adbin).expect("no NUL");
+            pg_sys::contain_mutable_functions(pg_sys::stringToNode(text.as_ptr()) as *mut pg_sys::Node)
+        }
+        _ => false,
+    }
+}
+
+/// Whether table `relid` has at least one row.
+fn has_rows(relid: pg_sys::Oid) -> bool {
+    crate::with_snapshot(|| {
+        let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[relid.into()]).ok().flatten();
+        name.and_then(|n| Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM {n})")).ok().flatten()).unwrap_or(false)
+    })
+}
+
 /// `LargeObjectRelationId` (pg_largeobject's OID, catalog/pg_largeobject.h;
 /// not in pgrx's bindings): the class a large object's creation reports.
 const LARGE_OBJECT_RELATION_ID: pg_sys::Oid = pg_sys::Oid::from_u32(2613);

@@ -221,7 +221,7 @@ unsafe extern "C-unwind" fn subxact_callback(
 }
 
 /// The relation a RangeVar names, if it exists.
-unsafe fn range_var_relid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+pub(crate) unsafe fn range_var_relid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
     if rv.is_null() {
         return None;
     }
@@ -336,6 +336,7 @@ unsafe extern "C-unwind" fn process_utility(
         Some(capture) => {
             crate::ddl::while_capturing(run);
             crate::ddl::keep_replica_identity(pstmt);
+            crate::ddl::refuse_values_per_node(pstmt);
             // A schema change goes through the cluster's commit like a write.
             if crate::ddl::finish(capture) {
                 // After it ran: only now is it known not to be temp-only.

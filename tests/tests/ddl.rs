@@ -309,16 +309,38 @@ fn tables_without_a_primary_key_replicate_updates_and_deletes() {
     s[2].1.batch_execute("delete from nokey where x = 2").unwrap();
     settle(&c);
     same_everywhere(&c, "select string_agg(x || v, ',' order by x, v) from nokey", "1a,1c");
-    // A primary key added later: back to the default identity.
-    s[0].1.batch_execute("alter table nokey add column id serial primary key").unwrap();
+    // Filling existing rows with values each node would compute itself
+    // (a serial's sequence, now(), random()) is refused...
+    for (i, sql) in [
+        "alter table nokey add column id serial primary key",
+        "alter table nokey add column at timestamptz default now()",
+        "alter table nokey add column n int generated always as identity",
+        "create table rnd as select random() as r from generate_series(1, 3)",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = s[i % 3].1.batch_execute(sql).unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{sql}: {e:?}");
+        let db = e.as_db_error().unwrap();
+        assert!(db.message().contains("different values on each node"), "{sql}: {}", db.message());
+        assert!(db.hint().is_some(), "{sql}");
+    }
+    // ... not where there are no rows to fill, nor with constants.
+    s[1].1.batch_execute("create table fresh(x int); alter table fresh add column id serial, add column at timestamptz default now()").unwrap();
+    s[2].1.batch_execute("create table copied as select x, v from nokey; alter table nokey add column k int default 0").unwrap();
+    // The hint's way: add, fill through the proxy, then the key.
+    s[0].1.batch_execute("alter table nokey add column id int; update nokey set id = ascii(v); alter table nokey add primary key (id)").unwrap();
     settle(&c);
+    // A primary key added later: back to the default identity.
     same_everywhere(&c, "select relreplident::text from pg_class where relname = 'nokey'", "d");
+    same_everywhere(&c, "select string_agg(id::text, ',' order by id) from nokey", "97,99");
     // mtm.check_query compares every node at once.
-    let equal: bool = s[1].1.query_one("select mtm.check_query('select x, v from nokey')", &[]).unwrap().get(0);
+    let equal: bool = s[1].1.query_one("select mtm.check_query('select x, v, id from nokey')", &[]).unwrap().get(0);
     assert!(equal);
     s[0].1.batch_execute("select mtm.make_table_local('nokey')").unwrap();
     settle(&c);
-    client(&c, 2).batch_execute("insert into nokey(x, v) values (9, 'only on node 2')").unwrap();
+    client(&c, 2).batch_execute("insert into nokey(x, v, id) values (9, 'only on node 2', 9)").unwrap();
     let equal: bool = s[1].1.query_one("select mtm.check_query('select x, v from nokey')", &[]).unwrap().get(0);
     assert!(!equal, "node 2 has a row the others lack");
 }
