@@ -222,12 +222,7 @@ impl Applier {
     unsafe fn finish_prepared(&self, gid: &str, commit: bool, end_lsn: u64, time: pg_sys::TimestampTz) {
         pg_sys::StartTransactionCommand();
         set_origin_progress(end_lsn, time);
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let here = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
-            .ok()
-            .flatten()
-            .unwrap_or(false);
-        pg_sys::PopActiveSnapshot();
+        let here = crate::prepared_here(gid);
         if here {
             crate::decisions::log(gid, if commit { State::Committed } else { State::Aborted });
             let c_gid = CString::new(gid).expect("gid without NUL");

@@ -376,13 +376,12 @@ pub unsafe fn refuse_values_per_node(pstmt: *mut pg_sys::PlannedStmt) {
         return;
     }
     let refuse = |what: &str, hint: &str| {
-        pgrx::pg_sys::panic::ErrorReport::new(
+        crate::raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!("multimaster: {what} would compute different values on each node"),
+            hint,
             "refuse_values_per_node",
         )
-        .set_hint(hint)
-        .report(PgLogLevel::ERROR);
     };
     match (*node).type_ {
         pg_sys::NodeTag::T_CreateTableAsStmt => {
@@ -473,13 +472,12 @@ fn refuse_large_object() {
     if !crate::xact::client_change() || !replicated_database() {
         return;
     }
-    pgrx::pg_sys::panic::ErrorReport::new(
+    crate::raise(
         PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
         "multimaster: large objects are not replicated, so none can be created in the replicated database",
+        "Store the data in a bytea column (up to 1 GB per value), or keep large objects in another database, which is local to each node.",
         "refuse_large_object",
-    )
-    .set_hint("Store the data in a bytea column (up to 1 GB per value), or keep large objects in another database, which is local to each node.")
-    .report(PgLogLevel::ERROR);
+    );
 }
 
 /// Notes whether the captured statement touches temporary relations.

@@ -207,16 +207,7 @@ fn xact_state(gid: &str) -> &'static str {
         Some(State::Committed) => "committed",
         Some(State::Aborted) => "aborted",
         Some(State::Precommitted) => "precommitted",
-        None => {
-            let prepared = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
-                .ok()
-                .flatten()
-                .unwrap_or(false);
-            if prepared {
-                "prepared"
-            } else {
-                "notfound"
-            }
-        }
+        None if crate::prepared_here(gid) => "prepared",
+        None => "notfound",
     }
 }

@@ -88,6 +88,24 @@ pub fn with_snapshot<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Whether `gid` is prepared on this node (inside a transaction).
+pub fn prepared_here(gid: &str) -> bool {
+    with_snapshot(|| {
+        Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    })
+}
+
+/// Raises an ERROR with `code`, `message` and `hint`, reported as coming
+/// from `function`.
+#[track_caller]
+pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: &str, function: &'static str) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(code, message.into(), function).set_hint(hint).report(PgLogLevel::ERROR);
+    unreachable!("an ERROR does not return")
+}
+
 /// Whether process `pid` exists (a backend or worker of this server).
 pub fn pid_alive(pid: i32) -> bool {
     pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()

@@ -319,11 +319,7 @@ fn await_votes(
     timeout_ms: i32,
 ) -> TableIterator<'static, (name!(ok, bool), name!(node, i32), name!(sqlstate, Option<String>), name!(message, Option<String>))> {
     let me = Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten().unwrap_or(0);
-    let prepared = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-    if !prepared {
+    if !crate::prepared_here(gid) {
         return TableIterator::once((false, me, Some("40001".into()), Some(format!("transaction {gid} is not prepared on node {me}"))));
     }
     let peers = peer_ids();
@@ -512,11 +508,7 @@ fn await_prepared(
             break v_row(v);
         }
         // A prepare applied before shared memory was (re)initialised.
-        let prepared = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
-            .ok()
-            .flatten()
-            .unwrap_or(false);
-        if prepared {
+        if crate::prepared_here(gid) {
             break v_row(Vote::Yes);
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());

@@ -132,13 +132,12 @@ pub(crate) fn refuse_direct_write(relids: &[pg_sys::Oid], what: &str) {
     if !relids.is_empty() && relids.iter().all(|&r| unsafe { pg_sys::get_rel_namespace(r) } == mtm) {
         return;
     }
-    pgrx::pg_sys::panic::ErrorReport::new(
+    crate::raise(
         PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
         format!("multimaster: {what} on a node directly is refused: writes go through mtm-proxy, which commits them on every node at once"),
+        "Connect through mtm-proxy (reads are allowed here). For repairs on this node, a superuser can SET multimaster.direct_writes = on: such writes reach the other nodes afterwards, with no conflict check.",
         "refuse_direct_write",
-    )
-    .set_hint("Connect through mtm-proxy (reads are allowed here). For repairs on this node, a superuser can SET multimaster.direct_writes = on: such writes reach the other nodes afterwards, with no conflict check.")
-    .report(PgLogLevel::ERROR);
+    );
 }
 
 /// Whether relation `relid` is replicated (a permanent table).
@@ -177,7 +176,10 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     let stmt = (*query).plannedstmt;
     let modifies = op != pg_sys::CmdType::CMD_SELECT || (!stmt.is_null() && (*stmt).hasModifyingCTE);
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
-    if modifies && !explain_only && client_change() && !crate::notify::own_work() {
+    // A proxy session that already wrote has nothing more to learn here;
+    // elsewhere each write may have to be refused.
+    let known = XACT_WRITES.get() && COORDINATED_COMMIT.get();
+    if modifies && !explain_only && !known && client_change() && !crate::notify::own_work() {
         let written: Vec<pg_sys::Oid> = result_relids(stmt).into_iter().filter(|&r| replicated(r)).collect();
         if !written.is_empty() {
             refuse_direct_write(&written, "writing to a replicated table");
@@ -290,13 +292,7 @@ fn log_finishing(f: &Finishing) {
     if !mtm_state::decisions::loggable(&f.gid) {
         return;
     }
-    let prepared = crate::with_snapshot(|| {
-        Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[f.gid.as_str().into()])
-            .ok()
-            .flatten()
-            .unwrap_or(false)
-    });
-    if prepared {
+    if crate::prepared_here(&f.gid) {
         use mtm_state::decisions::State;
         crate::decisions::log(&f.gid, if f.commit { State::Committed } else { State::Aborted });
     }
@@ -362,13 +358,12 @@ unsafe extern "C-unwind" fn process_utility(
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT if XACT_WRITES.get() && COORDINATED_COMMIT.get() => {
-            pgrx::pg_sys::panic::ErrorReport::new(
+            crate::raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 "multimaster: this transaction wrote to a replicated table but was not committed through the cluster's two-phase commit, so it is rolled back",
+                "Run the writes inside BEGIN ... COMMIT and send COMMIT (or COMMIT AND CHAIN, in the simple protocol) as a statement of its own or at the end of a multi-statement query.",
                 "xact_callback",
-            )
-            .set_hint("Run the writes inside BEGIN ... COMMIT and send COMMIT (or COMMIT AND CHAIN, in the simple protocol) as a statement of its own or at the end of a multi-statement query.")
-            .report(PgLogLevel::ERROR);
+            );
         }
         // PostgreSQL does not decode a prepared transaction that changed
         // nothing (a DELETE that matched no row), so the peers would never
