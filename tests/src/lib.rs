@@ -76,6 +76,24 @@ pub mod cluster {
     use postgres::{Client, NoTls};
     use std::time::{Duration, Instant};
 
+    /// `n` proxy sessions held open together (the router spreads them),
+    /// each with the id of the node it landed on, in node order; asserts
+    /// that they landed on min(n, nodes) different nodes.
+    pub fn spread_sessions(c: &TestCluster, n: usize) -> Vec<(usize, Client)> {
+        let mut out: Vec<(usize, Client)> = (0..n)
+            .map(|_| {
+                let mut cl = proxy_client(c);
+                let port: i32 = cl.query_one("select inet_server_port()", &[]).unwrap().get(0);
+                let id = c.layout.node_ports.iter().position(|&p| p as i32 == port).expect("a node's port") + 1;
+                (id, cl)
+            })
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
+        let nodes: std::collections::BTreeSet<usize> = out.iter().map(|(id, _)| *id).collect();
+        assert_eq!(nodes.len(), n.min(c.layout.node_ports.len()), "sessions spread over the nodes");
+        out
+    }
+
     /// A session on node `id` directly (not through the proxy).
     pub fn client(c: &TestCluster, id: usize) -> Client {
         Client::connect(&c.node(id).admin_conninfo("postgres"), NoTls).expect("connect to node")

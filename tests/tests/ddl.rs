@@ -1,28 +1,10 @@
 //! Cluster-wide DDL through the proxy of a 3-node cluster: sessions on
 //! different nodes change the schema, every node is checked directly.
 
-use mtm_tests::cluster::{client, converge, nothing_prepared, prepared, proxy_client, sqlstate};
+use mtm_tests::cluster::{client, converge, nothing_prepared, prepared, proxy_client, spread_sessions, sqlstate};
 use mtmctl::testing::TestCluster;
 use postgres::Client;
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-
-/// `n` proxy sessions held open together (the router spreads them), each
-/// with the id of the node it landed on.
-fn sessions(c: &TestCluster, n: usize) -> Vec<(usize, Client)> {
-    let mut out: Vec<(usize, Client)> = (0..n)
-        .map(|_| {
-            let mut cl = proxy_client(c);
-            let port: i32 = cl.query_one("select inet_server_port()", &[]).unwrap().get(0);
-            let id = c.layout.node_ports.iter().position(|&p| p as i32 == port).expect("a node's port") + 1;
-            (id, cl)
-        })
-        .collect();
-    out.sort_by_key(|(id, _)| *id);
-    let nodes: BTreeSet<usize> = out.iter().map(|(id, _)| *id).collect();
-    assert_eq!(nodes.len(), n.min(c.layout.node_ports.len()), "sessions spread over the nodes");
-    out
-}
 
 /// One text value of `sql` on every node.
 fn on_each(c: &TestCluster, sql: &str) -> Vec<String> {
@@ -56,7 +38,7 @@ fn settle(c: &TestCluster) {
 #[test]
 fn a_migration_mixing_ddl_and_dml_commits_on_every_node() {
     let c = TestCluster::start(3);
-    let mut s = sessions(&c, 3);
+    let mut s = spread_sessions(&c, 3);
     s[0].1
         .batch_execute(
             "begin;
@@ -134,7 +116,7 @@ fn a_migration_mixing_ddl_and_dml_commits_on_every_node() {
 #[test]
 fn sequences_never_give_the_same_value_on_two_nodes() {
     let c = TestCluster::start(3);
-    let mut s = sessions(&c, 3);
+    let mut s = spread_sessions(&c, 3);
     s[0].1
         .batch_execute(
             "create table ser(id bigserial primary key, node int);
@@ -174,7 +156,7 @@ fn sequences_never_give_the_same_value_on_two_nodes() {
 #[test]
 fn statements_that_cannot_run_in_a_transaction_run_on_every_node() {
     let c = TestCluster::start(3);
-    let mut s = sessions(&c, 3);
+    let mut s = spread_sessions(&c, 3);
     s[0].1.batch_execute("create table big(id int primary key, v text); insert into big select g, md5(g::text) from generate_series(1, 1000) g").unwrap();
     settle(&c);
     s[1].1.batch_execute("create index concurrently big_v on big(v)").unwrap();
@@ -226,7 +208,7 @@ fn concurrent_schema_changes_on_two_nodes_never_stall() {
     settle(&c);
     let mut committed = 0;
     for round in 0..4 {
-        let mut s = sessions(&c, 2);
+        let mut s = spread_sessions(&c, 2);
         for (i, (_, cl)) in s.iter_mut().enumerate() {
             cl.batch_execute(&format!("begin; alter table x add column c{round}_{i} int")).unwrap_or_else(|e| {
                 // The other session's change may already hold the table.
@@ -272,7 +254,7 @@ fn pgbench_initialises_and_runs_through_the_proxy() {
 #[test]
 fn remote_functions_run_on_every_node_and_their_rows_are_each_nodes_own() {
     let c = TestCluster::start(3);
-    let mut s = sessions(&c, 3);
+    let mut s = spread_sessions(&c, 3);
     s[0].1
         .batch_execute(
             "create table seen(node int, note text);
@@ -300,7 +282,7 @@ fn remote_functions_run_on_every_node_and_their_rows_are_each_nodes_own() {
 #[test]
 fn tables_without_a_primary_key_replicate_updates_and_deletes() {
     let c = TestCluster::start(3);
-    let mut s = sessions(&c, 3);
+    let mut s = spread_sessions(&c, 3);
     s[0].1.batch_execute("create table nokey(x int, v text); insert into nokey values (1, 'a'), (1, 'a'), (2, 'b')").unwrap();
     settle(&c);
     same_everywhere(&c, "select relreplident::text from pg_class where relname = 'nokey'", "f");
@@ -348,7 +330,7 @@ fn tables_without_a_primary_key_replicate_updates_and_deletes() {
 #[test]
 fn a_column_one_node_lacks_gets_its_default_and_materialized_views_refresh_everywhere() {
     let c = TestCluster::start(3);
-    let mut s = sessions(&c, 3);
+    let mut s = spread_sessions(&c, 3);
     s[0].1.batch_execute("create table t(id int primary key, v int)").unwrap();
     settle(&c);
     // Only node 2 has this column (a superuser's local change): rows from

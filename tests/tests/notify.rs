@@ -2,18 +2,14 @@
 //! every node hear every NOTIFY sent from a session on any node, when its
 //! transaction commits, and nothing of one that rolled back.
 
-use mtm_tests::cluster::{client, nothing_prepared, proxy_client, schema, wait_connected};
+use mtm_tests::cluster::{client, nothing_prepared, schema, spread_sessions, wait_connected};
 use mtmctl::testing::TestCluster;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::Client;
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 fn one_per_node(c: &TestCluster) -> Vec<Client> {
-    let mut s: Vec<Client> = (0..3).map(|_| proxy_client(c)).collect();
-    let ports: BTreeSet<i32> = s.iter_mut().map(|cl| cl.query_one("select inet_server_port()", &[]).unwrap().get(0)).collect();
-    assert_eq!(ports.len(), 3, "three sessions through the proxy are on three nodes");
-    s
+    spread_sessions(c, 3).into_iter().map(|(_, cl)| cl).collect()
 }
 
 /// Up to `n` payloads heard on channel `chan`, each waited for at most `wait`.
