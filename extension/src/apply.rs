@@ -165,12 +165,22 @@ impl Applier {
                     pg_sys::CommitTransactionCommand();
                     self.applied(end_lsn);
                 }
+                Message::Prepare { end_lsn, gid, .. } if crate::conflicts::doomed_by().is_some() => {
+                    self.give_way(&gid, end_lsn, false);
+                }
                 Message::Prepare { end_lsn, prepare_time, gid, .. } => {
                     let gid = CString::new(gid).expect("gid without NUL");
                     // Balances the EndTransactionBlock inside PrepareTransactionBlock.
                     pg_sys::BeginTransactionBlock();
                     pg_sys::CommitTransactionCommand();
-                    self.turn.wait(self.seq);
+                    // Waiting for its turn, it may be told to give way to an
+                    // older conflicting transaction that needs its locks
+                    // (`crate::conflicts`); so also once it has the turn.
+                    let turn = self.turn.wait_unless(self.seq, || crate::conflicts::doomed_by().is_some());
+                    if !turn || crate::conflicts::doomed_by().is_some() {
+                        self.give_way(&gid.to_string_lossy(), end_lsn, turn);
+                        return;
+                    }
                     set_origin_progress(end_lsn, prepare_time);
                     let prepared = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
                         pg_sys::PrepareTransactionBlock(gid.as_ptr());
@@ -255,6 +265,19 @@ impl Applier {
         crate::votes::send(self.peer, gid, Some((sqlstate, message)));
     }
 
+    /// This transaction, not prepared yet, gives way to an older one that
+    /// needs its locks: roll it back now, then vote no in its turn.
+    unsafe fn give_way(&mut self, gid: &str, end_lsn: u64, have_turn: bool) {
+        let by = crate::conflicts::doomed_by().unwrap_or(0);
+        pg_sys::AbortOutOfAnyTransaction();
+        if !have_turn {
+            self.turn.wait(self.seq);
+        }
+        let message = crate::conflicts::message(by);
+        self.vote_no(gid, "40001".into(), message, end_lsn);
+        self.applied(end_lsn);
+    }
+
     /// Runs one change unless the transaction already failed; a failure
     /// rolls the transaction back and is remembered for its end.
     unsafe fn guarded(&mut self, f: impl FnOnce(&Self)) {
@@ -270,6 +293,11 @@ impl Applier {
         .catch_others(|e| Err(describe(&e)))
         .execute();
         pg_sys::MemoryContextSwitchTo(outer);
+        // Cancelled because it gives way to an older transaction.
+        let result = result.map_err(|(sqlstate, message)| match crate::conflicts::doomed_by() {
+            Some(by) if sqlstate == "57014" => ("40001".to_string(), crate::conflicts::message(by)),
+            _ => (sqlstate, message),
+        });
         if let Err((sqlstate, message)) = result {
             pg_sys::AbortCurrentTransaction();
             log!("multimaster: applying a change from node {} failed: {message} ({sqlstate})", self.peer);

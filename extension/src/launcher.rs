@@ -4,7 +4,9 @@
 //! on any error; restarting it resumes from its replication origin, so a
 //! failed transaction is retried, never skipped). Once a second it also
 //! runs the resolver ([`crate::resolver`]) and writes the decision log's
-//! state file ([`crate::decisions::persist`]).
+//! state file ([`crate::decisions::persist`]); every few milliseconds it
+//! settles conflicts between the nodes' transactions
+//! ([`crate::conflicts::Settler`]).
 
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
@@ -22,6 +24,10 @@ pub static DATABASE: pgrx::guc::GucSetting<Option<std::ffi::CString>> =
 pub fn database() -> String {
     DATABASE.get().map(|d| d.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".into())
 }
+
+/// How often conflicts between nodes' transactions are looked for (a
+/// look costs a few atomic reads unless an apply worker waits for a lock).
+const SETTLE_EVERY: Duration = Duration::from_millis(5);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("multimaster launcher")
@@ -43,7 +49,14 @@ pub extern "C-unwind" fn mtm_launcher_main(_arg: pg_sys::Datum) {
     // When each receiver was last started: a peer that is down must not
     // be retried in a tight loop (its worker exits at once).
     let mut started_at: HashMap<i32, std::time::Instant> = HashMap::new();
-    while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+    let mut last_round = std::time::Instant::now() - Duration::from_secs(1);
+    let mut settler = crate::conflicts::Settler::default();
+    while BackgroundWorker::wait_latch(Some(SETTLE_EVERY)) {
+        settler.settle();
+        if last_round.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        last_round = std::time::Instant::now();
         crate::resolver::resolve_orphans();
         crate::decisions::persist();
         for peer in BackgroundWorker::transaction(peers) {

@@ -41,6 +41,7 @@ use pgrx::prelude::*;
 use std::ffi::CString;
 
 pub mod apply;
+pub mod conflicts;
 pub mod ddl;
 pub mod decisions;
 pub mod decoder;
@@ -167,6 +168,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: called once, while preloading, after defining our GUCs.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
     xact::init();
+    conflicts::init();
     ddl::init();
     decisions::init();
     launcher::register();
@@ -182,6 +184,8 @@ pub extern "C-unwind" fn _PG_init() {
     pgrx::pg_shmem_init!(DECISIONS);
     pgrx::pg_shmem_init!(POOLS);
     pgrx::pg_shmem_init!(APPLY_ERRORS);
+    use conflicts::DOOMED;
+    pgrx::pg_shmem_init!(DOOMED);
 }
 
 /// The version of the loaded `multimaster` library.

@@ -73,6 +73,8 @@ pub struct PeerPool {
     pub worker_pid: [AtomicI32; MAX_WORKERS],
     pub worker_busy: [AtomicBool; MAX_WORKERS],
     pub worker_latch: [AtomicUsize; MAX_WORKERS],
+    /// Each worker's PGPROC number (-1: none), for reading its wait state.
+    pub worker_procno: [AtomicI32; MAX_WORKERS],
     /// The transaction number whose turn a worker waits for, 0 if none.
     pub worker_waits_for: [AtomicU64; MAX_WORKERS],
     /// A worker found its queue empty and sleeps until data is flushed.
@@ -109,6 +111,7 @@ impl Default for PoolTable {
                 worker_pid: std::array::from_fn(|_| AtomicI32::new(0)),
                 worker_busy: std::array::from_fn(|_| AtomicBool::new(false)),
                 worker_latch: std::array::from_fn(|_| AtomicUsize::new(0)),
+                worker_procno: std::array::from_fn(|_| AtomicI32::new(-1)),
                 worker_waits_for: std::array::from_fn(|_| AtomicU64::new(0)),
                 worker_hungry: std::array::from_fn(|_| AtomicBool::new(false)),
                 worker_txn_time: std::array::from_fn(|_| AtomicI64::new(0)),
@@ -149,6 +152,52 @@ pub fn applying(pid: i32) -> Option<(i32, i64)> {
             (pool.worker_pid[w].load(Acquire) == pid && time != 0).then_some((p as i32, time))
         })
     })
+}
+
+/// An apply worker that waits for a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockWait {
+    pub pid: i32,
+    /// The address of the lock in shared memory: a new wait has a new one.
+    pub lock: usize,
+    /// The transaction id waited for (a row lock), or None (a tuple,
+    /// table or object lock).
+    pub xid: Option<u32>,
+}
+
+/// Apply workers that are applying a transaction and wait for a lock now.
+/// Reads each worker's published wait state without a lock: a stale
+/// answer only delays, repeats or wastes a look.
+pub fn lock_waiters() -> Vec<LockWait> {
+    let table = POOLS.get();
+    let mut out = Vec::new();
+    for pool in &table.peers[1..] {
+        if pool.aborted.load(Acquire) {
+            continue;
+        }
+        for w in 0..pool.workers() {
+            let procno = pool.worker_procno[w].load(Acquire);
+            if procno < 0 || pool.worker_txn_time[w].load(Acquire) == 0 {
+                continue;
+            }
+            // SAFETY: a PGPROC number a live worker published; PGPROCs and
+            // the lock table live in shared memory for the server's life
+            // (a LOCK that was freed meanwhile reads as some other lock).
+            let wait = unsafe {
+                let proc = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
+                let event = std::ptr::read_volatile(&(*proc).wait_event_info);
+                let lock = std::ptr::read_volatile(&(*proc).waitLock);
+                if event & 0xFF00_0000 != pg_sys::PG_WAIT_LOCK || lock.is_null() {
+                    continue;
+                }
+                let tag = std::ptr::read_volatile(&(*lock).tag);
+                let xid = (tag.locktag_type as u32 == pg_sys::LockTagType::LOCKTAG_TRANSACTION).then_some(tag.locktag_field1);
+                LockWait { pid: pool.worker_pid[w].load(Acquire), lock: lock as usize, xid }
+            };
+            out.push(wait);
+        }
+    }
+    out
 }
 
 pub fn peer(peer: i32) -> &'static PeerPool {
@@ -292,6 +341,7 @@ impl Queues {
         pool.worker_waits_for.iter().for_each(|w| w.store(0, Release));
         pool.worker_hungry.iter().for_each(|h| h.store(false, Release));
         pool.worker_latch.iter().for_each(|l| l.store(0, Release));
+        pool.worker_procno.iter().for_each(|n| n.store(-1, Release));
         pool.receiver_waiting.store(false, Release);
         // SAFETY: MyProc is this backend's PGPROC, in shared memory.
         unsafe {
@@ -440,6 +490,7 @@ impl Turn {
         stop_when_detached(seg, p, epoch);
         pool.worker_pid[slot].store(pg_sys::MyProcPid, Release);
         pool.worker_latch[slot].store(&raw mut (*pg_sys::MyProc).procLatch as usize, Release);
+        pool.worker_procno[slot].store((*pg_sys::MyProc).pgprocno, Release);
         let mq = (pg_sys::dsm_segment_address(seg) as *mut u8).add(slot * QUEUE_SIZE) as *mut pg_sys::shm_mq;
         pg_sys::shm_mq_set_receiver(mq, pg_sys::MyProc);
         let outer = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
@@ -478,6 +529,15 @@ impl Turn {
     /// # Safety
     /// Outside a commit; pair with [`Turn::done`] after the commit.
     pub unsafe fn wait(&self, seq: u64) {
+        self.wait_unless(seq, || false);
+    }
+
+    /// Like [`Turn::wait`], but gives up without taking the turn as soon as
+    /// `give_up` says so (checked whenever the worker wakes): false then.
+    ///
+    /// # Safety
+    /// As [`Turn::wait`]; after a false, call it again for the same `seq`.
+    pub unsafe fn wait_unless(&self, seq: u64, give_up: impl Fn() -> bool) -> bool {
         let pool = self.pool();
         pool.worker_waits_for[self.slot].store(seq, SeqCst);
         loop {
@@ -491,11 +551,15 @@ impl Turn {
             if c >= seq {
                 error!("multimaster: transaction {seq} from node {} is already committed ({c})", self.peer);
             }
+            if give_up() {
+                return false;
+            }
             wait_latch(1000);
         }
         pool.worker_waits_for[self.slot].store(0, Release);
         pg_sys::replorigin_session_setup(self.origin);
         pg_sys::replorigin_session_origin = self.origin;
+        true
     }
 
     /// Transaction `seq`, ending at the peer's `remote_end`, is committed:

@@ -36,6 +36,11 @@ struct Slot {
     pid: i32,
     gid_len: u8,
     gid: [u8; GID_MAX],
+    /// The prepared transaction's id, and its prepare time (µs since
+    /// 2000, as in `pg_prepared_xacts`; 0 until its coordinator reads it),
+    /// for settling conflicts ([`crate::conflicts`]).
+    xid: u32,
+    prepared_at: i64,
 }
 
 #[derive(Copy, Clone)]
@@ -45,7 +50,7 @@ pub struct Coordinators {
 
 impl Default for Coordinators {
     fn default() -> Self {
-        Coordinators { slots: [Slot { pid: 0, gid_len: 0, gid: [0; GID_MAX] }; SLOTS] }
+        Coordinators { slots: [Slot { pid: 0, gid_len: 0, gid: [0; GID_MAX], xid: 0, prepared_at: 0 }; SLOTS] }
     }
 }
 
@@ -78,7 +83,28 @@ pub fn note_prepare(gid: &str) {
         s.pid = me;
         s.gid_len = g.len() as u8;
         s.gid[..g.len()].copy_from_slice(g);
+        // SAFETY: reads this backend's transaction state (the PREPARE has
+        // not run yet).
+        s.xid = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
+        s.prepared_at = 0;
     }
+}
+
+/// The coordinator of `gid` read its prepare time.
+pub fn note_prepared_at(gid: &str, prepared_at: i64) {
+    let mut t = COORDINATORS.exclusive();
+    if let Some(i) = t.find(gid.as_bytes()) {
+        t.slots[i].prepared_at = prepared_at;
+    }
+}
+
+/// A transaction prepared here by a session of this node, found by its
+/// transaction id: its gid and prepare time (None while not known yet).
+pub fn prepared_here_by_xid(xid: u32) -> Option<(String, Option<i64>)> {
+    let t = COORDINATORS.share();
+    let s = t.slots.iter().find(|s| s.pid != 0 && s.xid == xid && xid != 0)?;
+    let gid = String::from_utf8_lossy(&s.gid[..s.gid_len as usize]).into_owned();
+    Some((gid, (s.prepared_at != 0).then_some(s.prepared_at)))
 }
 
 /// `gid` was committed or rolled back: nobody coordinates it any more.

@@ -319,15 +319,21 @@ fn await_votes(
     timeout_ms: i32,
 ) -> TableIterator<'static, (name!(ok, bool), name!(node, i32), name!(sqlstate, Option<String>), name!(message, Option<String>))> {
     let me = Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten().unwrap_or(0);
-    if !crate::prepared_here(gid) {
+    let prepared_at = Spi::get_one_with_args::<i64>(
+        "SELECT ((extract(epoch FROM prepared) - 946684800) * 1000000)::int8 FROM pg_prepared_xacts WHERE gid = $1",
+        &[gid.into()],
+    );
+    let Ok(Some(prepared_at)) = prepared_at else {
         return TableIterator::once((false, me, Some("40001".into()), Some(format!("transaction {gid} is not prepared on node {me}"))));
-    }
+    };
+    // Its age, should an older conflicting transaction need its locks.
+    crate::resolver::note_prepared_at(gid, prepared_at);
     let peers = peer_ids();
     let _slot = Awaiting::register(gid);
     let started = std::time::Instant::now();
     let timeout = std::time::Duration::from_millis(timeout_ms.max(0) as u64);
     let mut deadline = started + timeout;
-    let mut next_look = started + YIELD_FIRST_LOOK;
+    let mut next_look = started + PROGRESS_AFTER;
     loop {
         let outcome = PEER_VOTES.share().0.outcome(gid, &peers);
         let row = match outcome {
@@ -336,25 +342,22 @@ fn await_votes(
                 crate::decisions::log(gid, mtm_state::decisions::State::Precommitted);
                 (true, me, None, None)
             }
+            // A peer's no, or this node's own refusal (it gave way to an
+            // older conflicting transaction, `crate::conflicts`).
             Outcome::No { node, sqlstate, message } => (false, node, Some(sqlstate), Some(message)),
             Outcome::Pending { missing } => {
                 let now = std::time::Instant::now();
                 if now >= next_look {
-                    next_look = now + YIELD_LOOK_EVERY;
-                    if let Some(older) = older_blocked_transaction(gid, me) {
-                        return TableIterator::once((false, me, Some("40001".into()), Some(older)));
-                    }
+                    next_look = now + PROGRESS_LOOK_EVERY;
                     // The timeout starts once a peer has been sent the
                     // transaction: this node's walsender decodes a big one
                     // (and streams it as the peer applies it) for longer
                     // than a vote takes; meanwhile the wait is extended,
                     // up to PATIENCE timeouts.
-                    if now >= started + PROGRESS_AFTER {
-                        let prepared_at = PREPARED_AT.get();
-                        let sending = still_sending(prepared_at);
-                        if missing.iter().all(|p| sending.contains(p)) {
-                            deadline = deadline.max(now + timeout).min(started + timeout * PATIENCE);
-                        }
+                    let prepared_at = PREPARED_AT.get();
+                    let sending = still_sending(prepared_at);
+                    if missing.iter().all(|p| sending.contains(p)) {
+                        deadline = deadline.max(now + timeout).min(started + timeout * PATIENCE);
                     }
                 }
                 let left = deadline.min(next_look).saturating_duration_since(now);
@@ -406,49 +409,26 @@ fn still_sending(lsn: u64) -> Vec<i32> {
     })
 }
 
-/// How soon, and then how often, a waiting coordinator looks for an older
-/// transaction it blocks (most commits are decided before the first look).
-const YIELD_FIRST_LOOK: std::time::Duration = std::time::Duration::from_millis(5);
-const YIELD_LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+/// How often a coordinator that waits for votes looks at its peers'
+/// progress (after [`PROGRESS_AFTER`]).
+const PROGRESS_LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Conflicts between transactions prepared on different nodes: each node
-/// has prepared its own and the other's apply waits for its row locks, so
-/// neither can get every vote. The older one (earlier prepare time, then
-/// lower node id) wins: the coordinator of the younger, seeing an apply
-/// worker here wait for its transaction's lock while applying an older
-/// one, gives up (40001), which releases the lock. Returns why it yields.
-fn older_blocked_transaction(gid: &str, me: i32) -> Option<String> {
-    let rows: Vec<(i32, i64)> = Spi::connect(|c| {
-        c.select(
-            // A row lock is waited for on the holder's xid; a table or
-            // object lock (DDL) on the lock itself. A prepared
-            // transaction's locks have no pid; they share the
-            // virtualtransaction of the lock on its own xid. pg_locks is
-            // read once (each read takes every lock-table partition).
-            "WITH l AS MATERIALIZED (
-                 SELECT locktype, coalesce(database, 0) AS db, coalesce(relation, 0) AS rel, coalesce(classid, 0) AS cls,
-                        coalesce(objid, 0) AS obj, coalesce(objsubid, 0) AS sub, transactionid, virtualtransaction, pid, granted
-                   FROM pg_locks),
-                  p AS (SELECT transaction, ((extract(epoch FROM prepared) - 946684800) * 1000000)::int8 AS t
-                          FROM pg_prepared_xacts WHERE gid = $1)
-             SELECT w.pid, p.t FROM p JOIN l w ON w.locktype = 'transactionid' AND w.transactionid = p.transaction AND NOT w.granted
-             UNION ALL
-             SELECT w.pid, p.t
-               FROM p
-               JOIN l x ON x.locktype = 'transactionid' AND x.transactionid = p.transaction AND x.granted AND x.pid IS NULL
-               JOIN l h ON h.granted AND h.pid IS NULL AND h.virtualtransaction = x.virtualtransaction AND h.locktype <> 'transactionid'
-               JOIN l w ON NOT w.granted AND w.locktype = h.locktype AND w.db = h.db AND w.rel = h.rel
-                       AND w.cls = h.cls AND w.obj = h.obj AND w.sub = h.sub",
-            None,
-            &[gid.into()],
-        )
-        .map(|rows| rows.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<i64>(2).ok()??))).collect())
-        .unwrap_or_default()
-    });
-    rows.into_iter().find_map(|(pid, mine)| {
-        let (peer, theirs) = crate::pool::applying(pid)?;
-        ((theirs, peer) < (mine, me)).then(|| format!("yields to an older conflicting transaction from node {peer} that waits for its locks on node {me}"))
-    })
+/// This node refuses its own prepared transaction `gid`: it must give
+/// way to an older conflicting one (`crate::conflicts`). Its coordinator,
+/// waiting in `mtm.await_votes`, wakes and answers no. Too late once every
+/// peer said yes and the coordinator read it: then the gid commits, and
+/// the refusal is a slot nobody reads.
+pub fn refuse_own(gid: &str, me: i32, message: &str) {
+    let waiter = match PEER_VOTES.exclusive().0.record(gid, me, Some(("40001", message))) {
+        Ok(w) => w,
+        Err(e) => {
+            warning!("multimaster: cannot refuse {gid}: {e}");
+            return;
+        }
+    };
+    if let Some(w) = waiter {
+        set_latch_of(w);
+    }
 }
 
 /// Forgets a gid once it is committed or rolled back here.

@@ -179,6 +179,9 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     // A proxy session that already wrote has nothing more to learn here;
     // elsewhere each write may have to be refused.
     let known = XACT_WRITES.get() && COORDINATED_COMMIT.get();
+    if client_change() {
+        crate::conflicts::check_current();
+    }
     if modifies && !explain_only && !known && client_change() && !crate::notify::own_work() {
         let written: Vec<pg_sys::Oid> = result_relids(stmt).into_iter().filter(|&r| replicated(r)).collect();
         if !written.is_empty() {
@@ -369,7 +372,9 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         // nothing (a DELETE that matched no row), so the peers would never
         // see it nor vote: give every prepare one change, a transactional
         // message naming this node as the one that prepared it.
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT if client_change() => crate::conflicts::check_current(),
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if client_change() => {
+            crate::conflicts::check_current();
             let me = crate::votes::MY_NODE.get().load(std::sync::atomic::Ordering::Relaxed);
             crate::votes::log_message(c"mtm_prepare", &me.to_be_bytes(), true);
         }

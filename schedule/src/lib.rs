@@ -13,13 +13,15 @@
 //! confirm: only what is committed here and flushed.
 //!
 //! [`tally`] counts the peers' 2PC votes on this node's prepared
-//! transactions (the coordinator side of the commit path).
+//! transactions (the coordinator side of the commit path); [`conflict`]
+//! says which of two conflicting transactions gives way.
 //!
 //! Safe Rust only: the extension keeps its `unsafe` calls into PostgreSQL
 //! out of this logic so that it can be tested as plain Rust.
 
 #![forbid(unsafe_code)]
 
+pub mod conflict;
 pub mod flush;
 pub mod keys;
 pub mod scheduler;

@@ -152,6 +152,68 @@ fn conflicting_updates_on_two_nodes_abort_with_40001_and_nodes_agree() {
     assert!((103..=130).contains(&v[0]), "three rounds each committed one update: {v:?}");
 }
 
+/// A transaction prepared on one node wins over a conflicting one still
+/// open on another that runs a statement or waits for a lock: the open
+/// one gives way at once with 40001, instead of the prepared one waiting
+/// for a lock timeout and being refused.
+#[test]
+fn an_open_transaction_gives_way_to_a_conflicting_one_prepared_on_another_node() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table acc(id int primary key, v int)");
+    proxy_client(&c).batch_execute("insert into acc select g, 100 from generate_series(1, 3) g").unwrap();
+    converge(&c, &["acc"]);
+    // Two sessions on each node, in node order.
+    let mut s: Vec<Client> = mtm_tests::cluster::spread_sessions(&c, 6).into_iter().map(|(_, cl)| cl).collect();
+    let mut nodes_of = |i: usize| port_of(&mut s[i]);
+    assert_eq!(nodes_of(0), nodes_of(1), "two sessions on the first node");
+    assert_ne!(nodes_of(0), nodes_of(2));
+    let mut b = s.remove(2);
+    let mut a2 = s.remove(1);
+    let mut a1 = s.remove(0);
+
+    // An open transaction holding row 1 on the first node, busy with a
+    // long statement. Row 1 from the second node: its apply on the first
+    // node finds that transaction in its way, which gives way.
+    a1.batch_execute("begin; update acc set v = v + 1 where id = 1").unwrap();
+    let busy = std::thread::spawn(move || {
+        let r = a1.batch_execute("select pg_sleep(30)");
+        (a1, r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    b.batch_execute("update acc set v = v + 10 where id = 1").expect("the prepared transaction commits");
+    let (mut a1, r) = busy.join().unwrap();
+    let e = r.expect_err("the open transaction gave way");
+    assert_eq!(sqlstate(&e), "40001", "{e:?}");
+    assert!(format!("{e:?}").contains("gives way"), "{e:?}");
+    a1.batch_execute("rollback").unwrap();
+
+    // An open transaction that waits for a lock (row 2, held by a1) while
+    // holding row 3, which the second node changes: its wait is cancelled
+    // and reported as 40001.
+    a1.batch_execute("begin; update acc set v = v + 1 where id = 2").unwrap();
+    a2.batch_execute("begin; update acc set v = v + 1 where id = 3").unwrap();
+    let waiting = std::thread::spawn(move || {
+        let r = a2.batch_execute("update acc set v = v + 1 where id = 2");
+        (a2, r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    b.batch_execute("update acc set v = v + 10 where id = 3").expect("the prepared transaction commits");
+    let (mut a2, r) = waiting.join().unwrap();
+    let e = r.expect_err("the waiting transaction gave way");
+    assert_eq!(sqlstate(&e), "40001", "{e:?}");
+    assert!(format!("{e:?}").contains("gives way"), "{e:?}");
+    a2.batch_execute("rollback").unwrap();
+    a1.batch_execute("rollback").unwrap();
+
+    converge(&c, &["acc"]);
+    no_gid_left(&c);
+    for id in 1..=3 {
+        let rows: Vec<(i32, i32)> =
+            client(&c, id).query("select id, v from acc order by id", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(rows, vec![(1, 110), (2, 100), (3, 110)], "node{id}");
+    }
+}
+
 #[test]
 fn bank_transfers_keep_the_total_on_every_node() {
     const ACCOUNTS: i32 = 100;

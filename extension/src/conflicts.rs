@@ -1,0 +1,356 @@
+//! Where conflicts between transactions of different nodes are settled on
+//! this node: the launcher calls [`Settler::settle`] every few
+//! milliseconds; when an apply worker has waited for a lock for a few
+//! milliseconds, it finds the holder in `pg_locks` and
+//! applies the rule of `mtm_schedule::conflict` (the transaction prepared
+//! first wins; one not prepared yet gives way).
+//!
+//! Giving way takes one of three forms:
+//! - a transaction prepared here by its own client: this node refuses it
+//!   in the vote table its coordinator waits on (`mtm.await_votes` then
+//!   answers no, 40001, and the proxy rolls it back everywhere);
+//! - an apply worker's transaction, not prepared yet: the worker is
+//!   marked and, if it waits for a lock, cancelled; it votes no;
+//! - a local session's transaction, while it runs a statement or waits
+//!   for a lock: marked and cancelled. Its client gets 40001 — the
+//!   cancel's error is rewritten by the `emit_log_hook` below; should the
+//!   cancel miss, the mark fails its next statement or its PREPARE (see
+//!   [`check_current`]). A session idle in its transaction is left alone
+//!   (nothing to cancel): the wait for it ends when it prepares (and gives
+//!   way as a prepared transaction) or at the apply's lock timeout.
+//!
+//! The mark ("doomed") is the transaction id of the holder, kept per
+//! PGPROC, so it can never hit the process's next transaction. What is
+//! not settled here ends at the apply's `lock_timeout` as before.
+
+use mtm_schedule::conflict::{verdict, Age, Holder, Verdict};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PGRXSharedMemory, PgAtomic};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
+use std::time::{Duration, Instant};
+
+/// PGPROC numbers marked; a process with a higher one is never marked
+/// (max_connections + workers + prepared transactions stay far below).
+const PROCS: usize = 8192;
+
+pub struct Doomed {
+    /// The top transaction id that must give way, per PGPROC (0: none).
+    xid: [AtomicU32; PROCS],
+    /// The node whose transaction it gives way to.
+    by: [AtomicI32; PROCS],
+}
+
+impl Default for Doomed {
+    fn default() -> Self {
+        Doomed { xid: std::array::from_fn(|_| AtomicU32::new(0)), by: std::array::from_fn(|_| AtomicI32::new(0)) }
+    }
+}
+
+// SAFETY: atomics only.
+unsafe impl PGRXSharedMemory for Doomed {}
+
+// SAFETY: the only shared memory with this name.
+pub static DOOMED: PgAtomic<Doomed> = unsafe { PgAtomic::new(c"multimaster doomed transactions") };
+
+static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+
+/// Installs the error rewrite (from `_PG_init`).
+pub fn init() {
+    // SAFETY: while the library is preloaded; the previous hook is kept
+    // and called.
+    unsafe {
+        PREV_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(emit_log);
+    }
+}
+
+/// A wait is looked at once it has lasted this long (most end sooner:
+/// the holder commits) ...
+const LOOK_AFTER: Duration = Duration::from_millis(4);
+/// ... and again this often while it lasts.
+const LOOK_AGAIN: Duration = Duration::from_millis(50);
+
+/// The waits the launcher has seen: per apply worker pid, the lock it
+/// waits for, since when, and when it was last looked at.
+#[derive(Default)]
+pub struct Settler {
+    seen: HashMap<i32, (usize, Instant, Option<Instant>)>,
+}
+
+impl Settler {
+    /// Looks at the apply workers that have waited for a lock for a while
+    /// and settles each wait the rule decides. From the launcher, outside
+    /// a transaction.
+    ///
+    /// A row lock (the common case) is settled from shared memory alone:
+    /// the holder is the process whose transaction id the worker waits
+    /// for. Other locks (DDL) are looked up in `pg_locks`, which takes
+    /// every lock-table partition — not something to do every tick.
+    pub fn settle(&mut self) {
+        let me = crate::votes::MY_NODE.get().load(Relaxed);
+        let current = crate::pool::lock_waiters();
+        self.seen.retain(|pid, (lock, ..)| current.iter().any(|w| w.pid == *pid && w.lock == *lock));
+        if me == 0 || current.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut by_sql = Vec::new();
+        for w in current {
+            let (_, since, looked) = self.seen.entry(w.pid).or_insert((w.lock, now, None));
+            let fresh = looked.is_none_or(|t| now.duration_since(t) >= LOOK_AGAIN);
+            if now.duration_since(*since) < LOOK_AFTER || !fresh {
+                continue;
+            }
+            match w.xid {
+                Some(xid) => {
+                    if settle_row_wait(me, w.pid, xid) {
+                        *looked = Some(now);
+                    }
+                }
+                None => {
+                    *looked = Some(now);
+                    by_sql.push(w.pid);
+                }
+            }
+        }
+        if !by_sql.is_empty() {
+            pgrx::bgworkers::BackgroundWorker::transaction(|| settle_by_pg_locks(me, &by_sql));
+        }
+    }
+}
+
+/// `max_prepared_transactions` (fixed while the server runs).
+fn max_prepared_transactions() -> usize {
+    static VALUE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *VALUE.get_or_init(|| {
+        // SAFETY: reads a setting by name; missing_ok, so no ERROR.
+        let text = unsafe { pg_sys::GetConfigOption(c"max_prepared_transactions".as_ptr(), true, false) };
+        if text.is_null() {
+            return 0;
+        }
+        // SAFETY: a NUL-terminated string owned by the GUC machinery.
+        unsafe { std::ffi::CStr::from_ptr(text) }.to_str().ok().and_then(|t| t.parse().ok()).unwrap_or(0)
+    })
+}
+
+/// The PGPROC whose transaction (or one of its subtransactions) is `xid`.
+fn proc_of_xid(xid: u32) -> Option<*mut pg_sys::PGPROC> {
+    // SAFETY: PGPROCs live in shared memory for the server's life; the
+    // fields read are written whole by their owner (a stale read finds
+    // no holder or a finished one, whose mark can do no harm).
+    unsafe {
+        let global = pg_sys::ProcGlobal;
+        // allProcCount leaves out the prepared transactions' PGPROCs,
+        // which follow the others.
+        let count = (*global).allProcCount as usize + max_prepared_transactions();
+        (0..count).map(|i| (*global).allProcs.add(i)).find(|&p| {
+            let top = std::ptr::read_volatile(&(*p).xid).into_inner();
+            if top == xid {
+                return true;
+            }
+            let n = (*p).subxidStatus.count as usize;
+            if n == 0 || top == 0 {
+                return false;
+            }
+            let subxids = std::ptr::read_volatile(&raw const (*p).subxids);
+            subxids.xids[..n.min(subxids.xids.len())].iter().any(|x| x.into_inner() == xid)
+        })
+    }
+}
+
+/// Settles an apply worker's wait for the row locks of transaction `xid`.
+/// False: not decided yet (look again at the next tick).
+fn settle_row_wait(me: i32, waiter_pid: i32, xid: u32) -> bool {
+    match proc_of_xid(xid) {
+        Some(proc) => settle_wait_for(me, waiter_pid, proc),
+        None => true,
+    }
+}
+
+/// Settles an apply worker's wait for a lock that the process `proc`
+/// holds. False: not decided yet (look again at the next tick).
+fn settle_wait_for(me: i32, waiter_pid: i32, proc: *mut pg_sys::PGPROC) -> bool {
+    let Some((peer, time)) = crate::pool::applying(waiter_pid) else { return true };
+    let waiter = Age { time, home: peer };
+    // SAFETY: a PGPROC in shared memory (see proc_of_xid).
+    let (pid, top, background, autovacuum, wait_class) = unsafe {
+        (
+            (*proc).pid,
+            (*proc).xid.into_inner(),
+            (*proc).isBackgroundWorker,
+            (*proc).statusFlags as u32 & pg_sys::PROC_IS_AUTOVACUUM != 0,
+            std::ptr::read_volatile(&(*proc).wait_event_info) & 0xFF00_0000,
+        )
+    };
+    let waits_for_lock = wait_class == pg_sys::PG_WAIT_LOCK;
+    let applying = crate::pool::applying(pid);
+    // A session idle in its transaction (waiting for its client) is left
+    // alone: it cannot be cancelled, and a mark would only hit its next
+    // statement after the waiter may have timed out. Most such pauses are
+    // between two statements: look again at the next tick (it prepares,
+    // or runs).
+    if pid != 0 && applying.is_none() && wait_class == pg_sys::PG_WAIT_CLIENT {
+        return false;
+    }
+    let holder = if pid == 0 {
+        // A prepared transaction. Ours (a session of this node prepared
+        // it) has a coordinator that can give up; a peer's is settled on
+        // its home node.
+        match crate::resolver::prepared_here_by_xid(top) {
+            Some((_, None)) => return false,
+            Some((_, Some(t))) => Holder::Prepared { age: Age { time: t, home: me } },
+            None => Holder::Other,
+        }
+    } else if let Some((p, t)) = applying {
+        Holder::Applying { age: Age { time: t, home: p } }
+    } else if !background && !autovacuum {
+        Holder::Local
+    } else {
+        Holder::Other
+    };
+    match verdict(me, waiter, holder) {
+        Verdict::Wait => {}
+        Verdict::RefuseHolder => {
+            if let Some((gid, _)) = crate::resolver::prepared_here_by_xid(top) {
+                crate::votes::refuse_own(&gid, me, &refusal(peer, me));
+            }
+        }
+        // A session is cancelled whatever it runs; an apply worker only in
+        // a lock wait (elsewhere a cancel would stop its pool; it finds
+        // the mark before its PREPARE).
+        Verdict::CancelHolder => doom(proc, top, peer, waits_for_lock || applying.is_none()),
+    }
+    true
+}
+
+fn refusal(peer: i32, me: i32) -> String {
+    format!("yields to an older conflicting transaction from node {peer} that waits for its locks on node {me}")
+}
+
+/// Settles the waits of the apply workers `waiters` for table and object
+/// locks: only a transaction prepared here by its own client is made to
+/// give way (a schema change that conflicts with one from another node).
+/// A prepared transaction's locks have no pid; they share the
+/// virtualtransaction of the lock on its own transaction id. pg_locks is
+/// read once. (A wait for a tuple lock — behind a session first in the
+/// queue for a row — is left alone: settling those too was measured to
+/// abort more transactions than it saved.)
+fn settle_by_pg_locks(me: i32, waiters: &[i32]) {
+    let rows: Vec<(i32, String, i64)> = Spi::connect(|c| {
+        c.select(
+            "WITH l AS MATERIALIZED (SELECT * FROM pg_locks)
+             SELECT w.pid, p.gid, ((extract(epoch FROM p.prepared) - 946684800) * 1000000)::int8
+               FROM l w
+               JOIN l h ON h.granted AND h.pid IS NULL AND h.locktype = w.locktype
+                       AND h.database IS NOT DISTINCT FROM w.database AND h.relation IS NOT DISTINCT FROM w.relation
+                       AND h.classid IS NOT DISTINCT FROM w.classid AND h.objid IS NOT DISTINCT FROM w.objid
+                       AND h.objsubid IS NOT DISTINCT FROM w.objsubid
+               JOIN l x ON x.pid IS NULL AND x.locktype = 'transactionid' AND x.granted AND x.virtualtransaction = h.virtualtransaction
+               JOIN pg_prepared_xacts p ON p.transaction = x.transactionid
+              WHERE NOT w.granted AND w.pid = ANY($1) AND w.locktype IN ('relation', 'object')",
+            None,
+            &[waiters.to_vec().into()],
+        )
+        .map(|rows| rows.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??, r.get::<i64>(3).ok()??))).collect())
+        .unwrap_or_default()
+    });
+    for (waiter_pid, gid, prepared_at) in rows {
+        let Some((peer, time)) = crate::pool::applying(waiter_pid) else { continue };
+        let Some(home) = home_of(&gid) else { continue };
+        let holder = Holder::Prepared { age: Age { time: prepared_at, home } };
+        if verdict(me, Age { time, home: peer }, holder) == Verdict::RefuseHolder {
+            crate::votes::refuse_own(&gid, me, &refusal(peer, me));
+        }
+    }
+}
+
+/// The home node of one of the cluster's gids (`mtm-<node>-…`).
+fn home_of(gid: &str) -> Option<i32> {
+    gid.strip_prefix("mtm-")?.split('-').next()?.parse().ok()
+}
+
+/// Marks transaction `xid` of the process `proc` to give way to node
+/// `by`'s, and with `cancel` cancels what it runs (a process not
+/// cancelled finds the mark itself: an apply worker before its PREPARE, a
+/// session at its next statement).
+fn doom(proc: *mut pg_sys::PGPROC, xid: u32, by: i32, cancel: bool) {
+    // SAFETY: a PGPROC in shared memory.
+    let (procno, pid) = unsafe { ((*proc).pgprocno as usize, (*proc).pid) };
+    if procno >= PROCS || xid == 0 || pid == 0 {
+        return;
+    }
+    let d = DOOMED.get();
+    d.by[procno].store(by, Release);
+    d.xid[procno].store(xid, Release);
+    if cancel {
+        // What pg_cancel_backend sends: the statement ends with 57014,
+        // which the marked process reports as 40001.
+        // SAFETY: a signal to a process of this server.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+    } else {
+        // SAFETY: the latch of a PGPROC in shared memory; an apply worker
+        // waiting for its commit turn wakes and finds the mark.
+        unsafe { pg_sys::SetLatch(&raw mut (*proc).procLatch) };
+    }
+}
+
+/// The node this process's current transaction must give way to, if it
+/// was marked.
+pub fn doomed_by() -> Option<i32> {
+    // SAFETY: MyProc is this process's PGPROC; reads of this backend's
+    // transaction state.
+    let (procno, xid) = unsafe {
+        if pg_sys::MyProc.is_null() {
+            return None;
+        }
+        ((*pg_sys::MyProc).pgprocno as usize, pg_sys::GetTopTransactionIdIfAny().into_inner())
+    };
+    if procno >= PROCS || xid == 0 {
+        return None;
+    }
+    let d = DOOMED.get();
+    (d.xid[procno].load(Acquire) == xid).then(|| d.by[procno].load(Acquire))
+}
+
+/// The message a transaction that gives way ends with.
+pub fn message(by: i32) -> String {
+    let me = crate::votes::MY_NODE.get().load(Relaxed);
+    format!("could not serialize access: this transaction gives way to a conflicting one from node {by}, prepared first, that waits for its locks on node {me}")
+}
+
+/// A local session's transaction that was marked fails here, with 40001,
+/// before it does more work (each statement, and PREPARE).
+pub fn check_current() {
+    if let Some(by) = doomed_by() {
+        crate::raise(PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE, message(by), "Retry the transaction.", "check_current");
+    }
+}
+
+/// The cancel of a marked transaction's lock wait reaches its client as
+/// what it is: a serialization failure.
+#[pg_guard]
+unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
+    if let Some(prev) = PREV_EMIT_LOG {
+        prev(edata);
+    }
+    let canceled = crate::votes::sqlstate_code("57014");
+    if (*edata).elevel >= pg_sys::PGERROR as i32 && (*edata).sqlerrcode == canceled {
+        if let Some(by) = doomed_by() {
+            (*edata).sqlerrcode = crate::votes::sqlstate_code("40001");
+            // In the error's own memory context, which the hook runs in.
+            let text = std::ffi::CString::new(message(by)).expect("no NUL");
+            (*edata).message = pg_sys::pstrdup(text.as_ptr());
+            (*edata).hint = pg_sys::pstrdup(c"Retry the transaction.".as_ptr());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_home_node_of_a_gid() {
+        assert_eq!(super::home_of("mtm-2-660e9065-1f-3-0"), Some(2));
+        assert_eq!(super::home_of("client-gid"), None);
+    }
+}

@@ -1,0 +1,138 @@
+//! Who gives way when transactions from different nodes want the same
+//! rows: the rule each node applies on its own, with the same answer on
+//! every node, so that a conflict is settled in milliseconds instead of
+//! at a lock timeout.
+//!
+//! Two transactions that change one row on two nodes at once have each
+//! locked it on their home node; each peer's apply of the other waits for
+//! that lock, so neither can get every vote. One must give way. The one
+//! **prepared first** wins: its age is its home node's prepare time, then
+//! its home node's id, the same pair on every node (a peer learns it from
+//! the stream, the home node from `pg_prepared_xacts`). A transaction
+//! that has not been prepared yet is younger than any that has.
+//!
+//! The extension's `conflicts` module looks, on each node, at every apply
+//! worker that waits for a lock, finds who holds it and asks [`verdict`]:
+//! - the holder is a transaction prepared here by its own client (this
+//!   node is its home) and younger than the waiter: its coordinator is
+//!   told to give up (this node refuses it, 40001);
+//! - the holder is prepared here for another home node: wait — that home
+//!   node settles it, by this same rule, where it sees the conflict;
+//! - the holder is another apply worker's transaction, not prepared yet
+//!   here, and younger: it is cancelled (this node votes no on it);
+//! - the holder is a local session's transaction that is not prepared:
+//!   it is cancelled (40001 to its client) — the waiter was prepared first.
+//!
+//! Anything older than the waiter is waited for. Every wait then goes
+//! from a younger transaction to an older one, or to one whose home node
+//! will settle it, so no cycle of waits is left for a lock timeout to
+//! break.
+
+/// A transaction's age: its home node's prepare (or commit) time in
+/// microseconds, then the home node's id. Smaller is older.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Age {
+    pub time: i64,
+    pub home: i32,
+}
+
+/// Who holds the lock an apply worker waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// A prepared transaction (on this node) whose home node is `age.home`.
+    Prepared { age: Age },
+    /// Another apply worker, applying a transaction of that age.
+    Applying { age: Age },
+    /// A session of this node, in a transaction not prepared yet.
+    Local,
+    /// Anything else (a maintenance process, a prepared transaction that
+    /// is not the cluster's): waited for, up to the lock timeout.
+    Other,
+}
+
+/// What to do about one wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the waiter wait: the holder is older, or another node decides.
+    Wait,
+    /// The holder, prepared here by its own client, gives up: its
+    /// coordinator is refused.
+    RefuseHolder,
+    /// The holder's transaction is cancelled: an apply worker votes no on
+    /// it, a local session gets 40001.
+    CancelHolder,
+}
+
+/// The rule, on node `me`, for an apply worker applying a transaction of
+/// age `waiter` that waits for a lock of `holder`.
+pub fn verdict(me: i32, waiter: Age, holder: Holder) -> Verdict {
+    match holder {
+        Holder::Prepared { age } if age.home == me && waiter < age => Verdict::RefuseHolder,
+        Holder::Prepared { .. } => Verdict::Wait,
+        Holder::Applying { age } if waiter < age => Verdict::CancelHolder,
+        Holder::Applying { .. } => Verdict::Wait,
+        Holder::Local => Verdict::CancelHolder,
+        Holder::Other => Verdict::Wait,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: i32 = 1;
+
+    fn age(time: i64, home: i32) -> Age {
+        Age { time, home }
+    }
+
+    #[test]
+    fn an_older_waiter_makes_a_younger_transaction_of_this_node_give_up() {
+        let holder = Holder::Prepared { age: age(200, ME) };
+        assert_eq!(verdict(ME, age(100, 2), holder), Verdict::RefuseHolder);
+        // Younger waiter: it waits; the holder's votes decide.
+        assert_eq!(verdict(ME, age(300, 2), holder), Verdict::Wait);
+    }
+
+    #[test]
+    fn equal_times_are_ordered_by_home_node() {
+        let holder = Holder::Prepared { age: age(100, ME) };
+        // Node 2 is "younger" than node 1 at the same microsecond.
+        assert_eq!(verdict(ME, age(100, 2), holder), Verdict::Wait);
+        let holder = Holder::Prepared { age: age(100, 3) };
+        assert_eq!(verdict(3, age(100, 2), holder), Verdict::RefuseHolder);
+    }
+
+    #[test]
+    fn a_transaction_prepared_for_another_home_node_is_left_to_it() {
+        // Even if younger: its home node sees the same conflict and settles it.
+        let holder = Holder::Prepared { age: age(500, 3) };
+        assert_eq!(verdict(ME, age(100, 2), holder), Verdict::Wait);
+    }
+
+    #[test]
+    fn a_younger_apply_is_cancelled_an_older_one_waited_for() {
+        assert_eq!(verdict(ME, age(100, 2), Holder::Applying { age: age(200, 3) }), Verdict::CancelHolder);
+        assert_eq!(verdict(ME, age(300, 2), Holder::Applying { age: age(200, 3) }), Verdict::Wait);
+        // The same peer: a later transaction that took a row the earlier
+        // one needs (it would wait for its commit turn forever).
+        assert_eq!(verdict(ME, age(100, 2), Holder::Applying { age: age(150, 2) }), Verdict::CancelHolder);
+    }
+
+    #[test]
+    fn a_local_transaction_not_prepared_always_gives_way() {
+        assert_eq!(verdict(ME, age(i64::MAX, 3), Holder::Local), Verdict::CancelHolder);
+        assert_eq!(verdict(ME, age(100, 2), Holder::Other), Verdict::Wait);
+    }
+
+    #[test]
+    fn the_same_conflict_gets_the_same_winner_on_both_nodes() {
+        // T1 prepared on node 1 at 100, T2 on node 2 at 120; each node
+        // holds its own and applies the other's.
+        let (t1, t2) = (age(100, 1), age(120, 2));
+        // Node 1: T2's apply waits for T1 → T2 (younger) waits.
+        assert_eq!(verdict(1, t2, Holder::Prepared { age: t1 }), Verdict::Wait);
+        // Node 2: T1's apply waits for T2 → T2 is refused.
+        assert_eq!(verdict(2, t1, Holder::Prepared { age: t2 }), Verdict::RefuseHolder);
+    }
+}
