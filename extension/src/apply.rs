@@ -127,6 +127,12 @@ impl Applier {
             match msg {
                 Message::Begin { commit_time, .. } => {
                     self.turn.applying(commit_time);
+                    // Tag the rows' WAL records with the peer's origin (only
+                    // the commit needs the origin set up, in its turn): the
+                    // walsenders then drop them as they decode, instead of
+                    // queueing every applied row until its commit says
+                    // whose it was.
+                    pg_sys::replorigin_session_origin = self.turn.origin();
                     pg_sys::StartTransactionCommand();
                     self.in_transaction = true;
                     self.failed = None;
@@ -182,6 +188,7 @@ impl Applier {
                         return;
                     }
                     set_origin_progress(end_lsn, prepare_time);
+                    let xid = pg_sys::GetTopTransactionIdIfAny().into_inner();
                     let prepared = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
                         pg_sys::PrepareTransactionBlock(gid.as_ptr());
                         pg_sys::CommitTransactionCommand();
@@ -193,6 +200,7 @@ impl Applier {
                     match prepared {
                         Ok(()) => {
                             crate::votes::record(&gid, &crate::votes::Vote::Yes);
+                            crate::votes::note_applied_prepare(&gid, xid, self.peer, prepare_time);
                             crate::votes::send(self.peer, &gid, None);
                         }
                         Err((sqlstate, message)) => {

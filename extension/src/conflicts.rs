@@ -5,10 +5,13 @@
 //! applies the rule of `mtm_schedule::conflict` (the transaction prepared
 //! first wins; one not prepared yet gives way).
 //!
-//! Giving way takes one of three forms:
+//! Giving way takes one of four forms:
 //! - a transaction prepared here by its own client: this node refuses it
 //!   in the vote table its coordinator waits on (`mtm.await_votes` then
 //!   answers no, 40001, and the proxy rolls it back everywhere);
+//! - a transaction prepared here for another home node: this node sends
+//!   that node a no vote, withdrawing its yes (counted only if the
+//!   coordinator has not decided yet);
 //! - an apply worker's transaction, not prepared yet: the worker is
 //!   marked and, if it waits for a lock, cancelled; it votes no;
 //! - a local session's transaction, while it runs a statement or waits
@@ -193,14 +196,23 @@ fn settle_wait_for(me: i32, waiter_pid: i32, proc: *mut pg_sys::PGPROC) -> bool 
     if pid != 0 && applying.is_none() && wait_class == pg_sys::PG_WAIT_CLIENT {
         return false;
     }
+    // The gid of a prepared holder: ours (a session of this node prepared
+    // it, its coordinator can give up) or a peer's (this node voted yes).
+    let mut prepared_gid = None;
     let holder = if pid == 0 {
-        // A prepared transaction. Ours (a session of this node prepared
-        // it) has a coordinator that can give up; a peer's is settled on
-        // its home node.
         match crate::resolver::prepared_here_by_xid(top) {
             Some((_, None)) => return false,
-            Some((_, Some(t))) => Holder::Prepared { age: Age { time: t, home: me } },
-            None => Holder::Other,
+            Some((gid, Some(t))) => {
+                prepared_gid = Some(gid);
+                Holder::Prepared { age: Age { time: t, home: me } }
+            }
+            None => match crate::votes::applied_prepare_by_xid(top) {
+                Some((gid, home, t)) => {
+                    prepared_gid = Some(gid);
+                    Holder::Prepared { age: Age { time: t, home } }
+                }
+                None => Holder::Other,
+            },
         }
     } else if let Some((p, t)) = applying {
         Holder::Applying { age: Age { time: t, home: p } }
@@ -212,8 +224,15 @@ fn settle_wait_for(me: i32, waiter_pid: i32, proc: *mut pg_sys::PGPROC) -> bool 
     match verdict(me, waiter, holder) {
         Verdict::Wait => {}
         Verdict::RefuseHolder => {
-            if let Some((gid, _)) = crate::resolver::prepared_here_by_xid(top) {
+            if let Some(gid) = prepared_gid {
                 crate::votes::refuse_own(&gid, me, &refusal(peer, me));
+            }
+        }
+        Verdict::WithdrawVote => {
+            if let (Some(gid), Holder::Prepared { age }) = (prepared_gid, holder) {
+                let message = format!("withdraws its vote: an older conflicting transaction from node {peer} waits for its locks on node {me}");
+                // SAFETY: the launcher's main thread, outside a transaction.
+                unsafe { crate::votes::send(age.home, &gid, Some(("40001".into(), message))) };
             }
         }
         // A session is cancelled whatever it runs; an apply worker only in

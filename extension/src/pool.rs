@@ -503,6 +503,11 @@ impl Turn {
         peer(self.peer)
     }
 
+    /// The peer's replication origin.
+    pub fn origin(&self) -> pg_sys::RepOriginId {
+        self.origin
+    }
+
     pub fn stopped(&self) -> bool {
         self.pool().stopped(self.epoch)
     }

@@ -47,6 +47,12 @@ pub struct VoteSlot {
     message_len: u16,
     /// pgprocno of a backend waiting in await_prepared, or -1.
     waiter: i32,
+    /// For a gid this node applied and prepared (yes): its transaction id
+    /// here, its home node and its prepare time there (for settling
+    /// conflicts, [`crate::conflicts`]); 0 otherwise.
+    xid: u32,
+    home: i32,
+    prepared_at: i64,
     /// Order of decisions, for eviction.
     stamp: u64,
 }
@@ -67,6 +73,9 @@ impl Default for VoteTable {
             message: [0; MESSAGE_MAX],
             message_len: 0,
             waiter: -1,
+            xid: 0,
+            home: 0,
+            prepared_at: 0,
             stamp: 0,
         };
         VoteTable { slots: [empty; SLOTS], next_stamp: 1 }
@@ -132,6 +141,7 @@ impl VoteTable {
         s.gid_len = gid.len() as u8;
         s.waiter = -1;
         s.message_len = 0;
+        s.xid = 0;
         i
     }
 }
@@ -170,6 +180,24 @@ pub fn record(gid: &str, vote: &Vote) {
     }
 }
 
+/// This node applied and prepared `gid` (transaction `xid` here) from its
+/// home node `home`, where it was prepared at `prepared_at`.
+pub fn note_applied_prepare(gid: &str, xid: u32, home: i32, prepared_at: i64) {
+    let mut t = VOTES.exclusive();
+    if let Some(i) = t.find(gid_bytes(gid)) {
+        let s = &mut t.slots[i];
+        (s.xid, s.home, s.prepared_at) = (xid, home, prepared_at);
+    }
+}
+
+/// A gid this node applied and prepared, found by its transaction id
+/// here: the gid, its home node and its prepare time there.
+pub fn applied_prepare_by_xid(xid: u32) -> Option<(String, i32, i64)> {
+    let t = VOTES.share();
+    let s = t.slots.iter().find(|s| s.state == VoteState::Yes && s.xid == xid && xid != 0)?;
+    Some((String::from_utf8_lossy(&s.gid[..s.gid_len as usize]).into_owned(), s.home, s.prepared_at))
+}
+
 /// Sends this node's vote on `gid`, prepared on `coordinator`, to it: a
 /// non-transactional logical message, logged without the replication
 /// origin of the transaction being applied (the coordinator's walsender
@@ -177,7 +205,8 @@ pub fn record(gid: &str, vote: &Vote) {
 /// and, for a yes, only after the PREPARE before it is on disk.
 ///
 /// # Safety
-/// From an apply worker's main thread, outside a transaction.
+/// From a worker's main thread (an apply worker, or the launcher
+/// withdrawing a yes), outside a transaction.
 pub unsafe fn send(coordinator: i32, gid: &str, refusal: Option<(String, String)>) {
     let voter = MY_NODE.get().load(Ordering::Relaxed);
     let content = VoteMessage { coordinator, voter, gid: gid.to_string(), refusal }.to_bytes();

@@ -16,17 +16,20 @@
 //! - the holder is a transaction prepared here by its own client (this
 //!   node is its home) and younger than the waiter: its coordinator is
 //!   told to give up (this node refuses it, 40001);
-//! - the holder is prepared here for another home node: wait — that home
-//!   node settles it, by this same rule, where it sees the conflict;
+//! - the holder is prepared here for another home node and younger: this
+//!   node withdraws its yes vote on it (a no to its home node, which
+//!   counts only while its coordinator has not decided; once decided it
+//!   commits and the waiter then gets the row);
 //! - the holder is another apply worker's transaction, not prepared yet
 //!   here, and younger: it is cancelled (this node votes no on it);
 //! - the holder is a local session's transaction that is not prepared:
 //!   it is cancelled (40001 to its client) — the waiter was prepared first.
 //!
 //! Anything older than the waiter is waited for. Every wait then goes
-//! from a younger transaction to an older one, or to one whose home node
-//! will settle it, so no cycle of waits is left for a lock timeout to
-//! break.
+//! from a younger transaction to an older one (or to one already decided,
+//! which commits), so no cycle of waits is left for a lock timeout to
+//! break — the rule is wound-wait, and the oldest transaction always gets
+//! through.
 
 /// A transaction's age: its home node's prepare (or commit) time in
 /// microseconds, then the home node's id. Smaller is older.
@@ -58,6 +61,9 @@ pub enum Verdict {
     /// The holder, prepared here by its own client, gives up: its
     /// coordinator is refused.
     RefuseHolder,
+    /// The holder, prepared here for another home node, is refused after
+    /// all: this node sends its home a no vote (too late if it decided).
+    WithdrawVote,
     /// The holder's transaction is cancelled: an apply worker votes no on
     /// it, a local session gets 40001.
     CancelHolder,
@@ -68,6 +74,7 @@ pub enum Verdict {
 pub fn verdict(me: i32, waiter: Age, holder: Holder) -> Verdict {
     match holder {
         Holder::Prepared { age } if age.home == me && waiter < age => Verdict::RefuseHolder,
+        Holder::Prepared { age } if waiter < age => Verdict::WithdrawVote,
         Holder::Prepared { .. } => Verdict::Wait,
         Holder::Applying { age } if waiter < age => Verdict::CancelHolder,
         Holder::Applying { .. } => Verdict::Wait,
@@ -104,10 +111,28 @@ mod tests {
     }
 
     #[test]
-    fn a_transaction_prepared_for_another_home_node_is_left_to_it() {
-        // Even if younger: its home node sees the same conflict and settles it.
+    fn a_younger_transaction_prepared_for_another_home_node_loses_this_nodes_vote() {
         let holder = Holder::Prepared { age: age(500, 3) };
-        assert_eq!(verdict(ME, age(100, 2), holder), Verdict::Wait);
+        assert_eq!(verdict(ME, age(100, 2), holder), Verdict::WithdrawVote);
+        // Older: waited for.
+        assert_eq!(verdict(ME, age(600, 2), holder), Verdict::Wait);
+    }
+
+    #[test]
+    fn a_cycle_over_three_nodes_is_broken_at_its_youngest() {
+        // T1 (node 1, oldest), T2 (node 2), T3 (node 3, youngest), each
+        // prepared at home and on one other node, each apply waiting for
+        // the next: on node 1 T3's apply waits for T1, on node 2 T1's for
+        // T2's... wherever the youngest holds a lock an older one needs,
+        // it is refused or loses a vote; the oldest never gives way.
+        let (t1, t2, t3) = (age(100, 1), age(200, 2), age(300, 3));
+        // Node 3 holds T3 (its own), T2's apply waits: T3 refused.
+        assert_eq!(verdict(3, t2, Holder::Prepared { age: t3 }), Verdict::RefuseHolder);
+        // Node 1 holds T2 prepared for node 2, T1's apply waits: node 1
+        // withdraws its vote on T2.
+        assert_eq!(verdict(1, t1, Holder::Prepared { age: t2 }), Verdict::WithdrawVote);
+        // Node 2 holds T1 prepared for node 1, T3's apply waits: it waits.
+        assert_eq!(verdict(2, t3, Holder::Prepared { age: t1 }), Verdict::Wait);
     }
 
     #[test]
