@@ -787,6 +787,12 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                         return Ok(());
                     }
                 }
+                if let Some(Intent::PrepareTransaction(gid)) = self.portals.get(&portal).cloned() {
+                    self.unit = Some(unit);
+                    if self.prepare_in_place(&gid).await? {
+                        return Ok(());
+                    }
+                }
             }
             _ => {}
         }
@@ -809,6 +815,37 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         let reply = match self.two_phase().await? {
             Ok(()) => messages::command_complete("COMMIT"),
             Err(e) => e.into_bytes(),
+        };
+        self.link.to_client(&reply).await?;
+        Ok(true)
+    }
+
+    /// At the Execute of the client's `PREPARE TRANSACTION 'gid'` inside
+    /// an extended unit (as JDBC's XA support sends it): if the open
+    /// transaction wrote, prepare it with a statement of the proxy's,
+    /// collect every peer's vote as for the simple protocol, and answer the
+    /// Execute ourselves — PREPARE TRANSACTION, or 40001 with the gid
+    /// rolled back everywhere. Returns whether it did.
+    async fn prepare_in_place(&mut self, gid: &str) -> Result<bool, End> {
+        let rx = self.expect_hold(false);
+        self.out.extend_from_slice(&commit::sync());
+        self.send().await?;
+        let held = rx.await.unwrap_or_default();
+        if held.status != b'T' || !self.wrote() {
+            return Ok(false);
+        }
+        let prepare = format!("PREPARE TRANSACTION {}", commit::literal(gid));
+        let prepared = self.own(&[&prepare]).await?.remove(0);
+        let reply = if let Some(e) = commit::error_of(&prepared) {
+            e.raw.clone()
+        } else {
+            match self.collect_votes(gid).await? {
+                Ok(()) => messages::command_complete("PREPARE TRANSACTION"),
+                Err(e) => {
+                    count_error(e.code);
+                    e.encode()
+                }
+            }
         };
         self.link.to_client(&reply).await?;
         Ok(true)

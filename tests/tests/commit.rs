@@ -152,6 +152,65 @@ fn conflicting_updates_on_two_nodes_abort_with_40001_and_nodes_agree() {
     assert!((103..=130).contains(&v[0]), "three rounds each committed one update: {v:?}");
 }
 
+/// `PREPARE TRANSACTION` sent in the extended protocol (as JDBC's XA
+/// support and other transaction managers send it) collects every node's
+/// vote like the simple-protocol one: when it returns the gid is prepared
+/// on every node, and of two conflicting ones exactly one is refused with
+/// 40001 and prepared nowhere.
+#[test]
+fn a_clients_prepare_transaction_in_the_extended_protocol_is_voted_on() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table x(id int primary key, v int)");
+    proxy_client(&c).batch_execute("insert into x values (1, 0)").unwrap();
+    converge(&c, &["x"]);
+    let mut s = sessions(&c, 3);
+    let ports: BTreeSet<i32> = s.iter_mut().map(port_of).collect();
+    assert_eq!(ports.len(), 3, "three sessions through the proxy are on three nodes");
+
+    // execute() sends Parse/Bind/Execute/Sync.
+    s[0].batch_execute("begin").unwrap();
+    s[0].execute("insert into x values (2, 0)", &[]).unwrap();
+    assert_eq!(s[0].execute("prepare transaction 'xa-1'", &[]).unwrap(), 0);
+    for gids in prepared(&c) {
+        assert_eq!(gids, ["xa-1"], "prepared on every node when PREPARE TRANSACTION returns");
+    }
+
+    let mut b = s.pop().unwrap();
+    let mut a = s.pop().unwrap();
+    a.batch_execute("begin; update x set v = 1 where id = 1").unwrap();
+    b.batch_execute("begin; update x set v = 2 where id = 1").unwrap();
+    let ta = std::thread::spawn(move || {
+        let r = a.execute("prepare transaction 'xa-a'", &[]);
+        (a, r)
+    });
+    let tb = std::thread::spawn(move || {
+        let r = b.execute("prepare transaction 'xa-b'", &[]);
+        (b, r)
+    });
+    let (mut a, ra) = ta.join().unwrap();
+    let (_b, rb) = tb.join().unwrap();
+    assert!(ra.is_err() != rb.is_err(), "exactly one of two conflicting prepares is refused: {ra:?} {rb:?}");
+    let (winner, refused) = if ra.is_ok() { ("xa-a", rb) } else { ("xa-b", ra) };
+    let e = refused.unwrap_err();
+    assert_eq!(sqlstate(&e), "40001", "{e:?}");
+    let mut expected = vec!["xa-1".to_string(), winner.to_string()];
+    expected.sort();
+    for gids in prepared(&c) {
+        assert_eq!(gids, expected, "the refused gid is prepared nowhere");
+    }
+
+    // Finished from any session, in the extended protocol too.
+    a.execute(&format!("commit prepared '{winner}'"), &[]).unwrap();
+    a.execute("commit prepared 'xa-1'", &[]).unwrap();
+    converge(&c, &["x"]);
+    no_gid_left(&c);
+    let v = if winner == "xa-a" { 1 } else { 2 };
+    for id in 1..=3 {
+        let rows: Vec<(i32, i32)> = client(&c, id).query("select id, v from x order by id", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(rows, vec![(1, v), (2, 0)], "node{id}");
+    }
+}
+
 /// A transaction prepared on one node wins over a conflicting one still
 /// open on another that runs a statement or waits for a lock: the open
 /// one gives way at once with 40001, instead of the prepared one waiting
