@@ -38,6 +38,7 @@ impl PlainServers {
                 dir: dir.path().join(format!("pg{i}")),
                 log: dir.path().join(format!("pg{i}.log")),
                 socket_dir: dir.path().to_path_buf(),
+                database: "postgres".into(),
             })
             .collect();
         let me = PlainServers { host, servers, _dir: dir };

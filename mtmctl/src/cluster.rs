@@ -17,11 +17,13 @@ pub struct UpOptions {
     pub base_port: u16,
     pub proxy_port: u16,
     pub metrics_port: u16,
+    /// The replicated database, created on every node if missing.
+    pub database: String,
 }
 
 impl Default for UpOptions {
     fn default() -> Self {
-        UpOptions { nodes: 3, base_port: 5433, proxy_port: 6432, metrics_port: 9187 }
+        UpOptions { nodes: 3, base_port: 5433, proxy_port: 6432, metrics_port: 9187, database: "postgres".into() }
     }
 }
 
@@ -65,7 +67,8 @@ impl Cluster {
                 if opts.nodes == 0 {
                     return Err(Error::DataDir("a cluster needs at least one node".into()));
                 }
-                let l = Layout::new(&data_dir, opts.nodes, opts.base_port, opts.proxy_port, opts.metrics_port);
+                let mut l = Layout::new(&data_dir, opts.nodes, opts.base_port, opts.proxy_port, opts.metrics_port);
+                l.database = opts.database.clone();
                 l.save()?;
                 host.give(&l.file())?;
                 l
@@ -81,6 +84,7 @@ impl Cluster {
             }
         }
         for node in cluster.nodes() {
+            node.create_database()?;
             let mut c = node.connect()?;
             c.batch_execute("CREATE EXTENSION IF NOT EXISTS multimaster").map_err(|e| Error::Sql {
                 what: format!("CREATE EXTENSION multimaster on {} failed", node.name()),
@@ -134,7 +138,7 @@ impl Cluster {
             return Ok(());
         }
         c.batch_execute("CREATE EXTENSION IF NOT EXISTS dblink").map_err(sql_err)?;
-        let conninfos: Vec<String> = nodes.iter().map(|n| n.conninfo("postgres")).collect();
+        let conninfos: Vec<String> = nodes.iter().map(|n| n.conninfo(&self.layout.database)).collect();
         c.execute("SELECT mtm.init_cluster($1, $2)", &[&conninfos[0], &conninfos[1..].to_vec()]).map_err(sql_err)?;
         Ok(())
     }
@@ -160,6 +164,7 @@ impl Cluster {
                 dir: self.layout.node_dir(id),
                 log: self.layout.node_log(id),
                 socket_dir: self.layout.data_dir.clone(),
+                database: self.layout.database.clone(),
             })
             .collect()
     }

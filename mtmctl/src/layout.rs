@@ -1,7 +1,7 @@
 //! A cluster's place on disk. The data directory holds one PostgreSQL data
 //! directory per node, their logs, the proxy's config/log/pid, and
-//! `cluster.toml`, which records the ports chosen at creation so that later
-//! `up`/`down`/`status` need no flags.
+//! `cluster.toml`, which records the ports and the replicated database
+//! chosen at creation so that later `up`/`down`/`status` need no flags.
 //!
 //! ```text
 //! <data-dir>/cluster.toml      this layout
@@ -23,6 +23,14 @@ pub struct Layout {
     pub node_ports: Vec<u16>,
     pub proxy_port: u16,
     pub metrics_port: u16,
+    /// The replicated database (`multimaster.database` on every node):
+    /// where the extension is installed and the cluster initialised.
+    #[serde(default = "default_database")]
+    pub database: String,
+}
+
+fn default_database() -> String {
+    "postgres".into()
 }
 
 impl Layout {
@@ -33,6 +41,7 @@ impl Layout {
             node_ports: (0..nodes).map(|i| base_port + i as u16).collect(),
             proxy_port,
             metrics_port,
+            database: default_database(),
         }
     }
 

@@ -27,6 +27,10 @@ enum Cmd {
         proxy_port: u16,
         #[arg(long, default_value_t = 9187)]
         metrics_port: u16,
+        /// The replicated database, created on every node if missing (when
+        /// creating the cluster). Other databases stay local to each node.
+        #[arg(long, default_value = "postgres")]
+        database: String,
     },
     /// Stop the proxy and the nodes (fast shutdown). Removes nothing.
     Down {
@@ -52,15 +56,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> mtmctl::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Up { nodes, data_dir, base_port, proxy_port, metrics_port } => {
-            let opts = UpOptions { nodes, base_port, proxy_port, metrics_port };
+        Cmd::Up { nodes, data_dir, base_port, proxy_port, metrics_port, database } => {
+            let opts = UpOptions { nodes, base_port, proxy_port, metrics_port, database: database.clone() };
             let cluster = Cluster::up(&data_dir, &opts)?;
             let l = &cluster.layout;
             if l.node_ports != mtmctl::Layout::new(&data_dir, nodes, base_port, proxy_port, metrics_port).node_ports
                 || l.proxy_port != proxy_port
+                || l.database != database
             {
                 eprintln!(
-                    "mtmctl: note: {} already holds a cluster; its ports from cluster.toml were used",
+                    "mtmctl: note: {} already holds a cluster; its ports and database from cluster.toml were used",
                     l.data_dir.display()
                 );
             }
@@ -69,7 +74,7 @@ fn run(cli: Cli) -> mtmctl::Result<ExitCode> {
             }
             println!();
             println!("Cluster is up. Connect with:");
-            println!("  psql -h 127.0.0.1 -p {} -U postgres", l.proxy_port);
+            println!("  psql -h 127.0.0.1 -p {} -U postgres -d {}", l.proxy_port, l.database);
             println!("Metrics: http://127.0.0.1:{}/metrics", l.metrics_port);
             println!("Stop with: mtmctl down --data-dir {}", l.data_dir.display());
             Ok(ExitCode::SUCCESS)

@@ -23,6 +23,8 @@ pub struct Node {
     pub log: PathBuf,
     /// Directory of the node's unix socket (the cluster's data directory).
     pub socket_dir: PathBuf,
+    /// The replicated database.
+    pub database: String,
 }
 
 impl Node {
@@ -69,10 +71,11 @@ impl Node {
         write!(
             f,
             "\n# ---- added by mtmctl (from conf/node.conf) ----\n{NODE_CONF}\n\
-             port = {}\nunix_socket_directories = '{}'\ncluster_name = 'mtm-{}'\n",
+             port = {}\nunix_socket_directories = '{}'\ncluster_name = 'mtm-{}'\nmultimaster.database = '{}'\n",
             self.port,
             self.socket_dir.display(),
-            self.name()
+            self.name(),
+            self.database.replace('\'', "''")
         )
         .map_err(|e| Error::io(format!("cannot write {}", conf.display()), e))?;
         Ok(())
@@ -150,10 +153,28 @@ impl Node {
         format!("{} options='-c multimaster.direct_writes=on'", self.conninfo(dbname))
     }
 
-    /// Connects as [`Node::admin_conninfo`].
+    /// Connects to the replicated database as [`Node::admin_conninfo`].
     pub fn connect(&self) -> Result<postgres::Client> {
-        postgres::Client::connect(&self.admin_conninfo("postgres"), postgres::NoTls)
+        postgres::Client::connect(&self.admin_conninfo(&self.database), postgres::NoTls)
             .map_err(|e| Error::Sql { what: format!("cannot connect to {}", self.name()), source: e })
+    }
+
+    /// Creates the replicated database on this node if it does not exist
+    /// (`postgres` always does). The node's workers connect to it as soon
+    /// as it is there.
+    pub fn create_database(&self) -> Result<()> {
+        if self.database == "postgres" {
+            return Ok(());
+        }
+        let sql_err = |e| Error::Sql { what: format!("cannot create database {} on {}", self.database, self.name()), source: e };
+        let mut c = postgres::Client::connect(&self.admin_conninfo("postgres"), postgres::NoTls)
+            .map_err(|e| Error::Sql { what: format!("cannot connect to {}", self.name()), source: e })?;
+        let exists = c.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&self.database]).map_err(sql_err)?.is_some();
+        if !exists {
+            let quoted = format!("\"{}\"", self.database.replace('"', "\"\""));
+            c.batch_execute(&format!("CREATE DATABASE {quoted}")).map_err(sql_err)?;
+        }
+        Ok(())
     }
 
     /// Why a start failed: the server log's last FATAL/PANIC message (with

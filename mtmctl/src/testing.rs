@@ -16,6 +16,11 @@ impl TestCluster {
     /// Starts `nodes` nodes and a proxy. Panics with the launcher's error
     /// (which names the log to read) if anything fails to start.
     pub fn start(nodes: usize) -> TestCluster {
+        Self::start_for(nodes, "postgres")
+    }
+
+    /// Like [`TestCluster::start`], replicating `database`.
+    pub fn start_for(nodes: usize, database: &str) -> TestCluster {
         let dir = tempfile::Builder::new().prefix("mtm-test-").tempdir().expect("temporary directory");
         let ports = free_ports(nodes + 2);
         let opts = UpOptions {
@@ -23,10 +28,12 @@ impl TestCluster {
             base_port: 0,
             proxy_port: ports[nodes],
             metrics_port: ports[nodes + 1],
+            database: database.into(),
         };
         // Ports need not be consecutive for tests: write the layout first.
         let mut layout = crate::layout::Layout::new(dir.path(), nodes, 0, opts.proxy_port, opts.metrics_port);
         layout.node_ports = ports[..nodes].to_vec();
+        layout.database = database.into();
         let host = crate::host::Host::detect().unwrap_or_else(|e| panic!("{e}"));
         host.give(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         layout.save().unwrap_or_else(|e| panic!("{e}"));

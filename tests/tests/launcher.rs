@@ -197,3 +197,40 @@ fn up_keeps_the_users_proxy_configuration() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains(path.to_str().unwrap()), "{err}");
 }
+
+/// `mtmctl up --database app`: the cluster replicates `app` (created on
+/// every node, the extension installed there); sessions through the
+/// proxy to `app` on different nodes write to every node; `postgres` is
+/// then an ordinary database local to each node.
+#[test]
+fn a_cluster_replicates_the_database_it_was_created_for() {
+    use postgres::{Client, NoTls};
+    let c = TestCluster::start_for(3, "app");
+    assert_eq!(c.layout.database, "app");
+    let connect = |db: &str| Client::connect(&c.proxy_conninfo(db), NoTls).expect("through the proxy");
+    let mut s: Vec<Client> = (0..3).map(|_| connect("app")).collect();
+    let ports: std::collections::BTreeSet<i32> =
+        s.iter_mut().map(|cl| cl.query_one("select inet_server_port()", &[]).unwrap().get(0)).collect();
+    assert_eq!(ports.len(), 3, "sessions on three nodes");
+    s[0].batch_execute("create table t(id int primary key, v text)").unwrap();
+    for (i, cl) in s.iter_mut().enumerate() {
+        cl.execute("insert into t values ($1, 'x')", &[&(i as i32)]).unwrap();
+    }
+    for id in 1..=3 {
+        let mut node = Client::connect(&c.node(id).admin_conninfo("app"), NoTls).unwrap();
+        let n: i64 = node.query_one("select count(*) from t", &[]).unwrap().get(0);
+        assert_eq!(n, 3, "node{id}: every row in app");
+        let setting: String = node.query_one("show multimaster.database", &[]).unwrap().get(0);
+        assert_eq!(setting, "app");
+    }
+    // Another database is each node's own: a table made there through the
+    // proxy exists on the session's node only.
+    let mut other = connect("postgres");
+    let port: i32 = other.query_one("select inet_server_port()", &[]).unwrap().get(0);
+    other.batch_execute("create table local_only(id int)").unwrap();
+    for id in 1..=3 {
+        let mut node = Client::connect(&c.node(id).admin_conninfo("postgres"), NoTls).unwrap();
+        let exists: bool = node.query_one("select to_regclass('local_only') is not null", &[]).unwrap().get(0);
+        assert_eq!(exists, c.node(id).port as i32 == port, "node{id}");
+    }
+}
