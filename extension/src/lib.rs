@@ -89,13 +89,39 @@ pub fn with_snapshot<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// The SPI plan of `sql` (with arguments of types `args`), prepared on
+/// first use and kept in `cell` for the backend's life: the look-ups the
+/// extension makes at every commit are then planned once per backend,
+/// not at every commit (PostgreSQL re-plans it if the catalog changes).
+pub fn kept_plan<'a>(
+    cell: &'a std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement>,
+    client: &pgrx::spi::SpiClient<'_>,
+    sql: &str,
+    args: &[PgOid],
+    mutating: bool,
+) -> pgrx::spi::SpiResult<&'a pgrx::spi::OwnedPreparedStatement> {
+    if let Some(plan) = cell.get() {
+        return Ok(plan);
+    }
+    let prepared = if mutating { client.prepare_mut(sql, args)? } else { client.prepare(sql, args)? };
+    Ok(cell.get_or_init(|| prepared.keep()))
+}
+
+thread_local! {
+    static PREPARED_HERE: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+}
+
 /// Whether `gid` is prepared on this node (inside a transaction).
 pub fn prepared_here(gid: &str) -> bool {
     with_snapshot(|| {
-        Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &[gid.into()])
-            .ok()
-            .flatten()
-            .unwrap_or(false)
+        Spi::connect(|c| {
+            PREPARED_HERE.with(|cell| {
+                let text = [PgOid::BuiltIn(PgBuiltInOids::TEXTOID)];
+                let plan = kept_plan(cell, &c, "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &text, false).ok()?;
+                c.select(plan, None, &[gid.into()]).ok()?.first().get_one::<bool>().ok().flatten()
+            })
+        })
+        .unwrap_or(false)
     })
 }
 

@@ -150,18 +150,24 @@ pub fn prepare(gid: &str) {
     store(gid, &pending);
 }
 
+thread_local! {
+    static DELIVER_PLAN: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+}
+
 /// `gid` was just committed here (COMMIT PREPARED, in this transaction):
 /// queue its notifications, heard when this transaction commits.
 pub fn deliver(gid: &str) {
     let rows: Vec<(String, String)> = crate::with_snapshot(|| {
         as_superuser(|| {
             Spi::connect_mut(|c| {
-                c.update(
-                    "WITH d AS (DELETE FROM mtm.notifications WHERE gid = $1 RETURNING n, channel, payload)
-                     SELECT channel, payload FROM d ORDER BY n",
-                    None,
-                    &[gid.into()],
-                )
+                let text = [PgOid::BuiltIn(PgBuiltInOids::TEXTOID)];
+                let sql = "WITH d AS (DELETE FROM mtm.notifications WHERE gid = $1 RETURNING n, channel, payload)
+                           SELECT channel, payload FROM d ORDER BY n";
+                DELIVER_PLAN.with(|cell| {
+                    let plan = crate::kept_plan(cell, c, sql, &text, true)
+                        .unwrap_or_else(|e| error!("multimaster: cannot read the notifications of {gid}: {e}"));
+                    c.update(plan, None, &[gid.into()])
+                })
                 .map(|rows| {
                     rows.filter_map(|r| Some((r.get::<String>(1).ok().flatten()?, r.get::<String>(2).ok().flatten()?))).collect()
                 })

@@ -305,12 +305,49 @@ fn await_commits(gid: &str, timeout_ms: i32) -> bool {
     }
 }
 
+thread_local! {
+    /// This backend's copy of its node's peers, and when it was read.
+    static PEERS: std::cell::RefCell<Option<(std::time::Instant, Vec<i32>)>> = const { std::cell::RefCell::new(None) };
+    static PREPARED_AT_PLAN: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+}
+
+/// How long a backend keeps its copy of the peers' ids (read at each
+/// commit otherwise; they change only when the cluster is set up).
+const PEERS_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The ids of this node's peers.
 fn peer_ids() -> Vec<i32> {
-    Spi::connect(|c| {
+    if let Some(peers) = PEERS.with_borrow(|p| p.as_ref().filter(|(at, ids)| at.elapsed() < PEERS_FOR && !ids.is_empty()).map(|(_, ids)| ids.clone())) {
+        return peers;
+    }
+    let peers: Vec<i32> = Spi::connect(|c| {
         c.select("SELECT id FROM mtm.cluster_nodes WHERE NOT is_self ORDER BY id", None, &[])
             .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
             .unwrap_or_default()
+    });
+    PEERS.set(Some((std::time::Instant::now(), peers.clone())));
+    peers
+}
+
+/// This node's id: from shared memory once a receiver has started, else
+/// from `mtm.cluster_nodes`.
+fn my_id() -> i32 {
+    match MY_NODE.get().load(Ordering::Relaxed) {
+        0 => Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten().unwrap_or(0),
+        me => me,
+    }
+}
+
+/// When `gid` was prepared here (µs since 2000, as PostgreSQL counts),
+/// or None if it is not prepared here.
+fn prepared_at(gid: &str) -> Option<i64> {
+    Spi::connect(|c| {
+        PREPARED_AT_PLAN.with(|cell| {
+            let text = [PgOid::BuiltIn(PgBuiltInOids::TEXTOID)];
+            let sql = "SELECT ((extract(epoch FROM prepared) - 946684800) * 1000000)::int8 FROM pg_prepared_xacts WHERE gid = $1";
+            let plan = crate::kept_plan(cell, &c, sql, &text, false).ok()?;
+            c.select(plan, None, &[gid.into()]).ok()?.first().get_one::<i64>().ok().flatten()
+        })
     })
 }
 
@@ -347,12 +384,8 @@ fn await_votes(
     gid: &str,
     timeout_ms: i32,
 ) -> TableIterator<'static, (name!(ok, bool), name!(node, i32), name!(sqlstate, Option<String>), name!(message, Option<String>))> {
-    let me = Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten().unwrap_or(0);
-    let prepared_at = Spi::get_one_with_args::<i64>(
-        "SELECT ((extract(epoch FROM prepared) - 946684800) * 1000000)::int8 FROM pg_prepared_xacts WHERE gid = $1",
-        &[gid.into()],
-    );
-    let Ok(Some(prepared_at)) = prepared_at else {
+    let me = my_id();
+    let Some(prepared_at) = prepared_at(gid) else {
         return TableIterator::once((false, me, Some("40001".into()), Some(format!("transaction {gid} is not prepared on node {me}"))));
     };
     // Its age, should an older conflicting transaction need its locks.

@@ -98,10 +98,18 @@ struct Entry {
     /// Where the entry's record is in the WAL: a record older than the
     /// entry (redone after the state file was loaded) changes nothing.
     lsn: u64,
+    /// [`gid_hash`] of the gid: a look-up compares these first (every
+    /// commit looks up its gid on every node, under the table's lock).
+    hash: u64,
+}
+
+/// FNV-1a of a gid: the same in every process (unlike std's hasher).
+fn gid_hash(gid: &[u8]) -> u64 {
+    gid.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 impl Entry {
-    const EMPTY: Entry = Entry { state: 0, gid_len: 0, gid: [0; GID_MAX], lsn: 0 };
+    const EMPTY: Entry = Entry { state: 0, gid_len: 0, gid: [0; GID_MAX], lsn: 0, hash: 0 };
 
     fn gid(&self) -> &[u8] {
         &self.gid[..self.gid_len as usize]
@@ -146,7 +154,8 @@ const SNAPSHOT_HEADER: &str = "multimaster decision log 1";
 
 impl Log {
     fn find(&self, gid: &[u8]) -> Option<usize> {
-        self.entries.iter().position(|e| e.state != 0 && e.gid() == gid)
+        let hash = gid_hash(gid);
+        self.entries.iter().position(|e| e.hash == hash && e.state != 0 && e.gid() == gid)
     }
 
     /// What the log says about `gid`.
@@ -172,6 +181,7 @@ impl Log {
         e.gid_len = gid.len() as u8;
         e.gid[..gid.len()].copy_from_slice(gid.as_bytes());
         e.lsn = lsn;
+        e.hash = gid_hash(gid.as_bytes());
         self.changes += 1;
         true
     }
