@@ -364,7 +364,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             crate::raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 "multimaster: this transaction wrote to a replicated table but was not committed through the cluster's two-phase commit, so it is rolled back",
-                "Run the writes inside BEGIN ... COMMIT and send COMMIT (or COMMIT AND CHAIN, in the simple protocol) as a statement of its own or at the end of a multi-statement query.",
+                "Run the writes inside BEGIN ... COMMIT and send COMMIT (or COMMIT AND CHAIN) as a statement of its own or at the end of a multi-statement query.",
                 "xact_callback",
             );
         }

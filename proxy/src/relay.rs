@@ -787,11 +787,20 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                         return Ok(());
                     }
                 }
-                if let Some(Intent::PrepareTransaction(gid)) = self.portals.get(&portal).cloned() {
-                    self.unit = Some(unit);
-                    if self.prepare_in_place(&gid).await? {
-                        return Ok(());
+                match self.portals.get(&portal).cloned() {
+                    Some(Intent::PrepareTransaction(gid)) => {
+                        self.unit = Some(unit);
+                        if self.prepare_in_place(&gid).await? {
+                            return Ok(());
+                        }
                     }
+                    Some(Intent::CommitAndChain) => {
+                        self.unit = Some(unit);
+                        if self.chain_in_place().await? {
+                            return Ok(());
+                        }
+                    }
+                    _ => {}
                 }
             }
             _ => {}
@@ -847,6 +856,24 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 }
             }
         };
+        self.link.to_client(&reply).await?;
+        Ok(true)
+    }
+
+    /// At the Execute of `COMMIT AND CHAIN` inside an extended unit: if
+    /// the open transaction wrote, the cluster's commit and the chained
+    /// transaction, as in the simple protocol, answering the Execute
+    /// ourselves (the client's Sync then reports the chained block).
+    /// Returns whether it did.
+    async fn chain_in_place(&mut self) -> Result<bool, End> {
+        let rx = self.expect_hold(false);
+        self.out.extend_from_slice(&commit::sync());
+        self.send().await?;
+        let held = rx.await.unwrap_or_default();
+        if held.status != b'T' || !self.wrote() {
+            return Ok(false);
+        }
+        let (reply, _status) = self.chain().await?;
         self.link.to_client(&reply).await?;
         Ok(true)
     }
@@ -948,6 +975,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// then a new transaction with the same isolation level, read-only
     /// and deferrable settings, as PostgreSQL's chain starts.
     async fn commit_and_chain(&mut self) -> Result<(), End> {
+        let (reply, status) = self.chain().await?;
+        self.answer(reply, status).await
+    }
+
+    /// The cluster's commit of the open transaction, then its chained
+    /// successor: the reply for the client and the transaction status
+    /// after it.
+    async fn chain(&mut self) -> Result<(BytesMut, u8), End> {
         let settings = self
             .own(&["SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only'), current_setting('transaction_deferrable')"])
             .await?
@@ -966,7 +1001,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
             Err(e) => (e.into_bytes(), b'I'),
         };
-        self.answer(reply, status).await
+        Ok((reply, status))
     }
 
     /// Waits for the peers' votes on `gid` (prepared here); a refusal

@@ -99,6 +99,25 @@ fn commit_and_chain_commits_everywhere_and_keeps_the_transaction_like_it() {
         assert_eq!(n, 2, "node{id}");
     }
     assert_eq!(commits(&c, "committed") - before, 2.0, "both parts through the cluster's commit");
+
+    // The same in the extended protocol (execute() sends Parse/Bind/
+    // Execute/Sync), from a session on another node.
+    s[2].batch_execute("begin isolation level serializable").unwrap();
+    s[2].execute("insert into chained values (3)", &[]).unwrap();
+    s[2].execute("commit and chain", &[]).unwrap();
+    let iso: String = s[2].query_one("show transaction_isolation", &[]).unwrap().get(0);
+    assert_eq!(iso, "serializable", "the chained transaction is like the first");
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from chained", &[]).unwrap().get(0);
+        assert_eq!(n, 3, "node{id}: the first part is committed everywhere");
+    }
+    s[2].execute("insert into chained values (4)", &[]).unwrap();
+    s[2].execute("commit", &[]).unwrap();
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from chained", &[]).unwrap().get(0);
+        assert_eq!(n, 4, "node{id}");
+    }
+    assert_eq!(commits(&c, "committed") - before, 4.0, "every part through the cluster's commit");
 }
 
 #[test]
