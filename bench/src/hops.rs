@@ -39,17 +39,20 @@ pub struct PgBouncer {
 }
 
 impl PgBouncer {
-    pub fn start(host: &Host, node_port: u16, port: u16) -> PgBouncer {
+    /// Reaching the node through its unix socket in `socket_dir`, as
+    /// mtm-proxy does for local nodes.
+    pub fn start(host: &Host, socket_dir: &std::path::Path, node_port: u16, port: u16) -> PgBouncer {
         let dir = tempfile::Builder::new().prefix("mtm-bench-pgbouncer-").tempdir().unwrap();
         let d = dir.path().display();
         std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"\"\n").unwrap();
         std::fs::write(
             dir.path().join("pgbouncer.ini"),
             format!(
-                "[databases]\npostgres = host=127.0.0.1 port={node_port}\n\
+                "[databases]\npostgres = host={} port={node_port}\n\
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = trust\n\
                  auth_file = {d}/users.txt\npool_mode = session\nmax_client_conn = 500\ndefault_pool_size = 100\n\
-                 logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\nunix_socket_dir =\n"
+                 logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\nunix_socket_dir =\n",
+                socket_dir.display()
             ),
         )
         .unwrap();
@@ -87,7 +90,9 @@ pub struct HaProxy {
 }
 
 impl HaProxy {
-    pub fn start(node_port: u16, port: u16) -> HaProxy {
+    /// Relaying to the node's unix socket in `socket_dir`, as mtm-proxy
+    /// does for local nodes.
+    pub fn start(socket_dir: &std::path::Path, node_port: u16, port: u16) -> HaProxy {
         let dir = tempfile::Builder::new().prefix("mtm-bench-haproxy-").tempdir().unwrap();
         let cfg = dir.path().join("haproxy.cfg");
         // Client/server timeouts are required in TCP mode; long ones, so
@@ -97,7 +102,8 @@ impl HaProxy {
             format!(
                 "global\n  nbthread 1\n  maxconn 1000\n\
                  defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
-                 listen pg\n  bind 127.0.0.1:{port}\n  server node 127.0.0.1:{node_port}\n"
+                 listen pg\n  bind 127.0.0.1:{port}\n  server node {}/.s.PGSQL.{node_port}\n",
+                socket_dir.display()
             ),
         )
         .unwrap();

@@ -60,8 +60,9 @@ fn main() {
     node.start(&cluster.host).unwrap();
 
     let hop_ports = mtmctl::host::free_ports(2);
-    let pgb = PgBouncer::start(&cluster.host, node.port, hop_ports[0]);
-    let hap = HaProxy::start(node.port, hop_ports[1]);
+    // Every hop reaches the node through its unix socket.
+    let pgb = PgBouncer::start(&cluster.host, &node.socket_dir, node.port, hop_ports[0]);
+    let hap = HaProxy::start(&node.socket_dir, node.port, hop_ports[1]);
     let proxy_pid = cluster.proxy().pid().expect("mtm-proxy runs");
     let targets = [
         (Target::Direct, node.port, None),

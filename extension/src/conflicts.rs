@@ -6,9 +6,10 @@
 //! first wins; one not prepared yet gives way).
 //!
 //! Giving way takes one of four forms:
-//! - a transaction prepared here by its own client: this node refuses it
-//!   in the vote table its coordinator waits on (`mtm.await_votes` then
-//!   answers no, 40001, and the proxy rolls it back everywhere);
+//! - a transaction prepared here by its own client (under a cluster gid,
+//!   or the client's own gid of its two-phase commit): this node refuses
+//!   it in the vote table its coordinator waits on (`mtm.await_votes`
+//!   then answers no, 40001, and the proxy rolls it back everywhere);
 //! - a transaction prepared here for another home node: this node sends
 //!   that node a no vote, withdrawing its yes (counted only if the
 //!   coordinator has not decided yet);
@@ -206,7 +207,7 @@ fn settle_wait_for(me: i32, waiter_pid: i32, proc: *mut pg_sys::PGPROC) -> bool 
                 prepared_gid = Some(gid);
                 Holder::Prepared { age: Age { time: t, home: me } }
             }
-            None => match crate::votes::applied_prepare_by_xid(top) {
+            None => match crate::votes::applied_prepare_by_xid(top).or_else(|| client_prepare_by_xid(me, top)) {
                 Some((gid, home, t)) => {
                     prepared_gid = Some(gid);
                     Holder::Prepared { age: Age { time: t, home } }
@@ -241,6 +242,31 @@ fn settle_wait_for(me: i32, waiter_pid: i32, proc: *mut pg_sys::PGPROC) -> bool 
         Verdict::CancelHolder => doom(proc, top, peer, waits_for_lock || applying.is_none()),
     }
     true
+}
+
+/// A transaction a client prepared here under its own gid (its own
+/// two-phase commit, through the proxy, which waits for the votes like
+/// for its own gids): the gid, this node as its home, its prepare time.
+/// Read from `pg_prepared_xacts` (the shared tables hold the cluster's
+/// gids and the peers' prepares only); from the launcher, outside a
+/// transaction.
+fn client_prepare_by_xid(me: i32, xid: u32) -> Option<(String, i32, i64)> {
+    pgrx::bgworkers::BackgroundWorker::transaction(|| {
+        Spi::connect(|c| {
+            let row = c
+                .select(
+                    "SELECT gid, ((extract(epoch FROM prepared) - 946684800) * 1000000)::int8
+                       FROM pg_prepared_xacts WHERE transaction = $1::text::xid",
+                    None,
+                    &[(xid as i64).to_string().into()],
+                )
+                .ok()?
+                .first();
+            let gid = row.get::<String>(1).ok()??;
+            let time = row.get::<i64>(2).ok()??;
+            (!gid.starts_with("mtm-")).then_some((gid, me, time))
+        })
+    })
 }
 
 fn refusal(peer: i32, me: i32) -> String {

@@ -91,7 +91,10 @@ impl Layout {
         std::fs::write(self.file(), text).map_err(|e| Error::io(format!("cannot write {}", self.file().display()), e))
     }
 
-    /// The proxy configuration for this cluster.
+    /// The proxy configuration for this cluster. The proxy reaches the
+    /// nodes through their unix sockets (in the data directory): they are
+    /// on this machine, and a unix socket skips the TCP stack on every
+    /// message (measured in `bench/RESULTS.md`, hop cost).
     pub fn proxy_config_toml(&self) -> String {
         let mut cfg = mtm_proxy::config::Config::example();
         cfg.proxy.listen = format!("127.0.0.1:{}", self.proxy_port);
@@ -100,7 +103,7 @@ impl Layout {
             .node_ids()
             .map(|id| mtm_proxy::config::NodeConfig {
                 name: format!("node{id}"),
-                host: "127.0.0.1".into(),
+                host: self.data_dir.display().to_string(),
                 port: self.node_port(id),
             })
             .collect();
@@ -123,6 +126,7 @@ mod tests {
         let cfg = mtm_proxy::config::Config::parse(&l.proxy_config_toml()).unwrap();
         assert_eq!(cfg.nodes.len(), 3);
         assert_eq!(cfg.nodes[2].port, 5435);
+        assert_eq!(cfg.nodes[2].addr(), format!("{}/.s.PGSQL.5435", dir.path().display()), "the node's unix socket");
         assert_eq!(cfg.proxy.listen, "127.0.0.1:6432");
     }
 }

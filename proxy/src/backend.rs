@@ -72,6 +72,14 @@ pub async fn connect<C: AsyncRead + AsyncWrite + Unpin>(
     auth: NodeAuth<'_, C>,
 ) -> Result<ServerConn, ConnectError> {
     let fut = async {
+        if addr.starts_with('/') {
+            // PostgreSQL does not use TLS over a unix socket.
+            if settings.tls == BackendTlsMode::Require {
+                return Err(ConnectError::Unreachable(format!("{addr} is a unix socket, which does not use TLS (backend.tls = require)")));
+            }
+            let unix = tokio::net::UnixStream::connect(addr).await.map_err(|e| ConnectError::Unreachable(format!("connect to {addr}: {e}")))?;
+            return Ok(ServerStream::Unix(unix));
+        }
         let tcp = TcpStream::connect(addr).await.map_err(|e| ConnectError::Unreachable(format!("connect to {addr}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         let stream = negotiate_tls(tcp, host, settings).await?;

@@ -45,6 +45,12 @@ impl CancelRegistry {
         raw.extend_from_slice(&crate::startup::CANCEL_REQUEST.to_be_bytes());
         raw.extend_from_slice(&t.pid.to_be_bytes());
         raw.extend_from_slice(&t.secret.to_be_bytes());
+        if t.addr.starts_with('/') {
+            return match tokio::net::UnixStream::connect(&t.addr).await {
+                Ok(mut s) => s.write_all(&raw).await.is_ok(),
+                Err(_) => false,
+            };
+        }
         match tokio::net::TcpStream::connect(&t.addr).await {
             Ok(mut s) => s.write_all(&raw).await.is_ok(),
             Err(_) => false,

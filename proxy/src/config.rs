@@ -231,9 +231,20 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// `host:port`, or — for a `host` that is a directory (starts with
+    /// `/`, as libpq reads it) — the path of the node's unix socket in it.
     pub fn addr(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        if is_unix_dir(&self.host) {
+            format!("{}/.s.PGSQL.{}", self.host.trim_end_matches('/'), self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
+}
+
+/// Whether a node `host` names a unix socket directory.
+pub fn is_unix_dir(host: &str) -> bool {
+    host.starts_with('/')
 }
 
 impl Config {

@@ -73,6 +73,11 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
                 let (sr, sw) = s.split();
                 pump(cr, cw, sr, sw, &ctx, server.status).await
             }
+            (ClientStream::Tcp(c), ServerStream::Unix(s)) => {
+                let (cr, cw) = c.split();
+                let (sr, sw) = s.split();
+                pump(cr, cw, sr, sw, &ctx, server.status).await
+            }
             (c, s) => {
                 let (cr, cw) = tokio::io::split(c);
                 let (sr, sw) = tokio::io::split(s);

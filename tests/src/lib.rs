@@ -83,7 +83,7 @@ pub mod cluster {
         let mut out: Vec<(usize, Client)> = (0..n)
             .map(|_| {
                 let mut cl = proxy_client(c);
-                let port: i32 = cl.query_one("select inet_server_port()", &[]).unwrap().get(0);
+                let port: i32 = cl.query_one("select current_setting('port')::int", &[]).unwrap().get(0);
                 let id = c.layout.node_ports.iter().position(|&p| p as i32 == port).expect("a node's port") + 1;
                 (id, cl)
             })

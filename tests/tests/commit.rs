@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn port_of(cl: &mut Client) -> i32 {
-    cl.query_one("select inet_server_port()", &[]).unwrap().get(0)
+    cl.query_one("select current_setting('port')::int", &[]).unwrap().get(0)
 }
 
 /// `n` proxy sessions, held open together so the router spreads them.

@@ -169,7 +169,7 @@ fn statements_that_cannot_run_in_a_transaction_run_on_every_node() {
     // they run, with no two-phase commit.
     let mut side = postgres::Client::connect(&c.proxy_conninfo("side_db"), postgres::NoTls).unwrap();
     side.batch_execute("create table here_only(x int); insert into here_only values (1)").unwrap();
-    let port: i32 = side.query_one("select inet_server_port()", &[]).unwrap().get(0);
+    let port: i32 = side.query_one("select current_setting('port')::int", &[]).unwrap().get(0);
     let tables: Vec<i64> = c
         .layout
         .node_ports

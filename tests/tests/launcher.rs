@@ -210,7 +210,7 @@ fn a_cluster_replicates_the_database_it_was_created_for() {
     let connect = |db: &str| Client::connect(&c.proxy_conninfo(db), NoTls).expect("through the proxy");
     let mut s: Vec<Client> = (0..3).map(|_| connect("app")).collect();
     let ports: std::collections::BTreeSet<i32> =
-        s.iter_mut().map(|cl| cl.query_one("select inet_server_port()", &[]).unwrap().get(0)).collect();
+        s.iter_mut().map(|cl| cl.query_one("select current_setting('port')::int", &[]).unwrap().get(0)).collect();
     assert_eq!(ports.len(), 3, "sessions on three nodes");
     s[0].batch_execute("create table t(id int primary key, v text)").unwrap();
     for (i, cl) in s.iter_mut().enumerate() {
@@ -226,7 +226,7 @@ fn a_cluster_replicates_the_database_it_was_created_for() {
     // Another database is each node's own: a table made there through the
     // proxy exists on the session's node only.
     let mut other = connect("postgres");
-    let port: i32 = other.query_one("select inet_server_port()", &[]).unwrap().get(0);
+    let port: i32 = other.query_one("select current_setting('port')::int", &[]).unwrap().get(0);
     other.batch_execute("create table local_only(id int)").unwrap();
     for id in 1..=3 {
         let mut node = Client::connect(&c.node(id).admin_conninfo("postgres"), NoTls).unwrap();

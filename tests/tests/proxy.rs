@@ -481,6 +481,10 @@ fn scram_and_tls_towards_the_node() {
         cfg.auth.method = AuthMethod::Trust;
         cfg.backend.password = Some("node-pw".into());
         cfg.backend.tls = mtm_proxy::config::BackendTlsMode::Require;
+        // TLS needs TCP (mtmctl's configuration uses the unix sockets).
+        for n in &mut cfg.nodes {
+            n.host = "127.0.0.1".into();
+        }
     });
     let port = c.layout.proxy_port;
     // The proxy logs in with SCRAM over TLS; the client needs neither.
@@ -496,6 +500,10 @@ fn scram_and_tls_towards_the_node() {
         cfg.auth.method = AuthMethod::Trust;
         cfg.backend.password = Some("wrong".into());
         cfg.backend.tls = mtm_proxy::config::BackendTlsMode::Require;
+        // TLS needs TCP (mtmctl's configuration uses the unix sockets).
+        for n in &mut cfg.nodes {
+            n.host = "127.0.0.1".into();
+        }
     });
     let out = psql(port, &["-c", "select 1"]);
     let err = String::from_utf8_lossy(&out.stderr);
