@@ -191,12 +191,15 @@ pub extern "C-unwind" fn _PG_init() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
-    // SAFETY: called once, while preloading, after defining our GUCs.
-    unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
     xact::init();
     conflicts::init();
     ddl::init();
     decisions::init();
+    // After every module defined its settings: reserving the prefix drops
+    // the placeholders still undefined, and with them the values the
+    // configuration files gave those settings.
+    // SAFETY: called once, while preloading, after defining our GUCs.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
     launcher::register();
     use pool::POOLS;
     use status::APPLY_ERRORS;

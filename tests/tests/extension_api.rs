@@ -74,3 +74,24 @@ fn api_surface_and_not_implemented_errors() {
     let err = cl.batch_execute("set multimaster.no_such_setting = 1").unwrap_err();
     assert_eq!(err.code().unwrap().code(), "42602", "the multimaster. prefix is reserved");
 }
+
+/// Every `multimaster.*` setting takes its value from the configuration
+/// files (here `ALTER SYSTEM`, then a restart), whichever module defines it.
+#[test]
+fn settings_take_their_values_from_the_configuration() {
+    let c = TestCluster::start(1);
+    let node = c.node(1);
+    let mut cl = Client::connect(&node.admin_conninfo("postgres"), NoTls).unwrap();
+    for (name, value) in [("multimaster.direct_writes", "on"), ("multimaster.replicate_ddl", "off"), ("multimaster.max_workers", "2")] {
+        cl.batch_execute(&format!("alter system set {name} = '{value}'")).unwrap();
+    }
+    drop(cl);
+    node.stop(&c.host, "fast").unwrap();
+    node.start(&c.host).unwrap();
+    // A plain session (no options): what the files say.
+    let mut cl = Client::connect(&node.conninfo("postgres"), NoTls).unwrap();
+    for (name, value) in [("multimaster.direct_writes", "on"), ("multimaster.replicate_ddl", "off"), ("multimaster.max_workers", "2")] {
+        let shown: String = cl.query_one(&format!("show {name}"), &[]).unwrap().get(0);
+        assert_eq!(shown, value, "{name}");
+    }
+}
