@@ -253,15 +253,8 @@ fn settle_wait_for(me: i32, waiter_pid: i32, proc: *mut pg_sys::PGPROC) -> bool 
 fn client_prepare_by_xid(me: i32, xid: u32) -> Option<(String, i32, i64)> {
     pgrx::bgworkers::BackgroundWorker::transaction(|| {
         Spi::connect(|c| {
-            let row = c
-                .select(
-                    "SELECT gid, ((extract(epoch FROM prepared) - 946684800) * 1000000)::int8
-                       FROM pg_prepared_xacts WHERE transaction = $1::text::xid",
-                    None,
-                    &[(xid as i64).to_string().into()],
-                )
-                .ok()?
-                .first();
+            let sql = format!("SELECT gid, {} FROM pg_prepared_xacts WHERE transaction = $1::text::xid", crate::PREPARED_MICROS);
+            let row = c.select(sql.as_str(), None, &[(xid as i64).to_string().into()]).ok()?.first();
             let gid = row.get::<String>(1).ok()??;
             let time = row.get::<i64>(2).ok()??;
             (!gid.starts_with("mtm-")).then_some((gid, me, time))
@@ -282,10 +275,10 @@ fn refusal(peer: i32, me: i32) -> String {
 /// queue for a row — is left alone: settling those too was measured to
 /// abort more transactions than it saved.)
 fn settle_by_pg_locks(me: i32, waiters: &[i32]) {
-    let rows: Vec<(i32, String, i64)> = Spi::connect(|c| {
-        c.select(
-            "WITH l AS MATERIALIZED (SELECT * FROM pg_locks)
-             SELECT w.pid, p.gid, ((extract(epoch FROM p.prepared) - 946684800) * 1000000)::int8
+    // (pg_locks has no column `prepared`: PREPARED_MICROS reads p's.)
+    let sql = format!(
+        "WITH l AS MATERIALIZED (SELECT * FROM pg_locks)
+             SELECT w.pid, p.gid, {}
                FROM l w
                JOIN l h ON h.granted AND h.pid IS NULL AND h.locktype = w.locktype
                        AND h.database IS NOT DISTINCT FROM w.database AND h.relation IS NOT DISTINCT FROM w.relation
@@ -294,11 +287,12 @@ fn settle_by_pg_locks(me: i32, waiters: &[i32]) {
                JOIN l x ON x.pid IS NULL AND x.locktype = 'transactionid' AND x.granted AND x.virtualtransaction = h.virtualtransaction
                JOIN pg_prepared_xacts p ON p.transaction = x.transactionid
               WHERE NOT w.granted AND w.pid = ANY($1) AND w.locktype IN ('relation', 'object')",
-            None,
-            &[waiters.to_vec().into()],
-        )
-        .map(|rows| rows.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??, r.get::<i64>(3).ok()??))).collect())
-        .unwrap_or_default()
+        crate::PREPARED_MICROS
+    );
+    let rows: Vec<(i32, String, i64)> = Spi::connect(|c| {
+        c.select(sql.as_str(), None, &[waiters.to_vec().into()])
+            .map(|rows| rows.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??, r.get::<i64>(3).ok()??))).collect())
+            .unwrap_or_default()
     });
     for (waiter_pid, gid, prepared_at) in rows {
         let Some((peer, time)) = crate::pool::applying(waiter_pid) else { continue };

@@ -107,22 +107,32 @@ pub fn kept_plan<'a>(
     Ok(cell.get_or_init(|| prepared.keep()))
 }
 
+/// `pg_prepared_xacts.prepared` as microseconds since 2000 (PostgreSQL's
+/// own timestamp unit, as the stream carries a prepare time), in SQL.
+pub const PREPARED_MICROS: &str = "((extract(epoch FROM prepared) - 946684800) * 1000000)::int8";
+
 thread_local! {
-    static PREPARED_HERE: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+    static PREPARED_AT: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+}
+
+/// When `gid` was prepared on this node ([`PREPARED_MICROS`]), or None if
+/// it is not prepared here (inside a transaction).
+pub fn prepared_at(gid: &str) -> Option<i64> {
+    with_snapshot(|| {
+        Spi::connect(|c| {
+            PREPARED_AT.with(|cell| {
+                let text = [PgOid::BuiltIn(PgBuiltInOids::TEXTOID)];
+                let sql = format!("SELECT {PREPARED_MICROS} FROM pg_prepared_xacts WHERE gid = $1");
+                let plan = kept_plan(cell, &c, &sql, &text, false).ok()?;
+                c.select(plan, None, &[gid.into()]).ok()?.first().get_one::<i64>().ok().flatten()
+            })
+        })
+    })
 }
 
 /// Whether `gid` is prepared on this node (inside a transaction).
 pub fn prepared_here(gid: &str) -> bool {
-    with_snapshot(|| {
-        Spi::connect(|c| {
-            PREPARED_HERE.with(|cell| {
-                let text = [PgOid::BuiltIn(PgBuiltInOids::TEXTOID)];
-                let plan = kept_plan(cell, &c, "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)", &text, false).ok()?;
-                c.select(plan, None, &[gid.into()]).ok()?.first().get_one::<bool>().ok().flatten()
-            })
-        })
-        .unwrap_or(false)
-    })
+    prepared_at(gid).is_some()
 }
 
 /// Raises an ERROR with `code`, `message` and `hint`, reported as coming

@@ -91,7 +91,7 @@ pub fn note_prepare(gid: &str) {
 }
 
 /// The coordinator of `gid` read its prepare time.
-pub fn note_prepared_at(gid: &str, prepared_at: i64) {
+pub fn note_prepare_time(gid: &str, prepared_at: i64) {
     let mut t = COORDINATORS.exclusive();
     if let Some(i) = t.find(gid.as_bytes()) {
         t.slots[i].prepared_at = prepared_at;

@@ -308,7 +308,6 @@ fn await_commits(gid: &str, timeout_ms: i32) -> bool {
 thread_local! {
     /// This backend's copy of its node's peers, and when it was read.
     static PEERS: std::cell::RefCell<Option<(std::time::Instant, Vec<i32>)>> = const { std::cell::RefCell::new(None) };
-    static PREPARED_AT_PLAN: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
 }
 
 /// How long a backend keeps its copy of the peers' ids (read at each
@@ -338,18 +337,6 @@ fn my_id() -> i32 {
     }
 }
 
-/// When `gid` was prepared here (µs since 2000, as PostgreSQL counts),
-/// or None if it is not prepared here.
-fn prepared_at(gid: &str) -> Option<i64> {
-    Spi::connect(|c| {
-        PREPARED_AT_PLAN.with(|cell| {
-            let text = [PgOid::BuiltIn(PgBuiltInOids::TEXTOID)];
-            let sql = "SELECT ((extract(epoch FROM prepared) - 946684800) * 1000000)::int8 FROM pg_prepared_xacts WHERE gid = $1";
-            let plan = crate::kept_plan(cell, &c, sql, &text, false).ok()?;
-            c.select(plan, None, &[gid.into()]).ok()?.first().get_one::<i64>().ok().flatten()
-        })
-    })
-}
 
 /// A registered wait for the peers' answers on a key (`await_votes`,
 /// `await_commits`); frees its slot however the wait ends.
@@ -385,11 +372,11 @@ fn await_votes(
     timeout_ms: i32,
 ) -> TableIterator<'static, (name!(ok, bool), name!(node, i32), name!(sqlstate, Option<String>), name!(message, Option<String>))> {
     let me = my_id();
-    let Some(prepared_at) = prepared_at(gid) else {
+    let Some(prepared_at) = crate::prepared_at(gid) else {
         return TableIterator::once((false, me, Some("40001".into()), Some(format!("transaction {gid} is not prepared on node {me}"))));
     };
     // Its age, should an older conflicting transaction need its locks.
-    crate::resolver::note_prepared_at(gid, prepared_at);
+    crate::resolver::note_prepare_time(gid, prepared_at);
     let peers = peer_ids();
     let _slot = Awaiting::register(gid);
     let started = std::time::Instant::now();

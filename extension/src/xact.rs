@@ -179,10 +179,11 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     // A proxy session that already wrote has nothing more to learn here;
     // elsewhere each write may have to be refused.
     let known = XACT_WRITES.get() && COORDINATED_COMMIT.get();
-    if client_change() {
+    let client = client_change();
+    if client {
         crate::conflicts::check_current();
     }
-    if modifies && !explain_only && !known && client_change() && !crate::notify::own_work() {
+    if modifies && !explain_only && !known && client && !crate::notify::own_work() {
         let written: Vec<pg_sys::Oid> = result_relids(stmt).into_iter().filter(|&r| replicated(r)).collect();
         if !written.is_empty() {
             refuse_direct_write(&written, "writing to a replicated table");
