@@ -809,16 +809,23 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(())
     }
 
-    /// At the Execute of a COMMIT inside an extended unit: learn the exact
-    /// state with a Sync of the proxy's (harmless inside a transaction
-    /// block), then, if the transaction wrote, run the two-phase commit and
-    /// answer the Execute ourselves. Returns whether it did.
-    async fn commit_in_place(&mut self) -> Result<bool, End> {
+    /// Inside an extended unit, before an Execute the proxy may answer
+    /// itself: learn the exact state with a Sync of the proxy's (harmless
+    /// inside a transaction block). Whether a transaction block is open
+    /// and wrote.
+    async fn block_wrote(&mut self) -> Result<bool, End> {
         let rx = self.expect_hold(false);
         self.out.extend_from_slice(&commit::sync());
         self.send().await?;
         let held = rx.await.unwrap_or_default();
-        if held.status != b'T' || !self.wrote() {
+        Ok(held.status == b'T' && self.wrote())
+    }
+
+    /// At the Execute of a COMMIT inside an extended unit: if the
+    /// transaction wrote ([`Self::block_wrote`]), run the two-phase commit
+    /// and answer the Execute ourselves. Returns whether it did.
+    async fn commit_in_place(&mut self) -> Result<bool, End> {
+        if !self.block_wrote().await? {
             return Ok(false);
         }
         let reply = match self.two_phase().await? {
@@ -836,25 +843,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// Execute ourselves — PREPARE TRANSACTION, or 40001 with the gid
     /// rolled back everywhere. Returns whether it did.
     async fn prepare_in_place(&mut self, gid: &str) -> Result<bool, End> {
-        let rx = self.expect_hold(false);
-        self.out.extend_from_slice(&commit::sync());
-        self.send().await?;
-        let held = rx.await.unwrap_or_default();
-        if held.status != b'T' || !self.wrote() {
+        if !self.block_wrote().await? {
             return Ok(false);
         }
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(gid));
         let prepared = self.own(&[&prepare]).await?.remove(0);
-        let reply = if let Some(e) = commit::error_of(&prepared) {
-            e.raw.clone()
-        } else {
-            match self.collect_votes(gid).await? {
-                Ok(()) => messages::command_complete("PREPARE TRANSACTION"),
-                Err(e) => {
-                    count_error(e.code);
-                    e.encode()
-                }
-            }
+        let reply = match commit::error_of(&prepared) {
+            Some(e) => e.raw.clone(),
+            None => self.voted_reply(gid, messages::command_complete("PREPARE TRANSACTION")).await?,
         };
         self.link.to_client(&reply).await?;
         Ok(true)
@@ -866,11 +862,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// ourselves (the client's Sync then reports the chained block).
     /// Returns whether it did.
     async fn chain_in_place(&mut self) -> Result<bool, End> {
-        let rx = self.expect_hold(false);
-        self.out.extend_from_slice(&commit::sync());
-        self.send().await?;
-        let held = rx.await.unwrap_or_default();
-        if held.status != b'T' || !self.wrote() {
+        if !self.block_wrote().await? {
             return Ok(false);
         }
         let (reply, _status) = self.chain().await?;
@@ -923,19 +915,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 // The statements ended the transaction themselves.
                 _ => reply.extend_from_slice(&messages::command_complete("COMMIT")),
             },
-            PendingKind::Prepare(gid) => {
-                if status == b'I' && complete.is_some() {
-                    match self.collect_votes(&gid).await? {
-                        Ok(()) => reply.extend_from_slice(complete.as_deref().unwrap_or_default()),
-                        Err(e) => {
-                            count_error(e.code);
-                            reply.extend_from_slice(&e.encode());
-                        }
-                    }
-                } else {
-                    reply.extend_from_slice(complete.as_deref().unwrap_or_default());
-                }
-            }
+            PendingKind::Prepare(gid) => match (status, complete) {
+                (b'I', Some(done)) => reply.extend_from_slice(&self.voted_reply(&gid, done).await?),
+                (_, other) => reply.extend_from_slice(other.as_deref().unwrap_or_default()),
+            },
         }
         self.answer(reply, end).await
     }
@@ -1002,6 +985,19 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Err(e) => (e.into_bytes(), b'I'),
         };
         Ok((reply, status))
+    }
+
+    /// The client's reply to its own PREPARE TRANSACTION of `gid`
+    /// (prepared here): `done` once every peer voted yes, else the
+    /// refusal (the gid rolled back everywhere).
+    async fn voted_reply(&mut self, gid: &str, done: BytesMut) -> Result<BytesMut, End> {
+        Ok(match self.collect_votes(gid).await? {
+            Ok(()) => done,
+            Err(e) => {
+                count_error(e.code);
+                e.encode()
+            }
+        })
     }
 
     /// Waits for the peers' votes on `gid` (prepared here); a refusal
