@@ -321,7 +321,12 @@ fn doom(proc: *mut pg_sys::PGPROC, xid: u32, by: i32, cancel: bool) {
     }
     let d = DOOMED.get();
     d.by[procno].store(by, Release);
-    d.xid[procno].store(xid, Release);
+    // Marked already (another waiter, or an earlier look): signalled then.
+    // A second cancel could land after the first one's error, in the
+    // client's ROLLBACK, and leave its block aborted.
+    if d.xid[procno].swap(xid, AcqRel) == xid {
+        return;
+    }
     if cancel {
         // What pg_cancel_backend sends: the statement ends with 57014,
         // which the marked process reports as 40001.
