@@ -6,6 +6,7 @@
 //! Markdown table for bench/RESULTS.md.
 //!
 //! Usage: cargo run --release -p mtm-bench --bin proxy-bench -- [--duration 15] [--rounds 3] [--clients 8,64]
+//!        [--workloads select-only,tpc-b] [--proxy-workers 0]
 
 use clap::Parser;
 use mtm_bench::hops::{cpu_seconds, HaProxy, PgBouncer};
@@ -27,6 +28,12 @@ struct Args {
     /// Client counts.
     #[arg(long, value_delimiter = ',', default_value = "8,64")]
     clients: Vec<u32>,
+    /// Workloads to run: select-only (the hop comparison) and tpc-b.
+    #[arg(long, value_delimiter = ',', default_value = "select-only,tpc-b")]
+    workloads: Vec<String>,
+    /// mtm-proxy's `worker_threads` (0: one per core, the default).
+    #[arg(long, default_value_t = 0)]
+    proxy_workers: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -63,6 +70,9 @@ fn main() {
     // Every hop reaches the node through its unix socket.
     let pgb = PgBouncer::start(&cluster.host, &node.socket_dir, node.port, hop_ports[0]);
     let hap = HaProxy::start(&node.socket_dir, node.port, hop_ports[1]);
+    if args.proxy_workers != 0 {
+        cluster.reconfigure_proxy(|cfg| cfg.proxy.worker_threads = args.proxy_workers);
+    }
     let proxy_pid = cluster.proxy().pid().expect("mtm-proxy runs");
     let targets = [
         (Target::Direct, node.port, None),
@@ -74,7 +84,11 @@ fn main() {
     eprintln!("pgbench -i -s {} ...", args.scale);
     pgbench::run(node.port, &["-i", "-q", "-s", &args.scale.to_string()]).expect("pgbench -i");
 
-    let workloads = [("select-only", vec!["-S", "-M", "prepared"]), ("tpc-b", vec!["-M", "prepared"])];
+    let workloads: Vec<(&str, Vec<&str>)> = [("select-only", vec!["-S", "-M", "prepared"]), ("tpc-b", vec!["-M", "prepared"])]
+        .into_iter()
+        .filter(|(name, _)| args.workloads.iter().any(|w| w == name))
+        .collect();
+    assert!(!workloads.is_empty(), "--workloads: select-only, tpc-b or both");
     let mut results: BTreeMap<(usize, u32, Target), Vec<Sample>> = BTreeMap::new();
     for round in 0..args.rounds {
         for (wi, (wname, wargs)) in workloads.iter().enumerate() {

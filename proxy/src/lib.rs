@@ -22,7 +22,8 @@
 //!   CONCURRENTLY…) run on every node in turn;
 //! - [`admin`]    — the admin console (SHOW, PAUSE, RESUME, RELOAD);
 //! - [`state`]    — what sessions share; reload;
-//! - [`server`]   — listeners, metrics endpoint, signals.
+//! - [`server`]   — listeners, metrics endpoint, signals;
+//! - [`workers`]  — the threads sessions run on (one single-threaded runtime each).
 
 pub mod admin;
 pub mod auth;
@@ -43,3 +44,4 @@ pub mod session;
 pub mod startup;
 pub mod state;
 pub mod tls;
+pub mod workers;

@@ -25,17 +25,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let workers = config.proxy.worker_threads;
-    let rt = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if workers > 1 {
-            b.worker_threads(workers);
-        }
-        b.enable_all().build()
-    }
-    .expect("tokio runtime");
+    // The listener, health checks, signals and metrics; sessions run on
+    // their own threads (`workers`).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async {
         let shared = mtm_proxy::state::Shared::new(config, Some(args.config.clone()))?;
         mtm_proxy::server::run(shared).await

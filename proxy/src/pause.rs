@@ -12,6 +12,7 @@
 //! past the gate ([`Hold::settle`]), never for sessions that sit idle in a
 //! transaction: those are stopped at their COMMIT instead.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -21,8 +22,6 @@ struct State {
     /// (hold id, owner) of every hold that keeps the gate closed.
     holds: Vec<(u64, String)>,
     next_hold: u64,
-    /// Transactions between `enter` and `exit` (shown, not waited for).
-    in_flight: usize,
     /// Commits past the gate and not yet finished: what a pause waits for.
     committing: usize,
     /// Sessions held at the gate, at a transaction start or a commit.
@@ -32,6 +31,12 @@ struct State {
 #[derive(Debug, Default)]
 struct Inner {
     state: Mutex<State>,
+    /// `!state.holds.is_empty()`, written under the lock: lets a
+    /// transaction start through an open gate without taking the lock
+    /// every session shares (one per transaction on the hot path).
+    closed: AtomicBool,
+    /// Transactions between `enter` and `exit` (shown, not waited for).
+    in_flight: AtomicUsize,
     /// Woken when the gate opens (for held sessions) and when the last
     /// commit in progress ends (for owners settling).
     changed: Notify,
@@ -117,13 +122,24 @@ impl PauseGate {
 
     /// Before a transaction starts: waits while the gate is held, then
     /// counts one transaction in flight.
+    ///
+    /// A transaction that finds the gate open goes on without the lock: if
+    /// a hold closes the gate at that moment, the transaction counts as
+    /// started before it, which a pause allows (it waits for commits, not
+    /// for open transactions; the commit itself passes [`Self::commit`]).
     pub async fn enter(&self) {
-        self.pass(|s| s.in_flight += 1).await
+        if !self.inner.closed.load(Ordering::Acquire) {
+            self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.pass(|_| {}).await;
+        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn exit(&self) {
-        let mut s = self.inner.lock();
-        s.in_flight = s.in_flight.saturating_sub(1);
+        // Never below zero: an exit without an enter is a caller's bug, not
+        // a reason to show a huge count.
+        let _ = self.inner.in_flight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Before a cluster commit: waits while the gate is held. The commit
@@ -141,6 +157,7 @@ impl PauseGate {
         let id = s.next_hold;
         s.next_hold += 1;
         s.holds.push((id, owner.clone()));
+        self.inner.closed.store(true, Ordering::Release);
         Hold { inner: self.inner.clone(), id, owner }
     }
 
@@ -154,14 +171,14 @@ impl PauseGate {
     }
 
     pub fn is_paused(&self) -> bool {
-        !self.inner.lock().holds.is_empty()
+        self.inner.closed.load(Ordering::Acquire)
     }
     /// Owners holding the gate, oldest hold first.
     pub fn owners(&self) -> Vec<String> {
         self.inner.lock().holds.iter().map(|(_, o)| o.clone()).collect()
     }
     pub fn in_flight(&self) -> usize {
-        self.inner.lock().in_flight
+        self.inner.in_flight.load(Ordering::Relaxed)
     }
     pub fn committing(&self) -> usize {
         self.inner.lock().committing
@@ -204,6 +221,9 @@ impl Drop for Hold {
         let mut s = self.inner.lock();
         s.holds.retain(|(id, _)| *id != self.id);
         let opened = s.holds.is_empty();
+        if opened {
+            self.inner.closed.store(false, Ordering::Release);
+        }
         drop(s);
         if opened {
             self.inner.changed.notify_waiters();

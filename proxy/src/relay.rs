@@ -25,11 +25,12 @@
 
 use crate::classify::{intent, Intent};
 use crate::commit::{self, Reply, Votes};
-use crate::net::frame::{parse_text, query_text, Batch, BodyReader, FrameIoError, FrameReader, Read};
+use crate::net::frame::{parse_text, query_text, Batch, BodyReader, FrameIoError, FrameReader, FrameRef, Read};
 use crate::net::messages::{self, PgError};
 use crate::session::{count_error, End, PumpCtx};
 use bytes::BytesMut;
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -46,12 +47,11 @@ pub const XACT_WRITES: &str = "multimaster.xact_writes";
 /// A message bigger than this streams through the responder in pieces.
 const WHOLE_MESSAGE_LIMIT: usize = 256 * 1024;
 
-/// The longest a driver waits for its client without looking at the
-/// configuration again: how late a reloaded `client_idle_timeout` or
-/// `max_message_size` can reach a session blocked in a read. Chosen over
-/// waking sessions on reload, which would add a waiter registration (a
-/// lock) to every read; its cost is one timer wake-up per second per
-/// session that is waiting for its client.
+/// The longest a session goes without looking at the configuration
+/// again: how late a reloaded `client_idle_timeout` or `max_message_size`
+/// can reach it. Chosen over waking sessions on reload, which would add a
+/// waiter registration (a lock) to every read; its cost is one timer
+/// wake-up per second per session.
 const RECHECK: Duration = Duration::from_secs(1);
 
 /// How the responder treats the node's answers to one request.
@@ -130,14 +130,15 @@ where
         ctx,
         reader: FrameReader::new(ctx.shared.live.load().config.limits.max_message_size),
         out: BytesMut::new(),
-        statements: HashMap::new(),
-        portals: HashMap::new(),
+        statements: HashMap::default(),
+        portals: HashMap::default(),
         unit: None,
         pending: None,
         wake: Box::pin(tokio::time::sleep(RECHECK)),
     };
-    let responder = Responder { link: &link, ctx, out: BytesMut::new(), held_complete: None, held_error: false, captured: Vec::new(), fire: Vec::new() };
+    let responder = Responder { link: &link, ctx, out: BytesMut::new(), held_complete: None, held_error: false, captured: Vec::new(), fire: Vec::new(), progressed: false };
     tokio::select! {
+        biased;
         end = driver.run(cr) => end,
         end = responder.run(sr) => end,
     }
@@ -160,51 +161,66 @@ struct Responder<'a, CW> {
     held_error: bool,
     captured: Vec<Reply>,
     fire: Vec<Signal>,
+    /// An entry left the queue during this read.
+    progressed: bool,
 }
 
-/// A piece of the node's output.
+/// A piece of the node's output, as a range of [`Splitter::buf`].
+#[derive(Debug, PartialEq, Eq)]
 enum Piece {
-    Whole(Reply),
+    Whole(std::ops::Range<usize>),
     /// Part of a message too large to hold: passed on as it comes.
-    Through(BytesMut),
+    Through(std::ops::Range<usize>),
 }
 
-/// Cuts the node's output into messages.
+/// Cuts the node's output into messages where they lie in the read
+/// buffer: nothing is copied or allocated per message.
 #[derive(Default)]
 struct Splitter {
     buf: BytesMut,
+    /// Start of what [`Splitter::next`] has not handed out yet.
+    pos: usize,
     /// Bytes still to pass through of a large message.
     streaming: usize,
 }
 
 impl Splitter {
     fn next(&mut self) -> Result<Option<Piece>, String> {
+        let have = self.buf.len() - self.pos;
         if self.streaming > 0 {
-            if self.buf.is_empty() {
+            if have == 0 {
                 return Ok(None);
             }
-            let n = self.streaming.min(self.buf.len());
+            let n = self.streaming.min(have);
             self.streaming -= n;
-            return Ok(Some(Piece::Through(self.buf.split_to(n))));
+            self.pos += n;
+            return Ok(Some(Piece::Through(self.pos - n..self.pos)));
         }
-        if self.buf.len() < 5 {
+        if have < 5 {
             return Ok(None);
         }
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        let p = self.pos;
+        let len = u32::from_be_bytes([self.buf[p + 1], self.buf[p + 2], self.buf[p + 3], self.buf[p + 4]]) as usize;
         if len < 4 {
             return Err(format!("server sent a message with invalid length {len}"));
         }
         let total = len + 1;
-        if self.buf.len() >= total {
-            let raw = self.buf.split_to(total);
-            return Ok(Some(Piece::Whole(Reply { tag: raw[0], raw })));
+        if have >= total {
+            self.pos += total;
+            return Ok(Some(Piece::Whole(p..self.pos)));
         }
         if total > WHOLE_MESSAGE_LIMIT {
-            let have = self.buf.len();
             self.streaming = total - have;
-            return Ok(Some(Piece::Through(self.buf.split_to(have))));
+            self.pos += have;
+            return Ok(Some(Piece::Through(p..self.pos)));
         }
         Ok(None)
+    }
+
+    /// Drops what was handed out, before the next read.
+    fn consume(&mut self) {
+        bytes::Buf::advance(&mut self.buf, self.pos);
+        self.pos = 0;
     }
 }
 
@@ -218,18 +234,23 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
     async fn run<SR: AsyncRead + Unpin>(mut self, mut sr: SR) -> End {
         let mut split = Splitter::default();
         loop {
+            split.consume();
             split.buf.reserve(64 * 1024);
             match sr.read_buf(&mut split.buf).await {
                 Ok(0) => return End::ServerClosed,
                 Ok(_) => {}
                 Err(_) => return End::ServerIo,
             }
-            loop {
-                match split.next() {
-                    Err(e) => return End::ServerProtocol(e),
-                    Ok(None) => break,
-                    Ok(Some(Piece::Through(bytes))) => self.out.extend_from_slice(&bytes),
-                    Ok(Some(Piece::Whole(reply))) => self.message(reply),
+            {
+                // One look at the queue for all the messages of a read.
+                let mut queue = self.link.queue();
+                loop {
+                    match split.next() {
+                        Err(e) => return End::ServerProtocol(e),
+                        Ok(None) => break,
+                        Ok(Some(Piece::Through(r))) => self.out.extend_from_slice(&split.buf[r]),
+                        Ok(Some(Piece::Whole(r))) => self.message(&mut queue, &split.buf[r]),
+                    }
                 }
             }
             if !self.out.is_empty() {
@@ -239,6 +260,11 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
                 self.ctx.bytes_out.increment(self.out.len() as u64);
                 self.ctx.shared.totals.bytes_out.fetch_add(self.out.len() as u64, Ordering::Relaxed);
                 self.out.clear();
+            }
+            // Only now, with the bytes before them at the client: the
+            // driver's own replies never overtake them.
+            if std::mem::take(&mut self.progressed) {
+                self.link.progressed.notify_waiters();
             }
             for s in self.fire.drain(..) {
                 // A driver that is gone has ended the session anyway.
@@ -250,34 +276,35 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
         }
     }
 
-    fn count_error(&self, reply: &Reply) {
-        if reply.tag == b'E' {
+    fn count_error(&self, tag: u8, raw: &[u8]) {
+        if tag == b'E' {
             self.ctx.shared.totals.errors.fetch_add(1, Ordering::Relaxed);
-            count_error(&crate::net::scan::sqlstate(reply.body()).unwrap_or_else(|| "XX000".into()));
+            count_error(&crate::net::scan::sqlstate(&raw[5..]).unwrap_or_else(|| "XX000".into()));
         }
     }
 
-    fn message(&mut self, reply: Reply) {
-        let tag = reply.tag;
+    /// One whole message of the node, handled as the head of `queue` says.
+    fn message(&mut self, queue: &mut VecDeque<Expect>, raw: &[u8]) {
+        let tag = raw[0];
+        let body = &raw[5..];
         if tag == b'S' {
-            if let Some(on) = xact_writes_report(reply.body()) {
+            if let Some(on) = xact_writes_report(body) {
                 self.link.wrote.store(on, Ordering::Relaxed);
                 return;
             }
         }
         if tag == b'A' {
             // Notifications belong to the client whatever is running.
-            self.out.extend_from_slice(&reply.raw);
+            self.out.extend_from_slice(raw);
             return;
         }
-        let status = (tag == b'Z').then(|| reply.body().first().copied().unwrap_or(b'I'));
+        let status = (tag == b'Z').then(|| body.first().copied().unwrap_or(b'I'));
         if let Some(s) = status {
             self.link.set_status(s);
         }
-        let mut queue = self.link.queue();
         let Some(front) = queue.front_mut() else {
             // Nothing expected (e.g. a notice between units): pass it on.
-            self.out.extend_from_slice(&reply.raw);
+            self.out.extend_from_slice(raw);
             return;
         };
         let done = match front {
@@ -288,8 +315,8 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
                 *n == 0
             }
             Expect::Forward => {
-                self.count_error(&reply);
-                self.out.extend_from_slice(&reply.raw);
+                self.count_error(tag, raw);
+                self.out.extend_from_slice(raw);
                 if let Some(s) = status {
                     self.ctx.tracker.on_ready(s);
                 }
@@ -301,11 +328,11 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
                         self.out.extend_from_slice(&c);
                     }
                     if tag == b'C' && *hold_complete {
-                        self.held_complete = Some(reply.raw);
+                        self.held_complete = Some(BytesMut::from(raw));
                     } else {
                         self.held_error |= tag == b'E';
-                        self.count_error(&reply);
-                        self.out.extend_from_slice(&reply.raw);
+                        self.count_error(tag, raw);
+                        self.out.extend_from_slice(raw);
                     }
                     false
                 } else {
@@ -314,7 +341,7 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
             }
             Expect::Capture(_) => {
                 if tag != b'N' {
-                    self.captured.push(reply);
+                    self.captured.push(Reply { tag, raw: BytesMut::from(raw) });
                 }
                 status.is_some()
             }
@@ -334,8 +361,7 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
             Some(Expect::Capture(tx)) => self.fire.push(Signal::Captured(tx, std::mem::take(&mut self.captured))),
             _ => {}
         }
-        drop(queue);
-        self.link.progressed.notify_waiters();
+        self.progressed = true;
     }
 }
 
@@ -388,15 +414,17 @@ struct Driver<'a, SW, CW> {
     reader: FrameReader,
     /// Bytes for the node, written at the end of a batch or before a wait.
     out: BytesMut,
-    /// What each prepared statement / portal (by name) executes.
+    /// What each prepared statement / portal (by name) executes. Fx
+    /// hashing: the names come from this session's own client, so a
+    /// client that picks colliding names slows only itself.
     statements: HashMap<Vec<u8>, Intent>,
     portals: HashMap<Vec<u8>, Intent>,
     /// The extended unit being passed on (no Sync yet).
     unit: Option<Unit>,
     pending: Option<Pending>,
-    /// Bounds each wait for the client (idle timeout, reload re-check).
-    /// One timer for the session's life: moving its deadline later is
-    /// lock-free in tokio, a new timer per read is not.
+    /// The session timer ([`Self::rearm`]): idle timeout and reload
+    /// re-check. One timer for the session's life, reset only when it
+    /// fires.
     wake: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -410,6 +438,9 @@ enum Input {
 
 impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     async fn run<CR: AsyncRead + Unpin>(&mut self, mut cr: CR) -> End {
+        if let Err(end) = self.rearm() {
+            return end;
+        }
         loop {
             let step = match self.next_input(&mut cr).await {
                 Ok(Input::Batch(b)) => self.batch(b).await,
@@ -486,38 +517,25 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// comes first; closes an idle session after `client_idle_timeout`.
     async fn next_input<CR: AsyncRead + Unpin>(&mut self, cr: &mut CR) -> Result<Input, End> {
         loop {
-            // Read at every wait, not once per session, so that RELOAD
-            // reaches sessions already open.
-            let limit = {
-                let live = self.ctx.shared.live.load();
-                self.reader.set_max_message_size(live.config.limits.max_message_size);
-                live.config.limits.client_idle_timeout
-            };
-            let wait = match self.ctx.tracker.idle_since() {
-                Some(since) if !limit.is_zero() => limit.saturating_sub(since.elapsed()),
-                // Busy, or no idle timeout: look again later (it may
-                // become idle, or a reload may set a timeout).
-                _ => RECHECK,
-            };
-            if !limit.is_zero() && wait.is_zero() && self.pending.is_none() {
-                return Err(End::IdleTimeout);
-            }
-            let wait = wait.clamp(Duration::from_millis(1), RECHECK);
-            self.wake.as_mut().reset(tokio::time::Instant::now() + wait);
             let read = self.reader.next_read(cr);
+            // Biased (no random branch order drawn on every read): the
+            // pending unit's end, then the timer, so that a client that
+            // always has data ready still meets it, then the client.
             let result = match &mut self.pending {
                 Some(p) => tokio::select! {
+                    biased;
                     held = &mut p.rx => return Ok(Input::Held(held.unwrap_or_default())),
                     () = self.wake.as_mut() => None,
                     r = read => Some(r),
                 },
                 None => tokio::select! {
+                    biased;
                     () = self.wake.as_mut() => None,
                     r = read => Some(r),
                 },
             };
             match result {
-                None => continue,
+                None => self.rearm()?,
                 Some(Ok(Some(Read::Batch(b)))) => return Ok(Input::Batch(b)),
                 Some(Ok(Some(Read::Stream { head, remaining }))) => return Ok(Input::Stream(head, remaining)),
                 Some(Ok(None)) => return Err(End::ClientClosed),
@@ -527,14 +545,62 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         }
     }
 
-    /// A CopyData message too big to buffer (`net::frame::Read::Stream`):
-    /// passed to the node as it arrives, through a fixed buffer. It belongs
-    /// to the running COPY, so nothing waits for a pending unit.
+    /// At the session timer: takes the configuration again (so RELOAD
+    /// reaches open sessions within [`RECHECK`]), ends a session idle for
+    /// `client_idle_timeout`, and sets the timer's next deadline. Only the
+    /// timer looks at the clock and the configuration, not every read: a
+    /// session that becomes idle is closed exactly when its idle time is
+    /// up, because the timer never sleeps past that moment (at most
+    /// `min(timeout, RECHECK)` while busy, then to the exact end).
+    fn rearm(&mut self) -> Result<(), End> {
+        let limit = {
+            let live = self.ctx.shared.live.load();
+            self.reader.set_max_message_size(live.config.limits.max_message_size);
+            live.config.limits.client_idle_timeout
+        };
+        let wait = match self.ctx.tracker.idle_since() {
+            Some(since) if !limit.is_zero() => limit.saturating_sub(since.elapsed()),
+            _ if !limit.is_zero() => limit.min(RECHECK),
+            _ => RECHECK,
+        };
+        if !limit.is_zero() && wait.is_zero() && self.pending.is_none() {
+            return Err(End::IdleTimeout);
+        }
+        let wait = wait.clamp(Duration::from_millis(1), RECHECK);
+        self.wake.as_mut().reset(tokio::time::Instant::now() + wait);
+        Ok(())
+    }
+
+    /// A message too big to buffer (`net::frame::Read::Stream`): decided
+    /// on from its start, then passed to the node as it arrives, through a
+    /// fixed buffer. CopyData belongs to the running COPY, so it does not
+    /// wait for a pending unit; a Query, Parse or Bind starts or continues
+    /// a unit like a whole one ([`Self::large_query`], [`Self::extended`]).
     async fn stream<CR: AsyncRead + Unpin>(&mut self, head: BytesMut, mut remaining: usize, cr: &mut CR) -> Result<(), End> {
         let total = (head.len() + remaining) as u64;
         self.ctx.bytes_in.increment(total);
         self.ctx.shared.totals.bytes_in.fetch_add(total, Ordering::Relaxed);
-        self.out.extend_from_slice(&head);
+        let tag = head[0];
+        if tag != b'd' {
+            self.finish_pending().await?;
+        }
+        let forward = match tag {
+            b'd' => {
+                self.out.extend_from_slice(&head);
+                true
+            }
+            b'Q' => {
+                self.large_query(&head).await?;
+                true
+            }
+            _ => {
+                let batch = Batch { frames: vec![FrameRef { tag, start: 0, len: head.len() }], bytes: head };
+                self.extended(&batch, 0, false).await?;
+                // A unit the node already failed skips the message, as
+                // PostgreSQL would.
+                self.unit.map(|u| u.mode) != Some(UnitMode::Discard)
+            }
+        };
         self.send().await?;
         let mut buf = vec![0u8; 64 * 1024];
         while remaining > 0 {
@@ -544,9 +610,61 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 // The node sees its connection end inside the message.
                 return Err(End::ClientIo);
             }
-            self.sw.write_all(&buf[..n]).await.map_err(|_| End::ServerIo)?;
+            if forward {
+                self.sw.write_all(&buf[..n]).await.map_err(|_| End::ServerIo)?;
+            }
             remaining -= n;
         }
+        Ok(())
+    }
+
+    /// A new unit waits until the pending one is finished.
+    async fn finish_pending(&mut self) -> Result<(), End> {
+        if self.pending.is_some() {
+            self.send().await?;
+            let held = match self.pending.as_mut() {
+                Some(p) => (&mut p.rx).await.unwrap_or_default(),
+                None => Held::default(),
+            };
+            self.finish(held).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the Query `raw` (whole, or the start of one streamed after
+    /// it) in a transaction of the proxy's: the proxy finishes it when the
+    /// node's ReadyForQuery comes back ([`Self::finish`]).
+    fn wrap_autocommit(&mut self, raw: &[u8]) {
+        self.out.extend_from_slice(&commit::own_statement("BEGIN"));
+        self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
+        let rx = self.expect_hold(true);
+        self.out.extend_from_slice(raw);
+        self.pending = Some(Pending { rx, kind: PendingKind::Autocommit });
+    }
+
+    /// A simple-protocol Query too big to buffer, decided on from its
+    /// start (`head`, at least `net::frame::STREAM_HEAD` bytes). Whether it
+    /// writes cannot be told from a part, so it runs as if it may: in a
+    /// transaction of the proxy's when none is open, committed by the
+    /// cluster's commit if it wrote. One that starts with transaction
+    /// control is passed on as it is; a COMMIT further inside a string
+    /// that big is not seen, and the node refuses it if the transaction
+    /// wrote (SQLSTATE 0A000, nothing committed).
+    async fn large_query(&mut self, head: &[u8]) -> Result<(), End> {
+        let text = text_prefix(&head[5..]);
+        self.count_statement(text, true);
+        self.ctx.tracker.before_send(1).await;
+        self.statements.remove(&b""[..]);
+        self.portals.remove(&b""[..]);
+        if head_intent(text) == Intent::Write {
+            self.drain().await?;
+            if self.status() == b'I' {
+                self.wrap_autocommit(head);
+                return Ok(());
+            }
+        }
+        self.expect(Expect::Forward);
+        self.out.extend_from_slice(head);
         Ok(())
     }
 
@@ -558,17 +676,12 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             let body = batch.body(f);
             // COPY data belongs to the running unit; anything else starts
             // a new one, which must wait until the pending one is finished.
-            if self.pending.is_some() && !matches!(f.tag, b'd' | b'c' | b'f') {
-                self.send().await?;
-                let held = match self.pending.as_mut() {
-                    Some(p) => (&mut p.rx).await.unwrap_or_default(),
-                    None => Held::default(),
-                };
-                self.finish(held).await?;
+            if !matches!(f.tag, b'd' | b'c' | b'f') {
+                self.finish_pending().await?;
             }
             match f.tag {
                 b'Q' => self.query(raw, body).await?,
-                b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.extended(&batch, i).await?,
+                b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.extended(&batch, i, true).await?,
                 b'S' => self.sync(raw).await?,
                 b'F' => {
                     self.ctx.tracker.before_send(1).await;
@@ -626,11 +739,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Intent::Write => {
                 self.drain().await?;
                 if self.status() == b'I' {
-                    self.out.extend_from_slice(&commit::own_statement("BEGIN"));
-                    self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
-                    let rx = self.expect_hold(true);
-                    self.out.extend_from_slice(raw);
-                    self.pending = Some(Pending { rx, kind: PendingKind::Autocommit });
+                    self.wrap_autocommit(raw);
                     return Ok(());
                 }
             }
@@ -673,15 +782,21 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(())
     }
 
-    /// What the statement or portal `name` runs (unknown: may write).
-    fn resolve(map: &HashMap<Vec<u8>, Intent>, overlay: &HashMap<Vec<u8>, Intent>, name: &[u8]) -> Intent {
-        overlay.get(name).or_else(|| map.get(name)).cloned().unwrap_or(Intent::Write)
+    /// What the statement or portal `name` runs (unknown: may write):
+    /// the unit's own definitions (`overlay`, latest last) first.
+    fn resolve(map: &HashMap<Vec<u8>, Intent>, overlay: &[(&[u8], Intent)], name: &[u8]) -> Intent {
+        match overlay.iter().rev().find(|(n, _)| *n == name) {
+            Some((_, it)) => it.clone(),
+            None => map.get(name).cloned().unwrap_or(Intent::Write),
+        }
     }
 
     /// The intents of the Executes in the unit starting at frame `i`.
+    /// A unit names a few statements and portals at most: the ones it
+    /// defines are kept in small lists, not maps.
     fn look_ahead(&self, batch: &Batch, i: usize) -> Result<Vec<Intent>, End> {
-        let mut statements = HashMap::new();
-        let mut portals = HashMap::new();
+        let mut statements: Vec<(&[u8], Intent)> = Vec::new();
+        let mut portals: Vec<(&[u8], Intent)> = Vec::new();
         let mut executes = Vec::new();
         for f in &batch.frames[i..] {
             let body = batch.body(f);
@@ -689,12 +804,12 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 b'S' => break,
                 b'P' => {
                     let (name, sql) = parse_message(body)?;
-                    statements.insert(name.to_vec(), intent(sql));
+                    statements.push((name, intent(sql)));
                 }
                 b'B' => {
                     let (portal, statement) = bind_names(body)?;
                     let it = Self::resolve(&self.statements, &statements, statement);
-                    portals.insert(portal.to_vec(), it);
+                    portals.push((portal, it));
                 }
                 b'E' => {
                     let portal = BodyReader::new(body).cstr().map_err(End::ClientProtocol)?;
@@ -706,8 +821,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(executes)
     }
 
-    /// An extended-protocol message other than Sync.
-    async fn extended(&mut self, batch: &Batch, i: usize) -> Result<(), End> {
+    /// An extended-protocol message other than Sync. Not `whole`: only the
+    /// start of a Parse or Bind too big to buffer (see [`Self::stream`]),
+    /// the only message of `batch`.
+    async fn extended(&mut self, batch: &Batch, i: usize, whole: bool) -> Result<(), End> {
         let f = batch.frames[i];
         let raw = &batch.bytes[f.start..f.start + f.len];
         let body = batch.body(&f);
@@ -722,7 +839,15 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             return Ok(());
         }
         if !unit.decided && matches!(f.tag, b'B' | b'E') {
-            let executes = self.look_ahead(batch, i)?;
+            let executes = if whole {
+                self.look_ahead(batch, i)?
+            } else {
+                // The Execute is yet to come: decide on the statement the
+                // big Bind binds, before it goes out (a portal bound
+                // before the proxy's BEGIN would not survive it).
+                let (_, statement) = bind_names(body)?;
+                vec![Self::resolve(&self.statements, &[], statement)]
+            };
             let commit = executes.contains(&Intent::Commit);
             let control = executes.iter().any(|x| matches!(x, Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_)));
             let write = executes.contains(&Intent::Write) && !control;
@@ -757,15 +882,28 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         unit.sent = true;
         self.unit = Some(unit);
         match f.tag {
-            b'P' => {
+            b'P' if whole => {
                 let (name, sql) = parse_message(body)?;
                 self.count_statement(sql, false);
                 self.statements.insert(name.to_vec(), intent(sql));
             }
+            b'P' => {
+                // Only its start is here: see [`head_intent`].
+                let mut r = BodyReader::new(body);
+                let name = r.cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
+                let text = text_prefix(&body[name.len() + 1..]);
+                self.count_statement(text, false);
+                self.statements.insert(name, head_intent(text));
+            }
             b'B' => {
                 let (portal, statement) = bind_names(body)?;
-                let it = Self::resolve(&self.statements, &HashMap::new(), statement);
-                self.portals.insert(portal.to_vec(), it);
+                let it = Self::resolve(&self.statements, &[], statement);
+                match self.portals.get_mut(portal) {
+                    Some(slot) => *slot = it,
+                    None => {
+                        self.portals.insert(portal.to_vec(), it);
+                    }
+                }
             }
             b'C' => {
                 let mut r = BodyReader::new(body);
@@ -1114,6 +1252,28 @@ fn parse_message(body: &[u8]) -> Result<(&[u8], &str), End> {
     Ok((name.as_bytes(), sql))
 }
 
+/// The text at the start of a message cut short (`bytes` may end inside
+/// the string or even inside a UTF-8 sequence): up to its terminator or
+/// the last whole character.
+fn text_prefix(bytes: &[u8]) -> &str {
+    let bytes = bytes.iter().position(|&b| b == 0).map_or(bytes, |n| &bytes[..n]);
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+    }
+}
+
+/// What SQL known only by its start may do: transaction control if it
+/// starts with it, else it may write (the part not seen yet may).
+fn head_intent(text: &str) -> Intent {
+    match crate::classify::first_keyword(text).as_deref() {
+        Some("BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" | "PREPARE") => {
+            Intent::TransactionControl
+        }
+        _ => Intent::Write,
+    }
+}
+
 /// (portal, statement) of a Bind body.
 fn bind_names(body: &[u8]) -> Result<(&[u8], &[u8]), End> {
     let mut r = BodyReader::new(body);
@@ -1132,16 +1292,19 @@ mod tests {
         let mut s = Splitter::default();
         s.buf.extend_from_slice(&frame(b'Z', b"I"));
         s.buf.extend_from_slice(&frame(b'C', b"SEL")[..4]);
-        assert!(matches!(s.next(), Ok(Some(Piece::Whole(r))) if r.tag == b'Z' && r.body() == b"I"));
-        assert!(matches!(s.next(), Ok(None)));
+        assert_eq!(s.next(), Ok(Some(Piece::Whole(0..6))));
+        assert_eq!(s.next(), Ok(None));
+        s.consume();
+        assert_eq!(&s.buf[..], &frame(b'C', b"SEL")[..4], "the incomplete message stays for the next read");
         let mut s = Splitter::default();
         let big = frame(b'D', &vec![7u8; WHOLE_MESSAGE_LIMIT + 10]);
         s.buf.extend_from_slice(&big[..1000]);
-        assert!(matches!(s.next(), Ok(Some(Piece::Through(b))) if b.len() == 1000));
+        assert_eq!(s.next(), Ok(Some(Piece::Through(0..1000))));
+        s.consume();
         s.buf.extend_from_slice(&big[1000..]);
         s.buf.extend_from_slice(&frame(b'Z', b"T"));
-        assert!(matches!(s.next(), Ok(Some(Piece::Through(b))) if b.len() == big.len() - 1000));
-        assert!(matches!(s.next(), Ok(Some(Piece::Whole(r))) if r.tag == b'Z'));
+        assert_eq!(s.next(), Ok(Some(Piece::Through(0..big.len() - 1000))));
+        assert_eq!(s.next(), Ok(Some(Piece::Whole(big.len() - 1000..big.len() - 1000 + 6))));
         let mut s = Splitter::default();
         s.buf.extend_from_slice(&[b'Z', 0, 0, 0, 2]);
         assert!(s.next().is_err());

@@ -2,8 +2,8 @@
 //! and the process lifecycle: SIGTERM stops accepting and lets sessions
 //! finish for `shutdown_timeout`; SIGHUP reloads the configuration.
 
-use crate::net::stream::ClientStream;
-use crate::state::{Shared, SocketAddrOrUnix};
+use crate::state::Shared;
+use crate::workers::Accepted;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,7 +45,9 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
         node.mark_up();
     }
     tokio::spawn(crate::health::run(shared.clone()));
-    tracing::info!(listen = %config.proxy.listen, nodes = config.nodes.len(), "mtm-proxy listening");
+    let workers = crate::workers::Workers::start(config.proxy.worker_threads, &shared)
+        .map_err(|e| anyhow::anyhow!("cannot start the session workers: {e}"))?;
+    tracing::info!(listen = %config.proxy.listen, nodes = config.nodes.len(), workers = workers.len(), "mtm-proxy listening");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -55,7 +57,10 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
             accepted = tcp.accept() => match accepted {
                 Ok((socket, peer)) => {
                     let _ = socket.set_nodelay(true);
-                    spawn_session(&shared, ClientStream::Tcp(socket), SocketAddrOrUnix::Tcp(peer));
+                    match socket.into_std() {
+                        Ok(s) => workers.hand_over(Accepted::Tcp(s, peer)),
+                        Err(e) => tracing::warn!(error = %e, "cannot detach an accepted connection"),
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -64,7 +69,10 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
                 }
             },
             accepted = accept_unix(unix.as_ref()) => match accepted {
-                Ok(socket) => spawn_session(&shared, ClientStream::Unix(socket), SocketAddrOrUnix::Unix),
+                Ok(socket) => match socket.into_std() {
+                    Ok(s) => workers.hand_over(Accepted::Unix(s)),
+                    Err(e) => tracing::warn!(error = %e, "cannot detach an accepted connection"),
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -88,24 +96,6 @@ async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::Un
         Some(l) => l.accept().await.map(|(s, _)| s),
         None => std::future::pending().await,
     }
-}
-
-fn spawn_session(shared: &Arc<Shared>, client: ClientStream, peer: SocketAddrOrUnix) {
-    let shared = shared.clone();
-    shared.clients.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("mtm_proxy_client_connections_total").increment(1);
-    metrics::gauge!("mtm_proxy_client_sessions").increment(1.0);
-    tokio::spawn(async move {
-        // The session is its own task: a panic in it (a bug) must not take
-        // the counters with it.
-        let s = shared.clone();
-        let result = tokio::spawn(async move { crate::session::run(client, peer, s).await }).await;
-        if let Err(e) = result {
-            tracing::error!("session task failed: {e}");
-        }
-        shared.clients.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!("mtm_proxy_client_sessions").decrement(1.0);
-    });
 }
 
 /// Stop accepting, then wait for sessions to end on their own up to

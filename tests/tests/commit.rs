@@ -762,14 +762,9 @@ fn rss_kb(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn big_copy_rows_from_many_clients_pass_through_in_bounded_memory() {
-    const CLIENTS: usize = 4;
-    const SIZE: usize = 32 << 20;
-    let c = TestCluster::start(3);
-    schema(&c, "create table blob(id int primary key, v text)");
-    wait_connected(&c);
-    let pid = c.proxy().pid().expect("proxy running");
+/// How much the process `pid` grew (peak VmRSS over the start, MB) while
+/// `work` ran.
+fn rss_growth_mb(pid: i32, work: impl FnOnce()) -> u64 {
     let before = rss_kb(pid);
     let done = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(before));
@@ -782,41 +777,117 @@ fn big_copy_rows_from_many_clients_pass_through_in_bounded_memory() {
             }
         })
     };
-    let port = c.layout.proxy_port;
-    let writers: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            std::thread::spawn(move || {
-                let mut r = Raw::connect(port);
-                r.s.write_all(&Raw::query("copy blob from stdin")).unwrap();
-                let mut head = [0u8; 5];
-                r.s.read_exact(&mut head).unwrap();
-                assert_eq!(head[0], b'G', "CopyInResponse");
-                let mut rest = vec![0; u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4];
-                r.s.read_exact(&mut rest).unwrap();
-                // One row of SIZE bytes in one CopyData message, written in
-                // pieces as a client streams it.
-                let mut row = format!("{i}\t").into_bytes();
-                row.extend(std::iter::repeat_n(b'x', SIZE));
-                row.push(b'\n');
-                r.s.write_all(&msg(b'd', &row)[..5]).unwrap();
-                for piece in row.chunks(1 << 20) {
-                    r.s.write_all(piece).unwrap();
-                }
-                r.s.write_all(&msg(b'c', &[])).unwrap();
-                summary(&r.until_ready())
-            })
-        })
-        .collect();
-    for w in writers {
-        assert_eq!(w.join().unwrap(), ["C:COPY 1", "Z:I"]);
-    }
+    work();
     done.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
-    let grew_mb = peak.load(Ordering::Relaxed).saturating_sub(before) / 1024;
+    peak.load(Ordering::Relaxed).saturating_sub(before) / 1024
+}
+
+/// Writes `m` the way a client streams a big message: header, then 1 MB
+/// pieces.
+fn write_in_pieces(s: &mut TcpStream, m: &[u8]) {
+    for piece in m.chunks(1 << 20) {
+        s.write_all(piece).unwrap();
+    }
+}
+
+#[test]
+fn big_copy_rows_from_many_clients_pass_through_in_bounded_memory() {
+    const CLIENTS: usize = 4;
+    const SIZE: usize = 32 << 20;
+    let c = TestCluster::start(3);
+    schema(&c, "create table blob(id int primary key, v text)");
+    wait_connected(&c);
+    let pid = c.proxy().pid().expect("proxy running");
+    let port = c.layout.proxy_port;
+    let grew_mb = rss_growth_mb(pid, || {
+        let writers: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut r = Raw::connect(port);
+                    r.s.write_all(&Raw::query("copy blob from stdin")).unwrap();
+                    let mut head = [0u8; 5];
+                    r.s.read_exact(&mut head).unwrap();
+                    assert_eq!(head[0], b'G', "CopyInResponse");
+                    let mut rest = vec![0; u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4];
+                    r.s.read_exact(&mut rest).unwrap();
+                    // One row of SIZE bytes in one CopyData message.
+                    let mut row = format!("{i}\t").into_bytes();
+                    row.extend(std::iter::repeat_n(b'x', SIZE));
+                    row.push(b'\n');
+                    write_in_pieces(&mut r.s, &msg(b'd', &row));
+                    r.s.write_all(&msg(b'c', &[])).unwrap();
+                    summary(&r.until_ready())
+                })
+            })
+            .collect();
+        for w in writers {
+            assert_eq!(w.join().unwrap(), ["C:COPY 1", "Z:I"]);
+        }
+    });
     println!("mtm-proxy RSS grew by {grew_mb} MB while {CLIENTS} clients each copied one {} MB row", SIZE >> 20);
     // Buffering each message whole would take CLIENTS × 32 MB.
     assert!(grew_mb < 48, "the proxy grew by {grew_mb} MB for {CLIENTS} rows of {} MB", SIZE >> 20);
     converge(&c, &["blob"]);
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from blob where length(v) = $1", &[&(SIZE as i32)]).unwrap().get(0);
+        assert_eq!(n, CLIENTS as i64, "node{id}");
+    }
+}
+
+/// A Query with a big literal and a Bind with a big parameter are passed
+/// on as they arrive, like big COPY rows, and still run as autocommit
+/// writes through the cluster's commit (on every node when answered).
+#[test]
+fn big_queries_and_binds_from_many_clients_pass_through_in_bounded_memory() {
+    const CLIENTS: usize = 6;
+    const SIZE: usize = 16 << 20;
+    let c = TestCluster::start(3);
+    schema(&c, "create table blob(id int primary key, v text)");
+    wait_connected(&c);
+    let pid = c.proxy().pid().expect("proxy running");
+    let port = c.layout.proxy_port;
+    let grew_mb = rss_growth_mb(pid, || {
+        let writers: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut r = Raw::connect(port);
+                    let value = "x".repeat(SIZE);
+                    if i % 2 == 0 {
+                        let sql = format!("insert into blob values ({i}, '{value}')");
+                        write_in_pieces(&mut r.s, &Raw::query(&sql));
+                    } else {
+                        r.s.write_all(&Raw::parse("big", "insert into blob values ($1::int, $2::text)")).unwrap();
+                        let id = i.to_string();
+                        let mut b = cstr("");
+                        b.extend(cstr("big"));
+                        b.extend_from_slice(&0i16.to_be_bytes());
+                        b.extend_from_slice(&2i16.to_be_bytes());
+                        for p in [id.as_bytes(), value.as_bytes()] {
+                            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+                            b.extend_from_slice(p);
+                        }
+                        b.extend_from_slice(&0i16.to_be_bytes());
+                        write_in_pieces(&mut r.s, &msg(b'B', &b));
+                        let mut e = cstr("");
+                        e.extend_from_slice(&0i32.to_be_bytes());
+                        r.s.write_all(&msg(b'E', &e)).unwrap();
+                        r.s.write_all(&msg(b'S', &[])).unwrap();
+                    }
+                    summary(&r.until_ready())
+                })
+            })
+            .collect();
+        for (i, w) in writers.into_iter().enumerate() {
+            let expected: &[&str] = if i % 2 == 0 { &["C:INSERT 0 1", "Z:I"] } else { &["1", "2", "C:INSERT 0 1", "Z:I"] };
+            assert_eq!(w.join().unwrap(), expected, "client {i}");
+        }
+    });
+    println!("mtm-proxy RSS grew by {grew_mb} MB while {CLIENTS} clients each sent one {} MB Query or Bind", SIZE >> 20);
+    // Buffering each message whole would take CLIENTS × 16 MB (and the
+    // classifier's copies of the text more).
+    assert!(grew_mb < 40, "the proxy grew by {grew_mb} MB for {CLIENTS} messages of {} MB", SIZE >> 20);
+    // Each was committed through the cluster's commit: on every node.
     for id in 1..=3 {
         let n: i64 = client(&c, id).query_one("select count(*) from blob where length(v) = $1", &[&(SIZE as i32)]).unwrap().get(0);
         assert_eq!(n, CLIENTS as i64, "node{id}");

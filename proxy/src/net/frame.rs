@@ -43,20 +43,32 @@ impl Batch {
     }
 }
 
-/// A CopyData message at least this big is passed on as it arrives (its
-/// start, then the rest read straight from the client) instead of being
-/// buffered whole: a session's memory stays bounded however big the rows
-/// a client copies in. Other messages are needed whole (the proxy reads
-/// Query, Parse, Bind) and stay limited by `max_message_size`.
-pub const STREAM_COPY_DATA_AT: usize = 256 * 1024;
+/// A message at least this big is passed on as it arrives (its start,
+/// then the rest read straight from the client) instead of being buffered
+/// whole, so a session's memory stays bounded however big the rows a
+/// client copies in, the query it sends or the parameters it binds:
+/// CopyData, Query, Parse and Bind. The proxy reads only the start of a
+/// Query, Parse or Bind that big ([`STREAM_HEAD`]); every other message is
+/// held whole, up to `max_message_size`.
+pub const STREAM_AT: usize = 256 * 1024;
+
+/// How much of a streamed Query, Parse or Bind is buffered before it is
+/// handed over: enough for its names and the start of its SQL.
+pub const STREAM_HEAD: usize = 64 * 1024;
+
+/// Whether a message of this kind and size is streamed ([`STREAM_AT`]).
+pub fn streams(tag: u8, total: usize) -> bool {
+    total >= STREAM_AT && matches!(tag, b'd' | b'Q' | b'P' | b'B')
+}
 
 /// What [`FrameReader::next_read`] found.
 #[derive(Debug)]
 pub enum Read {
     /// Whole frames.
     Batch(Batch),
-    /// The start of a big CopyData frame (header included, as buffered so
-    /// far); `remaining` bytes of it are still to be read from the client.
+    /// The start of a big frame ([`streams`]; header included, as buffered
+    /// so far, at least [`STREAM_HEAD`] bytes of a Query, Parse or Bind);
+    /// `remaining` bytes of it are still to be read from the client.
     Stream { head: BytesMut, remaining: usize },
 }
 
@@ -95,17 +107,22 @@ impl FrameReader {
         }
     }
 
-    /// Like [`FrameReader::next_batch`], but a big CopyData frame at the
-    /// head of the buffer is handed over before it is complete
-    /// ([`STREAM_COPY_DATA_AT`]).
+    /// Like [`FrameReader::next_batch`], but a big frame at the head of the
+    /// buffer ([`streams`]) is handed over before it is complete.
     pub async fn next_read<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Option<Read>, FrameIoError> {
         loop {
             if let Some(batch) = self.split_batch()? {
                 return Ok(Some(Read::Batch(batch)));
             }
-            if let Some(total) = self.pending_frame_len().filter(|&t| self.buf[0] == b'd' && t >= STREAM_COPY_DATA_AT) {
-                let head = self.buf.split_to(self.buf.len().min(total));
-                return Ok(Some(Read::Stream { remaining: total - head.len(), head }));
+            if let Some(total) = self.pending_frame_len().filter(|&t| streams(self.buf[0], t)) {
+                if total > self.max_message_size {
+                    return Err(FrameError::TooLarge { size: total, limit: self.max_message_size }.into());
+                }
+                let head_wanted = if self.buf[0] == b'd' { 0 } else { STREAM_HEAD };
+                if self.buf.len() >= head_wanted {
+                    let head = self.buf.split_to(self.buf.len().min(total));
+                    return Ok(Some(Read::Stream { remaining: total - head.len(), head }));
+                }
             }
             if self.buf.capacity() - self.buf.len() < 4096 {
                 self.buf.reserve(16 * 1024);
@@ -286,7 +303,7 @@ mod tests {
     #[tokio::test]
     async fn a_big_copy_data_frame_is_handed_over_before_it_is_complete() {
         let mut bytes = frame(b'Q', b"copy t from stdin\0").to_vec();
-        let big = vec![7u8; STREAM_COPY_DATA_AT * 3];
+        let big = vec![7u8; STREAM_AT * 3];
         bytes.extend_from_slice(&frame(b'd', &big));
         bytes.extend_from_slice(&frame(b'c', b""));
         let mut src: &[u8] = &bytes;
@@ -308,6 +325,29 @@ mod tests {
             Read::Batch(b) => assert_eq!(b.frames.iter().map(|f| f.tag).collect::<Vec<_>>(), [b'c']),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_big_query_is_handed_over_with_its_start_only() {
+        let sql = format!("insert into t values ('{}')\0", "x".repeat(STREAM_AT * 2));
+        let mut bytes = frame(b'Q', sql.as_bytes()).to_vec();
+        bytes.extend_from_slice(&frame(b'S', b""));
+        let mut src: &[u8] = &bytes;
+        let mut r = FrameReader::new(1 << 30);
+        let Read::Stream { head, remaining } = r.next_read(&mut src).await.unwrap().unwrap() else { panic!("not streamed") };
+        assert!(head.len() >= STREAM_HEAD, "enough to classify it: {}", head.len());
+        assert!(remaining > 0, "not buffered whole");
+        assert_eq!(head.len() + remaining, 5 + sql.len());
+        assert!(head[5..].starts_with(b"insert into t"));
+        // Under the streaming size: whole, as before.
+        let small = frame(b'B', &vec![1u8; STREAM_AT - 100]).to_vec();
+        let mut src: &[u8] = &small;
+        let mut r = FrameReader::new(1 << 30);
+        assert!(matches!(r.next_read(&mut src).await.unwrap().unwrap(), Read::Batch(_)));
+        // Over the session's limit: refused before anything is streamed.
+        let mut src: &[u8] = &bytes;
+        let mut r = FrameReader::new(STREAM_AT);
+        assert!(matches!(r.next_read(&mut src).await, Err(FrameIoError::Frame(FrameError::TooLarge { .. }))));
     }
 
     #[test]
