@@ -14,7 +14,9 @@
 //! failure is this node's "no" vote on its gid ([`crate::votes`]) and the
 //! stream moves on (the coordinator will roll it back everywhere); a plain
 //! COMMIT cannot be skipped, so the worker stops, and the pool restarts
-//! and retries it.
+//! and retries it. Before a no vote, a failure that applying side by side
+//! can cause is tried once more, alone, in the transaction's commit turn
+//! ([`mtm_schedule::retry`]).
 
 use crate::pool::Turn;
 use mtm_protocol::{Column, Message, OldTuple, Value};
@@ -56,7 +58,17 @@ pub struct Applier {
     /// Reset after every change, so a huge transaction is applied in
     /// constant memory (values, slots, executor state live here).
     change_cx: pg_sys::MemoryContext,
+    /// The current transaction's messages, for a serial retry.
+    replay: mtm_schedule::retry::Replay,
+    /// Replaying them now (a second failure is a no vote).
+    retrying: bool,
+    /// The failure was giving way to an older transaction of this peer.
+    failed_for_own_peer: bool,
 }
+
+/// Most a worker keeps of one transaction for its serial retry; a bigger
+/// one that fails is a no vote without a second try.
+const REPLAY_BUDGET: usize = 16 << 20;
 
 impl Applier {
     pub fn new(peer: i32, turn: Turn) -> Self {
@@ -69,6 +81,9 @@ impl Applier {
             notifications: Vec::new(),
             in_transaction: false,
             failed: None,
+            replay: mtm_schedule::retry::Replay::new(REPLAY_BUDGET),
+            retrying: false,
+            failed_for_own_peer: false,
             // SAFETY: a child of TopMemoryContext, kept for the worker's life.
             change_cx: unsafe {
                 pg_sys::AllocSetContextCreateInternal(
@@ -88,6 +103,16 @@ impl Applier {
 
     pub fn turn(&self) -> &Turn {
         &self.turn
+    }
+
+    /// Keeps a message of a transaction that may end in PREPARE, before it
+    /// is applied, for [`Self::retry_alone`].
+    pub fn keep(&mut self, msg: &Message, raw: &[u8]) {
+        match msg {
+            Message::Begin { .. } => self.replay.begin(raw),
+            Message::Commit { .. } | Message::CommitPrepared { .. } | Message::RollbackPrepared { .. } => self.replay.clear(),
+            _ => self.replay.keep(raw),
+        }
     }
 
     /// The next messages are transaction number `seq`.
@@ -160,6 +185,10 @@ impl Applier {
                 }
                 Message::Prepare { end_lsn, gid, .. } if self.failed.is_some() => {
                     let (sqlstate, message) = self.failed.take().unwrap_or_default();
+                    let own_peer = std::mem::take(&mut self.failed_for_own_peer);
+                    if mtm_schedule::retry::worth_retrying(&sqlstate, own_peer) && self.retry_alone(&gid, &message) {
+                        return;
+                    }
                     self.turn.wait(self.seq);
                     self.vote_no(&gid, sqlstate, message, end_lsn);
                     self.applied(end_lsn);
@@ -277,13 +306,40 @@ impl Applier {
     /// needs its locks: roll it back now, then vote no in its turn.
     unsafe fn give_way(&mut self, gid: &str, end_lsn: u64, have_turn: bool) {
         let by = crate::conflicts::doomed_by().unwrap_or(0);
+        let message = crate::conflicts::message(by);
+        if mtm_schedule::retry::worth_retrying("40001", by == self.peer) && self.retry_alone(gid, &message) {
+            return;
+        }
         pg_sys::AbortOutOfAnyTransaction();
         if !have_turn {
             self.turn.wait(self.seq);
         }
-        let message = crate::conflicts::message(by);
         self.vote_no(gid, "40001".into(), message, end_lsn);
         self.applied(end_lsn);
+    }
+
+    /// The transaction that failed under parallel apply (`cause`) is
+    /// applied once more, alone: rolled back, then — once every earlier
+    /// transaction of the peer is done here (its commit turn) — replayed
+    /// from its kept messages through its PREPARE, which votes as usual
+    /// (a second failure is a no). False: it was not kept (too big), or
+    /// this already is the retry; the caller votes no.
+    unsafe fn retry_alone(&mut self, gid: &str, cause: &str) -> bool {
+        if self.retrying {
+            return false;
+        }
+        let Some(kept) = self.replay.take() else { return false };
+        pg_sys::AbortOutOfAnyTransaction();
+        self.turn.wait(self.seq);
+        log!("multimaster: applying {gid} from node {} again, alone, after: {cause}", self.peer);
+        self.retrying = true;
+        for raw in &kept {
+            let msg = Message::decode(raw)
+                .unwrap_or_else(|e| error!("multimaster: undecodable kept message from node {}: {e}", self.peer));
+            self.apply(msg);
+        }
+        self.retrying = false;
+        true
     }
 
     /// Runs one change unless the transaction already failed; a failure
@@ -302,10 +358,12 @@ impl Applier {
         .execute();
         pg_sys::MemoryContextSwitchTo(outer);
         // Cancelled because it gives way to an older transaction.
-        let result = result.map_err(|(sqlstate, message)| match crate::conflicts::doomed_by() {
+        let doomed_by = crate::conflicts::doomed_by();
+        let result = result.map_err(|(sqlstate, message)| match doomed_by {
             Some(by) if sqlstate == "57014" => ("40001".to_string(), crate::conflicts::message(by)),
             _ => (sqlstate, message),
         });
+        self.failed_for_own_peer = result.is_err() && doomed_by == Some(self.peer);
         if let Err((sqlstate, message)) = result {
             pg_sys::AbortCurrentTransaction();
             log!("multimaster: applying a change from node {} failed: {message} ({sqlstate})", self.peer);

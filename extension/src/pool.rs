@@ -469,6 +469,9 @@ pub struct Turn {
     epoch: u64,
     slot: usize,
     origin: pg_sys::RepOriginId,
+    /// Between a [`Turn::wait`] that took the turn and [`Turn::done`]: a
+    /// second wait for the same transaction (its serial retry) has it.
+    holding: std::cell::Cell<bool>,
 }
 
 impl Turn {
@@ -496,7 +499,7 @@ impl Turn {
         let outer = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
         let mqh = pg_sys::shm_mq_attach(mq, seg, std::ptr::null_mut());
         pg_sys::MemoryContextSwitchTo(outer);
-        Some((Turn { peer: p, epoch, slot, origin }, mqh))
+        Some((Turn { peer: p, epoch, slot, origin, holding: std::cell::Cell::new(false) }, mqh))
     }
 
     pub fn pool(&self) -> &'static PeerPool {
@@ -543,6 +546,9 @@ impl Turn {
     /// # Safety
     /// As [`Turn::wait`]; after a false, call it again for the same `seq`.
     pub unsafe fn wait_unless(&self, seq: u64, give_up: impl Fn() -> bool) -> bool {
+        if self.holding.get() {
+            return true;
+        }
         let pool = self.pool();
         pool.worker_waits_for[self.slot].store(seq, SeqCst);
         loop {
@@ -564,6 +570,7 @@ impl Turn {
         pool.worker_waits_for[self.slot].store(0, Release);
         pg_sys::replorigin_session_setup(self.origin);
         pg_sys::replorigin_session_origin = self.origin;
+        self.holding.set(true);
         true
     }
 
@@ -575,6 +582,7 @@ impl Turn {
     pub unsafe fn done(&self, seq: u64, remote_end: u64) {
         pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
         pg_sys::replorigin_session_reset();
+        self.holding.set(false);
         let pool = self.pool();
         // The positions before the watermark: the receiver's flush tracker
         // reads the pending count first and relies on then finding the

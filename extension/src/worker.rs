@@ -77,6 +77,7 @@ unsafe fn handle(applier: &mut Applier, bytes: &[u8]) {
             applier.start(u64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes")));
         } else {
             let msg = Message::decode(bytes).unwrap_or_else(|e| error!("multimaster: undecodable message from node {peer}: {e}"));
+            applier.keep(&msg, bytes);
             applier.apply(msg);
         }
     }))

@@ -14,7 +14,8 @@
 //!
 //! [`tally`] counts the peers' 2PC votes on this node's prepared
 //! transactions (the coordinator side of the commit path); [`conflict`]
-//! says which of two conflicting transactions gives way.
+//! says which of two conflicting transactions gives way; [`retry`] which
+//! failures under parallel apply are tried again, alone, before a no vote.
 //!
 //! Safe Rust only: the extension keeps its `unsafe` calls into PostgreSQL
 //! out of this logic so that it can be tested as plain Rust.
@@ -24,6 +25,7 @@
 pub mod conflict;
 pub mod flush;
 pub mod keys;
+pub mod retry;
 pub mod scheduler;
 pub mod tally;
 
