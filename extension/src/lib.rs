@@ -202,6 +202,7 @@ pub extern "C-unwind" fn _PG_init() {
         GucFlags::default(),
     );
     xact::init();
+    notify::init();
     conflicts::init();
     ddl::init();
     decisions::init();

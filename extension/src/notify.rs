@@ -19,11 +19,15 @@
 //!   runs the COMMIT PREPARED, so its listeners hear them when that
 //!   commits (duplicates folded as PostgreSQL folds them).
 //!
+//! `pg_notify(channel, payload)` calls are taken over the same way: in a
+//! session of the proxy, parse analysis points every call of it (in a
+//! query, a trigger's or function's PL/pgSQL, a DO block) at
+//! `mtm.pg_notify`, which does what the statement does here.
+//!
 //! A NOTIFY in a rolled-back subtransaction is dropped, as PostgreSQL
 //! drops it. Sessions connected to a node directly keep PostgreSQL's
-//! NOTIFY (heard on that node only). `pg_notify()` calls are not taken
-//! over (only the statement is): in a transaction that writes, PREPARE
-//! refuses them (0A000), as it refuses LISTEN and UNLISTEN there.
+//! NOTIFY (heard on that node only). LISTEN and UNLISTEN in a transaction
+//! that writes are refused by PREPARE (0A000), as PostgreSQL refuses them.
 
 use mtm_protocol::{NotifyMessage, NOTIFY_PREFIX};
 use pgrx::prelude::*;
@@ -57,18 +61,119 @@ pub fn own_work() -> bool {
 /// # Safety
 /// `stmt` is a valid NotifyStmt.
 pub unsafe fn take_over(stmt: *mut pg_sys::NotifyStmt) -> bool {
-    if !crate::xact::COORDINATED_COMMIT.get() || !crate::xact::client_change() || !crate::ddl::replicated_database() {
+    let text = |p: *mut std::ffi::c_char| if p.is_null() { String::new() } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() };
+    take_over_values(text((*stmt).conditionname), text((*stmt).payload))
+}
+
+/// Whether notifications of this session are the cluster's (a session of
+/// the proxy, running a client's statement, in the replicated database).
+fn cluster_wide() -> bool {
+    crate::xact::COORDINATED_COMMIT.get() && crate::xact::client_change() && crate::ddl::replicated_database()
+}
+
+/// A NOTIFY or `pg_notify()` of `channel` with `payload`: taken over in a
+/// session of the proxy ([`cluster_wide`]); false anywhere else.
+fn take_over_values(channel: String, payload: String) -> bool {
+    if !cluster_wide() {
         return false;
     }
-    let text = |p: *mut std::ffi::c_char| if p.is_null() { String::new() } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() };
-    let (channel, payload) = (text((*stmt).conditionname), text((*stmt).payload));
     check(&channel, &payload);
     let msg = NotifyMessage { channel, payload };
-    crate::votes::log_message(c"mtm_notify", &msg.to_bytes(), true);
-    let level = pg_sys::GetCurrentTransactionNestLevel();
+    // SAFETY: in a transaction (a statement is running).
+    unsafe { crate::votes::log_message(c"mtm_notify", &msg.to_bytes(), true) };
+    // SAFETY: a plain read of the transaction state.
+    let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
     PENDING.with_borrow_mut(|p| p.push((level, msg.channel, msg.payload)));
     crate::xact::set_writes(true);
     true
+}
+
+/// `pg_notify()` as the proxy's sessions run it: parse analysis points
+/// their calls of PostgreSQL's `pg_notify` here ([`init`]). Taken over
+/// like the NOTIFY statement; elsewhere (should it be called directly)
+/// PostgreSQL's own NOTIFY.
+#[pg_extern(name = "pg_notify")]
+fn notify_function(channel: Option<&str>, payload: Option<&str>) {
+    let (channel, payload) = (channel.unwrap_or_default().to_string(), payload.unwrap_or_default().to_string());
+    if !take_over_values(channel.clone(), payload.clone()) {
+        queue(&[(channel, payload)]);
+    }
+}
+
+static mut PREV_POST_PARSE_ANALYZE: pg_sys::post_parse_analyze_hook_type = None;
+
+/// Installs the parse-analysis hook that redirects `pg_notify()` calls.
+pub fn init() {
+    // SAFETY: while preloading, before any query; the previous hook is
+    // kept and called first.
+    unsafe {
+        PREV_POST_PARSE_ANALYZE = pg_sys::post_parse_analyze_hook;
+        pg_sys::post_parse_analyze_hook = Some(post_parse_analyze);
+    }
+}
+
+thread_local! {
+    /// Oid of `mtm.pg_notify(text, text)` in this database, once found.
+    static OUR_PG_NOTIFY: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
+}
+
+fn our_pg_notify() -> Option<pg_sys::Oid> {
+    if let Some(oid) = OUR_PG_NOTIFY.get() {
+        return Some(oid);
+    }
+    // SAFETY: to_regprocedure is a plain SQL-callable function (NULL when
+    // the function does not exist), called inside a transaction.
+    let oid = unsafe { pgrx::direct_function_call::<pg_sys::Oid>(pg_sys::to_regprocedure, &["mtm.pg_notify(text,text)".into_datum()]) }
+        .filter(|o| *o != pg_sys::InvalidOid);
+    // Not found is not kept: the extension may be created later.
+    if oid.is_some() {
+        OUR_PG_NOTIFY.set(oid);
+    }
+    oid
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn post_parse_analyze(pstate: *mut pg_sys::ParseState, query: *mut pg_sys::Query, jstate: *mut pg_sys::JumbleState) {
+    if let Some(prev) = PREV_POST_PARSE_ANALYZE {
+        prev(pstate, query, jstate);
+    }
+    // Cheap tests first: most queries never name pg_notify.
+    let source = if pstate.is_null() || (*pstate).p_sourcetext.is_null() {
+        return;
+    } else {
+        std::ffi::CStr::from_ptr((*pstate).p_sourcetext).to_bytes()
+    };
+    if !mentions_pg_notify(source) || !cluster_wide() {
+        return;
+    }
+    if let Some(ours) = our_pg_notify() {
+        let mut ours = ours;
+        pg_sys::query_tree_walker(query, Some(redirect_pg_notify), (&raw mut ours).cast(), 0);
+    }
+}
+
+/// Whether SQL text may call pg_notify (any case: unquoted names fold).
+fn mentions_pg_notify(source: &[u8]) -> bool {
+    source.windows(9).any(|w| w.eq_ignore_ascii_case(b"pg_notify"))
+}
+
+/// Points every call of PostgreSQL's `pg_notify` in the tree at ours
+/// (`context`: its oid); same arguments, same result type.
+#[pg_guard]
+unsafe extern "C-unwind" fn redirect_pg_notify(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    if (*node).type_ == pg_sys::NodeTag::T_FuncExpr {
+        let f = node.cast::<pg_sys::FuncExpr>();
+        if (*f).funcid == pg_sys::Oid::from(pg_sys::F_PG_NOTIFY) {
+            (*f).funcid = *context.cast::<pg_sys::Oid>();
+        }
+    }
+    if (*node).type_ == pg_sys::NodeTag::T_Query {
+        return pg_sys::query_tree_walker(node.cast(), Some(redirect_pg_notify), context, 0);
+    }
+    pg_sys::expression_tree_walker(node, Some(redirect_pg_notify), context)
 }
 
 /// PostgreSQL's own checks of a notification (`Async_Notify`), made when

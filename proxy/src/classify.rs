@@ -329,12 +329,15 @@ fn calls_unknown_function(sql: &str) -> bool {
                         Some((s, n)) => (Some(s.to_string()), n.to_string()),
                         None => (None, name.clone()),
                     };
-                    let builtin = match schema.as_deref() {
-                        Some("pg_catalog") => true,
-                        Some("mtm") => !MTM_WRITES.contains(&bare.as_str()),
-                        Some(_) => false,
-                        None => READ_CALLS.contains(&bare.as_str()) || bare.starts_with("pg_"),
-                    };
+                    // pg_notify() is delivered on every node through the
+                    // cluster's commit (the extension's `notify` module).
+                    let builtin = bare != "pg_notify"
+                        && match schema.as_deref() {
+                            Some("pg_catalog") => true,
+                            Some("mtm") => !MTM_WRITES.contains(&bare.as_str()),
+                            Some(_) => false,
+                            None => READ_CALLS.contains(&bare.as_str()) || bare.starts_with("pg_"),
+                        };
                     if !builtin {
                         return true;
                     }
@@ -543,6 +546,9 @@ mod tests {
         assert_eq!(intent("with x as (delete from t returning *) select * from x"), Intent::Write);
         assert_eq!(intent("insert into t values (1)"), Intent::Write);
         assert_eq!(intent("notify chan, 'x'"), Intent::Write, "delivered on every node");
+        assert_eq!(intent("select pg_notify('chan', 'x')"), Intent::Write, "delivered on every node");
+        assert_eq!(intent("SELECT pg_catalog.PG_NOTIFY('chan', 'x')"), Intent::Write);
+        assert_eq!(intent("select pg_backend_pid()"), Intent::Read);
         assert_eq!(intent("listen chan"), Intent::Read);
         assert_eq!(intent("UPDATE t SET v = 1"), Intent::Write);
         assert_eq!(intent("copy t from stdin"), Intent::Write);

@@ -66,3 +66,35 @@ fn a_listener_on_any_node_hears_a_notify_from_any_node_once_it_commits() {
         assert_eq!(rows, 1, "node{id}");
     }
 }
+
+/// `pg_notify()` — the form triggers and applications use — reaches the
+/// listeners of every node like the NOTIFY statement: called in a query,
+/// from a trigger's PL/pgSQL, and not when its transaction rolls back.
+#[test]
+fn pg_notify_from_a_query_or_a_trigger_is_heard_on_every_node() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table t(id int primary key)");
+    schema(
+        &c,
+        "create function t_notify() returns trigger language plpgsql as \
+         $$ begin perform pg_notify('chan', 'row ' || new.id); return new; end $$; \
+         create trigger t_notify after insert on t for each row execute function t_notify()",
+    );
+    wait_connected(&c);
+    let mut listeners = one_per_node(&c);
+    for l in &mut listeners {
+        l.batch_execute("listen chan").unwrap();
+    }
+    let mut senders = one_per_node(&c);
+    senders[0].batch_execute("select pg_notify('chan', 'called')").unwrap();
+    senders[1].batch_execute("insert into t values (7)").unwrap();
+    senders[2].batch_execute("begin; select pg_notify('chan', 'rolled back'); insert into t values (8); rollback").unwrap();
+    senders[2].batch_execute("begin; insert into t values (9); select PG_NOTIFY('chan', 'in a block'); commit").unwrap();
+    for (i, l) in listeners.iter_mut().enumerate() {
+        let heard = payloads(l, 4, Duration::from_secs(10));
+        assert_eq!(heard, ["called", "row 7", "row 9", "in a block"], "listener {i}");
+        let more = payloads(l, 1, Duration::from_millis(500));
+        assert!(more.is_empty(), "listener {i} heard more: {more:?}");
+    }
+    nothing_prepared(&c, Duration::from_secs(10));
+}
