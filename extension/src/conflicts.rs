@@ -223,25 +223,33 @@ fn settle_wait_for(me: i32, waiter_pid: i32, proc: *mut pg_sys::PGPROC) -> bool 
         Holder::Other
     };
     match verdict(me, waiter, holder) {
-        Verdict::Wait => {}
-        Verdict::RefuseHolder => {
-            if let Some(gid) = prepared_gid {
-                crate::votes::refuse_own(&gid, me, &refusal(peer, me));
-            }
-        }
-        Verdict::WithdrawVote => {
-            if let (Some(gid), Holder::Prepared { age }) = (prepared_gid, holder) {
-                let message = format!("withdraws its vote: an older conflicting transaction from node {peer} waits for its locks on node {me}");
-                // SAFETY: the launcher's main thread, outside a transaction.
-                unsafe { crate::votes::send(age.home, &gid, Some(("40001".into(), message))) };
-            }
-        }
         // A session is cancelled whatever it runs; an apply worker only in
         // a lock wait (elsewhere a cancel would stop its pool; it finds
         // the mark before its PREPARE).
         Verdict::CancelHolder => doom(proc, top, peer, waits_for_lock || applying.is_none()),
+        v => {
+            if let (Some(gid), Holder::Prepared { age }) = (prepared_gid, holder) {
+                settle_prepared(v, me, peer, &gid, age.home);
+            }
+        }
     }
     true
+}
+
+/// Carries out a verdict on a prepared holder, `gid` (home node `home`),
+/// that an apply worker of `peer` waits for: refused in the vote table
+/// its coordinator here waits on, or this node's yes withdrawn by a no to
+/// its home node.
+fn settle_prepared(v: Verdict, me: i32, peer: i32, gid: &str, home: i32) {
+    match v {
+        Verdict::RefuseHolder => crate::votes::refuse_own(gid, me, &refusal(peer, me)),
+        Verdict::WithdrawVote => {
+            let message = format!("withdraws its vote: an older conflicting transaction from node {peer} waits for its locks on node {me}");
+            // SAFETY: the launcher's main thread, outside a transaction.
+            unsafe { crate::votes::send(home, gid, Some(("40001".into(), message))) };
+        }
+        Verdict::Wait | Verdict::CancelHolder => {}
+    }
 }
 
 /// A transaction a client prepared here under its own gid (its own
@@ -267,9 +275,10 @@ fn refusal(peer: i32, me: i32) -> String {
 }
 
 /// Settles the waits of the apply workers `waiters` for table and object
-/// locks: only a transaction prepared here by its own client is made to
-/// give way (a schema change that conflicts with one from another node).
-/// A prepared transaction's locks have no pid; they share the
+/// locks (a schema change that conflicts with one from another node) held
+/// by a prepared transaction, by the same rule as row waits: a younger one
+/// prepared here by its client is refused, a younger one prepared for
+/// another home node loses this node's yes. A prepared transaction's locks have no pid; they share the
 /// virtualtransaction of the lock on its own transaction id. pg_locks is
 /// read once. (A wait for a tuple lock — behind a session first in the
 /// queue for a row — is left alone: settling those too was measured to
@@ -278,7 +287,7 @@ fn settle_by_pg_locks(me: i32, waiters: &[i32]) {
     // (pg_locks has no column `prepared`: PREPARED_MICROS reads p's.)
     let sql = format!(
         "WITH l AS MATERIALIZED (SELECT * FROM pg_locks)
-             SELECT w.pid, p.gid, {}
+             SELECT w.pid, p.gid, {}, x.transactionid::text::bigint
                FROM l w
                JOIN l h ON h.granted AND h.pid IS NULL AND h.locktype = w.locktype
                        AND h.database IS NOT DISTINCT FROM w.database AND h.relation IS NOT DISTINCT FROM w.relation
@@ -289,18 +298,31 @@ fn settle_by_pg_locks(me: i32, waiters: &[i32]) {
               WHERE NOT w.granted AND w.pid = ANY($1) AND w.locktype IN ('relation', 'object')",
         crate::PREPARED_MICROS
     );
-    let rows: Vec<(i32, String, i64)> = Spi::connect(|c| {
+    let rows: Vec<(i32, String, i64, i64)> = Spi::connect(|c| {
         c.select(sql.as_str(), None, &[waiters.to_vec().into()])
-            .map(|rows| rows.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??, r.get::<i64>(3).ok()??))).collect())
+            .map(|rows| {
+                rows.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??, r.get::<i64>(3).ok()??, r.get::<i64>(4).ok()??)))
+                    .collect()
+            })
             .unwrap_or_default()
     });
-    for (waiter_pid, gid, prepared_at) in rows {
+    for (waiter_pid, gid, prepared_here_at, xid) in rows {
         let Some((peer, time)) = crate::pool::applying(waiter_pid) else { continue };
         let Some(home) = home_of(&gid) else { continue };
+        // Its age is its home node's prepare time: this node's own for its
+        // sessions' gids; for a peer's, the one its stream carried (the
+        // time it was applied here is later, and would make it look
+        // younger than it is).
+        let prepared_at = if home == me {
+            prepared_here_at
+        } else {
+            match crate::votes::applied_prepare_by_xid(xid as u32) {
+                Some((_, _, t)) => t,
+                None => continue,
+            }
+        };
         let holder = Holder::Prepared { age: Age { time: prepared_at, home } };
-        if verdict(me, Age { time, home: peer }, holder) == Verdict::RefuseHolder {
-            crate::votes::refuse_own(&gid, me, &refusal(peer, me));
-        }
+        settle_prepared(verdict(me, Age { time, home: peer }, holder), me, peer, &gid, home);
     }
 }
 
