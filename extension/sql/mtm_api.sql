@@ -260,8 +260,7 @@ LANGUAGE sql AS $$
       AND NOT EXISTS (SELECT 1 FROM mtm.local_tables l WHERE l.rel_schema = n.nspname AND l.rel_name = c.relname)
 $$;
 
-CREATE FUNCTION mtm.set_temp_schema(nsp text) RETURNS void
-LANGUAGE sql AS $$ SELECT mtm.not_implemented('mtm.set_temp_schema') $$;
+-- mtm.set_temp_schema(nsp) is defined by the library (ddl.rs).
 
 -- mtm.alter_sequences() is defined by the library (sequences.rs).
 

@@ -511,7 +511,9 @@ unsafe extern "C-unwind" fn object_access(
     if nsp == pg_sys::InvalidOid {
         return;
     }
-    let temp = pg_sys::isAnyTempNamespace(nsp);
+    // By name (pg_temp_<n>), or this session's own temporary schema,
+    // which mtm.set_temp_schema may have given another name.
+    let temp = pg_sys::isAnyTempNamespace(nsp) || pg_sys::isTempOrTempToastNamespace(nsp);
     let (t, p) = TOUCHED.get();
     TOUCHED.set((t || temp, p || !temp));
 }
@@ -577,4 +579,38 @@ unsafe fn set_for_statement(name: &CStr, value: &str) {
         0,
         false,
     );
+}
+
+/// `mtm.set_temp_schema(nsp)`, as the reference system defines it: this
+/// session's temporary objects (and `pg_temp` in its search path) live
+/// from now on in the schema `nsp`, created here — with its TOAST schema
+/// `pg_toast_<nsp>` — if it does not exist yet. Like every temporary
+/// object they stay on this node. Unlike `pg_temp_<n>`, the schema and
+/// what is left in it outlive the session (PostgreSQL empties only the
+/// temporary schema it assigned itself).
+///
+/// Superusers only: any schema named becomes the session's temporary one.
+#[pg_extern]
+fn set_temp_schema(nsp: &str) {
+    // SAFETY: a plain read of the session's role.
+    if !unsafe { pg_sys::superuser() } {
+        ereport!(PgLogLevel::ERROR, PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, "mtm.set_temp_schema: only a superuser may choose the session's temporary schema");
+    }
+    let name = std::ffi::CString::new(nsp).unwrap_or_else(|_| error!("mtm.set_temp_schema: a schema name cannot contain a NUL byte"));
+    let toast = std::ffi::CString::new(format!("pg_toast_{nsp}")).expect("no NUL in the name");
+    // SAFETY: catalog look-ups and inserts inside the calling statement's
+    // transaction; an ERROR (a name too long, a clash) unwinds through
+    // pgrx's guarded boundary of this function.
+    unsafe {
+        let mut oid = pg_sys::get_namespace_oid(name.as_ptr(), true);
+        let mut toast_oid = pg_sys::get_namespace_oid(toast.as_ptr(), true);
+        if oid == pg_sys::InvalidOid {
+            oid = pg_sys::NamespaceCreate(name.as_ptr(), pg_sys::BOOTSTRAP_SUPERUSERID.into(), true);
+        }
+        if toast_oid == pg_sys::InvalidOid {
+            toast_oid = pg_sys::NamespaceCreate(toast.as_ptr(), pg_sys::BOOTSTRAP_SUPERUSERID.into(), true);
+        }
+        pg_sys::CommandCounterIncrement();
+        pg_sys::SetTempNamespaceState(oid, toast_oid);
+    }
 }

@@ -111,6 +111,31 @@ fn a_migration_mixing_ddl_and_dml_commits_on_every_node() {
         assert_eq!(cache_rows[id - 1], here, "unlogged rows on node{id}");
     }
     assert!(prepared(&c).iter().all(Vec::is_empty), "{:?}", prepared(&c));
+
+    // mtm.set_temp_schema: the session's temporary objects go to the
+    // schema it names, which stays on its node like them.
+    let (home, ref mut two) = s[1];
+    two.batch_execute("select mtm.set_temp_schema('mtm_tmp_test'); create temp table scratch2(x int); insert into scratch2 values (2)")
+        .unwrap();
+    let n: i64 = two.query_one("select count(*) from pg_temp.scratch2", &[]).unwrap().get(0);
+    assert_eq!(n, 1);
+    let placed = on_each(
+        &c,
+        "select coalesce(string_agg(n.nspname, ','), '') from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.relname = 'scratch2'",
+    );
+    let schemas = on_each(&c, "select count(*)::text from pg_namespace where nspname = 'mtm_tmp_test'");
+    for id in 1..=3 {
+        let (table, schema) = if id == home { ("mtm_tmp_test", "1") } else { ("", "0") };
+        assert_eq!((placed[id - 1].as_str(), schemas[id - 1].as_str()), (table, schema), "node{id}");
+    }
+    two.batch_execute("create role mtm_tmp_user login; grant usage on schema mtm to mtm_tmp_user").unwrap();
+    settle(&c);
+    let mut plain = client(&c, home);
+    plain.batch_execute("set role mtm_tmp_user").unwrap();
+    let e = plain.batch_execute("select mtm.set_temp_schema('elsewhere')").unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "superusers only: {e:?}");
+    assert!(e.as_db_error().is_some_and(|d| d.message().contains("only a superuser")), "{e:?}");
+    assert!(prepared(&c).iter().all(Vec::is_empty), "{:?}", prepared(&c));
 }
 
 #[test]
