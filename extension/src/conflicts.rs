@@ -27,10 +27,9 @@
 //! PGPROC, so it can never hit the process's next transaction. What is
 //! not settled here ends at the apply's `lock_timeout` as before.
 
-use mtm_schedule::conflict::{verdict, Age, Holder, Verdict};
+use mtm_schedule::conflict::{verdict, Age, Holder, Verdict, WaitWatch};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PGRXSharedMemory, PgAtomic};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
 use std::time::{Duration, Instant};
 
@@ -75,11 +74,16 @@ const LOOK_AFTER: Duration = Duration::from_millis(4);
 /// ... and again this often while it lasts.
 const LOOK_AGAIN: Duration = Duration::from_millis(50);
 
-/// The waits the launcher has seen: per apply worker pid, the lock it
-/// waits for, since when, and when it was last looked at.
-#[derive(Default)]
+/// The launcher's side of the rule: which waits to look at
+/// ([`WaitWatch`]), and settling them.
 pub struct Settler {
-    seen: HashMap<i32, (usize, Instant, Option<Instant>)>,
+    watch: WaitWatch,
+}
+
+impl Default for Settler {
+    fn default() -> Self {
+        Settler { watch: WaitWatch::new(LOOK_AFTER, LOOK_AGAIN) }
+    }
 }
 
 impl Settler {
@@ -94,26 +98,21 @@ impl Settler {
     pub fn settle(&mut self) {
         let me = crate::votes::MY_NODE.get().load(Relaxed);
         let current = crate::pool::lock_waiters();
-        self.seen.retain(|pid, (lock, ..)| current.iter().any(|w| w.pid == *pid && w.lock == *lock));
-        if me == 0 || current.is_empty() {
+        let now = Instant::now();
+        let due = self.watch.due(&current.iter().map(|w| (w.pid, w.lock)).collect::<Vec<_>>(), now);
+        if me == 0 || due.is_empty() {
             return;
         }
-        let now = Instant::now();
         let mut by_sql = Vec::new();
-        for w in current {
-            let (_, since, looked) = self.seen.entry(w.pid).or_insert((w.lock, now, None));
-            let fresh = looked.is_none_or(|t| now.duration_since(t) >= LOOK_AGAIN);
-            if now.duration_since(*since) < LOOK_AFTER || !fresh {
-                continue;
-            }
+        for w in current.iter().filter(|w| due.contains(&w.pid)) {
             match w.xid {
                 Some(xid) => {
                     if settle_row_wait(me, w.pid, xid) {
-                        *looked = Some(now);
+                        self.watch.looked(w.pid, now);
                     }
                 }
                 None => {
-                    *looked = Some(now);
+                    self.watch.looked(w.pid, now);
                     by_sql.push(w.pid);
                 }
             }

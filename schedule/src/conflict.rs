@@ -29,7 +29,11 @@
 //! from a younger transaction to an older one (or to one already decided,
 //! which commits), so no cycle of waits is left for a lock timeout to
 //! break — the rule is wound-wait, and the oldest transaction always gets
-//! through.
+//! through. [`WaitWatch`] says which waits are due for a look.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 
 /// A transaction's age: its home node's prepare (or commit) time in
 /// microseconds, then the home node's id. Smaller is older.
@@ -80,6 +84,48 @@ pub fn verdict(me: i32, waiter: Age, holder: Holder) -> Verdict {
         Holder::Applying { .. } => Verdict::Wait,
         Holder::Local => Verdict::CancelHolder,
         Holder::Other => Verdict::Wait,
+    }
+}
+
+/// Which of the apply workers' lock waits are due for a look by the
+/// rule: one that has lasted `look_after` (most end sooner: the holder
+/// commits), then again every `look_again` while it lasts. A wait is a
+/// worker (pid) waiting for one lock; a worker that waits for another
+/// lock starts a new wait.
+#[derive(Debug)]
+pub struct WaitWatch {
+    look_after: Duration,
+    look_again: Duration,
+    /// Per worker pid: the lock, since when, last looked at.
+    seen: HashMap<i32, (usize, Instant, Option<Instant>)>,
+}
+
+impl WaitWatch {
+    pub fn new(look_after: Duration, look_again: Duration) -> Self {
+        WaitWatch { look_after, look_again, seen: HashMap::new() }
+    }
+
+    /// `current`: (pid, lock) of every worker waiting now. Forgets the
+    /// waits that ended; returns the pids whose wait is due for a look.
+    pub fn due(&mut self, current: &[(i32, usize)], now: Instant) -> Vec<i32> {
+        self.seen.retain(|pid, (lock, ..)| current.contains(&(*pid, *lock)));
+        let mut due = Vec::new();
+        for &(pid, lock) in current {
+            let (_, since, looked) = self.seen.entry(pid).or_insert((lock, now, None));
+            let fresh = looked.is_none_or(|t| now.duration_since(t) >= self.look_again);
+            if now.duration_since(*since) >= self.look_after && fresh {
+                due.push(pid);
+            }
+        }
+        due
+    }
+
+    /// The wait of `pid` was settled at `now` (looked at again only after
+    /// `look_again`). A wait not marked is due again at the next call.
+    pub fn looked(&mut self, pid: i32, now: Instant) {
+        if let Some((_, _, looked)) = self.seen.get_mut(&pid) {
+            *looked = Some(now);
+        }
     }
 }
 
@@ -159,5 +205,33 @@ mod tests {
         assert_eq!(verdict(1, t2, Holder::Prepared { age: t1 }), Verdict::Wait);
         // Node 2: T1's apply waits for T2 → T2 is refused.
         assert_eq!(verdict(2, t1, Holder::Prepared { age: t2 }), Verdict::RefuseHolder);
+    }
+
+    #[test]
+    fn a_wait_is_looked_at_after_a_while_then_every_so_often() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut w = WaitWatch::new(Duration::from_millis(4), Duration::from_millis(50));
+        assert!(w.due(&[(10, 1)], ms(0)).is_empty(), "just started");
+        assert_eq!(w.due(&[(10, 1)], ms(5)), [10], "waited long enough");
+        // Not settled yet (the holder idles between statements): due again.
+        assert_eq!(w.due(&[(10, 1)], ms(6)), [10]);
+        w.looked(10, ms(6));
+        assert!(w.due(&[(10, 1)], ms(30)).is_empty(), "settled: not before look_again");
+        assert_eq!(w.due(&[(10, 1)], ms(57)), [10]);
+    }
+
+    #[test]
+    fn a_new_lock_or_an_ended_wait_starts_over() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut w = WaitWatch::new(Duration::from_millis(4), Duration::from_millis(50));
+        w.due(&[(10, 1), (11, 7)], ms(0));
+        assert_eq!(w.due(&[(10, 1), (11, 7)], ms(5)), [10, 11]);
+        w.looked(10, ms(5));
+        // Worker 10 now waits for another lock; worker 11 stopped waiting.
+        assert!(w.due(&[(10, 2)], ms(6)).is_empty(), "a new wait, just started");
+        assert!(w.due(&[(10, 2), (11, 7)], ms(7)).is_empty(), "11 waits anew");
+        assert_eq!(w.due(&[(10, 2), (11, 7)], ms(12)), [10, 11]);
     }
 }
