@@ -574,8 +574,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// A message too big to buffer (`net::frame::Read::Stream`): decided
     /// on from its start, then passed to the node as it arrives, through a
     /// fixed buffer. CopyData belongs to the running COPY, so it does not
-    /// wait for a pending unit; a Query, Parse or Bind starts or continues
-    /// a unit like a whole one ([`Self::large_query`], [`Self::extended`]).
+    /// wait for a pending unit; a Query, Parse, Bind or FunctionCall starts
+    /// or continues a unit like a whole one ([`Self::large_query`],
+    /// [`Self::extended`], [`Self::function_call`]).
     async fn stream<CR: AsyncRead + Unpin>(&mut self, head: BytesMut, mut remaining: usize, cr: &mut CR) -> Result<(), End> {
         let total = (head.len() + remaining) as u64;
         self.ctx.bytes_in.increment(total);
@@ -591,6 +592,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
             b'Q' => {
                 self.large_query(&head).await?;
+                true
+            }
+            b'F' => {
+                self.function_call(&head).await;
                 true
             }
             _ => {
@@ -616,6 +621,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             remaining -= n;
         }
         Ok(())
+    }
+
+    /// A FunctionCall (whole, or the start of one streamed after it):
+    /// passed on as it is, a unit of its own.
+    async fn function_call(&mut self, raw: &[u8]) {
+        self.ctx.tracker.before_send(1).await;
+        self.expect(Expect::Forward);
+        self.out.extend_from_slice(raw);
     }
 
     /// A new unit waits until the pending one is finished.
@@ -683,11 +696,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 b'Q' => self.query(raw, body).await?,
                 b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.extended(&batch, i, true).await?,
                 b'S' => self.sync(raw).await?,
-                b'F' => {
-                    self.ctx.tracker.before_send(1).await;
-                    self.expect(Expect::Forward);
-                    self.out.extend_from_slice(raw);
-                }
+                b'F' => self.function_call(raw).await,
                 b'X' => {
                     self.out.extend_from_slice(raw);
                     self.send().await?;

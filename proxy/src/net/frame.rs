@@ -46,10 +46,11 @@ impl Batch {
 /// A message at least this big is passed on as it arrives (its start,
 /// then the rest read straight from the client) instead of being buffered
 /// whole, so a session's memory stays bounded however big the rows a
-/// client copies in, the query it sends or the parameters it binds:
-/// CopyData, Query, Parse and Bind. The proxy reads only the start of a
-/// Query, Parse or Bind that big ([`STREAM_HEAD`]); every other message is
-/// held whole, up to `max_message_size`.
+/// client copies in, the query it sends, the parameters it binds or the
+/// arguments of a function it calls: CopyData, Query, Parse, Bind and
+/// FunctionCall. The proxy reads only the start of a Query, Parse or Bind
+/// that big ([`STREAM_HEAD`]). The other messages a client sends are small
+/// by nature; they are held whole, up to `max_message_size`.
 pub const STREAM_AT: usize = 256 * 1024;
 
 /// How much of a streamed Query, Parse or Bind is buffered before it is
@@ -58,7 +59,7 @@ pub const STREAM_HEAD: usize = 64 * 1024;
 
 /// Whether a message of this kind and size is streamed ([`STREAM_AT`]).
 pub fn streams(tag: u8, total: usize) -> bool {
-    total >= STREAM_AT && matches!(tag, b'd' | b'Q' | b'P' | b'B')
+    total >= STREAM_AT && matches!(tag, b'd' | b'Q' | b'P' | b'B' | b'F')
 }
 
 /// What [`FrameReader::next_read`] found.
@@ -118,7 +119,7 @@ impl FrameReader {
                 if total > self.max_message_size {
                     return Err(FrameError::TooLarge { size: total, limit: self.max_message_size }.into());
                 }
-                let head_wanted = if self.buf[0] == b'd' { 0 } else { STREAM_HEAD };
+                let head_wanted = if matches!(self.buf[0], b'd' | b'F') { 0 } else { STREAM_HEAD };
                 if self.buf.len() >= head_wanted {
                     let head = self.buf.split_to(self.buf.len().min(total));
                     return Ok(Some(Read::Stream { remaining: total - head.len(), head }));
