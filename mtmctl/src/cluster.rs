@@ -74,7 +74,23 @@ impl Cluster {
                 l
             }
         };
-        let cluster = Cluster { host, layout };
+        if let (Some(created), Some(now)) = (&layout.extension_script, host.extension_fingerprint()) {
+            if *created != now {
+                eprintln!(
+                    "mtmctl: warning: the multimaster extension installed now is not the build {} was created with, \
+                     and its nodes keep that build's SQL objects (there are no upgrade scripts yet): functions and \
+                     tables added since are missing there. To use them, create the cluster anew \
+                     (mtmctl down, then move {} away, then mtmctl up).",
+                    data_dir.display(),
+                    data_dir.display()
+                );
+            }
+        }
+        let mut cluster = Cluster { host, layout };
+        // Nodes created now get this build's SQL objects: recorded, so a
+        // later `up` with another build can say so. (A data directory from
+        // before this was recorded stays unknown: no warning.)
+        let creating = cluster.nodes().iter().any(|n| !n.is_initialised());
         for node in cluster.nodes() {
             if !node.is_initialised() {
                 node.init(&cluster.host)?;
@@ -90,6 +106,10 @@ impl Cluster {
                 what: format!("CREATE EXTENSION multimaster on {} failed", node.name()),
                 source: e,
             })?;
+        }
+        if creating && cluster.layout.extension_script.is_none() {
+            cluster.layout.extension_script = cluster.host.extension_fingerprint();
+            cluster.layout.save()?;
         }
         cluster.init_cluster()?;
         cluster.wait_for_mesh()?;

@@ -66,6 +66,30 @@ impl Host {
         }
     }
 
+    /// A fingerprint of the extension's install script as installed now
+    /// (SHA-256 of `multimaster--<default_version>.sql`, 16 hex digits):
+    /// it changes with every build that changes the extension's SQL
+    /// objects. None if the script cannot be read.
+    pub fn extension_fingerprint(&self) -> Option<String> {
+        use sha2::Digest;
+        let dir = pg_config("--sharedir")?.join("extension");
+        let control = std::fs::read_to_string(dir.join("multimaster.control")).ok()?;
+        let version = control.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == "default_version").then(|| v.trim().trim_matches('\'').to_string())
+        })?;
+        let script = std::fs::read_to_string(dir.join(format!("multimaster--{version}.sql"))).ok()?;
+        // Comments left out: the generated script names the source line of
+        // each function, which moves with edits that change no object.
+        let mut hasher = sha2::Sha256::new();
+        for line in script.lines().filter(|l| !l.trim_start().starts_with("--") && !l.trim_start().starts_with("/*")) {
+            hasher.update(line.as_bytes());
+            hasher.update(b"\n");
+        }
+        let digest = hasher.finalize();
+        Some(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+    }
+
     /// A command for a PostgreSQL binary, run as the server user when we are root.
     pub fn pg_command(&self, bin: &str) -> Command {
         let path = self.bindir.join(bin);

@@ -27,6 +27,11 @@ pub struct Layout {
     /// where the extension is installed and the cluster initialised.
     #[serde(default = "default_database")]
     pub database: String,
+    /// The extension's install script the cluster was created with
+    /// (`Host::extension_fingerprint`). The nodes keep the SQL objects of
+    /// that build: there are no upgrade scripts yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extension_script: Option<String>,
 }
 
 fn default_database() -> String {
@@ -42,6 +47,7 @@ impl Layout {
             proxy_port,
             metrics_port,
             database: default_database(),
+            extension_script: None,
         }
     }
 

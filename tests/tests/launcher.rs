@@ -198,6 +198,34 @@ fn up_keeps_the_users_proxy_configuration() {
     assert!(err.contains(path.to_str().unwrap()), "{err}");
 }
 
+/// A data directory created with another build of the extension's SQL
+/// (the nodes keep its objects; there are no upgrade scripts): `up`
+/// still starts it, and says so once, with what to do.
+#[test]
+fn up_warns_when_the_extension_changed_since_the_cluster_was_created() {
+    let cluster = TestCluster::start(1);
+    let dir = cluster.layout.data_dir.to_str().unwrap().to_string();
+    let created = std::fs::read_to_string(cluster.layout.file()).unwrap();
+    let fingerprint = created.lines().find_map(|l| l.strip_prefix("extension_script = ")).map(str::to_string);
+    assert!(fingerprint.as_ref().is_some_and(|f| f.len() == 18), "recorded at creation: {created}");
+
+    let out = mtmctl(&["down", "--data-dir", &dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mtmctl(&["up", "--data-dir", &dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"), "same build: no warning");
+
+    let out = mtmctl(&["down", "--data-dir", &dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let older = created.replace(fingerprint.as_deref().unwrap(), "\"0000000000000000\"");
+    std::fs::write(cluster.layout.file(), older).unwrap();
+    let out = mtmctl(&["up", "--data-dir", &dir]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning: the multimaster extension installed now is not the build"), "{err}");
+    assert!(err.contains("create the cluster anew"), "{err}");
+}
+
 /// `mtmctl up --database app`: the cluster replicates `app` (created on
 /// every node, the extension installed there); sessions through the
 /// proxy to `app` on different nodes write to every node; `postgres` is
