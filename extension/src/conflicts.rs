@@ -222,10 +222,15 @@ fn settle_wait_for(me: i32, waiter_pid: i32, proc: *mut pg_sys::PGPROC) -> bool 
         Holder::Other
     };
     match verdict(me, waiter, holder) {
-        // A session is cancelled whatever it runs; an apply worker only in
-        // a lock wait (elsewhere a cancel would stop its pool; it finds
-        // the mark before its PREPARE).
-        Verdict::CancelHolder => doom(proc, top, peer, waits_for_lock || applying.is_none()),
+        // Marked in any case; cancelled only while it waits inside a
+        // statement — an apply worker for a lock (elsewhere a cancel would
+        // stop its pool), a session for a lock, a sleep, I/O… A session
+        // running on the CPU is between two protocol messages as often as
+        // in a statement, and a cancel landing in, say, the Close its
+        // driver sends and never reads the answer of would leave its block
+        // aborted with no error seen (then 25P02). Not cancelled, it finds
+        // the mark at its next statement or at PREPARE (40001).
+        Verdict::CancelHolder => doom(proc, top, peer, waits_for_lock || (applying.is_none() && wait_class != 0)),
         v => {
             if let (Some(gid), Holder::Prepared { age }) = (prepared_gid, holder) {
                 settle_prepared(v, me, peer, &gid, age.home);
