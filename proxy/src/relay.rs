@@ -665,10 +665,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// wrote (SQLSTATE 0A000, nothing committed).
     async fn large_query(&mut self, head: &[u8]) -> Result<(), End> {
         let text = text_prefix(&head[5..]);
-        self.count_statement(text, true);
-        self.ctx.tracker.before_send(1).await;
-        self.statements.remove(&b""[..]);
-        self.portals.remove(&b""[..]);
+        self.start_query(text).await;
         if head_intent(text) == Intent::Write {
             self.drain().await?;
             if self.status() == b'I' {
@@ -722,14 +719,20 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         self.ctx.shared.totals.queries.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// What every simple-protocol Query does first, whole or streamed:
+    /// count it, pass the pause gate, and forget the unnamed statement and
+    /// portal, which a Query replaces.
+    async fn start_query(&mut self, sql: &str) {
+        self.count_statement(sql, true);
+        self.ctx.tracker.before_send(1).await;
+        self.statements.remove(&b""[..]);
+        self.portals.remove(&b""[..]);
+    }
+
     /// A simple-protocol Query.
     async fn query(&mut self, raw: &[u8], body: &[u8]) -> Result<(), End> {
         let sql = query_text(body).map_err(End::ClientProtocol)?;
-        self.count_statement(sql, true);
-        self.ctx.tracker.before_send(1).await;
-        // A Query replaces the unnamed statement and portal.
-        self.statements.remove(&b""[..]);
-        self.portals.remove(&b""[..]);
+        self.start_query(sql).await;
         if let Some(head) = crate::classify::strip_trailing_commit(sql) {
             // `…; COMMIT` in one string: run what comes before the COMMIT,
             // then commit as for a COMMIT of its own.

@@ -47,7 +47,7 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
     tokio::spawn(crate::health::run(shared.clone()));
     let workers = crate::workers::Workers::start(config.proxy.worker_threads, &shared)
         .map_err(|e| anyhow::anyhow!("cannot start the session workers: {e}"))?;
-    tracing::info!(listen = %config.proxy.listen, nodes = config.nodes.len(), workers = workers.len(), "mtm-proxy listening");
+    tracing::info!(listen = %config.proxy.listen, nodes = config.nodes.len(), workers = workers.threads(), "mtm-proxy listening");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

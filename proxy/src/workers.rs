@@ -50,12 +50,9 @@ impl Workers {
         Ok(Workers { queues, load })
     }
 
-    pub fn len(&self) -> usize {
+    /// How many session threads there are.
+    pub fn threads(&self) -> usize {
         self.queues.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.queues.is_empty()
     }
 
     /// Gives a new connection to the least loaded worker.
