@@ -182,16 +182,102 @@ unsafe fn log_closing(message: Option<&DdlMessage>) {
 ///
 /// # Safety
 /// Called from the ProcessUtility hook with its arguments.
-pub unsafe fn begin(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char) -> Option<Capture> {
+pub unsafe fn begin(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char, params: pg_sys::ParamListInfo) -> Option<Capture> {
     let node = (*pstmt).utilityStmt;
     if node.is_null() || !is_replicated_kind(node) || !capture_allowed() {
         return None;
     }
-    let sql = DdlMessage::statement_text(CStr::from_ptr(query_string).to_bytes(), (*pstmt).stmt_location, (*pstmt).stmt_len);
+    let query = CStr::from_ptr(query_string).to_bytes();
+    let values = parameter_values(node, params);
+    let sql = DdlMessage::statement_text_with_values(query, (*pstmt).stmt_location, (*pstmt).stmt_len, &values);
     let message = as_this_session(sql);
     log_opening();
     TOUCHED.set((false, false));
     Some(Capture { message })
+}
+
+/// The values of the parameters a statement uses, each as the byte offset
+/// of its reference in the query string and the SQL literal of its value:
+/// a peer replays the text, where a function's variables (or a client's
+/// `$1`) do not exist. Only `CREATE TABLE AS` (and `SELECT INTO`) can use
+/// parameters: its query is the one analysed query a utility statement
+/// holds.
+///
+/// # Safety
+/// `node` is the utility statement about to run with `params`.
+unsafe fn parameter_values(node: *mut pg_sys::Node, params: pg_sys::ParamListInfo) -> Vec<(usize, String)> {
+    if params.is_null() || (*node).type_ != pg_sys::NodeTag::T_CreateTableAsStmt {
+        return Vec::new();
+    }
+    let query = (*(node as *mut pg_sys::CreateTableAsStmt)).query;
+    if query.is_null() || (*query).type_ != pg_sys::NodeTag::T_Query {
+        return Vec::new();
+    }
+    let mut found: Vec<*mut pg_sys::Param> = Vec::new();
+    pg_sys::query_tree_walker(query.cast(), Some(collect_params), (&raw mut found).cast(), 0);
+    found
+        .into_iter()
+        .map(|p| {
+            let Some(literal) = parameter_literal(params, p).filter(|_| (*p).location >= 0) else {
+                crate::raise(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "multimaster: a schema change that uses a parameter whose value is not known here cannot run on the other nodes",
+                    "Build the statement as text with its values in it and run it with EXECUTE format(...).",
+                    "parameter_values",
+                )
+            };
+            ((*p).location as usize, literal)
+        })
+        .collect()
+}
+
+/// Collects every external parameter of an analysed query (`context`: a
+/// `Vec<*mut Param>`).
+#[pg_guard]
+unsafe extern "C-unwind" fn collect_params(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    match (*node).type_ {
+        pg_sys::NodeTag::T_Param => {
+            let p = node.cast::<pg_sys::Param>();
+            if (*p).paramkind == pg_sys::ParamKind::PARAM_EXTERN {
+                (*context.cast::<Vec<*mut pg_sys::Param>>()).push(p);
+            }
+            false
+        }
+        pg_sys::NodeTag::T_Query => pg_sys::query_tree_walker(node.cast(), Some(collect_params), context, 0),
+        _ => pg_sys::expression_tree_walker(node, Some(collect_params), context),
+    }
+}
+
+/// The value of parameter `p` as a typed SQL literal (`'7'::integer`,
+/// `NULL::text`); None where `params` does not have it.
+///
+/// # Safety
+/// `params` is the statement's parameter list, `p` a Param of its query.
+unsafe fn parameter_literal(params: pg_sys::ParamListInfo, p: *mut pg_sys::Param) -> Option<String> {
+    let id = (*p).paramid;
+    let mut workspace: pg_sys::ParamExternData = std::mem::zeroed();
+    // PL/pgSQL hands its variables out through paramFetch, a client's
+    // Bind values are in the array.
+    let value = match (*params).paramFetch {
+        Some(fetch) => fetch(params, id, false, &mut workspace),
+        None if id >= 1 && id <= (*params).numParams => (*params).params.as_mut_ptr().add(id as usize - 1),
+        None => std::ptr::null_mut(),
+    };
+    if value.is_null() {
+        return None;
+    }
+    let type_name = CStr::from_ptr(pg_sys::format_type_with_typemod((*p).paramtype, (*p).paramtypmod)).to_string_lossy().into_owned();
+    if (*value).isnull {
+        return Some(format!("NULL::{type_name}"));
+    }
+    let (mut output, mut varlena) = (pg_sys::Oid::INVALID, false);
+    pg_sys::getTypeOutputInfo((*p).paramtype, &mut output, &mut varlena);
+    let text = pg_sys::OidOutputFunctionCall(output, (*value).value);
+    let literal = CStr::from_ptr(pg_sys::quote_literal_cstr(text)).to_string_lossy().into_owned();
+    Some(format!("{literal}::{type_name}"))
 }
 
 /// Runs `f` (the captured statement) with capturing on, as it was again

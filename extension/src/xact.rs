@@ -331,7 +331,7 @@ unsafe extern "C-unwind" fn process_utility(
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
     };
-    match crate::ddl::begin(pstmt, query_string) {
+    match crate::ddl::begin(pstmt, query_string, params) {
         None => run(),
         Some(capture) => {
             crate::ddl::while_capturing(run);

@@ -396,6 +396,32 @@ impl DdlMessage {
         String::from_utf8_lossy(&query[start..end]).trim().trim_end_matches(';').trim_end().to_string()
     }
 
+    /// [`statement_text`](Self::statement_text) with each parameter
+    /// reference replaced by its value: `values` holds, per reference, its
+    /// byte offset in `query` and the SQL literal to put there. A reference
+    /// is what PostgreSQL's parser turned into a parameter: `$n`, or a
+    /// function's variable by name (`v`, `"V"`, `rec.field`, `fn.v`) — a
+    /// peer replaying the statement has none of them. References outside
+    /// the statement are ignored, one offset is replaced once.
+    pub fn statement_text_with_values(query: &[u8], location: i32, len: i32, values: &[(usize, String)]) -> String {
+        let start = (location.max(0) as usize).min(query.len());
+        let end = if location < 0 || len <= 0 { query.len() } else { (start + len as usize).min(query.len()) };
+        let mut refs: Vec<&(usize, String)> = values.iter().filter(|(at, _)| (start..end).contains(at)).collect();
+        refs.sort_by_key(|(at, _)| *at);
+        let mut text = Vec::with_capacity(end - start);
+        let mut at = start;
+        for (offset, literal) in refs {
+            if *offset < at {
+                continue;
+            }
+            text.extend_from_slice(&query[at..*offset]);
+            text.extend_from_slice(literal.as_bytes());
+            at = offset + reference_len(&query[*offset..end]);
+        }
+        text.extend_from_slice(&query[at..end]);
+        Self::statement_text(&text, -1, 0)
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.role.len() + self.search_path.len() + self.sql.len());
         put_str(&mut out, &self.role);
@@ -411,6 +437,38 @@ impl DdlMessage {
             return Err(DecodeError::Trailing(r.0.len()));
         }
         Ok(m)
+    }
+}
+
+/// Length of the parameter reference at the start of `sql`: `$` and
+/// digits, or a dotted chain of identifiers (plain or double-quoted).
+fn reference_len(sql: &[u8]) -> usize {
+    if sql.first() == Some(&b'$') {
+        return 1 + sql[1..].iter().take_while(|b| b.is_ascii_digit()).count();
+    }
+    let mut i = 0;
+    loop {
+        if sql.get(i) == Some(&b'"') {
+            i += 1;
+            while i < sql.len() {
+                if sql[i] == b'"' {
+                    if sql.get(i + 1) == Some(&b'"') {
+                        i += 2;
+                        continue;
+                    }
+                    i += 1;
+                    break;
+                }
+                i += 1;
+            }
+        } else {
+            i += sql[i..].iter().take_while(|&&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80).count();
+        }
+        if sql.get(i) == Some(&b'.') && sql.get(i + 1).is_some_and(|&b| b == b'"' || b.is_ascii_alphabetic() || b == b'_' || b >= 0x80) {
+            i += 1;
+            continue;
+        }
+        return i;
     }
 }
 
@@ -584,6 +642,29 @@ mod tests {
         assert_eq!(DdlMessage::statement_text(q, 22, 0), "create table b(y int)");
         assert_eq!(DdlMessage::statement_text(q, -1, 0), "create table a(x int); create table b(y int)");
         assert_eq!(DdlMessage::statement_text(q, 400, 5), "", "a location past the end is empty, not a panic");
+    }
+
+    #[test]
+    fn parameter_references_become_their_values() {
+        let q = b"select 1; create table t as select v_n as n, $2 as k, rec.name, \"My Var\" from s where id = v_n;";
+        let text = std::str::from_utf8(q).unwrap();
+        let at = |pat: &str, nth: usize| text.match_indices(pat).nth(nth).unwrap().0;
+        let values = vec![
+            (at("v_n", 0), "'7'::integer".to_string()),
+            (at("$2", 0), "NULL::text".to_string()),
+            (at("rec.name", 0), "'it''s'::text".to_string()),
+            (at("\"My Var\"", 0), "'x'::text".to_string()),
+            (at("v_n", 1), "'7'::integer".to_string()),
+            (3, "'outside the statement'".to_string()),
+        ];
+        assert_eq!(
+            DdlMessage::statement_text_with_values(q, 10, q.len() as i32 - 10, &values),
+            "create table t as select '7'::integer as n, NULL::text as k, 'it''s'::text, 'x'::text from s where id = '7'::integer"
+        );
+        assert_eq!(DdlMessage::statement_text_with_values(b"create table a as select $12", 0, 0, &[(25, "1".into())]), "create table a as select 1");
+        assert_eq!(reference_len(b"f.v + 1"), 3, "a function-qualified variable");
+        assert_eq!(reference_len(b"v.\"Odd \"\" one\" x"), 14, "quoted parts, doubled quotes");
+        assert_eq!(reference_len(b"v. 1"), 1, "a dot not followed by a name ends it");
     }
 
     #[test]

@@ -73,6 +73,29 @@ fn a_migration_mixing_ddl_and_dml_commits_on_every_node() {
     same_everywhere(&c, "select (to_regclass('dyn_7') is not null)::text", "true");
     same_everywhere(&c, "select count(*)::text from from_fn", "1");
 
+    // CREATE TABLE AS that uses a function's variables, a SQL function's
+    // $1, a client's bound parameter: the peers get the values, not names
+    // that mean nothing there.
+    s[1].1
+        .batch_execute(
+            "create function snapshot_of(n int, label text) returns void language plpgsql as $$
+             declare suffix text := 'é''s'; nothing int;
+             begin
+               create table fn_vars as
+                 select n as n, label || suffix as label, nothing as nothing,
+                        (select count(*) from acct where id <= snapshot_of.n) as rows;
+             end $$;
+             create function sql_fn(int) returns void language sql as 'create table sql_vars as select $1 + 1 as v'",
+        )
+        .unwrap();
+    settle(&c);
+    s[2].1.batch_execute("select snapshot_of(2, 'two')").unwrap();
+    same_everywhere(&c, "select concat_ws('|', n, label, coalesce(nothing::text, 'null'), rows) from fn_vars", "2|twoé's|null|2");
+    s[0].1.batch_execute("select sql_fn(8)").unwrap();
+    same_everywhere(&c, "select v::text from sql_vars", "9");
+    s[1].1.execute("create table bound as select $1::int * 2 as v, $2::text as t", &[&21i32, &"it's"]).unwrap();
+    same_everywhere(&c, "select v || ' ' || t from bound", "42 it's");
+
     // Other kinds of statements, from sessions on different nodes.
     s[0].1.batch_execute("create schema app; create type app.mood as enum ('ok', 'meh'); create domain app.pos as int check (value > 0)").unwrap();
     settle(&c);
@@ -404,3 +427,4 @@ fn large_objects_are_refused_clearly_in_the_replicated_database() {
         assert_eq!(n, 0, "node{id}");
     }
 }
+
