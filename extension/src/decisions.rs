@@ -10,14 +10,21 @@
 //! shared memory (logic in the safe `mtm-state` crate): filled as records
 //! are written, redone from the WAL after a crash, and copied by the
 //! launcher to `pg_mtm/decisions` (at most a second after a change, and
-//! when it stops) so what a checkpoint puts out of the redo's reach is
-//! read back at start. `mtm.get_logged_prepared_xact_state(gid)` answers
-//! from it; `pg_walinspect` shows the records (`rm_identify`, `rm_desc`).
+//! when it stops) and by the checkpointer as each checkpoint starts, so
+//! what a checkpoint puts out of the redo's reach is read back at start.
+//! `mtm.get_logged_prepared_xact_state(gid)` answers from it;
+//! `pg_walinspect` shows the records (`rm_identify`, `rm_desc`).
 //!
-//! What is not covered: a decision logged in the last second before a
-//! checkpoint that completes just before a crash is in neither the redone
-//! WAL nor the file (the gid's own prepared state and COMMIT/ROLLBACK
-//! PREPARED record are, as PostgreSQL keeps them).
+//! Why the checkpointer writes the file, and how: a record older than a
+//! checkpoint's redo point is not redone after a crash, so the file must
+//! hold it before that checkpoint completes. PostgreSQL 15 calls no
+//! extension code inside a checkpoint, but it logs "checkpoint starting"
+//! (`log_checkpoints`, on by default and in `conf/node.conf`) right after
+//! fixing the redo point and before writing anything out; an
+//! `emit_log_hook` that sees that message in the checkpointer writes the
+//! file then. A record and its table entry are made under the table's
+//! lock, so every record before the redo point is in the table when the
+//! hook reads it.
 
 use mtm_state::decisions::{Log, State};
 use pgrx::prelude::*;
@@ -39,8 +46,6 @@ pub struct Decisions {
     log: Log,
     /// The state file has been read into `log` (once per server start).
     loaded: bool,
-    /// `log.changes()` when the file was last written.
-    written: u64,
 }
 
 // SAFETY: plain data, no pointers.
@@ -48,6 +53,21 @@ unsafe impl PGRXSharedMemory for Decisions {}
 
 // SAFETY: the only lock with this name.
 pub static DECISIONS: PgLwLock<Decisions> = unsafe { PgLwLock::new(c"multimaster decisions") };
+
+/// The state file, written by the launcher and the checkpointer: one at a
+/// time, so an older snapshot never replaces a newer one. Taken before
+/// [`DECISIONS`], never while holding it.
+#[derive(Copy, Clone, Default)]
+pub struct StateFile {
+    /// `log.changes()` of the snapshot last written.
+    written: u64,
+}
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for StateFile {}
+
+// SAFETY: the only lock with this name.
+pub static STATE_FILE_LOCK: PgLwLock<StateFile> = unsafe { PgLwLock::new(c"multimaster decisions file") };
 
 /// Registers the resource manager (from `_PG_init`, while preloading).
 pub fn init() {
@@ -63,6 +83,17 @@ pub fn init() {
     }));
     // SAFETY: called once while preloading; the table lives forever.
     unsafe { pg_sys::RegisterCustomRmgr(RMGR_ID, rmgr) };
+    install_checkpoint_hook();
+}
+
+/// Whether checkpoints announce their start, which is when the state file
+/// is written for them (see the module's documentation).
+pub fn checkpoints_logged() -> bool {
+    // SAFETY: reads a setting's current value; no error for a known name.
+    unsafe {
+        let v = pg_sys::GetConfigOption(c"log_checkpoints".as_ptr(), false, false);
+        !v.is_null() && CStr::from_ptr(v).to_bytes() == b"on"
+    }
 }
 
 /// Logs `state` for `gid` (an `mtm-` gid; others are not logged) and
@@ -74,6 +105,9 @@ pub fn log(gid: &str, state: State) -> Option<u64> {
         return None;
     }
     ensure_loaded();
+    // Record and entry under one lock: a checkpoint's hook that reads the
+    // table after the redo point was fixed sees every record before it.
+    let mut d = DECISIONS.exclusive();
     // SAFETY: the record is built and inserted in one go by this backend;
     // the gid outlives the insert. The bindings raise errors as ERROR.
     let lsn = unsafe {
@@ -81,7 +115,7 @@ pub fn log(gid: &str, state: State) -> Option<u64> {
         pg_sys::XLogRegisterData(gid.as_ptr() as *mut c_char, gid.len() as _);
         pg_sys::XLogInsert(RMGR_ID, state.info())
     };
-    DECISIONS.exclusive().log.note(gid, state, lsn);
+    d.log.note(gid, state, lsn);
     Some(lsn)
 }
 
@@ -104,7 +138,7 @@ fn ensure_loaded() {
     d.loaded = true;
     match std::fs::read_to_string(STATE_FILE) {
         Ok(text) => match d.log.load(&text) {
-            Ok(_) => d.written = d.log.changes(),
+            Ok(_) => {}
             Err(e) => warning!("multimaster: {STATE_FILE} is damaged ({e}); decisions before the last checkpoint may be missing"),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -116,16 +150,68 @@ fn ensure_loaded() {
 /// write (the launcher calls this once a second and when it stops).
 pub fn persist() {
     ensure_loaded();
+    if let Err(e) = write_if_changed() {
+        warning!("multimaster: cannot write {STATE_FILE}: {e}");
+    }
+}
+
+/// Writes the table to the state file if it changed since the last write.
+/// Raises no PostgreSQL error (the checkpointer calls it from a log hook).
+fn write_if_changed() -> std::io::Result<()> {
+    let mut file = STATE_FILE_LOCK.exclusive();
     let (changes, text) = {
         let d = DECISIONS.share();
-        if d.log.changes() == d.written {
-            return;
+        if d.log.changes() == file.written {
+            return Ok(());
         }
         (d.log.changes(), d.log.snapshot())
     };
-    match write_durably(&text) {
-        Ok(()) => DECISIONS.exclusive().written = changes,
-        Err(e) => warning!("multimaster: cannot write {STATE_FILE}: {e}"),
+    write_durably(&text)?;
+    file.written = changes;
+    Ok(())
+}
+
+static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+
+/// Installs the log hook through which the checkpointer writes the state
+/// file as a checkpoint starts (from `_PG_init`, while preloading).
+fn install_checkpoint_hook() {
+    // SAFETY: while the library is preloaded, before any other process;
+    // the previous hook is kept and called.
+    unsafe {
+        PREV_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(emit_log);
+    }
+}
+
+/// PostgreSQL's (untranslated) message for the start of a checkpoint,
+/// logged once its redo point is fixed (`LogCheckpointStart`).
+const CHECKPOINT_STARTING: &[u8] = b"checkpoint starting:";
+
+/// Every message any process logs passes here: the checkpointer's
+/// "checkpoint starting" writes the state file before the checkpoint
+/// writes anything out. This runs inside PostgreSQL's error reporting and,
+/// in the checkpointer, in a critical section: it must neither raise nor
+/// panic, so a failure goes to stderr (the server log) and the launcher
+/// tries again within a second.
+#[pg_guard]
+unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
+    if let Some(prev) = PREV_EMIT_LOG {
+        prev(edata);
+    }
+    if pg_sys::MyBackendType != pg_sys::BackendType::B_CHECKPOINTER || edata.is_null() || (*edata).message_id.is_null() {
+        return;
+    }
+    if !CStr::from_ptr((*edata).message_id).to_bytes().starts_with(CHECKPOINT_STARTING) {
+        return;
+    }
+    // Not loaded: nothing was logged or redone since the server started,
+    // the file is as it was.
+    if !DECISIONS.share().loaded {
+        return;
+    }
+    if let Err(e) = write_if_changed() {
+        eprintln!("multimaster: WARNING: cannot write {STATE_FILE} at a checkpoint's start: {e}; decisions logged just before it are lost if the server crashes before the launcher writes it");
     }
 }
 

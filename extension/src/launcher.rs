@@ -51,6 +51,11 @@ pub extern "C-unwind" fn mtm_launcher_main(_arg: pg_sys::Datum) {
     let mut started_at: HashMap<i32, std::time::Instant> = HashMap::new();
     let mut last_round = std::time::Instant::now() - Duration::from_secs(1);
     let mut settler = crate::conflicts::Settler::default();
+    if !crate::decisions::checkpoints_logged() {
+        warning!(
+            "multimaster: log_checkpoints is off, so a commit decision logged just before a checkpoint can be lost in a crash; set it on (conf/node.conf does)"
+        );
+    }
     while BackgroundWorker::wait_latch(Some(SETTLE_EVERY)) {
         settler.settle();
         if last_round.elapsed() < Duration::from_secs(1) {

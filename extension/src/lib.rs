@@ -214,7 +214,7 @@ pub extern "C-unwind" fn _PG_init() {
     launcher::register();
     use pool::POOLS;
     use status::APPLY_ERRORS;
-    use decisions::DECISIONS;
+    use decisions::{DECISIONS, STATE_FILE_LOCK};
     use resolver::COORDINATORS;
     use votes::{MY_NODE, PEER_VOTES, VOTES};
     pgrx::pg_shmem_init!(VOTES);
@@ -222,6 +222,7 @@ pub extern "C-unwind" fn _PG_init() {
     pgrx::pg_shmem_init!(MY_NODE);
     pgrx::pg_shmem_init!(COORDINATORS);
     pgrx::pg_shmem_init!(DECISIONS);
+    pgrx::pg_shmem_init!(STATE_FILE_LOCK);
     pgrx::pg_shmem_init!(POOLS);
     pgrx::pg_shmem_init!(APPLY_ERRORS);
     use conflicts::DOOMED;

@@ -2,7 +2,8 @@
 //! what every node logs for the transactions committed through the proxy
 //! of a 3-node cluster (sessions on every node), read back with
 //! `pg_walinspect` and `mtm.get_logged_prepared_xact_state`, after a
-//! kill -9 from the WAL alone and from the state file alone; and the
+//! kill -9 from the WAL alone and from the state file alone (also when
+//! the crash comes right after a checkpoint that followed them); and the
 //! resolver, which commits a gid its coordinator left precommitted and
 //! rolls back one left merely prepared.
 
@@ -128,6 +129,50 @@ fn every_node_logs_each_decision_and_keeps_it_across_a_crash() {
     c.node(2).kill9();
     restart(&c, 2);
     check(&c, 2, "read from the state file after a checkpoint");
+}
+
+fn signal(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Commits, a checkpoint right after them, a crash right after that: the
+/// launcher, which writes the state file once a second, is frozen
+/// (kill -STOP) all along, so the decisions survive only because the
+/// checkpointer wrote the file as the checkpoint started.
+#[test]
+fn decisions_logged_just_before_a_checkpoint_survive_a_crash_right_after_it() {
+    let c = TestCluster::start(3);
+    schema(&c, "create extension pg_walinspect; create table k(id int primary key)");
+    wait_connected(&c);
+    let mut node1 = client(&c, 1);
+    let launcher: i32 =
+        node1.query_one("select pid from pg_stat_activity where backend_type = 'multimaster launcher'", &[]).unwrap().get(0);
+    let from: String = node1.query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    signal(launcher, "-STOP");
+    let mut s = spread_sessions(&c, 3);
+    for i in 0..6 {
+        s[i % 3].1.batch_execute(&format!("insert into k values ({i})")).unwrap();
+    }
+    let committed = records(&c, 1, &from).remove("COMMIT").unwrap_or_default();
+    assert_eq!(committed.len(), 6, "node1 logged a COMMIT for each insert: {committed:?}");
+    let file = c.node(1).dir.join("pg_mtm/decisions");
+    let before = std::fs::read_to_string(&file).unwrap_or_default();
+    assert!(committed.iter().all(|g| !before.contains(g.as_str())), "the frozen launcher wrote none of them");
+
+    node1.batch_execute("checkpoint").unwrap();
+    c.node(1).kill9();
+    signal(launcher, "-KILL");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{launcher}")).exists() {
+        assert!(Instant::now() < deadline, "launcher {launcher} still there");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    restart(&c, 1);
+    let mut cl = client(&c, 1);
+    for gid in &committed {
+        assert_eq!(logged(&mut cl, gid), "committed", "node1 after the crash: {gid}");
+    }
 }
 
 #[test]
