@@ -27,7 +27,7 @@
 //! PGPROC, so it can never hit the process's next transaction. What is
 //! not settled here ends at the apply's `lock_timeout` as before.
 
-use mtm_schedule::conflict::{verdict, Age, Holder, Verdict, WaitWatch};
+use mtm_schedule::conflict::{table_verdict, verdict, Age, Holder, TableLock, Verdict, WaitWatch};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PGRXSharedMemory, PgAtomic};
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
@@ -280,9 +280,10 @@ fn refusal(peer: i32, me: i32) -> String {
 
 /// Settles the waits of the apply workers `waiters` for table and object
 /// locks (a schema change that conflicts with one from another node) held
-/// by a prepared transaction, by the same rule as row waits: a younger one
+/// by a prepared transaction, by the same rule as row waits — a younger one
 /// prepared here by its client is refused, a younger one prepared for
-/// another home node loses this node's yes. A prepared transaction's locks have no pid; they share the
+/// another home node loses this node's yes — except that a schema change
+/// goes before data changes of its table ([`table_verdict`]). A prepared transaction's locks have no pid; they share the
 /// virtualtransaction of the lock on its own transaction id. pg_locks is
 /// read once. (A wait for a tuple lock — behind a session first in the
 /// queue for a row — is left alone: settling those too was measured to
@@ -291,7 +292,8 @@ fn settle_by_pg_locks(me: i32, waiters: &[i32]) {
     // (pg_locks has no column `prepared`: PREPARED_MICROS reads p's.)
     let sql = format!(
         "WITH l AS MATERIALIZED (SELECT * FROM pg_locks)
-             SELECT w.pid, p.gid, {}, x.transactionid::text::bigint
+             SELECT w.pid, p.gid, {}, x.transactionid::text::bigint,
+                    w.locktype = 'relation' AND w.mode IS NOT NULL, w.mode, string_agg(h.mode, ',')
                FROM l w
                JOIN l h ON h.granted AND h.pid IS NULL AND h.locktype = w.locktype
                        AND h.database IS NOT DISTINCT FROM w.database AND h.relation IS NOT DISTINCT FROM w.relation
@@ -299,18 +301,35 @@ fn settle_by_pg_locks(me: i32, waiters: &[i32]) {
                        AND h.objsubid IS NOT DISTINCT FROM w.objsubid
                JOIN l x ON x.pid IS NULL AND x.locktype = 'transactionid' AND x.granted AND x.virtualtransaction = h.virtualtransaction
                JOIN pg_prepared_xacts p ON p.transaction = x.transactionid
-              WHERE NOT w.granted AND w.pid = ANY($1) AND w.locktype IN ('relation', 'object')",
+              WHERE NOT w.granted AND w.pid = ANY($1) AND w.locktype IN ('relation', 'object')
+              GROUP BY w.pid, w.locktype, w.mode, p.gid, p.prepared, x.transactionid",
         crate::PREPARED_MICROS
     );
-    let rows: Vec<(i32, String, i64, i64)> = Spi::connect(|c| {
+    type Row = (i32, String, i64, i64, (TableLock, TableLock));
+    let rows: Vec<Row> = Spi::connect(|c| {
         c.select(sql.as_str(), None, &[waiters.to_vec().into()])
             .map(|rows| {
-                rows.filter_map(|r| Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??, r.get::<i64>(3).ok()??, r.get::<i64>(4).ok()??)))
-                    .collect()
+                rows.filter_map(|r| {
+                    // A table's lock modes say which side changes its
+                    // schema; other objects' locks go by age alone.
+                    let locks = match r.get::<bool>(5).ok()? {
+                        Some(true) => (
+                            TableLock::of_mode(&r.get::<String>(6).ok()??),
+                            if r.get::<String>(7).ok()??.split(',').any(|m| TableLock::of_mode(m) == TableLock::Schema) {
+                                TableLock::Schema
+                            } else {
+                                TableLock::Data
+                            },
+                        ),
+                        _ => (TableLock::Data, TableLock::Data),
+                    };
+                    Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??, r.get::<i64>(3).ok()??, r.get::<i64>(4).ok()??, locks))
+                })
+                .collect()
             })
             .unwrap_or_default()
     });
-    for (waiter_pid, gid, prepared_here_at, xid) in rows {
+    for (waiter_pid, gid, prepared_here_at, xid, (waiter_lock, holder_lock)) in rows {
         let Some((peer, time)) = crate::pool::applying(waiter_pid) else { continue };
         let Some(home) = home_of(&gid) else { continue };
         // Its age is its home node's prepare time: this node's own for its
@@ -326,7 +345,7 @@ fn settle_by_pg_locks(me: i32, waiters: &[i32]) {
             }
         };
         let holder = Holder::Prepared { age: Age { time: prepared_at, home } };
-        settle_prepared(verdict(me, Age { time, home: peer }, holder), me, peer, &gid, home);
+        settle_prepared(table_verdict(me, Age { time, home: peer }, waiter_lock, holder, holder_lock), me, peer, &gid, home);
     }
 }
 

@@ -87,6 +87,43 @@ pub fn verdict(me: i32, waiter: Age, holder: Holder) -> Verdict {
     }
 }
 
+/// How strongly a transaction locks a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableLock {
+    /// What reads and row changes take (AccessShare, RowShare,
+    /// RowExclusive, ShareUpdateExclusive).
+    Data,
+    /// A mode that blocks row changes (Share and up: CREATE INDEX,
+    /// ALTER TABLE, DROP, LOCK TABLE…): a schema change.
+    Schema,
+}
+
+impl TableLock {
+    /// The class of a lock mode as `pg_locks.mode` names it.
+    pub fn of_mode(mode: &str) -> TableLock {
+        match mode {
+            "ShareLock" | "ShareRowExclusiveLock" | "ExclusiveLock" | "AccessExclusiveLock" => TableLock::Schema,
+            _ => TableLock::Data,
+        }
+    }
+}
+
+/// The rule for a wait on a table lock, on node `me`: **a schema change
+/// goes before data changes**, whatever their ages; otherwise as
+/// [`verdict`]. A schema change conflicts with every row change of its
+/// table, and under a steady stream of them there is always one in
+/// flight that was prepared before it: by age alone it would give way
+/// every time and never commit. Same answer on every node: where the
+/// schema change waits for a data change, the data change gives way;
+/// where a data change waits for the schema change, it waits.
+pub fn table_verdict(me: i32, waiter: Age, waiter_lock: TableLock, holder: Holder, holder_lock: TableLock) -> Verdict {
+    match (waiter_lock, holder_lock) {
+        (TableLock::Schema, TableLock::Data) => verdict(me, Age { time: i64::MIN, home: i32::MIN }, holder),
+        (TableLock::Data, TableLock::Schema) => Verdict::Wait,
+        _ => verdict(me, waiter, holder),
+    }
+}
+
 /// Which of the apply workers' lock waits are due for a look by the
 /// rule: one that has lasted `look_after` (most end sooner: the holder
 /// commits), then again every `look_again` while it lasts. A wait is a
@@ -205,6 +242,27 @@ mod tests {
         assert_eq!(verdict(1, t2, Holder::Prepared { age: t1 }), Verdict::Wait);
         // Node 2: T1's apply waits for T2 → T2 is refused.
         assert_eq!(verdict(2, t1, Holder::Prepared { age: t2 }), Verdict::RefuseHolder);
+    }
+
+    #[test]
+    fn a_schema_change_goes_before_older_data_changes_on_every_node() {
+        let ddl = Age { time: 500, home: 3 };
+        let insert = Age { time: 100, home: 1 };
+        let (schema, data) = (TableLock::of_mode("AccessExclusiveLock"), TableLock::of_mode("RowExclusiveLock"));
+        assert_eq!((schema, data), (TableLock::Schema, TableLock::Data));
+        assert_eq!(TableLock::of_mode("ShareLock"), TableLock::Schema, "CREATE INDEX blocks row changes too");
+        // On the schema change's home node the older insert's apply waits.
+        assert_eq!(table_verdict(3, insert, data, Holder::Prepared { age: ddl }, schema), Verdict::Wait);
+        // On the insert's home node the insert gives up; on a third node
+        // it loses that node's vote, or its apply is cancelled.
+        assert_eq!(table_verdict(1, ddl, schema, Holder::Prepared { age: insert }, data), Verdict::RefuseHolder);
+        assert_eq!(table_verdict(2, ddl, schema, Holder::Prepared { age: insert }, data), Verdict::WithdrawVote);
+        assert_eq!(table_verdict(2, ddl, schema, Holder::Applying { age: insert }, data), Verdict::CancelHolder);
+        // Two schema changes, or two data changes: by age.
+        let older_ddl = Age { time: 400, home: 2 };
+        assert_eq!(table_verdict(3, older_ddl, schema, Holder::Prepared { age: ddl }, schema), Verdict::RefuseHolder);
+        assert_eq!(table_verdict(2, ddl, schema, Holder::Prepared { age: older_ddl }, schema), Verdict::Wait);
+        assert_eq!(table_verdict(3, insert, data, Holder::Prepared { age: ddl }, data), Verdict::RefuseHolder);
     }
 
     #[test]
