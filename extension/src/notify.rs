@@ -62,7 +62,7 @@ pub fn own_work() -> bool {
 /// `stmt` is a valid NotifyStmt.
 pub unsafe fn take_over(stmt: *mut pg_sys::NotifyStmt) -> bool {
     let text = |p: *mut std::ffi::c_char| if p.is_null() { String::new() } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() };
-    take_over_values(text((*stmt).conditionname), text((*stmt).payload))
+    take_over_values(&text((*stmt).conditionname), &text((*stmt).payload))
 }
 
 /// Whether notifications of this session are the cluster's (a session of
@@ -73,12 +73,12 @@ fn cluster_wide() -> bool {
 
 /// A NOTIFY or `pg_notify()` of `channel` with `payload`: taken over in a
 /// session of the proxy ([`cluster_wide`]); false anywhere else.
-fn take_over_values(channel: String, payload: String) -> bool {
+fn take_over_values(channel: &str, payload: &str) -> bool {
     if !cluster_wide() {
         return false;
     }
-    check(&channel, &payload);
-    let msg = NotifyMessage { channel, payload };
+    check(channel, payload);
+    let msg = NotifyMessage { channel: channel.to_string(), payload: payload.to_string() };
     // SAFETY: in a transaction (a statement is running).
     unsafe { crate::votes::log_message(c"mtm_notify", &msg.to_bytes(), true) };
     // SAFETY: a plain read of the transaction state.
@@ -94,9 +94,9 @@ fn take_over_values(channel: String, payload: String) -> bool {
 /// PostgreSQL's own NOTIFY.
 #[pg_extern(name = "pg_notify")]
 fn notify_function(channel: Option<&str>, payload: Option<&str>) {
-    let (channel, payload) = (channel.unwrap_or_default().to_string(), payload.unwrap_or_default().to_string());
-    if !take_over_values(channel.clone(), payload.clone()) {
-        queue(&[(channel, payload)]);
+    let (channel, payload) = (channel.unwrap_or_default(), payload.unwrap_or_default());
+    if !take_over_values(channel, payload) {
+        queue_one(channel, payload);
     }
 }
 
@@ -286,13 +286,17 @@ pub fn deliver(gid: &str) {
 /// Queues notifications in the current transaction (PostgreSQL's NOTIFY).
 pub fn queue(notifications: &[(String, String)]) {
     for (channel, payload) in notifications {
-        let (c, p) = (CString::new(channel.as_str()), CString::new(payload.as_str()));
-        if let (Ok(c), Ok(p)) = (c, p) {
-            // SAFETY: in a transaction; both strings are copied by
-            // PostgreSQL into its transaction memory; an ERROR unwinds
-            // through the guarded boundary.
-            unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| Async_Notify(c.as_ptr(), p.as_ptr())) };
-        }
+        queue_one(channel, payload);
+    }
+}
+
+/// PostgreSQL's own NOTIFY of `channel` with `payload`, on this node.
+fn queue_one(channel: &str, payload: &str) {
+    if let (Ok(c), Ok(p)) = (CString::new(channel), CString::new(payload)) {
+        // SAFETY: in a transaction; both strings are copied by PostgreSQL
+        // into its transaction memory; an ERROR unwinds through the
+        // guarded boundary.
+        unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| Async_Notify(c.as_ptr(), p.as_ptr())) };
     }
 }
 
