@@ -127,13 +127,7 @@ impl Settler {
 fn max_prepared_transactions() -> usize {
     static VALUE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *VALUE.get_or_init(|| {
-        // SAFETY: reads a setting by name; missing_ok, so no ERROR.
-        let text = unsafe { pg_sys::GetConfigOption(c"max_prepared_transactions".as_ptr(), true, false) };
-        if text.is_null() {
-            return 0;
-        }
-        // SAFETY: a NUL-terminated string owned by the GUC machinery.
-        unsafe { std::ffi::CStr::from_ptr(text) }.to_str().ok().and_then(|t| t.parse().ok()).unwrap_or(0)
+        crate::setting(c"max_prepared_transactions").and_then(|t| t.parse().ok()).unwrap_or(0)
     })
 }
 
@@ -313,14 +307,7 @@ fn settle_by_pg_locks(me: i32, waiters: &[i32]) {
                     // A table's lock modes say which side changes its
                     // schema; other objects' locks go by age alone.
                     let locks = match r.get::<bool>(5).ok()? {
-                        Some(true) => (
-                            TableLock::of_mode(&r.get::<String>(6).ok()??),
-                            if r.get::<String>(7).ok()??.split(',').any(|m| TableLock::of_mode(m) == TableLock::Schema) {
-                                TableLock::Schema
-                            } else {
-                                TableLock::Data
-                            },
-                        ),
+                        Some(true) => (TableLock::of_mode(&r.get::<String>(6).ok()??), TableLock::of_modes(&r.get::<String>(7).ok()??)),
                         _ => (TableLock::Data, TableLock::Data),
                     };
                     Some((r.get::<i32>(1).ok()??, r.get::<String>(2).ok()??, r.get::<i64>(3).ok()??, r.get::<i64>(4).ok()??, locks))

@@ -152,7 +152,7 @@ fn capture_allowed() -> bool {
 /// Inside a transaction, main thread.
 unsafe fn as_this_session(sql: String) -> DdlMessage {
     let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned();
-    let search_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_string_lossy().into_owned();
+    let search_path = crate::setting(c"search_path").unwrap_or_default();
     DdlMessage { role, search_path, sql }
 }
 

@@ -89,11 +89,7 @@ pub fn init() {
 /// Whether checkpoints announce their start, which is when the state file
 /// is written for them (see the module's documentation).
 pub fn checkpoints_logged() -> bool {
-    // SAFETY: reads a setting's current value; no error for a known name.
-    unsafe {
-        let v = pg_sys::GetConfigOption(c"log_checkpoints".as_ptr(), false, false);
-        !v.is_null() && CStr::from_ptr(v).to_bytes() == b"on"
-    }
+    crate::setting(c"log_checkpoints").as_deref() == Some("on")
 }
 
 /// Logs `state` for `gid` (an `mtm-` gid; others are not logged) and

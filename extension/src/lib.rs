@@ -135,6 +135,17 @@ pub fn prepared_here(gid: &str) -> bool {
     prepared_at(gid).is_some()
 }
 
+/// The current value of setting `name` as PostgreSQL shows it (`on`,
+/// `200ms`…), or None for a setting that does not exist.
+pub fn setting(name: &std::ffi::CStr) -> Option<String> {
+    // SAFETY: missing_ok, so no ERROR; the value is a NUL-terminated
+    // string owned by the GUC machinery, copied before it can change.
+    unsafe {
+        let value = pgrx::pg_sys::GetConfigOption(name.as_ptr(), true, false);
+        (!value.is_null()).then(|| std::ffi::CStr::from_ptr(value).to_string_lossy().into_owned())
+    }
+}
+
 /// Raises an ERROR with `code`, `message` and `hint`, reported as coming
 /// from `function`.
 #[track_caller]

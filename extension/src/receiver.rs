@@ -63,7 +63,7 @@ pub unsafe fn apply_session_settings(application_name: &str) {
     set_option(c"synchronous_commit", c"off", pg_sys::GucContext::PGC_SUSET);
     // A cross-node deadlock shows up here as a lock wait that never ends:
     // give up after deadlock_timeout (a no vote for a prepare).
-    let deadlock_timeout = CStr::from_ptr(pg_sys::GetConfigOption(c"deadlock_timeout".as_ptr(), false, false)).to_owned();
+    let deadlock_timeout = CString::new(crate::setting(c"deadlock_timeout").unwrap_or_default()).expect("no NUL");
     set_option(c"lock_timeout", &deadlock_timeout, pg_sys::GucContext::PGC_SUSET);
     // mtm.node_info finds processes by their application_name.
     let appname = CString::new(application_name).expect("no NUL");

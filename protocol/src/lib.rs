@@ -391,9 +391,12 @@ impl DdlMessage {
     /// (`stmt_location`, `stmt_len`: -1 / 0 mean the whole string / the
     /// rest of it), without surrounding blanks and its final semicolon.
     pub fn statement_text(query: &[u8], location: i32, len: i32) -> String {
-        let start = (location.max(0) as usize).min(query.len());
-        let end = if location < 0 || len <= 0 { query.len() } else { (start + len as usize).min(query.len()) };
-        String::from_utf8_lossy(&query[start..end]).trim().trim_end_matches(';').trim_end().to_string()
+        Self::trimmed(&query[statement_range(query.len(), location, len)])
+    }
+
+    /// A statement's text without surrounding blanks and final semicolon.
+    fn trimmed(text: &[u8]) -> String {
+        String::from_utf8_lossy(text).trim().trim_end_matches(';').trim_end().to_string()
     }
 
     /// [`statement_text`](Self::statement_text) with each parameter
@@ -404,8 +407,7 @@ impl DdlMessage {
     /// peer replaying the statement has none of them. References outside
     /// the statement are ignored, one offset is replaced once.
     pub fn statement_text_with_values(query: &[u8], location: i32, len: i32, values: &[(usize, String)]) -> String {
-        let start = (location.max(0) as usize).min(query.len());
-        let end = if location < 0 || len <= 0 { query.len() } else { (start + len as usize).min(query.len()) };
+        let std::ops::Range { start, end } = statement_range(query.len(), location, len);
         let mut refs: Vec<&(usize, String)> = values.iter().filter(|(at, _)| (start..end).contains(at)).collect();
         refs.sort_by_key(|(at, _)| *at);
         let mut text = Vec::with_capacity(end - start);
@@ -419,7 +421,7 @@ impl DdlMessage {
             at = offset + reference_len(&query[*offset..end]);
         }
         text.extend_from_slice(&query[at..end]);
-        Self::statement_text(&text, -1, 0)
+        Self::trimmed(&text)
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -438,6 +440,15 @@ impl DdlMessage {
         }
         Ok(m)
     }
+}
+
+/// Where one statement lies in a query string of `total` bytes, as
+/// PostgreSQL locates it (`location` -1: the whole string; `len` 0: the
+/// rest of it), clamped to the string.
+fn statement_range(total: usize, location: i32, len: i32) -> std::ops::Range<usize> {
+    let start = (location.max(0) as usize).min(total);
+    let end = if location < 0 || len <= 0 { total } else { (start + len as usize).min(total) };
+    start..end
 }
 
 /// Length of the parameter reference at the start of `sql`: `$` and

@@ -106,6 +106,16 @@ impl TableLock {
             _ => TableLock::Data,
         }
     }
+
+    /// The strongest class among the modes one transaction holds on a
+    /// table (`pg_locks.mode` names, comma-separated).
+    pub fn of_modes(modes: &str) -> TableLock {
+        if modes.split(',').any(|m| TableLock::of_mode(m) == TableLock::Schema) {
+            TableLock::Schema
+        } else {
+            TableLock::Data
+        }
+    }
 }
 
 /// The rule for a wait on a table lock, on node `me`: **a schema change
@@ -251,6 +261,8 @@ mod tests {
         let (schema, data) = (TableLock::of_mode("AccessExclusiveLock"), TableLock::of_mode("RowExclusiveLock"));
         assert_eq!((schema, data), (TableLock::Schema, TableLock::Data));
         assert_eq!(TableLock::of_mode("ShareLock"), TableLock::Schema, "CREATE INDEX blocks row changes too");
+        assert_eq!(TableLock::of_modes("RowExclusiveLock,AccessExclusiveLock"), TableLock::Schema, "the strongest counts");
+        assert_eq!(TableLock::of_modes("AccessShareLock,RowExclusiveLock"), TableLock::Data);
         // On the schema change's home node the older insert's apply waits.
         assert_eq!(table_verdict(3, insert, data, Holder::Prepared { age: ddl }, schema), Verdict::Wait);
         // On the insert's home node the insert gives up; on a third node
