@@ -29,7 +29,7 @@
 
 use mtm_schedule::conflict::{table_verdict, verdict, Age, Holder, TableLock, Verdict, WaitWatch};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PGRXSharedMemory, PgAtomic};
+use pgrx::pg_sys;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
 use std::time::{Duration, Instant};
 
@@ -50,11 +50,8 @@ impl Default for Doomed {
     }
 }
 
-// SAFETY: atomics only.
-unsafe impl PGRXSharedMemory for Doomed {}
 
-// SAFETY: the only shared memory with this name.
-pub static DOOMED: PgAtomic<Doomed> = unsafe { PgAtomic::new(c"multimaster doomed transactions") };
+pub use crate::pg::shmem::DOOMED;
 
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
 

@@ -28,7 +28,7 @@
 
 use mtm_state::decisions::{Log, State};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PGRXSharedMemory, PgLwLock};
+use pgrx::pg_sys;
 use std::ffi::{c_char, CStr};
 
 /// The resource manager's id, in PostgreSQL's range for custom ones
@@ -48,11 +48,8 @@ pub struct Decisions {
     loaded: bool,
 }
 
-// SAFETY: plain data, no pointers.
-unsafe impl PGRXSharedMemory for Decisions {}
 
-// SAFETY: the only lock with this name.
-pub static DECISIONS: PgLwLock<Decisions> = unsafe { PgLwLock::new(c"multimaster decisions") };
+pub use crate::pg::shmem::DECISIONS;
 
 /// The state file, written by the launcher and the checkpointer: one at a
 /// time, so an older snapshot never replaces a newer one. Taken before
@@ -63,11 +60,8 @@ pub struct StateFile {
     written: u64,
 }
 
-// SAFETY: plain data, no pointers.
-unsafe impl PGRXSharedMemory for StateFile {}
 
-// SAFETY: the only lock with this name.
-pub static STATE_FILE_LOCK: PgLwLock<StateFile> = unsafe { PgLwLock::new(c"multimaster decisions file") };
+pub use crate::pg::shmem::STATE_FILE_LOCK;
 
 /// Registers the resource manager (from `_PG_init`, while preloading).
 pub fn init() {

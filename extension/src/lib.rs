@@ -47,6 +47,7 @@ pub mod decisions;
 pub mod decoder;
 pub mod launcher;
 pub mod notify;
+pub mod pg;
 pub mod pool;
 pub mod receiver;
 pub mod relmap;
@@ -223,21 +224,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: called once, while preloading, after defining our GUCs.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
     launcher::register();
-    use pool::POOLS;
-    use status::APPLY_ERRORS;
-    use decisions::{DECISIONS, STATE_FILE_LOCK};
-    use resolver::COORDINATORS;
-    use votes::{MY_NODE, PEER_VOTES, VOTES};
-    pgrx::pg_shmem_init!(VOTES);
-    pgrx::pg_shmem_init!(PEER_VOTES);
-    pgrx::pg_shmem_init!(MY_NODE);
-    pgrx::pg_shmem_init!(COORDINATORS);
-    pgrx::pg_shmem_init!(DECISIONS);
-    pgrx::pg_shmem_init!(STATE_FILE_LOCK);
-    pgrx::pg_shmem_init!(POOLS);
-    pgrx::pg_shmem_init!(APPLY_ERRORS);
-    use conflicts::DOOMED;
-    pgrx::pg_shmem_init!(DOOMED);
+    pg::shmem::init();
 }
 
 /// The version of the loaded `multimaster` library.

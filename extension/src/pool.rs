@@ -36,7 +36,7 @@
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PGRXSharedMemory, PgAtomic};
+use pgrx::pg_sys;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 
 /// Node ids are 1..=16 (`mtm.init_cluster`).
@@ -121,12 +121,8 @@ impl Default for PoolTable {
     }
 }
 
-// SAFETY: atomics only; the latch addresses point into PGPROC, which is
-// in shared memory at the same address in every backend.
-unsafe impl PGRXSharedMemory for PoolTable {}
 
-// SAFETY: the only shared memory with this name.
-pub static POOLS: PgAtomic<PoolTable> = unsafe { PgAtomic::new(c"multimaster apply pools") };
+pub use crate::pg::shmem::POOLS;
 
 /// The replication origin `mtm_node_<peer>` (created by mtm.init_cluster).
 ///

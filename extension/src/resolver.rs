@@ -23,7 +23,7 @@
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 use mtm_state::decisions::State;
-use pgrx::{pg_sys, PGRXSharedMemory, PgLwLock};
+use pgrx::pg_sys;
 
 const SLOTS: usize = 512;
 const GID_MAX: usize = 200;
@@ -54,11 +54,8 @@ impl Default for Coordinators {
     }
 }
 
-// SAFETY: plain data, no pointers.
-unsafe impl PGRXSharedMemory for Coordinators {}
 
-// SAFETY: the only lock with this name.
-pub static COORDINATORS: PgLwLock<Coordinators> = unsafe { PgLwLock::new(c"multimaster coordinators") };
+pub use crate::pg::shmem::COORDINATORS;
 
 impl Coordinators {
     fn find(&self, gid: &[u8]) -> Option<usize> {

@@ -6,7 +6,7 @@
 
 use crate::pool::{self, MAX_NODES, QUEUE_SIZE};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PGRXSharedMemory, PgLwLock};
+use pgrx::pg_sys;
 
 const MESSAGE_MAX: usize = 1024;
 
@@ -33,11 +33,8 @@ impl Default for ApplyErrors {
     }
 }
 
-// SAFETY: plain data, no pointers.
-unsafe impl PGRXSharedMemory for ApplyErrors {}
 
-// SAFETY: the only lock with this name.
-pub static APPLY_ERRORS: PgLwLock<ApplyErrors> = unsafe { PgLwLock::new(c"multimaster apply errors") };
+pub use crate::pg::shmem::APPLY_ERRORS;
 
 /// A transaction from `peer` failed to apply (it will be retried).
 pub fn record_apply_error(peer: i32, sqlstate: &str, message: &str) {

@@ -20,9 +20,9 @@
 use mtm_protocol::VoteMessage;
 use mtm_schedule::tally::{Outcome, Tally};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PGRXSharedMemory, PgAtomic, PgLwLock};
+use pgrx::pg_sys;
 use std::ffi::c_char;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 
 const SLOTS: usize = 256;
 const GID_MAX: usize = 200;
@@ -82,26 +82,19 @@ impl Default for VoteTable {
     }
 }
 
-// SAFETY: plain data, no pointers.
-unsafe impl PGRXSharedMemory for VoteTable {}
 
-// SAFETY: the only lock with this name.
-pub static VOTES: PgLwLock<VoteTable> = unsafe { PgLwLock::new(c"multimaster votes") };
+pub use crate::pg::shmem::VOTES;
 
 /// The peers' votes on this node's prepared transactions.
 #[derive(Copy, Clone, Default)]
 pub struct PeerVotes(Tally);
 
-// SAFETY: plain data, no pointers.
-unsafe impl PGRXSharedMemory for PeerVotes {}
 
-// SAFETY: the only lock with this name.
-pub static PEER_VOTES: PgLwLock<PeerVotes> = unsafe { PgLwLock::new(c"multimaster peer votes") };
+pub use crate::pg::shmem::PEER_VOTES;
 
 /// This node's id, set by its receivers when they start (0: not yet), so
 /// apply workers can sign their votes without a catalog lookup.
-// SAFETY: the only shared memory with this name.
-pub static MY_NODE: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"multimaster node id") };
+pub use crate::pg::shmem::MY_NODE;
 
 unsafe extern "C-unwind" {
     // replication/message.h; not exported through pg_sys. Called only
