@@ -14,13 +14,15 @@
 //! so a transaction that failed to apply is retried, never skipped — the
 //! stretch received before the failure one transaction at a time, so a
 //! failure caused by running side by side does not repeat.
+#![deny(unsafe_code)]
 
+use crate::pg::walrcv::{self, Received, Sender, Stream};
 use crate::pool::{Queues, SEQ_TAG};
 use mtm_protocol::{tag, Message};
 use mtm_schedule::{CommitSource, FlushTracker, KeyTracker, Plan, Scheduler, TxnKeys};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{CStr, CString};
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
 
@@ -28,9 +30,9 @@ use std::time::{Duration, Instant};
 /// worker as it arrives instead of being held to plan it.
 pub const STREAM_AT: usize = 8 * 1024 * 1024;
 
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn mtm_receiver_main(_arg: pg_sys::Datum) {
+/// The receiver worker's body (entered through
+/// [`crate::pg::walrcv::mtm_receiver_main`]).
+pub fn main() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let peer: i32 = BackgroundWorker::get_extra().parse().unwrap_or_else(|_| error!("receiver started without a peer id"));
     BackgroundWorker::connect_worker_to_spi(Some(&crate::launcher::database()), None);
@@ -42,20 +44,17 @@ pub extern "C-unwind" fn mtm_receiver_main(_arg: pg_sys::Datum) {
     let (Some(me), Some(conninfo)) = (me, conninfo) else {
         error!("multimaster receiver: node {peer} is not in mtm.cluster_nodes");
     };
-    // SAFETY: FFI to PostgreSQL from the worker's main thread; every call
-    // below may ERROR, which unwinds to this worker's pg_guard and exits.
-    unsafe { run(me, peer, &conninfo) }
+    // Every call below may ERROR, which unwinds to this worker's pg_guard
+    // and exits.
+    run(me, peer, &conninfo)
 }
 
-unsafe fn set_option(name: &CStr, value: &CStr, context: pg_sys::GucContext::Type) {
-    pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), context, pg_sys::GucSource::PGC_S_OVERRIDE);
+fn set_option(name: &CStr, value: &CStr, context: pg_sys::GucContext::Type) {
+    crate::pg::guc::set_override(name, value, context);
 }
 
 /// Settings of every process that applies a peer's changes.
-///
-/// # Safety
-/// From a background worker's main thread.
-pub unsafe fn apply_session_settings(application_name: &str) {
+pub fn apply_session_settings(application_name: &str) {
     // Applied rows must not fire user triggers a second time.
     set_option(c"session_replication_role", c"replica", pg_sys::GucContext::PGC_SUSET);
     // Commit asynchronously: the peer is told only what our WAL has
@@ -70,34 +69,22 @@ pub unsafe fn apply_session_settings(application_name: &str) {
     set_option(c"application_name", &appname, pg_sys::GucContext::PGC_USERSET);
 }
 
-unsafe fn run(me: i32, peer: i32, conninfo: &str) {
+fn run(me: i32, peer: i32, conninfo: &str) {
     apply_session_settings(&format!("mtm_receiver_from_{peer}_connecting"));
-    let origin = crate::pool::origin_of(peer);
+    // TODO(merge): pool::origin_of becomes safe in its own refactor
+    #[allow(unsafe_code)]
+    let origin = unsafe { crate::pool::origin_of(peer) };
     let workers = crate::MAX_WORKERS.get().max(1) as usize;
     let queues = Queues::start(peer, workers);
     // Read after the old pool's workers (which held the origin) are gone.
-    let start = pg_sys::replorigin_get_progress(origin, false);
+    let start = crate::pg::origin::progress(origin);
 
-    pg_sys::load_file(c"libpqwalreceiver".as_ptr(), false);
-    let funcs = &*pg_sys::WalReceiverFunctions;
+    let walrcv = walrcv::load();
     let c_conninfo = CString::new(conninfo).unwrap_or_else(|_| error!("conninfo of node {peer} contains NUL"));
     let walsender_name = CString::new(format!("mtm_receiver_{me}_from_{peer}")).expect("no NUL");
-    let mut err: *mut c_char = std::ptr::null_mut();
-    let connect = funcs.walrcv_connect.expect("walrcv_connect");
-    let conn = guarded(|| connect(c_conninfo.as_ptr(), true, walsender_name.as_ptr(), &mut err));
-    if conn.is_null() {
-        let msg = if err.is_null() { "unknown error".into() } else { CStr::from_ptr(err).to_string_lossy().into_owned() };
-        error!("multimaster: cannot connect to node {peer}: {msg}");
-    }
+    let mut conn = walrcv.connect(&c_conninfo, &walsender_name).unwrap_or_else(|msg| error!("multimaster: cannot connect to node {peer}: {msg}"));
     let slot = CString::new(format!("mtm_slot_{me}")).expect("no NUL");
-    let mut opts: pg_sys::WalRcvStreamOptions = std::mem::zeroed();
-    opts.logical = true;
-    opts.slotname = slot.as_ptr() as *mut c_char;
-    opts.startpoint = start;
-    opts.proto.logical.proto_version = 1;
-    opts.proto.logical.twophase = true;
-    let start_streaming = funcs.walrcv_startstreaming.expect("walrcv_startstreaming");
-    if !guarded(|| start_streaming(conn, &opts)) {
+    if !conn.start_logical(&slot, start, 1, true) {
         error!("multimaster: node {peer} refused to stream slot mtm_slot_{me}");
     }
     let serial_until = queues.pool().serial_until.load(Acquire);
@@ -115,11 +102,11 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
     // only now that the peer streams to us.
     set_option(c"application_name", &CString::new(format!("mtm_receiver_from_{peer}")).expect("no NUL"), pg_sys::GucContext::PGC_USERSET);
     crate::votes::MY_NODE.get().store(me, Relaxed);
+    let (mut stream, sender) = conn.split();
     let mut r = Receiver {
         me,
         peer,
-        funcs,
-        conn,
+        sender,
         scheduler: Scheduler::new(queues.workers()),
         queues,
         keys: KeyTracker::default(),
@@ -130,23 +117,8 @@ unsafe fn run(me: i32, peer: i32, conninfo: &str) {
         last_heard: Instant::now(),
         serial_until,
     };
-    r.stream();
-    if let Some(disconnect) = funcs.walrcv_disconnect {
-        guarded(|| disconnect(conn));
-    }
-}
-
-/// Calls into libpqwalreceiver through a raw function pointer, which can
-/// raise an ERROR (a peer that disconnects inside `walrcv_receive`): the
-/// guard turns it into a Rust panic that unwinds through our frames —
-/// dropping the pool's queues and the receiver's state properly — to the
-/// worker's own guard, which ends the worker (the launcher restarts it)
-/// instead of a longjmp over Rust destructors.
-///
-/// # Safety
-/// From the worker's main thread, with arguments valid for the call.
-unsafe fn guarded<T>(f: impl FnOnce() -> T) -> T {
-    pg_sys::submodules::ffi::pg_guard_ffi_boundary(f)
+    r.stream(&mut stream);
+    conn.disconnect();
 }
 
 fn lsn(l: u64) -> String {
@@ -163,11 +135,11 @@ struct Txn {
     streaming: Option<usize>,
 }
 
-struct Receiver {
+struct Receiver<'c> {
     me: i32,
     peer: i32,
-    funcs: &'static pg_sys::WalReceiverFunctionsType,
-    conn: *mut pg_sys::WalReceiverConn,
+    /// Feedback to the peer, while the stream is read in [`Receiver::stream`].
+    sender: Sender<'c>,
     queues: Queues,
     scheduler: Scheduler,
     keys: KeyTracker,
@@ -183,59 +155,48 @@ struct Receiver {
     serial_until: u64,
 }
 
-impl Receiver {
-    unsafe fn stream(&mut self) {
+impl Receiver<'_> {
+    fn stream(&mut self, stream: &mut Stream) {
         loop {
             if BackgroundWorker::sigterm_received() {
                 return;
             }
             self.check_pool();
             if BackgroundWorker::sighup_received() {
-                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+                crate::pg::guc::reload_config_file();
             }
-            let mut buf: *mut c_char = std::ptr::null_mut();
-            let mut fd: pg_sys::pgsocket = pg_sys::PGINVALID_SOCKET;
-            let receive = self.funcs.walrcv_receive.expect("walrcv_receive");
-            let len = guarded(|| receive(self.conn, &mut buf, &mut fd));
-            if len > 0 {
-                self.last_heard = Instant::now();
-                // Also while data keeps coming (a big transaction): the
-                // peer's walsender needs our replies to keep the link.
-                self.maybe_feedback();
-                let data = std::slice::from_raw_parts(buf as *const u8, len as usize);
-                match data[0] {
-                    b'w' if data.len() >= 25 => {
-                        self.received = self.received.max(u64::from_be_bytes(data[9..17].try_into().expect("8 bytes")));
-                        self.message(&data[25..]);
-                    }
-                    b'k' if data.len() >= 18 => {
-                        self.received = self.received.max(u64::from_be_bytes(data[1..9].try_into().expect("8 bytes")));
-                        if data[17] != 0 {
-                            self.send_feedback();
+            let fd = match stream.receive() {
+                Received::Data(data) => {
+                    self.last_heard = Instant::now();
+                    // Also while data keeps coming (a big transaction): the
+                    // peer's walsender needs our replies to keep the link.
+                    self.maybe_feedback();
+                    match data[0] {
+                        b'w' if data.len() >= 25 => {
+                            self.received = self.received.max(u64::from_be_bytes(data[9..17].try_into().expect("8 bytes")));
+                            self.message(&data[25..]);
                         }
+                        b'k' if data.len() >= 18 => {
+                            self.received = self.received.max(u64::from_be_bytes(data[1..9].try_into().expect("8 bytes")));
+                            if data[17] != 0 {
+                                self.send_feedback();
+                            }
+                        }
+                        _ => {}
                     }
-                    _ => {}
+                    continue;
                 }
-                continue;
-            }
-            if len < 0 {
-                log!("multimaster: node {} ended the stream", self.peer);
-                return;
-            }
+                Received::Ended => {
+                    log!("multimaster: node {} ended the stream", self.peer);
+                    return;
+                }
+                Received::Idle(fd) => fd,
+            };
             // Nothing to read: has the peer gone quiet for too long?
             self.check_peer_alive();
             self.queues.flush(false);
             self.maybe_feedback();
-            let rc = pg_sys::WaitLatchOrSocket(
-                pg_sys::MyLatch,
-                (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                fd,
-                1000,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
-                pg_sys::ResetLatch(pg_sys::MyLatch);
-            }
+            walrcv::wait_readable(fd, 1000);
             pg_sys::check_for_interrupts!();
         }
     }
@@ -245,7 +206,7 @@ impl Receiver {
     }
 
     /// One protocol message from the peer.
-    unsafe fn message(&mut self, payload: &[u8]) {
+    fn message(&mut self, payload: &[u8]) {
         let Some(&t) = payload.first() else { return };
         match t {
             tag::RELATION => {
@@ -285,7 +246,7 @@ impl Receiver {
         }
     }
 
-    unsafe fn in_transaction(&mut self, t: u8, payload: &[u8]) {
+    fn in_transaction(&mut self, t: u8, payload: &[u8]) {
         if self.txn.is_none() {
             error!("multimaster: message {:?} from node {} outside a transaction", t as char, self.peer);
         }
@@ -325,7 +286,7 @@ impl Receiver {
 
     /// Plans the next transaction, waits for what it must follow, and
     /// starts it on its worker: the caller sends its messages there.
-    unsafe fn hand_over(&mut self, keys: &TxnKeys) -> Plan {
+    fn hand_over(&mut self, keys: &TxnKeys) -> Plan {
         self.scheduler.committed(self.queues.pool().committed.load(Acquire));
         let plan = self.scheduler.plan(keys);
         self.wait_committed(plan.wait_for);
@@ -337,7 +298,7 @@ impl Receiver {
     }
 
     /// Hands a whole transaction (ending at the peer's `end`) to the pool.
-    unsafe fn dispatch(&mut self, msgs: Vec<Vec<u8>>, keys: &TxnKeys, end: u64) {
+    fn dispatch(&mut self, msgs: Vec<Vec<u8>>, keys: &TxnKeys, end: u64) {
         let plan = self.hand_over(keys);
         let last = msgs.len().saturating_sub(1);
         for (i, m) in msgs.iter().enumerate() {
@@ -351,7 +312,7 @@ impl Receiver {
 
     /// The current transaction is too big to hold: once everything
     /// before it has committed, stream it to one worker.
-    unsafe fn start_streaming(&mut self) {
+    fn start_streaming(&mut self) {
         log!("multimaster: a transaction from node {} is over {} MB: streaming it to one apply worker", self.peer, STREAM_AT >> 20);
         let plan = self.hand_over(&TxnKeys { barrier: true, ..Default::default() });
         let mut txn = self.txn.take().expect("streaming a transaction");
@@ -364,7 +325,7 @@ impl Receiver {
 
     /// Queues one message for a worker, waiting (and keeping the peer
     /// informed) while its queue is full.
-    unsafe fn send(&mut self, worker: usize, bytes: &[u8], flush: bool) {
+    fn send(&mut self, worker: usize, bytes: &[u8], flush: bool) {
         loop {
             match self.queues.try_send(worker, bytes, flush) {
                 Ok(true) => return,
@@ -375,7 +336,7 @@ impl Receiver {
     }
 
     /// Waits until the pool has committed everything up to `seq`.
-    unsafe fn wait_committed(&mut self, seq: u64) {
+    fn wait_committed(&mut self, seq: u64) {
         let pool = self.queues.pool();
         pool.receiver_waiting.store(true, SeqCst);
         loop {
@@ -390,7 +351,7 @@ impl Receiver {
     }
 
     /// Waits for the pool (a commit, room in a queue) or 100 ms.
-    unsafe fn wait_a_little(&mut self) {
+    fn wait_a_little(&mut self) {
         self.queues.flush(false);
         self.check_pool();
         self.maybe_feedback();
@@ -439,27 +400,25 @@ impl Receiver {
         self.flush.confirmable(&PoolCommits(self.queues.pool()), idle_at)
     }
 
-    unsafe fn maybe_feedback(&mut self) {
+    fn maybe_feedback(&mut self) {
         if self.last_feedback.elapsed() >= Duration::from_secs(1) {
             self.send_feedback();
         }
     }
 
     /// Standby status update: everything up to the flush LSN is committed here.
-    unsafe fn send_feedback(&mut self) {
+    fn send_feedback(&mut self) {
         let lsn = self.flush_lsn();
         let mut msg = Vec::with_capacity(34);
         msg.push(b'r');
         for _ in 0..3 {
             msg.extend_from_slice(&lsn.to_be_bytes());
         }
-        msg.extend_from_slice(&pg_sys::GetCurrentTimestamp().to_be_bytes());
+        msg.extend_from_slice(&walrcv::now().to_be_bytes());
         // Ask for a keepalive when the peer has been quiet: a live peer
         // then always answers within a second or two.
         msg.push((self.last_heard.elapsed() >= Duration::from_secs(1)) as u8);
-        if let Some(send) = self.funcs.walrcv_send {
-            guarded(|| send(self.conn, msg.as_ptr() as *const c_char, msg.len() as i32));
-        }
+        self.sender.send(&msg);
         self.last_feedback = Instant::now();
     }
 }
@@ -475,7 +434,6 @@ impl CommitSource for PoolCommits {
         self.0.last_commit()
     }
     fn flushed(&self) -> u64 {
-        // SAFETY: a read of the shared WAL positions, valid in any backend.
-        unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
+        walrcv::flushed_up_to()
     }
 }
