@@ -20,10 +20,10 @@
 //! Which backend coordinates a gid is noted in shared memory when it runs
 //! `PREPARE TRANSACTION 'mtm-…'` (the `xact` module's utility hook); the
 //! launcher runs [`resolve_orphans`] once a second.
+#![deny(unsafe_code)]
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 use mtm_state::decisions::State;
-use pgrx::pg_sys;
 
 const SLOTS: usize = 512;
 const GID_MAX: usize = 200;
@@ -69,8 +69,8 @@ pub fn note_prepare(gid: &str) {
     if !gid.starts_with("mtm-") || g.len() > GID_MAX {
         return;
     }
-    // SAFETY: this backend's pid.
-    let me = unsafe { pg_sys::MyProcPid };
+    // This backend's pid (PostgreSQL's MyProcPid is getpid()).
+    let me = std::process::id() as i32;
     let mut t = COORDINATORS.exclusive();
     let i = t.find(g).or_else(|| t.slots.iter().position(|s| s.pid == 0 || !crate::pid_alive(s.pid)));
     // A full table only means the resolver may roll back a gid whose
@@ -80,9 +80,8 @@ pub fn note_prepare(gid: &str) {
         s.pid = me;
         s.gid_len = g.len() as u8;
         s.gid[..g.len()].copy_from_slice(g);
-        // SAFETY: reads this backend's transaction state (the PREPARE has
-        // not run yet).
-        s.xid = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
+        // The PREPARE has not run yet: this is the xid it will prepare.
+        s.xid = crate::pg::twophase::top_xid_if_any().into_inner();
         s.prepared_at = 0;
     }
 }
@@ -155,10 +154,9 @@ pub fn resolve_orphans() {
             BackgroundWorker::transaction(|| {
                 crate::decisions::log(&gid, if commit { State::Committed } else { State::Aborted });
                 let c_gid = std::ffi::CString::new(gid.as_str()).expect("gid without NUL");
-                // SAFETY: inside a transaction, main thread; an ERROR (e.g.
-                // the coordinator finished it meanwhile) unwinds to the
-                // catch below through our frames.
-                unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| crate::apply::FinishPreparedTransaction(c_gid.as_ptr(), commit)) };
+                // An ERROR (e.g. the coordinator finished it meanwhile)
+                // unwinds to the catch below through our frames.
+                crate::pg::twophase::finish_prepared(&c_gid, commit);
                 if commit {
                     crate::notify::deliver(&gid);
                 }
@@ -180,9 +178,9 @@ pub fn resolve_orphans() {
                 log!("multimaster: resolver rolled back {gid}: its coordinator is gone and it was not committed");
             }
         } else {
-            // SAFETY: clean up after the failed transaction, as a worker
-            // that survives an ERROR must.
-            unsafe { pg_sys::AbortCurrentTransaction() };
+            // Clean up after the failed transaction, as a worker that
+            // survives an ERROR must.
+            crate::pg::twophase::abort_current_transaction();
         }
     }
 }
