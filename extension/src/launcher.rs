@@ -7,6 +7,7 @@
 //! state file ([`crate::decisions::persist`]); every few milliseconds it
 //! settles conflicts between the nodes' transactions
 //! ([`crate::conflicts::Settler`]).
+#![deny(unsafe_code)]
 
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
@@ -40,9 +41,9 @@ pub fn register() {
         .load();
 }
 
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn mtm_launcher_main(_arg: pg_sys::Datum) {
+/// The launcher's main function (entered through
+/// `crate::pg::bgworker::mtm_launcher_main`).
+pub fn main() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&database()), None);
     let mut receivers: HashMap<i32, DynamicBackgroundWorker> = HashMap::new();
@@ -80,7 +81,7 @@ pub extern "C-unwind" fn mtm_launcher_main(_arg: pg_sys::Datum) {
                 .set_function("mtm_receiver_main")
                 .set_extra(&peer.to_string())
                 .enable_spi_access()
-                .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                .set_notify_pid(crate::pg::bgworker::my_pid())
                 .load_dynamic();
             match started {
                 Ok(w) => {

@@ -33,11 +33,15 @@
 //! the receiver is about to wait, or a quarter of the queue is pending:
 //! a worker that waits for its commit turn is not woken by every
 //! transaction queued behind it.
+#![deny(unsafe_code)]
 
+use crate::pg::bgworker::{my_pid, ProcSlot};
+use crate::pg::dsm::{MqReceiver, MqSender, Segment};
+use crate::pg::latch::LatchSlot;
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
 use pgrx::pg_sys;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering::*};
 
 /// Node ids are 1..=16 (`mtm.init_cluster`).
 pub const MAX_NODES: usize = 16;
@@ -65,16 +69,16 @@ pub struct PeerPool {
     pub last_local: AtomicU64,
     /// The receiver's latch (PGPROC lives in shared memory at the same
     /// address in every backend), 0 when none.
-    pub receiver_latch: AtomicUsize,
+    pub receiver_latch: LatchSlot,
     /// The receiver waits for a commit.
     pub receiver_waiting: AtomicBool,
     pub receiver_pid: AtomicI32,
     pub n_workers: AtomicU32,
     pub worker_pid: [AtomicI32; MAX_WORKERS],
     pub worker_busy: [AtomicBool; MAX_WORKERS],
-    pub worker_latch: [AtomicUsize; MAX_WORKERS],
+    pub worker_latch: [LatchSlot; MAX_WORKERS],
     /// Each worker's PGPROC number (-1: none), for reading its wait state.
-    pub worker_procno: [AtomicI32; MAX_WORKERS],
+    pub worker_procno: [ProcSlot; MAX_WORKERS],
     /// The transaction number whose turn a worker waits for, 0 if none.
     pub worker_waits_for: [AtomicU64; MAX_WORKERS],
     /// A worker found its queue empty and sleeps until data is flushed.
@@ -104,14 +108,14 @@ impl Default for PoolTable {
                 dispatched: AtomicU64::new(0),
                 last_remote: AtomicU64::new(0),
                 last_local: AtomicU64::new(0),
-                receiver_latch: AtomicUsize::new(0),
+                receiver_latch: LatchSlot::new(),
                 receiver_waiting: AtomicBool::new(false),
                 receiver_pid: AtomicI32::new(0),
                 n_workers: AtomicU32::new(0),
                 worker_pid: std::array::from_fn(|_| AtomicI32::new(0)),
                 worker_busy: std::array::from_fn(|_| AtomicBool::new(false)),
-                worker_latch: std::array::from_fn(|_| AtomicUsize::new(0)),
-                worker_procno: std::array::from_fn(|_| AtomicI32::new(-1)),
+                worker_latch: std::array::from_fn(|_| LatchSlot::new()),
+                worker_procno: std::array::from_fn(|_| ProcSlot::new()),
                 worker_waits_for: std::array::from_fn(|_| AtomicU64::new(0)),
                 worker_hungry: std::array::from_fn(|_| AtomicBool::new(false)),
                 worker_txn_time: std::array::from_fn(|_| AtomicI64::new(0)),
@@ -125,15 +129,10 @@ impl Default for PoolTable {
 pub use crate::pg::shmem::POOLS;
 
 /// The replication origin `mtm_node_<peer>` (created by mtm.init_cluster).
-///
-/// # Safety
 /// Outside a transaction, in a backend connected to the database.
-pub unsafe fn origin_of(peer: i32) -> pg_sys::RepOriginId {
+pub fn origin_of(peer: i32) -> pg_sys::RepOriginId {
     let name = std::ffi::CString::new(format!("mtm_node_{peer}")).expect("no NUL");
-    pg_sys::StartTransactionCommand();
-    let origin = pg_sys::replorigin_by_name(name.as_ptr(), false);
-    pg_sys::CommitTransactionCommand();
-    origin
+    crate::pg::bgworker::origin_by_name(&name)
 }
 
 /// The pool of `peer` (a node id, 1..=16).
@@ -172,25 +171,12 @@ pub fn lock_waiters() -> Vec<LockWait> {
             continue;
         }
         for w in 0..pool.workers() {
-            let procno = pool.worker_procno[w].load(Acquire);
-            if procno < 0 || pool.worker_txn_time[w].load(Acquire) == 0 {
+            let Some(proc) = pool.worker_procno[w].get() else { continue };
+            if pool.worker_txn_time[w].load(Acquire) == 0 {
                 continue;
             }
-            // SAFETY: a PGPROC number a live worker published; PGPROCs and
-            // the lock table live in shared memory for the server's life
-            // (a LOCK that was freed meanwhile reads as some other lock).
-            let wait = unsafe {
-                let proc = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
-                let event = std::ptr::read_volatile(&(*proc).wait_event_info);
-                let lock = std::ptr::read_volatile(&(*proc).waitLock);
-                if event & 0xFF00_0000 != pg_sys::PG_WAIT_LOCK || lock.is_null() {
-                    continue;
-                }
-                let tag = std::ptr::read_volatile(&(*lock).tag);
-                let xid = (tag.locktag_type as u32 == pg_sys::LockTagType::LOCKTAG_TRANSACTION).then_some(tag.locktag_field1);
-                LockWait { pid: pool.worker_pid[w].load(Acquire), lock: lock as usize, xid }
-            };
-            out.push(wait);
+            let Some(waited) = proc.lock_wait() else { continue };
+            out.push(LockWait { pid: pool.worker_pid[w].load(Acquire), lock: waited.lock, xid: waited.xid });
         }
     }
     out
@@ -217,7 +203,7 @@ impl PeerPool {
     pub fn wake_all(&self) {
         let latches = self.worker_latch[..self.workers()].iter().chain([&self.receiver_latch]);
         for l in latches {
-            set_latch(l.load(Acquire));
+            l.set();
         }
     }
 
@@ -228,11 +214,11 @@ impl PeerPool {
     fn committed_wake(&self, seq: u64) {
         for i in 0..self.workers() {
             if self.worker_waits_for[i].load(SeqCst) == seq + 1 {
-                set_latch(self.worker_latch[i].load(Acquire));
+                self.worker_latch[i].set();
             }
         }
         if self.receiver_waiting.load(SeqCst) {
-            set_latch(self.receiver_latch.load(Acquire));
+            self.receiver_latch.set();
         }
     }
 
@@ -252,37 +238,16 @@ impl PeerPool {
     }
 }
 
-fn set_latch(latch: usize) {
-    if latch != 0 {
-        // SAFETY: a PGPROC latch in shared memory.
-        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
-    }
-}
-
 /// Waits on this process's latch (set by the pool, by shm_mq, or by a
 /// signal) for at most `ms`.
 pub fn wait_latch(ms: i64) {
-    // SAFETY: our own latch, as any backend waits.
-    unsafe {
-        let rc = pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            ms as _,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-    }
-    pg_sys::check_for_interrupts!();
+    crate::pg::latch::wait(ms);
 }
 
-/// Registered with `on_dsm_detach` by every member of a pool: whoever
-/// leaves (error, crash, shutdown) stops the pool of its epoch.
-#[pg_guard]
-unsafe extern "C-unwind" fn stop_on_detach(_seg: *mut pg_sys::dsm_segment, arg: pg_sys::Datum) {
-    let v = arg.value() as u64;
-    let (p, epoch) = ((v & 0xff) as i32, v >> 8);
+/// Registered with `on_dsm_detach` by every member of a pool
+/// ([`Segment::stop_pool_on_detach`]): whoever leaves (error, crash,
+/// shutdown) stops the pool of its epoch.
+pub fn stop_on_detach(p: i32, epoch: u64) {
     let pool = peer(p);
     if pool.epoch.load(Acquire) == epoch {
         pool.aborted.store(true, Release);
@@ -290,15 +255,11 @@ unsafe extern "C-unwind" fn stop_on_detach(_seg: *mut pg_sys::dsm_segment, arg: 
     }
 }
 
-unsafe fn stop_when_detached(seg: *mut pg_sys::dsm_segment, p: i32, epoch: u64) {
-    pg_sys::on_dsm_detach(seg, Some(stop_on_detach), pg_sys::Datum::from(((epoch << 8) | p as u64) as usize));
-}
-
 /// The receiver's side: the segment of queues and the workers reading them.
 pub struct Queues {
     peer: i32,
     pub epoch: u64,
-    handles: Vec<*mut pg_sys::shm_mq_handle>,
+    handles: Vec<MqSender>,
     workers: Vec<DynamicBackgroundWorker>,
     /// Bytes written but not yet made visible, per worker.
     pending: Vec<bool>,
@@ -322,9 +283,8 @@ impl Queues {
             if since.elapsed() > std::time::Duration::from_secs(30) {
                 error!("multimaster: apply workers {old:?} of node {p} did not stop within 30 s");
             }
-            // SAFETY: a plain sleep in a backend.
-            unsafe { pg_sys::pg_usleep(20_000) };
-            pg_sys::check_for_interrupts!();
+            crate::pg::latch::sleep(20_000);
+            crate::pg::latch::check_for_interrupts();
         }
         let n = n.clamp(1, MAX_WORKERS);
         let epoch = pool.epoch.load(Acquire) + 1;
@@ -336,37 +296,19 @@ impl Queues {
         pool.worker_busy.iter().for_each(|b| b.store(false, Release));
         pool.worker_waits_for.iter().for_each(|w| w.store(0, Release));
         pool.worker_hungry.iter().for_each(|h| h.store(false, Release));
-        pool.worker_latch.iter().for_each(|l| l.store(0, Release));
-        pool.worker_procno.iter().for_each(|n| n.store(-1, Release));
+        pool.worker_latch.iter().for_each(|l| l.clear());
+        pool.worker_procno.iter().for_each(|n| n.clear());
         pool.receiver_waiting.store(false, Release);
-        // SAFETY: MyProc is this backend's PGPROC, in shared memory.
-        unsafe {
-            pool.receiver_latch.store(&raw mut (*pg_sys::MyProc).procLatch as usize, Release);
-            pool.receiver_pid.store(pg_sys::MyProcPid, Release);
-        }
+        pool.receiver_latch.publish_mine();
+        pool.receiver_pid.store(my_pid(), Release);
         pool.epoch.store(epoch, Release);
         pool.aborted.store(false, Release);
 
-        // SAFETY: DSM and shm_mq set-up from the receiver's main thread;
-        // the queues are created before any worker can attach.
-        let (seg, handles) = unsafe {
-            let seg = pg_sys::dsm_create(n * QUEUE_SIZE, 0);
-            pg_sys::dsm_pin_mapping(seg);
-            stop_when_detached(seg, p, epoch);
-            let base = pg_sys::dsm_segment_address(seg) as *mut u8;
-            let outer = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
-            let handles = (0..n)
-                .map(|i| {
-                    let mq = pg_sys::shm_mq_create(base.add(i * QUEUE_SIZE) as *mut _, QUEUE_SIZE);
-                    pg_sys::shm_mq_set_sender(mq, pg_sys::MyProc);
-                    pg_sys::shm_mq_attach(mq, seg, std::ptr::null_mut())
-                })
-                .collect::<Vec<_>>();
-            pg_sys::MemoryContextSwitchTo(outer);
-            (seg, handles)
-        };
-        // SAFETY: reads the handle of a segment we created.
-        let handle = unsafe { pg_sys::dsm_segment_handle(seg) };
+        // The queues are created before any worker can attach.
+        let seg = Segment::create(n * QUEUE_SIZE);
+        seg.stop_pool_on_detach(p, epoch);
+        let handles = seg.create_queues(n, QUEUE_SIZE);
+        let handle = seg.handle();
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let w = BackgroundWorkerBuilder::new(&format!("multimaster apply worker {i} for node {p}"))
@@ -376,8 +318,7 @@ impl Queues {
                 .set_argument(Some(pg_sys::Datum::from(handle as usize)))
                 .set_extra(&format!("{p} {i} {epoch}"))
                 .enable_spi_access()
-                // SAFETY: this backend's pid.
-                .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                .set_notify_pid(my_pid())
                 .load_dynamic()
                 .unwrap_or_else(|_| {
                     error!("multimaster: cannot start apply workers for node {p}: raise max_worker_processes (it needs one per peer for the receiver plus multimaster.max_workers per peer)")
@@ -400,8 +341,7 @@ impl Queues {
     }
 
     fn raw_send(&self, worker: usize, bytes: &[u8], flush: bool) -> pg_sys::shm_mq_result::Type {
-        // SAFETY: our attached handle; shm_mq copies the bytes.
-        unsafe { pg_sys::shm_mq_send(self.handles[worker], bytes.len(), bytes.as_ptr() as *const _, true, flush) }
+        self.handles[worker].send(bytes, flush)
     }
 
     /// Tries to queue one message for `worker`. `Ok(false)`: the queue is
@@ -472,29 +412,19 @@ pub struct Turn {
 
 impl Turn {
     /// Joins the pool of `epoch` through the segment `handle`: returns the
-    /// queue to read, or None if that pool is already gone.
-    ///
-    /// # Safety
-    /// From a worker's main thread, connected to the database, once.
-    pub unsafe fn join(p: i32, slot: usize, epoch: u64, handle: u32, origin: pg_sys::RepOriginId) -> Option<(Turn, *mut pg_sys::shm_mq_handle)> {
+    /// queue to read, or None if that pool is already gone. From a
+    /// worker's main thread, connected to the database, once.
+    pub fn join(p: i32, slot: usize, epoch: u64, handle: u32, origin: pg_sys::RepOriginId) -> Option<(Turn, MqReceiver)> {
         let pool = peer(p);
         if pool.stopped(epoch) || slot >= MAX_WORKERS {
             return None;
         }
-        let seg = pg_sys::dsm_attach(handle);
-        if seg.is_null() {
-            return None;
-        }
-        pg_sys::dsm_pin_mapping(seg);
-        stop_when_detached(seg, p, epoch);
-        pool.worker_pid[slot].store(pg_sys::MyProcPid, Release);
-        pool.worker_latch[slot].store(&raw mut (*pg_sys::MyProc).procLatch as usize, Release);
-        pool.worker_procno[slot].store((*pg_sys::MyProc).pgprocno, Release);
-        let mq = (pg_sys::dsm_segment_address(seg) as *mut u8).add(slot * QUEUE_SIZE) as *mut pg_sys::shm_mq;
-        pg_sys::shm_mq_set_receiver(mq, pg_sys::MyProc);
-        let outer = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
-        let mqh = pg_sys::shm_mq_attach(mq, seg, std::ptr::null_mut());
-        pg_sys::MemoryContextSwitchTo(outer);
+        let seg = Segment::attach(handle)?;
+        seg.stop_pool_on_detach(p, epoch);
+        pool.worker_pid[slot].store(my_pid(), Release);
+        pool.worker_latch[slot].publish_mine();
+        pool.worker_procno[slot].publish_mine();
+        let mqh = seg.receive_queue(slot, QUEUE_SIZE);
         Some((Turn { peer: p, epoch, slot, origin, holding: std::cell::Cell::new(false) }, mqh))
     }
 
@@ -528,20 +458,16 @@ impl Turn {
     }
 
     /// Waits until transaction `seq` may commit, then takes the origin so
-    /// the commit records the peer's LSN.
-    ///
-    /// # Safety
-    /// Outside a commit; pair with [`Turn::done`] after the commit.
-    pub unsafe fn wait(&self, seq: u64) {
+    /// the commit records the peer's LSN. Outside a commit; pair with
+    /// [`Turn::done`] after the commit.
+    pub fn wait(&self, seq: u64) {
         self.wait_unless(seq, || false);
     }
 
     /// Like [`Turn::wait`], but gives up without taking the turn as soon as
     /// `give_up` says so (checked whenever the worker wakes): false then.
-    ///
-    /// # Safety
-    /// As [`Turn::wait`]; after a false, call it again for the same `seq`.
-    pub unsafe fn wait_unless(&self, seq: u64, give_up: impl Fn() -> bool) -> bool {
+    /// After a false, call it again for the same `seq`.
+    pub fn wait_unless(&self, seq: u64, give_up: impl Fn() -> bool) -> bool {
         if self.holding.get() {
             return true;
         }
@@ -564,26 +490,22 @@ impl Turn {
             wait_latch(1000);
         }
         pool.worker_waits_for[self.slot].store(0, Release);
-        pg_sys::replorigin_session_setup(self.origin);
-        pg_sys::replorigin_session_origin = self.origin;
+        crate::pg::bgworker::take_origin(self.origin);
         self.holding.set(true);
         true
     }
 
     /// Transaction `seq`, ending at the peer's `remote_end`, is committed:
-    /// release the origin and pass the turn on.
-    ///
-    /// # Safety
-    /// Only after [`Turn::wait`] for the same `seq`.
-    pub unsafe fn done(&self, seq: u64, remote_end: u64) {
-        pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
-        pg_sys::replorigin_session_reset();
+    /// release the origin and pass the turn on. Only after [`Turn::wait`]
+    /// for the same `seq`.
+    pub fn done(&self, seq: u64, remote_end: u64) {
+        crate::pg::bgworker::release_origin();
         self.holding.set(false);
         let pool = self.pool();
         // The positions before the watermark: the receiver's flush tracker
         // reads the pending count first and relies on then finding the
         // positions of every commit that count includes.
-        pool.last_local.store(pg_sys::GetXLogInsertRecPtr(), Release);
+        pool.last_local.store(crate::pg::bgworker::wal_insert_position(), Release);
         pool.last_remote.store(remote_end, Release);
         pool.committed.store(seq, SeqCst);
         self.busy(false);

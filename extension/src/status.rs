@@ -3,6 +3,7 @@
 //! the functions here): the apply pools' counters ([`crate::pool`]) and
 //! the last apply error per peer, kept in shared memory so any backend
 //! can read them and a restarting receiver does not lose them.
+#![deny(unsafe_code)]
 
 use crate::pool::{self, MAX_NODES, QUEUE_SIZE};
 use pgrx::prelude::*;
@@ -46,8 +47,7 @@ pub fn record_apply_error(peer: i32, sqlstate: &str, message: &str) {
     let mut t = APPLY_ERRORS.exclusive();
     let s = &mut t.slots[i];
     s.count += 1;
-    // SAFETY: reads the clock.
-    s.at = unsafe { pg_sys::GetCurrentTimestamp() };
+    s.at = crate::pg::latch::now();
     s.sqlstate = [b'X', b'X', b'0', b'0', b'0'];
     if let Ok(code) = <[u8; 5]>::try_from(sqlstate.as_bytes()) {
         s.sqlstate = code;

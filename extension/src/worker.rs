@@ -4,16 +4,19 @@
 //! recorded for `mtm.nodes()` and ends the worker, which stops the pool;
 //! the launcher restarts the receiver, which resumes from the origin and
 //! applies the failed stretch one transaction at a time.
+#![deny(unsafe_code)]
 
 use crate::apply::Applier;
+use crate::pg::dsm::{MqReceiver, Received};
 use crate::pool::{Turn, SEQ_TAG};
 use mtm_protocol::Message;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn mtm_apply_worker_main(arg: pg_sys::Datum) {
+/// The worker's main function (entered through
+/// `crate::pg::bgworker::mtm_apply_worker_main`): `segment` is the handle
+/// of its pool's queues.
+pub fn main(segment: u32) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let extra: Vec<u64> = BackgroundWorker::get_extra().split(' ').filter_map(|s| s.parse().ok()).collect();
     let [peer, slot, epoch] = extra[..] else {
@@ -21,38 +24,37 @@ pub extern "C-unwind" fn mtm_apply_worker_main(arg: pg_sys::Datum) {
     };
     let peer = peer as i32;
     BackgroundWorker::connect_worker_to_spi(Some(&crate::launcher::database()), None);
-    // SAFETY: FFI from the worker's main thread; an ERROR unwinds to the
-    // pg_guard above and ends the worker.
+    // An ERROR unwinds to the entry point's pg_guard and ends the worker.
+    // TODO(merge): receiver::apply_session_settings becomes safe in its own refactor
+    #[allow(unsafe_code)]
     unsafe {
         crate::receiver::apply_session_settings(&format!("mtm_apply_{peer}_{slot}"));
-        let origin = crate::pool::origin_of(peer);
-        let Some((turn, mq)) = Turn::join(peer, slot as usize, epoch, arg.value() as u32, origin) else {
-            return;
-        };
-        let mut applier = Applier::new(peer, turn);
-        run(&mut applier, mq);
     }
+    let origin = crate::pool::origin_of(peer);
+    let Some((turn, mq)) = Turn::join(peer, slot as usize, epoch, segment, origin) else {
+        return;
+    };
+    let mut applier = Applier::new(peer, turn);
+    run(&mut applier, mq);
 }
 
-unsafe fn run(applier: &mut Applier, mq: *mut pg_sys::shm_mq_handle) {
+fn run(applier: &mut Applier, mut mq: MqReceiver) {
     let mut hungry = false;
     loop {
         if BackgroundWorker::sigterm_received() || applier.turn().stopped() {
             return;
         }
-        let mut len: pg_sys::Size = 0;
-        let mut data: *mut std::ffi::c_void = std::ptr::null_mut();
-        match pg_sys::shm_mq_receive(mq, &mut len, &mut data, true) {
-            pg_sys::shm_mq_result::SHM_MQ_SUCCESS => {
+        match mq.receive() {
+            Received::Message(bytes) => {
                 if hungry {
                     hungry = false;
                     applier.turn().hungry(false);
                 }
-                if len > 0 {
-                    handle(applier, std::slice::from_raw_parts(data as *const u8, len));
+                if !bytes.is_empty() {
+                    handle(applier, bytes);
                 }
             }
-            pg_sys::shm_mq_result::SHM_MQ_WOULD_BLOCK => {
+            Received::WouldBlock => {
                 if !hungry {
                     // Say so, then look once more: the receiver flushes
                     // for hungry workers, and one of us sees the other.
@@ -63,14 +65,14 @@ unsafe fn run(applier: &mut Applier, mq: *mut pg_sys::shm_mq_handle) {
                 applier.idle();
                 crate::pool::wait_latch(1000);
             }
-            _ => return, // the receiver has gone
+            Received::Detached => return, // the receiver has gone
         }
     }
 }
 
 /// One queue message; an error is recorded for `mtm.nodes()`, then ends
 /// the worker.
-unsafe fn handle(applier: &mut Applier, bytes: &[u8]) {
+fn handle(applier: &mut Applier, bytes: &[u8]) {
     let peer = applier.peer();
     PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
         if bytes.first() == Some(&SEQ_TAG) && bytes.len() == 9 {
