@@ -71,9 +71,7 @@ pub fn apply_session_settings(application_name: &str) {
 
 fn run(me: i32, peer: i32, conninfo: &str) {
     apply_session_settings(&format!("mtm_receiver_from_{peer}_connecting"));
-    // TODO(merge): pool::origin_of becomes safe in its own refactor
-    #[allow(unsafe_code)]
-    let origin = unsafe { crate::pool::origin_of(peer) };
+    let origin = crate::pool::origin_of(peer);
     let workers = crate::MAX_WORKERS.get().max(1) as usize;
     let queues = Queues::start(peer, workers);
     // Read after the old pool's workers (which held the origin) are gone.

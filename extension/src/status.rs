@@ -7,7 +7,6 @@
 
 use crate::pool::{self, MAX_NODES, QUEUE_SIZE};
 use pgrx::prelude::*;
-use pgrx::pg_sys;
 
 const MESSAGE_MAX: usize = 1024;
 

@@ -25,11 +25,7 @@ pub fn main(segment: u32) {
     let peer = peer as i32;
     BackgroundWorker::connect_worker_to_spi(Some(&crate::launcher::database()), None);
     // An ERROR unwinds to the entry point's pg_guard and ends the worker.
-    // TODO(merge): receiver::apply_session_settings becomes safe in its own refactor
-    #[allow(unsafe_code)]
-    unsafe {
-        crate::receiver::apply_session_settings(&format!("mtm_apply_{peer}_{slot}"));
-    }
+    crate::receiver::apply_session_settings(&format!("mtm_apply_{peer}_{slot}"));
     let origin = crate::pool::origin_of(peer);
     let Some((turn, mq)) = Turn::join(peer, slot as usize, epoch, segment, origin) else {
         return;
