@@ -13,6 +13,8 @@
 //! - [`testing`] — a throw-away cluster for tests, stopped on drop;
 //! - [`error`]   — the one-line errors the CLI prints.
 
+#![forbid(unsafe_code)]
+
 pub mod cluster;
 pub mod error;
 pub mod host;

@@ -7,6 +7,8 @@
 //! stream) and starts with a one-byte type. Integers are big-endian;
 //! strings are a u32 byte length then UTF-8 bytes.
 
+#![forbid(unsafe_code)]
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Begin { xid: u32, final_lsn: u64, commit_time: i64 },

@@ -25,6 +25,8 @@
 //! - [`server`]   — listeners, metrics endpoint, signals;
 //! - [`workers`]  — the threads sessions run on (one single-threaded runtime each).
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod auth;
 pub mod backend;
