@@ -36,12 +36,22 @@
 //! `multimaster.replicate_ddl = off` (superuser) keeps a session's DDL on
 //! its node, for repairs by hand.
 
+#![deny(unsafe_code)]
+
+use crate::pg::catalog;
+use crate::pg::nodes::{ExternParam, Node, ParamList, PlannedStmt, QueryDesc, RangeVar};
 use mtm_protocol::DdlMessage;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::Cell;
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{CStr, CString};
+
+/// The ProcessUtility and ExecutorStart hooks' entry points (in the
+/// layer: they turn the hooks' pointers into views and call [`capture`],
+/// [`keep_replica_identity_of`], [`refuse_values_per_node_of`] and
+/// [`capture_query`]).
+pub use crate::pg::utility::{begin, begin_statement, keep_replica_identity, refuse_values_per_node};
 
 /// `multimaster.replicate_ddl`.
 pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -64,8 +74,6 @@ thread_local! {
     static CAPTURED_MESSAGE: std::cell::RefCell<Option<DdlMessage>> = const { std::cell::RefCell::new(None) };
 }
 
-static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
-
 /// Defines the setting and installs the object access hook (from `_PG_init`).
 pub fn init() {
     GucRegistry::define_bool_guc(
@@ -84,21 +92,13 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    // SAFETY: while the library is preloaded; the previous hook is kept
-    // and called.
-    unsafe {
-        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
-        pg_sys::object_access_hook = Some(object_access);
-    }
+    crate::pg::utility::install_object_access_hook();
 }
 
 /// Whether a statement of this kind is a schema change to replicate.
-///
-/// # Safety
-/// `node` is a valid parse node.
-unsafe fn is_replicated_kind(node: *mut pg_sys::Node) -> bool {
+fn is_replicated_kind(node: Node<'_>) -> bool {
     use pg_sys::NodeTag::*;
-    match (*node).type_ {
+    match node.tag() {
         T_TransactionStmt | T_VariableSetStmt | T_VariableShowStmt | T_DiscardStmt | T_PrepareStmt | T_ExecuteStmt
         | T_DeallocateStmt | T_DeclareCursorStmt | T_FetchStmt | T_ClosePortalStmt | T_NotifyStmt | T_ListenStmt
         | T_UnlistenStmt | T_LoadStmt | T_CheckPointStmt | T_LockStmt | T_CopyStmt | T_TruncateStmt | T_ExplainStmt
@@ -106,8 +106,7 @@ unsafe fn is_replicated_kind(node: *mut pg_sys::Node) -> bool {
         | T_AlterDatabaseStmt | T_AlterDatabaseSetStmt | T_AlterDatabaseRefreshCollStmt | T_AlterSystemStmt
         | T_CreateTableSpaceStmt | T_DropTableSpaceStmt | T_AlterTableSpaceOptionsStmt | T_CreateSubscriptionStmt
         | T_AlterSubscriptionStmt | T_DropSubscriptionStmt | T_CreatePublicationStmt | T_AlterPublicationStmt => false,
-        T_IndexStmt => !(*(node as *mut pg_sys::IndexStmt)).concurrent,
-        T_DropStmt => !(*(node as *mut pg_sys::DropStmt)).concurrent,
+        T_IndexStmt | T_DropStmt => !node.concurrent(),
         _ => true,
     }
 }
@@ -119,18 +118,13 @@ pub(crate) fn replicated_database() -> bool {
         static THIS_ONE: Cell<Option<bool>> = const { Cell::new(None) };
     }
     let named = THIS_ONE.get().unwrap_or_else(|| {
-        // SAFETY: the backend's database is fixed once connected; the
-        // name is read from the catalog inside a transaction.
-        let name = unsafe {
-            let p = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-            if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
-        };
+        // The backend's database is fixed once connected.
+        let name = catalog::database_name();
         let v = name == crate::launcher::database();
         THIS_ONE.set(Some(v));
         v
     });
-    // SAFETY: a syscache lookup inside a transaction.
-    named && unsafe { pg_sys::get_namespace_oid(c"mtm".as_ptr(), true) != pg_sys::InvalidOid }
+    named && catalog::namespace_oid(c"mtm") != pg_sys::InvalidOid
 }
 
 /// A statement being captured.
@@ -146,50 +140,50 @@ fn capture_allowed() -> bool {
 }
 
 /// `sql` as this session runs it now: as the current role, with the
-/// current search_path.
-///
-/// # Safety
-/// Inside a transaction, main thread.
-unsafe fn as_this_session(sql: String) -> DdlMessage {
-    let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned();
+/// current search_path (inside a transaction).
+fn as_this_session(sql: String) -> DdlMessage {
+    let role = catalog::current_user_name();
     let search_path = crate::setting(c"search_path").unwrap_or_default();
     DdlMessage { role, search_path, sql }
 }
 
-/// Writes the message that opens a captured statement: the decoder drops
-/// the rows up to the closing one.
-///
-/// # Safety
-/// Inside the transaction that runs the statement.
-unsafe fn log_opening() {
+/// Writes a transactional logical message in the running transaction.
+// TODO(merge): votes::log_message becomes safe in its own refactor
+#[allow(unsafe_code)]
+fn log_message(prefix: &CStr, content: &[u8]) {
+    // SAFETY: called only inside the transaction that runs (or ran) the
+    // captured statement, from its hooks on the backend's main thread.
+    unsafe { crate::votes::log_message(prefix, content, true) };
+}
+
+/// Writes the message that opens a captured statement (inside the
+/// transaction that runs it): the decoder drops the rows up to the
+/// closing one.
+fn log_opening() {
     let prefix = CString::new(mtm_protocol::DDL_BEGIN_PREFIX).expect("no NUL");
-    crate::votes::log_message(&prefix, &[], true);
+    log_message(&prefix, &[]);
 }
 
-/// Writes the message that closes a captured statement and carries it to
-/// the peers (None: it stays here).
-///
-/// # Safety
-/// Inside the transaction that ran the statement.
-unsafe fn log_closing(message: Option<&DdlMessage>) {
+/// Writes the message that closes a captured statement (inside the
+/// transaction that ran it) and carries it to the peers (None: it stays
+/// here).
+fn log_closing(message: Option<&DdlMessage>) {
     let prefix = CString::new(mtm_protocol::DDL_PREFIX).expect("no NUL");
-    crate::votes::log_message(&prefix, &message.map(DdlMessage::to_bytes).unwrap_or_default(), true);
+    log_message(&prefix, &message.map(DdlMessage::to_bytes).unwrap_or_default());
 }
 
-/// Starts capturing `pstmt` if it is a client's DDL statement to run on
-/// every node: writes the opening message. The caller runs the statement
-/// with [`while_capturing`] and then calls [`finish`].
-///
-/// # Safety
-/// Called from the ProcessUtility hook with its arguments.
-pub unsafe fn begin(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char, params: pg_sys::ParamListInfo) -> Option<Capture> {
-    let node = (*pstmt).utilityStmt;
-    if node.is_null() || !is_replicated_kind(node) || !capture_allowed() {
+/// Starts capturing `stmt` (run by ProcessUtility with `query_string`
+/// and `params`) if it is a client's DDL statement to run on every node:
+/// writes the opening message. The caller runs the statement with
+/// [`while_capturing`] and then calls [`finish`].
+pub fn capture(stmt: PlannedStmt<'_>, query_string: &CStr, params: Option<ParamList<'_>>) -> Option<Capture> {
+    let node = stmt.utility()?;
+    if !is_replicated_kind(node) || !capture_allowed() {
         return None;
     }
-    let query = CStr::from_ptr(query_string).to_bytes();
+    let query = query_string.to_bytes();
     let values = parameter_values(node, params);
-    let sql = DdlMessage::statement_text_with_values(query, (*pstmt).stmt_location, (*pstmt).stmt_len, &values);
+    let sql = DdlMessage::statement_text_with_values(query, stmt.location(), stmt.length(), &values);
     let message = as_this_session(sql);
     log_opening();
     TOUCHED.set((false, false));
@@ -202,23 +196,14 @@ pub unsafe fn begin(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char
 /// `$1`) do not exist. Only `CREATE TABLE AS` (and `SELECT INTO`) can use
 /// parameters: its query is the one analysed query a utility statement
 /// holds.
-///
-/// # Safety
-/// `node` is the utility statement about to run with `params`.
-unsafe fn parameter_values(node: *mut pg_sys::Node, params: pg_sys::ParamListInfo) -> Vec<(usize, String)> {
-    if params.is_null() || (*node).type_ != pg_sys::NodeTag::T_CreateTableAsStmt {
-        return Vec::new();
-    }
-    let query = (*(node as *mut pg_sys::CreateTableAsStmt)).query;
-    if query.is_null() || (*query).type_ != pg_sys::NodeTag::T_Query {
-        return Vec::new();
-    }
-    let mut found: Vec<*mut pg_sys::Param> = Vec::new();
-    pg_sys::query_tree_walker(query.cast(), Some(collect_params), (&raw mut found).cast(), 0);
-    found
+fn parameter_values(node: Node<'_>, params: Option<ParamList<'_>>) -> Vec<(usize, String)> {
+    let Some(params) = params else { return Vec::new() };
+    let Some(query) = node.as_create_table_as().and_then(|c| c.query()) else { return Vec::new() };
+    query
+        .extern_params()
         .into_iter()
         .map(|p| {
-            let Some(literal) = parameter_literal(params, p).filter(|_| (*p).location >= 0) else {
+            let Some(literal) = parameter_literal(params, &p).filter(|_| p.location() >= 0) else {
                 crate::raise(
                     PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                     "multimaster: a schema change that uses a parameter whose value is not known here cannot run on the other nodes",
@@ -226,57 +211,17 @@ unsafe fn parameter_values(node: *mut pg_sys::Node, params: pg_sys::ParamListInf
                     "parameter_values",
                 )
             };
-            ((*p).location as usize, literal)
+            (p.location() as usize, literal)
         })
         .collect()
 }
 
-/// Collects every external parameter of an analysed query (`context`: a
-/// `Vec<*mut Param>`).
-#[pg_guard]
-unsafe extern "C-unwind" fn collect_params(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
-    if node.is_null() {
-        return false;
-    }
-    match (*node).type_ {
-        pg_sys::NodeTag::T_Param => {
-            let p = node.cast::<pg_sys::Param>();
-            if (*p).paramkind == pg_sys::ParamKind::PARAM_EXTERN {
-                (*context.cast::<Vec<*mut pg_sys::Param>>()).push(p);
-            }
-            false
-        }
-        pg_sys::NodeTag::T_Query => pg_sys::query_tree_walker(node.cast(), Some(collect_params), context, 0),
-        _ => pg_sys::expression_tree_walker(node, Some(collect_params), context),
-    }
-}
-
 /// The value of parameter `p` as a typed SQL literal (`'7'::integer`,
 /// `NULL::text`); None where `params` does not have it.
-///
-/// # Safety
-/// `params` is the statement's parameter list, `p` a Param of its query.
-unsafe fn parameter_literal(params: pg_sys::ParamListInfo, p: *mut pg_sys::Param) -> Option<String> {
-    let id = (*p).paramid;
-    let mut workspace: pg_sys::ParamExternData = std::mem::zeroed();
-    // PL/pgSQL hands its variables out through paramFetch, a client's
-    // Bind values are in the array.
-    let value = match (*params).paramFetch {
-        Some(fetch) => fetch(params, id, false, &mut workspace),
-        None if id >= 1 && id <= (*params).numParams => (*params).params.as_mut_ptr().add(id as usize - 1),
-        None => std::ptr::null_mut(),
-    };
-    if value.is_null() {
-        return None;
-    }
-    let type_name = CStr::from_ptr(pg_sys::format_type_with_typemod((*p).paramtype, (*p).paramtypmod)).to_string_lossy().into_owned();
-    if (*value).isnull {
-        return Some(format!("NULL::{type_name}"));
-    }
-    let (mut output, mut varlena) = (pg_sys::Oid::INVALID, false);
-    pg_sys::getTypeOutputInfo((*p).paramtype, &mut output, &mut varlena);
-    let text = pg_sys::OidOutputFunctionCall(output, (*value).value);
-    let literal = CStr::from_ptr(pg_sys::quote_literal_cstr(text)).to_string_lossy().into_owned();
+fn parameter_literal(params: ParamList<'_>, p: &ExternParam<'_>) -> Option<String> {
+    let value = params.value(p)?;
+    let type_name = p.type_name();
+    let Some(literal) = value.quoted_literal() else { return Some(format!("NULL::{type_name}")) };
     Some(format!("{literal}::{type_name}"))
 }
 
@@ -294,20 +239,15 @@ pub fn send_statement(sql: &str) {
     if !capture_allowed() {
         return;
     }
-    // SAFETY: inside the caller's transaction, main thread.
-    unsafe {
-        log_opening();
-        log_closing(Some(&as_this_session(sql.to_string())));
-    }
+    log_opening();
+    log_closing(Some(&as_this_session(sql.to_string())));
     crate::xact::set_writes(true);
 }
 
 /// Writes the closing message of a statement that ran; returns whether it
-/// goes to the peers (false: it touched only temporary relations).
-///
-/// # Safety
-/// Inside the transaction that ran the statement.
-pub unsafe fn finish(capture: Capture) -> bool {
+/// goes to the peers (false: it touched only temporary relations). Inside
+/// the transaction that ran the statement.
+pub fn finish(capture: Capture) -> bool {
     let (temp, permanent) = TOUCHED.get();
     let replicated = !temp || permanent;
     log_closing(replicated.then_some(&capture.message));
@@ -338,37 +278,33 @@ pub fn calls_any(sql: &str, functions: &str) -> bool {
 }
 
 /// Starts capturing a statement that calls a remote function, from
-/// ExecutorStart: the opening message now, the closing one at its
-/// ExecutorEnd ([`end_statement`]).
-///
-/// # Safety
-/// From the ExecutorStart hook with its QueryDesc.
-pub unsafe fn begin_statement(query: *mut pg_sys::QueryDesc) {
+/// ExecutorStart ([`begin_statement`]): the opening message now, the
+/// closing one at its ExecutorEnd ([`end_statement`]).
+pub fn capture_query(query: QueryDesc<'_>) {
     // Every statement passes here: the setting first, it is usually unset.
     let Some(functions) = crate::REMOTE_FUNCTIONS.get() else { return };
     let functions = functions.to_string_lossy().into_owned();
-    let text = (*query).sourceText;
-    let stmt = (*query).plannedstmt;
-    if functions.trim().is_empty() || text.is_null() || stmt.is_null() || !capture_allowed() {
+    let text = query.source_text();
+    let stmt = query.planned_stmt();
+    let (Some(text), Some(stmt)) = (text, stmt) else { return };
+    if functions.trim().is_empty() || !capture_allowed() {
         return;
     }
-    let sql = DdlMessage::statement_text(CStr::from_ptr(text).to_bytes(), (*stmt).stmt_location, (*stmt).stmt_len);
+    let sql = DdlMessage::statement_text(text.to_bytes(), stmt.location(), stmt.length());
     if !calls_any(&sql, &functions) {
         return;
     }
     let message = as_this_session(sql);
     log_opening();
     CAPTURING.set(true);
-    CAPTURED_QUERY.set((query as usize, pg_sys::GetCurrentTransactionNestLevel()));
+    CAPTURED_QUERY.set((query.address(), crate::pg::utility::transaction_nest_level()));
     CAPTURED_MESSAGE.with_borrow_mut(|m| *m = Some(message));
 }
 
 /// Ends the capture of a statement started by [`begin_statement`], from
-/// ExecutorEnd.
-///
-/// # Safety
-/// From the ExecutorEnd hook, inside the statement's transaction.
-pub unsafe fn end_statement(query: *mut pg_sys::QueryDesc) {
+/// ExecutorEnd (inside the statement's transaction); `query` is only
+/// compared, as the run's identity.
+pub fn end_statement(query: *mut pg_sys::QueryDesc) {
     if CAPTURED_QUERY.get().0 != query as usize {
         return;
     }
@@ -392,39 +328,29 @@ pub fn aborted(level: i32) {
 }
 
 /// The table a CREATE TABLE / CREATE TABLE AS / ALTER TABLE statement
-/// works on, if it is one of those (looked up after it ran).
-///
-/// # Safety
-/// `node` is a valid parse node, inside a transaction.
-unsafe fn table_of(node: *mut pg_sys::Node) -> Option<(pg_sys::Oid, bool)> {
-    let (rv, created) = match (*node).type_ {
-        pg_sys::NodeTag::T_CreateStmt => ((*(node as *mut pg_sys::CreateStmt)).relation, true),
-        pg_sys::NodeTag::T_CreateTableAsStmt => {
-            let into = (*(node as *mut pg_sys::CreateTableAsStmt)).into;
-            (if into.is_null() { std::ptr::null_mut() } else { (*into).rel }, true)
-        }
-        pg_sys::NodeTag::T_AlterTableStmt => ((*(node as *mut pg_sys::AlterTableStmt)).relation, false),
-        _ => return None,
-    };
-    if rv.is_null() {
+/// works on, if it is one of those (looked up after it ran, inside its
+/// transaction).
+fn table_of(node: Node<'_>) -> Option<(pg_sys::Oid, bool)> {
+    let (rv, created): (Option<RangeVar<'_>>, bool) = if let Some(c) = node.as_create_table() {
+        (c.relation(), true)
+    } else if let Some(c) = node.as_create_table_as() {
+        (c.into_relation(), true)
+    } else if let Some(a) = node.as_alter_table() {
+        (a.relation(), false)
+    } else {
         return None;
-    }
-    let oid = pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut());
-    (oid != pg_sys::InvalidOid).then_some((oid, created))
+    };
+    catalog::range_var_relid(rv?).map(|oid| (oid, created))
 }
 
 /// Keeps the replica identity of a table that was just created or
 /// altered (on every node, as the statement runs there): FULL while it
 /// has no primary key, so its UPDATE and DELETE replicate (rows found by
-/// all their columns); back to DEFAULT when it gets one.
-///
-/// # Safety
-/// From the ProcessUtility hook, after the statement ran.
-pub unsafe fn keep_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
-    let node = (*pstmt).utilityStmt;
-    if node.is_null() || !IDENTITY_FULL_WITHOUT_PK.get() {
-        return;
-    }
+/// all their columns); back to DEFAULT when it gets one. From the
+/// ProcessUtility hook ([`keep_replica_identity`]), after the statement
+/// ran.
+pub fn keep_replica_identity_of(stmt: PlannedStmt<'_>) {
+    let Some(node) = stmt.utility().filter(|_| IDENTITY_FULL_WITHOUT_PK.get()) else { return };
     let Some((oid, created)) = table_of(node) else { return };
     if !replicated_database() {
         return;
@@ -452,15 +378,11 @@ pub unsafe fn keep_replica_identity(pstmt: *mut pg_sys::PlannedStmt) {
 /// `CREATE TABLE AS` / materialized view whose query calls such a function
 /// and produced rows — would leave the nodes with different data, as each
 /// replays the statement itself. Refused after it ran here
-/// (so only where it did fill rows), with what to do instead.
-///
-/// # Safety
-/// `pstmt` is the utility statement that just ran, in its transaction.
-pub unsafe fn refuse_values_per_node(pstmt: *mut pg_sys::PlannedStmt) {
-    let node = (*pstmt).utilityStmt;
-    if node.is_null() {
-        return;
-    }
+/// (so only where it did fill rows), with what to do instead. `stmt` is
+/// the utility statement that just ran, in its transaction
+/// ([`refuse_values_per_node`]).
+pub fn refuse_values_per_node_of(stmt: PlannedStmt<'_>) {
+    let Some(node) = stmt.utility() else { return };
     let refuse = |what: &str, hint: &str| {
         crate::raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -469,56 +391,41 @@ pub unsafe fn refuse_values_per_node(pstmt: *mut pg_sys::PlannedStmt) {
             "refuse_values_per_node",
         )
     };
-    match (*node).type_ {
-        pg_sys::NodeTag::T_CreateTableAsStmt => {
-            let ctas = node as *mut pg_sys::CreateTableAsStmt;
-            let query = (*ctas).query;
-            let into = (*ctas).into;
-            if query.is_null() || (*query).type_ != pg_sys::NodeTag::T_Query || into.is_null() {
-                return;
-            }
-            if !pg_sys::contain_mutable_functions(query) {
-                return;
-            }
-            if crate::xact::range_var_relid((*into).rel).is_some_and(|r| has_rows(r)) {
-                refuse(
-                    "CREATE TABLE AS (or a materialized view) whose query calls a function that is not immutable (now(), random()…)",
-                    "Create the table first, then fill it with INSERT … SELECT through the proxy (its rows are computed once and replicated).",
-                );
-            }
+    if let Some(ctas) = node.as_create_table_as() {
+        let Some(query) = ctas.query().filter(|_| ctas.has_into()) else { return };
+        if !query.contains_mutable_functions() {
+            return;
         }
-        pg_sys::NodeTag::T_AlterTableStmt => {
-            let at = node as *mut pg_sys::AlterTableStmt;
-            let cmds = (*at).cmds;
-            if cmds.is_null() {
-                return;
-            }
-            let added: Vec<String> = (0..(*cmds).length as usize)
-                .map(|i| (*(*cmds).elements.add(i)).ptr_value as *mut pg_sys::AlterTableCmd)
-                .filter(|&c| !c.is_null() && (*c).subtype == pg_sys::AlterTableType::AT_AddColumn && !(*c).def.is_null())
-                .map(|c| (*c).def as *mut pg_sys::ColumnDef)
-                .filter(|&d| (*d).type_ == pg_sys::NodeTag::T_ColumnDef && !(*d).colname.is_null())
-                .map(|d| CStr::from_ptr((*d).colname).to_string_lossy().into_owned())
-                .collect();
-            if added.is_empty() {
-                return;
-            }
-            let Some(relid) = crate::xact::range_var_relid((*at).relation) else { return };
-            if !added.iter().any(|c| filled_per_node(relid, c)) || !has_rows(relid) {
-                return;
-            }
+        if ctas.into_relation().and_then(catalog::range_var_relid).is_some_and(has_rows) {
             refuse(
-                "ADD COLUMN with a default that is not immutable (now(), random(), nextval(), serial) or an identity, on a table that has rows,",
-                "Add the column without a default (or with a constant one), fill it with an UPDATE through the proxy, then ALTER COLUMN … SET DEFAULT (or ADD GENERATED … AS IDENTITY).",
+                "CREATE TABLE AS (or a materialized view) whose query calls a function that is not immutable (now(), random()…)",
+                "Create the table first, then fill it with INSERT … SELECT through the proxy (its rows are computed once and replicated).",
             );
         }
-        _ => {}
+    } else if let Some(at) = node.as_alter_table() {
+        let added: Vec<String> = at
+            .commands()
+            .filter(|c| c.subtype() == pg_sys::AlterTableType::AT_AddColumn)
+            .filter_map(|c| c.column_def())
+            .filter_map(|d| d.name())
+            .collect();
+        if added.is_empty() {
+            return;
+        }
+        let Some(relid) = at.relation().and_then(catalog::range_var_relid) else { return };
+        if !added.iter().any(|c| filled_per_node(relid, c)) || !has_rows(relid) {
+            return;
+        }
+        refuse(
+            "ADD COLUMN with a default that is not immutable (now(), random(), nextval(), serial) or an identity, on a table that has rows,",
+            "Add the column without a default (or with a constant one), fill it with an UPDATE through the proxy, then ALTER COLUMN … SET DEFAULT (or ADD GENERATED … AS IDENTITY).",
+        );
     }
 }
 
 /// Whether column `name` of `relid` is an identity or has a default that
 /// is not immutable.
-unsafe fn filled_per_node(relid: pg_sys::Oid, name: &str) -> bool {
+fn filled_per_node(relid: pg_sys::Oid, name: &str) -> bool {
     let row = crate::with_snapshot(|| {
         Spi::get_two_with_args::<bool, String>(
             "SELECT a.attidentity <> '', d.adbin::text FROM pg_attribute a
@@ -531,7 +438,7 @@ unsafe fn filled_per_node(relid: pg_sys::Oid, name: &str) -> bool {
         Ok((Some(true), _)) => true,
         Ok((_, Some(adbin))) => {
             let text = CString::new(adbin).expect("no NUL");
-            pg_sys::contain_mutable_functions(pg_sys::stringToNode(text.as_ptr()) as *mut pg_sys::Node)
+            crate::pg::nodes::stored_expression_is_mutable(&text)
         }
         _ => false,
     }
@@ -566,18 +473,9 @@ fn refuse_large_object() {
     );
 }
 
-/// Notes whether the captured statement touches temporary relations.
-#[pg_guard]
-unsafe extern "C-unwind" fn object_access(
-    access: pg_sys::ObjectAccessType::Type,
-    class_id: pg_sys::Oid,
-    object_id: pg_sys::Oid,
-    sub_id: std::ffi::c_int,
-    arg: *mut std::ffi::c_void,
-) {
-    if let Some(prev) = PREV_OBJECT_ACCESS {
-        prev(access, class_id, object_id, sub_id, arg);
-    }
+/// Notes whether the captured statement touches temporary relations (the
+/// object access hook, after the previous one ran).
+pub fn object_accessed(access: pg_sys::ObjectAccessType::Type, class_id: pg_sys::Oid, object_id: pg_sys::Oid) {
     if class_id == LARGE_OBJECT_RELATION_ID && access == pg_sys::ObjectAccessType::OAT_POST_CREATE {
         refuse_large_object();
     }
@@ -599,72 +497,40 @@ unsafe extern "C-unwind" fn object_access(
     }
     // By name (pg_temp_<n>), or this session's own temporary schema,
     // which mtm.set_temp_schema may have given another name.
-    let temp = pg_sys::isAnyTempNamespace(nsp) || pg_sys::isTempOrTempToastNamespace(nsp);
+    let temp = catalog::is_any_temp_namespace(nsp) || catalog::is_my_temp_namespace(nsp);
     let (t, p) = TOUCHED.get();
     TOUCHED.set((t || temp, p || !temp));
 }
 
 /// The namespace of relation `relid`, also one created by the running
 /// command; InvalidOid if none.
-unsafe fn relation_namespace(relid: pg_sys::Oid) -> pg_sys::Oid {
-    let nsp = pg_sys::get_rel_namespace(relid);
+fn relation_namespace(relid: pg_sys::Oid) -> pg_sys::Oid {
+    let nsp = catalog::relation_namespace(relid);
     if nsp != pg_sys::InvalidOid {
         return nsp;
     }
-    let rel = pg_sys::table_open(pg_sys::RelationRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-    let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-    pg_sys::ScanKeyInit(
-        &mut key,
-        pg_sys::Anum_pg_class_oid as pg_sys::AttrNumber,
-        pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-        pg_sys::F_OIDEQ.into(),
-        pg_sys::Datum::from(relid),
-    );
-    let scan = pg_sys::systable_beginscan(rel, pg_sys::Oid::from(pg_sys::ClassOidIndexId), true, &raw mut pg_sys::SnapshotSelfData, 1, &mut key);
-    let tup = pg_sys::systable_getnext(scan);
-    let nsp = if tup.is_null() {
-        pg_sys::InvalidOid
-    } else {
-        // GETSTRUCT: the fixed part of a pg_class row follows the header.
-        let data = (*tup).t_data;
-        let form = (data as *mut u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_class;
-        (*form).relnamespace
-    };
-    pg_sys::systable_endscan(scan);
-    pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-    nsp
+    catalog::relation_namespace_uncached(relid)
 }
 
-/// Runs a peer's DDL statement in the applying transaction.
-///
-/// # Safety
-/// In an apply worker, inside a transaction.
-pub unsafe fn replay(m: &DdlMessage, peer: i32) {
-    let nest = pg_sys::NewGUCNestLevel();
+/// Runs a peer's DDL statement in the applying transaction (in an apply
+/// worker, inside a transaction).
+pub fn replay(m: &DdlMessage, peer: i32) {
+    let nest = crate::pg::guc::new_nest_level();
     set_for_statement(c"search_path", &m.search_path);
     set_for_statement(c"role", &m.role);
-    pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    if let Err(e) = Spi::run(&m.sql) {
-        error!("multimaster: DDL from node {peer} failed here: {e}: {}", m.sql);
-    }
-    pg_sys::PopActiveSnapshot();
-    pg_sys::AtEOXact_GUC(true, nest);
-    pg_sys::CommandCounterIncrement();
+    crate::pg::utility::with_transaction_snapshot(|| {
+        if let Err(e) = Spi::run(&m.sql) {
+            error!("multimaster: DDL from node {peer} failed here: {e}: {}", m.sql);
+        }
+    });
+    crate::pg::guc::end_nest_level(nest);
+    crate::pg::utility::command_counter_increment();
 }
 
 /// Sets a setting until the GUC nest level opened by the caller ends.
-unsafe fn set_for_statement(name: &CStr, value: &str) {
+fn set_for_statement(name: &CStr, value: &str) {
     let value = CString::new(value).unwrap_or_else(|_| error!("multimaster: NUL in the value of {}", name.to_string_lossy()));
-    pg_sys::set_config_option(
-        name.as_ptr(),
-        value.as_ptr(),
-        pg_sys::GucContext::PGC_SUSET,
-        pg_sys::GucSource::PGC_S_SESSION,
-        pg_sys::GucAction::GUC_ACTION_SAVE,
-        true,
-        0,
-        false,
-    );
+    crate::pg::guc::set_for_nest_level(name, &value);
 }
 
 /// `mtm.set_temp_schema(nsp)`, as the reference system defines it: this
@@ -678,25 +544,22 @@ unsafe fn set_for_statement(name: &CStr, value: &str) {
 /// Superusers only: any schema named becomes the session's temporary one.
 #[pg_extern]
 fn set_temp_schema(nsp: &str) {
-    // SAFETY: a plain read of the session's role.
-    if !unsafe { pg_sys::superuser() } {
+    if !catalog::is_superuser() {
         ereport!(PgLogLevel::ERROR, PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, "mtm.set_temp_schema: only a superuser may choose the session's temporary schema");
     }
     let name = std::ffi::CString::new(nsp).unwrap_or_else(|_| error!("mtm.set_temp_schema: a schema name cannot contain a NUL byte"));
     let toast = std::ffi::CString::new(format!("pg_toast_{nsp}")).expect("no NUL in the name");
-    // SAFETY: catalog look-ups and inserts inside the calling statement's
+    // Catalog look-ups and inserts inside the calling statement's
     // transaction; an ERROR (a name too long, a clash) unwinds through
     // pgrx's guarded boundary of this function.
-    unsafe {
-        let mut oid = pg_sys::get_namespace_oid(name.as_ptr(), true);
-        let mut toast_oid = pg_sys::get_namespace_oid(toast.as_ptr(), true);
-        if oid == pg_sys::InvalidOid {
-            oid = pg_sys::NamespaceCreate(name.as_ptr(), pg_sys::BOOTSTRAP_SUPERUSERID.into(), true);
-        }
-        if toast_oid == pg_sys::InvalidOid {
-            toast_oid = pg_sys::NamespaceCreate(toast.as_ptr(), pg_sys::BOOTSTRAP_SUPERUSERID.into(), true);
-        }
-        pg_sys::CommandCounterIncrement();
-        pg_sys::SetTempNamespaceState(oid, toast_oid);
+    let mut oid = catalog::namespace_oid(&name);
+    let mut toast_oid = catalog::namespace_oid(&toast);
+    if oid == pg_sys::InvalidOid {
+        oid = catalog::create_namespace(&name, pg_sys::BOOTSTRAP_SUPERUSERID.into(), true);
     }
+    if toast_oid == pg_sys::InvalidOid {
+        toast_oid = catalog::create_namespace(&toast, pg_sys::BOOTSTRAP_SUPERUSERID.into(), true);
+    }
+    crate::pg::utility::command_counter_increment();
+    catalog::set_temp_namespace(oid, toast_oid);
 }

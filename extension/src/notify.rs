@@ -29,17 +29,19 @@
 //! NOTIFY (heard on that node only). LISTEN and UNLISTEN in a transaction
 //! that writes are refused by PREPARE (0A000), as PostgreSQL refuses them.
 
+#![deny(unsafe_code)]
+
 use mtm_protocol::{NotifyMessage, NOTIFY_PREFIX};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::RefCell;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
-unsafe extern "C-unwind" {
-    // Not exported through pg_sys (commands/async.h); called only through
-    // pg_guard_ffi_boundary.
-    fn Async_Notify(channel: *const std::ffi::c_char, payload: *const std::ffi::c_char);
-}
+/// Takes over a NOTIFY statement in a session of the proxy (the
+/// ProcessUtility hook's entry point, in the layer: it reads the
+/// statement and calls [`take_over_values`]). Returns false (PostgreSQL
+/// runs it) anywhere else.
+pub use crate::pg::notify::take_over;
 
 thread_local! {
     /// This transaction's NOTIFYs not yet stored: (subtransaction nest
@@ -55,16 +57,6 @@ pub fn own_work() -> bool {
     OWN_WORK.get()
 }
 
-/// Takes over a NOTIFY statement in a session of the proxy. Returns false
-/// (PostgreSQL runs it) anywhere else.
-///
-/// # Safety
-/// `stmt` is a valid NotifyStmt.
-pub unsafe fn take_over(stmt: *mut pg_sys::NotifyStmt) -> bool {
-    let text = |p: *mut std::ffi::c_char| if p.is_null() { String::new() } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() };
-    take_over_values(&text((*stmt).conditionname), &text((*stmt).payload))
-}
-
 /// Whether notifications of this session are the cluster's (a session of
 /// the proxy, running a client's statement, in the replicated database).
 fn cluster_wide() -> bool {
@@ -73,16 +65,14 @@ fn cluster_wide() -> bool {
 
 /// A NOTIFY or `pg_notify()` of `channel` with `payload`: taken over in a
 /// session of the proxy ([`cluster_wide`]); false anywhere else.
-fn take_over_values(channel: &str, payload: &str) -> bool {
+pub(crate) fn take_over_values(channel: &str, payload: &str) -> bool {
     if !cluster_wide() {
         return false;
     }
     check(channel, payload);
     let msg = NotifyMessage { channel: channel.to_string(), payload: payload.to_string() };
-    // SAFETY: in a transaction (a statement is running).
-    unsafe { crate::votes::log_message(c"mtm_notify", &msg.to_bytes(), true) };
-    // SAFETY: a plain read of the transaction state.
-    let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
+    log_message(c"mtm_notify", &msg.to_bytes());
+    let level = crate::pg::utility::transaction_nest_level();
     PENDING.with_borrow_mut(|p| p.push((level, msg.channel, msg.payload)));
     crate::xact::set_writes(true);
     true
@@ -100,16 +90,18 @@ fn notify_function(channel: Option<&str>, payload: Option<&str>) {
     }
 }
 
-static mut PREV_POST_PARSE_ANALYZE: pg_sys::post_parse_analyze_hook_type = None;
+/// Writes a transactional logical message in the running transaction.
+// TODO(merge): votes::log_message becomes safe in its own refactor
+#[allow(unsafe_code)]
+fn log_message(prefix: &CStr, content: &[u8]) {
+    // SAFETY: called only while a client's statement runs, so inside its
+    // transaction, on the backend's main thread.
+    unsafe { crate::votes::log_message(prefix, content, true) };
+}
 
 /// Installs the parse-analysis hook that redirects `pg_notify()` calls.
 pub fn init() {
-    // SAFETY: while preloading, before any query; the previous hook is
-    // kept and called first.
-    unsafe {
-        PREV_POST_PARSE_ANALYZE = pg_sys::post_parse_analyze_hook;
-        pg_sys::post_parse_analyze_hook = Some(post_parse_analyze);
-    }
+    crate::pg::notify::install_parse_hook();
 }
 
 thread_local! {
@@ -121,10 +113,7 @@ fn our_pg_notify() -> Option<pg_sys::Oid> {
     if let Some(oid) = OUR_PG_NOTIFY.get() {
         return Some(oid);
     }
-    // SAFETY: to_regprocedure is a plain SQL-callable function (NULL when
-    // the function does not exist), called inside a transaction.
-    let oid = unsafe { pgrx::direct_function_call::<pg_sys::Oid>(pg_sys::to_regprocedure, &["mtm.pg_notify(text,text)".into_datum()]) }
-        .filter(|o| *o != pg_sys::InvalidOid);
+    let oid = crate::pg::catalog::to_regprocedure("mtm.pg_notify(text,text)").filter(|o| *o != pg_sys::InvalidOid);
     // Not found is not kept: the extension may be created later.
     if oid.is_some() {
         OUR_PG_NOTIFY.set(oid);
@@ -132,48 +121,20 @@ fn our_pg_notify() -> Option<pg_sys::Oid> {
     oid
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn post_parse_analyze(pstate: *mut pg_sys::ParseState, query: *mut pg_sys::Query, jstate: *mut pg_sys::JumbleState) {
-    if let Some(prev) = PREV_POST_PARSE_ANALYZE {
-        prev(pstate, query, jstate);
-    }
+/// What the parse-analysis hook points a query's calls of PostgreSQL's
+/// `pg_notify` at, given the query's source text: ours in a session of
+/// the proxy, None (left alone) elsewhere or where the text cannot call it.
+pub(crate) fn pg_notify_replacement(source: &[u8]) -> Option<pg_sys::Oid> {
     // Cheap tests first: most queries never name pg_notify.
-    let source = if pstate.is_null() || (*pstate).p_sourcetext.is_null() {
-        return;
-    } else {
-        std::ffi::CStr::from_ptr((*pstate).p_sourcetext).to_bytes()
-    };
     if !mentions_pg_notify(source) || !cluster_wide() {
-        return;
+        return None;
     }
-    if let Some(ours) = our_pg_notify() {
-        let mut ours = ours;
-        pg_sys::query_tree_walker(query, Some(redirect_pg_notify), (&raw mut ours).cast(), 0);
-    }
+    our_pg_notify()
 }
 
 /// Whether SQL text may call pg_notify (any case: unquoted names fold).
 fn mentions_pg_notify(source: &[u8]) -> bool {
     source.windows(9).any(|w| w.eq_ignore_ascii_case(b"pg_notify"))
-}
-
-/// Points every call of PostgreSQL's `pg_notify` in the tree at ours
-/// (`context`: its oid); same arguments, same result type.
-#[pg_guard]
-unsafe extern "C-unwind" fn redirect_pg_notify(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
-    if node.is_null() {
-        return false;
-    }
-    if (*node).type_ == pg_sys::NodeTag::T_FuncExpr {
-        let f = node.cast::<pg_sys::FuncExpr>();
-        if (*f).funcid == pg_sys::Oid::from(pg_sys::F_PG_NOTIFY) {
-            (*f).funcid = *context.cast::<pg_sys::Oid>();
-        }
-    }
-    if (*node).type_ == pg_sys::NodeTag::T_Query {
-        return pg_sys::query_tree_walker(node.cast(), Some(redirect_pg_notify), context, 0);
-    }
-    pg_sys::expression_tree_walker(node, Some(redirect_pg_notify), context)
 }
 
 /// PostgreSQL's own checks of a notification (`Async_Notify`), made when
@@ -215,18 +176,14 @@ pub fn transaction_ended() {
 /// extension's, not the client's. (An error in `f` aborts the
 /// transaction, which restores the user.)
 fn as_superuser<T>(f: impl FnOnce() -> T) -> T {
-    let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
-    // SAFETY: saved and restored around `f`, as PostgreSQL's own
+    // Saved and restored around `f`, as PostgreSQL's own
     // security-restricted operations do.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(pg_sys::BOOTSTRAP_SUPERUSERID.into(), context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    }
+    let (user, context) = crate::pg::catalog::user_and_security_context();
+    crate::pg::catalog::set_user_and_security_context(pg_sys::BOOTSTRAP_SUPERUSERID.into(), context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
     let was = OWN_WORK.replace(true);
     let out = f();
     OWN_WORK.set(was);
-    // SAFETY: as above.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    crate::pg::catalog::set_user_and_security_context(user, context);
     out
 }
 
@@ -293,10 +250,7 @@ pub fn queue(notifications: &[(String, String)]) {
 /// PostgreSQL's own NOTIFY of `channel` with `payload`, on this node.
 fn queue_one(channel: &str, payload: &str) {
     if let (Ok(c), Ok(p)) = (CString::new(channel), CString::new(payload)) {
-        // SAFETY: in a transaction; both strings are copied by PostgreSQL
-        // into its transaction memory; an ERROR unwinds through the
-        // guarded boundary.
-        unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| Async_Notify(c.as_ptr(), p.as_ptr())) };
+        crate::pg::notify::async_notify(&c, &p);
     }
 }
 

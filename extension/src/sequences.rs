@@ -14,15 +14,20 @@
 //! `mtm.alter_sequences()` does the same to existing sequences (made
 //! before the cluster, or with an explicit INCREMENT BY 1), on every node.
 
+#![deny(unsafe_code)]
+
+use crate::pg::nodes::CreateSequence;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::ffi::{CStr, CString};
+
+/// The ProcessUtility hook's entry point (in the layer): a CREATE SEQUENCE
+/// rewritten with [`node_step`]'s INCREMENT and START.
+pub use crate::pg::sequence::adjust;
 
 /// This node's id and the number of configured nodes; None outside a
 /// cluster (the extension is not here, or the cluster is not set up).
 fn node_and_count() -> Option<(i32, i64)> {
-    // SAFETY: a syscache lookup inside a transaction.
-    if unsafe { pg_sys::get_namespace_oid(c"mtm".as_ptr(), true) } == pg_sys::InvalidOid {
+    if crate::pg::catalog::namespace_oid(c"mtm") == pg_sys::InvalidOid {
         return None;
     }
     crate::with_snapshot(|| {
@@ -40,84 +45,41 @@ struct Given {
     minvalue: Option<i64>,
 }
 
-/// # Safety
-/// `options` is a List of DefElem (or NIL).
-unsafe fn given(options: *mut pg_sys::List) -> Given {
+fn given(seq: CreateSequence<'_>) -> Given {
     let mut g = Given { increment: false, start: None, minvalue: None };
-    for elem in pgrx::PgList::<pg_sys::DefElem>::from_pg(options).iter_ptr() {
-        let name = CStr::from_ptr((*elem).defname).to_bytes();
-        match name {
+    for elem in seq.options() {
+        match elem.name().to_bytes() {
             b"increment" => g.increment = true,
-            b"start" => g.start = Some(pg_sys::defGetInt64(elem)),
-            b"minvalue" if !(*elem).arg.is_null() => g.minvalue = Some(pg_sys::defGetInt64(elem)),
+            b"start" => g.start = Some(elem.int64()),
+            b"minvalue" if elem.has_arg() => g.minvalue = Some(elem.int64()),
             _ => {}
         }
     }
     g
 }
 
-/// A DefElem `name = value`.
-unsafe fn int_option(name: &CStr, value: i64) -> *mut pg_sys::DefElem {
-    let arg = match i32::try_from(value) {
-        Ok(v) => pg_sys::makeInteger(v) as *mut pg_sys::Node,
-        // Larger values are written as PostgreSQL's parser writes them.
-        Err(_) => {
-            let text = CString::new(value.to_string()).expect("digits");
-            pg_sys::makeFloat(pg_sys::pstrdup(text.as_ptr())) as *mut pg_sys::Node
-        }
-    };
-    pg_sys::makeDefElem(pg_sys::pstrdup(name.as_ptr()), arg, -1)
-}
-
-/// For a CREATE SEQUENCE on a cluster node, the statement with this node's
-/// INCREMENT and START (copied first if the tree is read-only); any other
-/// statement unchanged. Returns the statement and whether it is read-only.
-///
-/// # Safety
-/// Called from the ProcessUtility hook with its arguments.
-pub unsafe fn adjust(pstmt: *mut pg_sys::PlannedStmt, read_only_tree: bool) -> (*mut pg_sys::PlannedStmt, bool) {
-    let node = (*pstmt).utilityStmt;
-    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_CreateSeqStmt {
-        return (pstmt, read_only_tree);
+/// For a CREATE SEQUENCE on a cluster node, the INCREMENT (the number of
+/// nodes) and START (this node's first value) it gets instead of the
+/// user's START ([`adjust`] rewrites the statement); None: the statement
+/// runs as written.
+pub fn node_step(seq: CreateSequence<'_>) -> Option<(i64, i64)> {
+    if seq.sequence().is_some_and(|s| s.persistence() == pg_sys::RELPERSISTENCE_TEMP) {
+        return None;
     }
-    let stmt = node as *mut pg_sys::CreateSeqStmt;
-    let seq = (*stmt).sequence;
-    if !seq.is_null() && (*seq).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP {
-        return (pstmt, read_only_tree);
-    }
-    let g = given((*stmt).options);
+    let g = given(seq);
     if g.increment {
-        return (pstmt, read_only_tree);
+        return None;
     }
-    let Some((id, n)) = node_and_count() else { return (pstmt, read_only_tree) };
+    let (id, n) = node_and_count()?;
     if n < 2 {
-        return (pstmt, read_only_tree);
+        return None;
     }
-    let pstmt = if read_only_tree { pg_sys::copyObjectImpl(pstmt as *const std::ffi::c_void) as *mut pg_sys::PlannedStmt } else { pstmt };
-    let stmt = (*pstmt).utilityStmt as *mut pg_sys::CreateSeqStmt;
-    let mut options = (*stmt).options;
     let start = match (g.start, g.minvalue) {
         (Some(s), _) => s + id as i64 - 1,
         (None, Some(m)) => m + id as i64 - 1,
         (None, None) => id as i64,
     };
-    // A START given twice is an error: replace the user's.
-    options = remove_option(options, c"start");
-    options = pg_sys::lappend(options, int_option(c"increment", n) as *mut std::ffi::c_void);
-    options = pg_sys::lappend(options, int_option(c"start", start) as *mut std::ffi::c_void);
-    (*stmt).options = options;
-    (pstmt, false)
-}
-
-/// `options` without the DefElem called `name`.
-unsafe fn remove_option(options: *mut pg_sys::List, name: &CStr) -> *mut pg_sys::List {
-    let mut out: *mut pg_sys::List = std::ptr::null_mut();
-    for elem in pgrx::PgList::<pg_sys::DefElem>::from_pg(options).iter_ptr() {
-        if CStr::from_ptr((*elem).defname) != name {
-            out = pg_sys::lappend(out, elem as *mut std::ffi::c_void);
-        }
-    }
-    out
+    Some((n, start))
 }
 
 /// The next value at or after `from` that belongs to node `id` of `n`.

@@ -1,1 +1,156 @@
-//! (being filled in)
+//! Catalog lookups by name, namespace and oid: this database's name,
+//! namespaces (finding, creating, temporary ones, the session's temporary
+//! schema), a relation's namespace, the relation a statement's `RangeVar`
+//! names, a function by its signature, and who the session runs as (the
+//! current user's name, superuser, the user id and security context).
+//!
+//! Every lookup here runs inside a transaction: the syscache and catalog
+//! scans need one, and their callers (hooks around a statement, SQL
+//! functions) always run in one.
+
+use pgrx::pg_sys;
+use pgrx::IntoDatum;
+use std::ffi::CStr;
+
+/// The name of the database this backend is connected to ("" if it has
+/// none).
+pub fn database_name() -> String {
+    // SAFETY: a guarded syscache lookup of the backend's own database
+    // (fixed once connected); the palloc'd copy it returns, if any, is
+    // copied again before use.
+    unsafe {
+        let p = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
+    }
+}
+
+/// The oid of namespace `name`, InvalidOid if there is none.
+pub fn namespace_oid(name: &CStr) -> pg_sys::Oid {
+    // SAFETY: a guarded syscache lookup (missing_ok: no ERROR for a missing
+    // name); `name` is NUL-terminated and outlives the call.
+    unsafe { pg_sys::get_namespace_oid(name.as_ptr(), true) }
+}
+
+/// Creates namespace `name` owned by `owner` (`NamespaceCreate`;
+/// `temp`: a temporary one, not tied to an extension); its oid.
+pub fn create_namespace(name: &CStr, owner: pg_sys::Oid, temp: bool) -> pg_sys::Oid {
+    // SAFETY: a guarded binding (a clash or a name too long is an ERROR);
+    // inserts into pg_namespace in the caller's transaction; `name` is
+    // NUL-terminated and copied.
+    unsafe { pg_sys::NamespaceCreate(name.as_ptr(), owner, temp) }
+}
+
+/// Makes `nsp` (and `toast`) this session's temporary namespaces
+/// (`SetTempNamespaceState`): its temporary objects and `pg_temp` go there.
+pub fn set_temp_namespace(nsp: pg_sys::Oid, toast: pg_sys::Oid) {
+    // SAFETY: only sets this backend's namespace state variables and
+    // invalidates its search path; the oids are namespaces the caller
+    // found or created in this transaction.
+    unsafe { pg_sys::SetTempNamespaceState(nsp, toast) }
+}
+
+/// Whether `nsp` is a temporary namespace (by name: `pg_temp_<n>`, of any
+/// session).
+pub fn is_any_temp_namespace(nsp: pg_sys::Oid) -> bool {
+    // SAFETY: a guarded syscache lookup of the namespace's name.
+    unsafe { pg_sys::isAnyTempNamespace(nsp) }
+}
+
+/// Whether `nsp` is this session's temporary namespace or its TOAST one.
+pub fn is_my_temp_namespace(nsp: pg_sys::Oid) -> bool {
+    // SAFETY: compares with this backend's own namespace state.
+    unsafe { pg_sys::isTempOrTempToastNamespace(nsp) }
+}
+
+/// The namespace of relation `relid` from the syscache; InvalidOid if the
+/// cache does not have it.
+pub fn relation_namespace(relid: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: a guarded syscache lookup; a missing relation is InvalidOid.
+    unsafe { pg_sys::get_rel_namespace(relid) }
+}
+
+/// The namespace of relation `relid` read from pg_class with a snapshot
+/// that sees this command's own changes (`SnapshotSelf`): also a
+/// relation the running command is creating, not in the syscache yet.
+/// InvalidOid if there is no such row.
+pub fn relation_namespace_uncached(relid: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: pg_class opened and closed with AccessShareLock around a
+    // systable scan on its oid index, all in the caller's transaction;
+    // the zeroed ScanKeyData is initialised by ScanKeyInit before use;
+    // SnapshotSelfData is PostgreSQL's static snapshot, only read; a tuple
+    // the scan returns is a pg_class row valid until the scan ends, and
+    // its fixed part is read before that.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::RelationRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            pg_sys::Anum_pg_class_oid as pg_sys::AttrNumber,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::F_OIDEQ.into(),
+            pg_sys::Datum::from(relid),
+        );
+        let scan = pg_sys::systable_beginscan(rel, pg_sys::Oid::from(pg_sys::ClassOidIndexId), true, &raw mut pg_sys::SnapshotSelfData, 1, &mut key);
+        let tup = pg_sys::systable_getnext(scan);
+        let nsp = if tup.is_null() {
+            pg_sys::InvalidOid
+        } else {
+            // GETSTRUCT: the fixed part of a pg_class row follows the header.
+            let data = (*tup).t_data;
+            let form = (data as *mut u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_class;
+            (*form).relnamespace
+        };
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        nsp
+    }
+}
+
+/// The relation a statement's RangeVar names, if it exists (no lock
+/// taken, as the statement that named it already has or had it).
+pub fn range_var_relid(rv: crate::pg::nodes::RangeVar<'_>) -> Option<pg_sys::Oid> {
+    // SAFETY: a guarded binding given a valid RangeVar (the view's
+    // guarantee); missing_ok, no lock, no callback.
+    let oid = unsafe { pg_sys::RangeVarGetRelidExtended(rv.as_ptr(), pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// `to_regprocedure(signature)`: the function with this signature, as the
+/// SQL function returns it (None for NULL: no such function).
+pub fn to_regprocedure(signature: &str) -> Option<pg_sys::Oid> {
+    // SAFETY: to_regprocedure is a plain SQL-callable function taking one
+    // text argument (NULL when the function does not exist), called inside
+    // a transaction.
+    unsafe { pgrx::direct_function_call::<pg_sys::Oid>(pg_sys::to_regprocedure, &[signature.into_datum()]) }
+}
+
+/// The name of the current user (`GetUserNameFromId(GetUserId())`).
+pub fn current_user_name() -> String {
+    // SAFETY: guarded bindings; the current user exists (not missing_ok:
+    // an ERROR otherwise); the palloc'd name is copied.
+    unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)).to_string_lossy().into_owned() }
+}
+
+/// Whether the current user is a superuser.
+pub fn is_superuser() -> bool {
+    // SAFETY: a guarded binding reading the session's role.
+    unsafe { pg_sys::superuser() }
+}
+
+/// The current user id and security context.
+pub fn user_and_security_context() -> (pg_sys::Oid, i32) {
+    let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
+    // SAFETY: writes through two valid out-pointers; reads only backend
+    // state.
+    unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
+    (user, context)
+}
+
+/// Sets the current user id and security context, as PostgreSQL's own
+/// security-restricted operations do (the caller restores the pair it
+/// read with [`user_and_security_context`]; an ERROR's transaction abort
+/// restores it otherwise).
+pub fn set_user_and_security_context(user: pg_sys::Oid, context: i32) {
+    // SAFETY: only sets two backend variables.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) }
+}

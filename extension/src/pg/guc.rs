@@ -22,3 +22,39 @@ pub fn reload_config_file() {
     // lines without raising an ERROR in a backend.
     unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) }
 }
+
+// A GUC nest level around one statement (ddl's replay of a peer's DDL).
+
+/// Opens a GUC nest level (`NewGUCNestLevel`): settings made with
+/// [`set_for_nest_level`] are undone by [`end_nest_level`] with it.
+pub fn new_nest_level() -> i32 {
+    // SAFETY: only increments this backend's GUC nesting counter.
+    unsafe { pg_sys::NewGUCNestLevel() }
+}
+
+/// Sets `name` to `value` (as a superuser's session SET) until the
+/// innermost nest level ends; an unknown name or bad value is an ERROR.
+pub fn set_for_nest_level(name: &CStr, value: &CStr) {
+    // SAFETY: a guarded binding; both strings are NUL-terminated and
+    // outlive the call, and the GUC machinery copies what it keeps.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// Ends nest level `nest` (from [`new_nest_level`]), restoring what was
+/// set in it (`AtEOXact_GUC(true, nest)`).
+pub fn end_nest_level(nest: i32) {
+    // SAFETY: a guarded binding that pops this backend's GUC stack down to
+    // `nest`, inside the transaction that opened it.
+    unsafe { pg_sys::AtEOXact_GUC(true, nest) }
+}

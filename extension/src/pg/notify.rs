@@ -1,1 +1,107 @@
-//! (being filled in)
+//! NOTIFY: PostgreSQL's own queueing of a notification (`Async_Notify`,
+//! not exported by pgrx), the entry point the ProcessUtility hook calls
+//! with a NOTIFY statement, and the parse-analysis hook (installed and
+//! chained here) that points a query's calls of `pg_notify()` at the
+//! extension's function when [`crate::notify`] says so.
+
+use pgrx::pg_guard;
+use pgrx::pg_sys;
+use std::ffi::{c_char, CStr};
+
+unsafe extern "C-unwind" {
+    // Not exported through pg_sys (commands/async.h); called only through
+    // pg_guard_ffi_boundary.
+    fn Async_Notify(channel: *const c_char, payload: *const c_char);
+}
+
+/// PostgreSQL's own NOTIFY of `channel` with `payload` in the current
+/// transaction (`Async_Notify`: heard on this node when it commits).
+pub fn async_notify(channel: &CStr, payload: &CStr) {
+    // SAFETY: in a transaction (the callers run inside a statement or a
+    // COMMIT PREPARED); both strings are NUL-terminated, outlive the call
+    // and are copied by PostgreSQL into its transaction memory; an ERROR
+    // (bad channel, queue full) unwinds through the guarded boundary,
+    // which also requires the main thread.
+    unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), payload.as_ptr())) };
+}
+
+/// Takes over a NOTIFY statement in a session of the proxy
+/// ([`crate::notify::take_over_values`]). Returns false (PostgreSQL runs
+/// it) anywhere else.
+///
+/// # Safety
+/// `stmt` is a valid NotifyStmt (from the ProcessUtility hook's tree).
+pub unsafe fn take_over(stmt: *mut pg_sys::NotifyStmt) -> bool {
+    // SAFETY: the caller's contract: both fields are NULL or strings of the
+    // statement's tree, copied here.
+    let text = |p: *mut c_char| if p.is_null() { String::new() } else { unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned() };
+    // SAFETY: as above.
+    let (channel, payload) = unsafe { (text((*stmt).conditionname), text((*stmt).payload)) };
+    crate::notify::take_over_values(&channel, &payload)
+}
+
+static mut PREV_POST_PARSE_ANALYZE: pg_sys::post_parse_analyze_hook_type = None;
+
+/// Installs the parse-analysis hook that redirects `pg_notify()` calls,
+/// keeping the previous one, which it calls first.
+pub fn install_parse_hook() {
+    // SAFETY: called once from _PG_init while preloading, before any
+    // query, so nothing reads the hook variables concurrently; the
+    // previous hook is kept and called first.
+    unsafe {
+        PREV_POST_PARSE_ANALYZE = pg_sys::post_parse_analyze_hook;
+        pg_sys::post_parse_analyze_hook = Some(post_parse_analyze);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn post_parse_analyze(pstate: *mut pg_sys::ParseState, query: *mut pg_sys::Query, jstate: *mut pg_sys::JumbleState) {
+    // SAFETY: PREV_POST_PARSE_ANALYZE is written only by
+    // install_parse_hook, before any call of this hook; the previous hook
+    // gets exactly our arguments, behind the boundary because a raw
+    // function pointer is not guarded by pgrx.
+    unsafe {
+        if let Some(prev) = PREV_POST_PARSE_ANALYZE {
+            pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(pstate, query, jstate));
+        }
+    }
+    // SAFETY: PostgreSQL hands the hook a ParseState (or NULL) whose
+    // source text, if any, is a string alive for the analysis.
+    let source = unsafe {
+        if pstate.is_null() || (*pstate).p_sourcetext.is_null() {
+            return;
+        }
+        CStr::from_ptr((*pstate).p_sourcetext).to_bytes()
+    };
+    if let Some(ours) = crate::notify::pg_notify_replacement(source) {
+        let mut ours = ours;
+        // SAFETY: `query` is the analysed tree this hook may change in
+        // place; the callback is ours below, whose context is `ours`,
+        // alive for the walk.
+        unsafe { pg_sys::query_tree_walker(query, Some(redirect_pg_notify), (&raw mut ours).cast(), 0) };
+    }
+}
+
+/// Points every call of PostgreSQL's `pg_notify` in the tree at ours
+/// (`context`: its oid); same arguments, same result type.
+#[pg_guard]
+unsafe extern "C-unwind" fn redirect_pg_notify(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    // SAFETY: the walkers hand us nodes of the tree being walked, which
+    // the post-parse-analysis hook may change, and the context
+    // post_parse_analyze passed, a live Oid.
+    unsafe {
+        if (*node).type_ == pg_sys::NodeTag::T_FuncExpr {
+            let f = node.cast::<pg_sys::FuncExpr>();
+            if (*f).funcid == pg_sys::Oid::from(pg_sys::F_PG_NOTIFY) {
+                (*f).funcid = *context.cast::<pg_sys::Oid>();
+            }
+        }
+        if (*node).type_ == pg_sys::NodeTag::T_Query {
+            return pg_sys::query_tree_walker(node.cast(), Some(redirect_pg_notify), context, 0);
+        }
+        pg_sys::expression_tree_walker(node, Some(redirect_pg_notify), context)
+    }
+}

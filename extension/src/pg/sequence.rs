@@ -1,1 +1,86 @@
-//! (being filled in)
+//! CREATE SEQUENCE as the ProcessUtility hook sees it: the entry point
+//! that gives [`crate::sequences`] a view of the statement and, when it
+//! asks for this node's INCREMENT and START, rewrites the statement's
+//! option list (on a copy of the tree when PostgreSQL marked it
+//! read-only) before PostgreSQL runs it.
+
+use crate::pg::nodes::Node;
+use pgrx::pg_sys;
+use std::ffi::{CStr, CString};
+
+/// For a CREATE SEQUENCE on a cluster node, the statement with this node's
+/// INCREMENT and START ([`crate::sequences::node_step`] decides them; the
+/// tree is copied first if it is read-only); any other statement
+/// unchanged. Returns the statement and whether it is read-only.
+///
+/// # Safety
+/// From the ProcessUtility hook with its `pstmt` and `read_only_tree`
+/// (the statement valid for the call).
+pub unsafe fn adjust(pstmt: *mut pg_sys::PlannedStmt, read_only_tree: bool) -> (*mut pg_sys::PlannedStmt, bool) {
+    // SAFETY: the caller's contract: `pstmt` is a valid PlannedStmt whose
+    // utilityStmt is NULL or a node of it; the view ends with this block,
+    // before the tree is changed below.
+    let step = unsafe {
+        let Some(seq) = Node::from_raw((*pstmt).utilityStmt).and_then(|n| n.as_create_sequence()) else {
+            return (pstmt, read_only_tree);
+        };
+        crate::sequences::node_step(seq)
+    };
+    let Some((increment, start)) = step else { return (pstmt, read_only_tree) };
+    // SAFETY: `pstmt` is valid (caller's contract) and, per PostgreSQL's
+    // read_only_tree rule, may be changed only when not read-only: a
+    // read-only one is copied first (copyObjectImpl, in the current memory
+    // context, which lives as long as the statement); its utilityStmt is
+    // the CreateSeqStmt checked above (a copy keeps the type); the new
+    // List and DefElems are palloc'd in the same context by guarded
+    // bindings.
+    unsafe {
+        let pstmt = if read_only_tree { pg_sys::copyObjectImpl(pstmt as *const std::ffi::c_void) as *mut pg_sys::PlannedStmt } else { pstmt };
+        let stmt = (*pstmt).utilityStmt as *mut pg_sys::CreateSeqStmt;
+        let mut options = (*stmt).options;
+        // A START given twice is an error: replace the user's.
+        options = remove_option(options, c"start");
+        options = pg_sys::lappend(options, int_option(c"increment", increment) as *mut std::ffi::c_void);
+        options = pg_sys::lappend(options, int_option(c"start", start) as *mut std::ffi::c_void);
+        (*stmt).options = options;
+        (pstmt, false)
+    }
+}
+
+/// A DefElem `name = value`.
+///
+/// # Safety
+/// Inside a memory context that outlives the statement it goes into.
+unsafe fn int_option(name: &CStr, value: i64) -> *mut pg_sys::DefElem {
+    // SAFETY: guarded node constructors, palloc'd in the caller's context;
+    // the strings are copied with pstrdup.
+    unsafe {
+        let arg = match i32::try_from(value) {
+            Ok(v) => pg_sys::makeInteger(v) as *mut pg_sys::Node,
+            // Larger values are written as PostgreSQL's parser writes them.
+            Err(_) => {
+                let text = CString::new(value.to_string()).expect("digits");
+                pg_sys::makeFloat(pg_sys::pstrdup(text.as_ptr())) as *mut pg_sys::Node
+            }
+        };
+        pg_sys::makeDefElem(pg_sys::pstrdup(name.as_ptr()), arg, -1)
+    }
+}
+
+/// `options` without the DefElem called `name`.
+///
+/// # Safety
+/// `options` is NIL or a List of DefElem.
+unsafe fn remove_option(options: *mut pg_sys::List, name: &CStr) -> *mut pg_sys::List {
+    let mut out: *mut pg_sys::List = std::ptr::null_mut();
+    // SAFETY: the caller's contract; every DefElem has a defname; lappend
+    // is a guarded binding building a new list in the current context.
+    unsafe {
+        for elem in pgrx::PgList::<pg_sys::DefElem>::from_pg(options).iter_ptr() {
+            if CStr::from_ptr((*elem).defname) != name {
+                out = pg_sys::lappend(out, elem as *mut std::ffi::c_void);
+            }
+        }
+    }
+    out
+}
