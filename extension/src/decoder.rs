@@ -1,8 +1,9 @@
 //! The `multimaster` output plugin: turns the reorder buffer's transactions
 //! into the binary messages of `extension/PROTOCOL.md` (encoded by the
-//! safe `mtm-protocol` crate). This file is the thin unsafe layer: it reads
-//! PostgreSQL's structures (transactions, relations, heap tuples) and hands
-//! plain values to the encoder.
+//! safe `mtm-protocol` crate). The callbacks' logic: PostgreSQL's
+//! structures (transactions, relations, heap tuples) are read through the
+//! views of [`crate::pg::decoding`], whose trampolines call the functions
+//! here, and plain values go to the encoder.
 //!
 //! Behaviour:
 //! - two-phase decoding is always on (except while the slot is created):
@@ -20,17 +21,20 @@
 //!   in the transaction; the rows the statement itself wrote (CREATE TABLE
 //!   AS, an extension script) do not, the peers' replay writes them.
 
+#![deny(unsafe_code)]
+
+use crate::pg::decoding::{self, Output, Relation, RowChange, Scratch, Startup, Truncate, Tuple, Txn};
 use mtm_protocol::{Column, Message, OldTuple, Value};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
-use std::ffi::{c_char, CStr};
+use std::ffi::CStr;
 
 /// Per-slot state behind `ctx->output_plugin_private`.
-struct DecoderState {
+pub(crate) struct DecoderState {
     recovery: bool,
     /// Reset after every change: send-function results and deformed tuples.
-    scratch: pg_sys::MemoryContext,
+    scratch: Scratch,
     /// Relations whose Relation message went out in this transaction.
     described: HashSet<pg_sys::Oid>,
     /// Whether a relation is local (looked up once per transaction).
@@ -45,48 +49,20 @@ struct DecoderState {
 }
 
 /// Normal mode sends only transactions that originated on this node.
-fn skipped_origin(st: &DecoderState, txn: &pg_sys::ReorderBufferTXN) -> bool {
-    !st.recovery && txn.origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+fn skipped_origin(st: &DecoderState, txn: &Txn) -> bool {
+    !st.recovery && txn.origin_id() != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
 }
 
-unsafe fn state<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut DecoderState {
-    &mut *((*ctx).output_plugin_private as *mut DecoderState)
-}
-
-/// Entry point PostgreSQL looks up in an output plugin library.
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
-    let cb = &mut *cb;
-    cb.startup_cb = Some(startup);
-    cb.shutdown_cb = Some(shutdown);
-    cb.begin_cb = Some(begin);
-    cb.change_cb = Some(change);
-    cb.truncate_cb = Some(truncate);
-    cb.commit_cb = Some(commit);
-    cb.message_cb = Some(message);
-    cb.filter_by_origin_cb = Some(filter_by_origin);
-    cb.begin_prepare_cb = Some(begin);
-    cb.prepare_cb = Some(prepare);
-    cb.commit_prepared_cb = Some(commit_prepared);
-    cb.rollback_prepared_cb = Some(rollback_prepared);
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn startup(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    options: *mut pg_sys::OutputPluginOptions,
-    is_init: bool,
-) {
-    (*options).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
+/// The startup callback: reads the options, sets the output mode.
+pub(crate) fn startup(ctx: &mut Startup, is_init: bool) -> DecoderState {
+    ctx.set_binary_output();
     let mut recovery = false;
     // Options we do not know (libpqwalreceiver always sends proto_version
     // and publication_names) are ignored.
-    let list = pgrx::PgList::<pg_sys::DefElem>::from_pg((*ctx).output_plugin_options);
-    for elem in list.iter_ptr() {
-        let name = CStr::from_ptr((*elem).defname).to_string_lossy();
+    for elem in ctx.options() {
+        let name = elem.name().to_string_lossy();
         if name == "mtm_mode" {
-            let value = CStr::from_ptr(pg_sys::defGetString(elem)).to_string_lossy().into_owned();
+            let value = elem.string_value();
             recovery = match value.as_str() {
                 "normal" => false,
                 "recovery" => true,
@@ -96,48 +72,34 @@ unsafe extern "C-unwind" fn startup(
     }
     if is_init {
         // Slot creation: no two-phase or streaming decisions to make yet.
-        (*ctx).twophase = false;
-        (*ctx).streaming = false;
+        ctx.set_twophase(false);
+        ctx.set_streaming(false);
     } else {
-        (*ctx).twophase_opt_given = true;
+        ctx.set_twophase_opt_given(true);
     }
-    let scratch = pg_sys::AllocSetContextCreateInternal(
-        (*ctx).context,
-        c"multimaster decoder".as_ptr(),
-        0,
-        8 * 1024,
-        8 * 1024 * 1024,
-    );
-    let st = Box::new(DecoderState { recovery, scratch, described: HashSet::new(), local: HashMap::new(), begun: false, in_ddl: false });
-    (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
+    let scratch = ctx.create_scratch(c"multimaster decoder");
+    DecoderState { recovery, scratch, described: HashSet::new(), local: HashMap::new(), begun: false, in_ddl: false }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
-    let p = (*ctx).output_plugin_private as *mut DecoderState;
-    if !p.is_null() {
-        drop(Box::from_raw(p));
-        (*ctx).output_plugin_private = std::ptr::null_mut();
-    }
+/// The shutdown callback: the state goes (its scratch context goes with
+/// the decoding context).
+pub(crate) fn shutdown(st: Box<DecoderState>) {
+    drop(st);
 }
 
 /// Writes one protocol message as one plugin output chunk.
-unsafe fn write(ctx: *mut pg_sys::LogicalDecodingContext, msg: &Message, last: bool) {
+fn write(out: &mut Output, msg: &Message, last: bool) {
     let bytes = msg.to_bytes();
-    pg_sys::OutputPluginPrepareWrite(ctx, last);
-    pg_sys::appendBinaryStringInfo((*ctx).out, bytes.as_ptr() as *const c_char, bytes.len() as i32);
-    pg_sys::OutputPluginWrite(ctx, last);
+    out.write(&bytes, last);
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn filter_by_origin(ctx: *mut pg_sys::LogicalDecodingContext, origin_id: pg_sys::RepOriginId) -> bool {
+pub(crate) fn filter_by_origin(st: &DecoderState, origin_id: pg_sys::RepOriginId) -> bool {
     // true = skip. Normal mode sends only what originated here.
-    !state(ctx).recovery && origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+    !st.recovery && origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, _txn: *mut pg_sys::ReorderBufferTXN) {
-    let st = state(ctx);
+/// begin and begin_prepare.
+pub(crate) fn begin(st: &mut DecoderState) {
     st.described.clear();
     st.local.clear();
     st.begun = false;
@@ -145,134 +107,105 @@ unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, _txn
 }
 
 /// Sends Begin (and Origin) before the transaction's first message.
-unsafe fn ensure_begun(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
-    let st = state(ctx);
-    if st.begun || txn.is_null() {
+fn ensure_begun(st: &mut DecoderState, out: &mut Output, txn: Option<&Txn>) {
+    let Some(txn) = txn.filter(|_| !st.begun) else {
         return;
-    }
+    };
     st.begun = true;
-    let txn = &*txn;
-    let has_origin = txn.origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+    let has_origin = txn.origin_id() != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
     write(
-        ctx,
-        &Message::Begin { xid: txn.xid.into(), final_lsn: txn.final_lsn, commit_time: txn.xact_time.commit_time },
+        out,
+        &Message::Begin { xid: txn.xid().into(), final_lsn: txn.final_lsn(), commit_time: txn.commit_time() },
         !has_origin,
     );
     if has_origin {
-        let mut name: *mut c_char = std::ptr::null_mut();
-        let name = if pg_sys::replorigin_by_oid(txn.origin_id, true, &mut name) {
-            CStr::from_ptr(name).to_string_lossy().into_owned()
-        } else {
-            String::new()
-        };
-        write(ctx, &Message::Origin { origin_lsn: txn.origin_lsn, name }, true);
+        let name = crate::pg::origin::name_of(txn.origin_id()).unwrap_or_default();
+        write(out, &Message::Origin { origin_lsn: txn.origin_lsn(), name }, true);
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn commit(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
-    commit_lsn: pg_sys::XLogRecPtr,
-) {
-    if !state(ctx).begun {
+pub(crate) fn commit(st: &mut DecoderState, out: &mut Output, txn: Txn, commit_lsn: pg_sys::XLogRecPtr) {
+    if !st.begun {
         return;
     }
-    let txn = &*txn;
-    write(ctx, &Message::Commit { commit_lsn, end_lsn: txn.end_lsn, commit_time: txn.xact_time.commit_time }, true);
+    write(out, &Message::Commit { commit_lsn, end_lsn: txn.end_lsn(), commit_time: txn.commit_time() }, true);
 }
 
-fn gid_of(txn: &pg_sys::ReorderBufferTXN) -> String {
-    if txn.gid.is_null() {
-        String::new()
-    } else {
-        // SAFETY: gid is a NUL-terminated string owned by the reorder buffer.
-        unsafe { CStr::from_ptr(txn.gid) }.to_string_lossy().into_owned()
+fn gid_of(txn: &Txn) -> String {
+    match txn.gid() {
+        None => String::new(),
+        Some(gid) => gid.to_string_lossy().into_owned(),
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn prepare(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
-    prepare_lsn: pg_sys::XLogRecPtr,
-) {
+pub(crate) fn prepare(st: &mut DecoderState, out: &mut Output, txn: Txn, prepare_lsn: pg_sys::XLogRecPtr) {
     // A prepare goes out even with no changes: its gid is what peers vote on.
-    if skipped_origin(state(ctx), &*txn) {
+    if skipped_origin(st, &txn) {
         return;
     }
-    ensure_begun(ctx, txn);
-    let txn = &*txn;
+    ensure_begun(st, out, Some(&txn));
     let msg = Message::Prepare {
         prepare_lsn,
-        end_lsn: txn.end_lsn,
-        prepare_time: txn.xact_time.prepare_time,
-        xid: txn.xid.into(),
-        gid: gid_of(txn),
+        end_lsn: txn.end_lsn(),
+        prepare_time: txn.prepare_time(),
+        xid: txn.xid().into(),
+        gid: gid_of(&txn),
     };
-    write(ctx, &msg, true);
+    write(out, &msg, true);
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn commit_prepared(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
-    commit_lsn: pg_sys::XLogRecPtr,
-) {
-    if skipped_origin(state(ctx), &*txn) {
+pub(crate) fn commit_prepared(st: &mut DecoderState, out: &mut Output, txn: Txn, commit_lsn: pg_sys::XLogRecPtr) {
+    if skipped_origin(st, &txn) {
         return;
     }
-    let txn = &*txn;
     let msg = Message::CommitPrepared {
         commit_lsn,
-        end_lsn: txn.end_lsn,
-        commit_time: txn.xact_time.commit_time,
-        xid: txn.xid.into(),
-        gid: gid_of(txn),
+        end_lsn: txn.end_lsn(),
+        commit_time: txn.commit_time(),
+        xid: txn.xid().into(),
+        gid: gid_of(&txn),
     };
-    write(ctx, &msg, true);
+    write(out, &msg, true);
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn rollback_prepared(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
+pub(crate) fn rollback_prepared(
+    st: &mut DecoderState,
+    out: &mut Output,
+    txn: Txn,
     prepare_end_lsn: pg_sys::XLogRecPtr,
     prepare_time: pg_sys::TimestampTz,
 ) {
-    if skipped_origin(state(ctx), &*txn) {
+    if skipped_origin(st, &txn) {
         return;
     }
-    let txn = &*txn;
     let msg = Message::RollbackPrepared {
         prepare_end_lsn,
-        rollback_end_lsn: txn.end_lsn,
+        rollback_end_lsn: txn.end_lsn(),
         prepare_time,
-        rollback_time: txn.xact_time.commit_time,
-        xid: txn.xid.into(),
-        gid: gid_of(txn),
+        rollback_time: txn.commit_time(),
+        xid: txn.xid().into(),
+        gid: gid_of(&txn),
     };
-    write(ctx, &msg, true);
+    write(out, &msg, true);
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn message(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
+/// A logical message (`txn` only if `transactional`).
+pub(crate) fn message(
+    st: &mut DecoderState,
+    out: &mut Output,
+    txn: Option<Txn>,
     lsn: pg_sys::XLogRecPtr,
     transactional: bool,
-    prefix: *const c_char,
-    size: pg_sys::Size,
-    content: *const c_char,
+    prefix: &CStr,
+    content: &[u8],
 ) {
-    let prefix = CStr::from_ptr(prefix).to_string_lossy().into_owned();
-    let content = std::slice::from_raw_parts(content as *const u8, size).to_vec();
+    let prefix = prefix.to_string_lossy().into_owned();
+    let content = content.to_vec();
     if transactional && prefix == mtm_protocol::DDL_BEGIN_PREFIX {
-        state(ctx).in_ddl = true;
+        st.in_ddl = true;
         return;
     }
     if transactional && prefix == mtm_protocol::DDL_PREFIX {
-        let st = state(ctx);
         st.in_ddl = false;
         // The statement may have changed the columns of tables already
         // described in this transaction: describe them again.
@@ -282,218 +215,135 @@ unsafe extern "C-unwind" fn message(
         }
     }
     if transactional {
-        ensure_begun(ctx, txn);
+        ensure_begun(st, out, txn.as_ref());
     }
-    write(ctx, &Message::Message { transactional, lsn, prefix, content }, true);
+    write(out, &Message::Message { transactional, lsn, prefix, content }, true);
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn truncate(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
-    nrelations: std::ffi::c_int,
-    relations: *mut pg_sys::Relation,
-    change: *mut pg_sys::ReorderBufferChange,
-) {
-    if state(ctx).in_ddl {
+pub(crate) fn truncate(st: &mut DecoderState, out: &mut Output, txn: Txn, relations: Vec<Relation>, change: Truncate) {
+    if st.in_ddl {
         return;
     }
-    let rels: Vec<pg_sys::Relation> = std::slice::from_raw_parts(relations, nrelations as usize)
-        .iter()
-        .copied()
-        .filter(|&rel| !is_local(ctx, rel))
-        .collect();
+    let rels: Vec<Relation> = relations.into_iter().filter(|rel| !is_local(st, rel)).collect();
     if rels.is_empty() {
         return;
     }
-    ensure_begun(ctx, txn);
+    ensure_begun(st, out, Some(&txn));
     let mut relids = Vec::with_capacity(rels.len());
     for rel in rels {
-        describe(ctx, rel);
-        relids.push((*rel).rd_id.to_u32());
+        describe(&mut st.described, out, &rel);
+        relids.push(rel.id().to_u32());
     }
-    let t = &(*change).data.truncate;
-    write(ctx, &Message::Truncate { cascade: t.cascade, restart_identity: t.restart_seqs, relids }, true);
+    write(out, &Message::Truncate { cascade: change.cascade(), restart_identity: change.restart_seqs(), relids }, true);
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn change(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
-    rel: pg_sys::Relation,
-    change: *mut pg_sys::ReorderBufferChange,
-) {
-    if state(ctx).in_ddl || is_local(ctx, rel) {
+pub(crate) fn change(st: &mut DecoderState, out: &mut Output, txn: Txn, change: RowChange) {
+    let rel = change.relation();
+    if st.in_ddl || is_local(st, &rel) {
         return;
     }
-    ensure_begun(ctx, txn);
-    let st = state(ctx);
-    let old_cx = pg_sys::MemoryContextSwitchTo(st.scratch);
-    describe(ctx, rel);
-    let relid = (*rel).rd_id.to_u32();
-    let tp = &(*change).data.tp;
-    let full = (*(*rel).rd_rel).relreplident == pg_sys::REPLICA_IDENTITY_FULL as c_char;
-    let old = if tp.oldtuple.is_null() {
-        None
-    } else {
-        let t = tuple_values(rel, &mut (*tp.oldtuple).tuple);
-        Some(if full { OldTuple::Full(t) } else { OldTuple::Key(t) })
-    };
-    let msg = match (*change).action {
-        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT if !tp.newtuple.is_null() => {
-            Some(Message::Insert { relid, new: tuple_values(rel, &mut (*tp.newtuple).tuple) })
+    ensure_begun(st, out, Some(&txn));
+    let DecoderState { scratch, described, .. } = st;
+    scratch.within(|| {
+        describe(described, out, &rel);
+        let relid = rel.id().to_u32();
+        let full = rel.replica_identity() == pg_sys::REPLICA_IDENTITY_FULL;
+        let old = change.old_tuple().map(|old| {
+            let t = tuple_values(&old);
+            if full { OldTuple::Full(t) } else { OldTuple::Key(t) }
+        });
+        let msg = match (change.action(), change.new_tuple()) {
+            (pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT, Some(new)) => {
+                Some(Message::Insert { relid, new: tuple_values(&new) })
+            }
+            (pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE, Some(new)) => {
+                Some(Message::Update { relid, old, new: tuple_values(&new) })
+            }
+            // A DELETE without an old tuple is a table without replica
+            // identity: sent with none, so the receiver reports it clearly.
+            (pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE, _) => Some(Message::Delete { relid, old }),
+            _ => None,
+        };
+        if let Some(msg) = msg {
+            write(out, &msg, true);
         }
-        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE if !tp.newtuple.is_null() => {
-            Some(Message::Update { relid, old, new: tuple_values(rel, &mut (*tp.newtuple).tuple) })
-        }
-        // A DELETE without an old tuple is a table without replica
-        // identity: sent with none, so the receiver reports it clearly.
-        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => Some(Message::Delete { relid, old }),
-        _ => None,
-    };
-    if let Some(msg) = msg {
-        write(ctx, &msg, true);
-    }
-    pg_sys::MemoryContextSwitchTo(old_cx);
-    pg_sys::MemoryContextReset(st.scratch);
+    });
 }
 
 /// The columns a change carries: not dropped, not generated.
-unsafe fn live_attributes(rel: pg_sys::Relation) -> Vec<&'static pg_sys::FormData_pg_attribute> {
-    let desc = (*rel).rd_att;
-    let natts = (*desc).natts as usize;
-    (*desc).attrs.as_slice(natts).iter().filter(|a| !a.attisdropped && a.attgenerated == 0).collect()
+fn live_attributes<'a>(rel: &Relation<'a>) -> Vec<&'a pg_sys::FormData_pg_attribute> {
+    rel.attributes().iter().filter(|a| !a.attisdropped && a.attgenerated == 0).collect()
 }
 
 /// Sends the Relation message once per relation per transaction.
-unsafe fn describe(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) {
-    let st = state(ctx);
-    let relid = (*rel).rd_id;
-    if !st.described.insert(relid) {
+fn describe(described: &mut HashSet<pg_sys::Oid>, out: &mut Output, rel: &Relation) {
+    let relid = rel.id();
+    if !described.insert(relid) {
         return;
     }
-    let form = &*(*rel).rd_rel;
-    let replident = form.relreplident as u8;
+    let replident = rel.replica_identity();
     // Not RelationGetIndexAttrBitmap: that locks the indexes, and a PREPAREd
     // transaction that created the table holds them: decoding would wait
     // for its own transaction to end (as pgoutput avoids, too).
-    let key_attrs = pg_sys::RelationGetIdentityKeyBitmap(rel);
-    let columns = live_attributes(rel)
-        .into_iter()
-        .map(|a| Column {
-            key: replident == pg_sys::REPLICA_IDENTITY_FULL
-                || pg_sys::bms_is_member(a.attnum as i32 - pg_sys::FirstLowInvalidHeapAttributeNumber, key_attrs),
-            name: CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy().into_owned(),
-            type_oid: a.atttypid.to_u32(),
-            typmod: a.atttypmod,
-        })
-        .collect();
-    let nsp = pg_sys::get_namespace_name(form.relnamespace);
-    let namespace = if nsp.is_null() { String::new() } else { CStr::from_ptr(nsp).to_string_lossy().into_owned() };
-    let name = CStr::from_ptr(form.relname.data.as_ptr()).to_string_lossy().into_owned();
-    write(ctx, &Message::Relation { relid: relid.to_u32(), namespace, name, replica_identity: replident, columns }, false);
+    let columns = rel.with_identity_key(|key_attrs| {
+        live_attributes(rel)
+            .into_iter()
+            .map(|a| Column {
+                key: replident == pg_sys::REPLICA_IDENTITY_FULL
+                    || key_attrs.contains(a.attnum as i32 - pg_sys::FirstLowInvalidHeapAttributeNumber),
+                name: decoding::name_str(&a.attname).to_string_lossy().into_owned(),
+                type_oid: a.atttypid.to_u32(),
+                typmod: a.atttypmod,
+            })
+            .collect()
+    });
+    let namespace = match rel.namespace_name() {
+        None => String::new(),
+        Some(nsp) => nsp.to_string_lossy().into_owned(),
+    };
+    let name = rel.name().to_string_lossy().into_owned();
+    write(out, &Message::Relation { relid: relid.to_u32(), namespace, name, replica_identity: replident, columns }, false);
 }
 
 /// A heap tuple's live columns as protocol values.
-unsafe fn tuple_values(rel: pg_sys::Relation, tuple: *mut pg_sys::HeapTupleData) -> Vec<Value> {
-    let desc = (*rel).rd_att;
-    let natts = (*desc).natts as usize;
-    let mut datums = vec![pg_sys::Datum::from(0usize); natts];
-    let mut nulls = vec![false; natts];
-    pg_sys::heap_deform_tuple(tuple, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
-    let attrs = (*desc).attrs.as_slice(natts);
-    let mut out = Vec::with_capacity(natts);
-    for (i, a) in attrs.iter().enumerate() {
+fn tuple_values(tuple: &Tuple) -> Vec<Value> {
+    let fields = tuple.deform();
+    let mut out = Vec::with_capacity(fields.len());
+    for (a, field) in fields {
         if a.attisdropped || a.attgenerated != 0 {
             continue;
         }
-        if nulls[i] {
-            out.push(Value::Null);
-        } else if a.attlen == -1 && is_unchanged_toast(datums[i]) {
-            out.push(Value::UnchangedToast);
-        } else if a.atttypid.to_u32() < pg_sys::FirstNormalObjectId {
-            let mut send = pg_sys::Oid::INVALID;
-            let mut varlena = false;
-            pg_sys::getTypeBinaryOutputInfo(a.atttypid, &mut send, &mut varlena);
-            let bytea = pg_sys::OidSendFunctionCall(send, datums[i]);
-            let len = pgrx::varsize_any_exhdr(bytea);
-            let data = pgrx::vardata_any(bytea) as *const u8;
-            out.push(Value::Binary(std::slice::from_raw_parts(data, len).to_vec()));
-        } else {
-            let mut output = pg_sys::Oid::INVALID;
-            let mut varlena = false;
-            pg_sys::getTypeOutputInfo(a.atttypid, &mut output, &mut varlena);
-            let text = pg_sys::OidOutputFunctionCall(output, datums[i]);
-            out.push(Value::Text(CStr::from_ptr(text).to_bytes().to_vec()));
+        match field {
+            None => out.push(Value::Null),
+            // Unchanged TOAST values are marked, never detoasted.
+            Some(f) if f.is_unchanged_toast() => out.push(Value::UnchangedToast),
+            Some(f) if a.atttypid.to_u32() < pg_sys::FirstNormalObjectId => out.push(Value::Binary(f.binary())),
+            Some(f) => out.push(Value::Text(f.text())),
         }
     }
     out
 }
 
-/// An on-disk TOAST pointer: the reorder buffer left the value out because
-/// the change did not touch it (VARATT_IS_EXTERNAL_ONDISK).
-unsafe fn is_unchanged_toast(d: pg_sys::Datum) -> bool {
-    let p = d.cast_mut_ptr::<u8>();
-    // 1-byte header 0x01 = external (on little-endian builds); the tag
-    // byte that follows says which kind.
-    const VARTAG_ONDISK: u8 = 18;
-    *p == 0x01 && *p.add(1) == VARTAG_ONDISK
-}
-
 /// Whether `rel` is listed in `mtm.local_tables`. Read with the decoding
 /// snapshot (the table is a user_catalog_table for this reason), once per
 /// relation per transaction.
-unsafe fn is_local(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) -> bool {
-    let st = state(ctx);
-    let relid = (*rel).rd_id;
+fn is_local(st: &mut DecoderState, rel: &Relation) -> bool {
+    let relid = rel.id();
     if let Some(&v) = st.local.get(&relid) {
         return v;
     }
-    let form = &*(*rel).rd_rel;
-    let nsp = pg_sys::get_namespace_name(form.relnamespace);
-    let v = if nsp.is_null() {
-        false
-    } else {
-        let schema = CStr::from_ptr(nsp).to_bytes().to_vec();
-        let name = CStr::from_ptr(form.relname.data.as_ptr()).to_bytes().to_vec();
-        local_tables_contains(&schema, &name)
+    let v = match rel.namespace_name() {
+        None => false,
+        Some(nsp) => {
+            let schema = nsp.to_bytes().to_vec();
+            let name = rel.name().to_bytes().to_vec();
+            local_tables_contains(&schema, &name)
+        }
     };
     st.local.insert(relid, v);
     v
 }
 
-unsafe fn local_tables_contains(schema: &[u8], name: &[u8]) -> bool {
-    let mtm = pg_sys::get_namespace_oid(c"mtm".as_ptr(), true);
-    if mtm == pg_sys::Oid::INVALID {
-        return false;
-    }
-    let relid = pg_sys::get_relname_relid(c"local_tables".as_ptr(), mtm);
-    if relid == pg_sys::Oid::INVALID {
-        return false;
-    }
-    let lt = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-    let scan = pg_sys::systable_beginscan(lt, pg_sys::Oid::INVALID, false, std::ptr::null_mut(), 0, std::ptr::null_mut());
-    let desc = (*lt).rd_att;
-    let mut found = false;
-    loop {
-        let tup = pg_sys::systable_getnext(scan);
-        if tup.is_null() {
-            break;
-        }
-        let mut datums = [pg_sys::Datum::from(0usize); 2];
-        let mut nulls = [false; 2];
-        pg_sys::heap_deform_tuple(tup, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
-        if nulls[0] || nulls[1] {
-            continue;
-        }
-        let s = CStr::from_ptr(datums[0].cast_mut_ptr::<c_char>()).to_bytes();
-        let n = CStr::from_ptr(datums[1].cast_mut_ptr::<c_char>()).to_bytes();
-        if s == schema && n == name {
-            found = true;
-            break;
-        }
-    }
-    pg_sys::systable_endscan(scan);
-    pg_sys::table_close(lt, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-    found
+fn local_tables_contains(schema: &[u8], name: &[u8]) -> bool {
+    decoding::any_local_table(|s, n| s.to_bytes() == schema && n.to_bytes() == name)
 }
