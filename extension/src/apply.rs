@@ -419,19 +419,19 @@ impl Applier {
         let estate = pg_sys::CreateExecutorState();
         let mut rte = PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
         rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
-        rte.relid = (*rel).rd_id;
-        rte.relkind = (*(*rel).rd_rel).relkind;
+        rte.relid = rel.oid();
+        rte.relkind = rel.relkind();
         rte.rellockmode = pg_sys::AccessShareLock as i32;
         pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.into_pg() as *mut std::ffi::c_void));
         let rri = PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
-        pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
+        pg_sys::InitResultRelInfo(rri, rel.as_ptr(), 1, std::ptr::null_mut(), 0);
         (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
         pg_sys::ExecOpenIndices(rri, false);
         pg_sys::AfterTriggerBeginQuery();
 
         match (old, new) {
             (None, Some(new)) => {
-                let slot = self.build_slot(estate, rel, map, &new, Row::New, &table);
+                let slot = self.build_slot(estate, &rel, map, &new, Row::New, &table);
                 pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
             }
             (Some(old), new) => {
@@ -444,9 +444,9 @@ impl Applier {
                     ),
                 };
                 let full = matches!(old, Some(OldTuple::Full(_)));
-                let mut idx = pg_sys::RelationGetReplicaIndex(rel);
+                let mut idx = rel.replica_index();
                 if idx == pg_sys::Oid::INVALID {
-                    idx = pg_sys::RelationGetPrimaryKeyIndex(rel);
+                    idx = rel.primary_key_index();
                 }
                 if idx == pg_sys::Oid::INVALID && !full {
                     error!(
@@ -454,12 +454,12 @@ impl Applier {
                         self.peer
                     );
                 }
-                let search = self.build_slot(estate, rel, map, key_values, Row::Search, &table);
-                let local = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let search = self.build_slot(estate, &rel, map, key_values, Row::Search, &table);
+                let local = pg_sys::table_slot_create(rel.as_ptr(), &mut (*estate).es_tupleTable);
                 let found = if idx != pg_sys::Oid::INVALID {
-                    pg_sys::RelationFindReplTupleByIndex(rel, idx, pg_sys::LockTupleMode::LockTupleExclusive, search, local)
+                    pg_sys::RelationFindReplTupleByIndex(rel.as_ptr(), idx, pg_sys::LockTupleMode::LockTupleExclusive, search, local)
                 } else {
-                    pg_sys::RelationFindReplTupleSeq(rel, pg_sys::LockTupleMode::LockTupleExclusive, search, local)
+                    pg_sys::RelationFindReplTupleSeq(rel.as_ptr(), pg_sys::LockTupleMode::LockTupleExclusive, search, local)
                 };
                 if !found {
                     error!(
@@ -473,7 +473,7 @@ impl Applier {
                 pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
                 match new {
                     Some(new) => {
-                        let slot = self.build_slot(estate, rel, map, &new, Row::Update(local), &table);
+                        let slot = self.build_slot(estate, &rel, map, &new, Row::Update(local), &table);
                         pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, local, slot);
                     }
                     None => pg_sys::ExecSimpleRelationDelete(rri, estate, &mut epq, local),
@@ -487,7 +487,7 @@ impl Applier {
         pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
         pg_sys::FreeExecutorState(estate);
         pg_sys::PopActiveSnapshot();
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        rel.table_close(pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::CommandCounterIncrement();
     }
 
@@ -498,7 +498,7 @@ impl Applier {
     unsafe fn build_slot(
         &self,
         estate: *mut pg_sys::EState,
-        rel: pg_sys::Relation,
+        rel: &crate::pg::relation::Rel,
         local: &crate::relmap::LocalRelation,
         values: &[Value],
         row: Row,
@@ -508,7 +508,7 @@ impl Applier {
             Row::Update(local) => Some(local),
             Row::New | Row::Search => None,
         };
-        let desc = (*rel).rd_att;
+        let desc = (*rel.as_ptr()).rd_att;
         let natts = (*desc).natts as usize;
         let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
         pg_sys::ExecClearTuple(slot);
@@ -529,7 +529,7 @@ impl Applier {
                     // here): a new row gets the column's default, as an
                     // INSERT that leaves it out would.
                     if matches!(row, Row::New) {
-                        if let Some(d) = column_default(estate, rel, i) {
+                        if let Some(d) = column_default(estate, rel.as_ptr(), i) {
                             datums[i] = d;
                             nulls[i] = false;
                         }
@@ -559,15 +559,12 @@ impl Applier {
                             self.peer
                         );
                     }
-                    let mut buf: pg_sys::StringInfoData = std::mem::zeroed();
-                    pg_sys::initStringInfo(&mut buf);
-                    pg_sys::appendBinaryStringInfo(&mut buf, bytes.as_ptr() as *const c_char, bytes.len() as i32);
-                    datums[i] = pg_sys::ReceiveFunctionCall(col.recv, &mut buf, col.recv_ioparam, col.typmod);
+                    datums[i] = col.recv.receive(bytes, col.recv_ioparam, col.typmod);
                     nulls[i] = false;
                 }
                 Value::Text(bytes) => {
                     let text = CString::new(bytes.clone()).unwrap_or_else(|_| error!("NUL in a text value"));
-                    datums[i] = pg_sys::InputFunctionCall(col.input, text.as_ptr() as *mut c_char, col.input_ioparam, col.typmod);
+                    datums[i] = col.input.input(&text, col.input_ioparam, col.typmod);
                     nulls[i] = false;
                 }
             }

@@ -126,6 +126,7 @@ impl RelationCache {
                 format!("multimaster: table {namespace}.{name} from node {peer} does not exist here"),
                 "It was created with multimaster.replicate_ddl off or dropped here by hand: create it on this node; the transaction is retried until it applies."
             );
+            unreachable!("ereport(ERROR) does not return");
         };
         let entry = self.map(&rel, columns);
         self.entries.insert(relid, entry);

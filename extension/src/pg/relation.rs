@@ -94,7 +94,7 @@ impl Rel {
     }
 
     /// The raw relation, for the other wrappers of this layer.
-    pub(super) fn as_ptr(&self) -> pg_sys::Relation {
+    pub fn as_ptr(&self) -> pg_sys::Relation {
         self.rel
     }
 }
