@@ -14,7 +14,7 @@
 //! `logicalrep_rel_open`.
 #![deny(unsafe_code)]
 
-use crate::pg::relation::{self, FunctionContext, Rel, TypeFunction};
+use crate::pg::relation::{self, FunctionContext, Rel, TypeFunction, TypeIo};
 use mtm_protocol::Column;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -46,8 +46,6 @@ pub struct SentColumn {
     /// Receive (binary) and input (text) functions, in the cache's memory.
     pub recv: TypeFunction,
     pub input: TypeFunction,
-    pub recv_ioparam: pg_sys::Oid,
-    pub input_ioparam: pg_sys::Oid,
     pub typmod: i32,
 }
 
@@ -146,16 +144,14 @@ impl RelationCache {
                 let Some(remote) = columns.iter().position(|c| c.name == local_name) else {
                     return LocalColumn::NotSent;
                 };
-                let (recv_fn, recv_ioparam) = relation::type_binary_input_info(a.atttypid);
-                let (input_fn, input_ioparam) = relation::type_input_info(a.atttypid);
+                let recv = relation::type_binary_input_info(a.atttypid);
+                let input = relation::type_input_info(a.atttypid);
                 LocalColumn::Sent(SentColumn {
                     remote,
                     same_type: columns[remote].type_oid == a.atttypid.to_u32(),
                     remote_type: columns[remote].type_oid,
-                    recv: self.function(recv_fn),
-                    input: self.function(input_fn),
-                    recv_ioparam,
-                    input_ioparam,
+                    recv: self.function(recv),
+                    input: self.function(input),
                     typmod: a.atttypmod,
                 })
             })
@@ -164,7 +160,7 @@ impl RelationCache {
     }
 
     /// The function manager's lookup of `f`, kept in the cache's memory.
-    fn function(&self, f: pg_sys::Oid) -> TypeFunction {
+    fn function(&self, f: TypeIo) -> TypeFunction {
         self.cx.lookup(f)
     }
 }

@@ -94,7 +94,7 @@ impl Rel {
     }
 
     /// The raw relation, for the other wrappers of this layer.
-    pub fn as_ptr(&self) -> pg_sys::Relation {
+    pub(super) fn as_ptr(&self) -> pg_sys::Relation {
         self.rel
     }
 }
@@ -106,24 +106,33 @@ pub fn attribute_name(a: &pg_sys::FormData_pg_attribute) -> Cow<'_, str> {
     unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_string_lossy()
 }
 
+/// A type's input or receive function and its I/O parameter, as the
+/// catalog gives them for that type (to look up with
+/// [`FunctionContext::lookup`]).
+pub struct TypeIo {
+    function: pg_sys::Oid,
+    ioparam: pg_sys::Oid,
+    for_type: pg_sys::Oid,
+}
+
 /// `getTypeBinaryInputInfo`: the receive function of `type_oid` and its
 /// I/O parameter. Raises an ERROR when the type has none.
-pub fn type_binary_input_info(type_oid: pg_sys::Oid) -> (pg_sys::Oid, pg_sys::Oid) {
+pub fn type_binary_input_info(type_oid: pg_sys::Oid) -> TypeIo {
     let (mut f, mut ioparam) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
     // SAFETY: both out-pointers are live locals; a syscache lookup that
     // fails raises an ERROR through the guarded binding.
     unsafe { pg_sys::getTypeBinaryInputInfo(type_oid, &mut f, &mut ioparam) };
-    (f, ioparam)
+    TypeIo { function: f, ioparam, for_type: type_oid }
 }
 
 /// `getTypeInputInfo`: the input function of `type_oid` and its I/O
 /// parameter.
-pub fn type_input_info(type_oid: pg_sys::Oid) -> (pg_sys::Oid, pg_sys::Oid) {
+pub fn type_input_info(type_oid: pg_sys::Oid) -> TypeIo {
     let (mut f, mut ioparam) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
     // SAFETY: both out-pointers are live locals; a syscache lookup that
     // fails raises an ERROR through the guarded binding.
     unsafe { pg_sys::getTypeInputInfo(type_oid, &mut f, &mut ioparam) };
-    (f, ioparam)
+    TypeIo { function: f, ioparam, for_type: type_oid }
 }
 
 /// A process-lifetime memory context holding function-manager lookups
@@ -136,11 +145,24 @@ pub struct FunctionContext {
 }
 
 /// A type's input or receive function as `fmgr_info_cxt` filled it in, in
-/// a [`FunctionContext`].
+/// a [`FunctionContext`], with the I/O parameter it is called with.
 pub struct TypeFunction {
     info: *mut pg_sys::FmgrInfo,
+    ioparam: pg_sys::Oid,
+    /// The type whose values it makes.
+    for_type: pg_sys::Oid,
     generation: u64,
     current: Rc<Cell<u64>>,
+}
+
+/// A value of type `type_oid` as that type's own input or receive
+/// function (or a column default of that type) made it, allocated in the
+/// memory context current when it was made: what a slot accepts for a
+/// column of that type ([`crate::pg::executor`]).
+#[derive(Clone, Copy)]
+pub struct ColumnValue {
+    pub(super) datum: pg_sys::Datum,
+    pub(super) type_oid: pg_sys::Oid,
 }
 
 impl FunctionContext {
@@ -153,9 +175,10 @@ impl FunctionContext {
         FunctionContext { cx, generation: Rc::new(Cell::new(0)) }
     }
 
-    /// `fmgr_info_cxt` of function `f` into a zeroed FmgrInfo allocated in
-    /// this context.
-    pub fn lookup(&self, f: pg_sys::Oid) -> TypeFunction {
+    /// `fmgr_info_cxt` of `io`'s function into a zeroed FmgrInfo allocated
+    /// in this context.
+    pub fn lookup(&self, io: TypeIo) -> TypeFunction {
+        let TypeIo { function: f, ioparam, for_type } = io;
         // SAFETY: the FmgrInfo is allocated (zeroed, FmgrInfo-sized) in our
         // live context, and fmgr_info_cxt keeps its subsidiary data there
         // too; the generation check in `call` stops its use after a reset.
@@ -164,7 +187,7 @@ impl FunctionContext {
             pg_sys::fmgr_info_cxt(f, info, self.cx);
             info
         };
-        TypeFunction { info, generation: self.generation.get(), current: self.generation.clone() }
+        TypeFunction { info, ioparam, for_type, generation: self.generation.get(), current: self.generation.clone() }
     }
 
     /// `MemoryContextReset`: frees every lookup; the TypeFunctions made
@@ -187,7 +210,7 @@ impl TypeFunction {
 
     /// `ReceiveFunctionCall` on a copy of `bytes` in a StringInfo of the
     /// current memory context; the value is allocated there.
-    pub fn receive(&self, bytes: &[u8], ioparam: pg_sys::Oid, typmod: i32) -> pg_sys::Datum {
+    pub fn receive(&self, bytes: &[u8], typmod: i32) -> ColumnValue {
         let info = self.info();
         // SAFETY: `info` is a live FmgrInfo (generation checked); the
         // StringInfo is initialized before use and lives across the call,
@@ -196,17 +219,19 @@ impl TypeFunction {
             let mut buf: pg_sys::StringInfoData = std::mem::zeroed();
             pg_sys::initStringInfo(&mut buf);
             pg_sys::appendBinaryStringInfo(&mut buf, bytes.as_ptr() as *const c_char, bytes.len() as i32);
-            pg_sys::ReceiveFunctionCall(info, &mut buf, ioparam, typmod)
+            let datum = pg_sys::ReceiveFunctionCall(info, &mut buf, self.ioparam, typmod);
+            ColumnValue { datum, type_oid: self.for_type }
         }
     }
 
     /// `InputFunctionCall` on `text`; the value is allocated in the
     /// current memory context.
-    pub fn input(&self, text: &CStr, ioparam: pg_sys::Oid, typmod: i32) -> pg_sys::Datum {
+    pub fn input(&self, text: &CStr, typmod: i32) -> ColumnValue {
         let info = self.info();
         // SAFETY: `info` is a live FmgrInfo (generation checked); input
         // functions only read their string argument (the *mut is C's).
-        unsafe { pg_sys::InputFunctionCall(info, text.as_ptr() as *mut c_char, ioparam, typmod) }
+        let datum = unsafe { pg_sys::InputFunctionCall(info, text.as_ptr() as *mut c_char, self.ioparam, typmod) };
+        ColumnValue { datum, type_oid: self.for_type }
     }
 }
 
