@@ -509,9 +509,7 @@ impl Applier {
                     // here): a new row gets the column's default, as an
                     // INSERT that leaves it out would.
                     if matches!(row, Row::New) {
-                        if let Some(d) = executor.column_default(i) {
-                            slot.set(i, d);
-                        }
+                        slot.set_default(i);
                     }
                     continue;
                 }
@@ -535,11 +533,11 @@ impl Applier {
                             self.peer
                         );
                     }
-                    slot.set(i, col.recv.receive(bytes, col.typmod));
+                    slot.set_received(i, &col.recv, bytes, col.typmod);
                 }
                 Value::Text(bytes) => {
                     let text = CString::new(bytes.clone()).unwrap_or_else(|_| error!("NUL in a text value"));
-                    slot.set(i, col.input.input(&text, col.typmod));
+                    slot.set_input(i, &col.input, &text, col.typmod);
                 }
             }
         }

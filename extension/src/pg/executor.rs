@@ -13,7 +13,7 @@
 //! worker does, so the cleanup runs only through the explicit `finish` /
 //! `end` / `pop` calls, in the order the caller makes them.
 
-use super::relation::{ColumnValue, Rel};
+use super::relation::{ColumnValue, Rel, TypeFunction};
 use pgrx::pg_sys;
 use pgrx::PgBox;
 use std::ffi::CStr;
@@ -69,13 +69,13 @@ impl<'r> ChangeExecutor<'r> {
             pg_sys::ExecClearTuple(slot);
             slot
         };
-        SlotBuilder { slot, estate: self.estate, _executor: PhantomData }
+        SlotBuilder { slot, executor: self }
     }
 
     /// The default of column `i` (0-based), evaluated in the executor's
     /// per-tuple memory; None when the column has none (or it evaluates to
     /// NULL).
-    pub fn column_default(&self, i: usize) -> Option<ColumnValue> {
+    fn column_default(&self, i: usize) -> Option<ColumnValue> {
         let type_oid = self.rel.attributes()[i].atttypid;
         // SAFETY: `rel` is open and `i` is one of its columns (indexed
         // above); the expression state and expression context belong to
@@ -150,11 +150,12 @@ impl<'r> ChangeExecutor<'r> {
         // SAFETY: initializes the boxed state for our live EState; no plan
         // and no row marks, as the ExecSimpleRelation* calls need none.
         unsafe { pg_sys::EvalPlanQualInit(&mut *epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1) };
-        Epq { epq, _executor: PhantomData }
+        Epq { epq, estate: self.estate, _executor: PhantomData }
     }
 
     /// `ExecSimpleRelationUpdate` of the found row `old` to `new`.
     pub fn update(&self, epq: &mut Epq, old: &FoundRow, new: &VirtualSlot) {
+        self.check(epq.estate);
         self.check(old.estate);
         self.check(new.estate);
         // SAFETY: `old` holds the row found (and locked) through this
@@ -165,6 +166,7 @@ impl<'r> ChangeExecutor<'r> {
 
     /// `ExecSimpleRelationDelete` of the found row `old`.
     pub fn delete(&self, epq: &mut Epq, old: &FoundRow) {
+        self.check(epq.estate);
         self.check(old.estate);
         // SAFETY: as in update.
         unsafe { pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut *epq.epq, old.slot) }
@@ -196,6 +198,7 @@ impl<'r> ChangeExecutor<'r> {
 /// [`ChangeExecutor::delete`].
 pub struct Epq<'e> {
     epq: Box<pg_sys::EPQState>,
+    estate: *mut pg_sys::EState,
     _executor: PhantomData<&'e ChangeExecutor<'e>>,
 }
 
@@ -213,8 +216,7 @@ impl Epq<'_> {
 /// [`SlotBuilder::copy_from`] first), then [`SlotBuilder::store`].
 pub struct SlotBuilder<'e> {
     slot: *mut pg_sys::TupleTableSlot,
-    estate: *mut pg_sys::EState,
-    _executor: PhantomData<&'e ChangeExecutor<'e>>,
+    executor: &'e ChangeExecutor<'e>,
 }
 
 /// A stored virtual slot of a change's table.
@@ -253,7 +255,7 @@ impl<'e> SlotBuilder<'e> {
     /// Every column as in `base` (`slot_getallattrs` first): the row an
     /// update starts from.
     pub fn copy_from(&mut self, base: &FoundRow) {
-        assert!(std::ptr::eq(base.estate, self.estate), "multimaster: a slot used with another change's executor");
+        self.executor.check(base.estate);
         // SAFETY: `base` is a filled slot of the same table (same executor,
         // checked), so it has the same number of columns; after
         // slot_getallattrs its arrays hold them all, and it is another
@@ -281,9 +283,31 @@ impl<'e> SlotBuilder<'e> {
         self.arrays().1[i] = true;
     }
 
+    /// Column `i` (0-based) set to its default, if it has one (NULL
+    /// included); left as it is otherwise.
+    pub fn set_default(&mut self, i: usize) {
+        if let Some(d) = self.executor.column_default(i) {
+            self.set(i, d);
+        }
+    }
+
+    /// Column `i` (0-based) set to the value receive function `f` makes of
+    /// `bytes` for `typmod`.
+    pub fn set_received(&mut self, i: usize, f: &TypeFunction, bytes: &[u8], typmod: i32) {
+        let value = f.receive(bytes, typmod);
+        self.set(i, value);
+    }
+
+    /// Column `i` (0-based) set to the value input function `f` makes of
+    /// `text` for `typmod`.
+    pub fn set_input(&mut self, i: usize, f: &TypeFunction, text: &CStr, typmod: i32) {
+        let value = f.input(text, typmod);
+        self.set(i, value);
+    }
+
     /// Column `i` (0-based) set to `value`, which must be of the column's
     /// type (a value of another type would be misread by PostgreSQL).
-    pub fn set(&mut self, i: usize, value: ColumnValue) {
+    fn set(&mut self, i: usize, value: ColumnValue) {
         // SAFETY: the descriptor has natts attributes for the slot's life.
         let type_oid = unsafe {
             let desc = (*self.slot).tts_tupleDescriptor;
@@ -300,7 +324,7 @@ impl<'e> SlotBuilder<'e> {
         // SAFETY: our empty (cleared) virtual slot, whose arrays are filled
         // with values of the columns' types or nulls.
         unsafe { pg_sys::ExecStoreVirtualTuple(self.slot) };
-        VirtualSlot { slot: self.slot, estate: self.estate, _executor: PhantomData }
+        VirtualSlot { slot: self.slot, estate: self.executor.estate, _executor: PhantomData }
     }
 }
 

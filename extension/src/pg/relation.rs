@@ -4,7 +4,8 @@
 //!
 //! A [`Rel`] is a table this backend opened in the current transaction; it
 //! is consumed by its close, and PostgreSQL itself releases it if the
-//! transaction aborts first. The apply path opens one per change and drops
+//! transaction aborts first (a handle used after that panics instead of
+//! reading the released relcache entry). The apply path opens one per change and drops
 //! the handle with the change (also when the change fails).
 
 use pgrx::pg_sys;
@@ -17,6 +18,16 @@ use std::rc::Rc;
 /// A table opened (and locked) by this backend in the current transaction.
 pub struct Rel {
     rel: pg_sys::Relation,
+    /// The (sub)transaction that opened it, which keeps it open.
+    opened_in: (pg_sys::LocalTransactionId, pg_sys::SubTransactionId),
+}
+
+/// This backend's current (local transaction id, subtransaction id).
+fn current_transaction() -> (pg_sys::LocalTransactionId, pg_sys::SubTransactionId) {
+    // SAFETY: MyProc is this backend's own PGPROC, set up before extension
+    // code runs; only this backend writes its lxid. The subtransaction id
+    // is backend-local state, readable in any transaction state.
+    unsafe { ((*pg_sys::MyProc).lxid, pg_sys::GetCurrentSubTransactionId()) }
 }
 
 impl Rel {
@@ -26,7 +37,7 @@ impl Rel {
         // PostgreSQL raises an ERROR (guarded binding), never reads freed
         // memory. A null result is returned as None.
         let rel = unsafe { pg_sys::try_relation_open(oid, lockmode) };
-        (!rel.is_null()).then_some(Rel { rel })
+        (!rel.is_null()).then(|| Rel { rel, opened_in: current_transaction() })
     }
 
     /// `table_openrv_extended` of `namespace`.`name`; None when missing
@@ -40,34 +51,34 @@ impl Rel {
             let rv = pg_sys::makeRangeVar(namespace.as_ptr() as *mut c_char, name.as_ptr() as *mut c_char, -1);
             pg_sys::table_openrv_extended(rv, lockmode, missing_ok)
         };
-        (!rel.is_null()).then_some(Rel { rel })
+        (!rel.is_null()).then(|| Rel { rel, opened_in: current_transaction() })
     }
 
     /// `relation_close`, releasing `lockmode`.
     pub fn relation_close(self, lockmode: pg_sys::LOCKMODE) {
-        // SAFETY: opened by this backend and, the handle being consumed,
-        // closed once.
-        unsafe { pg_sys::relation_close(self.rel, lockmode) }
+        // SAFETY: opened by this backend in this (sub)transaction (checked
+        // by as_ptr) and, the handle being consumed, closed once.
+        unsafe { pg_sys::relation_close(self.as_ptr(), lockmode) }
     }
 
     /// `table_close`, releasing `lockmode` (NoLock: keep the lock until
     /// the transaction ends).
     pub fn table_close(self, lockmode: pg_sys::LOCKMODE) {
-        // SAFETY: opened by this backend and, the handle being consumed,
-        // closed once.
-        unsafe { pg_sys::table_close(self.rel, lockmode) }
+        // SAFETY: opened by this backend in this (sub)transaction (checked
+        // by as_ptr) and, the handle being consumed, closed once.
+        unsafe { pg_sys::table_close(self.as_ptr(), lockmode) }
     }
 
     /// The relation's OID.
     pub fn oid(&self) -> pg_sys::Oid {
         // SAFETY: the relcache entry is pinned while the relation is open.
-        unsafe { (*self.rel).rd_id }
+        unsafe { (*self.as_ptr()).rd_id }
     }
 
     /// `relkind` of its pg_class row.
     pub fn relkind(&self) -> c_char {
         // SAFETY: rd_rel is part of the pinned relcache entry.
-        unsafe { (*(*self.rel).rd_rel).relkind }
+        unsafe { (*(*self.as_ptr()).rd_rel).relkind }
     }
 
     /// Its tuple descriptor's attributes, by attribute number - 1.
@@ -76,7 +87,7 @@ impl Rel {
         // ALTER TABLE from replacing the descriptor while the relation is
         // open, and the slice borrows the open handle.
         unsafe {
-            let desc = (*self.rel).rd_att;
+            let desc = (*self.as_ptr()).rd_att;
             (*desc).attrs.as_slice((*desc).natts as usize)
         }
     }
@@ -84,17 +95,20 @@ impl Rel {
     /// `RelationGetReplicaIndex` (InvalidOid: none).
     pub fn replica_index(&self) -> pg_sys::Oid {
         // SAFETY: open relation; catalog lookups inside the transaction.
-        unsafe { pg_sys::RelationGetReplicaIndex(self.rel) }
+        unsafe { pg_sys::RelationGetReplicaIndex(self.as_ptr()) }
     }
 
     /// `RelationGetPrimaryKeyIndex` (InvalidOid: none).
     pub fn primary_key_index(&self) -> pg_sys::Oid {
         // SAFETY: open relation; catalog lookups inside the transaction.
-        unsafe { pg_sys::RelationGetPrimaryKeyIndex(self.rel) }
+        unsafe { pg_sys::RelationGetPrimaryKeyIndex(self.as_ptr()) }
     }
 
-    /// The raw relation, for the other wrappers of this layer.
+    /// The raw relation, for the other wrappers of this layer: open as long
+    /// as the (sub)transaction that opened it is the current one (else
+    /// PostgreSQL has released it, and this panics).
     pub(super) fn as_ptr(&self) -> pg_sys::Relation {
+        assert!(current_transaction() == self.opened_in, "multimaster: a relation used after the transaction that opened it ended");
         self.rel
     }
 }
@@ -158,9 +172,10 @@ pub struct TypeFunction {
 /// A value of type `type_oid` as that type's own input or receive
 /// function (or a column default of that type) made it, allocated in the
 /// memory context current when it was made: what a slot accepts for a
-/// column of that type ([`crate::pg::executor`]).
+/// column of that type ([`crate::pg::executor`]). Only the layer handles
+/// one, so it never outlives the change whose memory holds it.
 #[derive(Clone, Copy)]
-pub struct ColumnValue {
+pub(super) struct ColumnValue {
     pub(super) datum: pg_sys::Datum,
     pub(super) type_oid: pg_sys::Oid,
 }
@@ -210,7 +225,7 @@ impl TypeFunction {
 
     /// `ReceiveFunctionCall` on a copy of `bytes` in a StringInfo of the
     /// current memory context; the value is allocated there.
-    pub fn receive(&self, bytes: &[u8], typmod: i32) -> ColumnValue {
+    pub(super) fn receive(&self, bytes: &[u8], typmod: i32) -> ColumnValue {
         let info = self.info();
         // SAFETY: `info` is a live FmgrInfo (generation checked); the
         // StringInfo is initialized before use and lives across the call,
@@ -226,7 +241,7 @@ impl TypeFunction {
 
     /// `InputFunctionCall` on `text`; the value is allocated in the
     /// current memory context.
-    pub fn input(&self, text: &CStr, typmod: i32) -> ColumnValue {
+    pub(super) fn input(&self, text: &CStr, typmod: i32) -> ColumnValue {
         let info = self.info();
         // SAFETY: `info` is a live FmgrInfo (generation checked); input
         // functions only read their string argument (the *mut is C's).
