@@ -419,7 +419,7 @@ impl Applier {
         let (rel, map) = cache.open(relid, &remote.namespace, &remote.name, &remote.columns, self.peer);
         let snapshot = exec::push_transaction_snapshot();
 
-        let executor = ChangeExecutor::begin(&rel);
+        let executor = ChangeExecutor::begin(&rel, &snapshot);
 
         match (old, new) {
             (None, Some(new)) => {

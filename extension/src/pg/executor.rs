@@ -25,17 +25,20 @@ use std::marker::PhantomData;
 /// [`ChangeExecutor::finish`]; abandoned (left to the abort) on ERROR.
 pub struct ChangeExecutor<'r> {
     rel: &'r Rel,
+    /// Row checks, triggers and index lookups read the active snapshot.
+    _snapshot: &'r ActiveSnapshot,
     estate: *mut pg_sys::EState,
     rri: *mut pg_sys::ResultRelInfo,
 }
 
 impl<'r> ChangeExecutor<'r> {
     /// Sets up the executor for a change to `rel` (the calls
-    /// `apply_handle_insert` & co. make), inside a transaction with an
-    /// active snapshot.
-    pub fn begin(rel: &'r Rel) -> Self {
-        // SAFETY: `rel` is open (and locked) for at least 'r, which this
-        // value cannot outlive; every node is allocated with palloc in the
+    /// `apply_handle_insert` & co. make) under the active `snapshot`,
+    /// which stays pushed until the executor is finished.
+    pub fn begin(rel: &'r Rel, snapshot: &'r ActiveSnapshot) -> Self {
+        // SAFETY: `rel` is open (and locked) in the current transaction and
+        // the snapshot pushed, both for at least 'r, which this value cannot
+        // outlive; every node is allocated with palloc in the
         // current memory context (the range-table entry through PgBox's
         // makeNode, handed over to PostgreSQL's list by into_pg), and the
         // EState and ResultRelInfo are used only through this value, whose
@@ -54,7 +57,7 @@ impl<'r> ChangeExecutor<'r> {
             (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
             pg_sys::ExecOpenIndices(rri, false);
             pg_sys::AfterTriggerBeginQuery();
-            ChangeExecutor { rel, estate, rri }
+            ChangeExecutor { rel, _snapshot: snapshot, estate, rri }
         }
     }
 
