@@ -17,21 +17,19 @@
 //! and retries it. Before a no vote, a failure that applying side by side
 //! can cause is tried once more, alone, in the transaction's commit turn
 //! ([`mtm_schedule::retry`]).
+#![deny(unsafe_code)]
 
+use crate::pg::executor::{self as exec, ChangeExecutor, FoundRow, ScratchContext, SlotBuilder, VirtualSlot};
+use crate::pg::relation::{self, Rel};
+use crate::pg::{origin, twophase};
 use crate::pool::Turn;
 use mtm_protocol::{Column, Message, OldTuple, Value};
 use crate::relmap::LocalColumn;
 use mtm_state::decisions::State;
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PgBox};
+use pgrx::pg_sys;
 use std::collections::HashMap;
-use std::ffi::{c_char, CString};
-
-unsafe extern "C-unwind" {
-    // Not exported through pg_sys (twophase.h); called only through
-    // pg_guard_ffi_boundary.
-    pub(crate) fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
-}
+use std::ffi::CString;
 
 struct RemoteRelation {
     namespace: String,
@@ -57,7 +55,7 @@ pub struct Applier {
     notifications: Vec<(String, String)>,
     /// Reset after every change, so a huge transaction is applied in
     /// constant memory (values, slots, executor state live here).
-    change_cx: pg_sys::MemoryContext,
+    change_cx: ScratchContext,
     /// The current transaction's messages, for a serial retry.
     replay: mtm_schedule::retry::Replay,
     /// Replaying them now (a second failure is a no vote).
@@ -84,16 +82,8 @@ impl Applier {
             replay: mtm_schedule::retry::Replay::new(REPLAY_BUDGET),
             retrying: false,
             failed_for_own_peer: false,
-            // SAFETY: a child of TopMemoryContext, kept for the worker's life.
-            change_cx: unsafe {
-                pg_sys::AllocSetContextCreateInternal(
-                    pg_sys::TopMemoryContext,
-                    c"multimaster apply change".as_ptr(),
-                    0,
-                    8 * 1024,
-                    8 * 1024 * 1024,
-                )
-            },
+            // A child of TopMemoryContext, kept for the worker's life.
+            change_cx: ScratchContext::new(c"multimaster apply change"),
         }
     }
 
@@ -125,138 +115,139 @@ impl Applier {
     /// applied (PostgreSQL batches them; a worker must push them itself).
     pub fn idle(&self) {
         if !self.in_transaction {
-            // SAFETY: outside any transaction, as pgstat requires.
-            unsafe { pg_sys::pgstat_report_stat(false) };
+            // Outside any transaction, as pgstat requires.
+            exec::report_stats();
         }
     }
 
     /// A transaction (or prepare, or its end) from the peer ending at
     /// `remote_end` is committed here: pass the turn on.
-    unsafe fn applied(&mut self, remote_end: u64) {
+    fn applied(&mut self, remote_end: u64) {
         self.turn.applying(0);
         self.turn.done(self.seq, remote_end);
         self.in_transaction = false;
-        pg_sys::pgstat_report_stat(false);
+        exec::report_stats();
     }
 
     pub fn apply(&mut self, msg: Message) {
-        // SAFETY: executor and transaction calls from the worker's thread.
-        unsafe {
-            if let Message::Prepare { gid, .. } = &msg {
-                // Kept in the prepared transaction, queued at its commit.
-                if !self.notifications.is_empty() {
-                    let notifications = std::mem::take(&mut self.notifications);
-                    self.guarded(|_| crate::notify::store(gid, &notifications));
-                }
+        if let Message::Prepare { gid, .. } = &msg {
+            // Kept in the prepared transaction, queued at its commit.
+            if !self.notifications.is_empty() {
+                let notifications = std::mem::take(&mut self.notifications);
+                self.guarded(|_| crate::notify::store(gid, &notifications));
             }
-            match msg {
-                Message::Begin { commit_time, .. } => {
-                    self.turn.applying(commit_time);
-                    // Tag the rows' WAL records with the peer's origin (only
-                    // the commit needs the origin set up, in its turn): the
-                    // walsenders then drop them as they decode, instead of
-                    // queueing every applied row until its commit says
-                    // whose it was.
-                    pg_sys::replorigin_session_origin = self.turn.origin();
-                    pg_sys::StartTransactionCommand();
-                    self.in_transaction = true;
-                    self.failed = None;
-                    self.notifications.clear();
-                }
-                Message::Origin { .. } => {}
-                Message::Relation { relid, namespace, name, columns, .. } => {
-                    self.cache.get_mut().forget(relid);
-                    self.relations.insert(relid, RemoteRelation { namespace, name, columns });
-                }
-                Message::Insert { relid, new } => self.guarded(|a| a.change(relid, None, Some(new))),
-                Message::Update { relid, old, new } => self.guarded(|a| a.change(relid, Some(old), Some(new))),
-                Message::Delete { relid, old } => self.guarded(|a| a.change(relid, Some(old), None)),
-                Message::Truncate { cascade, restart_identity, relids } => {
-                    self.guarded(|a| a.truncate(&relids, cascade, restart_identity))
-                }
-                Message::Commit { .. } if self.failed.is_some() => {
-                    let (code, message) = self.failed.take().unwrap_or_default();
-                    // With the cause's SQLSTATE, so mtm.nodes() shows it.
-                    ereport!(
-                        PgLogLevel::ERROR,
-                        PgSqlErrorCode::from(crate::votes::sqlstate_code(&code)),
-                        format!("multimaster: a transaction from node {} could not be applied and will be retried: {message} ({code})", self.peer)
-                    );
-                }
-                Message::Prepare { end_lsn, gid, .. } if self.failed.is_some() => {
-                    let (sqlstate, message) = self.failed.take().unwrap_or_default();
-                    let own_peer = std::mem::take(&mut self.failed_for_own_peer);
-                    if mtm_schedule::retry::worth_retrying(&sqlstate, own_peer) && self.retry_alone(&gid, &message) {
-                        return;
-                    }
-                    self.turn.wait(self.seq);
-                    self.vote_no(&gid, sqlstate, message, end_lsn);
-                    self.applied(end_lsn);
-                }
-                Message::Commit { end_lsn, commit_time, .. } => {
-                    self.turn.wait(self.seq);
-                    set_origin_progress(end_lsn, commit_time);
-                    crate::notify::queue(&std::mem::take(&mut self.notifications));
-                    pg_sys::CommitTransactionCommand();
-                    self.applied(end_lsn);
-                }
-                Message::Prepare { end_lsn, gid, .. } if crate::conflicts::doomed_by().is_some() => {
-                    self.give_way(&gid, end_lsn, false);
-                }
-                Message::Prepare { end_lsn, prepare_time, gid, .. } => {
-                    let gid = CString::new(gid).expect("gid without NUL");
-                    // Balances the EndTransactionBlock inside PrepareTransactionBlock.
-                    pg_sys::BeginTransactionBlock();
-                    pg_sys::CommitTransactionCommand();
-                    // Waiting for its turn, it may be told to give way to an
-                    // older conflicting transaction that needs its locks
-                    // (`crate::conflicts`); so also once it has the turn.
-                    let turn = self.turn.wait_unless(self.seq, || crate::conflicts::doomed_by().is_some());
-                    if !turn || crate::conflicts::doomed_by().is_some() {
-                        self.give_way(&gid.to_string_lossy(), end_lsn, turn);
-                        return;
-                    }
-                    set_origin_progress(end_lsn, prepare_time);
-                    let xid = pg_sys::GetTopTransactionIdIfAny().into_inner();
-                    let prepared = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
-                        pg_sys::PrepareTransactionBlock(gid.as_ptr());
-                        pg_sys::CommitTransactionCommand();
-                        Ok(())
-                    }))
-                    .catch_others(|e| Err(describe(&e)))
-                    .execute();
-                    let gid = gid.to_string_lossy().into_owned();
-                    match prepared {
-                        Ok(()) => {
-                            crate::votes::record(&gid, &crate::votes::Vote::Yes);
-                            crate::votes::note_applied_prepare(&gid, xid, self.peer, prepare_time);
-                            crate::votes::send(self.peer, &gid, None);
-                        }
-                        Err((sqlstate, message)) => {
-                            pg_sys::AbortCurrentTransaction();
-                            self.vote_no(&gid, sqlstate, message, end_lsn);
-                        }
-                    }
-                    self.applied(end_lsn);
-                }
-                Message::CommitPrepared { end_lsn, commit_time, gid, .. } => {
-                    self.turn.wait(self.seq);
-                    self.finish_prepared(&gid, true, end_lsn, commit_time);
-                    self.applied(end_lsn);
-                }
-                Message::RollbackPrepared { rollback_end_lsn, rollback_time, gid, .. } => {
-                    self.turn.wait(self.seq);
-                    self.finish_prepared(&gid, false, rollback_end_lsn, rollback_time);
-                    self.applied(rollback_end_lsn);
-                }
-                Message::Message { transactional: true, prefix, content, .. } if prefix == mtm_protocol::DDL_PREFIX => {
-                    self.guarded(|a| a.ddl(&content))
-                }
-                Message::Message { transactional: true, prefix, content, .. } if crate::notify::is_notify(&prefix) => {
-                    self.notifications.extend(crate::notify::decode(&content));
-                }
-                Message::Message { .. } => {}
+        }
+        match msg {
+            Message::Begin { commit_time, .. } => {
+                self.turn.applying(commit_time);
+                // Tag the rows' WAL records with the peer's origin (only
+                // the commit needs the origin set up, in its turn): the
+                // walsenders then drop them as they decode, instead of
+                // queueing every applied row until its commit says
+                // whose it was.
+                origin::set_session_origin(self.turn.origin());
+                exec::start_transaction_command();
+                self.in_transaction = true;
+                self.failed = None;
+                self.notifications.clear();
             }
+            Message::Origin { .. } => {}
+            Message::Relation { relid, namespace, name, columns, .. } => {
+                self.cache.get_mut().forget(relid);
+                self.relations.insert(relid, RemoteRelation { namespace, name, columns });
+            }
+            Message::Insert { relid, new } => self.guarded(|a| a.change(relid, None, Some(new))),
+            Message::Update { relid, old, new } => self.guarded(|a| a.change(relid, Some(old), Some(new))),
+            Message::Delete { relid, old } => self.guarded(|a| a.change(relid, Some(old), None)),
+            Message::Truncate { cascade, restart_identity, relids } => {
+                self.guarded(|a| a.truncate(&relids, cascade, restart_identity))
+            }
+            Message::Commit { .. } if self.failed.is_some() => {
+                let (code, message) = self.failed.take().unwrap_or_default();
+                // With the cause's SQLSTATE, so mtm.nodes() shows it.
+                ereport!(
+                    PgLogLevel::ERROR,
+                    PgSqlErrorCode::from(crate::votes::sqlstate_code(&code)),
+                    format!("multimaster: a transaction from node {} could not be applied and will be retried: {message} ({code})", self.peer)
+                );
+            }
+            Message::Prepare { end_lsn, gid, .. } if self.failed.is_some() => {
+                let (sqlstate, message) = self.failed.take().unwrap_or_default();
+                let own_peer = std::mem::take(&mut self.failed_for_own_peer);
+                if mtm_schedule::retry::worth_retrying(&sqlstate, own_peer) && self.retry_alone(&gid, &message) {
+                    return;
+                }
+                self.turn.wait(self.seq);
+                self.vote_no(&gid, sqlstate, message, end_lsn);
+                self.applied(end_lsn);
+            }
+            Message::Commit { end_lsn, commit_time, .. } => {
+                self.turn.wait(self.seq);
+                origin::set_session_progress(end_lsn, commit_time);
+                crate::notify::queue(&std::mem::take(&mut self.notifications));
+                exec::commit_transaction_command();
+                self.applied(end_lsn);
+            }
+            Message::Prepare { end_lsn, gid, .. } if crate::conflicts::doomed_by().is_some() => {
+                self.give_way(&gid, end_lsn, false);
+            }
+            Message::Prepare { end_lsn, prepare_time, gid, .. } => {
+                let gid = CString::new(gid).expect("gid without NUL");
+                // Balances the EndTransactionBlock inside PrepareTransactionBlock.
+                exec::begin_transaction_block();
+                exec::commit_transaction_command();
+                // Waiting for its turn, it may be told to give way to an
+                // older conflicting transaction that needs its locks
+                // (`crate::conflicts`); so also once it has the turn.
+                let turn = self.turn.wait_unless(self.seq, || crate::conflicts::doomed_by().is_some());
+                if !turn || crate::conflicts::doomed_by().is_some() {
+                    self.give_way(&gid.to_string_lossy(), end_lsn, turn);
+                    return;
+                }
+                origin::set_session_progress(end_lsn, prepare_time);
+                let xid = twophase::top_xid_if_any().into_inner();
+                let prepared = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+                    exec::prepare_transaction_block(&gid);
+                    exec::commit_transaction_command();
+                    Ok(())
+                }))
+                .catch_others(|e| Err(describe(&e)))
+                .execute();
+                let gid = gid.to_string_lossy().into_owned();
+                match prepared {
+                    Ok(()) => {
+                        crate::votes::record(&gid, &crate::votes::Vote::Yes);
+                        crate::votes::note_applied_prepare(&gid, xid, self.peer, prepare_time);
+                        // TODO(merge): votes::send becomes safe in its own refactor
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            crate::votes::send(self.peer, &gid, None)
+                        };
+                    }
+                    Err((sqlstate, message)) => {
+                        twophase::abort_current_transaction();
+                        self.vote_no(&gid, sqlstate, message, end_lsn);
+                    }
+                }
+                self.applied(end_lsn);
+            }
+            Message::CommitPrepared { end_lsn, commit_time, gid, .. } => {
+                self.turn.wait(self.seq);
+                self.finish_prepared(&gid, true, end_lsn, commit_time);
+                self.applied(end_lsn);
+            }
+            Message::RollbackPrepared { rollback_end_lsn, rollback_time, gid, .. } => {
+                self.turn.wait(self.seq);
+                self.finish_prepared(&gid, false, rollback_end_lsn, rollback_time);
+                self.applied(rollback_end_lsn);
+            }
+            Message::Message { transactional: true, prefix, content, .. } if prefix == mtm_protocol::DDL_PREFIX => {
+                self.guarded(|a| a.ddl(&content))
+            }
+            Message::Message { transactional: true, prefix, content, .. } if crate::notify::is_notify(&prefix) => {
+                self.notifications.extend(crate::notify::decode(&content));
+            }
+            Message::Message { .. } => {}
         }
     }
 
@@ -266,16 +257,16 @@ impl Applier {
     /// `COMMIT PREPARED` can be run on any node). Either way there is
     /// nothing to do but move past it, which is logged, never an error
     /// that would stall the stream.
-    unsafe fn finish_prepared(&self, gid: &str, commit: bool, end_lsn: u64, time: pg_sys::TimestampTz) {
-        pg_sys::StartTransactionCommand();
-        set_origin_progress(end_lsn, time);
+    fn finish_prepared(&self, gid: &str, commit: bool, end_lsn: u64, time: pg_sys::TimestampTz) {
+        exec::start_transaction_command();
+        origin::set_session_progress(end_lsn, time);
         let here = crate::prepared_here(gid);
         if here {
             crate::decisions::log(gid, if commit { State::Committed } else { State::Aborted });
             let c_gid = CString::new(gid).expect("gid without NUL");
-            // SAFETY: inside a transaction, main thread; an ERROR unwinds
-            // to the worker's guard through our frames.
-            pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| FinishPreparedTransaction(c_gid.as_ptr(), commit));
+            // Inside the transaction started above; an ERROR unwinds to the
+            // worker's guard through our frames.
+            twophase::finish_prepared(&c_gid, commit);
             if commit {
                 crate::notify::deliver(gid);
             }
@@ -283,11 +274,15 @@ impl Applier {
             let what = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
             log!("multimaster: {what} {gid} from node {}: not prepared here (already finished, or its prepare failed here); skipped", self.peer);
         }
-        pg_sys::CommitTransactionCommand();
+        exec::commit_transaction_command();
         crate::votes::forget(gid);
         if commit {
             // Now visible here: the coordinator may answer its client.
-            crate::votes::send_committed(self.peer, gid);
+            // TODO(merge): votes::send_committed becomes safe in its own refactor
+            #[allow(unsafe_code)]
+            unsafe {
+                crate::votes::send_committed(self.peer, gid)
+            };
         }
     }
 
@@ -295,22 +290,26 @@ impl Applier {
     /// no, and the stream moves past it without retrying. (The position is
     /// kept in memory until the next checkpoint or commit; after a crash it
     /// is applied again, and its ROLLBACK PREPARED follows.)
-    unsafe fn vote_no(&self, gid: &str, sqlstate: String, message: String, end_lsn: u64) {
+    fn vote_no(&self, gid: &str, sqlstate: String, message: String, end_lsn: u64) {
         warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
         crate::votes::record(gid, &crate::votes::Vote::No { sqlstate: sqlstate.clone(), message: message.clone() });
-        pg_sys::replorigin_session_advance(end_lsn, pg_sys::GetXLogInsertRecPtr());
-        crate::votes::send(self.peer, gid, Some((sqlstate, message)));
+        origin::advance_session(end_lsn, crate::pg::bgworker::wal_insert_position());
+        // TODO(merge): votes::send becomes safe in its own refactor
+        #[allow(unsafe_code)]
+        unsafe {
+            crate::votes::send(self.peer, gid, Some((sqlstate, message)))
+        };
     }
 
     /// This transaction, not prepared yet, gives way to an older one that
     /// needs its locks: roll it back now, then vote no in its turn.
-    unsafe fn give_way(&mut self, gid: &str, end_lsn: u64, have_turn: bool) {
+    fn give_way(&mut self, gid: &str, end_lsn: u64, have_turn: bool) {
         let by = crate::conflicts::doomed_by().unwrap_or(0);
         let message = crate::conflicts::message(by);
         if mtm_schedule::retry::worth_retrying("40001", by == self.peer) && self.retry_alone(gid, &message) {
             return;
         }
-        pg_sys::AbortOutOfAnyTransaction();
+        exec::abort_out_of_any_transaction();
         if !have_turn {
             self.turn.wait(self.seq);
         }
@@ -324,12 +323,12 @@ impl Applier {
     /// from its kept messages through its PREPARE, which votes as usual
     /// (a second failure is a no). False: it was not kept (too big), or
     /// this already is the retry; the caller votes no.
-    unsafe fn retry_alone(&mut self, gid: &str, cause: &str) -> bool {
+    fn retry_alone(&mut self, gid: &str, cause: &str) -> bool {
         if self.retrying {
             return false;
         }
         let Some(kept) = self.replay.take() else { return false };
-        pg_sys::AbortOutOfAnyTransaction();
+        exec::abort_out_of_any_transaction();
         self.turn.wait(self.seq);
         log!("multimaster: applying {gid} from node {} again, alone, after: {cause}", self.peer);
         self.retrying = true;
@@ -344,19 +343,19 @@ impl Applier {
 
     /// Runs one change unless the transaction already failed; a failure
     /// rolls the transaction back and is remembered for its end.
-    unsafe fn guarded(&mut self, f: impl FnOnce(&Self)) {
+    fn guarded(&mut self, f: impl FnOnce(&Self)) {
         if self.failed.is_some() {
             return;
         }
         let this = &*self;
-        let outer = pg_sys::MemoryContextSwitchTo(self.change_cx);
-        let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
-            f(this);
-            Ok(())
-        }))
-        .catch_others(|e| Err(describe(&e)))
-        .execute();
-        pg_sys::MemoryContextSwitchTo(outer);
+        let result = self.change_cx.within(|| {
+            PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+                f(this);
+                Ok(())
+            }))
+            .catch_others(|e| Err(describe(&e)))
+            .execute()
+        });
         // Cancelled because it gives way to an older transaction.
         let doomed_by = crate::conflicts::doomed_by();
         let result = result.map_err(|(sqlstate, message)| match doomed_by {
@@ -365,11 +364,11 @@ impl Applier {
         });
         self.failed_for_own_peer = result.is_err() && doomed_by == Some(self.peer);
         if let Err((sqlstate, message)) = result {
-            pg_sys::AbortCurrentTransaction();
+            twophase::abort_current_transaction();
             log!("multimaster: applying a change from node {} failed: {message} ({sqlstate})", self.peer);
             self.failed = Some((sqlstate, message));
         }
-        pg_sys::MemoryContextReset(self.change_cx);
+        self.change_cx.reset();
     }
 
     fn remote(&self, relid: u32) -> &RemoteRelation {
@@ -379,13 +378,17 @@ impl Applier {
     }
 
     /// A peer's DDL statement, at its place in the transaction.
-    unsafe fn ddl(&self, content: &[u8]) {
+    fn ddl(&self, content: &[u8]) {
         let m = mtm_protocol::DdlMessage::decode(content)
             .unwrap_or_else(|e| error!("multimaster: undecodable DDL message from node {}: {e}", self.peer));
-        crate::ddl::replay(&m, self.peer);
+        // TODO(merge): ddl::replay becomes safe in its own refactor
+        #[allow(unsafe_code)]
+        unsafe {
+            crate::ddl::replay(&m, self.peer)
+        };
     }
 
-    unsafe fn truncate(&self, relids: &[u32], cascade: bool, restart: bool) {
+    fn truncate(&self, relids: &[u32], cascade: bool, restart: bool) {
         // One statement for the whole table list, not per row.
         let names: Vec<String> = relids
             .iter()
@@ -400,39 +403,28 @@ impl Applier {
             if restart { " RESTART IDENTITY" } else { "" },
             if cascade { " CASCADE" } else { "" }
         );
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let snapshot = exec::push_transaction_snapshot();
         if let Err(e) = Spi::run(&sql) {
             error!("multimaster: applying {sql} from node {}: {e}", self.peer);
         }
-        pg_sys::PopActiveSnapshot();
-        pg_sys::CommandCounterIncrement();
+        snapshot.pop();
+        exec::command_counter_increment();
     }
 
     /// INSERT (old None), UPDATE (both), DELETE (new None).
-    unsafe fn change(&self, relid: u32, old: Option<Option<OldTuple>>, new: Option<Vec<Value>>) {
+    fn change(&self, relid: u32, old: Option<Option<OldTuple>>, new: Option<Vec<Value>>) {
         let remote = self.remote(relid);
         let table = format!("{}.{}", remote.namespace, remote.name);
         let mut cache = self.cache.borrow_mut();
         let (rel, map) = cache.open(relid, &remote.namespace, &remote.name, &remote.columns, self.peer);
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let snapshot = exec::push_transaction_snapshot();
 
-        let estate = pg_sys::CreateExecutorState();
-        let mut rte = PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
-        rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
-        rte.relid = (*rel).rd_id;
-        rte.relkind = (*(*rel).rd_rel).relkind;
-        rte.rellockmode = pg_sys::AccessShareLock as i32;
-        pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.into_pg() as *mut std::ffi::c_void));
-        let rri = PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
-        pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
-        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-        pg_sys::ExecOpenIndices(rri, false);
-        pg_sys::AfterTriggerBeginQuery();
+        let executor = ChangeExecutor::begin(&rel, &snapshot);
 
         match (old, new) {
             (None, Some(new)) => {
-                let slot = self.build_slot(estate, rel, map, &new, Row::New, &table);
-                pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
+                let slot = self.build_slot(&executor, &rel, map, &new, Row::New, &table);
+                executor.insert(&slot);
             }
             (Some(old), new) => {
                 let key_values = match (&old, &new) {
@@ -444,9 +436,9 @@ impl Applier {
                     ),
                 };
                 let full = matches!(old, Some(OldTuple::Full(_)));
-                let mut idx = pg_sys::RelationGetReplicaIndex(rel);
+                let mut idx = rel.replica_index();
                 if idx == pg_sys::Oid::INVALID {
-                    idx = pg_sys::RelationGetPrimaryKeyIndex(rel);
+                    idx = rel.primary_key_index();
                 }
                 if idx == pg_sys::Oid::INVALID && !full {
                     error!(
@@ -454,72 +446,60 @@ impl Applier {
                         self.peer
                     );
                 }
-                let search = self.build_slot(estate, rel, map, key_values, Row::Search, &table);
-                let local = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                let search = self.build_slot(&executor, &rel, map, key_values, Row::Search, &table);
                 let found = if idx != pg_sys::Oid::INVALID {
-                    pg_sys::RelationFindReplTupleByIndex(rel, idx, pg_sys::LockTupleMode::LockTupleExclusive, search, local)
+                    executor.find_by_index(idx, &search)
                 } else {
-                    pg_sys::RelationFindReplTupleSeq(rel, pg_sys::LockTupleMode::LockTupleExclusive, search, local)
+                    executor.find_by_scan(&search)
                 };
-                if !found {
+                let Some(local) = found else {
                     error!(
                         "multimaster: row to {} not found in {table} (from node {}, key {})",
                         if new.is_some() { "update" } else { "delete" },
                         self.peer,
                         describe_key(&remote.columns, key_values)
                     );
-                }
-                let mut epq: pg_sys::EPQState = std::mem::zeroed();
-                pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+                };
+                let mut epq = executor.epq();
                 match new {
                     Some(new) => {
-                        let slot = self.build_slot(estate, rel, map, &new, Row::Update(local), &table);
-                        pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, local, slot);
+                        let slot = self.build_slot(&executor, &rel, map, &new, Row::Update(&local), &table);
+                        executor.update(&mut epq, &local, &slot);
                     }
-                    None => pg_sys::ExecSimpleRelationDelete(rri, estate, &mut epq, local),
+                    None => executor.delete(&mut epq, &local),
                 }
-                pg_sys::EvalPlanQualEnd(&mut epq);
+                epq.end();
             }
             (None, None) => {}
         }
-        pg_sys::AfterTriggerEndQuery(estate);
-        pg_sys::ExecCloseIndices(rri);
-        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
-        pg_sys::FreeExecutorState(estate);
-        pg_sys::PopActiveSnapshot();
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        pg_sys::CommandCounterIncrement();
+        executor.finish();
+        snapshot.pop();
+        rel.table_close(pg_sys::NoLock as pg_sys::LOCKMODE);
+        exec::command_counter_increment();
     }
 
     /// A virtual slot of the local table filled from remote values matched
     /// by column name. Local columns the peer did not send get their
     /// default in a new row and keep their value in an updated one; an
     /// unchanged TOAST value is taken from `base` (the existing row).
-    unsafe fn build_slot(
+    fn build_slot<'e>(
         &self,
-        estate: *mut pg_sys::EState,
-        rel: pg_sys::Relation,
+        executor: &'e ChangeExecutor,
+        rel: &Rel,
         local: &crate::relmap::LocalRelation,
         values: &[Value],
         row: Row,
         table: &str,
-    ) -> *mut pg_sys::TupleTableSlot {
+    ) -> VirtualSlot<'e> {
         let base = match row {
             Row::Update(local) => Some(local),
             Row::New | Row::Search => None,
         };
-        let desc = (*rel).rd_att;
-        let natts = (*desc).natts as usize;
-        let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
-        pg_sys::ExecClearTuple(slot);
-        let datums = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
-        let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
+        let mut slot: SlotBuilder = executor.virtual_slot();
         if let Some(b) = base {
-            pg_sys::slot_getallattrs(b);
-            datums.copy_from_slice(std::slice::from_raw_parts((*b).tts_values, natts));
-            nulls.copy_from_slice(std::slice::from_raw_parts((*b).tts_isnull, natts));
+            slot.copy_from(b);
         } else {
-            nulls.iter_mut().for_each(|n| *n = true);
+            slot.set_all_null();
         }
         for (i, column) in local.columns.iter().enumerate() {
             let col = match column {
@@ -529,91 +509,52 @@ impl Applier {
                     // here): a new row gets the column's default, as an
                     // INSERT that leaves it out would.
                     if matches!(row, Row::New) {
-                        if let Some(d) = column_default(estate, rel, i) {
-                            datums[i] = d;
-                            nulls[i] = false;
-                        }
+                        slot.set_default(i);
                     }
                     continue;
                 }
                 LocalColumn::Sent(col) => col,
             };
             match &values[col.remote] {
-                Value::Null => {
-                    datums[i] = pg_sys::Datum::from(0usize);
-                    nulls[i] = true;
-                }
+                Value::Null => slot.set_null(i),
                 Value::UnchangedToast => {
                     if base.is_none() {
-                        nulls[i] = true;
+                        slot.mark_null(i);
                     }
                 }
                 Value::Binary(bytes) => {
                     if !col.same_type {
-                        let a = &(*desc).attrs.as_slice(natts)[i];
+                        let a = &rel.attributes()[i];
                         error!(
                             "multimaster: column {} of {table} has type {} here but {} on node {}",
-                            std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy(),
+                            relation::attribute_name(a),
                             a.atttypid.to_u32(),
                             col.remote_type,
                             self.peer
                         );
                     }
-                    let mut buf: pg_sys::StringInfoData = std::mem::zeroed();
-                    pg_sys::initStringInfo(&mut buf);
-                    pg_sys::appendBinaryStringInfo(&mut buf, bytes.as_ptr() as *const c_char, bytes.len() as i32);
-                    datums[i] = pg_sys::ReceiveFunctionCall(col.recv, &mut buf, col.recv_ioparam, col.typmod);
-                    nulls[i] = false;
+                    slot.set_received(i, &col.recv, bytes, col.typmod);
                 }
                 Value::Text(bytes) => {
                     let text = CString::new(bytes.clone()).unwrap_or_else(|_| error!("NUL in a text value"));
-                    datums[i] = pg_sys::InputFunctionCall(col.input, text.as_ptr() as *mut c_char, col.input_ioparam, col.typmod);
-                    nulls[i] = false;
+                    slot.set_input(i, &col.input, &text, col.typmod);
                 }
             }
         }
-        pg_sys::ExecStoreVirtualTuple(slot);
-        slot
+        slot.store()
     }
 }
 
 /// What a slot built from a peer's values is for.
 #[derive(Clone, Copy)]
-enum Row {
+enum Row<'a, 'e> {
     /// An inserted row: columns the peer did not send get their default.
     New,
     /// The values an UPDATE/DELETE looks the row up by.
     Search,
     /// The new version of this existing row: what the peer did not send
     /// (or left as unchanged TOAST) is kept.
-    Update(*mut pg_sys::TupleTableSlot),
-}
-
-/// The default of column `i` (0-based) of `rel`, evaluated in `estate`;
-/// None when it has none (or it evaluates to NULL).
-///
-/// # Safety
-/// `rel` is open, `estate` is the change's executor state.
-unsafe fn column_default(estate: *mut pg_sys::EState, rel: pg_sys::Relation, i: usize) -> Option<pg_sys::Datum> {
-    let expr = pg_sys::build_column_default(rel, i as i32 + 1);
-    if expr.is_null() {
-        return None;
-    }
-    let state = pg_sys::ExecPrepareExpr(expr as *mut pg_sys::Expr, estate);
-    let econtext = pg_sys::MakePerTupleExprContext(estate);
-    let eval = (*state).evalfunc?;
-    // ExecEvalExprSwitchContext: evaluate in the per-tuple memory.
-    let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
-    let mut is_null = false;
-    let d = eval(state, econtext, &mut is_null);
-    pg_sys::MemoryContextSwitchTo(old);
-    (!is_null).then_some(d)
-}
-
-/// The peer's position the next commit or prepare records in our origin.
-unsafe fn set_origin_progress(lsn: u64, time: pg_sys::TimestampTz) {
-    pg_sys::replorigin_session_origin_lsn = lsn;
-    pg_sys::replorigin_session_origin_timestamp = time;
+    Update(&'a FoundRow<'e>),
 }
 
 /// SQLSTATE and message of a caught error (a Rust panic counts as XX000).

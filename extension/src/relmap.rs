@@ -12,12 +12,14 @@
 //! the table up afresh, by name. An invalidation that arrives while a
 //! cached table is being locked is seen before the entry is used, as in
 //! `logicalrep_rel_open`.
+#![deny(unsafe_code)]
 
+use crate::pg::relation::{self, FunctionContext, Rel, TypeFunction, TypeIo};
 use mtm_protocol::Column;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
-use std::ffi::{c_char, CString};
+use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set by the relcache callback; the cache empties itself before its next
@@ -42,10 +44,8 @@ pub struct SentColumn {
     pub same_type: bool,
     pub remote_type: u32,
     /// Receive (binary) and input (text) functions, in the cache's memory.
-    pub recv: *mut pg_sys::FmgrInfo,
-    pub input: *mut pg_sys::FmgrInfo,
-    pub recv_ioparam: pg_sys::Oid,
-    pub input_ioparam: pg_sys::Oid,
+    pub recv: TypeFunction,
+    pub input: TypeFunction,
     pub typmod: i32,
 }
 
@@ -59,31 +59,24 @@ pub struct LocalRelation {
 pub struct RelationCache {
     entries: HashMap<u32, LocalRelation>,
     /// Holds the FmgrInfos; reset when the cache empties.
-    cx: pg_sys::MemoryContext,
+    cx: FunctionContext,
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn invalidated(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+/// PostgreSQL invalidated a relation of this database
+/// ([`relation::register_relcache_callback`]).
+pub fn invalidated(_relid: pg_sys::Oid) {
     STALE.store(true, Ordering::Relaxed);
 }
 
 impl RelationCache {
     pub fn new() -> Self {
-        // SAFETY: registered once per process, at most; the context lives
-        // as long as the process (a worker has one cache).
-        unsafe {
-            if !REGISTERED.swap(true, Ordering::Relaxed) {
-                pg_sys::CacheRegisterRelcacheCallback(Some(invalidated), pg_sys::Datum::from(0usize));
-            }
-            let cx = pg_sys::AllocSetContextCreateInternal(
-                pg_sys::TopMemoryContext,
-                c"multimaster relation cache".as_ptr(),
-                0,
-                8 * 1024,
-                8 * 1024 * 1024,
-            );
-            RelationCache { entries: HashMap::new(), cx }
+        // Registered once per process, at most; the context lives as long
+        // as the process (a worker has one cache).
+        if !REGISTERED.swap(true, Ordering::Relaxed) {
+            relation::register_relcache_callback();
         }
+        let cx = FunctionContext::new(c"multimaster relation cache");
+        RelationCache { entries: HashMap::new(), cx }
     }
 
     /// The peer described `relid` again.
@@ -93,96 +86,82 @@ impl RelationCache {
 
     fn clear(&mut self) {
         self.entries.clear();
-        // SAFETY: nothing refers to the FmgrInfos once the entries are gone.
-        unsafe { pg_sys::MemoryContextReset(self.cx) };
+        // Nothing refers to the FmgrInfos once the entries are gone.
+        self.cx.reset();
     }
 
     /// Opens (RowExclusiveLock) the table here of the peer's relation
     /// `relid` (`namespace`.`name` with `columns` on the peer). Raises an
-    /// ERROR when there is no such table here.
-    ///
-    /// # Safety
-    /// Inside a transaction, main thread.
-    pub unsafe fn open(
+    /// ERROR when there is no such table here. Inside a transaction.
+    pub fn open(
         &mut self,
         relid: u32,
         namespace: &str,
         name: &str,
         columns: &[Column],
         peer: i32,
-    ) -> (pg_sys::Relation, &LocalRelation) {
+    ) -> (Rel, &LocalRelation) {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         if STALE.swap(false, Ordering::Relaxed) {
             self.clear();
         }
         if let Some(oid) = self.entries.get(&relid).map(|e| e.oid) {
             // Locking processes pending invalidations: one may be for it.
-            let rel = pg_sys::try_relation_open(oid, lock);
-            if !rel.is_null() && !STALE.load(Ordering::Relaxed) {
-                return (rel, &self.entries[&relid]);
-            }
-            if !rel.is_null() {
-                pg_sys::relation_close(rel, lock);
+            match Rel::try_open(oid, lock) {
+                Some(rel) if !STALE.load(Ordering::Relaxed) => return (rel, &self.entries[&relid]),
+                Some(rel) => rel.relation_close(lock),
+                None => {}
             }
             STALE.store(false, Ordering::Relaxed);
             self.clear();
         }
         let nsp = CString::new(namespace).expect("no NUL");
         let rel_name = CString::new(name).expect("no NUL");
-        let rv = pg_sys::makeRangeVar(nsp.as_ptr() as *mut c_char, rel_name.as_ptr() as *mut c_char, -1);
-        let rel = pg_sys::table_openrv_extended(rv, lock, true);
-        if rel.is_null() {
+        let Some(rel) = Rel::open_by_name(&nsp, &rel_name, lock, true) else {
             ereport!(
                 PgLogLevel::ERROR,
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
                 format!("multimaster: table {namespace}.{name} from node {peer} does not exist here"),
                 "It was created with multimaster.replicate_ddl off or dropped here by hand: create it on this node; the transaction is retried until it applies."
             );
-        }
-        let entry = self.map(rel, columns);
+            unreachable!("ereport(ERROR) does not return");
+        };
+        let entry = self.map(&rel, columns);
         self.entries.insert(relid, entry);
         (rel, &self.entries[&relid])
     }
 
     /// Maps the open table `rel`'s columns onto the peer's `columns`.
-    unsafe fn map(&self, rel: pg_sys::Relation, columns: &[Column]) -> LocalRelation {
-        let desc = (*rel).rd_att;
-        let natts = (*desc).natts as usize;
-        let attrs = (*desc).attrs.as_slice(natts);
+    fn map(&self, rel: &Rel, columns: &[Column]) -> LocalRelation {
+        let attrs = rel.attributes();
         let mapped = attrs
             .iter()
             .map(|a| {
                 if a.attisdropped || a.attgenerated != 0 {
                     return LocalColumn::Ignored;
                 }
-                let local_name = std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy();
+                let local_name = relation::attribute_name(a);
                 let Some(remote) = columns.iter().position(|c| c.name == local_name) else {
                     return LocalColumn::NotSent;
                 };
-                let (mut recv_fn, mut recv_ioparam) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
-                pg_sys::getTypeBinaryInputInfo(a.atttypid, &mut recv_fn, &mut recv_ioparam);
-                let (mut input_fn, mut input_ioparam) = (pg_sys::Oid::INVALID, pg_sys::Oid::INVALID);
-                pg_sys::getTypeInputInfo(a.atttypid, &mut input_fn, &mut input_ioparam);
+                let recv = relation::type_binary_input_info(a.atttypid);
+                let input = relation::type_input_info(a.atttypid);
                 LocalColumn::Sent(SentColumn {
                     remote,
                     same_type: columns[remote].type_oid == a.atttypid.to_u32(),
                     remote_type: columns[remote].type_oid,
-                    recv: self.function(recv_fn),
-                    input: self.function(input_fn),
-                    recv_ioparam,
-                    input_ioparam,
+                    recv: self.function(recv),
+                    input: self.function(input),
                     typmod: a.atttypmod,
                 })
             })
             .collect();
-        LocalRelation { oid: (*rel).rd_id, columns: mapped }
+        LocalRelation { oid: rel.oid(), columns: mapped }
     }
 
     /// The function manager's lookup of `f`, kept in the cache's memory.
-    unsafe fn function(&self, f: pg_sys::Oid) -> *mut pg_sys::FmgrInfo {
-        let info = pg_sys::MemoryContextAllocZero(self.cx, std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
-        pg_sys::fmgr_info_cxt(f, info, self.cx);
-        info
+    fn function(&self, f: TypeIo) -> TypeFunction {
+        self.cx.lookup(f)
     }
 }
 

@@ -28,3 +28,38 @@ pub fn name_of(origin: pg_sys::RepOriginId) -> Option<String> {
         }
     }
 }
+
+// Session origin of the apply path (added with apply.rs's refactor).
+
+/// Tags the WAL records this session writes from now on with `origin`
+/// (`replorigin_session_origin`), so walsenders can tell applied changes
+/// from local ones.
+pub fn set_session_origin(origin: pg_sys::RepOriginId) {
+    // SAFETY: a plain backend-local global that PostgreSQL reads when it
+    // writes a record; this process is single-threaded and nothing borrows
+    // it.
+    unsafe { pg_sys::replorigin_session_origin = origin };
+}
+
+/// The peer's position (`lsn`, commit `time`) the next commit or prepare
+/// of this session records in its origin.
+pub fn set_session_progress(lsn: pg_sys::XLogRecPtr, time: pg_sys::TimestampTz) {
+    // SAFETY: plain backend-local globals read by the commit record code;
+    // single-threaded, nothing borrows them.
+    unsafe {
+        pg_sys::replorigin_session_origin_lsn = lsn;
+        pg_sys::replorigin_session_origin_timestamp = time;
+    }
+}
+
+/// `replorigin_session_advance`: the session's origin (taken with
+/// `crate::pg::bgworker::take_origin`) has got to `remote` (here `local`),
+/// in memory until the next checkpoint.
+pub fn advance_session(remote: pg_sys::XLogRecPtr, local: pg_sys::XLogRecPtr) {
+    // SAFETY: replorigin_session_advance dereferences the session's origin
+    // state, checked only by an Assert; it exists between take_origin and
+    // release_origin, and the only caller (the apply path's no vote) runs
+    // after its Turn::wait took the origin and before Turn::done releases
+    // it. A guarded binding taking the state's own lock.
+    unsafe { pg_sys::replorigin_session_advance(remote, local) }
+}
