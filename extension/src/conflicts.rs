@@ -17,7 +17,7 @@
 //!   marked and, if it waits for a lock, cancelled; it votes no;
 //! - a local session's transaction, while it runs a statement or waits
 //!   for a lock: marked and cancelled. Its client gets 40001 — the
-//!   cancel's error is rewritten by the `emit_log_hook` below; should the
+//!   cancel's error is rewritten in the `emit_log_hook` ([`rewrite_error`]); should the
 //!   cancel miss, the mark fails its next statement or its PREPARE (see
 //!   [`check_current`]). A session idle in its transaction is left alone
 //!   (nothing to cancel): the wait for it ends when it prepares (and gives

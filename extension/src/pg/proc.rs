@@ -47,9 +47,13 @@ fn proc_count() -> usize {
 }
 
 /// Sets the latch of the process with PGPROC number `procno` (one a live
-/// backend published to be woken); an out-of-range number is ignored.
+/// backend published to be woken); a number that is no process's (not
+/// below `allProcCount`) is ignored.
 pub fn set_latch_of(procno: i32) {
-    if procno < 0 || procno as usize >= proc_count() {
+    // SAFETY: ProcGlobal is set up in shared memory before any backend or
+    // worker runs, and allProcCount never changes afterwards.
+    let processes = unsafe { (*pg_sys::ProcGlobal).allProcCount };
+    if procno < 0 || procno as u32 >= processes {
         return;
     }
     // SAFETY: procno is within allProcs (checked above); PGPROC entries
