@@ -17,7 +17,7 @@
 //!   marked and, if it waits for a lock, cancelled; it votes no;
 //! - a local session's transaction, while it runs a statement or waits
 //!   for a lock: marked and cancelled. Its client gets 40001 — the
-//!   cancel's error is rewritten by the `emit_log_hook` below; should the
+//!   cancel's error is rewritten in the `emit_log_hook` ([`rewrite_error`]); should the
 //!   cancel miss, the mark fails its next statement or its PREPARE (see
 //!   [`check_current`]). A session idle in its transaction is left alone
 //!   (nothing to cancel): the wait for it ends when it prepares (and gives
@@ -27,6 +27,10 @@
 //! PGPROC, so it can never hit the process's next transaction. What is
 //! not settled here ends at the apply's `lock_timeout` as before.
 
+#![deny(unsafe_code)]
+
+use crate::pg::lock::ReportedError;
+use crate::pg::proc::Proc;
 use mtm_schedule::conflict::{table_verdict, verdict, Age, Holder, TableLock, Verdict, WaitWatch};
 use pgrx::prelude::*;
 use pgrx::pg_sys;
@@ -53,16 +57,9 @@ impl Default for Doomed {
 
 pub use crate::pg::shmem::DOOMED;
 
-static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
-
 /// Installs the error rewrite (from `_PG_init`).
 pub fn init() {
-    // SAFETY: while the library is preloaded; the previous hook is kept
-    // and called.
-    unsafe {
-        PREV_EMIT_LOG = pg_sys::emit_log_hook;
-        pg_sys::emit_log_hook = Some(emit_log);
-    }
+    crate::pg::lock::install_error_hook();
 }
 
 /// A wait is looked at once it has lasted this long (most end sooner:
@@ -120,37 +117,21 @@ impl Settler {
     }
 }
 
-/// `max_prepared_transactions` (fixed while the server runs).
-fn max_prepared_transactions() -> usize {
-    static VALUE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *VALUE.get_or_init(|| {
-        crate::setting(c"max_prepared_transactions").and_then(|t| t.parse().ok()).unwrap_or(0)
+/// The PGPROC whose transaction (or one of its subtransactions) is `xid`
+/// (the prepared transactions' PGPROCs included). Read without locks: a
+/// stale read finds no holder or a finished one, whose mark can do no
+/// harm.
+fn proc_of_xid(xid: u32) -> Option<Proc> {
+    crate::pg::proc::all_procs().find(|&p| {
+        let top = p.xid();
+        if top == xid {
+            return true;
+        }
+        if top == 0 {
+            return false;
+        }
+        p.subxids().contains(&xid)
     })
-}
-
-/// The PGPROC whose transaction (or one of its subtransactions) is `xid`.
-fn proc_of_xid(xid: u32) -> Option<*mut pg_sys::PGPROC> {
-    // SAFETY: PGPROCs live in shared memory for the server's life; the
-    // fields read are written whole by their owner (a stale read finds
-    // no holder or a finished one, whose mark can do no harm).
-    unsafe {
-        let global = pg_sys::ProcGlobal;
-        // allProcCount leaves out the prepared transactions' PGPROCs,
-        // which follow the others.
-        let count = (*global).allProcCount as usize + max_prepared_transactions();
-        (0..count).map(|i| (*global).allProcs.add(i)).find(|&p| {
-            let top = std::ptr::read_volatile(&(*p).xid).into_inner();
-            if top == xid {
-                return true;
-            }
-            let n = (*p).subxidStatus.count as usize;
-            if n == 0 || top == 0 {
-                return false;
-            }
-            let subxids = std::ptr::read_volatile(&raw const (*p).subxids);
-            subxids.xids[..n.min(subxids.xids.len())].iter().any(|x| x.into_inner() == xid)
-        })
-    }
 }
 
 /// Settles an apply worker's wait for the row locks of transaction `xid`.
@@ -164,19 +145,10 @@ fn settle_row_wait(me: i32, waiter_pid: i32, xid: u32) -> bool {
 
 /// Settles an apply worker's wait for a lock that the process `proc`
 /// holds. False: not decided yet (look again at the next tick).
-fn settle_wait_for(me: i32, waiter_pid: i32, proc: *mut pg_sys::PGPROC) -> bool {
+fn settle_wait_for(me: i32, waiter_pid: i32, proc: Proc) -> bool {
     let Some((peer, time)) = crate::pool::applying(waiter_pid) else { return true };
     let waiter = Age { time, home: peer };
-    // SAFETY: a PGPROC in shared memory (see proc_of_xid).
-    let (pid, top, background, autovacuum, wait_class) = unsafe {
-        (
-            (*proc).pid,
-            (*proc).xid.into_inner(),
-            (*proc).isBackgroundWorker,
-            (*proc).statusFlags as u32 & pg_sys::PROC_IS_AUTOVACUUM != 0,
-            std::ptr::read_volatile(&(*proc).wait_event_info) & 0xFF00_0000,
-        )
-    };
+    let (pid, top, background, autovacuum, wait_class) = (proc.pid(), proc.xid(), proc.is_background_worker(), proc.is_autovacuum(), proc.wait_class());
     let waits_for_lock = wait_class == pg_sys::PG_WAIT_LOCK;
     let applying = crate::pool::applying(pid);
     // A session idle in its transaction (waiting for its client) is left
@@ -240,8 +212,8 @@ fn settle_prepared(v: Verdict, me: i32, peer: i32, gid: &str, home: i32) {
         Verdict::RefuseHolder => crate::votes::refuse_own(gid, me, &refusal(peer, me)),
         Verdict::WithdrawVote => {
             let message = format!("withdraws its vote: an older conflicting transaction from node {peer} waits for its locks on node {me}");
-            // SAFETY: the launcher's main thread, outside a transaction.
-            unsafe { crate::votes::send(home, gid, Some(("40001".into(), message))) };
+            // The launcher's main thread, outside a transaction.
+            crate::votes::send(home, gid, Some(("40001".into(), message)));
         }
         Verdict::Wait | Verdict::CancelHolder => {}
     }
@@ -342,9 +314,8 @@ fn home_of(gid: &str) -> Option<i32> {
 /// `by`'s, and with `cancel` cancels what it runs (a process not
 /// cancelled finds the mark itself: an apply worker before its PREPARE, a
 /// session at its next statement).
-fn doom(proc: *mut pg_sys::PGPROC, xid: u32, by: i32, cancel: bool) {
-    // SAFETY: a PGPROC in shared memory.
-    let (procno, pid) = unsafe { ((*proc).pgprocno as usize, (*proc).pid) };
+fn doom(proc: Proc, xid: u32, by: i32, cancel: bool) {
+    let (procno, pid) = (proc.procno() as usize, proc.pid());
     if procno >= PROCS || xid == 0 || pid == 0 {
         return;
     }
@@ -359,26 +330,19 @@ fn doom(proc: *mut pg_sys::PGPROC, xid: u32, by: i32, cancel: bool) {
     if cancel {
         // What pg_cancel_backend sends: the statement ends with 57014,
         // which the marked process reports as 40001.
-        // SAFETY: a signal to a process of this server.
-        unsafe { libc::kill(pid, libc::SIGINT) };
+        crate::pg::proc::cancel(pid);
     } else {
-        // SAFETY: the latch of a PGPROC in shared memory; an apply worker
-        // waiting for its commit turn wakes and finds the mark.
-        unsafe { pg_sys::SetLatch(&raw mut (*proc).procLatch) };
+        // An apply worker waiting for its commit turn wakes and finds the
+        // mark.
+        proc.set_latch();
     }
 }
 
 /// The node this process's current transaction must give way to, if it
 /// was marked.
 pub fn doomed_by() -> Option<i32> {
-    // SAFETY: MyProc is this process's PGPROC; reads of this backend's
-    // transaction state.
-    let (procno, xid) = unsafe {
-        if pg_sys::MyProc.is_null() {
-            return None;
-        }
-        ((*pg_sys::MyProc).pgprocno as usize, pg_sys::GetTopTransactionIdIfAny().into_inner())
-    };
+    let procno = crate::pg::proc::my_procno()? as usize;
+    let xid = crate::pg::twophase::top_xid_if_any().into_inner();
     if procno >= PROCS || xid == 0 {
         return None;
     }
@@ -401,20 +365,17 @@ pub fn check_current() {
 }
 
 /// The cancel of a marked transaction's lock wait reaches its client as
-/// what it is: a serialization failure.
-#[pg_guard]
-unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
-    if let Some(prev) = PREV_EMIT_LOG {
-        prev(edata);
-    }
+/// what it is: a serialization failure (from `emit_log_hook`, after the
+/// previous hook).
+pub(crate) fn rewrite_error(error: &mut ReportedError<'_>) {
     let canceled = crate::votes::sqlstate_code("57014");
-    if (*edata).elevel >= pg_sys::PGERROR as i32 && (*edata).sqlerrcode == canceled {
+    if error.elevel() >= pg_sys::PGERROR as i32 && error.sqlerrcode() == canceled {
         if let Some(by) = doomed_by() {
-            (*edata).sqlerrcode = crate::votes::sqlstate_code("40001");
+            error.set_sqlerrcode(crate::votes::sqlstate_code("40001"));
             // In the error's own memory context, which the hook runs in.
             let text = std::ffi::CString::new(message(by)).expect("no NUL");
-            (*edata).message = pg_sys::pstrdup(text.as_ptr());
-            (*edata).hint = pg_sys::pstrdup(c"Retry the transaction.".as_ptr());
+            error.set_message(&text);
+            error.set_hint(c"Retry the transaction.");
         }
     }
 }

@@ -26,10 +26,12 @@
 //! lock, so every record before the redo point is in the table when the
 //! hook reads it.
 
+#![deny(unsafe_code)]
+
+use crate::pg::rmgr::Record;
 use mtm_state::decisions::{Log, State};
 use pgrx::prelude::*;
-use pgrx::pg_sys;
-use std::ffi::{c_char, CStr};
+use std::ffi::CStr;
 
 /// The resource manager's id, in PostgreSQL's range for custom ones
 /// (128–255). Not RM_EXPERIMENTAL_ID (128), which any extension under
@@ -65,18 +67,7 @@ pub use crate::pg::shmem::STATE_FILE_LOCK;
 
 /// Registers the resource manager (from `_PG_init`, while preloading).
 pub fn init() {
-    let rmgr = Box::leak(Box::new(pg_sys::RmgrData {
-        rm_name: RMGR_NAME.as_ptr(),
-        rm_redo: Some(redo),
-        rm_desc: Some(desc),
-        rm_identify: Some(identify),
-        rm_startup: Some(startup),
-        rm_cleanup: None,
-        rm_mask: None,
-        rm_decode: None,
-    }));
-    // SAFETY: called once while preloading; the table lives forever.
-    unsafe { pg_sys::RegisterCustomRmgr(RMGR_ID, rmgr) };
+    crate::pg::rmgr::register(RMGR_ID, RMGR_NAME);
     install_checkpoint_hook();
 }
 
@@ -98,13 +89,7 @@ pub fn log(gid: &str, state: State) -> Option<u64> {
     // Record and entry under one lock: a checkpoint's hook that reads the
     // table after the redo point was fixed sees every record before it.
     let mut d = DECISIONS.exclusive();
-    // SAFETY: the record is built and inserted in one go by this backend;
-    // the gid outlives the insert. The bindings raise errors as ERROR.
-    let lsn = unsafe {
-        pg_sys::XLogBeginInsert();
-        pg_sys::XLogRegisterData(gid.as_ptr() as *mut c_char, gid.len() as _);
-        pg_sys::XLogInsert(RMGR_ID, state.info())
-    };
+    let lsn = crate::pg::rmgr::insert(RMGR_ID, state.info(), gid.as_bytes());
     d.log.note(gid, state, lsn);
     Some(lsn)
 }
@@ -161,17 +146,10 @@ fn write_if_changed() -> std::io::Result<()> {
     Ok(())
 }
 
-static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
-
 /// Installs the log hook through which the checkpointer writes the state
 /// file as a checkpoint starts (from `_PG_init`, while preloading).
 fn install_checkpoint_hook() {
-    // SAFETY: while the library is preloaded, before any other process;
-    // the previous hook is kept and called.
-    unsafe {
-        PREV_EMIT_LOG = pg_sys::emit_log_hook;
-        pg_sys::emit_log_hook = Some(emit_log);
-    }
+    crate::pg::rmgr::install_log_hook();
 }
 
 /// PostgreSQL's (untranslated) message for the start of a checkpoint,
@@ -183,16 +161,14 @@ const CHECKPOINT_STARTING: &[u8] = b"checkpoint starting:";
 /// writes anything out. This runs inside PostgreSQL's error reporting and,
 /// in the checkpointer, in a critical section: it must neither raise nor
 /// panic, so a failure goes to stderr (the server log) and the launcher
-/// tries again within a second.
-#[pg_guard]
-unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
-    if let Some(prev) = PREV_EMIT_LOG {
-        prev(edata);
-    }
-    if pg_sys::MyBackendType != pg_sys::BackendType::B_CHECKPOINTER || edata.is_null() || (*edata).message_id.is_null() {
+/// tries again within a second. (`message_id`: the untranslated message,
+/// if it has one; the previous hook has run.)
+pub(crate) fn log_emitted(message_id: Option<&CStr>) {
+    if !crate::pg::proc::am_checkpointer() {
         return;
     }
-    if !CStr::from_ptr((*edata).message_id).to_bytes().starts_with(CHECKPOINT_STARTING) {
+    let Some(message_id) = message_id else { return };
+    if !message_id.to_bytes().starts_with(CHECKPOINT_STARTING) {
         return;
     }
     // Not loaded: nothing was logged or redone since the server started,
@@ -217,19 +193,13 @@ fn write_durably(text: &str) -> std::io::Result<()> {
     std::fs::File::open(STATE_DIR)?.sync_all()
 }
 
-/// The gid and state of the record `record` is reading.
-///
-/// # Safety
-/// `record` is a reader positioned on a decoded record of this manager.
-unsafe fn read(record: *mut pg_sys::XLogReaderState) -> (Option<State>, String, u64) {
-    let decoded = (*record).record;
-    let info = (*decoded).header.xl_info;
-    let data = std::slice::from_raw_parts((*decoded).main_data as *const u8, (*decoded).main_data_len as usize);
-    (State::from_info(info), String::from_utf8_lossy(data).into_owned(), (*record).ReadRecPtr)
+/// The gid and state of a record of this manager.
+fn read(record: &Record<'_>) -> (Option<State>, String, u64) {
+    (State::from_info(record.info()), String::from_utf8_lossy(record.data()).into_owned(), record.lsn())
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
+/// Redoes a record: its gid's state goes into the table.
+pub(crate) fn redo(record: &Record<'_>) {
     let (state, gid, lsn) = read(record);
     match state {
         Some(state) => {
@@ -239,26 +209,25 @@ unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn startup() {
+/// The redo's start.
+pub(crate) fn startup() {
     // Before any record is redone: the file holds what the redo may not.
     ensure_loaded();
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::XLogReaderState) {
+/// A record's description (`rm_desc`, for pg_waldump and pg_walinspect).
+pub(crate) fn desc(record: &Record<'_>) -> String {
     let (_, gid, _) = read(record);
-    let text = format!("gid {gid}");
-    pg_sys::appendBinaryStringInfo(buf, text.as_ptr() as *const c_char, text.len() as _);
+    format!("gid {gid}")
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn identify(info: u8) -> *const c_char {
+/// A record type's name (`rm_identify`).
+pub(crate) fn identify(info: u8) -> Option<&'static CStr> {
     match State::from_info(info) {
-        Some(State::Precommitted) => c"PRECOMMIT".as_ptr(),
-        Some(State::Committed) => c"COMMIT".as_ptr(),
-        Some(State::Aborted) => c"ABORT".as_ptr(),
-        None => std::ptr::null(),
+        Some(State::Precommitted) => Some(c"PRECOMMIT"),
+        Some(State::Committed) => Some(c"COMMIT"),
+        Some(State::Aborted) => Some(c"ABORT"),
+        None => None,
     }
 }
 

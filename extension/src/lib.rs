@@ -75,20 +75,7 @@ pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 /// `multimaster.peer_timeout` (ms): a peer silent this long is dropped.
 pub static PEER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
-/// Runs `f` with an active snapshot: SPI needs one, and a utility
-/// statement (or a hook around it) may run without.
-pub fn with_snapshot<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: snapshot stack calls inside a transaction, balanced.
-    unsafe {
-        if pg_sys::ActiveSnapshotSet() {
-            return f();
-        }
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let out = f();
-        pg_sys::PopActiveSnapshot();
-        out
-    }
-}
+pub use pg::xact::with_snapshot;
 
 /// The SPI plan of `sql` (with arguments of types `args`), prepared on
 /// first use and kept in `cell` for the backend's life: the look-ups the
@@ -136,16 +123,7 @@ pub fn prepared_here(gid: &str) -> bool {
     prepared_at(gid).is_some()
 }
 
-/// The current value of setting `name` as PostgreSQL shows it (`on`,
-/// `200ms`…), or None for a setting that does not exist.
-pub fn setting(name: &std::ffi::CStr) -> Option<String> {
-    // SAFETY: missing_ok, so no ERROR; the value is a NUL-terminated
-    // string owned by the GUC machinery, copied before it can change.
-    unsafe {
-        let value = pgrx::pg_sys::GetConfigOption(name.as_ptr(), true, false);
-        (!value.is_null()).then(|| std::ffi::CStr::from_ptr(value).to_string_lossy().into_owned())
-    }
-}
+pub use pg::guc::setting;
 
 /// Raises an ERROR with `code`, `message` and `hint`, reported as coming
 /// from `function`.
@@ -167,9 +145,7 @@ pub fn pid_alive(pid: i32) -> bool {
 /// the library again in walsenders; that is fine once preloaded.)
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    // SAFETY: plain reads of postmaster-global flags, during library load.
-    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
-    if !preloading {
+    if !pg::proc::preloading() {
         ereport!(
             PgLogLevel::ERROR,
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -221,8 +197,7 @@ pub extern "C-unwind" fn _PG_init() {
     // After every module defined its settings: reserving the prefix drops
     // the placeholders still undefined, and with them the values the
     // configuration files gave those settings.
-    // SAFETY: called once, while preloading, after defining our GUCs.
-    unsafe { pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr()) };
+    pg::guc::reserve_prefix(c"multimaster");
     launcher::register();
     pg::shmem::init();
 }

@@ -17,11 +17,12 @@
 //! peer voted yes, one voted no, or time is up. The counting itself is
 //! the safe `mtm_schedule::tally` module.
 
+#![deny(unsafe_code)]
+
 use mtm_protocol::VoteMessage;
 use mtm_schedule::tally::{Outcome, Tally};
 use pgrx::prelude::*;
 use pgrx::pg_sys;
-use std::ffi::c_char;
 use std::sync::atomic::Ordering;
 
 const SLOTS: usize = 256;
@@ -95,12 +96,6 @@ pub use crate::pg::shmem::PEER_VOTES;
 /// This node's id, set by its receivers when they start (0: not yet), so
 /// apply workers can sign their votes without a catalog lookup.
 pub use crate::pg::shmem::MY_NODE;
-
-unsafe extern "C-unwind" {
-    // replication/message.h; not exported through pg_sys. Called only
-    // through pg_guard_ffi_boundary.
-    fn LogLogicalMessage(prefix: *const c_char, message: *const c_char, size: usize, transactional: bool) -> pg_sys::XLogRecPtr;
-}
 
 /// What a node says about a gid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,37 +190,25 @@ pub fn applied_prepare_by_xid(xid: u32) -> Option<(String, i32, i64)> {
 /// non-transactional logical message, logged without the replication
 /// origin of the transaction being applied (the coordinator's walsender
 /// filters its own origin out) and flushed, so the vote leaves at once —
-/// and, for a yes, only after the PREPARE before it is on disk.
-///
-/// # Safety
-/// From a worker's main thread (an apply worker, or the launcher
-/// withdrawing a yes), outside a transaction.
-pub unsafe fn send(coordinator: i32, gid: &str, refusal: Option<(String, String)>) {
+/// and, for a yes, only after the PREPARE before it is on disk. From a
+/// worker's main thread (an apply worker, or the launcher withdrawing a
+/// yes), outside a transaction.
+pub fn send(coordinator: i32, gid: &str, refusal: Option<(String, String)>) {
     let voter = MY_NODE.get().load(Ordering::Relaxed);
     let content = VoteMessage { coordinator, voter, gid: gid.to_string(), refusal }.to_bytes();
     let prefix = std::ffi::CString::new(mtm_protocol::VOTE_PREFIX).expect("no NUL");
-    let saved = pg_sys::replorigin_session_origin;
-    pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
-    let end = log_message(&prefix, &content, false);
-    pg_sys::replorigin_session_origin = saved;
-    pg_sys::XLogFlush(end);
+    let end = crate::pg::origin::without_session_origin(|| log_message(&prefix, &content, false));
+    crate::pg::rmgr::flush(end);
     // Walsenders are woken by flushes of commits, not of a message logged
     // after an asynchronous commit (as an ack of COMMIT PREPARED is): wake
     // them, or the vote waits for their next timeout.
-    pg_sys::WalSndWakeup();
+    crate::pg::rmgr::wake_walsenders();
 }
 
-/// Writes a logical message to the WAL (decoded by the peers' walsenders).
-///
-/// # Safety
-/// From a backend's main thread; a transactional message inside a
-/// transaction.
-pub unsafe fn log_message(prefix: &std::ffi::CStr, content: &[u8], transactional: bool) -> pg_sys::XLogRecPtr {
-    // SAFETY: main thread; an ERROR becomes a Rust panic that unwinds
-    // through our frames to the caller's guard instead of jumping over them.
-    pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
-        LogLogicalMessage(prefix.as_ptr(), content.as_ptr() as *const c_char, content.len(), transactional)
-    })
+/// Writes a logical message to the WAL (decoded by the peers' walsenders);
+/// a transactional message inside a transaction (an ERROR otherwise).
+pub fn log_message(prefix: &std::ffi::CStr, content: &[u8], transactional: bool) -> pg_sys::XLogRecPtr {
+    crate::pg::rmgr::log_logical_message(prefix, content, transactional)
 }
 
 /// A peer's vote, decoded from its stream by our receiver from it.
@@ -243,10 +226,9 @@ pub fn record_peer(vote: &VoteMessage) {
     }
 }
 
+/// Wakes the backend that registered `pgprocno` to wait.
 fn set_latch_of(pgprocno: i32) {
-    // SAFETY: pgprocno was registered by a live backend of this server;
-    // PGPROC entries are in shared memory for the server's life.
-    unsafe { pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(pgprocno as usize)).procLatch) };
+    crate::pg::proc::set_latch_of(pgprocno);
 }
 
 /// The tally key under which peers report they committed `gid`: the same
@@ -259,9 +241,8 @@ pub fn committed_key(gid: &str) -> String {
 /// apply worker, after COMMIT PREPARED). Only for the proxy's own gids:
 /// nobody waits for a client's.
 ///
-/// # Safety
 /// From an apply worker's main thread, outside a transaction.
-pub unsafe fn send_committed(coordinator: i32, gid: &str) {
+pub fn send_committed(coordinator: i32, gid: &str) {
     if gid.starts_with("mtm-") {
         send(coordinator, &committed_key(gid), None);
     }
@@ -339,8 +320,7 @@ impl<'a> Awaiting<'a> {
     /// This backend waits for the peers' answers on `key` (its latch is
     /// set when one comes).
     fn register(key: &'a str) -> Self {
-        // SAFETY: MyProc is this backend's PGPROC.
-        let me_proc = unsafe { (*pg_sys::MyProc).pgprocno };
+        let me_proc = my_procno();
         if let Err(e) = PEER_VOTES.exclusive().0.wait(key, me_proc) {
             error!("multimaster: cannot wait for the peers' answers on {key}: {e}");
         }
@@ -508,8 +488,7 @@ fn lookup(gid: &str, register_waiter: bool) -> Option<Vote> {
         }),
         _ => {
             if register_waiter {
-                // SAFETY: MyProc is this backend's PGPROC.
-                s.waiter = unsafe { (*pg_sys::MyProc).pgprocno };
+                s.waiter = my_procno();
             }
             None
         }
@@ -548,6 +527,11 @@ fn v_row(v: Vote) -> (String, Option<String>, Option<String>) {
         Vote::Yes => ("prepared".into(), None, None),
         Vote::No { sqlstate, message } => ("failed".into(), Some(sqlstate), Some(message)),
     }
+}
+
+/// This backend's PGPROC number (a backend running SQL has a PGPROC).
+fn my_procno() -> i32 {
+    crate::pg::proc::my_procno().expect("multimaster: a backend without a PGPROC")
 }
 
 /// Five SQLSTATE characters packed as PostgreSQL does (MAKE_SQLSTATE);

@@ -24,6 +24,9 @@
 //! called from a SELECT it let run without its own transaction — fails
 //! cleanly instead of letting the nodes diverge.
 
+#![deny(unsafe_code)]
+
+use crate::pg::xact::{ExecutorEnd, ExecutorStart, UtilityCall, UtilityStmt};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use pgrx::pg_sys;
@@ -37,10 +40,6 @@ pub static COORDINATED_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(false)
 /// `multimaster.direct_writes`: a session connected to a node directly
 /// may write to replicated tables (superuser; repairs and tests).
 pub static DIRECT_WRITES: GucSetting<bool> = GucSetting::<bool>::new(false);
-
-static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
-static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
-static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
 /// Defines the settings and installs the hooks (from `_PG_init`).
 pub fn init() {
@@ -68,27 +67,12 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    // SAFETY: while the library is preloaded, before any query runs; the
-    // previous hooks are kept and called.
-    unsafe {
-        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
-        pg_sys::ExecutorStart_hook = Some(executor_start);
-        PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
-        pg_sys::ExecutorEnd_hook = Some(executor_end);
-        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
-        pg_sys::ProcessUtility_hook = Some(process_utility);
-        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
-    }
+    crate::pg::xact::install_hooks();
 }
 
 /// Whether changes made now are a client's (not applied for a peer).
 pub(crate) fn client_change() -> bool {
-    // SAFETY: plain reads of backend-global settings.
-    unsafe {
-        pg_sys::SessionReplicationRole != pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32
-            && pg_sys::replorigin_session_origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
-    }
+    !crate::pg::xact::replication_role_is_replica() && crate::pg::origin::session_origin() == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
 }
 
 pub(crate) fn set_writes(on: bool) {
@@ -97,22 +81,9 @@ pub(crate) fn set_writes(on: bool) {
         return;
     }
     let value = if on { c"on" } else { c"off" };
-    // SAFETY: a defined setting, set as the server itself sets internal
-    // ones; errors are raised as ERROR through the guarded binding.
-    unsafe {
-        pg_sys::set_config_option(
-            c"multimaster.xact_writes".as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_INTERNAL,
-            // SESSION, not OVERRIDE: an override also becomes the reset
-            // value and survives an abort; this must not.
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SET,
-            true,
-            0,
-            false,
-        );
-    }
+    // SESSION, not OVERRIDE: an override also becomes the reset value and
+    // survives an abort; this must not.
+    crate::pg::xact::set_internal_for_session(c"multimaster.xact_writes", value);
 }
 
 /// Refuses a client's write to replicated tables (`relids`; empty: a
@@ -122,14 +93,13 @@ pub(crate) fn set_writes(on: bool) {
 /// extension's own tables (schema `mtm`, written by `mtm.init_cluster`
 /// and friends on each node) and extension scripts are exempt.
 pub(crate) fn refuse_direct_write(relids: &[pg_sys::Oid], what: &str) {
-    // SAFETY: a plain read of a backend-global flag.
-    let in_extension_script = unsafe { pg_sys::creating_extension };
+    let in_extension_script = crate::pg::xact::creating_extension();
     if COORDINATED_COMMIT.get() || DIRECT_WRITES.get() || in_extension_script || !client_change() || !crate::ddl::replicated_database() {
         return;
     }
-    // SAFETY: syscache lookups of relations the statement has locked.
-    let mtm = unsafe { pg_sys::get_namespace_oid(c"mtm".as_ptr(), true) };
-    if !relids.is_empty() && relids.iter().all(|&r| unsafe { pg_sys::get_rel_namespace(r) } == mtm) {
+    // Syscache lookups of relations the statement has locked.
+    let mtm = crate::pg::xact::namespace_oid(c"mtm");
+    if !relids.is_empty() && relids.iter().all(|&r| crate::pg::xact::rel_namespace(r) == mtm) {
         return;
     }
     crate::raise(
@@ -140,42 +110,17 @@ pub(crate) fn refuse_direct_write(relids: &[pg_sys::Oid], what: &str) {
     );
 }
 
-/// Whether relation `relid` is replicated (a permanent table).
+/// Whether relation `relid` is replicated (a permanent table; the caller
+/// has locked it).
 fn replicated(relid: pg_sys::Oid) -> bool {
-    // SAFETY: a syscache lookup of a relation the caller has locked.
-    unsafe { pg_sys::get_rel_persistence(relid) as u8 == pg_sys::RELPERSISTENCE_PERMANENT }
+    crate::pg::xact::rel_persistence(relid) == pg_sys::RELPERSISTENCE_PERMANENT
 }
 
-/// The OIDs of the relations a plan writes to.
-///
-/// # Safety
-/// `stmt` is a valid PlannedStmt.
-unsafe fn result_relids(stmt: *mut pg_sys::PlannedStmt) -> Vec<pg_sys::Oid> {
-    let results = (*stmt).resultRelations;
-    let rtable = (*stmt).rtable;
-    if results.is_null() || rtable.is_null() {
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    for i in 0..(*results).length as usize {
-        let rti = (*(*results).elements.add(i)).int_value as usize;
-        if rti == 0 || rti > (*rtable).length as usize {
-            continue;
-        }
-        let rte = (*(*rtable).elements.add(rti - 1)).ptr_value as *mut pg_sys::RangeTblEntry;
-        if !rte.is_null() {
-            out.push((*rte).relid);
-        }
-    }
-    out
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: std::ffi::c_int) {
-    let op = (*query).operation;
-    let stmt = (*query).plannedstmt;
-    let modifies = op != pg_sys::CmdType::CMD_SELECT || (!stmt.is_null() && (*stmt).hasModifyingCTE);
-    let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
+/// The executor hook: the write guard and `xact_writes` for a statement
+/// about to run, then the statement's start.
+pub(crate) fn executor_start(query: ExecutorStart<'_>) {
+    let modifies = query.operation() != pg_sys::CmdType::CMD_SELECT || query.has_modifying_cte();
+    let explain_only = query.eflags() & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
     // A proxy session that already wrote has nothing more to learn here;
     // elsewhere each write may have to be refused.
     let known = XACT_WRITES.get() && COORDINATED_COMMIT.get();
@@ -184,7 +129,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         crate::conflicts::check_current();
     }
     if modifies && !explain_only && !known && client && !crate::notify::own_work() {
-        let written: Vec<pg_sys::Oid> = result_relids(stmt).into_iter().filter(|&r| replicated(r)).collect();
+        let written: Vec<pg_sys::Oid> = query.result_relids().into_iter().filter(|&r| replicated(r)).collect();
         if !written.is_empty() {
             refuse_direct_write(&written, "writing to a replicated table");
             if !XACT_WRITES.get() {
@@ -193,31 +138,29 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         }
     }
     if !explain_only {
-        crate::ddl::begin_statement(query);
+        // TODO(merge): ddl::begin_statement becomes safe in its own refactor
+        #[allow(unsafe_code)]
+        unsafe {
+            crate::ddl::begin_statement(query.query_desc())
+        };
     }
-    match PREV_EXECUTOR_START {
-        Some(prev) => prev(query, eflags),
-        None => pg_sys::standard_ExecutorStart(query, eflags),
-    }
+    query.run();
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
-    match PREV_EXECUTOR_END {
-        Some(prev) => prev(query),
-        None => pg_sys::standard_ExecutorEnd(query),
-    }
-    crate::ddl::end_statement(query);
+/// The executor's end hook: the statement ends, then DDL capture hears it.
+pub(crate) fn executor_end(query: ExecutorEnd<'_>) {
+    let desc = query.query_desc();
+    query.run();
+    // TODO(merge): ddl::end_statement becomes safe in its own refactor
+    #[allow(unsafe_code)]
+    unsafe {
+        crate::ddl::end_statement(desc)
+    };
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn subxact_callback(
-    event: pg_sys::SubXactEvent::Type,
-    _my: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
-    _arg: *mut std::ffi::c_void,
-) {
-    let level = pg_sys::GetCurrentTransactionNestLevel();
+/// The subtransaction callback: DDL capture and NOTIFY follow savepoints.
+pub(crate) fn subxact_callback(event: pg_sys::SubXactEvent::Type) {
+    let level = crate::pg::xact::nest_level();
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         crate::ddl::aborted(level);
         crate::notify::subtransaction_ended(level, true);
@@ -226,33 +169,16 @@ unsafe extern "C-unwind" fn subxact_callback(
     }
 }
 
-/// The relation a RangeVar names, if it exists.
-pub(crate) unsafe fn range_var_relid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
-    if rv.is_null() {
-        return None;
-    }
-    let oid = pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut());
-    (oid != pg_sys::InvalidOid).then_some(oid)
-}
+/// The relation a RangeVar names, if it exists (for ddl.rs, which still
+/// holds raw RangeVars; its safety contract is the layer's).
+pub(crate) use crate::pg::xact::range_var_relid;
 
 /// Whether a utility statement writes rows of a replicated table that the
 /// executor hook does not see (COPY FROM, TRUNCATE).
-unsafe fn utility_writes(node: *mut pg_sys::Node) -> bool {
-    if node.is_null() {
-        return false;
-    }
-    match (*node).type_ {
-        pg_sys::NodeTag::T_CopyStmt => {
-            let copy = node as *mut pg_sys::CopyStmt;
-            (*copy).is_from && range_var_relid((*copy).relation).is_some_and(replicated)
-        }
-        pg_sys::NodeTag::T_TruncateStmt => {
-            let rels = (*(node as *mut pg_sys::TruncateStmt)).relations;
-            !rels.is_null()
-                && (0..(*rels).length as usize).any(|i| {
-                    range_var_relid((*(*rels).elements.add(i)).ptr_value as *mut pg_sys::RangeVar).is_some_and(replicated)
-                })
-        }
+fn utility_writes(stmt: &UtilityStmt<'_>) -> bool {
+    match stmt {
+        UtilityStmt::Copy { is_from, relation } => *is_from && relation.and_then(|rv| rv.relid()).is_some_and(replicated),
+        UtilityStmt::Truncate(rels) => rels.iter().any(|rv| rv.and_then(|rv| rv.relid()).is_some_and(replicated)),
         _ => false,
     }
 }
@@ -265,16 +191,12 @@ struct Finishing {
 
 /// Tells the resolver which backend coordinates an `mtm-` gid, and says
 /// whether the statement finishes a prepared transaction.
-unsafe fn note_two_phase(node: *mut pg_sys::Node) -> Option<Finishing> {
-    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_TransactionStmt {
+fn note_two_phase(stmt: &UtilityStmt<'_>) -> Option<Finishing> {
+    let UtilityStmt::Transaction { kind, gid: Some(gid) } = stmt else {
         return None;
-    }
-    let stmt = node as *mut pg_sys::TransactionStmt;
-    if (*stmt).gid.is_null() {
-        return None;
-    }
-    let gid = std::ffi::CStr::from_ptr((*stmt).gid).to_string_lossy().into_owned();
-    match (*stmt).kind {
+    };
+    let gid = gid.to_string_lossy().into_owned();
+    match *kind {
         pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE => {
             crate::resolver::note_prepare(&gid);
             crate::notify::prepare(&gid);
@@ -282,7 +204,7 @@ unsafe fn note_two_phase(node: *mut pg_sys::Node) -> Option<Finishing> {
         }
         pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED => {
             crate::resolver::note_finished(&gid);
-            let commit = (*stmt).kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
+            let commit = *kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
             Some(Finishing { gid, commit })
         }
         _ => None,
@@ -302,43 +224,45 @@ fn log_finishing(f: &Finishing) {
     }
 }
 
-#[pg_guard]
-#[allow(clippy::too_many_arguments)]
-unsafe extern "C-unwind" fn process_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const std::ffi::c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    let node = (*pstmt).utilityStmt;
-    if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_NotifyStmt && crate::notify::take_over(node as *mut pg_sys::NotifyStmt) {
-        return;
+/// The utility hook: NOTIFY taken over, the write guard for COPY FROM and
+/// TRUNCATE, 2PC bookkeeping, per-node sequence options, DDL capture.
+pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
+    let stmt = call.statement();
+    if let UtilityStmt::Notify(notify) = &stmt {
+        // TODO(merge): notify::take_over becomes safe in its own refactor
+        #[allow(unsafe_code)]
+        let taken_over = unsafe { crate::notify::take_over(*notify) };
+        if taken_over {
+            return;
+        }
     }
-    if client_change() && utility_writes(node) {
+    if client_change() && utility_writes(&stmt) {
         refuse_direct_write(&[], "COPY FROM or TRUNCATE of a replicated table");
         set_writes(true);
     }
-    let finishing = note_two_phase(node);
+    let finishing = note_two_phase(&stmt);
     if let Some(f) = &finishing {
         log_finishing(f);
     }
-    let (pstmt, read_only_tree) = crate::sequences::adjust(pstmt, read_only_tree);
-    let run = || match PREV_PROCESS_UTILITY {
-        Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-        None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-    };
-    match crate::ddl::begin(pstmt, query_string, params) {
+    call.adjust_sequences();
+    let (pstmt, query_string, params) = (call.plan(), call.query_string(), call.params());
+    let run = move || call.run();
+    // TODO(merge): ddl::begin becomes safe in its own refactor
+    #[allow(unsafe_code)]
+    let capture = unsafe { crate::ddl::begin(pstmt, query_string, params) };
+    match capture {
         None => run(),
         Some(capture) => {
             crate::ddl::while_capturing(run);
-            crate::ddl::keep_replica_identity(pstmt);
-            crate::ddl::refuse_values_per_node(pstmt);
-            // A schema change goes through the cluster's commit like a write.
-            if crate::ddl::finish(capture) {
+            // TODO(merge): ddl::keep_replica_identity, ddl::refuse_values_per_node and ddl::finish become safe in their own refactor
+            #[allow(unsafe_code)]
+            let schema_change = unsafe {
+                crate::ddl::keep_replica_identity(pstmt);
+                crate::ddl::refuse_values_per_node(pstmt);
+                // A schema change goes through the cluster's commit like a write.
+                crate::ddl::finish(capture)
+            };
+            if schema_change {
                 // After it ran: only now is it known not to be temp-only.
                 refuse_direct_write(&[], "a schema change");
                 set_writes(true);
@@ -347,19 +271,23 @@ unsafe extern "C-unwind" fn process_utility(
         }
     }
     // A peer's replayed DDL, or a statement inside a captured one.
-    crate::ddl::keep_replica_identity(pstmt);
+    // TODO(merge): ddl::keep_replica_identity becomes safe in its own refactor
+    #[allow(unsafe_code)]
+    unsafe {
+        crate::ddl::keep_replica_identity(pstmt)
+    };
     if let Some(f) = finishing.as_ref().filter(|f| f.commit) {
         crate::notify::deliver(&f.gid);
     }
     if finishing.is_some() {
         // The peers apply it as soon as the walsenders see it.
-        pg_sys::WalSndWakeup();
+        crate::pg::rmgr::wake_walsenders();
     }
 }
 
-
-#[pg_guard]
-unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+/// The transaction callback: the plain-COMMIT guard, conflict checks, the
+/// prepare's marker message, and the end of the transaction's bookkeeping.
+pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT if XACT_WRITES.get() && COORDINATED_COMMIT.get() => {
             crate::raise(
@@ -383,12 +311,12 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             crate::notify::transaction_ended();
             if event == pg_sys::XactEvent::XACT_EVENT_PREPARE {
-                crate::votes::note_prepared_at(pg_sys::GetXLogInsertRecPtr());
+                crate::votes::note_prepared_at(crate::pg::bgworker::wal_insert_position());
             }
             if XACT_WRITES.get() {
                 // The peers vote on (or apply) this transaction as soon as
                 // the walsenders see it: do not leave that to their timers.
-                pg_sys::WalSndWakeup();
+                crate::pg::rmgr::wake_walsenders();
             }
             set_writes(false);
         }

@@ -4,6 +4,27 @@
 use pgrx::pg_sys;
 use std::ffi::CStr;
 
+/// The current value of setting `name` as PostgreSQL shows it (`on`,
+/// `200ms`…), or None for a setting that does not exist.
+pub fn setting(name: &CStr) -> Option<String> {
+    // SAFETY: missing_ok, so no ERROR for an unknown name; the value is a
+    // NUL-terminated string owned by the GUC machinery, copied here before
+    // anything in this backend can change the setting.
+    unsafe {
+        let value = pg_sys::GetConfigOption(name.as_ptr(), true, false);
+        (!value.is_null()).then(|| CStr::from_ptr(value).to_string_lossy().into_owned())
+    }
+}
+
+/// Reserves the settings prefix `class` (`MarkGUCPrefixReserved`): the
+/// placeholders under it still undefined are dropped, with a WARNING.
+pub fn reserve_prefix(class: &CStr) {
+    // SAFETY: a guarded binding; `class` is NUL-terminated and copied by
+    // the GUC machinery; PostgreSQL expects it once per library, after the
+    // library defined its settings, which is where `_PG_init` calls it.
+    unsafe { pg_sys::MarkGUCPrefixReserved(class.as_ptr()) }
+}
+
 /// Sets `name` to `value` as the server sets its own settings
 /// (`SetConfigOption`, source `PGC_S_OVERRIDE`: it also becomes the reset
 /// value), checked against `context`; an unknown name or bad value is an

@@ -63,3 +63,24 @@ pub fn advance_session(remote: pg_sys::XLogRecPtr, local: pg_sys::XLogRecPtr) {
     // it. A guarded binding taking the state's own lock.
     unsafe { pg_sys::replorigin_session_advance(remote, local) }
 }
+
+/// The replication origin this session's changes are recorded as coming
+/// from (`InvalidRepOriginId`: none, a client's own changes).
+pub fn session_origin() -> pg_sys::RepOriginId {
+    // SAFETY: a plain read of a backend-local variable.
+    unsafe { pg_sys::replorigin_session_origin }
+}
+
+/// Runs `f` with no session replication origin, so what it logs is this
+/// node's own, and puts the origin back after it (not if `f` raises an
+/// ERROR: the transaction's abort or the process's exit follows).
+pub fn without_session_origin<T>(f: impl FnOnce() -> T) -> T {
+    let saved = session_origin();
+    // SAFETY: plain writes of a backend-local variable, which PostgreSQL
+    // only reads when it logs a record; no reference to it is held.
+    unsafe { pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId };
+    let out = f();
+    // SAFETY: as above.
+    unsafe { pg_sys::replorigin_session_origin = saved };
+    out
+}

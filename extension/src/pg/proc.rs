@@ -1,1 +1,149 @@
-//! (being filled in)
+//! Processes: this process's PGPROC (`MyProc`) and backend type, the
+//! other processes' PGPROCs in `ProcGlobal->allProcs` (what transaction
+//! each runs, what it waits for), waking one through its latch and
+//! cancelling what one runs (SIGINT, as `pg_cancel_backend`).
+
+use pgrx::pg_sys;
+
+/// Whether the library is being loaded from `shared_preload_libraries`
+/// (in the postmaster, at server start).
+pub fn preloading() -> bool {
+    // SAFETY: a plain read of a postmaster-global flag, set and cleared by
+    // the postmaster around loading the libraries; no other thread.
+    unsafe { pg_sys::process_shared_preload_libraries_in_progress }
+}
+
+/// Whether this process is the checkpointer.
+pub fn am_checkpointer() -> bool {
+    // SAFETY: a plain read of this process's type, set when it starts.
+    unsafe { pg_sys::MyBackendType == pg_sys::BackendType::B_CHECKPOINTER }
+}
+
+/// This process's PGPROC number, or None before it has a PGPROC (early
+/// in its start, or the postmaster).
+pub fn my_procno() -> Option<i32> {
+    // SAFETY: MyProc is null or this backend's own PGPROC, which lives in
+    // shared memory for the server's life; pgprocno is fixed at its
+    // creation, so the read races with nothing.
+    unsafe {
+        let me = pg_sys::MyProc;
+        (!me.is_null()).then(|| (*me).pgprocno)
+    }
+}
+
+/// `max_prepared_transactions` (fixed while the server runs): the number
+/// of PGPROCs the prepared transactions have after the others.
+fn max_prepared_transactions() -> usize {
+    static VALUE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *VALUE.get_or_init(|| crate::pg::guc::setting(c"max_prepared_transactions").and_then(|t| t.parse().ok()).unwrap_or(0))
+}
+
+/// How many PGPROCs `ProcGlobal->allProcs` holds: `allProcCount` leaves
+/// out the prepared transactions' PGPROCs, which follow the others.
+fn proc_count() -> usize {
+    // SAFETY: ProcGlobal is set up in shared memory before any backend or
+    // worker runs, and allProcCount never changes afterwards.
+    unsafe { (*pg_sys::ProcGlobal).allProcCount as usize + max_prepared_transactions() }
+}
+
+/// Sets the latch of the process with PGPROC number `procno` (one a live
+/// backend published to be woken); a number that is no process's (not
+/// below `allProcCount`) is ignored.
+pub fn set_latch_of(procno: i32) {
+    // SAFETY: ProcGlobal is set up in shared memory before any backend or
+    // worker runs, and allProcCount never changes afterwards.
+    let processes = unsafe { (*pg_sys::ProcGlobal).allProcCount };
+    if procno < 0 || procno as u32 >= processes {
+        return;
+    }
+    // SAFETY: procno is within allProcs (checked above); PGPROC entries
+    // are in shared memory for the server's life, so the latch address is
+    // valid even if its owner has gone (then the wakeup is spurious, which
+    // every latch waiter tolerates).
+    unsafe { pg_sys::SetLatch(&raw mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch) };
+}
+
+/// Sends SIGINT to process `pid` of this server: what pg_cancel_backend
+/// sends, ending the statement it runs with 57014.
+pub fn cancel(pid: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; callers pass the
+    // pid of a PGPROC of this server.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+}
+
+/// One PGPROC of `ProcGlobal->allProcs`, read without its lock: each
+/// field read is a snapshot its owner may change at once. Only
+/// [`all_procs`] makes one, so it always points inside the array.
+#[derive(Clone, Copy)]
+pub struct Proc(*mut pg_sys::PGPROC);
+
+/// Every PGPROC, those of the prepared transactions included.
+pub fn all_procs() -> impl Iterator<Item = Proc> {
+    // SAFETY (of each `add`): i < proc_count(), the length of allProcs,
+    // which lives in shared memory for the server's life.
+    (0..proc_count()).map(|i| Proc(unsafe { (*pg_sys::ProcGlobal).allProcs.add(i) }))
+}
+
+impl Proc {
+    // The reads below all rest on the type's invariant: the pointer is
+    // inside allProcs, mapped for the server's life; the fields are read
+    // by copy, words written whole by their owner, so a stale value is the
+    // worst outcome, which the callers tolerate.
+
+    /// The pid (0: a prepared transaction's PGPROC, or a free one).
+    pub fn pid(self) -> i32 {
+        // SAFETY: a PGPROC inside allProcs (the type's invariant), read by copy.
+        unsafe { std::ptr::read_volatile(&raw const (*self.0).pid) }
+    }
+
+    /// The PGPROC number.
+    pub fn procno(self) -> i32 {
+        // SAFETY: a PGPROC inside allProcs (the type's invariant), read by copy.
+        unsafe { (*self.0).pgprocno }
+    }
+
+    /// The top transaction id (0: none).
+    pub fn xid(self) -> u32 {
+        // SAFETY: a PGPROC inside allProcs (the type's invariant), read by copy.
+        unsafe { std::ptr::read_volatile(&raw const (*self.0).xid).into_inner() }
+    }
+
+    /// The cached subtransaction ids (at most PGPROC_MAX_CACHED_SUBXIDS;
+    /// none when it has none).
+    pub fn subxids(self) -> Vec<u32> {
+        // SAFETY: a PGPROC inside allProcs (the type's invariant), read by copy.
+        unsafe {
+            let n = (*self.0).subxidStatus.count as usize;
+            if n == 0 {
+                return Vec::new();
+            }
+            let subxids = std::ptr::read_volatile(&raw const (*self.0).subxids);
+            subxids.xids[..n.min(subxids.xids.len())].iter().map(|x| x.into_inner()).collect()
+        }
+    }
+
+    /// Whether it is a background worker.
+    pub fn is_background_worker(self) -> bool {
+        // SAFETY: a PGPROC inside allProcs (the type's invariant), read by copy.
+        unsafe { (*self.0).isBackgroundWorker }
+    }
+
+    /// Whether it is an autovacuum worker.
+    pub fn is_autovacuum(self) -> bool {
+        // SAFETY: a PGPROC inside allProcs (the type's invariant), read by copy.
+        unsafe { (*self.0).statusFlags as u32 & pg_sys::PROC_IS_AUTOVACUUM != 0 }
+    }
+
+    /// The class of what it waits for (`PG_WAIT_LOCK`, `PG_WAIT_CLIENT`...;
+    /// 0: it does not wait).
+    pub fn wait_class(self) -> u32 {
+        // SAFETY: a PGPROC inside allProcs (the type's invariant), read by copy.
+        unsafe { std::ptr::read_volatile(&raw const (*self.0).wait_event_info) & 0xFF00_0000 }
+    }
+
+    /// Sets its latch (a spurious wakeup if its owner changed meanwhile).
+    pub fn set_latch(self) {
+        // SAFETY: the latch of a PGPROC in shared memory (see the type).
+        unsafe { pg_sys::SetLatch(&raw mut (*self.0).procLatch) };
+    }
+}

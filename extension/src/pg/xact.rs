@@ -1,1 +1,397 @@
-//! (being filled in)
+//! Transactions and the statements in them, as [`crate::xact`] sees them:
+//! the executor (`ExecutorStart`/`ExecutorEnd`) and utility
+//! (`ProcessUtility`) hooks and the transaction and subtransaction
+//! callbacks, as trampolines with views of their arguments that chain to
+//! the previous hooks; snapshots ([`with_snapshot`]); the transaction and
+//! session state the write guard reads (nesting level, replication role,
+//! extension scripts), setting `multimaster.xact_writes` the way the
+//! server sets its own, and the catalog lookups the guard makes.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::{c_char, c_int, CStr};
+use std::marker::PhantomData;
+
+/// Runs `f` with an active snapshot: SPI needs one, and a utility
+/// statement (or a hook around it) may run without. Inside a transaction.
+pub fn with_snapshot<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: the snapshot stack is this backend's own; a pushed snapshot
+    // is popped after `f`, so the stack is balanced when `f` returns (an
+    // ERROR in `f` unwinds to the transaction's abort, which resets it).
+    unsafe {
+        if pg_sys::ActiveSnapshotSet() {
+            return f();
+        }
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let out = f();
+        pg_sys::PopActiveSnapshot();
+        out
+    }
+}
+
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+/// Installs the executor and utility hooks (keeping the previous ones,
+/// which [`ExecutorStart::run`] and friends call) and registers the
+/// transaction callbacks (from `_PG_init`, while preloading).
+pub fn install_hooks() {
+    // SAFETY: called once from _PG_init while the library is preloaded,
+    // before any query runs and with no other thread, so nothing reads the
+    // hook variables meanwhile; the callbacks live as long as the library.
+    unsafe {
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+    }
+}
+
+/// An `ExecutorStart` call, for the hook's duration. Only the trampoline
+/// makes one, from the arguments PostgreSQL passed.
+pub struct ExecutorStart<'a> {
+    query: *mut pg_sys::QueryDesc,
+    eflags: c_int,
+    _call: PhantomData<&'a ()>,
+}
+
+impl ExecutorStart<'_> {
+    /// The statement's command (SELECT, INSERT...).
+    pub fn operation(&self) -> pg_sys::CmdType::Type {
+        // SAFETY: the QueryDesc PostgreSQL passed, valid for the call.
+        unsafe { (*self.query).operation }
+    }
+
+    /// Whether its plan has a data-modifying CTE.
+    pub fn has_modifying_cte(&self) -> bool {
+        // SAFETY: as in operation; plannedstmt is null or a valid plan.
+        unsafe {
+            let stmt = (*self.query).plannedstmt;
+            !stmt.is_null() && (*stmt).hasModifyingCTE
+        }
+    }
+
+    /// The executor flags (`EXEC_FLAG_*`).
+    pub fn eflags(&self) -> c_int {
+        self.eflags
+    }
+
+    /// The OIDs of the relations its plan writes to.
+    pub fn result_relids(&self) -> Vec<pg_sys::Oid> {
+        // SAFETY: as in operation: the plan and its lists are valid for the
+        // call; resultRelations holds 1-based range-table indexes, checked
+        // against the range table's length before use.
+        unsafe {
+            let stmt = (*self.query).plannedstmt;
+            if stmt.is_null() {
+                return Vec::new();
+            }
+            let results = (*stmt).resultRelations;
+            let rtable = (*stmt).rtable;
+            if results.is_null() || rtable.is_null() {
+                return Vec::new();
+            }
+            let mut out = Vec::new();
+            for i in 0..(*results).length as usize {
+                let rti = (*(*results).elements.add(i)).int_value as usize;
+                if rti == 0 || rti > (*rtable).length as usize {
+                    continue;
+                }
+                let rte = (*(*rtable).elements.add(rti - 1)).ptr_value as *mut pg_sys::RangeTblEntry;
+                if !rte.is_null() {
+                    out.push((*rte).relid);
+                }
+            }
+            out
+        }
+    }
+
+    /// The QueryDesc, for code that still takes it raw.
+    pub fn query_desc(&self) -> *mut pg_sys::QueryDesc {
+        self.query
+    }
+
+    /// Runs the previous hook, or the standard ExecutorStart.
+    pub fn run(self) {
+        // SAFETY: PostgreSQL's own arguments, passed on unchanged, once.
+        unsafe {
+            match PREV_EXECUTOR_START {
+                Some(prev) => prev(self.query, self.eflags),
+                None => pg_sys::standard_ExecutorStart(self.query, self.eflags),
+            }
+        }
+    }
+}
+
+/// An `ExecutorEnd` call, for the hook's duration. Only the trampoline
+/// makes one.
+pub struct ExecutorEnd<'a> {
+    query: *mut pg_sys::QueryDesc,
+    _call: PhantomData<&'a ()>,
+}
+
+impl ExecutorEnd<'_> {
+    /// The QueryDesc, for code that still takes it raw.
+    pub fn query_desc(&self) -> *mut pg_sys::QueryDesc {
+        self.query
+    }
+
+    /// Runs the previous hook, or the standard ExecutorEnd.
+    pub fn run(self) {
+        // SAFETY: PostgreSQL's own argument, passed on unchanged, once.
+        unsafe {
+            match PREV_EXECUTOR_END {
+                Some(prev) => prev(self.query),
+                None => pg_sys::standard_ExecutorEnd(self.query),
+            }
+        }
+    }
+}
+
+/// A `ProcessUtility` call, for the hook's duration. Only the trampoline
+/// makes one, from the arguments PostgreSQL passed.
+pub struct UtilityCall<'a> {
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+    _call: PhantomData<&'a ()>,
+}
+
+/// The utility statement of a [`UtilityCall`], as far as the write guard
+/// and the 2PC bookkeeping look into it.
+pub enum UtilityStmt<'a> {
+    /// NOTIFY (raw, for [`crate::notify::take_over`]).
+    Notify(*mut pg_sys::NotifyStmt),
+    /// COPY: whether FROM, and its table (None for COPY (query)).
+    Copy { is_from: bool, relation: Option<RangeVar<'a>> },
+    /// TRUNCATE of these tables.
+    Truncate(Vec<Option<RangeVar<'a>>>),
+    /// A transaction statement: its kind and gid, if it has one.
+    Transaction { kind: pg_sys::TransactionStmtKind::Type, gid: Option<&'a CStr> },
+    /// Anything else (or no statement).
+    Other,
+}
+
+/// A RangeVar of a statement being run (a table named in it), borrowed
+/// for the hook's duration.
+#[derive(Clone, Copy)]
+pub struct RangeVar<'a>(&'a pg_sys::RangeVar);
+
+impl RangeVar<'_> {
+    /// The relation it names, if it exists (no lock taken).
+    pub fn relid(self) -> Option<pg_sys::Oid> {
+        // SAFETY: a valid RangeVar (see the type); the lookup reads the
+        // catalog without locking and with RVR_MISSING_OK, so a missing
+        // relation is InvalidOid, not an ERROR.
+        let oid = unsafe { pg_sys::RangeVarGetRelidExtended(self.0, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
+        (oid != pg_sys::InvalidOid).then_some(oid)
+    }
+}
+
+/// The relation a RangeVar names, if it exists (no lock taken). For code
+/// that still holds raw RangeVar pointers; [`RangeVar::relid`] otherwise.
+///
+/// # Safety
+/// `rv` is null or a valid RangeVar.
+pub unsafe fn range_var_relid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    if rv.is_null() {
+        return None;
+    }
+    // SAFETY: `rv` is non-null (checked) and valid (the caller's promise)
+    // for as long as the view is used, here.
+    RangeVar(unsafe { &*rv }).relid()
+}
+
+impl<'a> UtilityCall<'a> {
+    /// The statement it runs.
+    pub fn statement(&self) -> UtilityStmt<'_> {
+        // SAFETY: the PlannedStmt PostgreSQL passed (or the one
+        // adjust_sequences put in its place), valid for the call; its
+        // utility statement is null or a Node whose tag says its type; the
+        // lists and strings it points to live as long as it.
+        unsafe {
+            let node = (*self.pstmt).utilityStmt;
+            if node.is_null() {
+                return UtilityStmt::Other;
+            }
+            let range_var = |rv: *mut pg_sys::RangeVar| (!rv.is_null()).then(|| RangeVar(&*rv));
+            match (*node).type_ {
+                pg_sys::NodeTag::T_NotifyStmt => UtilityStmt::Notify(node as *mut pg_sys::NotifyStmt),
+                pg_sys::NodeTag::T_CopyStmt => {
+                    let copy = node as *mut pg_sys::CopyStmt;
+                    UtilityStmt::Copy { is_from: (*copy).is_from, relation: range_var((*copy).relation) }
+                }
+                pg_sys::NodeTag::T_TruncateStmt => {
+                    let rels = (*(node as *mut pg_sys::TruncateStmt)).relations;
+                    let n = if rels.is_null() { 0 } else { (*rels).length as usize };
+                    UtilityStmt::Truncate((0..n).map(|i| range_var((*(*rels).elements.add(i)).ptr_value as *mut pg_sys::RangeVar)).collect())
+                }
+                pg_sys::NodeTag::T_TransactionStmt => {
+                    let stmt = node as *mut pg_sys::TransactionStmt;
+                    let gid = (*stmt).gid;
+                    UtilityStmt::Transaction { kind: (*stmt).kind, gid: (!gid.is_null()).then(|| CStr::from_ptr(gid)) }
+                }
+                _ => UtilityStmt::Other,
+            }
+        }
+    }
+
+    /// The PlannedStmt, for code that still takes it raw.
+    pub fn plan(&self) -> *mut pg_sys::PlannedStmt {
+        self.pstmt
+    }
+
+    /// The query string, for code that still takes it raw.
+    pub fn query_string(&self) -> *const c_char {
+        self.query_string
+    }
+
+    /// The statement's parameters, for code that still takes them raw.
+    pub fn params(&self) -> pg_sys::ParamListInfo {
+        self.params
+    }
+
+    /// Lets [`crate::sequences::adjust`] replace the statement (a copy with
+    /// per-node sequence options) before it runs.
+    pub fn adjust_sequences(&mut self) {
+        // SAFETY: the plan PostgreSQL passed, with its read_only_tree flag,
+        // which is what adjust takes; it returns that plan or a modified
+        // copy of it in the current memory context, valid for the rest of
+        // the call, with the flag that goes with it.
+        let (pstmt, read_only_tree) = unsafe { crate::sequences::adjust(self.pstmt, self.read_only_tree) };
+        self.pstmt = pstmt;
+        self.read_only_tree = read_only_tree;
+    }
+
+    /// Runs the previous hook, or the standard ProcessUtility.
+    pub fn run(self) {
+        // SAFETY: PostgreSQL's own arguments (the plan possibly replaced by
+        // adjust_sequences, a valid one), passed on once.
+        unsafe {
+            match PREV_PROCESS_UTILITY {
+                Some(prev) => prev(self.pstmt, self.query_string, self.read_only_tree, self.context, self.params, self.query_env, self.dest, self.qc),
+                None => pg_sys::standard_ProcessUtility(self.pstmt, self.query_string, self.read_only_tree, self.context, self.params, self.query_env, self.dest, self.qc),
+            }
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: c_int) {
+    let call = ();
+    crate::xact::executor_start(ExecutorStart { query, eflags, _call: scoped(&call) });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
+    let call = ();
+    crate::xact::executor_end(ExecutorEnd { query, _call: scoped(&call) });
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let call = ();
+    crate::xact::process_utility(UtilityCall { pstmt, query_string, read_only_tree, context, params, query_env, dest, qc, _call: scoped(&call) });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    crate::xact::xact_callback(event);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    crate::xact::subxact_callback(event);
+}
+
+/// Ties a view's lifetime to a local of the trampoline, so the view
+/// cannot be kept past the call.
+fn scoped<'a>(_call: &'a ()) -> PhantomData<&'a ()> {
+    PhantomData
+}
+
+/// The current (sub)transaction nesting level (1: the top transaction).
+pub fn nest_level() -> i32 {
+    // SAFETY: reads this backend's own transaction state; no ERROR.
+    unsafe { pg_sys::GetCurrentTransactionNestLevel() }
+}
+
+/// Whether this session applies changes as a replica
+/// (`session_replication_role = replica`).
+pub fn replication_role_is_replica() -> bool {
+    // SAFETY: a plain read of a backend-local setting variable.
+    unsafe { pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32 }
+}
+
+/// Whether an extension script is running (CREATE/ALTER EXTENSION).
+pub fn creating_extension() -> bool {
+    // SAFETY: a plain read of a backend-local flag.
+    unsafe { pg_sys::creating_extension }
+}
+
+/// Sets `name` to `value` for the session as the server sets internal
+/// settings (`PGC_INTERNAL`, source `PGC_S_SESSION`: unlike an override,
+/// not the reset value, and undone by an abort); an ERROR if refused.
+pub fn set_internal_for_session(name: &CStr, value: &CStr) {
+    // SAFETY: a guarded binding; both strings are NUL-terminated and
+    // outlive the call, and the GUC machinery copies what it keeps.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_INTERNAL,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SET,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// The OID of schema `name`, or InvalidOid if there is none.
+pub fn namespace_oid(name: &CStr) -> pg_sys::Oid {
+    // SAFETY: a guarded syscache lookup with missing_ok; `name` is
+    // NUL-terminated and outlives the call.
+    unsafe { pg_sys::get_namespace_oid(name.as_ptr(), true) }
+}
+
+/// The schema of relation `relid` (InvalidOid if there is no such
+/// relation).
+pub fn rel_namespace(relid: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: a guarded syscache lookup that handles a missing relation.
+    unsafe { pg_sys::get_rel_namespace(relid) }
+}
+
+/// The persistence (`RELPERSISTENCE_*`) of relation `relid`; an ERROR if
+/// there is no such relation.
+pub fn rel_persistence(relid: pg_sys::Oid) -> u8 {
+    // SAFETY: a guarded syscache lookup; a missing relation is an ERROR
+    // raised through the guard.
+    unsafe { pg_sys::get_rel_persistence(relid) as u8 }
+}
