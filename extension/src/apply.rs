@@ -218,11 +218,7 @@ impl Applier {
                     Ok(()) => {
                         crate::votes::record(&gid, &crate::votes::Vote::Yes);
                         crate::votes::note_applied_prepare(&gid, xid, self.peer, prepare_time);
-                        // TODO(merge): votes::send becomes safe in its own refactor
-                        #[allow(unsafe_code)]
-                        unsafe {
-                            crate::votes::send(self.peer, &gid, None)
-                        };
+                        crate::votes::send(self.peer, &gid, None);
                     }
                     Err((sqlstate, message)) => {
                         twophase::abort_current_transaction();
@@ -278,11 +274,7 @@ impl Applier {
         crate::votes::forget(gid);
         if commit {
             // Now visible here: the coordinator may answer its client.
-            // TODO(merge): votes::send_committed becomes safe in its own refactor
-            #[allow(unsafe_code)]
-            unsafe {
-                crate::votes::send_committed(self.peer, gid)
-            };
+            crate::votes::send_committed(self.peer, gid);
         }
     }
 
@@ -294,11 +286,7 @@ impl Applier {
         warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
         crate::votes::record(gid, &crate::votes::Vote::No { sqlstate: sqlstate.clone(), message: message.clone() });
         origin::advance_session(end_lsn, crate::pg::bgworker::wal_insert_position());
-        // TODO(merge): votes::send becomes safe in its own refactor
-        #[allow(unsafe_code)]
-        unsafe {
-            crate::votes::send(self.peer, gid, Some((sqlstate, message)))
-        };
+        crate::votes::send(self.peer, gid, Some((sqlstate, message)));
     }
 
     /// This transaction, not prepared yet, gives way to an older one that
@@ -381,11 +369,7 @@ impl Applier {
     fn ddl(&self, content: &[u8]) {
         let m = mtm_protocol::DdlMessage::decode(content)
             .unwrap_or_else(|e| error!("multimaster: undecodable DDL message from node {}: {e}", self.peer));
-        // TODO(merge): ddl::replay becomes safe in its own refactor
-        #[allow(unsafe_code)]
-        unsafe {
-            crate::ddl::replay(&m, self.peer)
-        };
+        crate::ddl::replay(&m, self.peer);
     }
 
     fn truncate(&self, relids: &[u32], cascade: bool, restart: bool) {
@@ -408,7 +392,7 @@ impl Applier {
             error!("multimaster: applying {sql} from node {}: {e}", self.peer);
         }
         snapshot.pop();
-        exec::command_counter_increment();
+        crate::pg::xact::command_counter_increment();
     }
 
     /// INSERT (old None), UPDATE (both), DELETE (new None).
@@ -475,7 +459,7 @@ impl Applier {
         executor.finish();
         snapshot.pop();
         rel.table_close(pg_sys::NoLock as pg_sys::LOCKMODE);
-        exec::command_counter_increment();
+        crate::pg::xact::command_counter_increment();
     }
 
     /// A virtual slot of the local table filled from remote values matched

@@ -47,12 +47,6 @@ use pgrx::prelude::*;
 use std::cell::Cell;
 use std::ffi::{CStr, CString};
 
-/// The ProcessUtility and ExecutorStart hooks' entry points (in the
-/// layer: they turn the hooks' pointers into views and call [`capture`],
-/// [`keep_replica_identity_of`], [`refuse_values_per_node_of`] and
-/// [`capture_query`]).
-pub use crate::pg::utility::{begin, begin_statement, keep_replica_identity, refuse_values_per_node};
-
 /// `multimaster.replicate_ddl`.
 pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
 
@@ -148,12 +142,8 @@ fn as_this_session(sql: String) -> DdlMessage {
 }
 
 /// Writes a transactional logical message in the running transaction.
-// TODO(merge): votes::log_message becomes safe in its own refactor
-#[allow(unsafe_code)]
 fn log_message(prefix: &CStr, content: &[u8]) {
-    // SAFETY: called only inside the transaction that runs (or ran) the
-    // captured statement, from its hooks on the backend's main thread.
-    unsafe { crate::votes::log_message(prefix, content, true) };
+    crate::votes::log_message(prefix, content, true);
 }
 
 /// Writes the message that opens a captured statement (inside the
@@ -297,15 +287,15 @@ pub fn capture_query(query: QueryDesc<'_>) {
     let message = as_this_session(sql);
     log_opening();
     CAPTURING.set(true);
-    CAPTURED_QUERY.set((query.address(), crate::pg::utility::transaction_nest_level()));
+    CAPTURED_QUERY.set((query.address(), crate::pg::xact::nest_level()));
     CAPTURED_MESSAGE.with_borrow_mut(|m| *m = Some(message));
 }
 
-/// Ends the capture of a statement started by [`begin_statement`], from
-/// ExecutorEnd (inside the statement's transaction); `query` is only
-/// compared, as the run's identity.
-pub fn end_statement(query: *mut pg_sys::QueryDesc) {
-    if CAPTURED_QUERY.get().0 != query as usize {
+/// Ends the capture of a statement started by [`capture_query`], from
+/// ExecutorEnd (inside the statement's transaction); `query_address` is
+/// the run's identity.
+pub fn end_statement(query_address: usize) {
+    if CAPTURED_QUERY.get().0 != query_address {
         return;
     }
     CAPTURED_QUERY.set((0, 0));
@@ -349,7 +339,7 @@ fn table_of(node: Node<'_>) -> Option<(pg_sys::Oid, bool)> {
 /// all their columns); back to DEFAULT when it gets one. From the
 /// ProcessUtility hook ([`keep_replica_identity`]), after the statement
 /// ran.
-pub fn keep_replica_identity_of(stmt: PlannedStmt<'_>) {
+pub fn keep_replica_identity(stmt: PlannedStmt<'_>) {
     let Some(node) = stmt.utility().filter(|_| IDENTITY_FULL_WITHOUT_PK.get()) else { return };
     let Some((oid, created)) = table_of(node) else { return };
     if !replicated_database() {
@@ -381,7 +371,7 @@ pub fn keep_replica_identity_of(stmt: PlannedStmt<'_>) {
 /// (so only where it did fill rows), with what to do instead. `stmt` is
 /// the utility statement that just ran, in its transaction
 /// ([`refuse_values_per_node`]).
-pub fn refuse_values_per_node_of(stmt: PlannedStmt<'_>) {
+pub fn refuse_values_per_node(stmt: PlannedStmt<'_>) {
     let Some(node) = stmt.utility() else { return };
     let refuse = |what: &str, hint: &str| {
         crate::raise(
@@ -518,13 +508,13 @@ pub fn replay(m: &DdlMessage, peer: i32) {
     let nest = crate::pg::guc::new_nest_level();
     set_for_statement(c"search_path", &m.search_path);
     set_for_statement(c"role", &m.role);
-    crate::pg::utility::with_transaction_snapshot(|| {
+    crate::pg::xact::with_transaction_snapshot(|| {
         if let Err(e) = Spi::run(&m.sql) {
             error!("multimaster: DDL from node {peer} failed here: {e}: {}", m.sql);
         }
     });
     crate::pg::guc::end_nest_level(nest);
-    crate::pg::utility::command_counter_increment();
+    crate::pg::xact::command_counter_increment();
 }
 
 /// Sets a setting until the GUC nest level opened by the caller ends.
@@ -560,6 +550,6 @@ fn set_temp_schema(nsp: &str) {
     if toast_oid == pg_sys::InvalidOid {
         toast_oid = catalog::create_namespace(&toast, pg_sys::BOOTSTRAP_SUPERUSERID.into(), true);
     }
-    crate::pg::utility::command_counter_increment();
+    crate::pg::xact::command_counter_increment();
     catalog::set_temp_namespace(oid, toast_oid);
 }

@@ -35,6 +35,11 @@
 //!   rest (run by the launcher);
 //! - [`status`]   — apply errors and pool counters for `mtm.nodes()`,
 //!   `mtm.stat_bgwpool`, `mtm.status()`.
+//!
+//! `unsafe` is denied everywhere but in [`pg`], the thin layer over
+//! PostgreSQL's C API (its doc comment gives the rules).
+
+#![deny(unsafe_code)]
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;

@@ -37,12 +37,6 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString};
 
-/// Takes over a NOTIFY statement in a session of the proxy (the
-/// ProcessUtility hook's entry point, in the layer: it reads the
-/// statement and calls [`take_over_values`]). Returns false (PostgreSQL
-/// runs it) anywhere else.
-pub use crate::pg::notify::take_over;
-
 thread_local! {
     /// This transaction's NOTIFYs not yet stored: (subtransaction nest
     /// level, channel, payload), in the order they were sent.
@@ -65,14 +59,14 @@ fn cluster_wide() -> bool {
 
 /// A NOTIFY or `pg_notify()` of `channel` with `payload`: taken over in a
 /// session of the proxy ([`cluster_wide`]); false anywhere else.
-pub(crate) fn take_over_values(channel: &str, payload: &str) -> bool {
+pub(crate) fn take_over(channel: &str, payload: &str) -> bool {
     if !cluster_wide() {
         return false;
     }
     check(channel, payload);
     let msg = NotifyMessage { channel: channel.to_string(), payload: payload.to_string() };
     log_message(c"mtm_notify", &msg.to_bytes());
-    let level = crate::pg::utility::transaction_nest_level();
+    let level = crate::pg::xact::nest_level();
     PENDING.with_borrow_mut(|p| p.push((level, msg.channel, msg.payload)));
     crate::xact::set_writes(true);
     true
@@ -85,18 +79,14 @@ pub(crate) fn take_over_values(channel: &str, payload: &str) -> bool {
 #[pg_extern(name = "pg_notify")]
 fn notify_function(channel: Option<&str>, payload: Option<&str>) {
     let (channel, payload) = (channel.unwrap_or_default(), payload.unwrap_or_default());
-    if !take_over_values(channel, payload) {
+    if !take_over(channel, payload) {
         queue_one(channel, payload);
     }
 }
 
 /// Writes a transactional logical message in the running transaction.
-// TODO(merge): votes::log_message becomes safe in its own refactor
-#[allow(unsafe_code)]
 fn log_message(prefix: &CStr, content: &[u8]) {
-    // SAFETY: called only while a client's statement runs, so inside its
-    // transaction, on the backend's main thread.
-    unsafe { crate::votes::log_message(prefix, content, true) };
+    crate::votes::log_message(prefix, content, true);
 }
 
 /// Installs the parse-analysis hook that redirects `pg_notify()` calls.

@@ -412,7 +412,7 @@ impl Receiver<'_> {
         for _ in 0..3 {
             msg.extend_from_slice(&lsn.to_be_bytes());
         }
-        msg.extend_from_slice(&walrcv::now().to_be_bytes());
+        msg.extend_from_slice(&crate::pg::latch::now().to_be_bytes());
         // Ask for a keepalive when the peer has been quiet: a live peer
         // then always answers within a second or two.
         msg.push((self.last_heard.elapsed() >= Duration::from_secs(1)) as u8);

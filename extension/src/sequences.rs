@@ -20,10 +20,6 @@ use crate::pg::nodes::CreateSequence;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-/// The ProcessUtility hook's entry point (in the layer): a CREATE SEQUENCE
-/// rewritten with [`node_step`]'s INCREMENT and START.
-pub use crate::pg::sequence::adjust;
-
 /// This node's id and the number of configured nodes; None outside a
 /// cluster (the extension is not here, or the cluster is not set up).
 fn node_and_count() -> Option<(i32, i64)> {

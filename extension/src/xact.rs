@@ -98,8 +98,8 @@ pub(crate) fn refuse_direct_write(relids: &[pg_sys::Oid], what: &str) {
         return;
     }
     // Syscache lookups of relations the statement has locked.
-    let mtm = crate::pg::xact::namespace_oid(c"mtm");
-    if !relids.is_empty() && relids.iter().all(|&r| crate::pg::xact::rel_namespace(r) == mtm) {
+    let mtm = crate::pg::catalog::namespace_oid(c"mtm");
+    if !relids.is_empty() && relids.iter().all(|&r| crate::pg::catalog::relation_namespace(r) == mtm) {
         return;
     }
     crate::raise(
@@ -113,7 +113,7 @@ pub(crate) fn refuse_direct_write(relids: &[pg_sys::Oid], what: &str) {
 /// Whether relation `relid` is replicated (a permanent table; the caller
 /// has locked it).
 fn replicated(relid: pg_sys::Oid) -> bool {
-    crate::pg::xact::rel_persistence(relid) == pg_sys::RELPERSISTENCE_PERMANENT
+    crate::pg::catalog::relation_persistence(relid) == pg_sys::RELPERSISTENCE_PERMANENT
 }
 
 /// The executor hook: the write guard and `xact_writes` for a statement
@@ -138,24 +138,16 @@ pub(crate) fn executor_start(query: ExecutorStart<'_>) {
         }
     }
     if !explain_only {
-        // TODO(merge): ddl::begin_statement becomes safe in its own refactor
-        #[allow(unsafe_code)]
-        unsafe {
-            crate::ddl::begin_statement(query.query_desc())
-        };
+        crate::ddl::capture_query(query.query_desc());
     }
     query.run();
 }
 
 /// The executor's end hook: the statement ends, then DDL capture hears it.
 pub(crate) fn executor_end(query: ExecutorEnd<'_>) {
-    let desc = query.query_desc();
+    let address = query.address();
     query.run();
-    // TODO(merge): ddl::end_statement becomes safe in its own refactor
-    #[allow(unsafe_code)]
-    unsafe {
-        crate::ddl::end_statement(desc)
-    };
+    crate::ddl::end_statement(address);
 }
 
 /// The subtransaction callback: DDL capture and NOTIFY follow savepoints.
@@ -169,9 +161,6 @@ pub(crate) fn subxact_callback(event: pg_sys::SubXactEvent::Type) {
     }
 }
 
-/// The relation a RangeVar names, if it exists (for ddl.rs, which still
-/// holds raw RangeVars; its safety contract is the layer's).
-pub(crate) use crate::pg::xact::range_var_relid;
 
 /// Whether a utility statement writes rows of a replicated table that the
 /// executor hook does not see (COPY FROM, TRUNCATE).
@@ -228,11 +217,8 @@ fn log_finishing(f: &Finishing) {
 /// TRUNCATE, 2PC bookkeeping, per-node sequence options, DDL capture.
 pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
     let stmt = call.statement();
-    if let UtilityStmt::Notify(notify) = &stmt {
-        // TODO(merge): notify::take_over becomes safe in its own refactor
-        #[allow(unsafe_code)]
-        let taken_over = unsafe { crate::notify::take_over(*notify) };
-        if taken_over {
+    if let UtilityStmt::Notify { channel, payload } = &stmt {
+        if crate::notify::take_over(channel, payload) {
             return;
         }
     }
@@ -247,21 +233,14 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
     call.adjust_sequences();
     let (pstmt, query_string, params) = (call.plan(), call.query_string(), call.params());
     let run = move || call.run();
-    // TODO(merge): ddl::begin becomes safe in its own refactor
-    #[allow(unsafe_code)]
-    let capture = unsafe { crate::ddl::begin(pstmt, query_string, params) };
-    match capture {
+    match crate::ddl::capture(pstmt, query_string, params) {
         None => run(),
         Some(capture) => {
             crate::ddl::while_capturing(run);
-            // TODO(merge): ddl::keep_replica_identity, ddl::refuse_values_per_node and ddl::finish become safe in their own refactor
-            #[allow(unsafe_code)]
-            let schema_change = unsafe {
-                crate::ddl::keep_replica_identity(pstmt);
-                crate::ddl::refuse_values_per_node(pstmt);
-                // A schema change goes through the cluster's commit like a write.
-                crate::ddl::finish(capture)
-            };
+            crate::ddl::keep_replica_identity(pstmt);
+            crate::ddl::refuse_values_per_node(pstmt);
+            // A schema change goes through the cluster's commit like a write.
+            let schema_change = crate::ddl::finish(capture);
             if schema_change {
                 // After it ran: only now is it known not to be temp-only.
                 refuse_direct_write(&[], "a schema change");
@@ -271,11 +250,7 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
         }
     }
     // A peer's replayed DDL, or a statement inside a captured one.
-    // TODO(merge): ddl::keep_replica_identity becomes safe in its own refactor
-    #[allow(unsafe_code)]
-    unsafe {
-        crate::ddl::keep_replica_identity(pstmt)
-    };
+    crate::ddl::keep_replica_identity(pstmt);
     if let Some(f) = finishing.as_ref().filter(|f| f.commit) {
         crate::notify::deliver(&f.gid);
     }

@@ -154,3 +154,11 @@ pub fn set_user_and_security_context(user: pg_sys::Oid, context: i32) {
     // SAFETY: only sets two backend variables.
     unsafe { pg_sys::SetUserIdAndSecContext(user, context) }
 }
+
+/// The persistence (`RELPERSISTENCE_*`) of relation `relid`; an ERROR if
+/// there is no such relation.
+pub fn relation_persistence(relid: pg_sys::Oid) -> u8 {
+    // SAFETY: a guarded syscache lookup; a missing relation is an ERROR
+    // raised through the guard.
+    unsafe { pg_sys::get_rel_persistence(relid) as u8 }
+}

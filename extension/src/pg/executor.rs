@@ -394,13 +394,6 @@ impl ActiveSnapshot {
     }
 }
 
-/// `CommandCounterIncrement`: what this transaction wrote so far becomes
-/// visible to its next command.
-pub fn command_counter_increment() {
-    // SAFETY: a guarded binding; outside a transaction it does nothing.
-    unsafe { pg_sys::CommandCounterIncrement() }
-}
-
 /// `StartTransactionCommand`.
 pub fn start_transaction_command() {
     // SAFETY: a guarded binding that checks the transaction state itself

@@ -23,6 +23,8 @@
 //!   PostgreSQL keeps it alive (the callback, the memory context).
 //!
 //! One file per PostgreSQL subsystem:
+
+#![allow(unsafe_code)]
 pub mod bgworker;
 pub mod catalog;
 pub mod decoding;
@@ -39,7 +41,6 @@ pub mod relation;
 pub mod rmgr;
 pub mod sequence;
 pub mod shmem;
-pub mod spi;
 pub mod twophase;
 pub mod utility;
 pub mod walrcv;

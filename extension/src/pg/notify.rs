@@ -1,6 +1,5 @@
 //! NOTIFY: PostgreSQL's own queueing of a notification (`Async_Notify`,
-//! not exported by pgrx), the entry point the ProcessUtility hook calls
-//! with a NOTIFY statement, and the parse-analysis hook (installed and
+//! not exported by pgrx) and the parse-analysis hook (installed and
 //! chained here) that points a query's calls of `pg_notify()` at the
 //! extension's function when [`crate::notify`] says so.
 
@@ -23,21 +22,6 @@ pub fn async_notify(channel: &CStr, payload: &CStr) {
     // (bad channel, queue full) unwinds through the guarded boundary,
     // which also requires the main thread.
     unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), payload.as_ptr())) };
-}
-
-/// Takes over a NOTIFY statement in a session of the proxy
-/// ([`crate::notify::take_over_values`]). Returns false (PostgreSQL runs
-/// it) anywhere else.
-///
-/// # Safety
-/// `stmt` is a valid NotifyStmt (from the ProcessUtility hook's tree).
-pub unsafe fn take_over(stmt: *mut pg_sys::NotifyStmt) -> bool {
-    // SAFETY: the caller's contract: both fields are NULL or strings of the
-    // statement's tree, copied here.
-    let text = |p: *mut c_char| if p.is_null() { String::new() } else { unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned() };
-    // SAFETY: as above.
-    let (channel, payload) = unsafe { (text((*stmt).conditionname), text((*stmt).payload)) };
-    crate::notify::take_over_values(&channel, &payload)
 }
 
 static mut PREV_POST_PARSE_ANALYZE: pg_sys::post_parse_analyze_hook_type = None;

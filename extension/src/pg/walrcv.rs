@@ -203,12 +203,6 @@ pub fn wait_readable(fd: pg_sys::pgsocket, timeout_ms: i64) {
     }
 }
 
-/// Now, on PostgreSQL's clock (µs since 2000), as feedback messages carry it.
-pub fn now() -> pg_sys::TimestampTz {
-    // SAFETY: reads the system clock; no state, no ERROR.
-    unsafe { pg_sys::GetCurrentTimestamp() }
-}
-
 /// How far this node's WAL is flushed to disk.
 pub fn flushed_up_to() -> pg_sys::XLogRecPtr {
     // SAFETY: reads the shared WAL control data under its spinlock, valid

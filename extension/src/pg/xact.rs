@@ -60,7 +60,7 @@ pub struct ExecutorStart<'a> {
     _call: PhantomData<&'a ()>,
 }
 
-impl ExecutorStart<'_> {
+impl<'a> ExecutorStart<'a> {
     /// The statement's command (SELECT, INSERT...).
     pub fn operation(&self) -> pg_sys::CmdType::Type {
         // SAFETY: the QueryDesc PostgreSQL passed, valid for the call.
@@ -111,9 +111,11 @@ impl ExecutorStart<'_> {
         }
     }
 
-    /// The QueryDesc, for code that still takes it raw.
-    pub fn query_desc(&self) -> *mut pg_sys::QueryDesc {
-        self.query
+    /// The QueryDesc, viewed for the call.
+    pub fn query_desc(&self) -> crate::pg::nodes::QueryDesc<'a> {
+        // SAFETY: the non-NULL QueryDesc PostgreSQL passed, alive for the
+        // hook's duration, which 'a stands for.
+        unsafe { crate::pg::nodes::QueryDesc::from_raw(self.query) }
     }
 
     /// Runs the previous hook, or the standard ExecutorStart.
@@ -136,9 +138,10 @@ pub struct ExecutorEnd<'a> {
 }
 
 impl ExecutorEnd<'_> {
-    /// The QueryDesc, for code that still takes it raw.
-    pub fn query_desc(&self) -> *mut pg_sys::QueryDesc {
-        self.query
+    /// The QueryDesc's address: the identity of its run from
+    /// ExecutorStart on (see [`crate::pg::nodes::QueryDesc::address`]).
+    pub fn address(&self) -> usize {
+        self.query as usize
     }
 
     /// Runs the previous hook, or the standard ExecutorEnd.
@@ -170,8 +173,8 @@ pub struct UtilityCall<'a> {
 /// The utility statement of a [`UtilityCall`], as far as the write guard
 /// and the 2PC bookkeeping look into it.
 pub enum UtilityStmt<'a> {
-    /// NOTIFY (raw, for [`crate::notify::take_over`]).
-    Notify(*mut pg_sys::NotifyStmt),
+    /// NOTIFY: its channel and payload (empty when it has none).
+    Notify { channel: String, payload: String },
     /// COPY: whether FROM, and its table (None for COPY (query)).
     Copy { is_from: bool, relation: Option<RangeVar<'a>> },
     /// TRUNCATE of these tables.
@@ -198,20 +201,6 @@ impl RangeVar<'_> {
     }
 }
 
-/// The relation a RangeVar names, if it exists (no lock taken). For code
-/// that still holds raw RangeVar pointers; [`RangeVar::relid`] otherwise.
-///
-/// # Safety
-/// `rv` is null or a valid RangeVar.
-pub unsafe fn range_var_relid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
-    if rv.is_null() {
-        return None;
-    }
-    // SAFETY: `rv` is non-null (checked) and valid (the caller's promise)
-    // for as long as the view is used, here.
-    RangeVar(unsafe { &*rv }).relid()
-}
-
 impl<'a> UtilityCall<'a> {
     /// The statement it runs.
     pub fn statement(&self) -> UtilityStmt<'_> {
@@ -226,7 +215,11 @@ impl<'a> UtilityCall<'a> {
             }
             let range_var = |rv: *mut pg_sys::RangeVar| (!rv.is_null()).then(|| RangeVar(&*rv));
             match (*node).type_ {
-                pg_sys::NodeTag::T_NotifyStmt => UtilityStmt::Notify(node as *mut pg_sys::NotifyStmt),
+                pg_sys::NodeTag::T_NotifyStmt => {
+                    let notify = node as *mut pg_sys::NotifyStmt;
+                    let text = |p: *mut c_char| if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() };
+                    UtilityStmt::Notify { channel: text((*notify).conditionname), payload: text((*notify).payload) }
+                }
                 pg_sys::NodeTag::T_CopyStmt => {
                     let copy = node as *mut pg_sys::CopyStmt;
                     UtilityStmt::Copy { is_from: (*copy).is_from, relation: range_var((*copy).relation) }
@@ -246,29 +239,35 @@ impl<'a> UtilityCall<'a> {
         }
     }
 
-    /// The PlannedStmt, for code that still takes it raw.
-    pub fn plan(&self) -> *mut pg_sys::PlannedStmt {
-        self.pstmt
+    /// The PlannedStmt (the one adjust_sequences put in place, if it did),
+    /// viewed for the call.
+    pub fn plan(&self) -> crate::pg::nodes::PlannedStmt<'a> {
+        // SAFETY: PostgreSQL's non-NULL plan, or adjust_sequences' copy in
+        // the statement's memory context; either lives for the call ('a)
+        // and is not changed while viewed (adjust_sequences runs before).
+        unsafe { crate::pg::nodes::PlannedStmt::from_raw(self.pstmt) }
     }
 
-    /// The query string, for code that still takes it raw.
-    pub fn query_string(&self) -> *const c_char {
-        self.query_string
+    /// The query string (ProcessUtility always has one).
+    pub fn query_string(&self) -> &'a CStr {
+        // SAFETY: a NUL-terminated string PostgreSQL keeps for the call.
+        unsafe { CStr::from_ptr(self.query_string) }
     }
 
-    /// The statement's parameters, for code that still takes them raw.
-    pub fn params(&self) -> pg_sys::ParamListInfo {
-        self.params
+    /// The statement's parameters (None: it has none).
+    pub fn params(&self) -> Option<crate::pg::nodes::ParamList<'a>> {
+        // SAFETY: NULL or the statement's parameter list, alive for the call.
+        unsafe { crate::pg::nodes::ParamList::from_raw(self.params) }
     }
 
-    /// Lets [`crate::sequences::adjust`] replace the statement (a copy with
+    /// Lets [`crate::pg::sequence::adjust`] replace the statement (a copy with
     /// per-node sequence options) before it runs.
     pub fn adjust_sequences(&mut self) {
         // SAFETY: the plan PostgreSQL passed, with its read_only_tree flag,
         // which is what adjust takes; it returns that plan or a modified
         // copy of it in the current memory context, valid for the rest of
         // the call, with the flag that goes with it.
-        let (pstmt, read_only_tree) = unsafe { crate::sequences::adjust(self.pstmt, self.read_only_tree) };
+        let (pstmt, read_only_tree) = unsafe { crate::pg::sequence::adjust(self.pstmt, self.read_only_tree) };
         self.pstmt = pstmt;
         self.read_only_tree = read_only_tree;
     }
@@ -374,24 +373,22 @@ pub fn set_internal_for_session(name: &CStr, value: &CStr) {
     }
 }
 
-/// The OID of schema `name`, or InvalidOid if there is none.
-pub fn namespace_oid(name: &CStr) -> pg_sys::Oid {
-    // SAFETY: a guarded syscache lookup with missing_ok; `name` is
-    // NUL-terminated and outlives the call.
-    unsafe { pg_sys::get_namespace_oid(name.as_ptr(), true) }
+/// `CommandCounterIncrement`: what this transaction wrote so far becomes
+/// visible to its next command.
+pub fn command_counter_increment() {
+    // SAFETY: a guarded binding; outside a transaction it does nothing.
+    unsafe { pg_sys::CommandCounterIncrement() }
 }
 
-/// The schema of relation `relid` (InvalidOid if there is no such
-/// relation).
-pub fn rel_namespace(relid: pg_sys::Oid) -> pg_sys::Oid {
-    // SAFETY: a guarded syscache lookup that handles a missing relation.
-    unsafe { pg_sys::get_rel_namespace(relid) }
-}
-
-/// The persistence (`RELPERSISTENCE_*`) of relation `relid`; an ERROR if
-/// there is no such relation.
-pub fn rel_persistence(relid: pg_sys::Oid) -> u8 {
-    // SAFETY: a guarded syscache lookup; a missing relation is an ERROR
-    // raised through the guard.
-    unsafe { pg_sys::get_rel_persistence(relid) as u8 }
+/// Runs `f` with the transaction snapshot pushed as the active one, and
+/// pops it after (if `f` raises an ERROR the transaction's abort pops it).
+pub fn with_transaction_snapshot<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: guarded bindings inside the caller's transaction;
+    // PushActiveSnapshot copies the snapshot it is given if it must.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let out = f();
+    // SAFETY: pops the snapshot pushed above: `f` leaves the active
+    // snapshot stack balanced (SPI does).
+    unsafe { pg_sys::PopActiveSnapshot() };
+    out
 }
