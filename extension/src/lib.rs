@@ -33,8 +33,13 @@
 //! - [`resolver`] — finishes this node's own prepared `mtm-` gids whose
 //!   coordinator is gone: commits the precommitted ones, rolls back the
 //!   rest (run by the launcher);
+//! - [`conflicts`] — settles lock waits between transactions of different
+//!   nodes (which one gives way) and rewrites their errors to 40001;
 //! - [`status`]   — apply errors and pool counters for `mtm.nodes()`,
-//!   `mtm.stat_bgwpool`, `mtm.status()`.
+//!   `mtm.stat_bgwpool`, `mtm.status()`;
+//! - [`pg`]       — the thin layer over PostgreSQL's C API: every `unsafe`
+//!   block, hook trampoline and view of a PostgreSQL struct, one file per
+//!   subsystem (`pg/walrcv.rs`, `pg/executor.rs`, `pg/rmgr.rs`, ...).
 //!
 //! `unsafe` is denied everywhere but in [`pg`], the thin layer over
 //! PostgreSQL's C API (its doc comment gives the rules).
