@@ -83,7 +83,7 @@ pub(crate) fn set_writes(on: bool) {
     let value = if on { c"on" } else { c"off" };
     // SESSION, not OVERRIDE: an override also becomes the reset value and
     // survives an abort; this must not.
-    crate::pg::xact::set_internal_for_session(c"multimaster.xact_writes", value);
+    crate::pg::guc::set_internal_for_session(c"multimaster.xact_writes", value);
 }
 
 /// Refuses a client's write to replicated tables (`relids`; empty: a

@@ -56,19 +56,23 @@ pub fn new_nest_level() -> i32 {
 /// Sets `name` to `value` (as a superuser's session SET) until the
 /// innermost nest level ends; an unknown name or bad value is an ERROR.
 pub fn set_for_nest_level(name: &CStr, value: &CStr) {
+    set(name, value, pg_sys::GucContext::PGC_SUSET, pg_sys::GucAction::GUC_ACTION_SAVE);
+}
+
+/// Sets `name` to `value` for the session as the server sets internal
+/// settings (`PGC_INTERNAL`, source `PGC_S_SESSION`: unlike an override,
+/// not the reset value, and undone by an abort); an ERROR if refused.
+pub fn set_internal_for_session(name: &CStr, value: &CStr) {
+    set(name, value, pg_sys::GucContext::PGC_INTERNAL, pg_sys::GucAction::GUC_ACTION_SET);
+}
+
+/// `set_config_option` with source `PGC_S_SESSION`, changes applied,
+/// errors raised as ERROR.
+fn set(name: &CStr, value: &CStr, context: pg_sys::GucContext::Type, action: pg_sys::GucAction::Type) {
     // SAFETY: a guarded binding; both strings are NUL-terminated and
     // outlive the call, and the GUC machinery copies what it keeps.
     unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        pg_sys::set_config_option(name.as_ptr(), value.as_ptr(), context, pg_sys::GucSource::PGC_S_SESSION, action, true, 0, false);
     }
 }
 

@@ -353,26 +353,6 @@ pub fn creating_extension() -> bool {
     unsafe { pg_sys::creating_extension }
 }
 
-/// Sets `name` to `value` for the session as the server sets internal
-/// settings (`PGC_INTERNAL`, source `PGC_S_SESSION`: unlike an override,
-/// not the reset value, and undone by an abort); an ERROR if refused.
-pub fn set_internal_for_session(name: &CStr, value: &CStr) {
-    // SAFETY: a guarded binding; both strings are NUL-terminated and
-    // outlive the call, and the GUC machinery copies what it keeps.
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_INTERNAL,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SET,
-            true,
-            0,
-            false,
-        );
-    }
-}
-
 /// `CommandCounterIncrement`: what this transaction wrote so far becomes
 /// visible to its next command.
 pub fn command_counter_increment() {
