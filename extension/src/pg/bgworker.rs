@@ -138,6 +138,19 @@ pub fn take_origin(origin: pg_sys::RepOriginId) {
         pg_sys::replorigin_session_setup(origin);
         pg_sys::replorigin_session_origin = origin;
     }
+    ORIGIN_TAKEN.set(true);
+}
+
+thread_local! {
+    /// Whether this process holds a session origin ([`take_origin`] to
+    /// [`release_origin`]): PostgreSQL only Asserts it where it
+    /// dereferences the session's origin state.
+    static ORIGIN_TAKEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this process holds a session origin taken by [`take_origin`].
+pub(super) fn origin_taken() -> bool {
+    ORIGIN_TAKEN.get()
 }
 
 /// Gives up the session's replication origin taken by [`take_origin`]
@@ -149,6 +162,7 @@ pub fn release_origin() {
         pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
         pg_sys::replorigin_session_reset();
     }
+    ORIGIN_TAKEN.set(false);
 }
 
 /// The current WAL insert position.

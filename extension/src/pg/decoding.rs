@@ -303,8 +303,9 @@ impl Scratch {
     /// Runs `f` with this context current, then switches back and resets
     /// it. `&mut self` keeps a nested `within` (which would free what
     /// the outer one still uses) from compiling; nothing a view returns
-    /// points into this context past the call that allocated it.
-    pub fn within<R>(&mut self, f: impl FnOnce() -> R) -> R {
+    /// points into this context past the call that allocated it, and
+    /// `R: 'static` keeps `f` from returning a borrow of what it made.
+    pub fn within<R: 'static>(&mut self, f: impl FnOnce() -> R) -> R {
         // SAFETY: a live context (see the type); switching only changes
         // where palloc allocates.
         let old = unsafe { pg_sys::MemoryContextSwitchTo(self.0) };

@@ -347,16 +347,18 @@ impl ScratchContext {
     }
 
     /// Runs `f` with this context current, then makes the previous one
-    /// current again (not if `f` unwinds: catch inside `f`).
+    /// current again (not if `f` unwinds: catch inside `f`). `f` must not
+    /// end the (sub)transaction it starts in: that could free the previous
+    /// context, so it is checked.
     pub fn within<R>(&self, f: impl FnOnce() -> R) -> R {
-        // SAFETY: our context lives as long as the process. The previous
-        // context is current again once `f` returns; `f` runs inside one
-        // change of the current transaction, which does not end it, so the
-        // previous context (the transaction's, or a longer-lived one)
-        // still exists.
+        let started_in = crate::pg::relation::current_transaction();
+        // SAFETY: our context lives as long as the process.
         let outer = unsafe { pg_sys::MemoryContextSwitchTo(self.cx) };
         let r = f();
-        // SAFETY: see above.
+        assert!(crate::pg::relation::current_transaction() == started_in, "multimaster: a scratch-context section ended its transaction");
+        // SAFETY: the (sub)transaction that was current when `outer` was
+        // is still the current one (checked above), so `outer` (its
+        // context, or a longer-lived one) still exists.
         unsafe { pg_sys::MemoryContextSwitchTo(outer) };
         r
     }

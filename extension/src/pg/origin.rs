@@ -56,11 +56,11 @@ pub fn set_session_progress(lsn: pg_sys::XLogRecPtr, time: pg_sys::TimestampTz) 
 /// `crate::pg::bgworker::take_origin`) has got to `remote` (here `local`),
 /// in memory until the next checkpoint.
 pub fn advance_session(remote: pg_sys::XLogRecPtr, local: pg_sys::XLogRecPtr) {
+    assert!(crate::pg::bgworker::origin_taken(), "multimaster: advancing a session origin this process does not hold");
     // SAFETY: replorigin_session_advance dereferences the session's origin
-    // state, checked only by an Assert; it exists between take_origin and
-    // release_origin, and the only caller (the apply path's no vote) runs
-    // after its Turn::wait took the origin and before Turn::done releases
-    // it. A guarded binding taking the state's own lock.
+    // state, checked by PostgreSQL only with an Assert; it exists between
+    // take_origin and release_origin, which the flag checked above
+    // follows. A guarded binding taking the state's own lock.
     unsafe { pg_sys::replorigin_session_advance(remote, local) }
 }
 

@@ -23,7 +23,7 @@ pub struct Rel {
 }
 
 /// This backend's current (local transaction id, subtransaction id).
-fn current_transaction() -> (pg_sys::LocalTransactionId, pg_sys::SubTransactionId) {
+pub(super) fn current_transaction() -> (pg_sys::LocalTransactionId, pg_sys::SubTransactionId) {
     // SAFETY: MyProc is this backend's own PGPROC, set up before extension
     // code runs; only this backend writes its lxid. The subtransaction id
     // is backend-local state, readable in any transaction state.
