@@ -234,7 +234,7 @@ fn a_prepare_that_fails_only_under_parallel_apply_is_retried_alone_and_votes_yes
     // time it was cured: no node voted no.
     let logs: Vec<String> = (2..=3).map(|id| std::fs::read_to_string(&c.node(id).log).unwrap()).collect();
     let retried = logs.iter().flat_map(|l| l.lines()).filter(|l| l.contains("again, alone, after: duplicate key")).count();
-    eprintln!("{retried} of {PAIRS} pairs met the race on a peer and were retried alone");
+    eprintln!("{retried} transactions (of {PAIRS} pairs, counted on each of the 2 peers) met the race and were retried alone");
     assert!(retried > 0, "no transaction met the race in {PAIRS} pairs");
     for (log, id) in logs.iter().zip(2..) {
         assert!(!log.contains("votes no"), "node{id} voted no: {log}");
