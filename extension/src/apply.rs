@@ -285,7 +285,7 @@ impl Applier {
     fn vote_no(&self, gid: &str, sqlstate: String, message: String, end_lsn: u64) {
         warning!("multimaster: votes no on {gid} from node {}: {message} ({sqlstate})", self.peer);
         crate::votes::record(gid, &crate::votes::Vote::No { sqlstate: sqlstate.clone(), message: message.clone() });
-        origin::advance_session(end_lsn, crate::pg::bgworker::wal_insert_position());
+        origin::advance_session(end_lsn, crate::pg::rmgr::wal_insert_position());
         crate::votes::send(self.peer, gid, Some((sqlstate, message)));
     }
 
@@ -387,11 +387,11 @@ impl Applier {
             if restart { " RESTART IDENTITY" } else { "" },
             if cascade { " CASCADE" } else { "" }
         );
-        let snapshot = exec::push_transaction_snapshot();
-        if let Err(e) = Spi::run(&sql) {
-            error!("multimaster: applying {sql} from node {}: {e}", self.peer);
-        }
-        snapshot.pop();
+        crate::pg::xact::with_transaction_snapshot(|| {
+            if let Err(e) = Spi::run(&sql) {
+                error!("multimaster: applying {sql} from node {}: {e}", self.peer);
+            }
+        });
         crate::pg::xact::command_counter_increment();
     }
 
@@ -401,7 +401,7 @@ impl Applier {
         let table = format!("{}.{}", remote.namespace, remote.name);
         let mut cache = self.cache.borrow_mut();
         let (rel, map) = cache.open(relid, &remote.namespace, &remote.name, &remote.columns, self.peer);
-        let snapshot = exec::push_transaction_snapshot();
+        let snapshot = crate::pg::xact::push_transaction_snapshot();
 
         let executor = ChangeExecutor::begin(&rel, &snapshot);
 

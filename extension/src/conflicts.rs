@@ -130,7 +130,7 @@ fn proc_of_xid(xid: u32) -> Option<Proc> {
         if top == 0 {
             return false;
         }
-        p.subxids().contains(&xid)
+        p.has_subxid(xid)
     })
 }
 

@@ -141,17 +141,12 @@ fn as_this_session(sql: String) -> DdlMessage {
     DdlMessage { role, search_path, sql }
 }
 
-/// Writes a transactional logical message in the running transaction.
-fn log_message(prefix: &CStr, content: &[u8]) {
-    crate::votes::log_message(prefix, content, true);
-}
-
 /// Writes the message that opens a captured statement (inside the
 /// transaction that runs it): the decoder drops the rows up to the
 /// closing one.
 fn log_opening() {
     let prefix = CString::new(mtm_protocol::DDL_BEGIN_PREFIX).expect("no NUL");
-    log_message(&prefix, &[]);
+    crate::pg::rmgr::log_logical_message(&prefix, &[], true);
 }
 
 /// Writes the message that closes a captured statement (inside the
@@ -159,7 +154,7 @@ fn log_opening() {
 /// here).
 fn log_closing(message: Option<&DdlMessage>) {
     let prefix = CString::new(mtm_protocol::DDL_PREFIX).expect("no NUL");
-    log_message(&prefix, &message.map(DdlMessage::to_bytes).unwrap_or_default());
+    crate::pg::rmgr::log_logical_message(&prefix, &message.map(DdlMessage::to_bytes).unwrap_or_default(), true);
 }
 
 /// Starts capturing `stmt` (run by ProcessUtility with `query_string`

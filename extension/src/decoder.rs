@@ -62,7 +62,7 @@ pub(crate) fn startup(ctx: &mut Startup, is_init: bool) -> DecoderState {
     for elem in ctx.options() {
         let name = elem.name().to_string_lossy();
         if name == "mtm_mode" {
-            let value = elem.string_value();
+            let value = elem.string();
             recovery = match value.as_str() {
                 "normal" => false,
                 "recovery" => true,
@@ -291,7 +291,7 @@ fn describe(described: &mut HashSet<pg_sys::Oid>, out: &mut Output, rel: &Relati
             .map(|a| Column {
                 key: replident == pg_sys::REPLICA_IDENTITY_FULL
                     || key_attrs.contains(a.attnum as i32 - pg_sys::FirstLowInvalidHeapAttributeNumber),
-                name: decoding::name_str(&a.attname).to_string_lossy().into_owned(),
+                name: crate::pg::relation::attribute_name(a).into_owned(),
                 type_oid: a.atttypid.to_u32(),
                 typmod: a.atttypmod,
             })
@@ -334,11 +334,7 @@ fn is_local(st: &mut DecoderState, rel: &Relation) -> bool {
     }
     let v = match rel.namespace_name() {
         None => false,
-        Some(nsp) => {
-            let schema = nsp.to_bytes().to_vec();
-            let name = rel.name().to_bytes().to_vec();
-            local_tables_contains(&schema, &name)
-        }
+        Some(nsp) => local_tables_contains(nsp.to_bytes(), rel.name().to_bytes()),
     };
     st.local.insert(relid, v);
     v

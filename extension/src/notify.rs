@@ -35,7 +35,7 @@ use mtm_protocol::{NotifyMessage, NOTIFY_PREFIX};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::RefCell;
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 
 thread_local! {
     /// This transaction's NOTIFYs not yet stored: (subtransaction nest
@@ -65,7 +65,7 @@ pub(crate) fn take_over(channel: &str, payload: &str) -> bool {
     }
     check(channel, payload);
     let msg = NotifyMessage { channel: channel.to_string(), payload: payload.to_string() };
-    log_message(c"mtm_notify", &msg.to_bytes());
+    crate::pg::rmgr::log_logical_message(c"mtm_notify", &msg.to_bytes(), true);
     let level = crate::pg::xact::nest_level();
     PENDING.with_borrow_mut(|p| p.push((level, msg.channel, msg.payload)));
     crate::xact::set_writes(true);
@@ -82,11 +82,6 @@ fn notify_function(channel: Option<&str>, payload: Option<&str>) {
     if !take_over(channel, payload) {
         queue_one(channel, payload);
     }
-}
-
-/// Writes a transactional logical message in the running transaction.
-fn log_message(prefix: &CStr, content: &[u8]) {
-    crate::votes::log_message(prefix, content, true);
 }
 
 /// Installs the parse-analysis hook that redirects `pg_notify()` calls.

@@ -35,7 +35,8 @@
 //! transaction queued behind it.
 #![deny(unsafe_code)]
 
-use crate::pg::bgworker::{my_pid, ProcSlot};
+use crate::pg::bgworker::my_pid;
+use crate::pg::proc::ProcSlot;
 use crate::pg::dsm::{MqReceiver, MqSender, Segment};
 use crate::pg::latch::LatchSlot;
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
@@ -132,7 +133,7 @@ pub use crate::pg::shmem::POOLS;
 /// Outside a transaction, in a backend connected to the database.
 pub fn origin_of(peer: i32) -> pg_sys::RepOriginId {
     let name = std::ffi::CString::new(format!("mtm_node_{peer}")).expect("no NUL");
-    crate::pg::bgworker::origin_by_name(&name)
+    crate::pg::origin::origin_by_name(&name)
 }
 
 /// The pool of `peer` (a node id, 1..=16).
@@ -405,9 +406,6 @@ pub struct Turn {
     epoch: u64,
     slot: usize,
     origin: pg_sys::RepOriginId,
-    /// Between a [`Turn::wait`] that took the turn and [`Turn::done`]: a
-    /// second wait for the same transaction (its serial retry) has it.
-    holding: std::cell::Cell<bool>,
 }
 
 impl Turn {
@@ -425,7 +423,7 @@ impl Turn {
         pool.worker_latch[slot].publish_mine();
         pool.worker_procno[slot].publish_mine();
         let mqh = seg.receive_queue(slot, QUEUE_SIZE);
-        Some((Turn { peer: p, epoch, slot, origin, holding: std::cell::Cell::new(false) }, mqh))
+        Some((Turn { peer: p, epoch, slot, origin }, mqh))
     }
 
     pub fn pool(&self) -> &'static PeerPool {
@@ -468,7 +466,10 @@ impl Turn {
     /// `give_up` says so (checked whenever the worker wakes): false then.
     /// After a false, call it again for the same `seq`.
     pub fn wait_unless(&self, seq: u64, give_up: impl Fn() -> bool) -> bool {
-        if self.holding.get() {
+        // Holding the origin means holding the turn (taken together
+        // below, given up together in `done`): a second wait for the same
+        // transaction (its serial retry) has it.
+        if crate::pg::origin::origin_taken() {
             return true;
         }
         let pool = self.pool();
@@ -490,8 +491,7 @@ impl Turn {
             wait_latch(1000);
         }
         pool.worker_waits_for[self.slot].store(0, Release);
-        crate::pg::bgworker::take_origin(self.origin);
-        self.holding.set(true);
+        crate::pg::origin::take_origin(self.origin);
         true
     }
 
@@ -499,13 +499,12 @@ impl Turn {
     /// release the origin and pass the turn on. Only after [`Turn::wait`]
     /// for the same `seq`.
     pub fn done(&self, seq: u64, remote_end: u64) {
-        crate::pg::bgworker::release_origin();
-        self.holding.set(false);
+        crate::pg::origin::release_origin();
         let pool = self.pool();
         // The positions before the watermark: the receiver's flush tracker
         // reads the pending count first and relies on then finding the
         // positions of every commit that count includes.
-        pool.last_local.store(crate::pg::bgworker::wal_insert_position(), Release);
+        pool.last_local.store(crate::pg::rmgr::wal_insert_position(), Release);
         pool.last_remote.store(remote_end, Release);
         pool.committed.store(seq, SeqCst);
         self.busy(false);

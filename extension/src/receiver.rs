@@ -22,7 +22,7 @@ use mtm_protocol::{tag, Message};
 use mtm_schedule::{CommitSource, FlushTracker, KeyTracker, Plan, Scheduler, TxnKeys};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
 
@@ -49,24 +49,20 @@ pub fn main() {
     run(me, peer, &conninfo)
 }
 
-fn set_option(name: &CStr, value: &CStr, context: pg_sys::GucContext::Type) {
-    crate::pg::guc::set_override(name, value, context);
-}
-
 /// Settings of every process that applies a peer's changes.
 pub fn apply_session_settings(application_name: &str) {
     // Applied rows must not fire user triggers a second time.
-    set_option(c"session_replication_role", c"replica", pg_sys::GucContext::PGC_SUSET);
+    crate::pg::guc::set_override(c"session_replication_role", c"replica", pg_sys::GucContext::PGC_SUSET);
     // Commit asynchronously: the peer is told only what our WAL has
     // flushed (Receiver::flush_lsn), so nothing acknowledged can be lost.
-    set_option(c"synchronous_commit", c"off", pg_sys::GucContext::PGC_SUSET);
+    crate::pg::guc::set_override(c"synchronous_commit", c"off", pg_sys::GucContext::PGC_SUSET);
     // A cross-node deadlock shows up here as a lock wait that never ends:
     // give up after deadlock_timeout (a no vote for a prepare).
     let deadlock_timeout = CString::new(crate::setting(c"deadlock_timeout").unwrap_or_default()).expect("no NUL");
-    set_option(c"lock_timeout", &deadlock_timeout, pg_sys::GucContext::PGC_SUSET);
+    crate::pg::guc::set_override(c"lock_timeout", &deadlock_timeout, pg_sys::GucContext::PGC_SUSET);
     // mtm.node_info finds processes by their application_name.
     let appname = CString::new(application_name).expect("no NUL");
-    set_option(c"application_name", &appname, pg_sys::GucContext::PGC_USERSET);
+    crate::pg::guc::set_override(c"application_name", &appname, pg_sys::GucContext::PGC_USERSET);
 }
 
 fn run(me: i32, peer: i32, conninfo: &str) {
@@ -98,7 +94,7 @@ fn run(me: i32, peer: i32, conninfo: &str) {
 
     // mtm.nodes() counts a receiver as connected by this name: set it
     // only now that the peer streams to us.
-    set_option(c"application_name", &CString::new(format!("mtm_receiver_from_{peer}")).expect("no NUL"), pg_sys::GucContext::PGC_USERSET);
+    crate::pg::guc::set_override(c"application_name", &CString::new(format!("mtm_receiver_from_{peer}")).expect("no NUL"), pg_sys::GucContext::PGC_USERSET);
     crate::votes::MY_NODE.get().store(me, Relaxed);
     let (mut stream, sender) = conn.split();
     let mut r = Receiver {

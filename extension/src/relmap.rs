@@ -14,7 +14,7 @@
 //! `logicalrep_rel_open`.
 #![deny(unsafe_code)]
 
-use crate::pg::relation::{self, FunctionContext, Rel, TypeFunction, TypeIo};
+use crate::pg::relation::{self, FunctionContext, Rel, TypeFunction};
 use mtm_protocol::Column;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -150,18 +150,13 @@ impl RelationCache {
                     remote,
                     same_type: columns[remote].type_oid == a.atttypid.to_u32(),
                     remote_type: columns[remote].type_oid,
-                    recv: self.function(recv),
-                    input: self.function(input),
+                    recv: self.cx.lookup(recv),
+                    input: self.cx.lookup(input),
                     typmod: a.atttypmod,
                 })
             })
             .collect();
         LocalRelation { oid: rel.oid(), columns: mapped }
-    }
-
-    /// The function manager's lookup of `f`, kept in the cache's memory.
-    fn function(&self, f: TypeIo) -> TypeFunction {
-        self.cx.lookup(f)
     }
 }
 

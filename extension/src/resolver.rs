@@ -55,7 +55,7 @@ impl Default for Coordinators {
 }
 
 
-pub use crate::pg::shmem::COORDINATORS;
+use crate::pg::shmem::COORDINATORS;
 
 impl Coordinators {
     fn find(&self, gid: &[u8]) -> Option<usize> {
@@ -69,8 +69,7 @@ pub fn note_prepare(gid: &str) {
     if !gid.starts_with("mtm-") || g.len() > GID_MAX {
         return;
     }
-    // This backend's pid (PostgreSQL's MyProcPid is getpid()).
-    let me = std::process::id() as i32;
+    let me = crate::pg::bgworker::my_pid();
     let mut t = COORDINATORS.exclusive();
     let i = t.find(g).or_else(|| t.slots.iter().position(|s| s.pid == 0 || !crate::pid_alive(s.pid)));
     // A full table only means the resolver may roll back a gid whose

@@ -22,7 +22,6 @@
 use mtm_protocol::VoteMessage;
 use mtm_schedule::tally::{Outcome, Tally};
 use pgrx::prelude::*;
-use pgrx::pg_sys;
 use std::sync::atomic::Ordering;
 
 const SLOTS: usize = 256;
@@ -164,7 +163,7 @@ pub fn record(gid: &str, vote: &Vote) {
         s.waiter
     };
     if waiter >= 0 {
-        set_latch_of(waiter);
+        crate::pg::proc::set_latch_of(waiter);
     }
 }
 
@@ -197,18 +196,12 @@ pub fn send(coordinator: i32, gid: &str, refusal: Option<(String, String)>) {
     let voter = MY_NODE.get().load(Ordering::Relaxed);
     let content = VoteMessage { coordinator, voter, gid: gid.to_string(), refusal }.to_bytes();
     let prefix = std::ffi::CString::new(mtm_protocol::VOTE_PREFIX).expect("no NUL");
-    let end = crate::pg::origin::without_session_origin(|| log_message(&prefix, &content, false));
+    let end = crate::pg::origin::without_session_origin(|| crate::pg::rmgr::log_logical_message(&prefix, &content, false));
     crate::pg::rmgr::flush(end);
     // Walsenders are woken by flushes of commits, not of a message logged
     // after an asynchronous commit (as an ack of COMMIT PREPARED is): wake
     // them, or the vote waits for their next timeout.
     crate::pg::rmgr::wake_walsenders();
-}
-
-/// Writes a logical message to the WAL (decoded by the peers' walsenders);
-/// a transactional message inside a transaction (an ERROR otherwise).
-pub fn log_message(prefix: &std::ffi::CStr, content: &[u8], transactional: bool) -> pg_sys::XLogRecPtr {
-    crate::pg::rmgr::log_logical_message(prefix, content, transactional)
 }
 
 /// A peer's vote, decoded from its stream by our receiver from it.
@@ -222,13 +215,8 @@ pub fn record_peer(vote: &VoteMessage) {
         }
     };
     if let Some(w) = waiter {
-        set_latch_of(w);
+        crate::pg::proc::set_latch_of(w);
     }
-}
-
-/// Wakes the backend that registered `pgprocno` to wait.
-fn set_latch_of(pgprocno: i32) {
-    crate::pg::proc::set_latch_of(pgprocno);
 }
 
 /// The tally key under which peers report they committed `gid`: the same
@@ -449,7 +437,7 @@ pub fn refuse_own(gid: &str, me: i32, message: &str) {
         }
     };
     if let Some(w) = waiter {
-        set_latch_of(w);
+        crate::pg::proc::set_latch_of(w);
     }
 }
 

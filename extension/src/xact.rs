@@ -166,8 +166,8 @@ pub(crate) fn subxact_callback(event: pg_sys::SubXactEvent::Type) {
 /// executor hook does not see (COPY FROM, TRUNCATE).
 fn utility_writes(stmt: &UtilityStmt<'_>) -> bool {
     match stmt {
-        UtilityStmt::Copy { is_from, relation } => *is_from && relation.and_then(|rv| rv.relid()).is_some_and(replicated),
-        UtilityStmt::Truncate(rels) => rels.iter().any(|rv| rv.and_then(|rv| rv.relid()).is_some_and(replicated)),
+        UtilityStmt::Copy { is_from, relation } => *is_from && relation.and_then(crate::pg::catalog::range_var_relid).is_some_and(replicated),
+        UtilityStmt::Truncate(rels) => rels.iter().any(|rv| rv.and_then(crate::pg::catalog::range_var_relid).is_some_and(replicated)),
         _ => false,
     }
 }
@@ -280,13 +280,13 @@ pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if client_change() => {
             crate::conflicts::check_current();
             let me = crate::votes::MY_NODE.get().load(std::sync::atomic::Ordering::Relaxed);
-            crate::votes::log_message(c"mtm_prepare", &me.to_be_bytes(), true);
+            crate::pg::rmgr::log_logical_message(c"mtm_prepare", &me.to_be_bytes(), true);
         }
         // The transaction is over (an abort restores the value itself).
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             crate::notify::transaction_ended();
             if event == pg_sys::XactEvent::XACT_EVENT_PREPARE {
-                crate::votes::note_prepared_at(crate::pg::bgworker::wal_insert_position());
+                crate::votes::note_prepared_at(crate::pg::rmgr::wal_insert_position());
             }
             if XACT_WRITES.get() {
                 // The peers vote on (or apply) this transaction as soon as

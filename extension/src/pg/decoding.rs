@@ -235,12 +235,11 @@ impl Startup<'_> {
     }
 
     /// The options the client gave (`START_REPLICATION ... (name 'value')`).
-    pub fn options(&self) -> Vec<PluginOption<'_>> {
+    pub fn options(&self) -> Vec<crate::pg::nodes::DefElem<'_>> {
         // SAFETY: the context's option list, a List of DefElem (or NIL)
         // built by the walsender from the command, living as long as the
         // context, which outlives this borrow.
-        let list = unsafe { pgrx::PgList::<pg_sys::DefElem>::from_pg(self.ctx.output_plugin_options) };
-        list.iter_ptr().filter_map(NonNull::new).map(|elem| PluginOption { elem, _ctx: PhantomData }).collect()
+        unsafe { crate::pg::nodes::DefElem::list(self.ctx.output_plugin_options) }
     }
 
     /// Whether this session decodes two-phase transactions at PREPARE.
@@ -266,30 +265,6 @@ impl Startup<'_> {
         // context name must be (it is kept, not copied).
         let cx = unsafe { pg_sys::AllocSetContextCreateInternal(self.ctx.context, name.as_ptr(), 0, 8 * 1024, 8 * 1024 * 1024) };
         Scratch(cx)
-    }
-}
-
-/// One `name 'value'` option of the plugin, borrowed from the context.
-pub struct PluginOption<'a> {
-    elem: NonNull<pg_sys::DefElem>,
-    _ctx: PhantomData<&'a pg_sys::DefElem>,
-}
-
-impl PluginOption<'_> {
-    /// The option's name.
-    pub fn name(&self) -> &CStr {
-        // SAFETY: a DefElem of the option list (see Startup::options),
-        // whose defname the parser always sets to a NUL-terminated string.
-        unsafe { CStr::from_ptr(self.elem.as_ref().defname) }
-    }
-
-    /// The option's value as a string (`defGetString`: an ERROR if the
-    /// option has no value).
-    pub fn string_value(&self) -> String {
-        // SAFETY: a guarded binding on a valid DefElem (see name), which it
-        // only reads; it returns a NUL-terminated string (the value's own
-        // or palloc'd in the current context), copied at once.
-        unsafe { CStr::from_ptr(pg_sys::defGetString(self.elem.as_ptr())) }.to_string_lossy().into_owned()
     }
 }
 
@@ -563,7 +538,7 @@ pub struct Tuple<'a> {
 impl<'a> Tuple<'a> {
     /// Every attribute of the relation with its value (None: NULL),
     /// dropped and generated ones included.
-    pub fn deform(&self) -> Vec<(&'a pg_sys::FormData_pg_attribute, Option<Field<'a>>)> {
+    pub fn deform(&self) -> impl ExactSizeIterator<Item = (&'a pg_sys::FormData_pg_attribute, Option<Field<'a>>)> + 'a {
         let attrs = self.rel.attributes();
         let natts = attrs.len();
         let mut datums = vec![pg_sys::Datum::from(0usize); natts];
@@ -577,7 +552,6 @@ impl<'a> Tuple<'a> {
             .iter()
             .zip(datums.into_iter().zip(nulls))
             .map(|(a, (datum, null))| (a, (!null).then_some(Field { datum, typid: a.atttypid, attlen: a.attlen, _tuple: PhantomData })))
-            .collect()
     }
 }
 
@@ -627,15 +601,8 @@ impl Field<'_> {
     /// The value in its type's text output format (palloc'd in the current
     /// memory context, copied).
     pub fn text(&self) -> Vec<u8> {
-        let mut output = pg_sys::Oid::INVALID;
-        let mut varlena = false;
-        // SAFETY: as binary; the output function returns a NUL-terminated
-        // string, copied at once.
-        unsafe {
-            pg_sys::getTypeOutputInfo(self.typid, &mut output, &mut varlena);
-            let text = pg_sys::OidOutputFunctionCall(output, self.datum);
-            CStr::from_ptr(text).to_bytes().to_vec()
-        }
+        // SAFETY: as binary: a non-NULL value of its attribute's type.
+        unsafe { crate::pg::relation::output_text(self.typid, self.datum) }.into_bytes()
     }
 }
 
@@ -644,13 +611,12 @@ impl Field<'_> {
 /// for a row's (rel_schema, rel_name); rows with a NULL are skipped.
 /// False if the table does not exist or no row matched.
 pub fn any_local_table(mut f: impl FnMut(&CStr, &CStr) -> bool) -> bool {
-    // SAFETY: guarded catalog lookups by NUL-terminated literal names,
-    // missing ones reading as InvalidOid.
-    let mtm = unsafe { pg_sys::get_namespace_oid(c"mtm".as_ptr(), true) };
+    let mtm = crate::pg::catalog::namespace_oid(c"mtm");
     if mtm == pg_sys::Oid::INVALID {
         return false;
     }
-    // SAFETY: as above.
+    // SAFETY: a guarded catalog lookup by a NUL-terminated literal name, a
+    // missing one reading as InvalidOid.
     let relid = unsafe { pg_sys::get_relname_relid(c"local_tables".as_ptr(), mtm) };
     if relid == pg_sys::Oid::INVALID {
         return false;
@@ -666,13 +632,15 @@ pub fn any_local_table(mut f: impl FnMut(&CStr, &CStr) -> bool) -> bool {
         let desc = (*lt).rd_att;
         let natts = ((*desc).natts as usize).max(2);
         let mut found = false;
+        // Each row overwrites the descriptor's attributes; entries past
+        // them (a table with fewer than two) stay NULL.
+        let mut datums = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![true; natts];
         loop {
             let tup = pg_sys::systable_getnext(scan);
             if tup.is_null() {
                 break;
             }
-            let mut datums = vec![pg_sys::Datum::from(0usize); natts];
-            let mut nulls = vec![true; natts];
             pg_sys::heap_deform_tuple(tup, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
             if nulls[0] || nulls[1] {
                 continue;

@@ -14,6 +14,7 @@
 //! `end` / `pop` calls, in the order the caller makes them.
 
 use super::relation::{ColumnValue, Rel, TypeFunction};
+use crate::pg::xact::ActiveSnapshot;
 use pgrx::pg_sys;
 use pgrx::PgBox;
 use std::ffi::CStr;
@@ -371,28 +372,6 @@ impl ScratchContext {
         // ChangeExecutor, which cannot outlive the `within` call that made
         // it.
         unsafe { pg_sys::MemoryContextReset(self.cx) }
-    }
-}
-
-/// The active snapshot pushed by [`push_transaction_snapshot`]; popped by
-/// [`ActiveSnapshot::pop`] (left to the abort on ERROR).
-pub struct ActiveSnapshot(());
-
-/// `PushActiveSnapshot(GetTransactionSnapshot())`, inside a transaction.
-pub fn push_transaction_snapshot() -> ActiveSnapshot {
-    // SAFETY: guarded bindings; GetTransactionSnapshot raises an ERROR
-    // outside a transaction, and PushActiveSnapshot copies what it keeps.
-    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    ActiveSnapshot(())
-}
-
-impl ActiveSnapshot {
-    /// `PopActiveSnapshot`.
-    pub fn pop(self) {
-        // SAFETY: the snapshot this value stands for was pushed and, the
-        // value being consumed, is popped once; what was pushed after it
-        // (SPI, the executor) is popped before control returns here.
-        unsafe { pg_sys::PopActiveSnapshot() }
     }
 }
 

@@ -142,7 +142,7 @@ pub struct RangeVar<'a> {
 impl<'a> RangeVar<'a> {
     /// # Safety
     /// `ptr` is NULL or a valid RangeVar alive for `'a`.
-    unsafe fn from_raw(ptr: *mut pg_sys::RangeVar) -> Option<Self> {
+    pub(super) unsafe fn from_raw(ptr: *mut pg_sys::RangeVar) -> Option<Self> {
         NonNull::new(ptr).map(|ptr| RangeVar { ptr, _tree: PhantomData })
     }
 
@@ -282,8 +282,7 @@ impl<'a> CreateSequence<'a> {
     pub fn options(&self) -> impl Iterator<Item = DefElem<'a>> {
         // SAFETY: `options` is NIL or a List of DefElem of the same tree,
         // alive for 'a.
-        let list = unsafe { pgrx::PgList::<pg_sys::DefElem>::from_pg(self.stmt.options) };
-        list.iter_ptr().map(|elem| DefElem { elem, _tree: PhantomData }).collect::<Vec<_>>().into_iter()
+        unsafe { DefElem::list(self.stmt.options) }.into_iter()
     }
 }
 
@@ -295,6 +294,16 @@ pub struct DefElem<'a> {
 }
 
 impl<'a> DefElem<'a> {
+    /// The elements of an option list.
+    ///
+    /// # Safety
+    /// `list` is NIL or a List of DefElem alive and unchanged for `'a`.
+    pub(super) unsafe fn list(list: *mut pg_sys::List) -> Vec<DefElem<'a>> {
+        // SAFETY: the caller's contract.
+        let list = unsafe { pgrx::PgList::<pg_sys::DefElem>::from_pg(list) };
+        list.iter_ptr().map(|elem| DefElem { elem, _tree: PhantomData }).collect()
+    }
+
     /// The option's name, as the parser folded it.
     pub fn name(&self) -> &'a CStr {
         // SAFETY: a DefElem of a tree alive for 'a; the parser always
@@ -306,6 +315,14 @@ impl<'a> DefElem<'a> {
     pub fn has_arg(&self) -> bool {
         // SAFETY: as above.
         unsafe { !(*self.elem).arg.is_null() }
+    }
+
+    /// Its value as a string (`defGetString`: an ERROR if it is none).
+    pub fn string(&self) -> String {
+        // SAFETY: a guarded binding given a valid DefElem, which it only
+        // reads; it returns a NUL-terminated string (the value's own or
+        // palloc'd in the current context), copied at once.
+        unsafe { CStr::from_ptr(pg_sys::defGetString(self.elem)) }.to_string_lossy().into_owned()
     }
 
     /// Its value as an int8 (`defGetInt64`: an ERROR if it is none).
@@ -455,16 +472,13 @@ impl ParamValue<'_> {
         if self.isnull {
             return None;
         }
-        let (mut output, mut varlena) = (pg_sys::Oid::INVALID, false);
-        // SAFETY: guarded bindings; the datum is a non-NULL value (checked
-        // above) of the parameter's type, which parse analysis gave the
-        // Param from this very list's types, and lives as long as the list
-        // ('a); the strings returned are palloc'd and copied.
-        unsafe {
-            pg_sys::getTypeOutputInfo(self.type_oid, &mut output, &mut varlena);
-            let text = pg_sys::OidOutputFunctionCall(output, self.datum);
-            Some(CStr::from_ptr(pg_sys::quote_literal_cstr(text)).to_string_lossy().into_owned())
-        }
+        // SAFETY: the datum is a non-NULL value (checked above) of the
+        // parameter's type, which parse analysis gave the Param from this
+        // very list's types, and lives as long as the list ('a).
+        let text = unsafe { crate::pg::relation::output_text(self.type_oid, self.datum) };
+        // SAFETY: a guarded binding given a NUL-terminated string; it
+        // returns a palloc'd one, copied at once.
+        Some(unsafe { CStr::from_ptr(pg_sys::quote_literal_cstr(text.as_ptr())) }.to_string_lossy().into_owned())
     }
 }
 

@@ -3,6 +3,7 @@
 //! receiver resumes.
 
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 
 /// How far `origin` has durably got (`InvalidXLogRecPtr` if it never
 /// advanced), without flushing WAL first.
@@ -53,10 +54,10 @@ pub fn set_session_progress(lsn: pg_sys::XLogRecPtr, time: pg_sys::TimestampTz) 
 }
 
 /// `replorigin_session_advance`: the session's origin (taken with
-/// `crate::pg::bgworker::take_origin`) has got to `remote` (here `local`),
+/// [`take_origin`]) has got to `remote` (here `local`),
 /// in memory until the next checkpoint.
 pub fn advance_session(remote: pg_sys::XLogRecPtr, local: pg_sys::XLogRecPtr) {
-    assert!(crate::pg::bgworker::origin_taken(), "multimaster: advancing a session origin this process does not hold");
+    assert!(origin_taken(), "multimaster: advancing a session origin this process does not hold");
     // SAFETY: replorigin_session_advance dereferences the session's origin
     // state, checked by PostgreSQL only with an Assert; it exists between
     // take_origin and release_origin, which the flag checked above
@@ -83,4 +84,55 @@ pub fn without_session_origin<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: as above.
     unsafe { pg_sys::replorigin_session_origin = saved };
     out
+}
+
+// The session origin an apply worker holds while it commits.
+
+/// The replication origin called `name` (ERROR if there is none), looked
+/// up in a transaction of its own.
+pub fn origin_by_name(name: &std::ffi::CStr) -> pg_sys::RepOriginId {
+    // SAFETY: starting and committing our own transaction is sound only
+    // outside one (committing a caller's would free memory it may still
+    // use), which is checked first; replorigin_by_name reads the catalog
+    // inside it and raises ERROR for a missing origin.
+    unsafe {
+        if pg_sys::IsTransactionOrTransactionBlock() {
+            error!("multimaster: a replication origin looked up inside a transaction");
+        }
+        pg_sys::StartTransactionCommand();
+        let origin = pg_sys::replorigin_by_name(name.as_ptr(), false);
+        pg_sys::CommitTransactionCommand();
+        origin
+    }
+}
+
+/// Makes `origin` this session's replication origin, so commits record
+/// the peer's LSN in it (ERROR if another process holds it).
+pub fn take_origin(origin: pg_sys::RepOriginId) {
+    // SAFETY: replorigin_session_setup checks its own preconditions and
+    // raises ERROR.
+    unsafe { pg_sys::replorigin_session_setup(origin) };
+    set_session_origin(origin);
+    ORIGIN_TAKEN.set(true);
+}
+
+thread_local! {
+    /// Whether this process holds a session origin ([`take_origin`] to
+    /// [`release_origin`]): PostgreSQL only Asserts it where it
+    /// dereferences the session's origin state.
+    static ORIGIN_TAKEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this process holds a session origin taken by [`take_origin`].
+pub fn origin_taken() -> bool {
+    ORIGIN_TAKEN.get()
+}
+
+/// Gives up the session's replication origin taken by [`take_origin`]
+/// (ERROR if none is set up).
+pub fn release_origin() {
+    set_session_origin(pg_sys::InvalidRepOriginId as pg_sys::RepOriginId);
+    // SAFETY: a guarded binding that raises ERROR when no origin is set up.
+    unsafe { pg_sys::replorigin_session_reset() };
+    ORIGIN_TAKEN.set(false);
 }

@@ -4,6 +4,7 @@
 //! cancelling what one runs (SIGINT, as `pg_cancel_backend`).
 
 use pgrx::pg_sys;
+use std::sync::atomic::{AtomicI32, Ordering::*};
 
 /// Whether the library is being loaded from `shared_preload_libraries`
 /// (in the postmaster, at server start).
@@ -73,7 +74,8 @@ pub fn cancel(pid: i32) {
 
 /// One PGPROC of `ProcGlobal->allProcs`, read without its lock: each
 /// field read is a snapshot its owner may change at once. Only
-/// [`all_procs`] makes one, so it always points inside the array.
+/// [`all_procs`] and [`Proc::by_procno`] make one, so it always points
+/// inside the array.
 #[derive(Clone, Copy)]
 pub struct Proc(*mut pg_sys::PGPROC);
 
@@ -85,6 +87,13 @@ pub fn all_procs() -> impl Iterator<Item = Proc> {
 }
 
 impl Proc {
+    /// The PGPROC numbered `procno`, if there is one.
+    pub fn by_procno(procno: i32) -> Option<Proc> {
+        let i = usize::try_from(procno).ok().filter(|&i| i < proc_count())?;
+        // SAFETY: i < proc_count(), the length of allProcs (checked).
+        Some(Proc(unsafe { (*pg_sys::ProcGlobal).allProcs.add(i) }))
+    }
+
     // The reads below all rest on the type's invariant: the pointer is
     // inside allProcs, mapped for the server's life; the fields are read
     // by copy, words written whole by their owner, so a stale value is the
@@ -108,17 +117,17 @@ impl Proc {
         unsafe { std::ptr::read_volatile(&raw const (*self.0).xid).into_inner() }
     }
 
-    /// The cached subtransaction ids (at most PGPROC_MAX_CACHED_SUBXIDS;
-    /// none when it has none).
-    pub fn subxids(self) -> Vec<u32> {
+    /// Whether `xid` is among its cached subtransaction ids (at most
+    /// PGPROC_MAX_CACHED_SUBXIDS).
+    pub fn has_subxid(self, xid: u32) -> bool {
         // SAFETY: a PGPROC inside allProcs (the type's invariant), read by copy.
         unsafe {
             let n = (*self.0).subxidStatus.count as usize;
             if n == 0 {
-                return Vec::new();
+                return false;
             }
             let subxids = std::ptr::read_volatile(&raw const (*self.0).subxids);
-            subxids.xids[..n.min(subxids.xids.len())].iter().map(|x| x.into_inner()).collect()
+            subxids.xids[..n.min(subxids.xids.len())].iter().any(|x| x.into_inner() == xid)
         }
     }
 
@@ -145,5 +154,71 @@ impl Proc {
     pub fn set_latch(self) {
         // SAFETY: the latch of a PGPROC in shared memory (see the type).
         unsafe { pg_sys::SetLatch(&raw mut (*self.0).procLatch) };
+    }
+}
+
+impl Proc {
+    /// What it waits for now, if it waits for a heavyweight lock. Read
+    /// without a lock, so the answer may already be stale.
+    pub fn lock_wait(self) -> Option<WaitedLock> {
+        if self.wait_class() != pg_sys::PG_WAIT_LOCK {
+            return None;
+        }
+        // SAFETY: a PGPROC inside allProcs (the type's invariant), read by
+        // copy; the lock table lives in shared memory for the server's
+        // life, so reading a LOCK cannot fault (volatile: the owner changes
+        // it concurrently, and a LOCK freed meanwhile reads as some other
+        // lock, which callers tolerate).
+        unsafe {
+            let lock = std::ptr::read_volatile(&raw const (*self.0).waitLock);
+            if lock.is_null() {
+                return None;
+            }
+            let tag = std::ptr::read_volatile(&(*lock).tag);
+            let xid = (tag.locktag_type as u32 == pg_sys::LockTagType::LOCKTAG_TRANSACTION).then_some(tag.locktag_field1);
+            Some(WaitedLock { lock: lock as usize, xid })
+        }
+    }
+}
+
+/// The heavyweight lock a process waits for.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitedLock {
+    /// The LOCK's address in shared memory: a new wait has a new one.
+    pub lock: usize,
+    /// The transaction id waited for (a transaction lock), else None.
+    pub xid: Option<u32>,
+}
+
+/// A PGPROC number a process publishes in shared memory (-1: none), so
+/// others can look at what it waits for.
+#[repr(transparent)]
+pub struct ProcSlot(AtomicI32);
+
+impl ProcSlot {
+    /// No process published.
+    pub const fn new() -> Self {
+        ProcSlot(AtomicI32::new(-1))
+    }
+
+    /// Publishes this process's PGPROC number.
+    pub fn publish_mine(&self) {
+        self.0.store(my_procno().expect("a process with a PGPROC"), Release);
+    }
+
+    /// Withdraws whatever was published.
+    pub fn clear(&self) {
+        self.0.store(-1, Release);
+    }
+
+    /// The published PGPROC, if any.
+    pub fn get(&self) -> Option<Proc> {
+        Proc::by_procno(self.0.load(Acquire))
+    }
+}
+
+impl Default for ProcSlot {
+    fn default() -> Self {
+        ProcSlot::new()
     }
 }

@@ -115,9 +115,7 @@ impl Rel {
 
 /// An attribute's name, as text (lossy: names are in the server encoding).
 pub fn attribute_name(a: &pg_sys::FormData_pg_attribute) -> Cow<'_, str> {
-    // SAFETY: attname is a NameData, always NUL-terminated within its
-    // NAMEDATALEN bytes; the result borrows `a`.
-    unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_string_lossy()
+    crate::pg::decoding::name_str(&a.attname).to_string_lossy()
 }
 
 /// A type's input or receive function and its I/O parameter, as the
@@ -147,6 +145,22 @@ pub fn type_input_info(type_oid: pg_sys::Oid) -> TypeIo {
     // fails raises an ERROR through the guarded binding.
     unsafe { pg_sys::getTypeInputInfo(type_oid, &mut f, &mut ioparam) };
     TypeIo { function: f, ioparam, for_type: type_oid }
+}
+
+/// `datum` in the text output format of `type_oid` (`getTypeOutputInfo`
+/// and its output function), copied out of the palloc'd result.
+///
+/// # Safety
+/// `datum` is a non-NULL value of type `type_oid`, alive for the call.
+pub(super) unsafe fn output_text(type_oid: pg_sys::Oid, datum: pg_sys::Datum) -> std::ffi::CString {
+    let (mut output, mut varlena) = (pg_sys::Oid::INVALID, false);
+    // SAFETY: guarded bindings; the caller's contract gives the output
+    // function a value of its type; it returns a NUL-terminated string,
+    // copied at once.
+    unsafe {
+        pg_sys::getTypeOutputInfo(type_oid, &mut output, &mut varlena);
+        CStr::from_ptr(pg_sys::OidOutputFunctionCall(output, datum)).to_owned()
+    }
 }
 
 /// A process-lifetime memory context holding function-manager lookups

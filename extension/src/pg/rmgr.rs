@@ -175,3 +175,10 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     let message_id = unsafe { (!edata.is_null() && !(*edata).message_id.is_null()).then(|| CStr::from_ptr((*edata).message_id)) };
     crate::decisions::log_emitted(message_id);
 }
+
+/// The current WAL insert position.
+pub fn wal_insert_position() -> pg_sys::XLogRecPtr {
+    // SAFETY: reads the WAL insert position under its spinlock; raises
+    // ERROR during recovery, where no apply worker runs.
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
+}

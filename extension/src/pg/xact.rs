@@ -7,6 +7,7 @@
 //! extension scripts), setting `multimaster.xact_writes` the way the
 //! server sets its own, and the catalog lookups the guard makes.
 
+use crate::pg::nodes::RangeVar;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::{c_char, c_int, CStr};
@@ -15,18 +16,11 @@ use std::marker::PhantomData;
 /// Runs `f` with an active snapshot: SPI needs one, and a utility
 /// statement (or a hook around it) may run without. Inside a transaction.
 pub fn with_snapshot<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: the snapshot stack is this backend's own; a pushed snapshot
-    // is popped after `f`, so the stack is balanced when `f` returns (an
-    // ERROR in `f` unwinds to the transaction's abort, which resets it).
-    unsafe {
-        if pg_sys::ActiveSnapshotSet() {
-            return f();
-        }
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let out = f();
-        pg_sys::PopActiveSnapshot();
-        out
+    // SAFETY: reads whether this backend's snapshot stack has an entry.
+    if unsafe { pg_sys::ActiveSnapshotSet() } {
+        return f();
     }
+    with_transaction_snapshot(f)
 }
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
@@ -185,22 +179,6 @@ pub enum UtilityStmt<'a> {
     Other,
 }
 
-/// A RangeVar of a statement being run (a table named in it), borrowed
-/// for the hook's duration.
-#[derive(Clone, Copy)]
-pub struct RangeVar<'a>(&'a pg_sys::RangeVar);
-
-impl RangeVar<'_> {
-    /// The relation it names, if it exists (no lock taken).
-    pub fn relid(self) -> Option<pg_sys::Oid> {
-        // SAFETY: a valid RangeVar (see the type); the lookup reads the
-        // catalog without locking and with RVR_MISSING_OK, so a missing
-        // relation is InvalidOid, not an ERROR.
-        let oid = unsafe { pg_sys::RangeVarGetRelidExtended(self.0, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
-        (oid != pg_sys::InvalidOid).then_some(oid)
-    }
-}
-
 impl<'a> UtilityCall<'a> {
     /// The statement it runs.
     pub fn statement(&self) -> UtilityStmt<'_> {
@@ -213,7 +191,6 @@ impl<'a> UtilityCall<'a> {
             if node.is_null() {
                 return UtilityStmt::Other;
             }
-            let range_var = |rv: *mut pg_sys::RangeVar| (!rv.is_null()).then(|| RangeVar(&*rv));
             match (*node).type_ {
                 pg_sys::NodeTag::T_NotifyStmt => {
                     let notify = node as *mut pg_sys::NotifyStmt;
@@ -222,12 +199,12 @@ impl<'a> UtilityCall<'a> {
                 }
                 pg_sys::NodeTag::T_CopyStmt => {
                     let copy = node as *mut pg_sys::CopyStmt;
-                    UtilityStmt::Copy { is_from: (*copy).is_from, relation: range_var((*copy).relation) }
+                    UtilityStmt::Copy { is_from: (*copy).is_from, relation: RangeVar::from_raw((*copy).relation) }
                 }
                 pg_sys::NodeTag::T_TruncateStmt => {
                     let rels = (*(node as *mut pg_sys::TruncateStmt)).relations;
                     let n = if rels.is_null() { 0 } else { (*rels).length as usize };
-                    UtilityStmt::Truncate((0..n).map(|i| range_var((*(*rels).elements.add(i)).ptr_value as *mut pg_sys::RangeVar)).collect())
+                    UtilityStmt::Truncate((0..n).map(|i| RangeVar::from_raw((*(*rels).elements.add(i)).ptr_value as *mut pg_sys::RangeVar)).collect())
                 }
                 pg_sys::NodeTag::T_TransactionStmt => {
                     let stmt = node as *mut pg_sys::TransactionStmt;
@@ -363,12 +340,30 @@ pub fn command_counter_increment() {
 /// Runs `f` with the transaction snapshot pushed as the active one, and
 /// pops it after (if `f` raises an ERROR the transaction's abort pops it).
 pub fn with_transaction_snapshot<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: guarded bindings inside the caller's transaction;
-    // PushActiveSnapshot copies the snapshot it is given if it must.
-    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let snapshot = push_transaction_snapshot();
     let out = f();
-    // SAFETY: pops the snapshot pushed above: `f` leaves the active
-    // snapshot stack balanced (SPI does).
-    unsafe { pg_sys::PopActiveSnapshot() };
+    snapshot.pop();
     out
+}
+
+/// The active snapshot pushed by [`push_transaction_snapshot`]; popped by
+/// [`ActiveSnapshot::pop`] (left to the abort on ERROR).
+pub struct ActiveSnapshot(());
+
+/// `PushActiveSnapshot(GetTransactionSnapshot())`, inside a transaction.
+pub fn push_transaction_snapshot() -> ActiveSnapshot {
+    // SAFETY: guarded bindings; GetTransactionSnapshot raises an ERROR
+    // outside a transaction, and PushActiveSnapshot copies what it keeps.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    ActiveSnapshot(())
+}
+
+impl ActiveSnapshot {
+    /// `PopActiveSnapshot`.
+    pub fn pop(self) {
+        // SAFETY: the snapshot this value stands for was pushed and, the
+        // value being consumed, is popped once; what was pushed after it
+        // (SPI, the executor) is popped before control returns here.
+        unsafe { pg_sys::PopActiveSnapshot() }
+    }
 }
