@@ -149,6 +149,20 @@ fn decisions_logged_just_before_a_checkpoint_survive_a_crash_right_after_it() {
     let launcher: i32 =
         node1.query_one("select pid from pg_stat_activity where backend_type = 'multimaster launcher'", &[]).unwrap().get(0);
     let from: String = node1.query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    // Freeze the launcher only once it has written what the schema change
+    // logged (it writes once a second when the table changed, holding the
+    // file's lock through the fsync): frozen in the middle of that write,
+    // it would hold the lock the checkpointer needs below.
+    let file = c.node(1).dir.join("pg_mtm/decisions");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = std::fs::read_to_string(&file).unwrap_or_default();
+        std::thread::sleep(Duration::from_millis(1500));
+        if !seen.is_empty() && std::fs::read_to_string(&file).unwrap_or_default() == seen {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node1's launcher keeps rewriting {}", file.display());
+    }
     signal(launcher, "-STOP");
     let mut s = spread_sessions(&c, 3);
     for i in 0..6 {
@@ -156,7 +170,6 @@ fn decisions_logged_just_before_a_checkpoint_survive_a_crash_right_after_it() {
     }
     let committed = records(&c, 1, &from).remove("COMMIT").unwrap_or_default();
     assert_eq!(committed.len(), 6, "node1 logged a COMMIT for each insert: {committed:?}");
-    let file = c.node(1).dir.join("pg_mtm/decisions");
     let before = std::fs::read_to_string(&file).unwrap_or_default();
     assert!(committed.iter().all(|g| !before.contains(g.as_str())), "the frozen launcher wrote none of them");
 
