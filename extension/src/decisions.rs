@@ -53,12 +53,15 @@ pub struct Decisions {
 
 pub use crate::pg::shmem::DECISIONS;
 
-/// The state file, written by the launcher and the checkpointer: one at a
-/// time, so an older snapshot never replaces a newer one. Taken before
-/// [`DECISIONS`], never while holding it.
+/// The state file, written by the launcher and the checkpointer. Each
+/// writes and flushes its snapshot to its own temporary file with no lock
+/// held, then takes this lock only to rename it into place if it is newer
+/// than the one there, so an older snapshot never replaces a newer one and
+/// a writer stopped in the middle (a frozen launcher) holds up no other.
+/// Never taken while holding [`DECISIONS`].
 #[derive(Copy, Clone, Default)]
 pub struct StateFile {
-    /// `log.changes()` of the snapshot last written.
+    /// `log.changes()` of the snapshot in place.
     written: u64,
 }
 
@@ -125,25 +128,52 @@ fn ensure_loaded() {
 /// write (the launcher calls this once a second and when it stops).
 pub fn persist() {
     ensure_loaded();
-    if let Err(e) = write_if_changed() {
+    if let Err(e) = write_if_changed(Writer::Launcher) {
         warning!("multimaster: cannot write {STATE_FILE}: {e}");
     }
 }
 
+/// Who writes the state file; each has its own temporary file.
+#[derive(Copy, Clone, Debug, PartialEq)]
+enum Writer {
+    Launcher,
+    Checkpointer,
+}
+
 /// Writes the table to the state file if it changed since the last write.
 /// Raises no PostgreSQL error (the checkpointer calls it from a log hook).
-fn write_if_changed() -> std::io::Result<()> {
-    let mut file = STATE_FILE_LOCK.exclusive();
+///
+/// The file's lock is held only to compare and rename: the write and its
+/// fsync happen before, on the writer's own temporary file, so a writer
+/// frozen or slowed there (kill -STOP of the launcher) never holds up a
+/// checkpoint, whose writer must put every record before its redo point on
+/// disk before the checkpoint goes on.
+fn write_if_changed(writer: Writer) -> std::io::Result<()> {
+    let in_place = STATE_FILE_LOCK.share().written;
     let (changes, text) = {
         let d = DECISIONS.share();
-        if d.log.changes() == file.written {
-            return Ok(());
-        }
-        (d.log.changes(), d.log.snapshot())
+        (d.log.changes(), (d.log.changes() != in_place).then(|| d.log.snapshot()))
     };
-    write_durably(&text)?;
-    file.written = changes;
-    Ok(())
+    let Some(text) = text else {
+        // Nothing new since the file in place was renamed there; its
+        // renamer may not have flushed the directory yet, which the
+        // checkpointer cannot leave to chance.
+        return if writer == Writer::Checkpointer { sync_dir() } else { Ok(()) };
+    };
+    let tmp = temporary_file(writer);
+    write_flushed(&tmp, &text)?;
+    {
+        let mut file = STATE_FILE_LOCK.exclusive();
+        if file.written >= changes {
+            // A newer snapshot got there while this one was written.
+            drop(file);
+            std::fs::remove_file(&tmp).ok();
+            return if writer == Writer::Checkpointer { sync_dir() } else { Ok(()) };
+        }
+        std::fs::rename(&tmp, STATE_FILE)?;
+        file.written = changes;
+    }
+    sync_dir()
 }
 
 /// Installs the log hook through which the checkpointer writes the state
@@ -176,21 +206,37 @@ pub(crate) fn log_emitted(message_id: Option<&CStr>) {
     if !DECISIONS.share().loaded {
         return;
     }
-    if let Err(e) = write_if_changed() {
+    if let Err(e) = write_if_changed(Writer::Checkpointer) {
         eprintln!("multimaster: WARNING: cannot write {STATE_FILE} at a checkpoint's start: {e}; decisions logged just before it are lost if the server crashes before the launcher writes it");
     }
 }
 
-/// Replaces the state file so that a crash leaves the old or the new one.
-fn write_durably(text: &str) -> std::io::Result<()> {
+/// Where `writer` puts its snapshot before renaming it into place.
+fn temporary_file(writer: Writer) -> String {
+    match writer {
+        Writer::Launcher => format!("{STATE_FILE}.launcher.tmp"),
+        Writer::Checkpointer => format!("{STATE_FILE}.checkpointer.tmp"),
+    }
+}
+
+/// Writes `text` to `path` and flushes it, so that a rename of it leaves
+/// the old or the new state file after a crash, never a partial one.
+fn write_flushed(path: &str, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     std::fs::create_dir_all(STATE_DIR)?;
-    let tmp = format!("{STATE_FILE}.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::File::create(path)?;
     f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, STATE_FILE)?;
-    std::fs::File::open(STATE_DIR)?.sync_all()
+    f.sync_all()
+}
+
+/// Flushes the state directory, which makes a rename in it durable. No
+/// directory yet: nothing was ever renamed there.
+fn sync_dir() -> std::io::Result<()> {
+    match std::fs::File::open(STATE_DIR) {
+        Ok(dir) => dir.sync_all(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The gid and state of a record of this manager.

@@ -18,7 +18,7 @@ fn records(c: &TestCluster, id: usize, from: &str) -> BTreeMap<String, BTreeSet<
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let rows = client(c, id)
         .query(
-            "select record_type, description from pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_lsn())
+            "select record_type, description from pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_flush_lsn())
               where resource_manager = 'multimaster'",
             &[&from],
         )
@@ -120,12 +120,7 @@ fn every_node_logs_each_decision_and_keeps_it_across_a_crash() {
     // A checkpoint puts them out of the redo's reach: after kill -9 they
     // come back from the state file the launcher wrote.
     client(&c, 2).batch_execute("checkpoint").unwrap();
-    let file = c.node(2).dir.join("pg_mtm/decisions");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&file).is_ok_and(|t| committed.iter().all(|g| t.contains(g.as_str()))) {
-        assert!(Instant::now() < deadline, "node2's launcher did not write {}", file.display());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until_written(&c.node(2).dir.join("pg_mtm/decisions"), &committed, "node2's launcher did not write it");
     c.node(2).kill9();
     restart(&c, 2);
     check(&c, 2, "read from the state file after a checkpoint");
@@ -146,8 +141,7 @@ fn decisions_logged_just_before_a_checkpoint_survive_a_crash_right_after_it() {
     schema(&c, "create extension pg_walinspect; create table k(id int primary key)");
     wait_connected(&c);
     let mut node1 = client(&c, 1);
-    let launcher: i32 =
-        node1.query_one("select pid from pg_stat_activity where backend_type = 'multimaster launcher'", &[]).unwrap().get(0);
+    let launcher = launcher_pid(&mut node1);
     let from: String = node1.query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0);
     // Freeze the launcher only once it has written what the schema change
     // logged (it writes once a second when the table changed, holding the
@@ -186,6 +180,81 @@ fn decisions_logged_just_before_a_checkpoint_survive_a_crash_right_after_it() {
     for gid in &committed {
         assert_eq!(logged(&mut cl, gid), "committed", "node1 after the crash: {gid}");
     }
+}
+
+/// The launcher rewrites the state file at most once a second while
+/// decisions are logged. Frozen (kill -STOP) while it writes, caught by its
+/// temporary file being there, it holds up neither a checkpoint nor the
+/// commits of any node, three times over; once it runs again the file
+/// catches up with every commit.
+#[test]
+fn a_launcher_frozen_while_it_writes_the_state_file_holds_up_no_checkpoint() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let c = TestCluster::start(3);
+    schema(&c, "create extension pg_walinspect; create table f(id int primary key)");
+    wait_connected(&c);
+    let mut node1 = client(&c, 1);
+    let from: String = node1.query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    let launcher = launcher_pid(&mut node1);
+    let launcher = Pid::from_raw(launcher);
+    // A lock the frozen launcher held would stall the checkpoint forever;
+    // this turns that into an error that names it.
+    node1.batch_execute("set statement_timeout = '10s'").unwrap();
+    let dir = c.node(1).dir.join("pg_mtm");
+    // The launcher's temporary file, as named before and after it had one
+    // of its own.
+    let writing = [dir.join("decisions.tmp"), dir.join("decisions.launcher.tmp")];
+    let mut s = spread_sessions(&c, 3);
+    let mut next = 0;
+    for round in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        'caught: loop {
+            assert!(Instant::now() < deadline, "round {round}: never saw node1's launcher write {}", dir.display());
+            s[next % 3].1.batch_execute(&format!("insert into f values ({next})")).unwrap();
+            next += 1;
+            let watch = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < watch {
+                if writing.iter().any(|p| p.exists()) {
+                    kill(launcher, Signal::SIGSTOP).unwrap();
+                    break 'caught;
+                }
+            }
+        }
+        let checkpoint = node1.batch_execute("checkpoint");
+        let commits: Vec<_> = (0..3)
+            .map(|_| {
+                let id = next;
+                next += 1;
+                s[id % 3].1.batch_execute(&format!("insert into f values ({id})"))
+            })
+            .collect();
+        kill(launcher, Signal::SIGCONT).unwrap();
+        checkpoint.unwrap_or_else(|e| panic!("round {round}: CHECKPOINT with the launcher frozen mid-write: {} {:?}", sqlstate(&e), e.as_db_error().map(|d| d.message())));
+        for (i, r) in commits.into_iter().enumerate() {
+            r.unwrap_or_else(|e| panic!("round {round}: commit {i} with node1's launcher frozen: {} {:?}", sqlstate(&e), e.as_db_error().map(|d| d.message())));
+        }
+    }
+    converge(&c, &["f"]);
+    let count: i64 = node1.query_one("select count(*) from f", &[]).unwrap().get(0);
+    assert_eq!(count, next as i64, "every insert committed");
+    let committed = records(&c, 1, &from).remove("COMMIT").unwrap_or_default();
+    assert!(committed.len() >= next, "node1 logged a COMMIT for each insert: {} of {next}", committed.len());
+    wait_until_written(&dir.join("decisions"), &committed, "node1's launcher did not catch up");
+}
+
+/// Waits until the state file `file` names every gid of `gids`.
+fn wait_until_written(file: &std::path::Path, gids: &BTreeSet<String>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(file).is_ok_and(|t| gids.iter().all(|g| t.contains(g.as_str()))) {
+        assert!(Instant::now() < deadline, "{what}: {}", file.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pid of the node's launcher.
+fn launcher_pid(cl: &mut Client) -> i32 {
+    cl.query_one("select pid from pg_stat_activity where backend_type = 'multimaster launcher'", &[]).unwrap().get(0)
 }
 
 #[test]
