@@ -29,7 +29,7 @@
 
 #![deny(unsafe_code)]
 
-use crate::pg::lock::ReportedError;
+use crate::pg::elog::ReportedError;
 use crate::pg::proc::Proc;
 use mtm_schedule::conflict::{table_verdict, verdict, Age, Holder, TableLock, Verdict, WaitWatch};
 use pgrx::prelude::*;
@@ -56,11 +56,6 @@ impl Default for Doomed {
 
 
 pub use crate::pg::shmem::DOOMED;
-
-/// Installs the error rewrite (from `_PG_init`).
-pub fn init() {
-    crate::pg::lock::install_error_hook();
-}
 
 /// A wait is looked at once it has lasted this long (most end sooner:
 /// the holder commits) ...
@@ -365,8 +360,8 @@ pub fn check_current() {
 }
 
 /// The cancel of a marked transaction's lock wait reaches its client as
-/// what it is: a serialization failure (from `emit_log_hook`, after the
-/// previous hook).
+/// what it is: a serialization failure (from `pg/elog.rs`'s
+/// `emit_log_hook`, after the previous hook).
 pub(crate) fn rewrite_error(error: &mut ReportedError<'_>) {
     let canceled = crate::votes::sqlstate_code("57014");
     if error.elevel() >= pg_sys::PGERROR as i32 && error.sqlerrcode() == canceled {

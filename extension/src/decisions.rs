@@ -28,6 +28,7 @@
 
 #![deny(unsafe_code)]
 
+use crate::pg::elog::ReportedError;
 use crate::pg::rmgr::Record;
 use mtm_state::decisions::{Log, State};
 use pgrx::prelude::*;
@@ -71,7 +72,6 @@ pub use crate::pg::shmem::STATE_FILE_LOCK;
 /// Registers the resource manager (from `_PG_init`, while preloading).
 pub fn init() {
     crate::pg::rmgr::register(RMGR_ID, RMGR_NAME);
-    install_checkpoint_hook();
 }
 
 /// Whether checkpoints announce their start, which is when the state file
@@ -176,12 +176,6 @@ fn write_if_changed(writer: Writer) -> std::io::Result<()> {
     sync_dir()
 }
 
-/// Installs the log hook through which the checkpointer writes the state
-/// file as a checkpoint starts (from `_PG_init`, while preloading).
-fn install_checkpoint_hook() {
-    crate::pg::rmgr::install_log_hook();
-}
-
 /// PostgreSQL's (untranslated) message for the start of a checkpoint,
 /// logged once its redo point is fixed (`LogCheckpointStart`).
 const CHECKPOINT_STARTING: &[u8] = b"checkpoint starting:";
@@ -191,13 +185,14 @@ const CHECKPOINT_STARTING: &[u8] = b"checkpoint starting:";
 /// writes anything out. This runs inside PostgreSQL's error reporting and,
 /// in the checkpointer, in a critical section: it must neither raise nor
 /// panic, so a failure goes to stderr (the server log) and the launcher
-/// tries again within a second. (`message_id`: the untranslated message,
-/// if it has one; the previous hook has run.)
-pub(crate) fn log_emitted(message_id: Option<&CStr>) {
+/// tries again within a second. (From `pg/elog.rs`'s `emit_log_hook`,
+/// after the previous hook; the checkpointer test comes first, as every
+/// other process's every message takes this path.)
+pub(crate) fn log_emitted(message: &ReportedError<'_>) {
     if !crate::pg::proc::am_checkpointer() {
         return;
     }
-    let Some(message_id) = message_id else { return };
+    let Some(message_id) = message.message_id() else { return };
     if !message_id.to_bytes().starts_with(CHECKPOINT_STARTING) {
         return;
     }

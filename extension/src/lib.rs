@@ -201,7 +201,9 @@ pub extern "C-unwind" fn _PG_init() {
     );
     xact::init();
     notify::init();
-    conflicts::init();
+    // Installed here rather than by conflicts or decisions: they share
+    // the one emit_log_hook (see pg/elog.rs).
+    pg::elog::install_log_hook();
     ddl::init();
     decisions::init();
     // After every module defined its settings: reserving the prefix drops

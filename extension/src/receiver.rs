@@ -190,8 +190,7 @@ impl Receiver<'_> {
             self.check_peer_alive();
             self.queues.flush(false);
             self.maybe_feedback();
-            walrcv::wait_readable(fd, 1000);
-            pg_sys::check_for_interrupts!();
+            crate::pg::latch::wait(Some(fd), 1000);
         }
     }
 

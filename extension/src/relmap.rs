@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Set by the relcache callback; the cache empties itself before its next
 /// use. (One per process: workers are single-threaded.)
 static STALE: AtomicBool = AtomicBool::new(false);
-static REGISTERED: AtomicBool = AtomicBool::new(false);
 
 /// Where a local column's value comes from.
 pub enum LocalColumn {
@@ -70,11 +69,8 @@ pub fn invalidated(_relid: pg_sys::Oid) {
 
 impl RelationCache {
     pub fn new() -> Self {
-        // Registered once per process, at most; the context lives as long
-        // as the process (a worker has one cache).
-        if !REGISTERED.swap(true, Ordering::Relaxed) {
-            relation::register_relcache_callback();
-        }
+        relation::register_relcache_callback();
+        // The context lives as long as the process (a worker has one cache).
         let cx = FunctionContext::new(c"multimaster relation cache");
         RelationCache { entries: HashMap::new(), cx }
     }

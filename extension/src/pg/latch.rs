@@ -1,5 +1,5 @@
-//! Latches, sleeping and the clock: waiting on this process's latch
-//! (`WaitLatch`, `ResetLatch`), waking another process through the latch
+//! Latches, sleeping and the clock: waiting on this process's latch and
+//! maybe a socket (`WaitLatch`, `WaitLatchOrSocket`, `ResetLatch`), waking another process through the latch
 //! it published in shared memory (`SetLatch`), plain sleeps
 //! (`pg_usleep`), servicing interrupts, and reading the time
 //! (`GetCurrentTimestamp`).
@@ -8,18 +8,23 @@ use pgrx::pg_sys;
 use std::sync::atomic::{AtomicUsize, Ordering::*};
 
 /// Waits on this process's latch (set by another process, by shm_mq, or
-/// by a signal) for at most `ms`, then services interrupts.
-pub fn wait(ms: i64) {
+/// by a signal) and, if given, for `socket` to become readable, for at
+/// most `ms`; resets the latch if it was set, then services interrupts.
+/// The postmaster's death ends the process.
+pub fn wait(socket: Option<pg_sys::pgsocket>, ms: i64) {
+    let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
     // SAFETY: MyLatch is this process's own latch, set up by PostgreSQL
     // before any extension code runs and never freed while it lives;
-    // WL_EXIT_ON_PM_DEATH needs no postmaster-death handling from us.
+    // WL_EXIT_ON_PM_DEATH needs no postmaster-death handling from us. Both
+    // waits are guarded bindings (PGINVALID_SOCKET as the socket is an
+    // ERROR, raised through the guard).
     unsafe {
-        let rc = pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            ms as _,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
+        let rc = match socket {
+            // WaitLatch reuses one wait set per process; a socket needs a
+            // set of its own.
+            None => pg_sys::WaitLatch(pg_sys::MyLatch, events as i32, ms as _, pg_sys::PG_WAIT_EXTENSION),
+            Some(fd) => pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, (events | pg_sys::WL_SOCKET_READABLE) as i32, fd, ms as _, pg_sys::PG_WAIT_EXTENSION),
+        };
         if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
             pg_sys::ResetLatch(pg_sys::MyLatch);
         }

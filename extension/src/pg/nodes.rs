@@ -1,7 +1,8 @@
 //! Parse and plan trees: read-only views of the nodes the DDL and
-//! sequence logic inspects (a utility statement's `PlannedStmt`, the
-//! statement node inside it, CREATE TABLE [AS] / ALTER TABLE / CREATE
-//! SEQUENCE and their parts, an executor run's `QueryDesc`), the walk that
+//! sequence logic and the write guard inspect (a utility statement's
+//! `PlannedStmt`, the statement node inside it, CREATE TABLE [AS] / ALTER
+//! TABLE / CREATE SEQUENCE and their parts, NOTIFY, COPY, TRUNCATE and the
+//! transaction statements, an executor run's `QueryDesc`), the walk that
 //! collects a query's external parameters, their values in a
 //! `ParamListInfo`, and the mutability test of an expression.
 //!
@@ -128,6 +129,27 @@ impl<'a> Node<'a> {
     /// The node as a CREATE SEQUENCE statement.
     pub fn as_create_sequence(&self) -> Option<CreateSequence<'a>> {
         self.cast(pg_sys::NodeTag::T_CreateSeqStmt).map(|s| CreateSequence { stmt: s })
+    }
+
+    /// The node as a NOTIFY statement.
+    pub fn as_notify(&self) -> Option<Notify<'a>> {
+        self.cast(pg_sys::NodeTag::T_NotifyStmt).map(|s| Notify { stmt: s })
+    }
+
+    /// The node as a COPY statement.
+    pub fn as_copy(&self) -> Option<CopyCommand<'a>> {
+        self.cast(pg_sys::NodeTag::T_CopyStmt).map(|s| CopyCommand { stmt: s })
+    }
+
+    /// The node as a TRUNCATE statement.
+    pub fn as_truncate(&self) -> Option<Truncate<'a>> {
+        self.cast(pg_sys::NodeTag::T_TruncateStmt).map(|s| Truncate { stmt: s })
+    }
+
+    /// The node as a transaction statement (BEGIN, PREPARE TRANSACTION,
+    /// COMMIT PREPARED, ...).
+    pub fn as_transaction(&self) -> Option<TransactionCommand<'a>> {
+        self.cast(pg_sys::NodeTag::T_TransactionStmt).map(|s| TransactionCommand { stmt: s })
     }
 }
 
@@ -283,6 +305,83 @@ impl<'a> CreateSequence<'a> {
         // SAFETY: `options` is NIL or a List of DefElem of the same tree,
         // alive for 'a.
         unsafe { DefElem::list(self.stmt.options) }.into_iter()
+    }
+}
+
+/// A NOTIFY statement.
+#[derive(Clone, Copy)]
+pub struct Notify<'a> {
+    stmt: &'a pg_sys::NotifyStmt,
+}
+
+impl<'a> Notify<'a> {
+    /// Its channel.
+    pub fn channel(&self) -> Option<&'a CStr> {
+        // SAFETY: `conditionname` is NULL or a string of the same tree.
+        unsafe { c_str(self.stmt.conditionname) }
+    }
+
+    /// Its payload (None when it has none).
+    pub fn payload(&self) -> Option<&'a CStr> {
+        // SAFETY: `payload` is NULL or a string of the same tree.
+        unsafe { c_str(self.stmt.payload) }
+    }
+}
+
+/// A COPY statement.
+#[derive(Clone, Copy)]
+pub struct CopyCommand<'a> {
+    stmt: &'a pg_sys::CopyStmt,
+}
+
+impl<'a> CopyCommand<'a> {
+    /// Whether it is COPY FROM.
+    pub fn is_from(&self) -> bool {
+        self.stmt.is_from
+    }
+
+    /// Its table (None for COPY (query)).
+    pub fn relation(&self) -> Option<RangeVar<'a>> {
+        // SAFETY: a field of the same tree, NULL or a RangeVar.
+        unsafe { RangeVar::from_raw(self.stmt.relation) }
+    }
+}
+
+/// A TRUNCATE statement.
+#[derive(Clone, Copy)]
+pub struct Truncate<'a> {
+    stmt: &'a pg_sys::TruncateStmt,
+}
+
+impl<'a> Truncate<'a> {
+    /// The tables it truncates, in order (None for a NULL entry).
+    pub fn relations(&self) -> impl Iterator<Item = Option<RangeVar<'a>>> {
+        let rels = self.stmt.relations;
+        // SAFETY: `relations` is NIL or a List of RangeVar of the same tree.
+        let len = if rels.is_null() { 0 } else { unsafe { (*rels).length as usize } };
+        // SAFETY: i < length; the cell's pointer is NULL or a RangeVar
+        // alive for 'a.
+        (0..len).map(move |i| unsafe { RangeVar::from_raw((*(*rels).elements.add(i)).ptr_value as *mut pg_sys::RangeVar) })
+    }
+}
+
+/// A transaction statement.
+#[derive(Clone, Copy)]
+pub struct TransactionCommand<'a> {
+    stmt: &'a pg_sys::TransactionStmt,
+}
+
+impl<'a> TransactionCommand<'a> {
+    /// Which one it is (`TRANS_STMT_PREPARE`, ...).
+    pub fn kind(&self) -> pg_sys::TransactionStmtKind::Type {
+        self.stmt.kind
+    }
+
+    /// Its gid (PREPARE TRANSACTION, COMMIT / ROLLBACK PREPARED), if it
+    /// has one.
+    pub fn gid(&self) -> Option<&'a CStr> {
+        // SAFETY: `gid` is NULL or a string of the same tree.
+        unsafe { c_str(self.stmt.gid) }
     }
 }
 

@@ -2,6 +2,7 @@
 //! stream has been applied here (`mtm_node_<peer>`), from which a new
 //! receiver resumes.
 
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -89,21 +90,20 @@ pub fn without_session_origin<T>(f: impl FnOnce() -> T) -> T {
 // The session origin an apply worker holds while it commits.
 
 /// The replication origin called `name` (ERROR if there is none), looked
-/// up in a transaction of its own.
+/// up in a transaction of its own: from a background worker connected to
+/// the database, outside a transaction.
 pub fn origin_by_name(name: &std::ffi::CStr) -> pg_sys::RepOriginId {
-    // SAFETY: starting and committing our own transaction is sound only
-    // outside one (committing a caller's would free memory it may still
-    // use), which is checked first; replorigin_by_name reads the catalog
-    // inside it and raises ERROR for a missing origin.
-    unsafe {
-        if pg_sys::IsTransactionOrTransactionBlock() {
-            error!("multimaster: a replication origin looked up inside a transaction");
-        }
-        pg_sys::StartTransactionCommand();
-        let origin = pg_sys::replorigin_by_name(name.as_ptr(), false);
-        pg_sys::CommitTransactionCommand();
-        origin
+    // Committing a caller's transaction would free memory it may still
+    // use, and BackgroundWorker::transaction does not check for one.
+    // SAFETY: reads this backend's own transaction state; no ERROR.
+    if unsafe { pg_sys::IsTransactionOrTransactionBlock() } {
+        error!("multimaster: a replication origin looked up inside a transaction");
     }
+    BackgroundWorker::transaction(|| {
+        // SAFETY: a guarded binding, inside the transaction just started,
+        // where it reads the catalog; a missing origin is an ERROR.
+        unsafe { pg_sys::replorigin_by_name(name.as_ptr(), false) }
+    })
 }
 
 /// Makes `origin` this session's replication origin, so commits record

@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::ffi::{c_char, CStr};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A table opened (and locked) by this backend in the current transaction.
 pub struct Rel {
@@ -270,9 +271,14 @@ extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oi
 }
 
 /// Has PostgreSQL report every relcache invalidation of this process to
-/// [`crate::relmap::invalidated`]. Registrations cannot be undone and
-/// their number is limited: call it once per process.
+/// [`crate::relmap::invalidated`]. Only the process's first call
+/// registers (registrations cannot be undone and their number is
+/// limited), so callers need not keep track.
 pub fn register_relcache_callback() {
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    if REGISTERED.swap(true, Ordering::Relaxed) {
+        return;
+    }
     // SAFETY: the callback is a pg_guard'ed function with the signature
     // PostgreSQL calls and lives as long as the library; it ignores the
     // argument.

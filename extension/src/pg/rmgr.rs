@@ -1,9 +1,9 @@
 //! The WAL: the extension's custom resource manager (`RegisterCustomRmgr`
 //! with redo/desc/identify/startup trampolines into [`crate::decisions`]
 //! and a view of the record being read), writing its records
-//! (`XLogInsert`) and logical messages (`LogLogicalMessage`), flushing,
-//! waking the walsenders, and the `emit_log_hook` through which the
-//! checkpointer writes the decisions file as a checkpoint starts.
+//! (`XLogInsert`) and logical messages (`LogLogicalMessage`), flushing and
+//! waking the walsenders. (The `emit_log_hook` through which the
+//! checkpointer writes the decisions file is in `pg/elog.rs`.)
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -141,39 +141,6 @@ pub fn log_logical_message(prefix: &CStr, content: &[u8], transactional: bool) -
             LogLogicalMessage(prefix.as_ptr(), content.as_ptr() as *const c_char, content.len(), transactional)
         })
     }
-}
-
-static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
-
-/// Installs the `emit_log_hook` through which the checkpointer writes the
-/// decisions file ([`crate::decisions::log_emitted`]), keeping the
-/// previous hook, which runs first (from `_PG_init`, while preloading).
-pub fn install_log_hook() {
-    // SAFETY: called once from _PG_init while the library is preloaded,
-    // before any other process exists and with no other thread; the
-    // previous hook is kept and called.
-    unsafe {
-        PREV_EMIT_LOG = pg_sys::emit_log_hook;
-        pg_sys::emit_log_hook = Some(emit_log);
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
-    // SAFETY: PREV_EMIT_LOG is written only by install_log_hook, before
-    // anything is logged; the hook we replaced gets PostgreSQL's own
-    // argument, as it would without us.
-    unsafe {
-        if let Some(prev) = PREV_EMIT_LOG {
-            prev(edata);
-        }
-    }
-    // SAFETY: `edata` is null or the ErrorData being reported, valid for
-    // the call, and message_id null or a NUL-terminated string of it (an
-    // untranslated message, usually a literal); the borrow ends with the
-    // call.
-    let message_id = unsafe { (!edata.is_null() && !(*edata).message_id.is_null()).then(|| CStr::from_ptr((*edata).message_id)) };
-    crate::decisions::log_emitted(message_id);
 }
 
 /// The current WAL insert position.

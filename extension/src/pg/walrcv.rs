@@ -7,9 +7,9 @@
 //! through our frames, dropping the receiver's state properly, instead of
 //! a longjmp over Rust destructors.
 //!
-//! Also here: what a receiver needs around the connection (the wait on
-//! its socket and latch, the clock and WAL position its feedback
-//! reports), and its background-worker entry point.
+//! Also here: the WAL position a receiver's feedback reports, and its
+//! background-worker entry point. (It waits on the connection's socket
+//! through `pg::latch::wait`.)
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -178,27 +178,6 @@ impl Sender<'_> {
             // `bytes` outlives the call, which copies them into libpq's
             // output buffer.
             unsafe { guarded(|| send(self.conn.as_ptr(), bytes.as_ptr() as *const c_char, bytes.len() as i32)) };
-        }
-    }
-}
-
-/// Sleeps until `fd` is readable (none for `PGINVALID_SOCKET`), this
-/// process's latch is set or `timeout_ms` passes, and resets the latch if
-/// it was set; the postmaster's death ends the process.
-pub fn wait_readable(fd: pg_sys::pgsocket, timeout_ms: i64) {
-    // SAFETY: MyLatch is this process's own latch, set up before any
-    // extension code runs; both calls are guarded bindings, and an
-    // invalid socket is simply not waited on.
-    unsafe {
-        let rc = pg_sys::WaitLatchOrSocket(
-            pg_sys::MyLatch,
-            (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            fd,
-            timeout_ms as _,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
-            pg_sys::ResetLatch(pg_sys::MyLatch);
         }
     }
 }

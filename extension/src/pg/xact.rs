@@ -182,37 +182,20 @@ pub enum UtilityStmt<'a> {
 impl<'a> UtilityCall<'a> {
     /// The statement it runs.
     pub fn statement(&self) -> UtilityStmt<'_> {
-        // SAFETY: the PlannedStmt PostgreSQL passed (or the one
-        // adjust_sequences put in its place), valid for the call; its
-        // utility statement is null or a Node whose tag says its type; the
-        // lists and strings it points to live as long as it.
-        unsafe {
-            let node = (*self.pstmt).utilityStmt;
-            if node.is_null() {
-                return UtilityStmt::Other;
-            }
-            match (*node).type_ {
-                pg_sys::NodeTag::T_NotifyStmt => {
-                    let notify = node as *mut pg_sys::NotifyStmt;
-                    let text = |p: *mut c_char| if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() };
-                    UtilityStmt::Notify { channel: text((*notify).conditionname), payload: text((*notify).payload) }
-                }
-                pg_sys::NodeTag::T_CopyStmt => {
-                    let copy = node as *mut pg_sys::CopyStmt;
-                    UtilityStmt::Copy { is_from: (*copy).is_from, relation: RangeVar::from_raw((*copy).relation) }
-                }
-                pg_sys::NodeTag::T_TruncateStmt => {
-                    let rels = (*(node as *mut pg_sys::TruncateStmt)).relations;
-                    let n = if rels.is_null() { 0 } else { (*rels).length as usize };
-                    UtilityStmt::Truncate((0..n).map(|i| RangeVar::from_raw((*(*rels).elements.add(i)).ptr_value as *mut pg_sys::RangeVar)).collect())
-                }
-                pg_sys::NodeTag::T_TransactionStmt => {
-                    let stmt = node as *mut pg_sys::TransactionStmt;
-                    let gid = (*stmt).gid;
-                    UtilityStmt::Transaction { kind: (*stmt).kind, gid: (!gid.is_null()).then(|| CStr::from_ptr(gid)) }
-                }
-                _ => UtilityStmt::Other,
-            }
+        let Some(node) = self.plan().utility() else {
+            return UtilityStmt::Other;
+        };
+        let text = |s: Option<&CStr>| s.map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        if let Some(notify) = node.as_notify() {
+            UtilityStmt::Notify { channel: text(notify.channel()), payload: text(notify.payload()) }
+        } else if let Some(copy) = node.as_copy() {
+            UtilityStmt::Copy { is_from: copy.is_from(), relation: copy.relation() }
+        } else if let Some(truncate) = node.as_truncate() {
+            UtilityStmt::Truncate(truncate.relations().collect())
+        } else if let Some(stmt) = node.as_transaction() {
+            UtilityStmt::Transaction { kind: stmt.kind(), gid: stmt.gid() }
+        } else {
+            UtilityStmt::Other
         }
     }
 

@@ -1,8 +1,14 @@
-//! Lock waits settled across nodes: the `emit_log_hook` through which the
-//! error a cancelled lock wait ends with (57014) is rewritten before its
-//! client sees it (a trampoline into [`crate::conflicts::rewrite_error`]),
-//! and the view of the error it rewrites. (The PGPROCs the holders and
-//! waiters run in are read through `pg/proc.rs`; `pg_locks` through SPI.)
+//! Error reporting: the extension's one `emit_log_hook`, through which
+//! every message any process logs passes, and the view of the message
+//! being reported ([`ReportedError`]). After the previous hook it hands the
+//! message to [`crate::conflicts::rewrite_error`] (the error a cancelled
+//! lock wait ends with, 57014, becomes a serialization failure before its
+//! client sees it) and to [`crate::decisions::log_emitted`] (the
+//! checkpointer writes the decisions file as a checkpoint starts).
+//!
+//! One hook rather than one per user: PostgreSQL calls it for every
+//! message of every process, so each installed trampoline is paid for on
+//! every log line.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -10,19 +16,20 @@ use std::ffi::CStr;
 
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
 
-/// Installs the error rewrite as `emit_log_hook`, keeping the previous
-/// hook, which runs first (from `_PG_init`).
-pub fn install_error_hook() {
+/// Installs the `emit_log_hook`, keeping the previous hook, which runs
+/// first (from `_PG_init`, while preloading).
+pub fn install_log_hook() {
     // SAFETY: called once from _PG_init while the library is preloaded,
-    // before any query runs and with no other thread: nothing reads the
-    // hook variables meanwhile; the previous hook is kept and called.
+    // before any other process exists and with no other thread: nothing
+    // reads the hook variables meanwhile; the previous hook is kept and
+    // called.
     unsafe {
         PREV_EMIT_LOG = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(emit_log);
     }
 }
 
-/// An error being reported, borrowed from `emit_log_hook` for the hook's
+/// A message being reported, borrowed from `emit_log_hook` for the hook's
 /// duration; changes to it are what the client and the log see.
 pub struct ReportedError<'a>(&'a mut pg_sys::ErrorData);
 
@@ -35,6 +42,13 @@ impl ReportedError<'_> {
     /// Its packed SQLSTATE.
     pub fn sqlerrcode(&self) -> i32 {
         self.0.sqlerrcode
+    }
+
+    /// Its untranslated message (usually a literal), if it has one.
+    pub fn message_id(&self) -> Option<&CStr> {
+        // SAFETY: message_id is NULL or a NUL-terminated string of the
+        // error, which lives as long as the view.
+        (!self.0.message_id.is_null()).then(|| unsafe { CStr::from_ptr(self.0.message_id) })
     }
 
     /// Replaces its SQLSTATE.
@@ -60,7 +74,7 @@ impl ReportedError<'_> {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
-    // SAFETY: PREV_EMIT_LOG is written only by install_error_hook, before
+    // SAFETY: PREV_EMIT_LOG is written only by install_log_hook, before
     // anything is logged; the hook we replaced gets PostgreSQL's own
     // argument, as it would without us.
     unsafe {
@@ -71,6 +85,8 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     // SAFETY: PostgreSQL calls emit_log_hook with the ErrorData being
     // reported, valid and ours alone until the hook returns; the view does
     // not outlive this call.
-    let mut error = ReportedError(unsafe { &mut *edata });
+    let Some(edata) = (unsafe { edata.as_mut() }) else { return };
+    let mut error = ReportedError(edata);
     crate::conflicts::rewrite_error(&mut error);
+    crate::decisions::log_emitted(&error);
 }
