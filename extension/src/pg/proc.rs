@@ -215,6 +215,13 @@ impl ProcSlot {
     pub fn get(&self) -> Option<Proc> {
         Proc::by_procno(self.0.load(Acquire))
     }
+
+    /// Sets the latch of the published PGPROC, if any.
+    pub fn set_latch(&self) {
+        if let Some(p) = self.get() {
+            p.set_latch();
+        }
+    }
 }
 
 impl Default for ProcSlot {
