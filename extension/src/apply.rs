@@ -444,15 +444,13 @@ impl Applier {
                         describe_key(&remote.columns, key_values)
                     );
                 };
-                let mut epq = executor.epq();
-                match new {
+                executor.with_epq(|epq| match new {
                     Some(new) => {
                         let slot = self.build_slot(&executor, &rel, map, &new, Row::Update(&local), &table);
-                        executor.update(&mut epq, &local, &slot);
+                        executor.update(epq, &local, &slot);
                     }
-                    None => executor.delete(&mut epq, &local),
-                }
-                epq.end();
+                    None => executor.delete(epq, &local),
+                });
             }
             (None, None) => {}
         }
