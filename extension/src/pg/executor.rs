@@ -350,11 +350,11 @@ impl ScratchContext {
     /// end the (sub)transaction it starts in: that could free the previous
     /// context, so it is checked.
     pub fn within<R>(&self, f: impl FnOnce() -> R) -> R {
-        let started_in = crate::pg::relation::current_transaction();
+        let started_in = crate::pg::xact::TransactionMark::now();
         // SAFETY: our context lives as long as the process.
         let outer = unsafe { pg_sys::MemoryContextSwitchTo(self.cx) };
         let r = f();
-        assert!(crate::pg::relation::current_transaction() == started_in, "multimaster: a scratch-context section ended its transaction");
+        assert!(started_in.is_current(), "multimaster: a scratch-context section ended its transaction");
         // SAFETY: the (sub)transaction that was current when `outer` was
         // is still the current one (checked above), so `outer` (its
         // context, or a longer-lived one) still exists.

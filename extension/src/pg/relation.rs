@@ -8,6 +8,7 @@
 //! reading the released relcache entry). The apply path opens one per change and drops
 //! the handle with the change (also when the change fails).
 
+use super::xact::TransactionMark;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::borrow::Cow;
@@ -19,15 +20,7 @@ use std::rc::Rc;
 pub struct Rel {
     rel: pg_sys::Relation,
     /// The (sub)transaction that opened it, which keeps it open.
-    opened_in: (pg_sys::LocalTransactionId, pg_sys::SubTransactionId),
-}
-
-/// This backend's current (local transaction id, subtransaction id).
-pub(super) fn current_transaction() -> (pg_sys::LocalTransactionId, pg_sys::SubTransactionId) {
-    // SAFETY: MyProc is this backend's own PGPROC, set up before extension
-    // code runs; only this backend writes its lxid. The subtransaction id
-    // is backend-local state, readable in any transaction state.
-    unsafe { ((*pg_sys::MyProc).lxid, pg_sys::GetCurrentSubTransactionId()) }
+    opened_in: TransactionMark,
 }
 
 impl Rel {
@@ -37,7 +30,7 @@ impl Rel {
         // PostgreSQL raises an ERROR (guarded binding), never reads freed
         // memory. A null result is returned as None.
         let rel = unsafe { pg_sys::try_relation_open(oid, lockmode) };
-        (!rel.is_null()).then(|| Rel { rel, opened_in: current_transaction() })
+        (!rel.is_null()).then(|| Rel { rel, opened_in: TransactionMark::now() })
     }
 
     /// `table_openrv_extended` of `namespace`.`name`; None when missing
@@ -51,7 +44,7 @@ impl Rel {
             let rv = pg_sys::makeRangeVar(namespace.as_ptr() as *mut c_char, name.as_ptr() as *mut c_char, -1);
             pg_sys::table_openrv_extended(rv, lockmode, missing_ok)
         };
-        (!rel.is_null()).then(|| Rel { rel, opened_in: current_transaction() })
+        (!rel.is_null()).then(|| Rel { rel, opened_in: TransactionMark::now() })
     }
 
     /// `relation_close`, releasing `lockmode`.
@@ -104,11 +97,14 @@ impl Rel {
         unsafe { pg_sys::RelationGetPrimaryKeyIndex(self.as_ptr()) }
     }
 
-    /// The raw relation, for the other wrappers of this layer: open as long
-    /// as the (sub)transaction that opened it is the current one (else
-    /// PostgreSQL has released it, and this panics).
+    /// The raw relation, for the other wrappers of this layer: open until
+    /// the (sub)transaction that opened it ends (then PostgreSQL releases
+    /// it, and this panics). Checked at every use, as a handle can be kept
+    /// past its transaction; the check is a counter compare unless a
+    /// (sub)transaction began or ended since the open
+    /// ([`TransactionMark`]), so a change's many uses stay cheap.
     pub(super) fn as_ptr(&self) -> pg_sys::Relation {
-        assert!(current_transaction() == self.opened_in, "multimaster: a relation used after the transaction that opened it ended");
+        assert!(self.opened_in.is_current(), "multimaster: a relation used after the transaction that opened it ended");
         self.rel
     }
 }
