@@ -330,49 +330,6 @@ impl<'e> SlotBuilder<'e> {
     }
 }
 
-/// A memory context of this process's life (a child of TopMemoryContext)
-/// that work runs in and that is emptied between pieces of work.
-pub struct ScratchContext {
-    cx: pg_sys::MemoryContext,
-}
-
-impl ScratchContext {
-    /// `AllocSetContextCreate` under TopMemoryContext, never deleted.
-    pub fn new(name: &'static CStr) -> Self {
-        // SAFETY: TopMemoryContext exists in every backend; the name is
-        // static, as memory contexts require (they keep the pointer).
-        let cx = unsafe { pg_sys::AllocSetContextCreateInternal(pg_sys::TopMemoryContext, name.as_ptr(), 0, 8 * 1024, 8 * 1024 * 1024) };
-        ScratchContext { cx }
-    }
-
-    /// Runs `f` with this context current, then makes the previous one
-    /// current again (not if `f` unwinds: catch inside `f`). `f` must not
-    /// end the (sub)transaction it starts in: that could free the previous
-    /// context, so it is checked.
-    pub fn within<R>(&self, f: impl FnOnce() -> R) -> R {
-        let started_in = crate::pg::xact::TransactionMark::now();
-        // SAFETY: our context lives as long as the process.
-        let outer = unsafe { pg_sys::MemoryContextSwitchTo(self.cx) };
-        let r = f();
-        assert!(started_in.is_current(), "multimaster: a scratch-context section ended its transaction");
-        // SAFETY: the (sub)transaction that was current when `outer` was
-        // is still the current one (checked above), so `outer` (its
-        // context, or a longer-lived one) still exists.
-        unsafe { pg_sys::MemoryContextSwitchTo(outer) };
-        r
-    }
-
-    /// `MemoryContextReset`: frees everything allocated in it.
-    pub fn reset(&mut self) {
-        // SAFETY: our own live context; `&mut self` means no `within` is
-        // running. What was allocated in it (executor states, slots,
-        // values) is only referenced by values borrowed from a
-        // ChangeExecutor, which cannot outlive the `within` call that made
-        // it.
-        unsafe { pg_sys::MemoryContextReset(self.cx) }
-    }
-}
-
 /// `StartTransactionCommand`.
 pub fn start_transaction_command() {
     // SAFETY: a guarded binding that checks the transaction state itself
