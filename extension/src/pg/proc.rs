@@ -216,11 +216,11 @@ impl ProcSlot {
         Proc::by_procno(self.0.load(Acquire))
     }
 
-    /// Sets the latch of the published PGPROC, if any.
+    /// Sets the latch of the published PGPROC, if any. (Bounded by
+    /// `allProcCount`, not [`Self::get`]'s bound, which reads a setting:
+    /// this runs in on_dsm_detach callbacks too.)
     pub fn set_latch(&self) {
-        if let Some(p) = self.get() {
-            p.set_latch();
-        }
+        set_latch_of(self.0.load(Acquire));
     }
 }
 
