@@ -19,7 +19,8 @@
 //! ([`mtm_schedule::retry`]).
 #![deny(unsafe_code)]
 
-use crate::pg::executor::{self as exec, ChangeExecutor, FoundRow, ScratchContext, SlotBuilder, VirtualSlot};
+use crate::pg::executor::{self as exec, ChangeExecutor, FoundRow, SlotBuilder, VirtualSlot};
+use crate::pg::memcx::MemCx;
 use crate::pg::relation::{self, Rel};
 use crate::pg::{origin, twophase};
 use crate::pool::Turn;
@@ -55,7 +56,7 @@ pub struct Applier {
     notifications: Vec<(String, String)>,
     /// Reset after every change, so a huge transaction is applied in
     /// constant memory (values, slots, executor state live here).
-    change_cx: ScratchContext,
+    change_cx: MemCx,
     /// The current transaction's messages, for a serial retry.
     replay: mtm_schedule::retry::Replay,
     /// Replaying them now (a second failure is a no vote).
@@ -83,7 +84,7 @@ impl Applier {
             retrying: false,
             failed_for_own_peer: false,
             // A child of TopMemoryContext, kept for the worker's life.
-            change_cx: ScratchContext::new(c"multimaster apply change"),
+            change_cx: MemCx::for_process(c"multimaster apply change"),
         }
     }
 
@@ -444,15 +445,13 @@ impl Applier {
                         describe_key(&remote.columns, key_values)
                     );
                 };
-                let mut epq = executor.epq();
-                match new {
+                executor.with_epq(|epq| match new {
                     Some(new) => {
                         let slot = self.build_slot(&executor, &rel, map, &new, Row::Update(&local), &table);
-                        executor.update(&mut epq, &local, &slot);
+                        executor.update(epq, &local, &slot);
                     }
-                    None => executor.delete(&mut epq, &local),
-                }
-                epq.end();
+                    None => executor.delete(epq, &local),
+                });
             }
             (None, None) => {}
         }

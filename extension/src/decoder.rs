@@ -23,7 +23,8 @@
 
 #![deny(unsafe_code)]
 
-use crate::pg::decoding::{self, Output, Relation, RowChange, Scratch, Startup, Truncate, Tuple, Txn};
+use crate::pg::decoding::{self, Output, Relation, RowChange, Startup, Truncate, Tuple, Txn};
+use crate::pg::memcx::MemCx;
 use mtm_protocol::{Column, Message, OldTuple, Value};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -34,7 +35,7 @@ use std::ffi::CStr;
 pub(crate) struct DecoderState {
     recovery: bool,
     /// Reset after every change: send-function results and deformed tuples.
-    scratch: Scratch,
+    scratch: MemCx,
     /// Relations whose Relation message went out in this transaction.
     described: HashSet<pg_sys::Oid>,
     /// Whether a relation is local (looked up once per transaction).
@@ -244,7 +245,7 @@ pub(crate) fn change(st: &mut DecoderState, out: &mut Output, txn: Txn, change: 
     }
     ensure_begun(st, out, Some(&txn));
     let DecoderState { scratch, described, .. } = st;
-    scratch.within(|| {
+    scratch.within_then_reset(|| {
         describe(described, out, &rel);
         let relid = rel.id().to_u32();
         let full = rel.replica_identity() == pg_sys::REPLICA_IDENTITY_FULL;

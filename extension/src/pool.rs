@@ -77,8 +77,8 @@ pub struct PeerPool {
     pub n_workers: AtomicU32,
     pub worker_pid: [AtomicI32; MAX_WORKERS],
     pub worker_busy: [AtomicBool; MAX_WORKERS],
-    pub worker_latch: [LatchSlot; MAX_WORKERS],
-    /// Each worker's PGPROC number (-1: none), for reading its wait state.
+    /// Each worker's PGPROC number (-1: none), for reading its wait state
+    /// and for waking it (its latch is the one in that PGPROC).
     pub worker_procno: [ProcSlot; MAX_WORKERS],
     /// The transaction number whose turn a worker waits for, 0 if none.
     pub worker_waits_for: [AtomicU64; MAX_WORKERS],
@@ -115,7 +115,6 @@ impl Default for PoolTable {
                 n_workers: AtomicU32::new(0),
                 worker_pid: std::array::from_fn(|_| AtomicI32::new(0)),
                 worker_busy: std::array::from_fn(|_| AtomicBool::new(false)),
-                worker_latch: std::array::from_fn(|_| LatchSlot::new()),
                 worker_procno: std::array::from_fn(|_| ProcSlot::new()),
                 worker_waits_for: std::array::from_fn(|_| AtomicU64::new(0)),
                 worker_hungry: std::array::from_fn(|_| AtomicBool::new(false)),
@@ -202,10 +201,8 @@ impl PeerPool {
 
     /// Wakes every member: the pool stopped.
     pub fn wake_all(&self) {
-        let latches = self.worker_latch[..self.workers()].iter().chain([&self.receiver_latch]);
-        for l in latches {
-            l.set();
-        }
+        self.worker_procno[..self.workers()].iter().for_each(ProcSlot::set_latch);
+        self.receiver_latch.set();
     }
 
     /// Transaction `seq` committed: wake the worker whose turn is next,
@@ -215,7 +212,7 @@ impl PeerPool {
     fn committed_wake(&self, seq: u64) {
         for i in 0..self.workers() {
             if self.worker_waits_for[i].load(SeqCst) == seq + 1 {
-                self.worker_latch[i].set();
+                self.worker_procno[i].set_latch();
             }
         }
         if self.receiver_waiting.load(SeqCst) {
@@ -297,7 +294,6 @@ impl Queues {
         pool.worker_busy.iter().for_each(|b| b.store(false, Release));
         pool.worker_waits_for.iter().for_each(|w| w.store(0, Release));
         pool.worker_hungry.iter().for_each(|h| h.store(false, Release));
-        pool.worker_latch.iter().for_each(|l| l.clear());
         pool.worker_procno.iter().for_each(|n| n.clear());
         pool.receiver_waiting.store(false, Release);
         pool.receiver_latch.publish_mine();
@@ -420,7 +416,6 @@ impl Turn {
         let seg = Segment::attach(handle)?;
         seg.stop_pool_on_detach(p, epoch);
         pool.worker_pid[slot].store(my_pid(), Release);
-        pool.worker_latch[slot].publish_mine();
         pool.worker_procno[slot].publish_mine();
         let mqh = seg.receive_queue(slot, QUEUE_SIZE);
         Some((Turn { peer: p, epoch, slot, origin }, mqh))

@@ -14,7 +14,8 @@
 //! `logicalrep_rel_open`.
 #![deny(unsafe_code)]
 
-use crate::pg::relation::{self, FunctionContext, Rel, TypeFunction};
+use crate::pg::memcx::MemCx;
+use crate::pg::relation::{self, Rel, TypeFunction};
 use mtm_protocol::Column;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -58,7 +59,7 @@ pub struct LocalRelation {
 pub struct RelationCache {
     entries: HashMap<u32, LocalRelation>,
     /// Holds the FmgrInfos; reset when the cache empties.
-    cx: FunctionContext,
+    cx: MemCx,
 }
 
 /// PostgreSQL invalidated a relation of this database
@@ -71,7 +72,7 @@ impl RelationCache {
     pub fn new() -> Self {
         relation::register_relcache_callback();
         // The context lives as long as the process (a worker has one cache).
-        let cx = FunctionContext::new(c"multimaster relation cache");
+        let cx = MemCx::for_process(c"multimaster relation cache");
         RelationCache { entries: HashMap::new(), cx }
     }
 
@@ -146,8 +147,8 @@ impl RelationCache {
                     remote,
                     same_type: columns[remote].type_oid == a.atttypid.to_u32(),
                     remote_type: columns[remote].type_oid,
-                    recv: self.cx.lookup(recv),
-                    input: self.cx.lookup(input),
+                    recv: recv.lookup_in(&self.cx),
+                    input: input.lookup_in(&self.cx),
                     typmod: a.atttypmod,
                 })
             })

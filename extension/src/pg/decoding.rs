@@ -14,6 +14,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use crate::decoder::DecoderState;
+use crate::pg::memcx::MemCx;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::{c_char, CStr};
@@ -257,42 +258,16 @@ impl Startup<'_> {
         self.ctx.twophase_opt_given = given;
     }
 
-    /// A memory context (ALLOCSET_DEFAULT_SIZES) under the decoding
-    /// context's, freed with it.
-    pub fn create_scratch(&self, name: &'static CStr) -> Scratch {
-        // SAFETY: a guarded binding; the parent is the live decoding
-        // context's memory context, and the name is static as a memory
-        // context name must be (it is kept, not copied).
-        let cx = unsafe { pg_sys::AllocSetContextCreateInternal(self.ctx.context, name.as_ptr(), 0, 8 * 1024, 8 * 1024 * 1024) };
-        Scratch(cx)
-    }
-}
-
-/// A memory context for what one change allocates (send-function
-/// results, deformed tuples), reset after each. It belongs to the
-/// decoding context, so it must live no longer than the plugin's state
-/// (which shutdown frees before PostgreSQL frees the context).
-pub struct Scratch(pg_sys::MemoryContext);
-
-impl Scratch {
-    /// Runs `f` with this context current, then switches back and resets
-    /// it. `&mut self` keeps a nested `within` (which would free what
-    /// the outer one still uses) from compiling; nothing a view returns
-    /// points into this context past the call that allocated it, and
-    /// `R: 'static` keeps `f` from returning a borrow of what it made.
-    pub fn within<R: 'static>(&mut self, f: impl FnOnce() -> R) -> R {
-        // SAFETY: a live context (see the type); switching only changes
-        // where palloc allocates.
-        let old = unsafe { pg_sys::MemoryContextSwitchTo(self.0) };
-        let r = f();
-        // SAFETY: restores the context that was current; resetting frees
-        // only this context's chunks, none of which is referenced any more
-        // (see above).
-        unsafe {
-            pg_sys::MemoryContextSwitchTo(old);
-            pg_sys::MemoryContextReset(self.0);
-        }
-        r
+    /// A memory context for what one change allocates (send-function
+    /// results, deformed tuples), reset after each
+    /// ([`MemCx::within_then_reset`]). It is a child of the decoding
+    /// context's, freed with it, so it must live no longer than the
+    /// plugin's state (which shutdown frees before PostgreSQL frees the
+    /// context).
+    pub fn create_scratch(&self, name: &'static CStr) -> MemCx {
+        // SAFETY: the parent is the live decoding context's memory context,
+        // which outlives the plugin's state holding the result (see above).
+        unsafe { MemCx::under(self.ctx.context, name) }
     }
 }
 

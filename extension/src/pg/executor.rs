@@ -11,7 +11,8 @@
 //! None of the executor's pieces clean up on Drop: a change that raises an
 //! ERROR leaves them to the transaction's abort, as PostgreSQL's own apply
 //! worker does, so the cleanup runs only through the explicit `finish` /
-//! `end` / `pop` calls, in the order the caller makes them.
+//! `pop` calls and the end of `with_epq`, in the order the caller makes
+//! them.
 
 use super::relation::{ColumnValue, Rel, TypeFunction};
 use crate::pg::xact::ActiveSnapshot;
@@ -143,18 +144,25 @@ impl<'r> ChangeExecutor<'r> {
         unsafe { pg_sys::table_slot_create(self.rel.as_ptr(), &mut (*self.estate).es_tupleTable) }
     }
 
-    /// `EvalPlanQualInit` for an update or delete through this executor
-    /// (no plan, no row marks); ended by [`Epq::end`].
-    pub fn epq(&self) -> Epq<'_> {
-        // SAFETY: zeroed is EPQState's state before EvalPlanQualInit (as in
-        // PostgreSQL's apply worker, which initializes a stack variable);
-        // boxed so its address stays put while PostgreSQL uses it; our
-        // EState is live for the borrow.
-        let mut epq = Box::new(unsafe { std::mem::zeroed::<pg_sys::EPQState>() });
-        // SAFETY: initializes the boxed state for our live EState; no plan
-        // and no row marks, as the ExecSimpleRelation* calls need none.
-        unsafe { pg_sys::EvalPlanQualInit(&mut *epq, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1) };
-        Epq { epq, estate: self.estate, _executor: PhantomData }
+    /// Runs `f` with an EPQ state for an update or delete through this
+    /// executor: `EvalPlanQualInit` (no plan, no row marks) before it,
+    /// `EvalPlanQualEnd` after it (not if `f` unwinds: the abort cleans
+    /// up, as for the rest of the executor).
+    pub fn with_epq<R>(&self, f: impl FnOnce(&mut Epq) -> R) -> R {
+        // SAFETY: zeroed is EPQState's state before EvalPlanQualInit (a
+        // struct of pointers and integers, for which all zeroes is valid).
+        let mut state = unsafe { std::mem::zeroed::<pg_sys::EPQState>() };
+        // SAFETY: a local of this frame, as in PostgreSQL's apply worker:
+        // it stays at this address from the init to the end, the `Epq`
+        // lent to `f` cannot leave `f`, and our EState is live for the
+        // borrow. No plan and no row marks, as the ExecSimpleRelation*
+        // calls need none.
+        unsafe { pg_sys::EvalPlanQualInit(&mut state, self.estate, std::ptr::null_mut(), std::ptr::null_mut(), -1) };
+        let mut epq = Epq { state: &mut state, estate: self.estate };
+        let r = f(&mut epq);
+        // SAFETY: initialized above for our still live EState, ended once.
+        unsafe { pg_sys::EvalPlanQualEnd(&mut state) };
+        r
     }
 
     /// `ExecSimpleRelationUpdate` of the found row `old` to `new`.
@@ -165,7 +173,7 @@ impl<'r> ChangeExecutor<'r> {
         // SAFETY: `old` holds the row found (and locked) through this
         // executor, `new` is a stored slot of the same table (both
         // checked), the EPQState was initialized for this EState.
-        unsafe { pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, &mut *epq.epq, old.slot, new.slot) }
+        unsafe { pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, &mut *epq.state, old.slot, new.slot) }
     }
 
     /// `ExecSimpleRelationDelete` of the found row `old`.
@@ -173,7 +181,7 @@ impl<'r> ChangeExecutor<'r> {
         self.check(epq.estate);
         self.check(old.estate);
         // SAFETY: as in update.
-        unsafe { pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut *epq.epq, old.slot) }
+        unsafe { pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut *epq.state, old.slot) }
     }
 
     /// Ends the change: `AfterTriggerEndQuery` (the change's triggers
@@ -199,20 +207,10 @@ impl<'r> ChangeExecutor<'r> {
 }
 
 /// An `EPQState` for [`ChangeExecutor::update`] and
-/// [`ChangeExecutor::delete`].
-pub struct Epq<'e> {
-    epq: Box<pg_sys::EPQState>,
+/// [`ChangeExecutor::delete`], lent by [`ChangeExecutor::with_epq`].
+pub struct Epq<'s> {
+    state: &'s mut pg_sys::EPQState,
     estate: *mut pg_sys::EState,
-    _executor: PhantomData<&'e ChangeExecutor<'e>>,
-}
-
-impl Epq<'_> {
-    /// `EvalPlanQualEnd`.
-    pub fn end(mut self) {
-        // SAFETY: initialized by EvalPlanQualInit for an EState that the
-        // borrow keeps alive; consumed, so ended once.
-        unsafe { pg_sys::EvalPlanQualEnd(&mut *self.epq) }
-    }
 }
 
 /// A virtual slot being filled: every column starts as it was left by
@@ -329,49 +327,6 @@ impl<'e> SlotBuilder<'e> {
         // with values of the columns' types or nulls.
         unsafe { pg_sys::ExecStoreVirtualTuple(self.slot) };
         VirtualSlot { slot: self.slot, estate: self.executor.estate, _executor: PhantomData }
-    }
-}
-
-/// A memory context of this process's life (a child of TopMemoryContext)
-/// that work runs in and that is emptied between pieces of work.
-pub struct ScratchContext {
-    cx: pg_sys::MemoryContext,
-}
-
-impl ScratchContext {
-    /// `AllocSetContextCreate` under TopMemoryContext, never deleted.
-    pub fn new(name: &'static CStr) -> Self {
-        // SAFETY: TopMemoryContext exists in every backend; the name is
-        // static, as memory contexts require (they keep the pointer).
-        let cx = unsafe { pg_sys::AllocSetContextCreateInternal(pg_sys::TopMemoryContext, name.as_ptr(), 0, 8 * 1024, 8 * 1024 * 1024) };
-        ScratchContext { cx }
-    }
-
-    /// Runs `f` with this context current, then makes the previous one
-    /// current again (not if `f` unwinds: catch inside `f`). `f` must not
-    /// end the (sub)transaction it starts in: that could free the previous
-    /// context, so it is checked.
-    pub fn within<R>(&self, f: impl FnOnce() -> R) -> R {
-        let started_in = crate::pg::relation::current_transaction();
-        // SAFETY: our context lives as long as the process.
-        let outer = unsafe { pg_sys::MemoryContextSwitchTo(self.cx) };
-        let r = f();
-        assert!(crate::pg::relation::current_transaction() == started_in, "multimaster: a scratch-context section ended its transaction");
-        // SAFETY: the (sub)transaction that was current when `outer` was
-        // is still the current one (checked above), so `outer` (its
-        // context, or a longer-lived one) still exists.
-        unsafe { pg_sys::MemoryContextSwitchTo(outer) };
-        r
-    }
-
-    /// `MemoryContextReset`: frees everything allocated in it.
-    pub fn reset(&mut self) {
-        // SAFETY: our own live context; `&mut self` means no `within` is
-        // running. What was allocated in it (executor states, slots,
-        // values) is only referenced by values borrowed from a
-        // ChangeExecutor, which cannot outlive the `within` call that made
-        // it.
-        unsafe { pg_sys::MemoryContextReset(self.cx) }
     }
 }
 

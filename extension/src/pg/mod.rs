@@ -33,6 +33,7 @@ pub mod elog;
 pub mod executor;
 pub mod guc;
 pub mod latch;
+pub mod memcx;
 pub mod nodes;
 pub mod notify;
 pub mod origin;

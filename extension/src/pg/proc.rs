@@ -215,6 +215,13 @@ impl ProcSlot {
     pub fn get(&self) -> Option<Proc> {
         Proc::by_procno(self.0.load(Acquire))
     }
+
+    /// Sets the latch of the published PGPROC, if any. (Bounded by
+    /// `allProcCount`, not [`Self::get`]'s bound, which reads a setting:
+    /// this runs in on_dsm_detach callbacks too.)
+    pub fn set_latch(&self) {
+        set_latch_of(self.0.load(Acquire));
+    }
 }
 
 impl Default for ProcSlot {

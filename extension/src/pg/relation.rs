@@ -8,27 +8,19 @@
 //! reading the released relcache entry). The apply path opens one per change and drops
 //! the handle with the change (also when the change fails).
 
+use super::memcx::{Allocated, MemCx};
+use super::xact::TransactionMark;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::borrow::Cow;
-use std::cell::Cell;
 use std::ffi::{c_char, CStr};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A table opened (and locked) by this backend in the current transaction.
 pub struct Rel {
     rel: pg_sys::Relation,
     /// The (sub)transaction that opened it, which keeps it open.
-    opened_in: (pg_sys::LocalTransactionId, pg_sys::SubTransactionId),
-}
-
-/// This backend's current (local transaction id, subtransaction id).
-pub(super) fn current_transaction() -> (pg_sys::LocalTransactionId, pg_sys::SubTransactionId) {
-    // SAFETY: MyProc is this backend's own PGPROC, set up before extension
-    // code runs; only this backend writes its lxid. The subtransaction id
-    // is backend-local state, readable in any transaction state.
-    unsafe { ((*pg_sys::MyProc).lxid, pg_sys::GetCurrentSubTransactionId()) }
+    opened_in: TransactionMark,
 }
 
 impl Rel {
@@ -38,7 +30,7 @@ impl Rel {
         // PostgreSQL raises an ERROR (guarded binding), never reads freed
         // memory. A null result is returned as None.
         let rel = unsafe { pg_sys::try_relation_open(oid, lockmode) };
-        (!rel.is_null()).then(|| Rel { rel, opened_in: current_transaction() })
+        (!rel.is_null()).then(|| Rel { rel, opened_in: TransactionMark::now() })
     }
 
     /// `table_openrv_extended` of `namespace`.`name`; None when missing
@@ -52,7 +44,7 @@ impl Rel {
             let rv = pg_sys::makeRangeVar(namespace.as_ptr() as *mut c_char, name.as_ptr() as *mut c_char, -1);
             pg_sys::table_openrv_extended(rv, lockmode, missing_ok)
         };
-        (!rel.is_null()).then(|| Rel { rel, opened_in: current_transaction() })
+        (!rel.is_null()).then(|| Rel { rel, opened_in: TransactionMark::now() })
     }
 
     /// `relation_close`, releasing `lockmode`.
@@ -105,11 +97,14 @@ impl Rel {
         unsafe { pg_sys::RelationGetPrimaryKeyIndex(self.as_ptr()) }
     }
 
-    /// The raw relation, for the other wrappers of this layer: open as long
-    /// as the (sub)transaction that opened it is the current one (else
-    /// PostgreSQL has released it, and this panics).
+    /// The raw relation, for the other wrappers of this layer: open until
+    /// the (sub)transaction that opened it ends (then PostgreSQL releases
+    /// it, and this panics). Checked at every use, as a handle can be kept
+    /// past its transaction; the check is a counter compare unless a
+    /// (sub)transaction began or ended since the open
+    /// ([`TransactionMark`]), so a change's many uses stay cheap.
     pub(super) fn as_ptr(&self) -> pg_sys::Relation {
-        assert!(current_transaction() == self.opened_in, "multimaster: a relation used after the transaction that opened it ended");
+        assert!(self.opened_in.is_current(), "multimaster: a relation used after the transaction that opened it ended");
         self.rel
     }
 }
@@ -121,7 +116,7 @@ pub fn attribute_name(a: &pg_sys::FormData_pg_attribute) -> Cow<'_, str> {
 
 /// A type's input or receive function and its I/O parameter, as the
 /// catalog gives them for that type (to look up with
-/// [`FunctionContext::lookup`]).
+/// [`TypeIo::lookup_in`]).
 pub struct TypeIo {
     function: pg_sys::Oid,
     ioparam: pg_sys::Oid,
@@ -164,24 +159,15 @@ pub(super) unsafe fn output_text(type_oid: pg_sys::Oid, datum: pg_sys::Datum) ->
     }
 }
 
-/// A process-lifetime memory context holding function-manager lookups
-/// ([`TypeFunction`]); reset when its owner forgets them all.
-pub struct FunctionContext {
-    cx: pg_sys::MemoryContext,
-    /// Bumped by every reset; a [`TypeFunction`] of an older generation
-    /// points into freed memory and refuses to be called.
-    generation: Rc<Cell<u64>>,
-}
-
 /// A type's input or receive function as `fmgr_info_cxt` filled it in, in
-/// a [`FunctionContext`], with the I/O parameter it is called with.
+/// a [`MemCx`], with the I/O parameter it is called with.
 pub struct TypeFunction {
     info: *mut pg_sys::FmgrInfo,
     ioparam: pg_sys::Oid,
     /// The type whose values it makes.
     for_type: pg_sys::Oid,
-    generation: u64,
-    current: Rc<Cell<u64>>,
+    /// A reset of the context frees `info`: refuse to be called then.
+    allocated: Allocated,
 }
 
 /// A value of type `type_oid` as that type's own input or receive
@@ -195,44 +181,27 @@ pub(super) struct ColumnValue {
     pub(super) type_oid: pg_sys::Oid,
 }
 
-impl FunctionContext {
-    /// A child of TopMemoryContext named `name`, never deleted (a worker
-    /// keeps one for its life).
-    pub fn new(name: &'static CStr) -> Self {
-        // SAFETY: TopMemoryContext exists in every backend; the name is
-        // static, as memory contexts require (they keep the pointer).
-        let cx = unsafe { pg_sys::AllocSetContextCreateInternal(pg_sys::TopMemoryContext, name.as_ptr(), 0, 8 * 1024, 8 * 1024 * 1024) };
-        FunctionContext { cx, generation: Rc::new(Cell::new(0)) }
-    }
-
-    /// `fmgr_info_cxt` of `io`'s function into a zeroed FmgrInfo allocated
-    /// in this context.
-    pub fn lookup(&self, io: TypeIo) -> TypeFunction {
-        let TypeIo { function: f, ioparam, for_type } = io;
-        // SAFETY: the FmgrInfo is allocated (zeroed, FmgrInfo-sized) in our
-        // live context, and fmgr_info_cxt keeps its subsidiary data there
-        // too; the generation check in `call` stops its use after a reset.
+impl TypeIo {
+    /// `fmgr_info_cxt` of the function into a zeroed FmgrInfo allocated
+    /// in `cx`, callable until `cx` is reset.
+    pub fn lookup_in(self, cx: &MemCx) -> TypeFunction {
+        let TypeIo { function: f, ioparam, for_type } = self;
+        // SAFETY: the FmgrInfo is allocated (zeroed, FmgrInfo-sized) in the
+        // live context `cx`, and fmgr_info_cxt keeps its subsidiary data
+        // there too; the stamp checked in `info` stops its use after a
+        // reset.
         let info = unsafe {
-            let info = pg_sys::MemoryContextAllocZero(self.cx, std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
-            pg_sys::fmgr_info_cxt(f, info, self.cx);
+            let info = pg_sys::MemoryContextAllocZero(cx.as_ptr(), std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+            pg_sys::fmgr_info_cxt(f, info, cx.as_ptr());
             info
         };
-        TypeFunction { info, ioparam, for_type, generation: self.generation.get(), current: self.generation.clone() }
-    }
-
-    /// `MemoryContextReset`: frees every lookup; the TypeFunctions made
-    /// before it can no longer be called.
-    pub fn reset(&mut self) {
-        self.generation.set(self.generation.get() + 1);
-        // SAFETY: our own live context; nothing can dereference its memory
-        // afterwards (generation bumped above).
-        unsafe { pg_sys::MemoryContextReset(self.cx) };
+        TypeFunction { info, ioparam, for_type, allocated: cx.allocated() }
     }
 }
 
 impl TypeFunction {
     fn info(&self) -> *mut pg_sys::FmgrInfo {
-        if self.current.get() != self.generation {
+        if !self.allocated.is_live() {
             panic!("multimaster: a type function used after its relation cache was reset");
         }
         self.info
@@ -242,7 +211,7 @@ impl TypeFunction {
     /// current memory context; the value is allocated there.
     pub(super) fn receive(&self, bytes: &[u8], typmod: i32) -> ColumnValue {
         let info = self.info();
-        // SAFETY: `info` is a live FmgrInfo (generation checked); the
+        // SAFETY: `info` is a live FmgrInfo (stamp checked); the
         // StringInfo is initialized before use and lives across the call,
         // which reads it, never keeps it.
         unsafe {
@@ -258,7 +227,7 @@ impl TypeFunction {
     /// current memory context.
     pub(super) fn input(&self, text: &CStr, typmod: i32) -> ColumnValue {
         let info = self.info();
-        // SAFETY: `info` is a live FmgrInfo (generation checked); input
+        // SAFETY: `info` is a live FmgrInfo (stamp checked); input
         // functions only read their string argument (the *mut is C's).
         let datum = unsafe { pg_sys::InputFunctionCall(info, text.as_ptr() as *mut c_char, self.ioparam, typmod) };
         ColumnValue { datum, type_oid: self.for_type }

@@ -12,6 +12,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::{c_char, c_int, CStr};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// Runs `f` with an active snapshot: SPI needs one, and a utility
 /// statement (or a hook around it) may run without. Inside a transaction.
@@ -21,6 +22,58 @@ pub fn with_snapshot<T>(f: impl FnOnce() -> T) -> T {
         return f();
     }
     with_transaction_snapshot(f)
+}
+
+/// Transaction and subtransaction events of this process (the callbacks
+/// below count every one): while it stays the same, no (sub)transaction
+/// has started or ended. (A PostgreSQL process has one thread.)
+static BOUNDARIES: AtomicU64 = AtomicU64::new(0);
+/// The callbacks counting BOUNDARIES are registered.
+static COUNTING: AtomicBool = AtomicBool::new(false);
+
+/// This backend's current (local transaction id, subtransaction id).
+fn current_transaction() -> (pg_sys::LocalTransactionId, pg_sys::SubTransactionId) {
+    // SAFETY: MyProc is this backend's own PGPROC, set up before extension
+    // code runs; only this backend writes its lxid. The subtransaction id
+    // is backend-local state, readable in any transaction state.
+    unsafe { ((*pg_sys::MyProc).lxid, pg_sys::GetCurrentSubTransactionId()) }
+}
+
+/// The (sub)transaction current when it was made, which
+/// [`TransactionMark::is_current`] compares with the current one: a
+/// counter read while no (sub)transaction started or ended since, the
+/// (lxid, subtransaction id) pair (a call into PostgreSQL) otherwise.
+#[derive(Clone, Copy)]
+pub(super) struct TransactionMark {
+    /// BOUNDARIES when made; u64::MAX, which it never reaches, when made
+    /// outside a (sub)transaction in progress (from there it can change
+    /// without a callback: StartTransaction, CleanupSubTransaction of an
+    /// aborted one) or uncounted.
+    boundaries: u64,
+    transaction: (pg_sys::LocalTransactionId, pg_sys::SubTransactionId),
+}
+
+impl TransactionMark {
+    /// The current (sub)transaction.
+    pub(super) fn now() -> Self {
+        // SAFETY: reads this backend's own transaction state; no ERROR.
+        let in_progress = unsafe { pg_sys::IsTransactionState() };
+        let boundaries = if in_progress && COUNTING.load(Relaxed) { BOUNDARIES.load(Relaxed) } else { u64::MAX };
+        TransactionMark { boundaries, transaction: current_transaction() }
+    }
+
+    /// Whether the (sub)transaction it was made in is the current one.
+    /// From one in progress, the current (sub)transaction ends only
+    /// through a callback (COMMIT_SUB, ABORT_SUB; COMMIT, PREPARE, ABORT or
+    /// their parallel forms) and a subtransaction starts with START_SUB,
+    /// so an unmoved counter means yes; the exception, a savepoint pushed
+    /// by SAVEPOINT and started only when that statement ends, leaves the
+    /// marked one in progress beneath it, nothing of it ended or released,
+    /// which is what callers rely on. A moved counter may still come back
+    /// to it (a subtransaction begun and ended since): the pair tells.
+    pub(super) fn is_current(&self) -> bool {
+        BOUNDARIES.load(Relaxed) == self.boundaries || current_transaction() == self.transaction
+    }
 }
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
@@ -44,6 +97,7 @@ pub fn install_hooks() {
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
     }
+    COUNTING.store(true, Relaxed);
 }
 
 /// An `ExecutorStart` call, for the hook's duration. Only the trampoline
@@ -275,6 +329,8 @@ unsafe extern "C-unwind" fn process_utility(
 
 #[pg_guard]
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    // First: the role's callback may raise an ERROR.
+    BOUNDARIES.fetch_add(1, Relaxed);
     crate::xact::xact_callback(event);
 }
 
@@ -285,6 +341,7 @@ unsafe extern "C-unwind" fn subxact_callback(
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
+    BOUNDARIES.fetch_add(1, Relaxed);
     crate::xact::subxact_callback(event);
 }
 
