@@ -131,6 +131,20 @@ impl Applier {
     }
 
     pub fn apply(&mut self, msg: Message) {
+        // Rolled back at its home while it waited here (the receiver saw its
+        // ROLLBACK PREPARED): nothing more of it is applied, and at its
+        // PREPARE it is dropped. Under contention on a few rows most
+        // transactions are rolled back, and a pool that applied each of
+        // them (its rows, a flushed PREPARE, a flushed vote) fell further
+        // and further behind.
+        if self.turn.pool().is_abandoned(self.seq) {
+            match msg {
+                Message::Prepare { end_lsn, gid, .. } => return self.drop_abandoned(&gid, end_lsn),
+                Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. } | Message::Truncate { .. } => return,
+                Message::Message { transactional: true, .. } => return,
+                _ => {}
+            }
+        }
         if let Message::Prepare { gid, .. } = &msg {
             // Kept in the prepared transaction, queued at its commit.
             if !self.notifications.is_empty() {
@@ -200,7 +214,13 @@ impl Applier {
                 // Waiting for its turn, it may be told to give way to an
                 // older conflicting transaction that needs its locks
                 // (`crate::conflicts`); so also once it has the turn.
-                let turn = self.turn.wait_unless(self.seq, || crate::conflicts::doomed_by().is_some());
+                let pool = self.turn.pool();
+                let seq = self.seq;
+                let turn = self.turn.wait_unless(seq, || crate::conflicts::doomed_by().is_some() || pool.is_abandoned(seq));
+                if pool.is_abandoned(seq) {
+                    // (Its wait for the turn returns at once if it has it.)
+                    return self.drop_abandoned(&gid.to_string_lossy(), end_lsn);
+                }
                 if !turn || crate::conflicts::doomed_by().is_some() {
                     self.give_way(&gid.to_string_lossy(), end_lsn, turn);
                     return;
@@ -230,12 +250,12 @@ impl Applier {
             }
             Message::CommitPrepared { end_lsn, commit_time, gid, .. } => {
                 self.turn.wait(self.seq);
-                self.finish_prepared(&gid, true, end_lsn, commit_time);
+                finish_prepared(self.peer, &gid, true, end_lsn, commit_time);
                 self.applied(end_lsn);
             }
             Message::RollbackPrepared { rollback_end_lsn, rollback_time, gid, .. } => {
                 self.turn.wait(self.seq);
-                self.finish_prepared(&gid, false, rollback_end_lsn, rollback_time);
+                finish_prepared(self.peer, &gid, false, rollback_end_lsn, rollback_time);
                 self.applied(rollback_end_lsn);
             }
             Message::Message { transactional: true, prefix, content, .. } if prefix == mtm_protocol::DDL_PREFIX => {
@@ -248,35 +268,18 @@ impl Applier {
         }
     }
 
-    /// COMMIT PREPARED / ROLLBACK PREPARED of `gid`, if it is prepared
-    /// here. It may not be: its PREPARE failed here (this node voted no),
-    /// or a session on this node already finished it (a client's
-    /// `COMMIT PREPARED` can be run on any node). Either way there is
-    /// nothing to do but move past it, which is logged, never an error
-    /// that would stall the stream.
-    fn finish_prepared(&self, gid: &str, commit: bool, end_lsn: u64, time: pg_sys::TimestampTz) {
-        exec::start_transaction_command();
-        origin::set_session_progress(end_lsn, time);
-        let here = crate::prepared_here(gid);
-        if here {
-            crate::decisions::log(gid, if commit { State::Committed } else { State::Aborted });
-            let c_gid = CString::new(gid).expect("gid without NUL");
-            // Inside the transaction started above; an ERROR unwinds to the
-            // worker's guard through our frames.
-            twophase::finish_prepared(&c_gid, commit);
-            if commit {
-                crate::notify::deliver(gid);
-            }
-        } else {
-            let what = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
-            log!("multimaster: {what} {gid} from node {}: not prepared here (already finished, or its prepare failed here); skipped", self.peer);
-        }
-        exec::commit_transaction_command();
-        crate::votes::forget(gid);
-        if commit {
-            // Now visible here: the coordinator may answer its client.
-            crate::votes::send_committed(self.peer, gid);
-        }
+    /// A prepared transaction its home node has rolled back already:
+    /// rolled back here before it is prepared, and no vote (nobody waits
+    /// for one). Its ROLLBACK PREPARED follows and is skipped.
+    fn drop_abandoned(&mut self, gid: &str, end_lsn: u64) {
+        exec::abort_out_of_any_transaction();
+        self.failed = None;
+        self.notifications.clear();
+        self.turn.wait(self.seq);
+        debug1!("multimaster: {gid} from node {}: rolled back at its home before it was prepared here; dropped", self.peer);
+        origin::advance_session(end_lsn, crate::pg::rmgr::wal_insert_position());
+        self.applied(end_lsn);
+        self.turn.pool().dropped_before_prepare.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A prepared transaction that could not be applied: this node votes
@@ -574,4 +577,40 @@ fn describe_key(columns: &[Column], values: &[Value]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// COMMIT PREPARED / ROLLBACK PREPARED of `gid`, if it is prepared
+/// here. It may not be: its PREPARE failed here (this node voted no),
+/// or a session on this node already finished it (a client's
+/// `COMMIT PREPARED` can be run on any node). Either way there is
+/// nothing to do but move past it, which is logged, never an error
+/// that would stall the stream.
+///
+/// From an apply worker in its commit turn, or from the receiver out
+/// of turn ([`mtm_schedule::Finish::Now`]); either way under a session
+/// origin, so that this node's walsenders do not send it on, and
+/// outside a transaction.
+pub fn finish_prepared(peer: i32, gid: &str, commit: bool, end_lsn: u64, time: pg_sys::TimestampTz) {
+    exec::start_transaction_command();
+    origin::set_session_progress(end_lsn, time);
+    let here = crate::prepared_here(gid);
+    if here {
+        crate::decisions::log(gid, if commit { State::Committed } else { State::Aborted });
+        let c_gid = CString::new(gid).expect("gid without NUL");
+        // Inside the transaction started above; an ERROR unwinds to the
+        // worker's guard through our frames.
+        twophase::finish_prepared(&c_gid, commit);
+        if commit {
+            crate::notify::deliver(gid);
+        }
+    } else {
+        let what = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
+        log!("multimaster: {what} {gid} from node {}: not prepared here (already finished, or its prepare failed here); skipped", peer);
+    }
+    exec::commit_transaction_command();
+    crate::votes::forget(gid);
+    if commit {
+        // Now visible here: the coordinator may answer its client.
+        crate::votes::send_committed(peer, gid);
+    }
 }

@@ -39,7 +39,7 @@ use crate::pg::bgworker::my_pid;
 use crate::pg::proc::ProcSlot;
 use crate::pg::dsm::{MqReceiver, MqSender, Segment};
 use crate::pg::latch::LatchSlot;
-use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering::*};
@@ -92,6 +92,30 @@ pub struct PeerPool {
     /// LSN (what was received when the pool failed), so a failure caused
     /// by running side by side cannot repeat.
     pub serial_until: AtomicU64,
+    /// Numbers of prepared transactions whose home node rolled them back
+    /// before they were prepared here (slot `seq % ABANDONED`; a number
+    /// overwritten before its worker looks is simply applied).
+    pub abandoned: [AtomicU64; ABANDONED],
+    /// Since the pool started: COMMIT/ROLLBACK PREPAREDs the receiver ran
+    /// out of commit order, and abandoned transactions dropped.
+    pub finished_out_of_order: AtomicU64,
+    pub dropped_before_prepare: AtomicU64,
+}
+
+/// How many abandoned transaction numbers a pool remembers.
+const ABANDONED: usize = 256;
+
+impl PeerPool {
+    /// Transaction `seq`, a prepared one, was rolled back at its home:
+    /// its worker need not apply it (from the receiver).
+    pub fn abandon(&self, seq: u64) {
+        self.abandoned[seq as usize % ABANDONED].store(seq, Release);
+    }
+
+    /// Whether transaction `seq` was abandoned.
+    pub fn is_abandoned(&self, seq: u64) -> bool {
+        seq != 0 && self.abandoned[seq as usize % ABANDONED].load(Acquire) == seq
+    }
 }
 
 pub struct PoolTable {
@@ -120,6 +144,9 @@ impl Default for PoolTable {
                 worker_hungry: std::array::from_fn(|_| AtomicBool::new(false)),
                 worker_txn_time: std::array::from_fn(|_| AtomicI64::new(0)),
                 serial_until: AtomicU64::new(0),
+                abandoned: std::array::from_fn(|_| AtomicU64::new(0)),
+                finished_out_of_order: AtomicU64::new(0),
+                dropped_before_prepare: AtomicU64::new(0),
             }),
         }
     }
@@ -133,6 +160,24 @@ pub use crate::pg::shmem::POOLS;
 pub fn origin_of(peer: i32) -> pg_sys::RepOriginId {
     let name = std::ffi::CString::new(format!("mtm_node_{peer}")).expect("no NUL");
     crate::pg::origin::origin_by_name(&name)
+}
+
+/// The replication origin `mtm_finish_<peer>`: the receiver from `peer`
+/// commits the COMMIT/ROLLBACK PREPARED it runs out of the pool's order
+/// under it (see `mtm_schedule::Finish`), so that this node's walsenders
+/// do not send them on and the peer's own origin moves only in commit
+/// order. `mtm.init_cluster` creates it; created here on a cluster made
+/// before it existed. From a background worker, outside a transaction.
+pub fn finish_origin_of(peer: i32) -> pg_sys::RepOriginId {
+    let name = format!("mtm_finish_{peer}");
+    BackgroundWorker::transaction(|| {
+        Spi::run_with_args(
+            "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT FROM pg_replication_origin WHERE roname = $1)",
+            &[name.as_str().into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("multimaster: cannot create the replication origin {name}: {e}"));
+    crate::pg::origin::origin_by_name(&std::ffi::CString::new(name).expect("no NUL"))
 }
 
 /// The pool of `peer` (a node id, 1..=16).
@@ -295,6 +340,10 @@ impl Queues {
         pool.worker_waits_for.iter().for_each(|w| w.store(0, Release));
         pool.worker_hungry.iter().for_each(|h| h.store(false, Release));
         pool.worker_procno.iter().for_each(|n| n.clear());
+        // Numbers start again at 1 with each receiver.
+        pool.abandoned.iter().for_each(|a| a.store(0, Release));
+        pool.finished_out_of_order.store(0, Release);
+        pool.dropped_before_prepare.store(0, Release);
         pool.receiver_waiting.store(false, Release);
         pool.receiver_latch.publish_mine();
         pool.receiver_pid.store(my_pid(), Release);

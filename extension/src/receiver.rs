@@ -7,7 +7,8 @@
 //! rest spread over the workers; a transaction bigger than
 //! [`STREAM_AT`] is not held in memory but streamed to one worker while
 //! nothing else runs. Feedback reports only what is committed here and
-//! flushed.
+//! flushed. A COMMIT/ROLLBACK PREPARED whose PREPARE is already applied
+//! is run by the receiver itself, at once (`mtm_schedule::Finish`).
 //!
 //! Any error ends the receiver (the launcher starts it again), and so
 //! does a failed apply worker; the new receiver resumes from the origin,
@@ -19,7 +20,7 @@
 use crate::pg::walrcv::{self, Received, Sender, Stream};
 use crate::pool::{Queues, SEQ_TAG};
 use mtm_protocol::{tag, Message};
-use mtm_schedule::{CommitSource, FlushTracker, KeyTracker, Plan, Scheduler, TxnKeys};
+use mtm_schedule::{CommitSource, Finish, FlushTracker, KeyTracker, Plan, Scheduler, TxnKeys};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::ffi::CString;
@@ -68,6 +69,7 @@ pub fn apply_session_settings(application_name: &str) {
 fn run(me: i32, peer: i32, conninfo: &str) {
     apply_session_settings(&format!("mtm_receiver_from_{peer}_connecting"));
     let origin = crate::pool::origin_of(peer);
+    let finish_origin = crate::pool::finish_origin_of(peer);
     let workers = crate::MAX_WORKERS.get().max(1) as usize;
     let queues = Queues::start(peer, workers);
     // Read after the old pool's workers (which held the origin) are gone.
@@ -103,6 +105,8 @@ fn run(me: i32, peer: i32, conninfo: &str) {
         sender,
         scheduler: Scheduler::new(queues.workers()),
         queues,
+        finish_origin,
+        finished_here: 0,
         keys: KeyTracker::default(),
         txn: None,
         received: start,
@@ -136,6 +140,11 @@ struct Receiver<'c> {
     sender: Sender<'c>,
     queues: Queues,
     scheduler: Scheduler,
+    /// The origin the receiver's own COMMIT/ROLLBACK PREPAREDs run under.
+    finish_origin: pg_sys::RepOriginId,
+    /// Where in our WAL the last of those ended: reported as flushed to
+    /// the peer only once our WAL is flushed that far.
+    finished_here: u64,
     keys: KeyTracker,
     txn: Option<Txn>,
     /// The peer's WAL position we have seen (XLogData, keepalives).
@@ -214,13 +223,23 @@ impl Receiver<'_> {
                 self.txn = Some(Txn { held: vec![payload.to_vec()], bytes: payload.len(), keys: TxnKeys::default(), streaming: None });
             }
             tag::COMMIT_PREPARED | tag::ROLLBACK_PREPARED => {
-                let (gid, end) = match self.decode(payload) {
-                    Message::CommitPrepared { gid, end_lsn, .. } => (gid, end_lsn),
-                    Message::RollbackPrepared { gid, rollback_end_lsn, .. } => (gid, rollback_end_lsn),
+                let (gid, commit, end, time) = match self.decode(payload) {
+                    Message::CommitPrepared { gid, end_lsn, commit_time, .. } => (gid, true, end_lsn, commit_time),
+                    Message::RollbackPrepared { gid, rollback_end_lsn, rollback_time, .. } => (gid, false, rollback_end_lsn, rollback_time),
                     _ => unreachable!("tag checked"),
                 };
-                let keys = self.scheduler.finish_prepared(&gid);
-                self.dispatch(vec![payload.to_vec()], &keys, end);
+                self.scheduler.committed(self.queues.pool().committed.load(Acquire));
+                match self.scheduler.finish(&gid) {
+                    Finish::Now => self.finish_now(&gid, commit, end, time),
+                    Finish::InOrder { keys, prepare } => {
+                        // Rolled back at home while its PREPARE is still
+                        // queued or applying here: its worker drops it.
+                        if let (false, Some(seq)) = (commit, prepare) {
+                            self.queues.pool().abandon(seq);
+                        }
+                        self.dispatch(vec![payload.to_vec()], &keys, end);
+                    }
+                }
             }
             tag::MESSAGE if self.txn.is_none() => {
                 // Non-transactional: nothing to apply; a vote on one of
@@ -269,8 +288,8 @@ impl Receiver<'_> {
             }
             Some(Message::Prepare { end_lsn, gid, .. }) => {
                 let txn = self.txn.take().expect("checked above");
-                self.scheduler.prepared(&gid, &txn.keys);
-                self.dispatch(txn.held, &txn.keys, end_lsn);
+                let seq = self.dispatch(txn.held, &txn.keys, end_lsn);
+                self.scheduler.prepared(&gid, seq, &txn.keys);
             }
             _ if txn.bytes > STREAM_AT => self.start_streaming(),
             _ => {}
@@ -290,8 +309,9 @@ impl Receiver<'_> {
         plan
     }
 
-    /// Hands a whole transaction (ending at the peer's `end`) to the pool.
-    fn dispatch(&mut self, msgs: Vec<Vec<u8>>, keys: &TxnKeys, end: u64) {
+    /// Hands a whole transaction (ending at the peer's `end`) to the pool;
+    /// returns its number.
+    fn dispatch(&mut self, msgs: Vec<Vec<u8>>, keys: &TxnKeys, end: u64) -> u64 {
         let plan = self.hand_over(keys);
         let last = msgs.len().saturating_sub(1);
         for (i, m) in msgs.iter().enumerate() {
@@ -301,6 +321,21 @@ impl Receiver<'_> {
         if end <= self.serial_until {
             self.wait_committed(plan.seq);
         }
+        plan.seq
+    }
+
+    /// Runs the COMMIT/ROLLBACK PREPARED of `gid`, whose PREPARE the pool
+    /// has committed, here and now rather than in the pool's commit order
+    /// (why: [`Finish::Now`]). It commits under [`Receiver::finish_origin`],
+    /// not the peer's origin, which moves only in commit order: after a
+    /// crash before the pool's commits pass it, it is received again and
+    /// skipped (not prepared here any more).
+    fn finish_now(&mut self, gid: &str, commit: bool, end: u64, time: pg_sys::TimestampTz) {
+        crate::pg::origin::take_origin(self.finish_origin);
+        crate::apply::finish_prepared(self.peer, gid, commit, end, time);
+        crate::pg::origin::release_origin();
+        self.finished_here = crate::pg::rmgr::wal_insert_position();
+        self.queues.pool().finished_out_of_order.fetch_add(1, Relaxed);
     }
 
     /// The current transaction is too big to hold: once everything
@@ -389,7 +424,7 @@ impl Receiver<'_> {
     /// the end of the last transaction committed here and flushed. The
     /// tracker fixes the order of the reads (pending count first).
     fn flush_lsn(&mut self) -> u64 {
-        let idle_at = self.txn.is_none().then_some(self.received);
+        let idle_at = (self.txn.is_none() && walrcv::flushed_up_to() >= self.finished_here).then_some(self.received);
         self.flush.confirmable(&PoolCommits(self.queues.pool()), idle_at)
     }
 

@@ -91,21 +91,40 @@ fn pool_stats() -> TableIterator<
         name!(receivername, String),
     ),
 > {
-    let rows: Vec<_> = (1..=MAX_NODES as i32)
-        .filter_map(|id| {
-            let p = pool::peer(id);
-            let pid = p.receiver_pid.load(std::sync::atomic::Ordering::Acquire);
-            if pid <= 0 || !crate::pid_alive(pid) {
-                return None;
-            }
+    let rows: Vec<_> = running_pools()
+        .map(|(id, p)| {
             let n = p.workers() as i32;
             // (Counters are u64; the reference columns are int.)
             let head = p.committed.load(std::sync::atomic::Ordering::Acquire) as i32;
             let tail = p.dispatched.load(std::sync::atomic::Ordering::Acquire) as i32;
-            Some((n, p.active() as i32, p.pending().min(i32::MAX as u64) as i32, n * QUEUE_SIZE as i32, head, tail, format!("mtm_receiver_from_{id}")))
+            (n, p.active() as i32, p.pending().min(i32::MAX as u64) as i32, n * QUEUE_SIZE as i32, head, tail, format!("mtm_receiver_from_{id}"))
         })
         .collect();
     TableIterator::new(rows)
+}
+
+/// One row per peer whose receiver runs an apply pool: since the pool
+/// started, how many COMMIT/ROLLBACK PREPAREDs the receiver ran at once,
+/// out of the pool's commit order (their PREPARE was applied), and how
+/// many prepared transactions were dropped unapplied because their home
+/// node had rolled them back already. Under contention on a few rows both
+/// keep the pool from falling behind (`extension/src/apply.rs`).
+#[pg_extern]
+fn apply_shortcuts() -> TableIterator<
+    'static,
+    (name!(node_id, i32), name!(finished_out_of_order, i64), name!(dropped_before_prepare, i64)),
+> {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed).min(i64::MAX as u64) as i64;
+    let rows: Vec<_> = running_pools().map(|(id, p)| (id, load(&p.finished_out_of_order), load(&p.dropped_before_prepare))).collect();
+    TableIterator::new(rows)
+}
+
+/// The peers whose receiver runs (and so has a pool), with their pools.
+fn running_pools() -> impl Iterator<Item = (i32, &'static pool::PeerPool)> {
+    (1..=MAX_NODES as i32).map(|id| (id, pool::peer(id))).filter(|(_, p)| {
+        let pid = p.receiver_pid.load(std::sync::atomic::Ordering::Acquire);
+        pid > 0 && crate::pid_alive(pid)
+    })
 }
 
 /// Apply workers running for `peer` (0 when its receiver is not running).

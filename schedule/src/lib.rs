@@ -31,4 +31,4 @@ pub mod tally;
 
 pub use flush::{CommitSource, FlushTracker};
 pub use keys::{KeyTracker, TxnKeys};
-pub use scheduler::{Plan, Scheduler};
+pub use scheduler::{Finish, Plan, Scheduler};

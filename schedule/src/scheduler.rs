@@ -38,10 +38,29 @@ pub struct Scheduler {
     /// The worker that took the last transaction.
     last_worker: usize,
     batch: usize,
-    /// Keys of transactions prepared but not yet committed or rolled back
-    /// here: their COMMIT/ROLLBACK PREPARED releases those rows (or, for a
-    /// barrier such as DDL, the tables it locked: a barrier again).
-    prepared: HashMap<String, TxnKeys>,
+    /// Transactions prepared but not yet committed or rolled back here:
+    /// their number, and the keys their COMMIT/ROLLBACK PREPARED releases
+    /// (or, for a barrier such as DDL, the tables it locked: a barrier
+    /// again).
+    prepared: HashMap<String, (u64, TxnKeys)>,
+}
+
+/// How to apply a COMMIT/ROLLBACK PREPARED.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// Its PREPARE has committed here: finish it now, out of the pool's
+    /// commit order. It changes no row, only releases the prepared
+    /// transaction's locks; in commit order it would wait for every
+    /// transaction received before it — and one of those may be waiting
+    /// for a lock that a prepared transaction from another peer holds,
+    /// whose own COMMIT/ROLLBACK PREPARED waits in that peer's pool behind
+    /// a transaction waiting for this one's locks: a cycle that only a
+    /// lock timeout (a no vote) would break.
+    Now,
+    /// Plan it like a transaction with `keys`: its PREPARE, number
+    /// `prepare` if this receiver handed it out, is still being applied
+    /// (or was received before this receiver started).
+    InOrder { keys: TxnKeys, prepare: Option<u64> },
 }
 
 /// Independent transactions a worker takes in a row before the next one
@@ -118,20 +137,25 @@ impl Scheduler {
         plan
     }
 
-    /// A transaction ending in PREPARE: its rows stay locked until its
-    /// COMMIT/ROLLBACK PREPARED, which [`Self::finish_prepared`] keys.
-    pub fn prepared(&mut self, gid: &str, txn: &TxnKeys) {
+    /// Transaction `seq`, just planned, ends in PREPARE: its rows stay
+    /// locked until its COMMIT/ROLLBACK PREPARED ([`Self::finish`]).
+    pub fn prepared(&mut self, gid: &str, seq: u64, txn: &TxnKeys) {
         if self.prepared.len() >= MAX_PREPARED {
             // Prepares whose end we will never see (decided before a
             // restart): forgetting them only costs ordering by lock wait.
             self.prepared.clear();
         }
-        self.prepared.insert(gid.to_string(), TxnKeys { keys: txn.keys.clone(), touches: Vec::new(), barrier: txn.barrier });
+        self.prepared.insert(gid.to_string(), (seq, TxnKeys { keys: txn.keys.clone(), touches: Vec::new(), barrier: txn.barrier }));
     }
 
-    /// What a COMMIT/ROLLBACK PREPARED of `gid` touches.
-    pub fn finish_prepared(&mut self, gid: &str) -> TxnKeys {
-        self.prepared.remove(gid).unwrap_or_default()
+    /// How to apply the COMMIT/ROLLBACK PREPARED of `gid` (call
+    /// [`Self::committed`] first).
+    pub fn finish(&mut self, gid: &str) -> Finish {
+        match self.prepared.remove(gid) {
+            Some((seq, _)) if seq <= self.committed => Finish::Now,
+            Some((seq, keys)) => Finish::InOrder { keys, prepare: Some(seq) },
+            None => Finish::InOrder { keys: TxnKeys::default(), prepare: None },
+        }
     }
 
     fn worker_of(&self, seq: u64) -> usize {
@@ -229,27 +253,41 @@ mod tests {
     }
 
     #[test]
-    fn commit_prepared_follows_the_rows_of_its_prepare() {
+    fn commit_prepared_of_a_prepare_still_in_flight_follows_its_rows() {
         let mut s = Scheduler::new(3);
         let prep = s.plan(&t(&[5]));
-        s.prepared("g1", &t(&[5]));
-        s.committed(prep.seq);
+        s.prepared("g1", prep.seq, &t(&[5]));
         s.plan(&t(&[6]));
-        let fin_keys = s.finish_prepared("g1");
-        assert_eq!(fin_keys.keys, vec![5]);
+        let Finish::InOrder { keys: fin_keys, prepare } = s.finish("g1") else { panic!("its PREPARE has not committed") };
+        assert_eq!((fin_keys.keys.clone(), prepare), (vec![5], Some(prep.seq)));
         let fin = s.plan(&fin_keys);
         let after = s.plan(&t(&[5]));
         assert_eq!((after.worker, after.wait_for), (fin.worker, 0));
-        assert!(s.finish_prepared("g1").keys.is_empty(), "forgotten once finished");
+        assert_eq!(s.finish("g1"), Finish::InOrder { keys: TxnKeys::default(), prepare: None }, "forgotten once finished");
     }
 
     #[test]
-    fn commit_prepared_of_a_barrier_is_a_barrier() {
+    fn commit_prepared_of_a_committed_prepare_runs_now_whatever_is_in_flight() {
+        let mut s = Scheduler::new(3);
+        let prep = s.plan(&t(&[5]));
+        s.prepared("g1", prep.seq, &t(&[5]));
+        s.committed(prep.seq);
+        // Received after the PREPARE, still applying (it may wait for a
+        // lock held by another peer's prepared transaction).
+        s.plan(&t(&[6]));
+        s.plan(&t(&[5]));
+        assert_eq!(s.finish("g1"), Finish::Now);
+        assert_eq!(s.finish("g1"), Finish::InOrder { keys: TxnKeys::default(), prepare: None }, "forgotten once finished");
+        assert_eq!(s.finish("never-prepared"), Finish::InOrder { keys: TxnKeys::default(), prepare: None });
+    }
+
+    #[test]
+    fn commit_prepared_of_a_barrier_in_flight_is_a_barrier() {
         let mut s = Scheduler::new(3);
         let ddl = TxnKeys { barrier: true, ..Default::default() };
-        s.plan(&ddl);
-        s.prepared("ddl", &ddl);
-        let fin = s.finish_prepared("ddl");
+        let prep = s.plan(&ddl);
+        s.prepared("ddl", prep.seq, &ddl);
+        let Finish::InOrder { keys: fin, .. } = s.finish("ddl") else { panic!("its PREPARE has not committed") };
         assert!(fin.barrier, "the tables the DDL locked are released only by its COMMIT PREPARED");
         let p = s.plan(&fin);
         assert_eq!(p.wait_for, p.seq - 1, "waits for everything before it");

@@ -147,7 +147,7 @@ fn up_initialises_the_cluster_on_every_node() {
             peers.iter().map(|j| (format!("mtm_slot_{j}"), "multimaster".to_string(), true)).collect();
         assert_eq!(slots, expected, "{}", node.name());
         let origins: Vec<String> = c
-            .query("select roname from pg_replication_origin order by 1", &[])
+            .query("select roname from pg_replication_origin where roname like 'mtm_node_%' order by 1", &[])
             .unwrap()
             .iter()
             .map(|r| r.get(0))
