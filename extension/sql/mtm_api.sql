@@ -168,16 +168,28 @@ BEGIN
                                           || ' ON CONFLICT (id) DO NOTHING');
         FOR j IN 1..n LOOP
             CONTINUE WHEN j = k;
-            -- (dblink_exec refuses statements that return rows: wrap in DO.)
+            -- The origins first: the peer's, and the one its receiver
+            -- finishes prepared transactions under out of commit order (the
+            -- receiver would create it, a catalog change racing with the
+            -- slot's creation below). (dblink_exec refuses statements that
+            -- return rows: wrap in DO.)
             PERFORM dblink_exec(conninfos[k], format(
                 'DO $do$ BEGIN '
                 'IF NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = %1$L) THEN '
-                'PERFORM pg_replication_origin_create(%1$L); END IF; END $do$', 'mtm_node_' || j));
-            PERFORM dblink_exec(conninfos[k], format(
-                'DO $do$ BEGIN '
-                'IF NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %1$L) THEN '
-                'PERFORM pg_create_logical_replication_slot(%1$L, %2$L, false, true); END IF; END $do$',
-                'mtm_slot_' || j, 'multimaster'));
+                'PERFORM pg_replication_origin_create(%1$L); END IF; '
+                'IF NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = %2$L) THEN '
+                'PERFORM pg_replication_origin_create(%2$L); END IF; END $do$', 'mtm_node_' || j, 'mtm_finish_' || j));
+            -- The slot in a top-level statement, not through SPI (a DO
+            -- block): PostgreSQL 15's slot creation can end a transaction
+            -- it decodes with an internal subtransaction that leaves
+            -- CurrentResourceOwner at TopTransaction, and SPI's executor
+            -- then unregisters its snapshot under the wrong owner ("snapshot
+            -- reference ... is not owned by resource owner TopTransaction")
+            -- whenever a catalog change commits while the slot is found.
+            PERFORM * FROM dblink(conninfos[k], format(
+                'SELECT pg_create_logical_replication_slot(%1$L, %2$L, false, true)::text '
+                'WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %1$L)',
+                'mtm_slot_' || j, 'multimaster')) AS t(created text);
         END LOOP;
         PERFORM dblink_exec(conninfos[k], format(
             'INSERT INTO mtm.nodes_init_done (id, init_done) VALUES (%s, true) ON CONFLICT (id) DO NOTHING', k));
