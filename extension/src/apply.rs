@@ -109,6 +109,7 @@ impl Applier {
     /// The next messages are transaction number `seq`.
     pub fn start(&mut self, seq: u64) {
         self.seq = seq;
+        self.turn.started(seq);
         self.turn.busy(true);
     }
 

@@ -94,6 +94,13 @@ impl Settler {
         }
         let mut by_sql = Vec::new();
         for w in current.iter().filter(|w| due.contains(&w.pid)) {
+            // Rolled back at its home already: nothing to wait for; its
+            // worker drops it at its PREPARE (pool::PeerPool::abandon).
+            if w.abandoned {
+                cancel_abandoned(w.pid);
+                self.watch.looked(w.pid, now);
+                continue;
+            }
             match w.xid {
                 Some(xid) => {
                     if settle_row_wait(me, w.pid, xid) {
@@ -109,6 +116,15 @@ impl Settler {
         if !by_sql.is_empty() {
             pgrx::bgworkers::BackgroundWorker::transaction(|| settle_by_pg_locks(me, &by_sql));
         }
+    }
+}
+
+/// Cancels the lock wait of the apply worker `pid`, whose transaction its
+/// home node has rolled back.
+fn cancel_abandoned(pid: i32) {
+    let Some((peer, _)) = crate::pool::applying(pid) else { return };
+    if let Some(proc) = crate::pg::proc::all_procs().find(|p| p.pid() == pid) {
+        doom(proc, proc.xid(), peer, true);
     }
 }
 

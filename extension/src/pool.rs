@@ -82,6 +82,8 @@ pub struct PeerPool {
     pub worker_procno: [ProcSlot; MAX_WORKERS],
     /// The transaction number whose turn a worker waits for, 0 if none.
     pub worker_waits_for: [AtomicU64; MAX_WORKERS],
+    /// The transaction number a worker applies (or last applied).
+    pub worker_seq: [AtomicU64; MAX_WORKERS],
     /// A worker found its queue empty and sleeps until data is flushed.
     pub worker_hungry: [AtomicBool; MAX_WORKERS],
     /// The peer's prepare (or commit) time of the transaction a worker is
@@ -141,6 +143,7 @@ impl Default for PoolTable {
                 worker_busy: std::array::from_fn(|_| AtomicBool::new(false)),
                 worker_procno: std::array::from_fn(|_| ProcSlot::new()),
                 worker_waits_for: std::array::from_fn(|_| AtomicU64::new(0)),
+                worker_seq: std::array::from_fn(|_| AtomicU64::new(0)),
                 worker_hungry: std::array::from_fn(|_| AtomicBool::new(false)),
                 worker_txn_time: std::array::from_fn(|_| AtomicI64::new(0)),
                 serial_until: AtomicU64::new(0),
@@ -180,7 +183,6 @@ pub fn finish_origin_of(peer: i32) -> pg_sys::RepOriginId {
     crate::pg::origin::origin_by_name(&std::ffi::CString::new(name).expect("no NUL"))
 }
 
-/// The pool of `peer` (a node id, 1..=16).
 /// The peer and the transaction time of the apply worker `pid`, if it is
 /// one and is applying a transaction.
 pub fn applying(pid: i32) -> Option<(i32, i64)> {
@@ -203,6 +205,9 @@ pub struct LockWait {
     /// The transaction id waited for (a row lock), or None (a tuple,
     /// table or object lock).
     pub xid: Option<u32>,
+    /// The transaction waiting was rolled back at its home already
+    /// ([`PeerPool::abandon`]).
+    pub abandoned: bool,
 }
 
 /// Apply workers that are applying a transaction and wait for a lock now.
@@ -221,12 +226,14 @@ pub fn lock_waiters() -> Vec<LockWait> {
                 continue;
             }
             let Some(waited) = proc.lock_wait() else { continue };
-            out.push(LockWait { pid: pool.worker_pid[w].load(Acquire), lock: waited.lock, xid: waited.xid });
+            let abandoned = pool.is_abandoned(pool.worker_seq[w].load(Acquire));
+            out.push(LockWait { pid: pool.worker_pid[w].load(Acquire), lock: waited.lock, xid: waited.xid, abandoned });
         }
     }
     out
 }
 
+/// The pool of `peer` (a node id, 1..=16).
 pub fn peer(peer: i32) -> &'static PeerPool {
     let i = usize::try_from(peer).ok().filter(|&i| (1..=MAX_NODES).contains(&i));
     let i = i.unwrap_or_else(|| error!("multimaster: node id {peer} is outside 1..{MAX_NODES}"));
@@ -338,6 +345,7 @@ impl Queues {
         pool.n_workers.store(n as u32, Release);
         pool.worker_busy.iter().for_each(|b| b.store(false, Release));
         pool.worker_waits_for.iter().for_each(|w| w.store(0, Release));
+        pool.worker_seq.iter().for_each(|w| w.store(0, Release));
         pool.worker_hungry.iter().for_each(|h| h.store(false, Release));
         pool.worker_procno.iter().for_each(|n| n.clear());
         // Numbers start again at 1 with each receiver.
@@ -492,6 +500,11 @@ impl Turn {
     /// the peer at `time` (0: none).
     pub fn applying(&self, time: i64) {
         self.pool().worker_txn_time[self.slot].store(time, Release);
+    }
+
+    /// This worker starts applying transaction `seq`.
+    pub fn started(&self, seq: u64) {
+        self.pool().worker_seq[self.slot].store(seq, Release);
     }
 
     /// A transaction was handed to this worker.
