@@ -149,17 +149,17 @@ enum Writer {
 /// checkpoint, whose writer must put every record before its redo point on
 /// disk before the checkpoint goes on.
 fn write_if_changed(writer: Writer) -> std::io::Result<()> {
+    // The file in place is at least as new as the table: nothing to
+    // rename, but its renamer may not have flushed the directory yet,
+    // which the checkpointer cannot leave to chance.
+    let up_to_date = || if writer == Writer::Checkpointer { sync_dir() } else { Ok(()) };
     let in_place = STATE_FILE_LOCK.share().written;
     let (changes, text) = {
         let d = DECISIONS.share();
-        (d.log.changes(), (d.log.changes() != in_place).then(|| d.log.snapshot()))
+        let changes = d.log.changes();
+        (changes, (changes != in_place).then(|| d.log.snapshot()))
     };
-    let Some(text) = text else {
-        // Nothing new since the file in place was renamed there; its
-        // renamer may not have flushed the directory yet, which the
-        // checkpointer cannot leave to chance.
-        return if writer == Writer::Checkpointer { sync_dir() } else { Ok(()) };
-    };
+    let Some(text) = text else { return up_to_date() };
     let tmp = temporary_file(writer);
     write_flushed(&tmp, &text)?;
     {
@@ -168,7 +168,7 @@ fn write_if_changed(writer: Writer) -> std::io::Result<()> {
             // A newer snapshot got there while this one was written.
             drop(file);
             std::fs::remove_file(&tmp).ok();
-            return if writer == Writer::Checkpointer { sync_dir() } else { Ok(()) };
+            return up_to_date();
         }
         std::fs::rename(&tmp, STATE_FILE)?;
         file.written = changes;

@@ -144,9 +144,8 @@ fn decisions_logged_just_before_a_checkpoint_survive_a_crash_right_after_it() {
     let launcher = launcher_pid(&mut node1);
     let from: String = node1.query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0);
     // Freeze the launcher only once it has written what the schema change
-    // logged (it writes once a second when the table changed, holding the
-    // file's lock through the fsync): frozen in the middle of that write,
-    // it would hold the lock the checkpointer needs below.
+    // logged (it writes once a second when the table changed), so that it
+    // is frozen between two writes: then the file below is all it wrote.
     let file = c.node(1).dir.join("pg_mtm/decisions");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

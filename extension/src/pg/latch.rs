@@ -1,6 +1,7 @@
 //! Latches, sleeping and the clock: waiting on this process's latch and
-//! maybe a socket (`WaitLatch`, `WaitLatchOrSocket`, `ResetLatch`), waking another process through the latch
-//! it published in shared memory (`SetLatch`), plain sleeps
+//! maybe a socket (`WaitLatch`, `WaitLatchOrSocket`, `ResetLatch`),
+//! waking another process through the latch it published in shared
+//! memory (`SetLatch`), plain sleeps
 //! (`pg_usleep`), servicing interrupts, and reading the time
 //! (`GetCurrentTimestamp`).
 
