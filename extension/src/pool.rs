@@ -291,7 +291,7 @@ impl PeerPool {
 /// Waits on this process's latch (set by the pool, by shm_mq, or by a
 /// signal) for at most `ms`.
 pub fn wait_latch(ms: i64) {
-    crate::pg::latch::wait(None, ms);
+    crate::pg::latch::wait(ms);
 }
 
 /// Registered with `on_dsm_detach` by every member of a pool

@@ -17,6 +17,7 @@
 //! failure caused by running side by side does not repeat.
 #![deny(unsafe_code)]
 
+use crate::pg::latch::SocketWait;
 use crate::pg::walrcv::{self, Received, Sender, Stream};
 use crate::pool::{Queues, SEQ_TAG};
 use mtm_protocol::{tag, Message};
@@ -160,6 +161,7 @@ struct Receiver<'c> {
 
 impl Receiver<'_> {
     fn stream(&mut self, stream: &mut Stream) {
+        let mut waiter: Option<SocketWait> = None;
         loop {
             if BackgroundWorker::sigterm_received() {
                 return;
@@ -199,7 +201,10 @@ impl Receiver<'_> {
             self.check_peer_alive();
             self.queues.flush(false);
             self.maybe_feedback();
-            crate::pg::latch::wait(Some(fd), 1000);
+            match &mut waiter {
+                Some(w) if w.socket() == fd => w.wait(1000),
+                _ => waiter.insert(SocketWait::new(fd)).wait(1000),
+            }
         }
     }
 

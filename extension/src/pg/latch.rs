@@ -1,36 +1,90 @@
 //! Latches, sleeping and the clock: waiting on this process's latch and
-//! maybe a socket (`WaitLatch`, `WaitLatchOrSocket`, `ResetLatch`),
+//! maybe a socket (`WaitLatch`, a wait event set kept for the socket's
+//! life, `ResetLatch`),
 //! waking another process through the latch it published in shared
 //! memory (`SetLatch`), plain sleeps
 //! (`pg_usleep`), servicing interrupts, and reading the time
 //! (`GetCurrentTimestamp`).
 
 use pgrx::pg_sys;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering::*};
 
 /// Waits on this process's latch (set by another process, by shm_mq, or
-/// by a signal) and, if given, for `socket` to become readable, for at
-/// most `ms`; resets the latch if it was set, then services interrupts.
-/// The postmaster's death ends the process.
-pub fn wait(socket: Option<pg_sys::pgsocket>, ms: i64) {
+/// by a signal) for at most `ms`; resets the latch if it was set, then
+/// services interrupts. The postmaster's death ends the process.
+pub fn wait(ms: i64) {
     let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
     // SAFETY: MyLatch is this process's own latch, set up by PostgreSQL
     // before any extension code runs and never freed while it lives;
-    // WL_EXIT_ON_PM_DEATH needs no postmaster-death handling from us. Both
-    // waits are guarded bindings (PGINVALID_SOCKET as the socket is an
-    // ERROR, raised through the guard).
+    // WL_EXIT_ON_PM_DEATH needs no postmaster-death handling from us.
+    // Guarded bindings.
     unsafe {
-        let rc = match socket {
-            // WaitLatch reuses one wait set per process; a socket needs a
-            // set of its own.
-            None => pg_sys::WaitLatch(pg_sys::MyLatch, events as i32, ms as _, pg_sys::PG_WAIT_EXTENSION),
-            Some(fd) => pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, (events | pg_sys::WL_SOCKET_READABLE) as i32, fd, ms as _, pg_sys::PG_WAIT_EXTENSION),
-        };
+        let rc = pg_sys::WaitLatch(pg_sys::MyLatch, events as i32, ms as _, pg_sys::PG_WAIT_EXTENSION);
         if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
             pg_sys::ResetLatch(pg_sys::MyLatch);
         }
     }
     check_for_interrupts();
+}
+
+/// A wait on this process's latch and one socket, set up once for as
+/// long as the socket lives. (`WaitLatchOrSocket` builds and frees an
+/// epoll set on every call: five more system calls per wait, and a
+/// receiver waits about once per message it is sent.)
+pub struct SocketWait {
+    set: NonNull<pg_sys::WaitEventSet>,
+    socket: pg_sys::pgsocket,
+}
+
+impl SocketWait {
+    /// Watches `socket` (readable), this process's latch and the
+    /// postmaster.
+    pub fn new(socket: pg_sys::pgsocket) -> SocketWait {
+        // SAFETY: guarded bindings. The set is allocated in
+        // TopMemoryContext, which outlives it, and freed only by Drop;
+        // MyLatch is this process's own latch (see `wait`); the socket is
+        // the caller's open connection, which must outlive the set (the
+        // receiver drops it with its stream).
+        unsafe {
+            let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+            let none = pg_sys::PGINVALID_SOCKET;
+            let null = std::ptr::null_mut();
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_LATCH_SET, none, pg_sys::MyLatch, null);
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_EXIT_ON_PM_DEATH, none, std::ptr::null_mut(), null);
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_SOCKET_READABLE, socket, std::ptr::null_mut(), null);
+            SocketWait { set: NonNull::new(set).expect("CreateWaitEventSet returns memory or raises ERROR"), socket }
+        }
+    }
+
+    /// The socket watched.
+    pub fn socket(&self) -> pg_sys::pgsocket {
+        self.socket
+    }
+
+    /// Waits until the socket is readable or the latch is set, for at most
+    /// `ms`; resets the latch if it was set, then services interrupts.
+    pub fn wait(&mut self, ms: i64) {
+        // SAFETY: the set is live (freed only by Drop); a zeroed WaitEvent
+        // (integers and a null pointer) is a valid out-parameter for one
+        // event. Guarded bindings.
+        unsafe {
+            let mut event: pg_sys::WaitEvent = std::mem::zeroed();
+            let n = pg_sys::WaitEventSetWait(self.set.as_ptr(), ms as _, &mut event, 1, pg_sys::PG_WAIT_EXTENSION);
+            if n > 0 && event.events & pg_sys::WL_LATCH_SET != 0 {
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+        }
+        check_for_interrupts();
+    }
+}
+
+impl Drop for SocketWait {
+    fn drop(&mut self) {
+        // SAFETY: created by CreateWaitEventSet and freed only here;
+        // FreeWaitEventSet closes its epoll descriptor, not the socket.
+        unsafe { pg_sys::FreeWaitEventSet(self.set.as_ptr()) };
+    }
 }
 
 /// Sleeps `microseconds` without watching the latch.

@@ -9,7 +9,7 @@
 //!
 //! Also here: the WAL position a receiver's feedback reports, and its
 //! background-worker entry point. (It waits on the connection's socket
-//! through `pg::latch::wait`.)
+//! through `pg::latch::SocketWait`.)
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
