@@ -19,13 +19,19 @@
 //!   has the columns (by name) of the table as the change saw it;
 //! - a DDL statement ([`crate::ddl`]) goes out as one message at its place
 //!   in the transaction; the rows the statement itself wrote (CREATE TABLE
-//!   AS, an extension script) do not, the peers' replay writes them.
+//!   AS, an extension script) do not, the peers' replay writes them;
+//! - to a walsender, a transaction's messages up to its Prepare or Commit
+//!   go out as one chunk ([`mtm_protocol::Batch`], at most
+//!   [`BATCH_BYTES`] each): one send and one wake-up of the receiver
+//!   instead of one per row;
+//! - a vote goes only to the node that coordinates its transaction (the
+//!   slot `mtm_slot_<n>` streams to node n): the others would drop it.
 
 #![deny(unsafe_code)]
 
 use crate::pg::decoding::{self, Output, Relation, RowChange, Startup, Truncate, Tuple, Txn};
 use crate::pg::memcx::MemCx;
-use mtm_protocol::{Column, Message, OldTuple, Value};
+use mtm_protocol::{Batch, Column, Message, OldTuple, Value, VoteMessage};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -47,6 +53,47 @@ pub(crate) struct DecoderState {
     /// Between a DDL statement's two messages: its own row changes are not
     /// sent (the peers' replay of the statement makes them).
     in_ddl: bool,
+    sink: Sink,
+    /// The node this slot streams to, if its name says (`mtm_slot_<n>`).
+    subscriber: Option<i32>,
+}
+
+/// A gathered chunk goes out once it reaches this size, so a big
+/// transaction still streams.
+pub(crate) const BATCH_BYTES: usize = 64 * 1024;
+
+/// Where messages go: each straight out as its own chunk, or gathered
+/// into a batch that goes out at the end of the transaction's part.
+struct Sink {
+    batch: Option<Batch>,
+}
+
+impl Sink {
+    fn send(&mut self, out: &mut Output, msg: &Message) {
+        match &mut self.batch {
+            None => out.write(&msg.to_bytes(), true),
+            Some(batch) => {
+                batch.push(msg);
+                if batch.len() >= BATCH_BYTES {
+                    self.flush(out);
+                }
+            }
+        }
+    }
+
+    /// Writes what is gathered, at the end of a transaction's part
+    /// (Prepare, Commit, ...) or of a message outside transactions.
+    fn flush(&mut self, out: &mut Output) {
+        if let Some(chunk) = self.batch.as_mut().and_then(Batch::take) {
+            out.write(&chunk, true);
+        }
+    }
+
+    /// Sends `msg` and everything gathered before it.
+    fn send_now(&mut self, out: &mut Output, msg: &Message) {
+        self.send(out, msg);
+        self.flush(out);
+    }
 }
 
 /// Normal mode sends only transactions that originated on this node.
@@ -79,19 +126,24 @@ pub(crate) fn startup(ctx: &mut Startup, is_init: bool) -> DecoderState {
         ctx.set_twophase_opt_given(true);
     }
     let scratch = ctx.create_scratch(c"multimaster decoder");
-    DecoderState { recovery, scratch, described: HashSet::new(), local: HashMap::new(), begun: false, in_ddl: false }
+    let sink = Sink { batch: ctx.to_walsender().then(Batch::default) };
+    let subscriber = ctx.slot_name().strip_prefix("mtm_slot_").and_then(|n| n.parse().ok());
+    DecoderState {
+        recovery,
+        scratch,
+        described: HashSet::new(),
+        local: HashMap::new(),
+        begun: false,
+        in_ddl: false,
+        sink,
+        subscriber,
+    }
 }
 
 /// The shutdown callback: the state goes (its scratch context goes with
 /// the decoding context).
 pub(crate) fn shutdown(st: Box<DecoderState>) {
     drop(st);
-}
-
-/// Writes one protocol message as one plugin output chunk.
-fn write(out: &mut Output, msg: &Message, last: bool) {
-    let bytes = msg.to_bytes();
-    out.write(&bytes, last);
 }
 
 pub(crate) fn filter_by_origin(st: &DecoderState, origin_id: pg_sys::RepOriginId) -> bool {
@@ -114,14 +166,10 @@ fn ensure_begun(st: &mut DecoderState, out: &mut Output, txn: Option<&Txn>) {
     };
     st.begun = true;
     let has_origin = txn.origin_id() != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
-    write(
-        out,
-        &Message::Begin { xid: txn.xid().into(), final_lsn: txn.final_lsn(), commit_time: txn.commit_time() },
-        !has_origin,
-    );
+    st.sink.send(out, &Message::Begin { xid: txn.xid().into(), final_lsn: txn.final_lsn(), commit_time: txn.commit_time() });
     if has_origin {
         let name = crate::pg::origin::name_of(txn.origin_id()).unwrap_or_default();
-        write(out, &Message::Origin { origin_lsn: txn.origin_lsn(), name }, true);
+        st.sink.send(out, &Message::Origin { origin_lsn: txn.origin_lsn(), name });
     }
 }
 
@@ -129,7 +177,7 @@ pub(crate) fn commit(st: &mut DecoderState, out: &mut Output, txn: Txn, commit_l
     if !st.begun {
         return;
     }
-    write(out, &Message::Commit { commit_lsn, end_lsn: txn.end_lsn(), commit_time: txn.commit_time() }, true);
+    st.sink.send_now(out, &Message::Commit { commit_lsn, end_lsn: txn.end_lsn(), commit_time: txn.commit_time() });
 }
 
 fn gid_of(txn: &Txn) -> String {
@@ -152,7 +200,7 @@ pub(crate) fn prepare(st: &mut DecoderState, out: &mut Output, txn: Txn, prepare
         xid: txn.xid().into(),
         gid: gid_of(&txn),
     };
-    write(out, &msg, true);
+    st.sink.send_now(out, &msg);
 }
 
 pub(crate) fn commit_prepared(st: &mut DecoderState, out: &mut Output, txn: Txn, commit_lsn: pg_sys::XLogRecPtr) {
@@ -166,7 +214,7 @@ pub(crate) fn commit_prepared(st: &mut DecoderState, out: &mut Output, txn: Txn,
         xid: txn.xid().into(),
         gid: gid_of(&txn),
     };
-    write(out, &msg, true);
+    st.sink.send_now(out, &msg);
 }
 
 pub(crate) fn rollback_prepared(
@@ -187,7 +235,7 @@ pub(crate) fn rollback_prepared(
         xid: txn.xid().into(),
         gid: gid_of(&txn),
     };
-    write(out, &msg, true);
+    st.sink.send_now(out, &msg);
 }
 
 /// A logical message (`txn` only if `transactional`).
@@ -215,10 +263,19 @@ pub(crate) fn message(
             return; // temporary objects only: stays on this node
         }
     }
+    if !transactional && prefix == mtm_protocol::VOTE_PREFIX {
+        let to = VoteMessage::coordinator_of(&content);
+        if st.subscriber.is_some() && to != st.subscriber {
+            return;
+        }
+    }
+    let msg = Message::Message { transactional, lsn, prefix, content };
     if transactional {
         ensure_begun(st, out, txn.as_ref());
+        st.sink.send(out, &msg);
+    } else {
+        st.sink.send_now(out, &msg);
     }
-    write(out, &Message::Message { transactional, lsn, prefix, content }, true);
 }
 
 pub(crate) fn truncate(st: &mut DecoderState, out: &mut Output, txn: Txn, relations: Vec<Relation>, change: Truncate) {
@@ -232,10 +289,10 @@ pub(crate) fn truncate(st: &mut DecoderState, out: &mut Output, txn: Txn, relati
     ensure_begun(st, out, Some(&txn));
     let mut relids = Vec::with_capacity(rels.len());
     for rel in rels {
-        describe(&mut st.described, out, &rel);
+        describe(&mut st.described, &mut st.sink, out, &rel);
         relids.push(rel.id().to_u32());
     }
-    write(out, &Message::Truncate { cascade: change.cascade(), restart_identity: change.restart_seqs(), relids }, true);
+    st.sink.send(out, &Message::Truncate { cascade: change.cascade(), restart_identity: change.restart_seqs(), relids });
 }
 
 pub(crate) fn change(st: &mut DecoderState, out: &mut Output, txn: Txn, change: RowChange) {
@@ -244,9 +301,9 @@ pub(crate) fn change(st: &mut DecoderState, out: &mut Output, txn: Txn, change: 
         return;
     }
     ensure_begun(st, out, Some(&txn));
-    let DecoderState { scratch, described, .. } = st;
+    let DecoderState { scratch, described, sink, .. } = st;
     scratch.within_then_reset(|| {
-        describe(described, out, &rel);
+        describe(described, sink, out, &rel);
         let relid = rel.id().to_u32();
         let full = rel.replica_identity() == pg_sys::REPLICA_IDENTITY_FULL;
         let old = change.old_tuple().map(|old| {
@@ -266,7 +323,7 @@ pub(crate) fn change(st: &mut DecoderState, out: &mut Output, txn: Txn, change: 
             _ => None,
         };
         if let Some(msg) = msg {
-            write(out, &msg, true);
+            sink.send(out, &msg);
         }
     });
 }
@@ -277,7 +334,7 @@ fn live_attributes<'a>(rel: &Relation<'a>) -> Vec<&'a pg_sys::FormData_pg_attrib
 }
 
 /// Sends the Relation message once per relation per transaction.
-fn describe(described: &mut HashSet<pg_sys::Oid>, out: &mut Output, rel: &Relation) {
+fn describe(described: &mut HashSet<pg_sys::Oid>, sink: &mut Sink, out: &mut Output, rel: &Relation) {
     let relid = rel.id();
     if !described.insert(relid) {
         return;
@@ -303,7 +360,7 @@ fn describe(described: &mut HashSet<pg_sys::Oid>, out: &mut Output, rel: &Relati
         Some(nsp) => nsp.to_string_lossy().into_owned(),
     };
     let name = rel.name().to_string_lossy().into_owned();
-    write(out, &Message::Relation { relid: relid.to_u32(), namespace, name, replica_identity: replident, columns }, false);
+    sink.send(out, &Message::Relation { relid: relid.to_u32(), namespace, name, replica_identity: replident, columns });
 }
 
 /// A heap tuple's live columns as protocol values.

@@ -179,7 +179,12 @@ impl Receiver<'_> {
                     match data[0] {
                         b'w' if data.len() >= 25 => {
                             self.received = self.received.max(u64::from_be_bytes(data[9..17].try_into().expect("8 bytes")));
-                            self.message(&data[25..]);
+                            for payload in mtm_protocol::unbatch(&data[25..]) {
+                                match payload {
+                                    Ok(payload) => self.message(payload),
+                                    Err(e) => error!("multimaster: broken batch of messages from node {}: {e}", self.peer),
+                                }
+                            }
                         }
                         b'k' if data.len() >= 18 => {
                             self.received = self.received.max(u64::from_be_bytes(data[1..9].try_into().expect("8 bytes")));

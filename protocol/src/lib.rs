@@ -2,10 +2,11 @@
 //! `extension/PROTOCOL.md`. Safe Rust with no PostgreSQL dependency: the
 //! extension's decoder encodes with it, receivers and tests decode with it.
 //!
-//! Every message is one chunk written by the plugin (one row of
-//! `pg_logical_slot_get_binary_changes`, one CopyData of a walsender
-//! stream) and starts with a one-byte type. Integers are big-endian;
-//! strings are a u32 byte length then UTF-8 bytes.
+//! Every message starts with a one-byte type and is written by the plugin
+//! as one chunk (one row of `pg_logical_slot_get_binary_changes`, one
+//! CopyData of a walsender stream) or, to a walsender, within a [`Batch`]
+//! of one transaction's messages. Integers are big-endian; strings are a
+//! u32 byte length then UTF-8 bytes.
 
 #![forbid(unsafe_code)]
 
@@ -69,6 +70,9 @@ pub mod tag {
     pub const ROLLBACK_PREPARED: u8 = b'r';
     pub const COMMIT: u8 = b'C';
     pub const MESSAGE: u8 = b'M';
+    /// Not a message of its own: several messages of one transaction in
+    /// one chunk ([`Batch`]).
+    pub const BATCH: u8 = b'X';
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -246,6 +250,16 @@ impl Message {
 
     /// Decodes exactly one message occupying all of `buf`.
     pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
+        let (m, rest) = Message::decode_prefix(buf)?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Trailing(rest.len()));
+        }
+        Ok(m)
+    }
+
+    /// Decodes the message at the start of `buf`; also returns what
+    /// follows it.
+    pub fn decode_prefix(buf: &[u8]) -> Result<(Message, &[u8]), DecodeError> {
         let mut r = Reader(buf);
         let m = match r.u8()? {
             tag::BEGIN => Message::Begin { xid: r.u32()?, final_lsn: r.u64()?, commit_time: r.i64()? },
@@ -305,10 +319,88 @@ impl Message {
             },
             other => return Err(DecodeError::UnknownType(other)),
         };
-        if !r.0.is_empty() {
-            return Err(DecodeError::Trailing(r.0.len()));
+        Ok((m, r.0))
+    }
+}
+
+/// Messages of one transaction gathered into one chunk, so that a walsender
+/// sends a small transaction with one write instead of one per message,
+/// and its receiver wakes once. Layout: tag `X`, then per message a u32
+/// byte length and the message. A batch of one is sent as the message
+/// itself, so a reader that never sees more than one message per
+/// transaction part sees no `X` at all.
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    /// Messages gathered.
+    count: usize,
+}
+
+impl Batch {
+    /// Adds `msg` at the end.
+    pub fn push(&mut self, msg: &Message) {
+        if self.buf.is_empty() {
+            self.buf.push(tag::BATCH);
         }
-        Ok(m)
+        let len_at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        msg.encode(&mut self.buf);
+        let len = (self.buf.len() - len_at - 4) as u32;
+        self.buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+        self.count += 1;
+    }
+
+    /// Bytes gathered so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The chunk to write (the message itself if there is only one) and
+    /// an empty batch; None if nothing was gathered.
+    pub fn take(&mut self) -> Option<Vec<u8>> {
+        let count = std::mem::take(&mut self.count);
+        let mut buf = std::mem::take(&mut self.buf);
+        match count {
+            0 => None,
+            1 => Some(buf.split_off(5)),
+            _ => Some(buf),
+        }
+    }
+}
+
+/// The messages of one chunk: those of a [`Batch`], or the chunk itself.
+pub fn unbatch(chunk: &[u8]) -> Unbatch<'_> {
+    match chunk.first() {
+        Some(&tag::BATCH) => Unbatch { rest: &chunk[1..], whole: None },
+        _ => Unbatch { rest: &[], whole: Some(chunk) },
+    }
+}
+
+/// Iterator of [`unbatch`]: each message's bytes, or where the framing is
+/// broken.
+pub struct Unbatch<'a> {
+    rest: &'a [u8],
+    whole: Option<&'a [u8]>,
+}
+
+impl<'a> Iterator for Unbatch<'a> {
+    type Item = Result<&'a [u8], DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(whole) = self.whole.take() {
+            return Some(Ok(whole));
+        }
+        if self.rest.is_empty() {
+            return None;
+        }
+        let mut r = Reader(self.rest);
+        let item = r.bytes();
+        self.rest = if item.is_ok() { r.0 } else { &[] };
+        Some(item)
     }
 }
 
@@ -332,6 +424,12 @@ pub struct VoteMessage {
 }
 
 impl VoteMessage {
+    /// The coordinator a vote's content is addressed to, read without
+    /// decoding the rest (a walsender sends each vote only to it).
+    pub fn coordinator_of(content: &[u8]) -> Option<i32> {
+        Reader(content).i32().ok()
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.gid.len());
         put_i32(&mut out, self.coordinator);
@@ -577,6 +675,48 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_batch_frames_its_messages_and_a_batch_of_one_is_the_message_itself() {
+        let begin = Message::Begin { xid: 7, final_lsn: 100, commit_time: 5 };
+        let insert = Message::Insert { relid: 16384, new: vec![Value::Binary(vec![0, 0, 0, 1]), Value::Null] };
+        let prepare = Message::Prepare { prepare_lsn: 100, end_lsn: 120, prepare_time: 5, xid: 7, gid: "mtm-1-9".into() };
+        let mut batch = Batch::default();
+        assert!(batch.take().is_none());
+        batch.push(&begin);
+        let lone = batch.take().expect("one message");
+        assert_eq!(lone, begin.to_bytes());
+        assert_eq!(unbatch(&lone).collect::<Vec<_>>(), vec![Ok(&lone[..])]);
+        assert!(batch.is_empty() && batch.len() == 0);
+
+        for m in [&begin, &insert, &prepare] {
+            batch.push(m);
+        }
+        let chunk = batch.take().expect("three messages");
+        assert_eq!(chunk[0], tag::BATCH);
+        let decoded: Vec<Message> = unbatch(&chunk).map(|m| Message::decode(m.expect("framed")).expect("decodes")).collect();
+        assert_eq!(decoded, vec![begin, insert, prepare]);
+    }
+
+    #[test]
+    fn a_broken_batch_ends_with_an_error() {
+        let mut batch = Batch::default();
+        batch.push(&Message::Commit { commit_lsn: 1, end_lsn: 2, commit_time: 3 });
+        batch.push(&Message::Commit { commit_lsn: 4, end_lsn: 5, commit_time: 6 });
+        let chunk = batch.take().expect("two");
+        let cut = &chunk[..chunk.len() - 3];
+        let items: Vec<_> = unbatch(cut).collect();
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_ok());
+        assert_eq!(items[1], Err(DecodeError::Short));
+    }
+
+    #[test]
+    fn a_votes_coordinator_is_read_without_decoding_it() {
+        let v = VoteMessage { coordinator: 3, voter: 1, gid: "mtm-3-1".into(), refusal: None };
+        assert_eq!(VoteMessage::coordinator_of(&v.to_bytes()), Some(3));
+        assert_eq!(VoteMessage::coordinator_of(&[0, 1]), None);
+    }
+
     use super::*;
 
     fn all() -> Vec<Message> {

@@ -1,7 +1,8 @@
 //! The `multimaster` output plugin on a real node: changes read back with
-//! pg_logical_slot_get_binary_changes and decoded with mtm-protocol.
+//! pg_logical_slot_get_binary_changes (and, for what only a walsender
+//! does, streamed by pg_recvlogical) and decoded with mtm-protocol.
 
-use mtm_protocol::{Message, OldTuple, Value};
+use mtm_protocol::{tag, Message, OldTuple, Value, VoteMessage};
 use mtmctl::testing::TestCluster;
 use postgres::{Client, NoTls};
 
@@ -175,4 +176,78 @@ fn two_phase_truncate_messages_local_tables_and_origins() {
     let d = data_messages(&recovery);
     assert!(matches!(d[1], Message::Origin { name, origin_lsn } if name == "mtm_node_2" && *origin_lsn == 0xAB), "{d:#?}");
     assert!(matches!(d[2], Message::Insert { new, .. } if new[0] == int4(42)));
+}
+
+/// The chunks pg_recvlogical wrote to `out`: each followed by a newline it
+/// adds; a chunk is one message or a batch of them (a batch's frames
+/// carry their lengths; a newline where the next length would start ends
+/// it: no frame is 167 MB long).
+fn recvlogical_chunks(mut out: &[u8]) -> Vec<Vec<Message>> {
+    let mut chunks = Vec::new();
+    while !out.is_empty() {
+        let mut messages = Vec::new();
+        if out[0] == tag::BATCH {
+            out = &out[1..];
+            while out[0] != b'\n' {
+                let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+                messages.push(Message::decode(&out[4..4 + len]).expect("a framed message"));
+                out = &out[4 + len..];
+            }
+        } else {
+            let (m, rest) = Message::decode_prefix(out).expect("a message");
+            messages.push(m);
+            out = rest;
+        }
+        assert_eq!(out[0], b'\n', "pg_recvlogical ends each chunk with a newline");
+        out = &out[1..];
+        chunks.push(messages);
+    }
+    chunks
+}
+
+#[test]
+fn a_walsender_sends_a_transaction_in_one_chunk_and_a_vote_only_to_its_coordinator() {
+    let c = TestCluster::start(1);
+    let mut cl = node_client(&c);
+    // The slot a node 2 would stream from node 1.
+    exec_each(
+        &mut cl,
+        "create table w(id int primary key, v text);
+         select pg_create_logical_replication_slot('mtm_slot_2', 'multimaster', false, true)",
+    );
+    cl.batch_execute("begin; insert into w values (1, 'a'); insert into w values (2, 'b'); update w set v = 'c' where id = 1; commit")
+        .unwrap();
+    for coordinator in [2, 3] {
+        let vote = VoteMessage { coordinator, voter: 1, gid: format!("mtm-{coordinator}-7"), refusal: None }.to_bytes();
+        cl.execute("select pg_logical_emit_message(false, $1, $2::bytea)", &[&mtm_protocol::VOTE_PREFIX, &vote]).unwrap();
+    }
+    cl.batch_execute("insert into w values (3, 'd')").unwrap();
+    let end: String = cl.query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stream");
+    let status = std::process::Command::new("pg_recvlogical")
+        .args(["-d", &c.node(1).admin_conninfo("postgres"), "-S", "mtm_slot_2", "--start", "--no-loop"])
+        .args(["--endpos", &end, "-f", file.to_str().unwrap()])
+        .status()
+        .expect("pg_recvlogical must be installed (postgresql-client-15)");
+    assert!(status.success(), "pg_recvlogical failed");
+    let chunks = recvlogical_chunks(&std::fs::read(&file).unwrap());
+
+    let kinds: Vec<Vec<u8>> = chunks.iter().map(|ms| ms.iter().map(|m| m.to_bytes()[0]).collect()).collect();
+    assert_eq!(
+        kinds,
+        [
+            b"BRIIUC".to_vec(), // the first transaction, whole, in one chunk
+            b"M".to_vec(),      // the vote for node 2; node 3's is not sent here
+            b"BRIC".to_vec(),
+        ],
+        "chunks: {chunks:?}"
+    );
+    match &chunks[1][0] {
+        Message::Message { transactional: false, content, .. } => {
+            assert_eq!(VoteMessage::decode(content).unwrap().coordinator, 2)
+        }
+        other => panic!("expected the vote, got {other:?}"),
+    }
 }

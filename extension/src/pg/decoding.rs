@@ -243,6 +243,20 @@ impl Startup<'_> {
         unsafe { crate::pg::nodes::DefElem::list(self.ctx.output_plugin_options) }
     }
 
+    /// The name of the slot being decoded.
+    pub fn slot_name(&self) -> String {
+        // SAFETY: a decoding context always has its slot acquired while
+        // the startup callback runs; its name is a NUL-terminated NameData.
+        unsafe { CStr::from_ptr((*self.ctx.slot).data.name.data.as_ptr()).to_string_lossy().into_owned() }
+    }
+
+    /// Whether the output goes to a walsender's stream (rather than to
+    /// the rows of `pg_logical_slot_*_changes`).
+    pub fn to_walsender(&self) -> bool {
+        // SAFETY: a plain bool PostgreSQL sets at backend start, read only.
+        unsafe { pg_sys::am_walsender }
+    }
+
     /// Whether this session decodes two-phase transactions at PREPARE.
     pub fn set_twophase(&mut self, on: bool) {
         self.ctx.twophase = on;
