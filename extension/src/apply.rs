@@ -63,6 +63,8 @@ pub struct Applier {
     retrying: bool,
     /// The failure was giving way to an older transaction of this peer.
     failed_for_own_peer: bool,
+    /// The transaction being prepared kept NOTIFYs for its commit.
+    notifies: bool,
 }
 
 /// Most a worker keeps of one transaction for its serial retry; a bigger
@@ -85,6 +87,7 @@ impl Applier {
             failed_for_own_peer: false,
             // A child of TopMemoryContext, kept for the worker's life.
             change_cx: MemCx::for_process(c"multimaster apply change"),
+            notifies: false,
         }
     }
 
@@ -148,7 +151,8 @@ impl Applier {
         }
         if let Message::Prepare { gid, .. } = &msg {
             // Kept in the prepared transaction, queued at its commit.
-            if !self.notifications.is_empty() {
+            self.notifies = !self.notifications.is_empty();
+            if self.notifies {
                 let notifications = std::mem::take(&mut self.notifications);
                 self.guarded(|_| crate::notify::store(gid, &notifications));
             }
@@ -227,6 +231,10 @@ impl Applier {
                     return;
                 }
                 origin::set_session_progress(end_lsn, prepare_time);
+                // Makes the transaction decodable (and gives it its xid, if
+                // it changed nothing) for our walsender to the peer, which
+                // sends its PREPARE as our yes (`decoder::filter_by_origin`).
+                crate::pg::rmgr::log_logical_message(crate::decoder::APPLIED_PREFIX, &[], true);
                 let xid = twophase::top_xid_if_any().into_inner();
                 let prepared = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
                     exec::prepare_transaction_block(&gid);
@@ -239,8 +247,7 @@ impl Applier {
                 match prepared {
                     Ok(()) => {
                         crate::votes::record(&gid, &crate::votes::Vote::Yes);
-                        crate::votes::note_applied_prepare(&gid, xid, self.peer, prepare_time);
-                        crate::votes::send(self.peer, &gid, None);
+                        crate::votes::note_applied_prepare(&gid, xid, self.peer, prepare_time, self.notifies);
                     }
                     Err((sqlstate, message)) => {
                         twophase::abort_current_transaction();
@@ -601,7 +608,7 @@ pub fn finish_prepared(peer: i32, gid: &str, commit: bool, end_lsn: u64, time: p
         // Inside the transaction started above; an ERROR unwinds to the
         // worker's guard through our frames.
         twophase::finish_prepared(&c_gid, commit);
-        if commit {
+        if commit && crate::votes::may_notify(gid) {
             crate::notify::deliver(gid);
         }
     } else {
@@ -610,8 +617,10 @@ pub fn finish_prepared(peer: i32, gid: &str, commit: bool, end_lsn: u64, time: p
     }
     exec::commit_transaction_command();
     crate::votes::forget(gid);
-    if commit {
-        // Now visible here: the coordinator may answer its client.
+    if commit && !here {
+        // No COMMIT PREPARED record for our walsender to ack (it acks the
+        // ones it decodes, `decoder.rs`): say it ourselves, so the
+        // coordinator need not wait for its timeout.
         crate::votes::send_committed(peer, gid);
     }
 }

@@ -25,11 +25,14 @@
 //!   [`BATCH_BYTES`] each): one send and one wake-up of the receiver
 //!   instead of one per row;
 //! - a vote goes only to the node that coordinates its transaction (the
-//!   slot `mtm_slot_<n>` streams to node n): the others would drop it.
+//!   slot `mtm_slot_<n>` streams to node n): the others would drop it;
+//! - on the slot of node n, the PREPARE of one of n's transactions applied
+//!   here goes out as this node's yes vote, and its COMMIT PREPARED as
+//!   the ack ([`filter_by_origin`]).
 
 #![deny(unsafe_code)]
 
-use crate::pg::decoding::{self, Output, Relation, RowChange, Startup, Truncate, Tuple, Txn};
+use crate::pg::decoding::{self, FilteredRecord, Output, Relation, RowChange, Startup, Truncate, Tuple, Txn};
 use crate::pg::memcx::MemCx;
 use mtm_protocol::{Batch, Column, Message, OldTuple, Value, VoteMessage};
 use pgrx::pg_sys;
@@ -46,6 +49,9 @@ pub(crate) struct DecoderState {
     described: HashSet<pg_sys::Oid>,
     /// Whether a relation is local (looked up once per transaction).
     local: HashMap<pg_sys::Oid, bool>,
+    /// The rows of `mtm.local_tables` (schema, name) as this transaction
+    /// sees them: read at its first relation, once (not once per relation).
+    local_tables: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     /// Begin (and Origin) of the current transaction went out. Begin is
     /// sent lazily, so a transaction with nothing to send (only local
     /// tables) sends nothing at all.
@@ -133,6 +139,7 @@ pub(crate) fn startup(ctx: &mut Startup, is_init: bool) -> DecoderState {
         scratch,
         described: HashSet::new(),
         local: HashMap::new(),
+        local_tables: None,
         begun: false,
         in_ddl: false,
         sink,
@@ -146,15 +153,53 @@ pub(crate) fn shutdown(st: Box<DecoderState>) {
     drop(st);
 }
 
-pub(crate) fn filter_by_origin(st: &DecoderState, origin_id: pg_sys::RepOriginId) -> bool {
-    // true = skip. Normal mode sends only what originated here.
-    !st.recovery && origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+/// Whether to skip what a record with origin `origin_id` says (true =
+/// skip). Normal mode sends only what originated here, with one
+/// exception: on the slot of node n, the PREPARE and COMMIT PREPARED of
+/// n's transactions applied here go through, to become this node's yes
+/// vote and its ack to n ([`prepare`], [`commit_prepared`]). They cost no
+/// flush of their own: the records that PostgreSQL flushes anyway say it,
+/// and only once they are on disk. PostgreSQL decodes only a transaction
+/// it has queued a change of, so the apply worker logs one
+/// [`APPLIED_PREFIX`] message before each PREPARE, which goes through here
+/// too (and no further, [`message`]); the rows stay filtered.
+pub(crate) fn filter_by_origin(st: &DecoderState, origin_id: pg_sys::RepOriginId, record: FilteredRecord) -> bool {
+    if st.recovery || origin_id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+        return false;
+    }
+    match record {
+        FilteredRecord::Prepare | FilteredRecord::CommitPrepared | FilteredRecord::Message => {
+            applied_from_subscriber(st, origin_id).is_none()
+        }
+        FilteredRecord::Other => true,
+    }
+}
+
+/// Prefix of the transactional message an apply worker logs before it
+/// prepares a peer's transaction (empty content; see [`filter_by_origin`]).
+pub(crate) const APPLIED_PREFIX: &CStr = c"mtm_applied";
+
+/// The node this slot streams to, if `origin` is one under which this
+/// node applies (or finishes) that node's transactions.
+fn applied_from_subscriber(st: &DecoderState, origin: pg_sys::RepOriginId) -> Option<i32> {
+    let peer = crate::pool::peer_of_origin(origin)?;
+    (st.subscriber == Some(peer)).then_some(peer)
+}
+
+/// Sends this node's yes on `gid` to `coordinator`, as the vote message
+/// an apply worker would log (`votes::send`), at `lsn`.
+fn send_vote(st: &mut DecoderState, out: &mut Output, coordinator: i32, gid: String, lsn: pg_sys::XLogRecPtr) {
+    let voter = crate::votes::MY_NODE.get().load(std::sync::atomic::Ordering::Relaxed);
+    let content = VoteMessage { coordinator, voter, gid, refusal: None }.to_bytes();
+    let vote = Message::Message { transactional: false, lsn, prefix: mtm_protocol::VOTE_PREFIX.to_string(), content };
+    st.sink.send_now(out, &vote);
 }
 
 /// begin and begin_prepare.
 pub(crate) fn begin(st: &mut DecoderState) {
     st.described.clear();
     st.local.clear();
+    st.local_tables = None;
     st.begun = false;
     st.in_ddl = false;
 }
@@ -190,6 +235,11 @@ fn gid_of(txn: &Txn) -> String {
 pub(crate) fn prepare(st: &mut DecoderState, out: &mut Output, txn: Txn, prepare_lsn: pg_sys::XLogRecPtr) {
     // A prepare goes out even with no changes: its gid is what peers vote on.
     if skipped_origin(st, &txn) {
+        // The subscriber's transaction, prepared here and on disk (a
+        // walsender reads only flushed WAL): our yes.
+        if let Some(coordinator) = applied_from_subscriber(st, txn.origin_id()) {
+            send_vote(st, out, coordinator, gid_of(&txn), prepare_lsn);
+        }
         return;
     }
     ensure_begun(st, out, Some(&txn));
@@ -205,6 +255,13 @@ pub(crate) fn prepare(st: &mut DecoderState, out: &mut Output, txn: Txn, prepare
 
 pub(crate) fn commit_prepared(st: &mut DecoderState, out: &mut Output, txn: Txn, commit_lsn: pg_sys::XLogRecPtr) {
     if skipped_origin(st, &txn) {
+        // The subscriber's transaction, committed here: the ack its
+        // coordinator waits for before it answers COMMIT (proxy gids only).
+        let gid = gid_of(&txn);
+        if let Some(coordinator) = applied_from_subscriber(st, txn.origin_id()).filter(|_| crate::votes::acked(&gid)) {
+            wait_until_visible(txn.xid());
+            send_vote(st, out, coordinator, crate::votes::committed_key(&gid), commit_lsn);
+        }
         return;
     }
     let msg = Message::CommitPrepared {
@@ -215,6 +272,17 @@ pub(crate) fn commit_prepared(st: &mut DecoderState, out: &mut Output, txn: Txn,
         gid: gid_of(&txn),
     };
     st.sink.send_now(out, &msg);
+}
+
+/// The ack says the transaction is visible here. Its COMMIT PREPARED
+/// record is flushed just before the committing process takes it out of
+/// the proc array: wait for that (microseconds; bounded, in case).
+fn wait_until_visible(xid: pg_sys::TransactionId) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while decoding::xid_in_progress(xid) && std::time::Instant::now() < deadline {
+        crate::pg::latch::sleep(20);
+        crate::pg::latch::check_for_interrupts();
+    }
 }
 
 pub(crate) fn rollback_prepared(
@@ -248,6 +316,12 @@ pub(crate) fn message(
     prefix: &CStr,
     content: &[u8],
 ) {
+    // A message of a peer's transaction applied here (`APPLIED_PREFIX`, or
+    // anything else the apply logged): it only made the transaction
+    // decodable, for the vote at its PREPARE.
+    if txn.as_ref().is_some_and(|t| skipped_origin(st, t)) {
+        return;
+    }
     let prefix = prefix.to_string_lossy().into_owned();
     let content = content.to_vec();
     if transactional && prefix == mtm_protocol::DDL_BEGIN_PREFIX {
@@ -257,8 +331,10 @@ pub(crate) fn message(
     if transactional && prefix == mtm_protocol::DDL_PREFIX {
         st.in_ddl = false;
         // The statement may have changed the columns of tables already
-        // described in this transaction: describe them again.
+        // described in this transaction (or which are local): look again.
         st.described.clear();
+        st.local.clear();
+        st.local_tables = None;
         if content.is_empty() {
             return; // temporary objects only: stays on this node
         }
@@ -390,14 +466,18 @@ fn is_local(st: &mut DecoderState, rel: &Relation) -> bool {
     if let Some(&v) = st.local.get(&relid) {
         return v;
     }
+    let tables = st.local_tables.get_or_insert_with(|| {
+        let mut rows = Vec::new();
+        decoding::any_local_table(|s, n| {
+            rows.push((s.to_bytes().to_vec(), n.to_bytes().to_vec()));
+            false
+        });
+        rows
+    });
     let v = match rel.namespace_name() {
         None => false,
-        Some(nsp) => local_tables_contains(nsp.to_bytes(), rel.name().to_bytes()),
+        Some(nsp) => tables.iter().any(|(s, n)| s == nsp.to_bytes() && n == rel.name().to_bytes()),
     };
     st.local.insert(relid, v);
     v
-}
-
-fn local_tables_contains(schema: &[u8], name: &[u8]) -> bool {
-    decoding::any_local_table(|s, n| s.to_bytes() == schema && n.to_bytes() == name)
 }

@@ -102,6 +102,11 @@ pub struct PeerPool {
     /// out of commit order, and abandoned transactions dropped.
     pub finished_out_of_order: AtomicU64,
     pub dropped_before_prepare: AtomicU64,
+    /// The ids of the replication origins `mtm_node_<peer>` and
+    /// `mtm_finish_<peer>`, 0 until the receiver from the peer starts:
+    /// this node's walsenders tell the peer's transactions applied here by
+    /// them ([`peer_of_origin`]).
+    pub origins: [AtomicU32; 2],
 }
 
 /// How many abandoned transaction numbers a pool remembers.
@@ -150,6 +155,7 @@ impl Default for PoolTable {
                 abandoned: std::array::from_fn(|_| AtomicU64::new(0)),
                 finished_out_of_order: AtomicU64::new(0),
                 dropped_before_prepare: AtomicU64::new(0),
+                origins: std::array::from_fn(|_| AtomicU32::new(0)),
             }),
         }
     }
@@ -181,6 +187,17 @@ pub fn finish_origin_of(peer: i32) -> pg_sys::RepOriginId {
     })
     .unwrap_or_else(|e| error!("multimaster: cannot create the replication origin {name}: {e}"));
     crate::pg::origin::origin_by_name(&std::ffi::CString::new(name).expect("no NUL"))
+}
+
+/// The peer whose transactions this node applies (or finishes) under
+/// replication origin `origin`, if a receiver from it has published it.
+pub fn peer_of_origin(origin: pg_sys::RepOriginId) -> Option<i32> {
+    let origin = u32::from(origin);
+    if origin == 0 {
+        return None;
+    }
+    let table = POOLS.get();
+    (1..=MAX_NODES).find(|&p| table.peers[p].origins.iter().any(|o| o.load(Acquire) == origin)).map(|p| p as i32)
 }
 
 /// The peer and the transaction time of the apply worker `pid`, if it is

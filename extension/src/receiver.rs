@@ -73,6 +73,13 @@ fn run(me: i32, peer: i32, conninfo: &str) {
     let finish_origin = crate::pool::finish_origin_of(peer);
     let workers = crate::MAX_WORKERS.get().max(1) as usize;
     let queues = Queues::start(peer, workers);
+    // Before anything is applied under them: a walsender sends our vote on
+    // a prepare (and our ack of its commit) by the origin (`decoder.rs`),
+    // signed with our node id.
+    crate::votes::MY_NODE.get().store(me, Relaxed);
+    for (slot, id) in queues.pool().origins.iter().zip([origin, finish_origin]) {
+        slot.store(id.into(), Release);
+    }
     // Read after the old pool's workers (which held the origin) are gone.
     let start = crate::pg::origin::progress(origin);
 

@@ -53,6 +53,9 @@ pub struct VoteSlot {
     xid: u32,
     home: i32,
     prepared_at: i64,
+    /// Such a gid kept NOTIFYs in `mtm.notifications` to queue at its
+    /// commit (without any, the commit skips that look-up).
+    notifies: bool,
     /// Order of decisions, for eviction.
     stamp: u64,
 }
@@ -76,6 +79,7 @@ impl Default for VoteTable {
             xid: 0,
             home: 0,
             prepared_at: 0,
+            notifies: false,
             stamp: 0,
         };
         VoteTable { slots: [empty; SLOTS], next_stamp: 1 }
@@ -129,6 +133,7 @@ impl VoteTable {
         s.waiter = -1;
         s.message_len = 0;
         s.xid = 0;
+        s.notifies = false;
         i
     }
 }
@@ -168,12 +173,23 @@ pub fn record(gid: &str, vote: &Vote) {
 }
 
 /// This node applied and prepared `gid` (transaction `xid` here) from its
-/// home node `home`, where it was prepared at `prepared_at`.
-pub fn note_applied_prepare(gid: &str, xid: u32, home: i32, prepared_at: i64) {
+/// home node `home`, where it was prepared at `prepared_at`, keeping
+/// NOTIFYs for its commit if `notifies`.
+pub fn note_applied_prepare(gid: &str, xid: u32, home: i32, prepared_at: i64, notifies: bool) {
     let mut t = VOTES.exclusive();
     if let Some(i) = t.find(gid_bytes(gid)) {
         let s = &mut t.slots[i];
-        (s.xid, s.home, s.prepared_at) = (xid, home, prepared_at);
+        (s.xid, s.home, s.prepared_at, s.notifies) = (xid, home, prepared_at, notifies);
+    }
+}
+
+/// Whether `gid` may have NOTIFYs kept for its commit: false only for a
+/// gid this node applied, prepared and noted without any.
+pub fn may_notify(gid: &str) -> bool {
+    let t = VOTES.share();
+    match t.find(gid_bytes(gid)) {
+        Some(i) => t.slots[i].state != VoteState::Yes || t.slots[i].xid == 0 || t.slots[i].notifies,
+        None => true,
     }
 }
 
@@ -231,9 +247,15 @@ pub fn committed_key(gid: &str) -> String {
 ///
 /// From an apply worker's main thread, outside a transaction.
 pub fn send_committed(coordinator: i32, gid: &str) {
-    if gid.starts_with("mtm-") {
+    if acked(gid) {
         send(coordinator, &committed_key(gid), None);
     }
+}
+
+/// Whether peers acknowledge their commit of `gid` to its coordinator:
+/// only the proxy's gids (nobody waits for a client's).
+pub fn acked(gid: &str) -> bool {
+    gid.starts_with("mtm-")
 }
 
 /// Waits up to `timeout_ms` until every peer has committed `gid`, which

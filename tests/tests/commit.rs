@@ -53,6 +53,14 @@ fn a_commit_is_visible_on_every_node_when_it_returns() {
         }
     }
     assert_eq!(commits(&c, "committed"), 120.0 + 1.0, "every write through the 2PC (and the CREATE TABLE)");
+    // Writes that change no row still go through the 2PC; the peers
+    // acknowledge their commit like any other.
+    for writer in &mut s {
+        writer.batch_execute("update seen set v = v where id = -1").unwrap();
+        writer.batch_execute("delete from seen where id = -2").unwrap();
+        writer.batch_execute("insert into seen values (0, 0) on conflict do nothing").unwrap();
+    }
+    assert_eq!(commits(&c, "committed"), 121.0 + 9.0, "writes of no row through the 2PC too");
     let text = mtm_tests::http_get(c.layout.metrics_port, "/metrics");
     assert!(!text.lines().any(|l| l.starts_with("mtm_proxy_commits_unconfirmed_total") && !l.ends_with(" 0")), "{text}");
 }

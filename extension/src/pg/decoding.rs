@@ -105,11 +105,45 @@ unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
     }
 }
 
+/// The kind of WAL record the decoder is asked about when it filters by
+/// origin: a transaction's PREPARE or COMMIT PREPARED, a logical message,
+/// or anything else (a row change, another end of transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilteredRecord {
+    Prepare,
+    CommitPrepared,
+    /// A logical message (`pg_logical_emit_message`, ours).
+    Message,
+    Other,
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn filter_by_origin(ctx: *mut pg_sys::LogicalDecodingContext, origin_id: pg_sys::RepOriginId) -> bool {
     // SAFETY: a decoding callback after startup (see `parts`).
     let (st, _) = unsafe { parts(ctx) };
-    crate::decoder::filter_by_origin(st, origin_id)
+    // SAFETY: the filter runs while the reader decodes a record: `reader`
+    // and its current `record` are live (checked for null all the same).
+    let record = unsafe {
+        let reader = (*ctx).reader;
+        match reader.as_ref().and_then(|r| r.record.as_ref()) {
+            Some(rec) if u32::from(rec.header.xl_rmid) == pg_sys::RmgrIds::RM_XACT_ID => {
+                match u32::from(rec.header.xl_info) & pg_sys::XLOG_XACT_OPMASK {
+                    pg_sys::XLOG_XACT_PREPARE => FilteredRecord::Prepare,
+                    pg_sys::XLOG_XACT_COMMIT_PREPARED => FilteredRecord::CommitPrepared,
+                    _ => FilteredRecord::Other,
+                }
+            }
+            Some(rec) if u32::from(rec.header.xl_rmid) == pg_sys::RmgrIds::RM_LOGICALMSG_ID => FilteredRecord::Message,
+            _ => FilteredRecord::Other,
+        }
+    };
+    crate::decoder::filter_by_origin(st, origin_id, record)
+}
+
+/// Whether transaction `xid` is still running (or prepared) here.
+pub fn xid_in_progress(xid: pg_sys::TransactionId) -> bool {
+    // SAFETY: reads the proc array under its own lock; any xid is valid input.
+    unsafe { pg_sys::TransactionIdIsInProgress(xid) }
 }
 
 #[pg_guard]
