@@ -67,6 +67,11 @@ pub fn apply_session_settings(application_name: &str) {
     crate::pg::guc::set_override(c"application_name", &appname, pg_sys::GucContext::PGC_USERSET);
 }
 
+/// How often the receiver asks whether its apply workers still run (a
+/// worker that stops also detaches from its queue, which the next send
+/// notices at once).
+const POOL_CHECK_EVERY: Duration = Duration::from_millis(100);
+
 fn run(me: i32, peer: i32, conninfo: &str) {
     apply_session_settings(&format!("mtm_receiver_from_{peer}_connecting"));
     let origin = crate::pool::origin_of(peer);
@@ -120,6 +125,7 @@ fn run(me: i32, peer: i32, conninfo: &str) {
         received: start,
         flush: FlushTracker::new(start),
         last_feedback: Instant::now(),
+        last_pool_check: Instant::now(),
         last_heard: Instant::now(),
         serial_until,
     };
@@ -160,6 +166,8 @@ struct Receiver<'c> {
     /// What is committed here and flushed: workers commit asynchronously.
     flush: FlushTracker,
     last_feedback: Instant,
+    /// When the receiver last asked whether its workers are alive.
+    last_pool_check: Instant,
     /// When the peer last sent anything (data or keepalive).
     last_heard: Instant,
     /// Apply one transaction at a time up to this peer LSN.
@@ -422,7 +430,13 @@ impl Receiver<'_> {
 
     /// Ends the receiver if its pool has stopped (a worker failed).
     fn check_pool(&mut self) {
-        if self.queues.pool().stopped(self.queues.epoch) || self.queues.dead_worker().is_some() {
+        // Asking the postmaster about each worker takes a lock per worker;
+        // the receiver passes here once per message or wait.
+        let ask = self.last_pool_check.elapsed() >= POOL_CHECK_EVERY;
+        if ask {
+            self.last_pool_check = Instant::now();
+        }
+        if self.queues.pool().stopped(self.queues.epoch) || (ask && self.queues.dead_worker().is_some()) {
             self.fail("an apply worker stopped");
         }
     }
