@@ -209,16 +209,27 @@ fn a_conflicting_prepare_is_a_no_vote_with_its_reason() {
 /// can run before `mtm-a<k>`'s update is there: a duplicate key that
 /// applying them in order would not have. Without the retry the peer
 /// would vote no, never prepare `mtm-b<k>`, skip its COMMIT PREPARED, and
-/// miss the row.
+/// miss the row. `mtm-a<k>` first inserts 1000 rows elsewhere: a peer
+/// applies them one by one, slower than node 1 wrote them, so `mtm-b<k>`
+/// arrives while `mtm-a<k>` is still being applied (a peer that applied
+/// `mtm-a<k>` at once would finish it before `mtm-b<k>` arrives, and the
+/// race would hardly ever happen).
 #[test]
 fn a_prepare_that_fails_only_under_parallel_apply_is_retried_alone_and_votes_yes() {
-    const PAIRS: i32 = 300;
+    const PAIRS: i32 = 200;
     let c = TestCluster::start(3);
-    schema(&c, &format!("create table su(id int primary key, u int unique); insert into su select k, k from generate_series(1, {PAIRS}) k"));
+    schema(
+        &c,
+        &format!(
+            "create table su(id int primary key, u int unique);
+             create table filler(n int);
+             insert into su select k, k from generate_series(1, {PAIRS}) k"
+        ),
+    );
     let mut one = client(&c, 1);
     for k in 1..=PAIRS {
         for sql in [
-            format!("begin; update su set u = -u where id = {k}; prepare transaction 'mtm-a{k}'"),
+            format!("begin; insert into filler select generate_series(1, 1000); update su set u = -u where id = {k}; prepare transaction 'mtm-a{k}'"),
             format!("commit prepared 'mtm-a{k}'"),
             format!("begin; insert into su values ({PAIRS} + {k}, {k}); prepare transaction 'mtm-b{k}'"),
             format!("commit prepared 'mtm-b{k}'"),
