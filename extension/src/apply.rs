@@ -63,8 +63,6 @@ pub struct Applier {
     retrying: bool,
     /// The failure was giving way to an older transaction of this peer.
     failed_for_own_peer: bool,
-    /// The transaction being prepared kept NOTIFYs for its commit.
-    notifies: bool,
 }
 
 /// Most a worker keeps of one transaction for its serial retry; a bigger
@@ -87,7 +85,6 @@ impl Applier {
             failed_for_own_peer: false,
             // A child of TopMemoryContext, kept for the worker's life.
             change_cx: MemCx::for_process(c"multimaster apply change"),
-            notifies: false,
         }
     }
 
@@ -149,14 +146,16 @@ impl Applier {
                 _ => {}
             }
         }
-        if let Message::Prepare { gid, .. } = &msg {
-            // Kept in the prepared transaction, queued at its commit.
-            self.notifies = !self.notifications.is_empty();
-            if self.notifies {
+        // A Prepare's NOTIFYs are kept in the prepared transaction, queued
+        // at its commit.
+        let notifies = match &msg {
+            Message::Prepare { gid, .. } if !self.notifications.is_empty() => {
                 let notifications = std::mem::take(&mut self.notifications);
                 self.guarded(|_| crate::notify::store(gid, &notifications));
+                true
             }
-        }
+            _ => false,
+        };
         match msg {
             Message::Begin { commit_time, .. } => {
                 self.turn.applying(commit_time);
@@ -247,7 +246,7 @@ impl Applier {
                 match prepared {
                     Ok(()) => {
                         crate::votes::record(&gid, &crate::votes::Vote::Yes);
-                        crate::votes::note_applied_prepare(&gid, xid, self.peer, prepare_time, self.notifies);
+                        crate::votes::note_applied_prepare(&gid, xid, self.peer, prepare_time, notifies);
                     }
                     Err((sqlstate, message)) => {
                         twophase::abort_current_transaction();

@@ -189,8 +189,7 @@ fn applied_from_subscriber(st: &DecoderState, origin: pg_sys::RepOriginId) -> Op
 /// Sends this node's yes on `gid` to `coordinator`, as the vote message
 /// an apply worker would log (`votes::send`), at `lsn`.
 fn send_vote(st: &mut DecoderState, out: &mut Output, coordinator: i32, gid: String, lsn: pg_sys::XLogRecPtr) {
-    let voter = crate::votes::MY_NODE.get().load(std::sync::atomic::Ordering::Relaxed);
-    let content = VoteMessage { coordinator, voter, gid, refusal: None }.to_bytes();
+    let content = crate::votes::content(coordinator, gid, None);
     let vote = Message::Message { transactional: false, lsn, prefix: mtm_protocol::VOTE_PREFIX.to_string(), content };
     st.sink.send_now(out, &vote);
 }

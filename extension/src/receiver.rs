@@ -110,7 +110,6 @@ fn run(me: i32, peer: i32, conninfo: &str) {
     // mtm.nodes() counts a receiver as connected by this name: set it
     // only now that the peer streams to us.
     crate::pg::guc::set_override(c"application_name", &CString::new(format!("mtm_receiver_from_{peer}")).expect("no NUL"), pg_sys::GucContext::PGC_USERSET);
-    crate::votes::MY_NODE.get().store(me, Relaxed);
     let (mut stream, sender) = conn.split();
     let mut r = Receiver {
         me,

@@ -209,8 +209,7 @@ pub fn applied_prepare_by_xid(xid: u32) -> Option<(String, i32, i64)> {
 /// worker's main thread (an apply worker, or the launcher withdrawing a
 /// yes), outside a transaction.
 pub fn send(coordinator: i32, gid: &str, refusal: Option<(String, String)>) {
-    let voter = MY_NODE.get().load(Ordering::Relaxed);
-    let content = VoteMessage { coordinator, voter, gid: gid.to_string(), refusal }.to_bytes();
+    let content = content(coordinator, gid.to_string(), refusal);
     let prefix = std::ffi::CString::new(mtm_protocol::VOTE_PREFIX).expect("no NUL");
     let end = crate::pg::origin::without_session_origin(|| crate::pg::rmgr::log_logical_message(&prefix, &content, false));
     crate::pg::rmgr::flush(end);
@@ -218,6 +217,14 @@ pub fn send(coordinator: i32, gid: &str, refusal: Option<(String, String)>) {
     // after an asynchronous commit (as an ack of COMMIT PREPARED is): wake
     // them, or the vote waits for their next timeout.
     crate::pg::rmgr::wake_walsenders();
+}
+
+/// The content of this node's `mtm_vote` message on `gid` to
+/// `coordinator` (logged by [`send`], or sent by a walsender as it decodes
+/// a PREPARE, `decoder.rs`).
+pub fn content(coordinator: i32, gid: String, refusal: Option<(String, String)>) -> Vec<u8> {
+    let voter = MY_NODE.get().load(Ordering::Relaxed);
+    VoteMessage { coordinator, voter, gid, refusal }.to_bytes()
 }
 
 /// A peer's vote, decoded from its stream by our receiver from it.
