@@ -268,7 +268,7 @@ pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
             crate::raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 "multimaster: this transaction wrote to a replicated table but was not committed through the cluster's two-phase commit, so it is rolled back",
-                "Run the writes inside BEGIN ... COMMIT and send COMMIT (or COMMIT AND CHAIN) as a statement of its own or at the end of a multi-statement query.",
+                "Run the writes inside BEGIN ... COMMIT through mtm-proxy, with the COMMIT sent by the client (not by a procedure or DO block).",
                 "xact_callback",
             );
         }

@@ -267,13 +267,67 @@ fn single_intent(sql: &str) -> Intent {
 pub fn strip_trailing_commit(sql: &str) -> Option<&str> {
     let spans = statement_spans(sql);
     let [.., _, (last_start, last_end)] = spans.as_slice() else { return None };
-    let last: Vec<String> = sql[*last_start..*last_end].split_whitespace().map(str::to_ascii_uppercase).collect();
-    let plain_commit = matches!(
-        last.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
-        ["COMMIT" | "END"] | ["COMMIT" | "END", "WORK" | "TRANSACTION"]
-    );
     let head = sql[..*last_start].trim_end().trim_end_matches(';').trim_end();
-    (plain_commit && !head.trim().is_empty()).then_some(head)
+    (is_plain_commit(&sql[*last_start..*last_end]) && !head.trim().is_empty()).then_some(head)
+}
+
+/// A multi-statement Query cut after its first plain COMMIT, END,
+/// ROLLBACK or ABORT that more statements follow: (the statements through
+/// it, the rest). PostgreSQL runs the rest in a transaction of its own
+/// (implicit, or one the rest opens), so the proxy ends the first before
+/// it sends the rest, and commits each the way it commits a Query.
+pub fn split_after_transaction_end(sql: &str) -> Option<(&str, &str)> {
+    let spans = statement_spans(sql);
+    let ends = |s: &str| is_plain_commit(s) || is_plain_rollback(s) || is_chain(s);
+    let i = spans.iter().position(|&(a, z)| ends(&sql[a..z]))?;
+    let next = spans.get(i + 1)?;
+    Some((&sql[..spans[i].1], &sql[next.0..]))
+}
+
+/// A Query whose last statement is COMMIT AND CHAIN: the statements
+/// before it (empty when it is the only one).
+pub fn strip_trailing_commit_and_chain(sql: &str) -> Option<&str> {
+    let spans = statement_spans(sql);
+    let (last_start, last_end) = *spans.last()?;
+    let last = &sql[last_start..last_end];
+    let commit = matches!(first_keyword(last).as_deref(), Some("COMMIT" | "END"));
+    (commit && is_chain(last)).then(|| sql[..last_start].trim_end().trim_end_matches(';').trim_end())
+}
+
+/// `COMMIT` / `END` / `ROLLBACK` / `ABORT` [`WORK` | `TRANSACTION`] `AND CHAIN`.
+fn is_chain(statement: &str) -> bool {
+    let words: Vec<String> = statement.split_whitespace().map(str::to_ascii_uppercase).collect();
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let verb = |v: &str| matches!(v, "COMMIT" | "END" | "ROLLBACK" | "ABORT");
+    match w.as_slice() {
+        [v, "AND", "CHAIN"] => verb(v),
+        [v, "WORK" | "TRANSACTION", "AND", "CHAIN"] => verb(v),
+        _ => false,
+    }
+}
+
+/// Whether a statement of `sql` opens a transaction block.
+pub fn opens_transaction_anywhere(sql: &str) -> bool {
+    statements(sql).iter().any(|s| matches!(first_keyword(s).as_deref(), Some("BEGIN" | "START")))
+}
+
+/// `COMMIT` / `END` [`WORK` | `TRANSACTION`], without AND CHAIN.
+pub fn is_plain_commit(statement: &str) -> bool {
+    first_words_are(statement, &["COMMIT", "END"])
+}
+
+/// `ROLLBACK` / `ABORT` [`WORK` | `TRANSACTION`], without AND CHAIN or TO.
+fn is_plain_rollback(statement: &str) -> bool {
+    first_words_are(statement, &["ROLLBACK", "ABORT"])
+}
+
+fn first_words_are(statement: &str, verbs: &[&str]) -> bool {
+    let words: Vec<String> = statement.split_whitespace().map(str::to_ascii_uppercase).collect();
+    match words.as_slice() {
+        [verb] => verbs.contains(&verb.as_str()),
+        [verb, noise] => verbs.contains(&verb.as_str()) && matches!(noise.as_str(), "WORK" | "TRANSACTION"),
+        _ => false,
+    }
 }
 
 /// The first '…' literal of a statement, unescaped.
@@ -578,6 +632,28 @@ mod tests {
         assert_eq!(intent(""), Intent::Read);
         assert_eq!(intent("explain analyze delete from t"), Intent::Write);
         assert_eq!(intent("explain select 1"), Intent::Read);
+    }
+
+    #[test]
+    fn a_query_is_cut_after_its_first_transaction_end_that_more_statements_follow() {
+        let split = split_after_transaction_end;
+        assert_eq!(split("begin; insert into t values (1); commit; insert into t values (2)"), Some(("begin; insert into t values (1); commit", "insert into t values (2)")));
+        assert_eq!(split("begin; select 1; ROLLBACK WORK ;\n begin; update t set v = 1; commit"), Some(("begin; select 1; ROLLBACK WORK", "begin; update t set v = 1; commit")));
+        assert_eq!(split("commit; select 1"), Some(("commit", "select 1")));
+        assert_eq!(split("begin; update t set v = 1; end; abort"), Some(("begin; update t set v = 1; end", "abort")));
+        // Nothing after it, or not a plain end: not cut.
+        assert_eq!(split("begin; update t set v = 1; commit;  "), None);
+        assert_eq!(split("begin; update t set v = 1; commit and chain; select 1"), Some(("begin; update t set v = 1; commit and chain", "select 1")));
+        assert_eq!(split("begin; rollback work and chain; select 1"), Some(("begin; rollback work and chain", "select 1")));
+        assert_eq!(split("begin; commit and no chain; select 1"), None);
+        assert_eq!(strip_trailing_commit_and_chain("begin; update t set v = 1; COMMIT AND CHAIN;"), Some("begin; update t set v = 1"));
+        assert_eq!(strip_trailing_commit_and_chain("commit and chain"), Some(""));
+        assert_eq!(strip_trailing_commit_and_chain("begin; update t set v = 1; rollback and chain"), None);
+        assert_eq!(strip_trailing_commit_and_chain("begin; update t set v = 1; commit"), None);
+        assert_eq!(split("begin; savepoint s; rollback to s; select 1"), None);
+        assert_eq!(split("begin; select 'commit; x'; select 1"), None);
+        assert_eq!(split("do $$ begin commit; end $$; select 1"), None);
+        assert_eq!(split("commit prepared 'x'; select 1"), None);
     }
 
     #[test]

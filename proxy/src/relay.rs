@@ -403,8 +403,17 @@ enum PendingKind {
     /// The client's `PREPARE TRANSACTION 'gid'` of a transaction that wrote.
     Prepare(String),
     /// The statements of a `…; COMMIT` Query before its COMMIT: the proxy
-    /// commits after them.
-    CommitAfter,
+    /// commits after them, then runs the rest of the Query if any.
+    CommitAfter(Option<String>),
+    /// The same with no transaction open before them: they run in one of
+    /// the proxy's, as PostgreSQL runs them in an implicit one.
+    ImplicitCommitAfter(Option<String>),
+    /// The statements of a `…; COMMIT AND CHAIN` Query before it: the
+    /// proxy commits and chains after them, then runs the rest if any.
+    ChainAfter(Option<String>),
+    /// The part of a Query through a transaction end the node runs
+    /// itself: the rest of the Query follows unless the part failed.
+    Then(String),
 }
 
 struct Driver<'a, SW, CW> {
@@ -733,19 +742,73 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     async fn query(&mut self, raw: &[u8], body: &[u8]) -> Result<(), End> {
         let sql = query_text(body).map_err(End::ClientProtocol)?;
         self.start_query(sql).await;
+        self.query_string(raw, sql).await
+    }
+
+    /// The SQL of a Query (`raw`, the whole message): run part by part
+    /// when a COMMIT or ROLLBACK inside it ends a transaction that more
+    /// statements follow.
+    async fn query_string(&mut self, raw: &[u8], sql: &str) -> Result<(), End> {
+        match crate::classify::split_after_transaction_end(sql) {
+            Some((first, rest)) => self.query_part(&own_query(first), first, Some(rest.to_string())).await,
+            None => self.query_part(raw, sql, None).await,
+        }
+    }
+
+    /// A Query, or the part of one through its first transaction end
+    /// when `rest` follows it: the rest is run once this part has ended
+    /// without an error ([`Self::then`]), as PostgreSQL runs the rest of
+    /// a string.
+    async fn query_part(&mut self, raw: &[u8], sql: &str, rest: Option<String>) -> Result<(), End> {
         if let Some(head) = crate::classify::strip_trailing_commit(sql) {
             // `…; COMMIT` in one string: run what comes before the COMMIT,
             // then commit as for a COMMIT of its own.
             self.drain().await?;
-            let opens = matches!(crate::classify::first_keyword(head).as_deref(), Some("BEGIN" | "START"));
-            if self.status() == b'T' || opens {
-                let mut body = head.as_bytes().to_vec();
-                body.push(0);
+            if self.status() == b'T' || crate::classify::opens_transaction_anywhere(head) {
                 let rx = self.expect_hold(false);
-                self.out.extend_from_slice(&crate::net::frame::frame(b'Q', &body));
-                self.pending = Some(Pending { rx, kind: PendingKind::CommitAfter });
+                self.out.extend_from_slice(&own_query(head));
+                self.pending = Some(Pending { rx, kind: PendingKind::CommitAfter(rest) });
                 return Ok(());
             }
+            if self.status() == b'I' && !crate::classify::opens_transaction_anywhere(head) {
+                // No transaction open: PostgreSQL runs the statements in
+                // an implicit one, which the COMMIT commits with a warning.
+                self.out.extend_from_slice(&commit::own_statement("BEGIN"));
+                self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
+                let rx = self.expect_hold(false);
+                self.out.extend_from_slice(&own_query(head));
+                self.pending = Some(Pending { rx, kind: PendingKind::ImplicitCommitAfter(rest) });
+                return Ok(());
+            }
+        }
+        if let Some(head) = crate::classify::strip_trailing_commit_and_chain(sql) {
+            // `…; COMMIT AND CHAIN` in one string (or the part of one
+            // through it): the cluster's commit, then the chain, as for
+            // one of its own.
+            self.drain().await?;
+            if !head.is_empty() && (self.status() == b'T' || crate::classify::opens_transaction_anywhere(head)) {
+                let rx = self.expect_hold(false);
+                self.out.extend_from_slice(&own_query(head));
+                self.pending = Some(Pending { rx, kind: PendingKind::ChainAfter(rest) });
+                return Ok(());
+            }
+            if head.is_empty() && rest.is_some() && self.status() == b'T' {
+                return self.chain_then(rest).await;
+            }
+        }
+        if let Some(rest) = rest {
+            if crate::classify::is_plain_commit(sql) {
+                self.drain().await?;
+                if self.status() == b'T' {
+                    return self.commit_then(BytesMut::new(), Some(rest)).await;
+                }
+            }
+            // Ends with a ROLLBACK, or a COMMIT with no transaction open
+            // or in a failed one: the node ends it as PostgreSQL does.
+            let rx = self.expect_hold(false);
+            self.out.extend_from_slice(raw);
+            self.pending = Some(Pending { rx, kind: PendingKind::Then(rest) });
+            return Ok(());
         }
         match intent(sql) {
             Intent::Write => {
@@ -1037,7 +1100,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// client the end it would have had from one PostgreSQL.
     async fn finish(&mut self, held: Held) -> Result<(), End> {
         let Some(pending) = self.pending.take() else { return Ok(()) };
-        let Held { status, complete, .. } = held;
+        let Held { status, complete, error } = held;
         let mut reply = BytesMut::new();
         let mut end = status;
         match pending.kind {
@@ -1054,23 +1117,85 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 }
                 _ => reply.extend_from_slice(complete.as_deref().unwrap_or_default()),
             },
-            PendingKind::CommitAfter => match status {
+            PendingKind::ImplicitCommitAfter(rest) => match status {
                 b'T' => {
-                    end = b'I';
-                    reply.extend_from_slice(&self.commit_open_reply(messages::command_complete("COMMIT")).await?);
+                    let warning = messages::warning("25P01", "there is no transaction in progress");
+                    return self.commit_then(warning, rest).await;
                 }
+                b'E' => {
+                    end = b'I';
+                    self.own(&["ROLLBACK"]).await?;
+                }
+                _ => {}
+            },
+            PendingKind::CommitAfter(rest) => match status {
+                b'T' => return self.commit_then(BytesMut::new(), rest).await,
                 // A failed statement: PostgreSQL skips the rest of the
-                // string, COMMIT included, and the block stays failed.
+                // string, COMMIT included.
+                _ if error => {}
                 b'E' => {}
                 // The statements ended the transaction themselves.
-                _ => reply.extend_from_slice(&messages::command_complete("COMMIT")),
+                _ => {
+                    let done = messages::command_complete("COMMIT");
+                    if let Some(rest) = rest {
+                        return self.then(done, rest).await;
+                    }
+                    reply.extend_from_slice(&done);
+                }
             },
+            PendingKind::ChainAfter(rest) if status == b'T' && !error => return self.chain_then(rest).await,
+            PendingKind::ChainAfter(_) => {}
+            PendingKind::Then(rest) if !error => return self.then(BytesMut::new(), rest).await,
+            PendingKind::Then(_) => {}
             PendingKind::Prepare(gid) => match (status, complete) {
                 (b'I', Some(done)) => reply.extend_from_slice(&self.voted_reply(&gid, done).await?),
                 (_, other) => reply.extend_from_slice(other.as_deref().unwrap_or_default()),
             },
         }
         self.answer(reply, end).await
+    }
+
+    /// Commits the open transaction for a COMMIT inside a Query; if it
+    /// committed, the client hears `notice` and COMMIT and the `rest` of
+    /// the Query runs, else it gets the error and the rest is skipped.
+    async fn commit_then(&mut self, notice: BytesMut, rest: Option<String>) -> Result<(), End> {
+        let mut done = notice;
+        done.extend_from_slice(&messages::command_complete("COMMIT"));
+        match (self.commit_open().await?, rest) {
+            (Ok(()), Some(rest)) => self.then(done, rest).await,
+            (Ok(()), None) => self.answer(done, b'I').await,
+            (Err(e), _) => self.answer(e.into_bytes(), b'I').await,
+        }
+    }
+
+    /// COMMIT AND CHAIN of the open transaction inside a Query (the
+    /// cluster's commit if it wrote, else the node's own), then the
+    /// `rest` of the Query in the chained transaction.
+    async fn chain_then(&mut self, rest: Option<String>) -> Result<(), End> {
+        let (reply, status) = if self.wrote() {
+            self.chain().await?
+        } else {
+            let answer = self.own(&["COMMIT AND CHAIN"]).await?.remove(0);
+            match commit::error_of(&answer) {
+                None => (messages::command_complete("COMMIT"), self.status()),
+                Some(e) => (e.raw.clone(), self.status()),
+            }
+        };
+        match rest {
+            Some(rest) if status == b'T' => self.then(reply, rest).await,
+            _ => self.answer(reply, status).await,
+        }
+    }
+
+    /// Gives the client `reply` (no ReadyForQuery: the Query goes on) and
+    /// runs `rest`, the statements of the Query after a part that ended.
+    async fn then(&mut self, reply: BytesMut, rest: String) -> Result<(), End> {
+        if !reply.is_empty() {
+            self.link.to_client(&reply).await?;
+        }
+        let raw = own_query(&rest);
+        Box::pin(self.query_string(&raw, &rest)).await?;
+        self.send().await
     }
 
     /// Sends the proxy's answer to a unit it finished itself, with the
@@ -1235,6 +1360,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         }
         Ok(outcome)
     }
+}
+
+/// A simple-protocol Query message of `sql`.
+fn own_query(sql: &str) -> BytesMut {
+    let mut body = Vec::with_capacity(sql.len() + 1);
+    body.extend_from_slice(sql.as_bytes());
+    body.push(0);
+    crate::net::frame::frame(b'Q', &body)
 }
 
 /// An ErrorResponse for the client, as bytes.

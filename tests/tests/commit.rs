@@ -616,6 +616,59 @@ fn autocommit_pipelines_and_extended_commit_are_coordinated() {
     no_gid_left(&c);
 }
 
+/// A COMMIT, ROLLBACK or COMMIT AND CHAIN in the middle of one Query
+/// string ends its transaction there, and PostgreSQL runs the rest of the
+/// string in a transaction of its own; through the proxy each committed
+/// part goes through the cluster's commit. Sessions on every node; the
+/// client sees what one PostgreSQL sends (checked against a node run
+/// without the cluster's commit: the same tags, notices and errors).
+#[test]
+fn a_commit_inside_a_query_string_commits_there_and_the_rest_runs() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table m(id int primary key)");
+    let port = c.layout.proxy_port;
+    let mut raws: Vec<Raw> = (0..3).map(|_| Raw::connect(port)).collect();
+    let ports: BTreeSet<String> = raws
+        .iter_mut()
+        .map(|r| {
+            r.s.write_all(&Raw::query("select current_setting('port')")).unwrap();
+            let msgs = r.until_ready();
+            let (_, row) = msgs.iter().find(|(t, _)| *t == b'D').unwrap().clone();
+            String::from_utf8_lossy(&row[6..]).into_owned()
+        })
+        .collect();
+    assert_eq!(ports.len(), 3, "one session per node");
+    let before = commits(&c, "committed");
+    let cases: [(&str, &[&str]); 9] = [
+        ("begin; insert into m values (1); commit; insert into m values (2)", &["C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "C:INSERT 0 1", "Z:I"]),
+        ("begin; insert into m values (3); commit; begin; insert into m values (4); commit", &["C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "Z:I"]),
+        ("begin; insert into m values (90); rollback; insert into m values (5)", &["C:BEGIN", "C:INSERT 0 1", "C:ROLLBACK", "C:INSERT 0 1", "Z:I"]),
+        ("insert into m values (6); commit; insert into m values (7)", &["C:INSERT 0 1", "N", "C:COMMIT", "C:INSERT 0 1", "Z:I"]),
+        ("begin; insert into m values (8); commit and chain; insert into m values (9); commit", &["C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "C:INSERT 0 1", "C:COMMIT", "Z:I"]),
+        ("select 1; begin; insert into m values (10); commit; select 2", &["T", "D", "C:SELECT 1", "C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "T", "D", "C:SELECT 1", "Z:I"]),
+        // An error skips the rest of the string: 11 commits, 12 and 91 do not.
+        ("begin; insert into m values (11); commit; insert into m values (1); insert into m values (91); commit; insert into m values (12)", &["C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "E:23505", "Z:I"]),
+        ("begin; insert into m values (2); commit; insert into m values (92)", &["C:BEGIN", "E:23505", "Z:E"]),
+        ("rollback; begin; insert into m values (13); commit and chain", &["N", "C:ROLLBACK", "C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "Z:T"]),
+    ];
+    for (i, (sql, expected)) in cases.iter().enumerate() {
+        let r = &mut raws[i % 3];
+        r.s.write_all(&Raw::query(sql)).unwrap();
+        assert_eq!(summary(&r.until_ready()), *expected, "{sql}");
+    }
+    raws[2].s.write_all(&Raw::query("rollback")).unwrap();
+    raws[2].until_ready();
+    // 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13: twelve commits of the cluster.
+    let expected: Vec<i32> = vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13];
+    assert_eq!(commits(&c, "committed") - before, 12.0, "each committed part went through the cluster's commit");
+    converge(&c, &["m"]);
+    for i in 1..=3 {
+        let ids: Vec<i32> = client(&c, i).query("select id from m order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, expected, "node {i}");
+    }
+    no_gid_left(&c);
+}
+
 #[test]
 fn a_clients_own_two_phase_commit_works_from_any_node() {
     let c = TestCluster::start(3);

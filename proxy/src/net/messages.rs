@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, BytesMut};
 use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
-use pgwire::messages::response::{CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::response::{CommandComplete, ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 use pgwire::messages::Message;
 
@@ -59,6 +59,12 @@ pub fn error_response(code: &str, message: &str, hint: Option<&str>) -> BytesMut
         fields.push((b'H', h.to_string()));
     }
     encode(ErrorResponse::new(fields))
+}
+
+/// A WARNING notice, as PostgreSQL sends one.
+pub fn warning(code: &str, message: &str) -> BytesMut {
+    let fields = vec![(b'S', "WARNING".to_string()), (b'V', "WARNING".to_string()), (b'C', code.to_string()), (b'M', message.to_string())];
+    encode(NoticeResponse::new(fields))
 }
 
 impl std::fmt::Display for PgError {
