@@ -278,7 +278,7 @@ pub fn strip_trailing_commit(sql: &str) -> Option<&str> {
 /// it sends the rest, and commits each the way it commits a Query.
 pub fn split_after_transaction_end(sql: &str) -> Option<(&str, &str)> {
     let spans = statement_spans(sql);
-    let ends = |s: &str| is_plain_commit(s) || is_plain_rollback(s) || is_chain(s);
+    let ends = |s: &str| is_plain_commit(s) || is_plain_rollback(s) || is_chain(s) || prepared_gid(s).is_some();
     let i = spans.iter().position(|&(a, z)| ends(&sql[a..z]))?;
     let next = spans.get(i + 1)?;
     Some((&sql[..spans[i].1], &sql[next.0..]))
@@ -292,6 +292,21 @@ pub fn strip_trailing_commit_and_chain(sql: &str) -> Option<&str> {
     let last = &sql[last_start..last_end];
     let commit = matches!(first_keyword(last).as_deref(), Some("COMMIT" | "END"));
     (commit && is_chain(last)).then(|| sql[..last_start].trim_end().trim_end_matches(';').trim_end())
+}
+
+/// A Query whose last statement is `PREPARE TRANSACTION 'gid'` after
+/// others: (the statements before it, the gid).
+pub fn strip_trailing_prepare(sql: &str) -> Option<(&str, String)> {
+    let spans = statement_spans(sql);
+    let [.., _, (last_start, last_end)] = spans.as_slice() else { return None };
+    let gid = prepared_gid(&sql[*last_start..*last_end])?;
+    Some((sql[..*last_start].trim_end().trim_end_matches(';').trim_end(), gid))
+}
+
+/// The gid of a `PREPARE TRANSACTION 'gid'` statement.
+pub fn prepared_gid(statement: &str) -> Option<String> {
+    let prepare = first_keyword(statement).as_deref() == Some("PREPARE") && is_prepare_transaction(statement);
+    prepare.then(|| quoted_literal(statement)).flatten()
 }
 
 /// `COMMIT` / `END` / `ROLLBACK` / `ABORT` [`WORK` | `TRANSACTION`] `AND CHAIN`.
@@ -654,6 +669,10 @@ mod tests {
         assert_eq!(split("begin; select 'commit; x'; select 1"), None);
         assert_eq!(split("do $$ begin commit; end $$; select 1"), None);
         assert_eq!(split("commit prepared 'x'; select 1"), None);
+        assert_eq!(split("begin; insert into t values (1); prepare transaction 'x'; select 1"), Some(("begin; insert into t values (1); prepare transaction 'x'", "select 1")));
+        assert_eq!(strip_trailing_prepare("begin; insert into t values (1); PREPARE TRANSACTION 'a''b';"), Some(("begin; insert into t values (1)", "a'b".to_string())));
+        assert_eq!(strip_trailing_prepare("prepare transaction 'x'"), None);
+        assert_eq!(strip_trailing_prepare("begin; prepare p as select 1"), None);
     }
 
     #[test]

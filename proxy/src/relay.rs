@@ -408,6 +408,10 @@ enum PendingKind {
     /// The same with no transaction open before them: they run in one of
     /// the proxy's, as PostgreSQL runs them in an implicit one.
     ImplicitCommitAfter(Option<String>),
+    /// The statements of a `…; PREPARE TRANSACTION 'gid'` Query before
+    /// it: the proxy prepares and collects the votes after them, then runs
+    /// the rest if any.
+    PrepareAfter { gid: String, rest: Option<String> },
     /// The statements of a `…; COMMIT AND CHAIN` Query before it: the
     /// proxy commits and chains after them, then runs the rest if any.
     ChainAfter(Option<String>),
@@ -796,11 +800,28 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 return self.chain_then(rest).await;
             }
         }
+        if let Some((head, gid)) = crate::classify::strip_trailing_prepare(sql) {
+            // `…; PREPARE TRANSACTION 'gid'` in one string: the client's
+            // own two-phase commit, voted on as for a statement of its own.
+            self.drain().await?;
+            if self.status() == b'T' || crate::classify::opens_transaction_anywhere(head) {
+                let rx = self.expect_hold(false);
+                self.out.extend_from_slice(&own_query(head));
+                self.pending = Some(Pending { rx, kind: PendingKind::PrepareAfter { gid, rest } });
+                return Ok(());
+            }
+        }
         if let Some(rest) = rest {
             if crate::classify::is_plain_commit(sql) {
                 self.drain().await?;
                 if self.status() == b'T' {
                     return self.commit_then(BytesMut::new(), Some(rest)).await;
+                }
+            }
+            if let Some(gid) = crate::classify::prepared_gid(sql) {
+                self.drain().await?;
+                if self.status() == b'T' {
+                    return self.prepare_then(gid, Some(rest)).await;
                 }
             }
             // Ends with a ROLLBACK, or a COMMIT with no transaction open
@@ -1143,6 +1164,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     reply.extend_from_slice(&done);
                 }
             },
+            PendingKind::PrepareAfter { gid, rest } if status == b'T' && !error => return self.prepare_then(gid, rest).await,
+            PendingKind::PrepareAfter { .. } => {}
             PendingKind::ChainAfter(rest) if status == b'T' && !error => return self.chain_then(rest).await,
             PendingKind::ChainAfter(_) => {}
             PendingKind::Then(rest) if !error => return self.then(BytesMut::new(), rest).await,
@@ -1165,6 +1188,29 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             (Ok(()), Some(rest)) => self.then(done, rest).await,
             (Ok(()), None) => self.answer(done, b'I').await,
             (Err(e), _) => self.answer(e.into_bytes(), b'I').await,
+        }
+    }
+
+    /// The client's `PREPARE TRANSACTION 'gid'` inside a Query: prepared
+    /// here with a statement of the proxy's, then voted on if it wrote;
+    /// the `rest` of the Query runs once it is prepared everywhere.
+    async fn prepare_then(&mut self, gid: String, rest: Option<String>) -> Result<(), End> {
+        let wrote = self.wrote();
+        let prepared = self.own(&[&format!("PREPARE TRANSACTION {}", commit::literal(&gid))]).await?.remove(0);
+        if let Some(e) = commit::error_of(&prepared) {
+            let status = self.status();
+            return self.answer(e.raw.clone(), status).await;
+        }
+        let done = messages::command_complete("PREPARE TRANSACTION");
+        if wrote {
+            if let Err(e) = self.collect_votes(&gid).await? {
+                count_error(e.code);
+                return self.answer(e.encode(), b'I').await;
+            }
+        }
+        match rest {
+            Some(rest) => self.then(done, rest).await,
+            None => self.answer(done, b'I').await,
         }
     }
 
