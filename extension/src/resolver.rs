@@ -147,8 +147,10 @@ pub fn resolve_orphans() {
     for gid in orphans {
         // All peers voted yes and the decision was logged: commit it (its
         // client may not have heard, but nobody can have been told
-        // otherwise). Anything short of that rolls back.
-        let commit = crate::decisions::state(&gid) == Some(State::Precommitted);
+        // otherwise). Also when its COMMIT PREPARED was logged but then
+        // failed (cancelled, refused): the decision stands. Anything short
+        // of that rolls back.
+        let commit = matches!(crate::decisions::state(&gid), Some(State::Precommitted | State::Committed));
         let done = PgTryBuilder::new(|| {
             BackgroundWorker::transaction(|| {
                 crate::decisions::log(&gid, if commit { State::Committed } else { State::Aborted });

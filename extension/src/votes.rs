@@ -272,6 +272,7 @@ pub fn acked(gid: &str) -> bool {
 /// anyway and the peer will commit it when it gets there).
 #[pg_extern]
 fn await_commits(gid: &str, timeout_ms: i32) -> bool {
+    crate::pg::proc::disarm_statement_timeout();
     let key = committed_key(gid);
     let peers = peer_ids();
     let _slot = Awaiting::register(&key);
@@ -361,6 +362,7 @@ fn await_votes(
     gid: &str,
     timeout_ms: i32,
 ) -> TableIterator<'static, (name!(ok, bool), name!(node, i32), name!(sqlstate, Option<String>), name!(message, Option<String>))> {
+    crate::pg::proc::disarm_statement_timeout();
     let me = my_id();
     let Some(prepared_at) = crate::prepared_at(gid) else {
         return TableIterator::once((false, me, Some("40001".into()), Some(format!("transaction {gid} is not prepared on node {me}"))));

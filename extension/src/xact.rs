@@ -191,7 +191,18 @@ fn note_two_phase(stmt: &UtilityStmt<'_>) -> Option<Finishing> {
             crate::notify::prepare(&gid);
             None
         }
+        // PostgreSQL refuses it there, after this hook: nothing to note.
+        pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED
+            if crate::pg::twophase::in_transaction_block() =>
+        {
+            None
+        }
         pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED => {
+            if mtm_state::decisions::loggable(&gid) {
+                // The cluster decided; the client's statement_timeout must
+                // not leave the decision half carried out.
+                crate::pg::proc::disarm_statement_timeout();
+            }
             crate::resolver::note_finished(&gid);
             let commit = *kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
             Some(Finishing { gid, commit })

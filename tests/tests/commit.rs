@@ -680,6 +680,45 @@ fn a_commit_inside_a_query_string_commits_there_and_the_rest_runs() {
     no_gid_left(&c);
 }
 
+/// A client's `statement_timeout` bounds its statements, not the
+/// cluster's wait for votes (which has its own timeout), as PostgreSQL's
+/// wait for synchronous standbys is not cut short by it: a commit whose
+/// peer is frozen for longer than the client's timeout still commits
+/// once the peer thaws, on every node.
+#[test]
+fn a_clients_statement_timeout_does_not_cut_the_commit_short() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table st(id int primary key)");
+    wait_connected(&c);
+    let mut s = proxy_client(&c);
+    let home = port_of(&mut s);
+    s.batch_execute("set statement_timeout = '300ms'").unwrap();
+    let peer = (1..=3).find(|&i| i32::from(c.node(i).port) != home).unwrap();
+    let pid = c.node(peer).pid().expect("node running").to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("pkill").args([sig, "-P", &pid]).status().unwrap();
+        std::process::Command::new("kill").args([sig, &pid]).status().unwrap();
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    let writer = std::thread::scope(|scope| {
+        let w = scope.spawn(|| s.batch_execute("insert into st values (1)"));
+        std::thread::sleep(Duration::from_millis(1500));
+        signal("-CONT");
+        w.join().unwrap()
+    });
+    writer.expect("the commit waits for the frozen peer's vote past the client's statement_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(1000), "the commit did wait for the peer");
+    // The timeout still bounds the client's own statements.
+    let err = s.batch_execute("select pg_sleep(2)").unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    converge(&c, &["st"]);
+    for i in 1..=3 {
+        assert_eq!(client(&c, i).query_one("select count(*) from st", &[]).unwrap().get::<_, i64>(0), 1, "node {i}");
+    }
+    no_gid_left(&c);
+}
+
 #[test]
 fn a_clients_own_two_phase_commit_works_from_any_node() {
     let c = TestCluster::start(3);

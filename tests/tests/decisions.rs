@@ -259,7 +259,7 @@ fn launcher_pid(cl: &mut Client) -> i32 {
 #[test]
 fn the_resolver_commits_a_precommitted_orphan_and_rolls_back_an_undecided_one() {
     let c = TestCluster::start(3);
-    schema(&c, "create table r(id int primary key)");
+    schema(&c, "create table r(id int primary key); create role r_app login");
     wait_connected(&c);
     // A coordinator that gets every vote, then disappears before its
     // COMMIT PREPARED: the decision was logged, so the gid commits.
@@ -278,12 +278,29 @@ fn the_resolver_commits_a_precommitted_orphan_and_rolls_back_an_undecided_one() 
         let mut coordinator = client(&c, 1);
         coordinator.batch_execute("begin; insert into r values (2); prepare transaction 'mtm-1-orphan-undecided'").unwrap();
     }
+    // A decided one whose COMMIT PREPARED fails after the node logged it
+    // (here: refused to a role that may not finish it; in life, a cancel)
+    // and whose coordinator then disappears: the decision stands.
+    {
+        let mut coordinator = client(&c, 1);
+        coordinator.batch_execute("begin; insert into r values (3); prepare transaction 'mtm-1-orphan-finish-failed'").unwrap();
+        let ok: bool = coordinator.query_one("select ok from mtm.await_votes('mtm-1-orphan-finish-failed', 10000)", &[]).unwrap().get(0);
+        assert!(ok, "every peer voted yes");
+        let app = c.node(1).conninfo("postgres").replace("user=postgres", "user=r_app");
+        let mut app = Client::connect(&app, postgres::NoTls).unwrap();
+        let err = app.batch_execute("commit prepared 'mtm-1-orphan-finish-failed'").unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err:?}");
+        // PostgreSQL refuses COMMIT PREPARED in a transaction block: not a
+        // decision either.
+        let err = coordinator.batch_execute("begin; commit prepared 'mtm-1-orphan-undecided'").unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("25001"), "{err:?}");
+    }
     nothing_prepared(&c, Duration::from_secs(15));
     converge(&c, &["r"]);
     for id in 1..=3 {
         let mut cl = client(&c, id);
         let ids: Vec<i32> = cl.query("select id from r order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(ids, [1], "node{id}: the decided gid committed, the other did not");
+        assert_eq!(ids, [1, 3], "node{id}: the decided gids committed, the other did not");
         assert_eq!(logged(&mut cl, "mtm-1-orphan-decided"), "committed", "node{id}");
     }
     assert_eq!(logged(&mut client(&c, 1), "mtm-1-orphan-undecided"), "aborted");

@@ -14,6 +14,26 @@ pub fn preloading() -> bool {
     unsafe { pg_sys::process_shared_preload_libraries_in_progress }
 }
 
+unsafe extern "C-unwind" {
+    /// From utils/timeout.h, which pgrx does not bind.
+    fn disable_timeout(id: u32, keep_indicator: bool);
+}
+
+/// `STATEMENT_TIMEOUT` in PostgreSQL 15's `TimeoutId` (utils/timeout.h).
+const STATEMENT_TIMEOUT: u32 = 3;
+
+/// Disarms the running statement's `statement_timeout`: a wait with a
+/// timeout of its own (the cluster's votes) must not be cut short by the
+/// client's, any more than PostgreSQL's wait for synchronous standbys
+/// is. The next statement arms it again.
+pub fn disarm_statement_timeout() {
+    // SAFETY: disable_timeout only touches this process's timeout table
+    // and its alarm; disabling a timeout that is not active is a no-op.
+    // Called through pgrx's guard, so its elog (if the alarm cannot be
+    // reset) does not unwind over Rust frames.
+    unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| disable_timeout(STATEMENT_TIMEOUT, false)) }
+}
+
 /// Whether this process is the checkpointer.
 pub fn am_checkpointer() -> bool {
     // SAFETY: a plain read of this process's type, set when it starts.

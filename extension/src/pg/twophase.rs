@@ -30,6 +30,13 @@ pub fn finish_prepared(gid: &CStr, commit: bool) {
     unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| FinishPreparedTransaction(gid.as_ptr(), commit)) }
 }
 
+/// Whether this session is inside a transaction block (BEGIN … or a
+/// multi-statement Query), where PostgreSQL refuses COMMIT PREPARED.
+pub fn in_transaction_block() -> bool {
+    // SAFETY: reads this backend's own transaction state; no ERROR.
+    unsafe { pg_sys::IsTransactionBlock() }
+}
+
 /// This backend's top transaction id, or invalid (0) while it has none:
 /// the xid a PREPARE TRANSACTION run now prepares.
 pub fn top_xid_if_any() -> pg_sys::TransactionId {
