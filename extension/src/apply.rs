@@ -63,6 +63,9 @@ pub struct Applier {
     retrying: bool,
     /// The failure was giving way to an older transaction of this peer.
     failed_for_own_peer: bool,
+    /// The role that prepared the transaction at its home node
+    /// ([`crate::xact::PREPARE_MESSAGE`]).
+    prepared_by: Option<CString>,
 }
 
 /// Most a worker keeps of one transaction for its serial retry; a bigger
@@ -78,6 +81,7 @@ impl Applier {
             relations: HashMap::new(),
             cache: std::cell::RefCell::new(crate::relmap::RelationCache::new()),
             notifications: Vec::new(),
+            prepared_by: None,
             in_transaction: false,
             failed: None,
             replay: mtm_schedule::retry::Replay::new(REPLAY_BUDGET),
@@ -169,6 +173,7 @@ impl Applier {
                 self.in_transaction = true;
                 self.failed = None;
                 self.notifications.clear();
+                self.prepared_by = None;
             }
             Message::Origin { .. } => {}
             Message::Relation { relid, namespace, name, columns, .. } => {
@@ -235,9 +240,15 @@ impl Applier {
                 // sends its PREPARE as our yes (`decoder::filter_by_origin`).
                 crate::pg::rmgr::log_logical_message(crate::decoder::APPLIED_PREFIX, &[], true);
                 let xid = twophase::top_xid_if_any().into_inner();
+                // A client's own gid is owned by its role here as at home,
+                // so that role may finish it from a session on this node.
+                let owner = self.prepared_by.take().filter(|_| !gid.to_bytes().starts_with(b"mtm-"));
                 let prepared = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
                     exec::prepare_transaction_block(&gid);
-                    exec::commit_transaction_command();
+                    match &owner {
+                        Some(role) => crate::pg::catalog::as_role(role, exec::commit_transaction_command),
+                        None => exec::commit_transaction_command(),
+                    }
                     Ok(())
                 }))
                 .catch_others(|e| Err(describe(&e)))
@@ -270,6 +281,11 @@ impl Applier {
             }
             Message::Message { transactional: true, prefix, content, .. } if crate::notify::is_notify(&prefix) => {
                 self.notifications.extend(crate::notify::decode(&content));
+            }
+            Message::Message { transactional: true, prefix, content, .. }
+                if prefix.as_bytes() == crate::xact::PREPARE_MESSAGE.to_bytes() && content.len() > 4 =>
+            {
+                self.prepared_by = CString::new(&content[4..]).ok();
             }
             Message::Message { .. } => {}
         }

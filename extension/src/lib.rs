@@ -72,6 +72,21 @@ pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/mtm_api.sql", name = "mtm_api", requires = [status::pool_stats, status::pool_workers, status::apply_errors]);
 
+// Any role may write through mtm-proxy: the proxy's statements in a
+// client's session call `mtm.await_votes` / `mtm.await_commits`, and the
+// node does its own bookkeeping as the superuser
+// (`pg::catalog::as_superuser`). What sets up or changes the cluster
+// stays with superusers.
+pgrx::extension_sql!(
+    r#"
+GRANT USAGE ON SCHEMA mtm TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION mtm.init_cluster(text, text[]), mtm.alter_sequences(),
+    mtm.make_table_local(regclass), mtm.cleanup_old_syncpoints() FROM PUBLIC;
+"#,
+    name = "grants",
+    finalize
+);
+
 /// Library version, as built (matches the extension's `default_version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

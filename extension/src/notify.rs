@@ -161,14 +161,9 @@ pub fn transaction_ended() {
 /// extension's, not the client's. (An error in `f` aborts the
 /// transaction, which restores the user.)
 fn as_superuser<T>(f: impl FnOnce() -> T) -> T {
-    // Saved and restored around `f`, as PostgreSQL's own
-    // security-restricted operations do.
-    let (user, context) = crate::pg::catalog::user_and_security_context();
-    crate::pg::catalog::set_user_and_security_context(pg_sys::BOOTSTRAP_SUPERUSERID.into(), context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
     let was = OWN_WORK.replace(true);
-    let out = f();
+    let out = crate::pg::catalog::as_superuser(f);
     OWN_WORK.set(was);
-    crate::pg::catalog::set_user_and_security_context(user, context);
     out
 }
 

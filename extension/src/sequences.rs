@@ -27,7 +27,10 @@ fn node_and_count() -> Option<(i32, i64)> {
         return None;
     }
     crate::with_snapshot(|| {
-        match Spi::get_two::<i32, i64>("SELECT id, (SELECT count(*) FROM mtm.cluster_nodes) FROM mtm.cluster_nodes WHERE is_self") {
+        let row = crate::pg::catalog::as_superuser(|| {
+            Spi::get_two::<i32, i64>("SELECT id, (SELECT count(*) FROM mtm.cluster_nodes) FROM mtm.cluster_nodes WHERE is_self")
+        });
+        match row {
             Ok((Some(id), Some(n))) => Some((id, n)),
             _ => None,
         }

@@ -311,10 +311,12 @@ fn peer_ids() -> Vec<i32> {
     if let Some(peers) = PEERS.with_borrow(|p| p.as_ref().filter(|(at, ids)| at.elapsed() < PEERS_FOR && !ids.is_empty()).map(|(_, ids)| ids.clone())) {
         return peers;
     }
-    let peers: Vec<i32> = Spi::connect(|c| {
-        c.select("SELECT id FROM mtm.cluster_nodes WHERE NOT is_self ORDER BY id", None, &[])
-            .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
-            .unwrap_or_default()
+    let peers: Vec<i32> = crate::pg::catalog::as_superuser(|| {
+        Spi::connect(|c| {
+            c.select("SELECT id FROM mtm.cluster_nodes WHERE NOT is_self ORDER BY id", None, &[])
+                .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
+                .unwrap_or_default()
+        })
     });
     PEERS.set(Some((std::time::Instant::now(), peers.clone())));
     peers
@@ -324,7 +326,7 @@ fn peer_ids() -> Vec<i32> {
 /// from `mtm.cluster_nodes`.
 fn my_id() -> i32 {
     match MY_NODE.get().load(Ordering::Relaxed) {
-        0 => Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten().unwrap_or(0),
+        0 => crate::pg::catalog::as_superuser(|| Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self")).ok().flatten().unwrap_or(0),
         me => me,
     }
 }
@@ -437,7 +439,7 @@ fn still_sending(lsn: u64) -> Vec<i32> {
     if lsn == 0 {
         return Vec::new();
     }
-    Spi::connect(|c| {
+    crate::pg::catalog::as_superuser(|| Spi::connect(|c| {
         c.select(
             "SELECT substring(application_name FROM '^mtm_receiver_([0-9]+)_from_')::int
                FROM pg_stat_replication
@@ -447,7 +449,7 @@ fn still_sending(lsn: u64) -> Vec<i32> {
         )
         .map(|rows| rows.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
         .unwrap_or_default()
-    })
+    }))
 }
 
 /// How often a coordinator that waits for votes looks at its peers'

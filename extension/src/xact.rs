@@ -271,6 +271,12 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
     }
 }
 
+/// Prefix of the transactional message every prepare of a client's
+/// transaction carries: this node's id (4 bytes) and the name of the
+/// role that prepares it, which owns the peers' copies too (a client's
+/// own gid is finished by that role from a session on any node).
+pub const PREPARE_MESSAGE: &std::ffi::CStr = c"mtm_prepare";
+
 /// The transaction callback: the plain-COMMIT guard, conflict checks, the
 /// prepare's marker message, and the end of the transaction's bookkeeping.
 pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
@@ -291,7 +297,9 @@ pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if client_change() => {
             crate::conflicts::check_current();
             let me = crate::votes::MY_NODE.get().load(std::sync::atomic::Ordering::Relaxed);
-            crate::pg::rmgr::log_logical_message(c"mtm_prepare", &me.to_be_bytes(), true);
+            let mut content = me.to_be_bytes().to_vec();
+            content.extend_from_slice(crate::pg::catalog::current_user_name().as_bytes());
+            crate::pg::rmgr::log_logical_message(PREPARE_MESSAGE, &content, true);
         }
         // The transaction is over (an abort restores the value itself).
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {

@@ -719,6 +719,40 @@ fn a_clients_statement_timeout_does_not_cut_the_commit_short() {
     no_gid_left(&c);
 }
 
+/// An application's role is rarely a superuser: such a role writes,
+/// changes its own schema, notifies and uses two-phase commit through the
+/// proxy from sessions on every node, though it may not read the
+/// extension's tables (the node reads them for it).
+#[test]
+fn a_role_that_is_not_a_superuser_commits_from_every_node() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table acct(id int primary key, v int); create role app login password 'secret'; grant select, insert, update on acct to app; grant create on schema public to app");
+    wait_connected(&c);
+    let conninfo = c.proxy_conninfo("postgres").replace("user=postgres", "user=app password=secret");
+    let mut s: Vec<Client> = (0..3).map(|_| Client::connect(&conninfo, postgres::NoTls).unwrap()).collect();
+    let ports: BTreeSet<i32> = s.iter_mut().map(port_of).collect();
+    assert_eq!(ports.len(), 3, "one session per node");
+    let err = s[0].batch_execute("select * from mtm.cluster_nodes").unwrap_err();
+    assert_eq!(sqlstate(&err), "42501", "the extension's tables stay closed to it: {err:?}");
+    let err = s[0].batch_execute("select mtm.alter_sequences()").unwrap_err();
+    assert_eq!(sqlstate(&err), "42501", "and the functions that change the cluster: {err:?}");
+    for (i, cl) in s.iter_mut().enumerate() {
+        let i = i as i32;
+        cl.execute("insert into acct values ($1, 0)", &[&i]).unwrap();
+        cl.batch_execute(&format!("begin; update acct set v = v + 1 where id = {i}; notify chan; commit")).unwrap();
+        cl.batch_execute(&format!("create table own{i}(id serial primary key, v text); insert into own{i}(v) values ('x')")).unwrap();
+    }
+    s[1].batch_execute("begin; insert into acct values (10, 10); prepare transaction 'app-gid'").unwrap();
+    s[2].batch_execute("commit prepared 'app-gid'").unwrap();
+    let tables = ["acct", "own0", "own1", "own2"];
+    converge(&c, &tables);
+    for n in 1..=3 {
+        let sum: i64 = client(&c, n).query_one("select sum(v) from acct", &[]).unwrap().get(0);
+        assert_eq!(sum, 13, "node {n}");
+    }
+    no_gid_left(&c);
+}
+
 #[test]
 fn a_clients_own_two_phase_commit_works_from_any_node() {
     let c = TestCluster::start(3);

@@ -155,6 +155,39 @@ pub fn set_user_and_security_context(user: pg_sys::Oid, context: i32) {
     unsafe { pg_sys::SetUserIdAndSecContext(user, context) }
 }
 
+/// Runs `f` as the bootstrap superuser: the extension's own look-ups and
+/// bookkeeping (`mtm.cluster_nodes`, `mtm.notifications`, the walsenders'
+/// progress) run inside any client's session, whatever its role may read
+/// or write, as PostgreSQL's own internal queries do (foreign-key checks).
+/// `f` runs the extension's SQL on its own tables, never a client's.
+pub fn as_superuser<T>(f: impl FnOnce() -> T) -> T {
+    run_as(pg_sys::BOOTSTRAP_SUPERUSERID.into(), f)
+}
+
+/// Runs `f` as the role named `role`, or as the bootstrap superuser if
+/// there is no role of that name. Inside a transaction.
+pub fn as_role<T>(role: &CStr, f: impl FnOnce() -> T) -> T {
+    // SAFETY: a guarded syscache lookup inside a transaction; with
+    // missing_ok an unknown name is InvalidOid, not an ERROR.
+    let oid = unsafe { pg_sys::get_role_oid(role.as_ptr(), true) };
+    run_as(if oid == pg_sys::InvalidOid { pg_sys::BOOTSTRAP_SUPERUSERID.into() } else { oid }, f)
+}
+
+fn run_as<T>(role: pg_sys::Oid, f: impl FnOnce() -> T) -> T {
+    /// Puts the session's user back however `f` ends, an ERROR's unwind
+    /// included.
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_user_and_security_context(self.0, self.1);
+        }
+    }
+    let (user, context) = user_and_security_context();
+    let _restore = Restore(user, context);
+    set_user_and_security_context(role, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    f()
+}
+
 /// The persistence (`RELPERSISTENCE_*`) of relation `relid`; an ERROR if
 /// there is no such relation.
 pub fn relation_persistence(relid: pg_sys::Oid) -> u8 {
