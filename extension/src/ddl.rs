@@ -133,12 +133,35 @@ fn capture_allowed() -> bool {
     !CAPTURING.get() && REPLICATE_DDL.get() && crate::xact::client_change() && replicated_database()
 }
 
+/// The settings a replayed statement runs with as on its origin: those
+/// that change how SQL text is parsed (literals of dates, intervals,
+/// strings, arrays; `= NULL`), what it computes (time zone, float text)
+/// or whether it is accepted (function bodies checked at CREATE: pg_dump's
+/// output turns that off). Not the locale ones: a locale missing on a
+/// peer would stop its apply.
+const REPLAYED_SETTINGS: [&CStr; 10] = [
+    c"DateStyle",
+    c"IntervalStyle",
+    c"TimeZone",
+    c"standard_conforming_strings",
+    c"backslash_quote",
+    c"array_nulls",
+    c"transform_null_equals",
+    c"extra_float_digits",
+    c"check_function_bodies",
+    c"default_table_access_method",
+];
+
 /// `sql` as this session runs it now: as the current role, with the
-/// current search_path (inside a transaction).
+/// current search_path and [`REPLAYED_SETTINGS`] (inside a transaction).
 fn as_this_session(sql: String) -> DdlMessage {
     let role = catalog::current_user_name();
     let search_path = crate::setting(c"search_path").unwrap_or_default();
-    DdlMessage { role, search_path, sql }
+    let settings = REPLAYED_SETTINGS
+        .iter()
+        .filter_map(|name| Some((name.to_string_lossy().into_owned(), crate::setting(name)?)))
+        .collect();
+    DdlMessage { role, search_path, sql, settings }
 }
 
 /// Writes the message that opens a captured statement (inside the
@@ -502,6 +525,10 @@ fn relation_namespace(relid: pg_sys::Oid) -> pg_sys::Oid {
 pub fn replay(m: &DdlMessage, peer: i32) {
     let nest = crate::pg::guc::new_nest_level();
     set_for_statement(c"search_path", &m.search_path);
+    for (name, value) in &m.settings {
+        let name = CString::new(name.as_str()).unwrap_or_else(|_| error!("multimaster: NUL in a setting's name"));
+        set_for_statement(&name, value);
+    }
     set_for_statement(c"role", &m.role);
     crate::pg::xact::with_transaction_snapshot(|| {
         if let Err(e) = Spi::run(&m.sql) {

@@ -484,6 +484,11 @@ pub struct DdlMessage {
     pub search_path: String,
     /// The statement's text, exactly one statement.
     pub sql: String,
+    /// Settings that change how the statement is parsed or what it
+    /// computes (DateStyle, TimeZone, standard_conforming_strings...),
+    /// (name, value) as they were: a default of '01/02/2020' is a date of
+    /// the origin's DateStyle on every node.
+    pub settings: Vec<(String, String)>,
 }
 
 impl DdlMessage {
@@ -529,12 +534,23 @@ impl DdlMessage {
         put_str(&mut out, &self.role);
         put_str(&mut out, &self.search_path);
         put_str(&mut out, &self.sql);
+        put_u32(&mut out, self.settings.len() as u32);
+        for (name, value) in &self.settings {
+            put_str(&mut out, name);
+            put_str(&mut out, value);
+        }
         out
     }
 
     pub fn decode(buf: &[u8]) -> Result<DdlMessage, DecodeError> {
         let mut r = Reader(buf);
-        let m = DdlMessage { role: r.string()?, search_path: r.string()?, sql: r.string()? };
+        let mut m = DdlMessage { role: r.string()?, search_path: r.string()?, sql: r.string()?, settings: Vec::new() };
+        // A message of a build before the settings ends here.
+        if !r.0.is_empty() {
+            for _ in 0..r.u32()? {
+                m.settings.push((r.string()?, r.string()?));
+            }
+        }
         if !r.0.is_empty() {
             return Err(DecodeError::Trailing(r.0.len()));
         }
@@ -822,9 +838,13 @@ mod tests {
 
     #[test]
     fn ddl_message_round_trips_and_rejects_trailing_bytes() {
-        let m = DdlMessage { role: "app owner".into(), search_path: "\"$user\", public".into(), sql: "create table t(id int)".into() };
+        let settings = vec![("DateStyle".to_string(), "ISO, DMY".to_string()), ("TimeZone".to_string(), "Asia/Tokyo".to_string())];
+        let m = DdlMessage { role: "app owner".into(), search_path: "\"$user\", public".into(), sql: "create table t(id int)".into(), settings };
         let bytes = m.to_bytes();
-        assert_eq!(DdlMessage::decode(&bytes), Ok(m));
+        assert_eq!(DdlMessage::decode(&bytes), Ok(m.clone()));
+        let mut without = DdlMessage { settings: Vec::new(), ..m.clone() }.to_bytes();
+        without.truncate(without.len() - 4);
+        assert_eq!(DdlMessage::decode(&without), Ok(DdlMessage { settings: Vec::new(), ..m }), "a message without settings");
         let mut longer = bytes.clone();
         longer.push(0);
         assert_eq!(DdlMessage::decode(&longer), Err(DecodeError::Trailing(1)));

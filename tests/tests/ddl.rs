@@ -161,6 +161,38 @@ fn a_migration_mixing_ddl_and_dml_commits_on_every_node() {
     assert!(prepared(&c).iter().all(Vec::is_empty), "{:?}", prepared(&c));
 }
 
+/// A schema change means on every node what it meant on its own: the
+/// settings that change how its text is read (DateStyle, TimeZone,
+/// standard_conforming_strings) or whether it is accepted (pg_dump's
+/// `check_function_bodies = off`) travel with it, and rows written later
+/// from sessions on other nodes get the same defaults.
+#[test]
+fn a_schema_change_is_read_with_its_sessions_settings_on_every_node() {
+    let c = TestCluster::start(3);
+    let mut s = spread_sessions(&c, 3);
+    // (A Query string is lexed whole before its first statement runs, so
+    // standard_conforming_strings set in the same string would not count.)
+    let origin = &mut s[0].1;
+    origin.batch_execute("set datestyle = 'ISO, DMY'; set timezone = 'Asia/Tokyo'; set standard_conforming_strings = off").unwrap();
+    origin
+        .batch_execute(r"create table dflt(id int primary key, d date default '01/02/2020', t timestamptz default '2020-01-01 00:00', v text default 'a\\b')")
+        .unwrap();
+    origin.batch_execute("set check_function_bodies = off").unwrap();
+    origin.batch_execute("create function later() returns bigint language sql as 'select count(*) from not_created_yet'").unwrap();
+    settle(&c);
+    same_everywhere(
+        &c,
+        "select string_agg(pg_get_expr(adbin, adrelid), ' ' order by adnum) from pg_attrdef where adrelid = 'dflt'::regclass",
+        r"'2020-02-01'::date '2019-12-31 15:00:00+00'::timestamp with time zone 'a\b'::text",
+    );
+    same_everywhere(&c, "select count(*)::text from pg_proc where proname = 'later'", "1");
+    for (i, (_, cl)) in s.iter_mut().enumerate() {
+        cl.execute("insert into dflt(id) values ($1)", &[&(i as i32)]).unwrap();
+    }
+    converge(&c, &["dflt"]);
+    same_everywhere(&c, "select count(distinct (d, t, v))::text from dflt", "1");
+}
+
 #[test]
 fn sequences_never_give_the_same_value_on_two_nodes() {
     let c = TestCluster::start(3);
