@@ -53,7 +53,7 @@ pub fn own_work() -> bool {
 
 /// Whether notifications of this session are the cluster's (a session of
 /// the proxy, running a client's statement, in the replicated database).
-fn cluster_wide() -> bool {
+pub(crate) fn cluster_wide() -> bool {
     crate::xact::COORDINATED_COMMIT.get() && crate::xact::client_change() && crate::ddl::replicated_database()
 }
 

@@ -7,9 +7,12 @@
 //! out 1, 4, 7…, node 2 gets 2, 5, 8… This is done to the CREATE SEQUENCE
 //! itself, on every node as it runs there (the origin and each peer's
 //! replay), so it covers `serial`, `bigserial` and identity columns too.
-//! A statement that sets its own INCREMENT is left as written; one that
-//! sets only START (or MINVALUE) starts at that value plus the node's id
-//! minus one. Temporary sequences are local and left alone.
+//! A statement that sets its own INCREMENT (other than 1, which pg_dump
+//! writes for every sequence) is left as written; one that sets only
+//! START (or MINVALUE) starts at that value plus the node's id minus one.
+//! Temporary sequences are local and left alone. `setval` in a session of
+//! the proxy moves the sequence on every node, each to its own next value
+//! ([`setval_everywhere`]).
 //!
 //! `mtm.alter_sequences()` does the same to existing sequences (made
 //! before the cluster, or with an explicit INCREMENT BY 1), on every node.
@@ -48,7 +51,9 @@ fn given(seq: CreateSequence<'_>) -> Given {
     let mut g = Given { increment: false, start: None, minvalue: None };
     for elem in seq.options() {
         match elem.name().to_bytes() {
-            b"increment" => g.increment = true,
+            // INCREMENT BY 1 is what pg_dump writes for every sequence:
+            // taken as unset, since on two nodes it could only collide.
+            b"increment" => g.increment = !elem.has_arg() || elem.int64() != 1,
             b"start" => g.start = Some(elem.int64()),
             b"minvalue" if elem.has_arg() => g.minvalue = Some(elem.int64()),
             _ => {}
@@ -84,6 +89,78 @@ pub fn node_step(seq: CreateSequence<'_>) -> Option<(i64, i64)> {
 /// The next value at or after `from` that belongs to node `id` of `n`.
 fn next_value_of_node(from: i64, id: i64, n: i64) -> i64 {
     from + (id - from).rem_euclid(n)
+}
+
+/// `setval(seq, value[, is_called])` as the proxy's sessions run it:
+/// parse analysis points their calls of PostgreSQL's `setval` here
+/// ([`setval_replacements`]), and a peer replays the call as sent. The
+/// sequence moves on every node, past `value`, each node to its own next
+/// value: after a restore (`pg_dump` ends with a `setval` per sequence)
+/// no node hands out a value the restored rows have, nor one another
+/// node hands out. Returns `value`, as `setval` does.
+fn setval_everywhere(seq: pg_sys::Oid, value: i64, is_called: bool) -> i64 {
+    let (target, called) = match node_step_of(seq) {
+        Some((id, n)) => (next_value_of_node(if is_called { value.saturating_add(1) } else { value }, id, n), false),
+        None => (value, is_called),
+    };
+    crate::pg::sequence::setval(seq, target, called);
+    let name = crate::with_snapshot(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[seq.into()],
+        )
+    });
+    if let Ok(Some(name)) = name {
+        let literal = name.replace('\'', "''");
+        crate::ddl::send_statement(&format!("SELECT mtm.setval('{literal}'::regclass, {value}, {is_called})"));
+    }
+    value
+}
+
+#[pg_extern(name = "setval")]
+fn setval_called(seq: pg_sys::Oid, value: i64) -> i64 {
+    setval_everywhere(seq, value, true)
+}
+
+#[pg_extern(name = "setval")]
+fn setval_with(seq: pg_sys::Oid, value: i64, is_called: bool) -> i64 {
+    setval_everywhere(seq, value, is_called)
+}
+
+/// (this node's id, the number of nodes) if `seq` counts in this
+/// cluster's steps (INCREMENT BY the number of nodes, two or more).
+fn node_step_of(seq: pg_sys::Oid) -> Option<(i64, i64)> {
+    let (id, n) = node_and_count()?;
+    let increment = crate::with_snapshot(|| {
+        Spi::get_one_with_args::<i64>("SELECT seqincrement FROM pg_catalog.pg_sequence WHERE seqrelid = $1", &[seq.into()])
+    });
+    (n >= 2 && increment == Ok(Some(n))).then_some((id as i64, n))
+}
+
+thread_local! {
+    /// Oids of `mtm.setval(oid, int8)` and `mtm.setval(oid, int8, bool)`
+    /// in this database, once found.
+    static OUR_SETVAL: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
+}
+
+/// What the parse-analysis hook points a query's calls of PostgreSQL's
+/// two `setval` functions at: ours in a session of the proxy, None (left
+/// alone) elsewhere or where the text cannot call it.
+pub(crate) fn setval_replacements(source: &[u8]) -> Option<[(pg_sys::Oid, pg_sys::Oid); 2]> {
+    if !source.windows(6).any(|w| w.eq_ignore_ascii_case(b"setval")) || !crate::notify::cluster_wide() {
+        return None;
+    }
+    let (two, three) = match OUR_SETVAL.get() {
+        Some(found) => found,
+        None => {
+            let find = |sig: &str| crate::pg::catalog::to_regprocedure(sig).filter(|o| *o != pg_sys::InvalidOid);
+            // Not found is not kept: the extension may be created later.
+            let found = (find("mtm.setval(oid,bigint)")?, find("mtm.setval(oid,bigint,boolean)")?);
+            OUR_SETVAL.set(Some(found));
+            found
+        }
+    };
+    Some([(pg_sys::F_SETVAL_REGCLASS_INT8.into(), two), (pg_sys::F_SETVAL_REGCLASS_INT8_BOOL.into(), three)])
 }
 
 /// Gives every ascending sequence of this database this node's step

@@ -186,7 +186,7 @@ const READ_CALLS: &[&str] = &[
     "jsonb_agg", "json_build_object", "jsonb_build_object", "row_to_json", "to_json", "to_jsonb",
     "array_length", "unnest", "generate_series", "row_number", "rank", "dense_rank", "lag", "lead",
     "bool_and", "bool_or", "every", "version", "current_setting", "current_database", "current_schema",
-    "current_user", "session_user", "txid_current", "nextval", "currval", "setval", "lastval", "exists", "in",
+    "current_user", "session_user", "txid_current", "nextval", "currval", "lastval", "exists", "in",
     "any", "all", "some", "values", "cast", "over", "filter", "within", "row", "array", "interval", "numeric",
     "decimal", "varchar", "char", "character", "timestamp", "timestamptz", "time", "bit", "float", "select",
     "from", "join", "on", "using", "as", "and", "or", "not", "where", "lateral", "is", "like", "ilike",
@@ -398,9 +398,10 @@ fn calls_unknown_function(sql: &str) -> bool {
                         Some((s, n)) => (Some(s.to_string()), n.to_string()),
                         None => (None, name.clone()),
                     };
-                    // pg_notify() is delivered on every node through the
-                    // cluster's commit (the extension's `notify` module).
-                    let builtin = bare != "pg_notify"
+                    // pg_notify() is delivered and setval() moves the
+                    // sequence on every node through the cluster's commit
+                    // (the extension's `notify` and `sequences` modules).
+                    let builtin = !["pg_notify", "setval"].contains(&bare.as_str())
                         && match schema.as_deref() {
                             Some("pg_catalog") => true,
                             Some("mtm") => !MTM_WRITES.contains(&bare.as_str()),
@@ -616,6 +617,9 @@ mod tests {
         assert_eq!(intent("insert into t values (1)"), Intent::Write);
         assert_eq!(intent("notify chan, 'x'"), Intent::Write, "delivered on every node");
         assert_eq!(intent("select pg_notify('chan', 'x')"), Intent::Write, "delivered on every node");
+        assert_eq!(intent("SELECT pg_catalog.setval('public.t_id_seq', 100, true)"), Intent::Write, "moves the sequence on every node");
+        assert_eq!(intent("select setval('s', 1)"), Intent::Write);
+        assert_eq!(intent("select nextval('s')"), Intent::Read, "a node's own value");
         assert_eq!(intent("SELECT pg_catalog.PG_NOTIFY('chan', 'x')"), Intent::Write);
         assert_eq!(intent("select pg_backend_pid()"), Intent::Read);
         assert_eq!(intent("listen chan"), Intent::Read);

@@ -1,7 +1,8 @@
 //! NOTIFY: PostgreSQL's own queueing of a notification (`Async_Notify`,
 //! not exported by pgrx) and the parse-analysis hook (installed and
-//! chained here) that points a query's calls of `pg_notify()` at the
-//! extension's function when [`crate::notify`] says so.
+//! chained here) that points a query's calls of `pg_notify()` and
+//! `setval()` at the extension's functions when [`crate::notify`] and
+//! [`crate::sequences`] say so.
 
 use pgrx::pg_guard;
 use pgrx::pg_sys;
@@ -57,35 +58,43 @@ unsafe extern "C-unwind" fn post_parse_analyze(pstate: *mut pg_sys::ParseState, 
         }
         CStr::from_ptr((*pstate).p_sourcetext).to_bytes()
     };
+    let mut calls: Vec<(pg_sys::Oid, pg_sys::Oid)> = Vec::new();
     if let Some(ours) = crate::notify::pg_notify_replacement(source) {
-        let mut ours = ours;
+        calls.push((pg_sys::F_PG_NOTIFY.into(), ours));
+    }
+    if let Some(ours) = crate::sequences::setval_replacements(source) {
+        calls.extend(ours);
+    }
+    if !calls.is_empty() {
         // SAFETY: `query` is the analysed tree this hook may change in
-        // place; the callback is ours below, whose context is `ours`,
+        // place; the callback is ours below, whose context is `calls`,
         // alive for the walk.
-        unsafe { pg_sys::query_tree_walker(query, Some(redirect_pg_notify), (&raw mut ours).cast(), 0) };
+        unsafe { pg_sys::query_tree_walker(query, Some(redirect_calls), (&raw mut calls).cast(), 0) };
     }
 }
 
-/// Points every call of PostgreSQL's `pg_notify` in the tree at ours
-/// (`context`: its oid); same arguments, same result type.
+/// Points every call of a function of PostgreSQL's in the tree at ours
+/// (`context`: the (theirs, ours) oid pairs); same arguments, same result
+/// type.
 #[pg_guard]
-unsafe extern "C-unwind" fn redirect_pg_notify(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+unsafe extern "C-unwind" fn redirect_calls(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
     if node.is_null() {
         return false;
     }
     // SAFETY: the walkers hand us nodes of the tree being walked, which
     // the post-parse-analysis hook may change, and the context
-    // post_parse_analyze passed, a live Oid.
+    // post_parse_analyze passed, a live Vec of oid pairs.
     unsafe {
         if (*node).type_ == pg_sys::NodeTag::T_FuncExpr {
             let f = node.cast::<pg_sys::FuncExpr>();
-            if (*f).funcid == pg_sys::Oid::from(pg_sys::F_PG_NOTIFY) {
-                (*f).funcid = *context.cast::<pg_sys::Oid>();
+            let calls = &*context.cast::<Vec<(pg_sys::Oid, pg_sys::Oid)>>();
+            if let Some((_, ours)) = calls.iter().find(|(theirs, _)| *theirs == (*f).funcid) {
+                (*f).funcid = *ours;
             }
         }
         if (*node).type_ == pg_sys::NodeTag::T_Query {
-            return pg_sys::query_tree_walker(node.cast(), Some(redirect_pg_notify), context, 0);
+            return pg_sys::query_tree_walker(node.cast(), Some(redirect_calls), context, 0);
         }
-        pg_sys::expression_tree_walker(node, Some(redirect_pg_notify), context)
+        pg_sys::expression_tree_walker(node, Some(redirect_calls), context)
     }
 }

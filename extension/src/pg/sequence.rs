@@ -38,8 +38,10 @@ pub unsafe fn adjust(pstmt: *mut pg_sys::PlannedStmt, read_only_tree: bool) -> (
         let pstmt = if read_only_tree { pg_sys::copyObjectImpl(pstmt as *const std::ffi::c_void) as *mut pg_sys::PlannedStmt } else { pstmt };
         let stmt = (*pstmt).utilityStmt as *mut pg_sys::CreateSeqStmt;
         let mut options = (*stmt).options;
-        // A START given twice is an error: replace the user's.
+        // A START or INCREMENT given twice is an error: replace the
+        // user's (an INCREMENT here is pg_dump's BY 1).
         options = remove_option(options, c"start");
+        options = remove_option(options, c"increment");
         options = pg_sys::lappend(options, int_option(c"increment", increment) as *mut std::ffi::c_void);
         options = pg_sys::lappend(options, int_option(c"start", start) as *mut std::ffi::c_void);
         (*stmt).options = options;
@@ -83,4 +85,18 @@ unsafe fn remove_option(options: *mut pg_sys::List, name: &CStr) -> *mut pg_sys:
         }
     }
     out
+}
+
+/// PostgreSQL's own `setval(seq, value, is_called)` (not through SQL: in
+/// a session of the proxy parse analysis points SQL calls of it at
+/// `mtm.setval`). Checks the session's privileges on the sequence.
+pub fn setval(seq: pg_sys::Oid, value: i64, is_called: bool) {
+    use pgrx::IntoDatum;
+    // SAFETY: setval3_oid is a SQL-callable function of (regclass, int8,
+    // bool), called with three non-null datums of those types inside a
+    // transaction; its ERRORs (no such sequence, no privilege, value out
+    // of range) unwind through pgrx's guarded call.
+    unsafe {
+        pgrx::direct_function_call::<i64>(pg_sys::setval3_oid, &[seq.into_datum(), value.into_datum(), is_called.into_datum()]);
+    }
 }
