@@ -162,7 +162,7 @@ pub fn transaction_ended() {
 /// transaction, which restores the user.)
 fn as_superuser<T>(f: impl FnOnce() -> T) -> T {
     let was = OWN_WORK.replace(true);
-    let out = crate::pg::catalog::as_superuser(f);
+    let out = crate::pg::catalog::as_superuser(|| crate::pg::catalog::read_write(f));
     OWN_WORK.set(was);
     out
 }

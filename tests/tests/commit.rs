@@ -722,7 +722,8 @@ fn a_clients_statement_timeout_does_not_cut_the_commit_short() {
 /// An application's role is rarely a superuser: such a role writes,
 /// changes its own schema, notifies and uses two-phase commit through the
 /// proxy from sessions on every node, though it may not read the
-/// extension's tables (the node reads them for it).
+/// extension's tables (the node reads them for it); also with
+/// `default_transaction_read_only` on and `BEGIN READ WRITE`.
 #[test]
 fn a_role_that_is_not_a_superuser_commits_from_every_node() {
     let c = TestCluster::start(3);
@@ -744,11 +745,17 @@ fn a_role_that_is_not_a_superuser_commits_from_every_node() {
     }
     s[1].batch_execute("begin; insert into acct values (10, 10); prepare transaction 'app-gid'").unwrap();
     s[2].batch_execute("commit prepared 'app-gid'").unwrap();
+    // Read-only by default, read-write when asked: the cluster's commit
+    // (and its NOTIFY) still goes through.
+    s[0].batch_execute("set default_transaction_read_only = on").unwrap();
+    s[0].batch_execute("begin read write; update acct set v = v + 1 where id = 0; notify chan; commit").unwrap();
+    let err = s[0].batch_execute("update acct set v = v + 1 where id = 0").unwrap_err();
+    assert_eq!(sqlstate(&err), "25006", "{err:?}");
     let tables = ["acct", "own0", "own1", "own2"];
     converge(&c, &tables);
     for n in 1..=3 {
         let sum: i64 = client(&c, n).query_one("select sum(v) from acct", &[]).unwrap().get(0);
-        assert_eq!(sum, 13, "node {n}");
+        assert_eq!(sum, 14, "node {n}");
     }
     no_gid_left(&c);
 }

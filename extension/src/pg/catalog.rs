@@ -173,6 +173,31 @@ pub fn as_role<T>(role: &CStr, f: impl FnOnce() -> T) -> T {
     run_as(if oid == pg_sys::InvalidOid { pg_sys::BOOTSTRAP_SUPERUSERID.into() } else { oid }, f)
 }
 
+/// Runs `f` in read-write mode, also inside a transaction the client
+/// made read-only (`default_transaction_read_only`, which covers the
+/// implicit transaction of its COMMIT PREPARED): the extension's own
+/// bookkeeping there (`mtm.notifications`) is not the client's write.
+pub fn read_write<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: puts back this backend's own flag as it was read
+            // below; a plain store, no ERROR.
+            unsafe { pg_sys::XactReadOnly = self.0 }
+        }
+    }
+    // SAFETY: reads and sets this backend's transaction-local flag, which
+    // the executor checks at the start of each statement; restored however
+    // `f` ends. Not during recovery, where it must stay read-only (no
+    // client writes there anyway).
+    let was = unsafe { pg_sys::XactReadOnly };
+    let _restore = Restore(was);
+    if was && !unsafe { pg_sys::RecoveryInProgress() } {
+        unsafe { pg_sys::XactReadOnly = false };
+    }
+    f()
+}
+
 fn run_as<T>(role: pg_sys::Oid, f: impl FnOnce() -> T) -> T {
     /// Puts the session's user back however `f` ends, an ERROR's unwind
     /// included.
