@@ -134,6 +134,9 @@ pub(crate) fn startup(ctx: &mut Startup, is_init: bool) -> DecoderState {
     let scratch = ctx.create_scratch(c"multimaster decoder");
     let sink = Sink { batch: ctx.to_walsender().then(Batch::default) };
     let subscriber = ctx.slot_name().strip_prefix("mtm_slot_").and_then(|n| n.parse().ok());
+    if let Some(peer) = subscriber.filter(|_| !is_init && ctx.to_walsender()) {
+        wait_for_origins(peer);
+    }
     DecoderState {
         recovery,
         scratch,
@@ -144,6 +147,23 @@ pub(crate) fn startup(ctx: &mut Startup, is_init: bool) -> DecoderState {
         in_ddl: false,
         sink,
         subscriber,
+    }
+}
+
+/// Longest a walsender waits at its start for the receiver from its
+/// subscriber to publish that node's origins.
+const ORIGINS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Right after this node starts, its walsender to `peer` may decode a
+/// PREPARE of `peer`'s that was applied here before the receiver from
+/// `peer` has said which origins are `peer`'s: the PREPARE would be
+/// skipped, and `peer` would get no yes and roll the gid back at its vote
+/// timeout. The receiver publishes them before it connects, so the wait
+/// is short; bounded, should the receiver not run.
+fn wait_for_origins(peer: i32) {
+    let deadline = std::time::Instant::now() + ORIGINS_WAIT;
+    while !crate::pool::origins_published(peer) && std::time::Instant::now() < deadline {
+        crate::pg::latch::wait(20);
     }
 }
 

@@ -191,6 +191,13 @@ pub fn finish_origin_of(peer: i32) -> pg_sys::RepOriginId {
 
 /// The peer whose transactions this node applies (or finishes) under
 /// replication origin `origin`, if a receiver from it has published it.
+/// Whether the receiver from `peer` has published its origins (it does
+/// before it applies anything).
+pub fn origins_published(peer: i32) -> bool {
+    let Ok(p) = usize::try_from(peer) else { return false };
+    (1..=MAX_NODES).contains(&p) && POOLS.get().peers[p].origins.iter().all(|o| o.load(Acquire) != 0)
+}
+
 pub fn peer_of_origin(origin: pg_sys::RepOriginId) -> Option<i32> {
     let origin = u32::from(origin);
     if origin == 0 {
