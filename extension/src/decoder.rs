@@ -161,9 +161,16 @@ const ORIGINS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// timeout. The receiver publishes them before it connects, so the wait
 /// is short; bounded, should the receiver not run.
 fn wait_for_origins(peer: i32) {
-    let deadline = std::time::Instant::now() + ORIGINS_WAIT;
-    while !crate::pool::origins_published(peer) && std::time::Instant::now() < deadline {
-        crate::pg::latch::wait(20);
+    wait_while(ORIGINS_WAIT, 20_000, || !crate::pool::origins_published(peer));
+}
+
+/// Polls `busy` every `every_us` microseconds until it is false or
+/// `limit` has passed.
+fn wait_while(limit: std::time::Duration, every_us: i64, busy: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while busy() && std::time::Instant::now() < deadline {
+        crate::pg::latch::sleep(every_us);
+        crate::pg::latch::check_for_interrupts();
     }
 }
 
@@ -216,11 +223,17 @@ fn send_vote(st: &mut DecoderState, out: &mut Output, coordinator: i32, gid: Str
 
 /// begin and begin_prepare.
 pub(crate) fn begin(st: &mut DecoderState) {
+    forget_relations(st);
+    st.begun = false;
+    st.in_ddl = false;
+}
+
+/// Which relations were described and which are local: looked up again
+/// from here on.
+fn forget_relations(st: &mut DecoderState) {
     st.described.clear();
     st.local.clear();
     st.local_tables = None;
-    st.begun = false;
-    st.in_ddl = false;
 }
 
 /// Sends Begin (and Origin) before the transaction's first message.
@@ -297,11 +310,7 @@ pub(crate) fn commit_prepared(st: &mut DecoderState, out: &mut Output, txn: Txn,
 /// record is flushed just before the committing process takes it out of
 /// the proc array: wait for that (microseconds; bounded, in case).
 fn wait_until_visible(xid: pg_sys::TransactionId) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while decoding::xid_in_progress(xid) && std::time::Instant::now() < deadline {
-        crate::pg::latch::sleep(20);
-        crate::pg::latch::check_for_interrupts();
-    }
+    wait_while(std::time::Duration::from_secs(5), 20, || decoding::xid_in_progress(xid));
 }
 
 pub(crate) fn rollback_prepared(
@@ -351,9 +360,7 @@ pub(crate) fn message(
         st.in_ddl = false;
         // The statement may have changed the columns of tables already
         // described in this transaction (or which are local): look again.
-        st.described.clear();
-        st.local.clear();
-        st.local_tables = None;
+        forget_relations(st);
         if content.is_empty() {
             return; // temporary objects only: stays on this node
         }

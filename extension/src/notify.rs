@@ -94,15 +94,14 @@ thread_local! {
     static OUR_PG_NOTIFY: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
 }
 
-fn our_pg_notify() -> Option<pg_sys::Oid> {
-    if let Some(oid) = OUR_PG_NOTIFY.get() {
+/// The oid of the extension's function `signature`, kept in `cache` once
+/// found (not found is not kept: the extension may be created later).
+pub(crate) fn function_oid(cache: &'static std::thread::LocalKey<std::cell::Cell<Option<pg_sys::Oid>>>, signature: &str) -> Option<pg_sys::Oid> {
+    if let Some(oid) = cache.get() {
         return Some(oid);
     }
-    let oid = crate::pg::catalog::to_regprocedure("mtm.pg_notify(text,text)").filter(|o| *o != pg_sys::InvalidOid);
-    // Not found is not kept: the extension may be created later.
-    if oid.is_some() {
-        OUR_PG_NOTIFY.set(oid);
-    }
+    let oid = crate::pg::catalog::to_regprocedure(signature).filter(|o| *o != pg_sys::InvalidOid);
+    cache.set(oid);
     oid
 }
 
@@ -111,15 +110,16 @@ fn our_pg_notify() -> Option<pg_sys::Oid> {
 /// the proxy, None (left alone) elsewhere or where the text cannot call it.
 pub(crate) fn pg_notify_replacement(source: &[u8]) -> Option<pg_sys::Oid> {
     // Cheap tests first: most queries never name pg_notify.
-    if !mentions_pg_notify(source) || !cluster_wide() {
+    if !mentions(source, b"pg_notify") || !cluster_wide() {
         return None;
     }
-    our_pg_notify()
+    function_oid(&OUR_PG_NOTIFY, "mtm.pg_notify(text,text)")
 }
 
-/// Whether SQL text may call pg_notify (any case: unquoted names fold).
-fn mentions_pg_notify(source: &[u8]) -> bool {
-    source.windows(9).any(|w| w.eq_ignore_ascii_case(b"pg_notify"))
+/// Whether SQL text may call the function `name` (any case: unquoted
+/// names fold).
+pub(crate) fn mentions(source: &[u8], name: &[u8]) -> bool {
+    source.windows(name.len()).any(|w| w.eq_ignore_ascii_case(name))
 }
 
 /// PostgreSQL's own checks of a notification (`Async_Notify`), made when

@@ -189,8 +189,6 @@ pub fn finish_origin_of(peer: i32) -> pg_sys::RepOriginId {
     crate::pg::origin::origin_by_name(&std::ffi::CString::new(name).expect("no NUL"))
 }
 
-/// The peer whose transactions this node applies (or finishes) under
-/// replication origin `origin`, if a receiver from it has published it.
 /// Whether the receiver from `peer` has published its origins (it does
 /// before it applies anything).
 pub fn origins_published(peer: i32) -> bool {
@@ -198,6 +196,8 @@ pub fn origins_published(peer: i32) -> bool {
     (1..=MAX_NODES).contains(&p) && POOLS.get().peers[p].origins.iter().all(|o| o.load(Acquire) != 0)
 }
 
+/// The peer whose transactions this node applies (or finishes) under
+/// replication origin `origin`, if a receiver from it has published it.
 pub fn peer_of_origin(origin: pg_sys::RepOriginId) -> Option<i32> {
     let origin = u32::from(origin);
     if origin == 0 {

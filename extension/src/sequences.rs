@@ -140,27 +140,20 @@ fn node_step_of(seq: pg_sys::Oid) -> Option<(i64, i64)> {
 thread_local! {
     /// Oids of `mtm.setval(oid, int8)` and `mtm.setval(oid, int8, bool)`
     /// in this database, once found.
-    static OUR_SETVAL: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
+    static OUR_SETVAL: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
+    static OUR_SETVAL_WITH: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
 }
 
 /// What the parse-analysis hook points a query's calls of PostgreSQL's
 /// two `setval` functions at: ours in a session of the proxy, None (left
 /// alone) elsewhere or where the text cannot call it.
 pub(crate) fn setval_replacements(source: &[u8]) -> Option<[(pg_sys::Oid, pg_sys::Oid); 2]> {
-    if !source.windows(6).any(|w| w.eq_ignore_ascii_case(b"setval")) || !crate::notify::cluster_wide() {
+    if !crate::notify::mentions(source, b"setval") || !crate::notify::cluster_wide() {
         return None;
     }
-    let (two, three) = match OUR_SETVAL.get() {
-        Some(found) => found,
-        None => {
-            let find = |sig: &str| crate::pg::catalog::to_regprocedure(sig).filter(|o| *o != pg_sys::InvalidOid);
-            // Not found is not kept: the extension may be created later.
-            let found = (find("mtm.setval(oid,bigint)")?, find("mtm.setval(oid,bigint,boolean)")?);
-            OUR_SETVAL.set(Some(found));
-            found
-        }
-    };
-    Some([(pg_sys::F_SETVAL_REGCLASS_INT8.into(), two), (pg_sys::F_SETVAL_REGCLASS_INT8_BOOL.into(), three)])
+    let called = crate::notify::function_oid(&OUR_SETVAL, "mtm.setval(oid,bigint)")?;
+    let with = crate::notify::function_oid(&OUR_SETVAL_WITH, "mtm.setval(oid,bigint,boolean)")?;
+    Some([(pg_sys::F_SETVAL_REGCLASS_INT8.into(), called), (pg_sys::F_SETVAL_REGCLASS_INT8_BOOL.into(), with)])
 }
 
 /// Gives every ascending sequence of this database this node's step

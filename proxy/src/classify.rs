@@ -265,10 +265,15 @@ fn single_intent(sql: &str) -> Intent {
 /// END (`BEGIN; UPDATE …; COMMIT`), the statements before it: the proxy
 /// runs those, then commits with the cluster's two-phase commit itself.
 pub fn strip_trailing_commit(sql: &str) -> Option<&str> {
-    let spans = statement_spans(sql);
-    let [.., _, (last_start, last_end)] = spans.as_slice() else { return None };
-    let head = sql[..*last_start].trim_end().trim_end_matches(';').trim_end();
-    (is_plain_commit(&sql[*last_start..*last_end]) && !head.trim().is_empty()).then_some(head)
+    let (head, last) = split_last(sql)?;
+    (is_plain_commit(last) && !head.is_empty()).then_some(head)
+}
+
+/// (the statements before the last one, the last one) of `sql`; the
+/// first is empty when there is only one.
+fn split_last(sql: &str) -> Option<(&str, &str)> {
+    let (last_start, last_end) = *statement_spans(sql).last()?;
+    Some((sql[..last_start].trim_end().trim_end_matches(';').trim_end(), &sql[last_start..last_end]))
 }
 
 /// A multi-statement Query cut after its first plain COMMIT, END,
@@ -278,7 +283,9 @@ pub fn strip_trailing_commit(sql: &str) -> Option<&str> {
 /// it sends the rest, and commits each the way it commits a Query.
 pub fn split_after_transaction_end(sql: &str) -> Option<(&str, &str)> {
     let spans = statement_spans(sql);
-    let ends = |s: &str| is_plain_commit(s) || is_plain_rollback(s) || is_chain(s) || prepared_gid(s).is_some();
+    let ends = |s: &str| {
+        is_plain_commit(s) || is_plain_rollback(s) || is_chain(s, COMMIT_VERBS) || is_chain(s, ROLLBACK_VERBS) || prepared_gid(s).is_some()
+    };
     let i = spans.iter().position(|&(a, z)| ends(&sql[a..z]))?;
     let next = spans.get(i + 1)?;
     Some((&sql[..spans[i].1], &sql[next.0..]))
@@ -287,20 +294,18 @@ pub fn split_after_transaction_end(sql: &str) -> Option<(&str, &str)> {
 /// A Query whose last statement is COMMIT AND CHAIN: the statements
 /// before it (empty when it is the only one).
 pub fn strip_trailing_commit_and_chain(sql: &str) -> Option<&str> {
-    let spans = statement_spans(sql);
-    let (last_start, last_end) = *spans.last()?;
-    let last = &sql[last_start..last_end];
-    let commit = matches!(first_keyword(last).as_deref(), Some("COMMIT" | "END"));
-    (commit && is_chain(last)).then(|| sql[..last_start].trim_end().trim_end_matches(';').trim_end())
+    let (head, last) = split_last(sql)?;
+    is_chain(last, COMMIT_VERBS).then_some(head)
 }
 
 /// A Query whose last statement is `PREPARE TRANSACTION 'gid'` after
 /// others: (the statements before it, the gid).
 pub fn strip_trailing_prepare(sql: &str) -> Option<(&str, String)> {
-    let spans = statement_spans(sql);
-    let [.., _, (last_start, last_end)] = spans.as_slice() else { return None };
-    let gid = prepared_gid(&sql[*last_start..*last_end])?;
-    Some((sql[..*last_start].trim_end().trim_end_matches(';').trim_end(), gid))
+    let (head, last) = split_last(sql)?;
+    if head.is_empty() {
+        return None;
+    }
+    Some((head, prepared_gid(last)?))
 }
 
 /// The gid of a `PREPARE TRANSACTION 'gid'` statement.
@@ -309,14 +314,13 @@ pub fn prepared_gid(statement: &str) -> Option<String> {
     prepare.then(|| quoted_literal(statement)).flatten()
 }
 
-/// `COMMIT` / `END` / `ROLLBACK` / `ABORT` [`WORK` | `TRANSACTION`] `AND CHAIN`.
-fn is_chain(statement: &str) -> bool {
-    let words: Vec<String> = statement.split_whitespace().map(str::to_ascii_uppercase).collect();
-    let w: Vec<&str> = words.iter().map(String::as_str).collect();
-    let verb = |v: &str| matches!(v, "COMMIT" | "END" | "ROLLBACK" | "ABORT");
-    match w.as_slice() {
-        [v, "AND", "CHAIN"] => verb(v),
-        [v, "WORK" | "TRANSACTION", "AND", "CHAIN"] => verb(v),
+const COMMIT_VERBS: &[&str] = &["COMMIT", "END"];
+const ROLLBACK_VERBS: &[&str] = &["ROLLBACK", "ABORT"];
+
+/// One of `verbs` [`WORK` | `TRANSACTION`] `AND CHAIN`.
+fn is_chain(statement: &str, verbs: &[&str]) -> bool {
+    match upper_words(statement).as_slice() {
+        [ending @ .., and, chain] if and == "AND" && chain == "CHAIN" => is_verb(ending, verbs),
         _ => false,
     }
 }
@@ -328,17 +332,21 @@ pub fn opens_transaction_anywhere(sql: &str) -> bool {
 
 /// `COMMIT` / `END` [`WORK` | `TRANSACTION`], without AND CHAIN.
 pub fn is_plain_commit(statement: &str) -> bool {
-    first_words_are(statement, &["COMMIT", "END"])
+    is_verb(&upper_words(statement), COMMIT_VERBS)
 }
 
 /// `ROLLBACK` / `ABORT` [`WORK` | `TRANSACTION`], without AND CHAIN or TO.
 fn is_plain_rollback(statement: &str) -> bool {
-    first_words_are(statement, &["ROLLBACK", "ABORT"])
+    is_verb(&upper_words(statement), ROLLBACK_VERBS)
 }
 
-fn first_words_are(statement: &str, verbs: &[&str]) -> bool {
-    let words: Vec<String> = statement.split_whitespace().map(str::to_ascii_uppercase).collect();
-    match words.as_slice() {
+fn upper_words(statement: &str) -> Vec<String> {
+    statement.split_whitespace().map(str::to_ascii_uppercase).collect()
+}
+
+/// `words` are one of `verbs`, then optionally WORK or TRANSACTION.
+fn is_verb(words: &[String], verbs: &[&str]) -> bool {
+    match words {
         [verb] => verbs.contains(&verb.as_str()),
         [verb, noise] => verbs.contains(&verb.as_str()) && matches!(noise.as_str(), "WORK" | "TRANSACTION"),
         _ => false,

@@ -661,11 +661,23 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// it) in a transaction of the proxy's: the proxy finishes it when the
     /// node's ReadyForQuery comes back ([`Self::finish`]).
     fn wrap_autocommit(&mut self, raw: &[u8]) {
+        self.begin_own_transaction();
+        self.send_pending(raw, true, PendingKind::Autocommit);
+    }
+
+    /// Opens a transaction of the proxy's in front of the next unit (its
+    /// answer is not the client's).
+    fn begin_own_transaction(&mut self) {
         self.out.extend_from_slice(&commit::own_statement("BEGIN"));
         self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
-        let rx = self.expect_hold(true);
+    }
+
+    /// Sends `raw` as a unit the proxy ends itself ([`Self::finish`], as
+    /// `kind` says) once the node's ReadyForQuery comes back.
+    fn send_pending(&mut self, raw: &[u8], hold_complete: bool, kind: PendingKind) {
+        let rx = self.expect_hold(hold_complete);
         self.out.extend_from_slice(raw);
-        self.pending = Some(Pending { rx, kind: PendingKind::Autocommit });
+        self.pending = Some(Pending { rx, kind });
     }
 
     /// A simple-protocol Query too big to buffer, decided on from its
@@ -769,19 +781,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // then commit as for a COMMIT of its own.
             self.drain().await?;
             if self.status() == b'T' || crate::classify::opens_transaction_anywhere(head) {
-                let rx = self.expect_hold(false);
-                self.out.extend_from_slice(&own_query(head));
-                self.pending = Some(Pending { rx, kind: PendingKind::CommitAfter(rest) });
+                self.send_pending(&own_query(head), false, PendingKind::CommitAfter(rest));
                 return Ok(());
             }
-            if self.status() == b'I' && !crate::classify::opens_transaction_anywhere(head) {
+            if self.status() == b'I' {
                 // No transaction open: PostgreSQL runs the statements in
                 // an implicit one, which the COMMIT commits with a warning.
-                self.out.extend_from_slice(&commit::own_statement("BEGIN"));
-                self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
-                let rx = self.expect_hold(false);
-                self.out.extend_from_slice(&own_query(head));
-                self.pending = Some(Pending { rx, kind: PendingKind::ImplicitCommitAfter(rest) });
+                self.begin_own_transaction();
+                self.send_pending(&own_query(head), false, PendingKind::ImplicitCommitAfter(rest));
                 return Ok(());
             }
         }
@@ -791,9 +798,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // one of its own.
             self.drain().await?;
             if !head.is_empty() && (self.status() == b'T' || crate::classify::opens_transaction_anywhere(head)) {
-                let rx = self.expect_hold(false);
-                self.out.extend_from_slice(&own_query(head));
-                self.pending = Some(Pending { rx, kind: PendingKind::ChainAfter(rest) });
+                self.send_pending(&own_query(head), false, PendingKind::ChainAfter(rest));
                 return Ok(());
             }
             if head.is_empty() && rest.is_some() && self.status() == b'T' {
@@ -805,9 +810,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // own two-phase commit, voted on as for a statement of its own.
             self.drain().await?;
             if self.status() == b'T' || crate::classify::opens_transaction_anywhere(head) {
-                let rx = self.expect_hold(false);
-                self.out.extend_from_slice(&own_query(head));
-                self.pending = Some(Pending { rx, kind: PendingKind::PrepareAfter { gid, rest } });
+                self.send_pending(&own_query(head), false, PendingKind::PrepareAfter { gid, rest });
                 return Ok(());
             }
         }
@@ -826,9 +829,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
             // Ends with a ROLLBACK, or a COMMIT with no transaction open
             // or in a failed one: the node ends it as PostgreSQL does.
-            let rx = self.expect_hold(false);
-            self.out.extend_from_slice(raw);
-            self.pending = Some(Pending { rx, kind: PendingKind::Then(rest) });
+            self.send_pending(raw, false, PendingKind::Then(rest));
             return Ok(());
         }
         match intent(sql) {
@@ -855,9 +856,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Intent::PrepareTransaction(gid) => {
                 self.drain().await?;
                 if self.status() == b'T' && self.wrote() {
-                    let rx = self.expect_hold(true);
-                    self.out.extend_from_slice(raw);
-                    self.pending = Some(Pending { rx, kind: PendingKind::Prepare(gid) });
+                    self.send_pending(raw, true, PendingKind::Prepare(gid));
                     return Ok(());
                 }
             }
@@ -967,8 +966,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 if commit && self.status() == b'T' && self.wrote() {
                     unit.mode = UnitMode::CommitInside;
                 } else if write && !commit && self.status() == b'I' {
-                    self.out.extend_from_slice(&commit::own_statement("BEGIN"));
-                    self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
+                    self.begin_own_transaction();
                     unit.mode = UnitMode::Wrapped;
                 }
             } else if !executes.is_empty() {
@@ -1107,9 +1105,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     async fn sync(&mut self, raw: &[u8]) -> Result<(), End> {
         self.ctx.tracker.before_send(1).await;
         if self.unit.take().map(|u| u.mode) == Some(UnitMode::Wrapped) {
-            let rx = self.expect_hold(false);
-            self.out.extend_from_slice(raw);
-            self.pending = Some(Pending { rx, kind: PendingKind::Autocommit });
+            self.send_pending(raw, false, PendingKind::Autocommit);
         } else {
             self.expect(Expect::Forward);
             self.out.extend_from_slice(raw);
