@@ -1,12 +1,15 @@
 //! The durable 2PC decision log: the extension's own WAL resource manager
 //! and the table it is redone into.
 //!
-//! Three record types, each carrying one `mtm-` gid (PROTOCOL.md, "WAL
+//! Four record types, each carrying one `mtm-` gid (PROTOCOL.md, "WAL
 //! records"): PRECOMMIT, logged by `mtm.await_votes` on the home node once
-//! every peer voted yes; COMMIT and ABORT, logged on every node just
-//! before its COMMIT PREPARED / ROLLBACK PREPARED of the gid (by the
-//! proxy's session, the apply worker or the resolver), so the commit
-//! record's own flush makes them durable. The states live in a table in
+//! every peer voted yes, and on each peer as it is told so (the gid
+//! commits once a majority logged it); PREABORT, a node's promise to a
+//! resolver never to precommit the gid; COMMIT and ABORT, logged on every
+//! node just before its COMMIT PREPARED / ROLLBACK PREPARED of the gid (by
+//! the proxy's session, the apply worker or the resolver), so the commit
+//! record's own flush makes them durable. The two promises are flushed
+//! before anyone is told of them. The states live in a table in
 //! shared memory (logic in the safe `mtm-state` crate): filled as records
 //! are written, redone from the WAL after a crash, and copied by the
 //! launcher to `pg_mtm/decisions` (at most a second after a change, and
@@ -95,6 +98,26 @@ pub fn log(gid: &str, state: State) -> Option<u64> {
     let lsn = crate::pg::rmgr::insert(RMGR_ID, state.info(), gid.as_bytes());
     d.log.note(gid, state, lsn);
     Some(lsn)
+}
+
+/// Promises `want` (precommitted or preaborted) for `gid`, unless this
+/// node logged the opposite, which it then returns
+/// ([`mtm_state::decisions::promise`]). The check and the record are made
+/// under one lock, so two promises cannot cross. Returns the record's
+/// position when one was written; it is not flushed here: the caller
+/// flushes before it tells anyone.
+pub fn promise(gid: &str, want: State) -> Result<Option<u64>, State> {
+    if !mtm_state::decisions::loggable(gid) {
+        return Ok(None);
+    }
+    ensure_loaded();
+    let mut d = DECISIONS.exclusive();
+    let Some(state) = mtm_state::decisions::promise(d.log.get(gid), want)? else {
+        return Ok(None);
+    };
+    let lsn = crate::pg::rmgr::insert(RMGR_ID, state.info(), gid.as_bytes());
+    d.log.note(gid, state, lsn);
+    Ok(Some(lsn))
 }
 
 /// What this node logged about `gid`.
@@ -268,31 +291,31 @@ pub(crate) fn identify(info: u8) -> Option<&'static CStr> {
         Some(State::Precommitted) => Some(c"PRECOMMIT"),
         Some(State::Committed) => Some(c"COMMIT"),
         Some(State::Aborted) => Some(c"ABORT"),
+        Some(State::Preaborted) => Some(c"PREABORT"),
         None => None,
     }
 }
 
 /// What this node's decision log says about `gid`: `committed`,
 /// `aborted`, or `notfound` (as the reference defines it; a gid that is
-/// only precommitted is `notfound` until it is finished).
+/// only promised, precommitted or preaborted, is `notfound` until it is
+/// finished).
 #[pg_extern]
 fn get_logged_prepared_xact_state(gid: &str) -> &'static str {
     match state(gid) {
         Some(State::Committed) => "committed",
         Some(State::Aborted) => "aborted",
-        Some(State::Precommitted) | None => "notfound",
+        Some(State::Precommitted | State::Preaborted) | None => "notfound",
     }
 }
 
 /// The states a gid is in on this node, for operators and resolvers:
-/// `prepared` (and not yet precommitted), `precommitted`, `committed`,
-/// `aborted` or `notfound`.
+/// `prepared` (and not yet promised), `precommitted`, `preaborted`,
+/// `committed`, `aborted` or `notfound`.
 #[pg_extern]
 fn xact_state(gid: &str) -> &'static str {
     match state(gid) {
-        Some(State::Committed) => "committed",
-        Some(State::Aborted) => "aborted",
-        Some(State::Precommitted) => "precommitted",
+        Some(s) => s.as_str(),
         None if crate::prepared_here(gid) => "prepared",
         None => "notfound",
     }

@@ -28,11 +28,10 @@
 //! - [`xact`]     — whether a client transaction wrote (reported to the proxy)
 //!   and the guard against committing such a transaction on one node;
 //! - [`decisions`] — the durable 2PC decision log: the extension's WAL
-//!   resource manager (precommit / commit / abort of `mtm-` gids), redone
-//!   after a crash, `mtm.get_logged_prepared_xact_state`;
-//! - [`resolver`] — finishes this node's own prepared `mtm-` gids whose
-//!   coordinator is gone: commits the precommitted ones, rolls back the
-//!   rest (run by the launcher);
+//!   resource manager (precommit / preabort / commit / abort of `mtm-`
+//!   gids), redone after a crash, `mtm.get_logged_prepared_xact_state`;
+//! - [`resolver`] — finishes the prepared `mtm-` gids whose coordinator or
+//!   home node is gone, by a majority of promises (run by the launcher);
 //! - [`conflicts`] — settles lock waits between transactions of different
 //!   nodes (which one gives way) and rewrites their errors to 40001;
 //! - [`status`]   — apply errors and pool counters for `mtm.nodes()`,
@@ -81,7 +80,7 @@ pgrx::extension_sql!(
     r#"
 GRANT USAGE ON SCHEMA mtm TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION mtm.init_cluster(text, text[]), mtm.alter_sequences(),
-    mtm.make_table_local(regclass), mtm.cleanup_old_syncpoints() FROM PUBLIC;
+    mtm.make_table_local(regclass), mtm.cleanup_old_syncpoints(), mtm.resolve_gid(text, text) FROM PUBLIC;
 "#,
     name = "grants",
     finalize

@@ -107,6 +107,10 @@ pub struct PeerPool {
     /// this node's walsenders tell the peer's transactions applied here by
     /// them ([`peer_of_origin`]).
     pub origins: [AtomicU32; 2],
+    /// When the receiver from this peer last heard from it (µs since
+    /// 2000, 0: never), for the resolver, which asks only peers that
+    /// answer (a frozen node would hold its connection attempt forever).
+    pub heard_at: AtomicI64,
 }
 
 /// How many abandoned transaction numbers a pool remembers.
@@ -156,6 +160,7 @@ impl Default for PoolTable {
                 finished_out_of_order: AtomicU64::new(0),
                 dropped_before_prepare: AtomicU64::new(0),
                 origins: std::array::from_fn(|_| AtomicU32::new(0)),
+                heard_at: AtomicI64::new(0),
             }),
         }
     }
@@ -187,6 +192,22 @@ pub fn finish_origin_of(peer: i32) -> pg_sys::RepOriginId {
     })
     .unwrap_or_else(|e| error!("multimaster: cannot create the replication origin {name}: {e}"));
     crate::pg::origin::origin_by_name(&std::ffi::CString::new(name).expect("no NUL"))
+}
+
+/// The receiver from `peer` heard from it just now.
+pub fn note_heard(peer: i32) {
+    if let Some(p) = usize::try_from(peer).ok().filter(|p| (1..=MAX_NODES).contains(p)) {
+        POOLS.get().peers[p].heard_at.store(crate::pg::latch::now(), Relaxed);
+    }
+}
+
+/// Whether the receiver from `peer` heard from it in the last `ms`
+/// milliseconds (a live peer answers its receiver's requests for a reply
+/// about once a second).
+pub fn heard_within(peer: i32, ms: i64) -> bool {
+    let Some(p) = usize::try_from(peer).ok().filter(|p| (1..=MAX_NODES).contains(p)) else { return false };
+    let at = POOLS.get().peers[p].heard_at.load(Relaxed);
+    at != 0 && crate::pg::latch::now() - at < ms * 1000
 }
 
 /// Whether the receiver from `peer` has published its origins (it does

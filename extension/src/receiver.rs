@@ -187,6 +187,7 @@ impl Receiver<'_> {
             let fd = match stream.receive() {
                 Received::Data(data) => {
                     self.last_heard = Instant::now();
+                    crate::pool::note_heard(self.peer);
                     // Also while data keeps coming (a big transaction): the
                     // peer's walsender needs our replies to keep the link.
                     self.maybe_feedback();
@@ -274,6 +275,11 @@ impl Receiver<'_> {
                             Ok(v) if v.coordinator == self.me => crate::votes::record_peer(&v),
                             Ok(_) => {}
                             Err(e) => warning!("multimaster: undecodable vote from node {}: {e}", self.peer),
+                        }
+                    } else if prefix == mtm_protocol::PRECOMMIT_PREFIX {
+                        match mtm_protocol::PrecommitMessage::decode(&content) {
+                            Ok(m) => crate::votes::answer_precommit(self.peer, &m.gid),
+                            Err(e) => warning!("multimaster: undecodable precommit from node {}: {e}", self.peer),
                         }
                     }
                 }

@@ -2,20 +2,27 @@
 //! coordinator left behind.
 //!
 //! The proxy prepares a transaction on its home node under a gid
-//! `mtm-<home node id>-…`, asks for the peers' votes (`mtm.await_votes`,
-//! which logs the gid PRECOMMIT in the decision log once every peer said
-//! yes), then commits it there with COMMIT PREPARED: the home node's
-//! COMMIT PREPARED is the commit point, and the peers follow it through
-//! the stream. The home node finishes those of its gids whose
-//! coordinating session is gone — the proxy was killed or lost its
-//! connection, or the node itself restarted: a precommitted gid is
-//! committed (every node holds it prepared and agreed), any other is
-//! rolled back (nobody committed it or was told it committed). Either
-//! reaches every peer like any other COMMIT/ROLLBACK PREPARED.
+//! `mtm-<home node id>-…` and asks for the peers' votes
+//! (`mtm.await_votes`). Once every peer said yes, the home node promises
+//! to commit it (PRECOMMIT in its decision log) and tells its peers,
+//! which promise the same; only when a majority of the nodes promised
+//! does the proxy run COMMIT PREPARED, which the peers follow through the
+//! stream. So a decision to commit is on a majority before any node
+//! commits, and survives the loss of any minority.
 //!
-//! A gid whose home node is down stays prepared on the peers until that
-//! node is back (its WAL and decision log decide); deciding without it
-//! needs the precommit recorded on a majority, which is not built yet.
+//! The resolver, run by each node's launcher once a second, finishes the
+//! `mtm-` gids prepared here that nobody here coordinates:
+//! - its own whose coordinator is gone (the proxy was killed or lost its
+//!   connection, or the node restarted): one it never precommitted is
+//!   rolled back (nobody was asked to commit it), after promising so;
+//! - a peer's one still prepared here after a few seconds (its home node
+//!   died or was cut off), and its own precommitted ones: a round over
+//!   every node it can reach ([`majority_round`]) decides, with promises
+//!   that no node breaks, so that two resolvers never decide differently.
+//!   A gid whose home node is alive and still at work is left alone.
+//!
+//! Each node finishes its own copy; the home node's finish, when its
+//! stream gets there, finds it done.
 //!
 //! Which backend coordinates a gid is noted in shared memory when it runs
 //! `PREPARE TRANSACTION 'mtm-…'` (the `xact` module's utility hook); the
@@ -115,73 +122,275 @@ fn coordinated(gid: &str) -> bool {
     t.find(gid.as_bytes()).is_some_and(|i| crate::pid_alive(t.slots[i].pid))
 }
 
-/// Rolls back this node's own `mtm-` gids whose coordinator is gone.
-/// Called by the launcher, outside a transaction.
+/// How long a peer's gid stays prepared here before this node's resolver
+/// looks into it: its home node normally finishes it in milliseconds,
+/// and a home node that is alive but slow answers "busy".
+const RESOLVE_AFTER_SECONDS: i64 = 5;
+
+/// Finishes the `mtm-` gids prepared here that nobody here coordinates:
+/// this node's own whose coordinator is gone, and peers' ones that their
+/// home node left behind. Called by the launcher, outside a transaction.
 pub fn resolve_orphans() {
-    let orphans: Vec<String> = BackgroundWorker::transaction(|| {
+    let (me, orphans) = BackgroundWorker::transaction(|| {
         // Before CREATE EXTENSION there is nothing to resolve.
         let ready = Spi::get_one::<bool>("SELECT to_regclass('mtm.cluster_nodes') IS NOT NULL").ok().flatten().unwrap_or(false);
         if !ready {
-            return Vec::new();
+            return (0, Vec::new());
         }
-        let me = Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten();
-        let Some(me) = me else { return Vec::new() };
-        Spi::connect(|c| {
+        let Some(me) = Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self").ok().flatten() else {
+            return (0, Vec::new());
+        };
+        let orphans: Vec<(String, i64)> = Spi::connect(|c| {
             c.select(
-                "SELECT gid FROM pg_prepared_xacts
-                  WHERE gid LIKE 'mtm-' || $1 || '-%' AND database = current_database()
-                    AND prepared < now() - make_interval(secs => $2)",
+                "SELECT gid, extract(epoch FROM now() - prepared)::int8 FROM pg_prepared_xacts
+                  WHERE gid LIKE 'mtm-%' AND database = current_database()
+                    AND prepared < now() - make_interval(secs => $1)",
                 None,
-                &[me.to_string().into(), GRACE_SECONDS.into()],
+                &[GRACE_SECONDS.into()],
             )
-            .map(|rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect::<Vec<String>>())
+            .map(|rows| rows.filter_map(|r| Some((r.get::<String>(1).ok().flatten()?, r.get::<i64>(2).ok().flatten()?))).collect())
             .unwrap_or_else(|e| {
                 warning!("multimaster: resolver cannot list prepared transactions: {e}");
                 Vec::new()
             })
-        })
-        .into_iter()
-        .filter(|g| !coordinated(g))
-        .collect()
+        });
+        (me, orphans)
     });
-    for gid in orphans {
-        // All peers voted yes and the decision was logged: commit it (its
-        // client may not have heard, but nobody can have been told
-        // otherwise). Also when its COMMIT PREPARED was logged but then
-        // failed (cancelled, refused): the decision stands. Anything short
-        // of that rolls back.
-        let commit = matches!(crate::decisions::state(&gid), Some(State::Precommitted | State::Committed));
-        let done = PgTryBuilder::new(|| {
-            BackgroundWorker::transaction(|| {
-                crate::decisions::log(&gid, if commit { State::Committed } else { State::Aborted });
-                let c_gid = std::ffi::CString::new(gid.as_str()).expect("gid without NUL");
-                // An ERROR (e.g. the coordinator finished it meanwhile)
-                // unwinds to the catch below through our frames.
-                crate::pg::twophase::finish_prepared(&c_gid, commit);
-                if commit {
-                    crate::notify::deliver(&gid);
-                }
-            });
-            true
-        })
-        .catch_others(|e| {
-            let (code, message) = crate::apply::describe(&e);
-            let what = if commit { "commit" } else { "roll back" };
-            warning!("multimaster: resolver could not {what} {gid}: {message} ({code})");
-            false
-        })
-        .execute();
-        if done {
-            note_finished(&gid);
-            if commit {
-                log!("multimaster: resolver committed {gid}: its coordinator is gone after every node voted yes");
-            } else {
-                log!("multimaster: resolver rolled back {gid}: its coordinator is gone and it was not committed");
-            }
-        } else {
-            // Clean up after the failed transaction, as a worker that
-            // survives an ERROR must.
-            crate::pg::twophase::abort_current_transaction();
+    // Connected once per pass, when a gid needs a round.
+    let mut nodes: Option<Nodes> = None;
+    for (gid, age) in orphans {
+        if coordinated(&gid) {
+            continue;
         }
+        let own = home_of(&gid) == Some(me);
+        if !own && age < RESOLVE_AFTER_SECONDS {
+            continue;
+        }
+        let local = PgTryBuilder::new(|| BackgroundWorker::transaction(|| decide_here(&gid, own)))
+            .catch_others(|e| {
+                let (code, message) = crate::apply::describe(&e);
+                warning!("multimaster: resolver could not decide {gid}: {message} ({code})");
+                Err(())
+            })
+            .execute();
+        let decided = match local {
+            Ok(Some(commit)) => Some(commit),
+            Ok(None) => {
+                let nodes = nodes.get_or_insert_with(|| Nodes::connect(me));
+                PgTryBuilder::new(|| BackgroundWorker::transaction(|| nodes.round(&gid)))
+                    .catch_others(|e| {
+                        let (code, message) = crate::apply::describe(&e);
+                        warning!("multimaster: resolver could not ask the nodes about {gid}: {message} ({code})");
+                        None
+                    })
+                    .execute()
+            }
+            Err(()) => None,
+        };
+        match decided {
+            Some(commit) => finish(&gid, commit, own),
+            None => crate::pg::twophase::abort_current_transaction(),
+        }
+    }
+    if let Some(nodes) = nodes {
+        nodes.disconnect();
+    }
+}
+
+/// The node id in a proxy's gid (`mtm-<home>-…`).
+fn home_of(gid: &str) -> Option<i32> {
+    gid.strip_prefix("mtm-")?.split('-').next()?.parse().ok()
+}
+
+/// What this node alone can decide about `gid`: Ok(Some(commit)) when
+/// it finished it or (its own gid, never precommitted) may roll it back,
+/// Ok(None) when it takes a majority round. Inside a transaction.
+fn decide_here(gid: &str, own: bool) -> Result<Option<bool>, ()> {
+    Ok(match crate::decisions::state(gid) {
+        Some(State::Committed) => Some(true),
+        Some(State::Aborted) => Some(false),
+        // This node's own gid that it never precommitted: no node was ever
+        // asked to, so nobody can have committed it. The promise makes
+        // that last (a precommit of a coordinator that comes back is refused).
+        state if own && state != Some(State::Precommitted) => crate::decisions::promise(gid, State::Preaborted).is_ok().then_some(false),
+        _ => None,
+    })
+}
+
+/// How recently the receiver from a node must have heard from it for
+/// the resolver to ask it.
+const HEARD_WITHIN_MS: i64 = 3000;
+
+/// Replication connections to the other nodes, for a resolver's rounds.
+struct Nodes {
+    majority: usize,
+    peers: Vec<(i32, crate::pg::walrcv::Connection)>,
+}
+
+impl Nodes {
+    /// Connects to every other node it can reach. Outside a transaction,
+    /// so the connections outlive one.
+    fn connect(me: i32) -> Nodes {
+        let nodes: Vec<(i32, String)> = BackgroundWorker::transaction(|| {
+            Spi::connect(|c| {
+                c.select("SELECT id, conninfo FROM mtm.cluster_nodes ORDER BY id", None, &[])
+                    .map(|rows| rows.filter_map(|r| Some((r.get::<i32>(1).ok().flatten()?, r.get::<String>(2).ok().flatten()?))).collect())
+                    .unwrap_or_default()
+            })
+        });
+        let walrcv = crate::pg::walrcv::load();
+        let mut peers = Vec::new();
+        // Only nodes heard from lately: libpqwalreceiver's connect waits
+        // without a timeout of its own, forever for a frozen node.
+        for (id, conninfo) in nodes.iter().filter(|(id, _)| *id != me && crate::pool::heard_within(*id, HEARD_WITHIN_MS)) {
+            let Ok(conninfo) = std::ffi::CString::new(conninfo.as_str()) else { continue };
+            match walrcv.connect(&conninfo, c"mtm-resolver") {
+                Ok(conn) => peers.push((*id, conn)),
+                Err(e) => debug1!("multimaster: resolver cannot reach node {id}: {e}"),
+            }
+        }
+        Nodes { majority: nodes.len() / 2 + 1, peers }
+    }
+
+    /// Asks this node and every reachable one `want` about `gid`
+    /// ([`answer`]); the answers of those that replied.
+    fn ask(&self, gid: &str, want: &str) -> Vec<String> {
+        let mut answers = vec![answer(gid, want).to_string()];
+        let Ok(sql) = std::ffi::CString::new(format!("SELECT mtm.resolve_gid({}, '{want}')", literal(gid))) else {
+            return answers;
+        };
+        for (id, conn) in &self.peers {
+            match conn.exec(&sql, 1) {
+                Ok(rows) => answers.extend(rows.into_iter().next().and_then(|r| r.into_iter().next().flatten())),
+                Err(e) => debug1!("multimaster: resolver's question to node {id} about {gid} failed: {e}"),
+            }
+        }
+        answers
+    }
+
+    /// A majority round on `gid`: Some(commit) when decided. A node that
+    /// finished it decides; otherwise, if any node precommitted it (so
+    /// every node voted yes), every node is asked to promise to commit it,
+    /// else to promise to roll it back, and a majority of one promise
+    /// decides (`mtm_state::decisions::after_asking` / `after_promising`).
+    /// No node makes both promises, so two resolvers, or a resolver and a
+    /// coordinator that comes back, never decide differently. Inside a
+    /// transaction.
+    fn round(&self, gid: &str) -> Option<bool> {
+        use mtm_state::decisions::{after_asking, after_promising, Next};
+        let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().join(",");
+        let first = self.ask(gid, "ask");
+        match after_asking(&first.iter().map(String::as_str).collect::<Vec<_>>()) {
+            Next::Wait => None,
+            Next::Finish(commit) => Some(commit),
+            Next::Promise(want) => {
+                let question = if want == State::Precommitted { "precommit" } else { "preabort" };
+                let answers = self.ask(gid, question);
+                let decided = after_promising(&answers.iter().map(String::as_str).collect::<Vec<_>>(), want, self.majority);
+                if decided.is_none() {
+                    debug1!("multimaster: resolver: no majority for {gid} yet (asked {}, then {question}: {})", strs(&first), strs(&answers));
+                }
+                decided
+            }
+        }
+    }
+
+    fn disconnect(self) {
+        for (_, conn) in self.peers {
+            conn.disconnect();
+        }
+    }
+}
+
+/// `text` as an SQL string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// This node's answer to a resolver about `gid`: `ask` only reports,
+/// `precommit` / `preabort` promise that outcome unless this node
+/// promised (or did) the opposite. The answer is the state afterwards:
+/// `busy` (this node is its home and its coordinator is at work),
+/// `precommitted`, `preaborted`, `committed`, `aborted`, `prepared` or
+/// `notfound`. A promise is flushed before it is told. Inside a
+/// transaction.
+fn answer(gid: &str, want: &str) -> &'static str {
+    let me = crate::pg::catalog::as_superuser(|| Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self")).ok().flatten();
+    if me.is_some() && home_of(gid) == me && coordinated(gid) && want != "precommit" {
+        return "busy";
+    }
+    let want = match want {
+        "precommit" => State::Precommitted,
+        "preabort" => State::Preaborted,
+        _ => return crate::decisions::state(gid).map_or(if crate::prepared_here(gid) { "prepared" } else { "notfound" }, State::as_str),
+    };
+    // A precommit of what is neither prepared nor logged here (finished
+    // and trimmed long ago) promises nothing.
+    if want == State::Precommitted && crate::decisions::state(gid).is_none() && !crate::prepared_here(gid) {
+        return "notfound";
+    }
+    match crate::decisions::promise(gid, want) {
+        Ok(lsn) => {
+            if let Some(lsn) = lsn {
+                crate::pg::rmgr::flush(lsn);
+            }
+            crate::decisions::state(gid).map_or("notfound", State::as_str)
+        }
+        Err(state) => state.as_str(),
+    }
+}
+
+/// A resolver's question about `gid` to this node (`want`: `ask`,
+/// `precommit` or `preabort`); see the resolver. Run by the resolvers of
+/// other nodes over a replication connection.
+#[pg_extern]
+fn resolve_gid(gid: &str, want: &str) -> &'static str {
+    if !matches!(want, "ask" | "precommit" | "preabort") {
+        crate::raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid question \"{want}\""), "Ask \"ask\", \"precommit\" or \"preabort\".", "resolve_gid");
+    }
+    answer(gid, want)
+}
+
+/// Commits or rolls back `gid` here as decided. A peer's gid is finished
+/// under no replication origin of its own that walsenders send on: every
+/// node's resolver finishes its own copy, and the home node's stream,
+/// when it comes, finds it done.
+fn finish(gid: &str, commit: bool, own: bool) {
+    let done = PgTryBuilder::new(|| {
+        BackgroundWorker::transaction(|| {
+            crate::decisions::log(gid, if commit { State::Committed } else { State::Aborted });
+            let c_gid = std::ffi::CString::new(gid).expect("gid without NUL");
+            if !own {
+                crate::pg::origin::set_session_origin(pgrx::pg_sys::DoNotReplicateId as pgrx::pg_sys::RepOriginId);
+            }
+            // An ERROR (e.g. the coordinator finished it meanwhile)
+            // unwinds to the catch below through our frames.
+            crate::pg::twophase::finish_prepared(&c_gid, commit);
+            if commit {
+                crate::notify::deliver(gid);
+            }
+        });
+        true
+    })
+    .catch_others(|e| {
+        let (code, message) = crate::apply::describe(&e);
+        let what = if commit { "commit" } else { "roll back" };
+        warning!("multimaster: resolver could not {what} {gid}: {message} ({code})");
+        false
+    })
+    .execute();
+    crate::pg::origin::set_session_origin(pgrx::pg_sys::InvalidRepOriginId as pgrx::pg_sys::RepOriginId);
+    if done {
+        note_finished(gid);
+        let whose = if own { "its coordinator is gone" } else { "its home node left it" };
+        if commit {
+            log!("multimaster: resolver committed {gid}: {whose}, and a majority of the nodes promised to commit it");
+        } else {
+            log!("multimaster: resolver rolled back {gid}: {whose}, and it cannot have committed anywhere");
+        }
+    } else {
+        // Clean up after the failed transaction, as a worker that
+        // survives an ERROR must.
+        crate::pg::twophase::abort_current_transaction();
     }
 }

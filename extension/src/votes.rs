@@ -380,11 +380,11 @@ fn await_votes(
     loop {
         let outcome = PEER_VOTES.share().0.outcome(gid, &peers);
         let row = match outcome {
-            Outcome::Yes => {
-                // The decision: from here on the gid can only commit.
-                crate::decisions::log(gid, mtm_state::decisions::State::Precommitted);
-                (true, me, None, None)
-            }
+            // Every node has it prepared; a proxy's gid now needs a
+            // majority's promise to commit. A client's own gid waits for
+            // its client's COMMIT PREPARED or ROLLBACK PREPARED.
+            Outcome::Yes if mtm_state::decisions::loggable(gid) => precommit(gid, me, &peers, timeout),
+            Outcome::Yes => (true, me, None, None),
             // A peer's no, or this node's own refusal (it gave way to an
             // older conflicting transaction, `crate::conflicts`).
             Outcome::No { node, sqlstate, message } => (false, node, Some(sqlstate), Some(message)),
@@ -414,6 +414,84 @@ fn await_votes(
         };
         return TableIterator::once(row);
     }
+}
+
+/// `await_votes`' row: ok, the node that decided otherwise, its SQLSTATE
+/// and message.
+type VotesRow = (bool, i32, Option<String>, Option<String>);
+
+/// The precommit round of a proxy's `gid`, which every node voted yes on:
+/// this node promises to commit it (PRECOMMIT in the decision log) and
+/// asks its peers to (an `mtm_precommit` message in its stream); each
+/// answers on `<gid>#precommitted`. It may commit once a majority of the
+/// nodes promised, so the decision survives the loss of this node: a
+/// resolver anywhere then finds it (`crate::resolver`). A majority of
+/// refusals (peers that promised a resolver to roll it back, when this
+/// node looked gone) rolls it back. Without either in time the outcome is
+/// not this session's to decide: SQLSTATE 40003, the gid stays prepared,
+/// and the resolvers finish it once a majority is reachable.
+fn precommit(gid: &str, me: i32, peers: &[i32], timeout: std::time::Duration) -> VotesRow {
+    use mtm_state::decisions::State;
+    if let Err(state) = crate::decisions::promise(gid, State::Precommitted) {
+        return (false, me, Some("40001".into()), Some(format!("a resolver promised to roll back {gid} on node {me} ({})", state.as_str())));
+    }
+    let majority = (peers.len() + 1) / 2 + 1;
+    let (need_yes, need_no) = (majority - 1, majority);
+    if peers.is_empty() {
+        return (true, me, None, None);
+    }
+    let key = precommitted_key(gid);
+    let _slot = Awaiting::register(&key);
+    let content = mtm_protocol::PrecommitMessage { gid: gid.to_string() }.to_bytes();
+    let prefix = std::ffi::CString::new(mtm_protocol::PRECOMMIT_PREFIX).expect("no NUL");
+    // The flush makes this node's promise durable with the message.
+    let end = crate::pg::origin::without_session_origin(|| crate::pg::rmgr::log_logical_message(&prefix, &content, false));
+    crate::pg::rmgr::flush(end);
+    crate::pg::rmgr::wake_walsenders();
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let outcome = PEER_VOTES.share().0.quorum(&key, peers, need_yes, need_no);
+        match outcome {
+            Outcome::Yes => return (true, me, None, None),
+            Outcome::No { node, message, .. } => {
+                return (false, node, Some("40001".into()), Some(format!("{message}; a majority of the nodes refused to commit {gid}")))
+            }
+            Outcome::Pending { missing } => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    // Let the resolver have it: this session gives up.
+                    crate::resolver::note_finished(gid);
+                    let node = missing.first().copied().unwrap_or(me);
+                    return (
+                        false,
+                        node,
+                        Some("40003".into()),
+                        Some(format!("every node voted yes on {gid}, but a majority did not confirm the decision within {} ms; the cluster will finish it", timeout.as_millis())),
+                    );
+                }
+                crate::pool::wait_latch(left.as_millis().clamp(1, 50) as i64);
+            }
+        }
+    }
+}
+
+/// The tally key under which peers answer the precommit of `gid`.
+pub fn precommitted_key(gid: &str) -> String {
+    format!("{gid}#precommitted")
+}
+
+/// A peer's precommit of `gid` (its home node `coordinator` is the stream's
+/// node): this node promises to commit it unless it promised a resolver
+/// the opposite, and answers. From a receiver's main thread, outside a
+/// transaction.
+pub fn answer_precommit(coordinator: i32, gid: &str) {
+    use mtm_state::decisions::State;
+    let refusal = match crate::decisions::promise(gid, State::Precommitted) {
+        Ok(_) => None,
+        Err(state) => Some(("40001".to_string(), format!("node {} promised to roll back {gid} ({})", my_id(), state.as_str()))),
+    };
+    // `send` flushes, which makes the promise durable before it is told.
+    send(coordinator, &precommitted_key(gid), refusal);
 }
 
 /// After how long a wait for votes the peers' progress is watched.

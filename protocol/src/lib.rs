@@ -463,6 +463,36 @@ impl VoteMessage {
     }
 }
 
+/// Prefix of the non-transactional logical message with which a gid's
+/// home node tells its peers that every node voted yes: each peer then
+/// promises to commit it (logs PRECOMMIT, unless it promised a resolver the
+/// opposite) and answers with an `mtm_vote` on `<gid>#precommitted`.
+pub const PRECOMMIT_PREFIX: &str = "mtm_precommit";
+
+/// The content of a [`PRECOMMIT_PREFIX`] message: the gid (the sender is
+/// the stream's node, the gid's home).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrecommitMessage {
+    pub gid: String,
+}
+
+impl PrecommitMessage {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.gid.len());
+        put_str(&mut out, &self.gid);
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<PrecommitMessage, DecodeError> {
+        let mut r = Reader(buf);
+        let gid = r.string()?;
+        if !r.0.is_empty() {
+            return Err(DecodeError::Trailing(r.0.len()));
+        }
+        Ok(PrecommitMessage { gid })
+    }
+}
+
 /// Prefix of the transactional message that opens a captured DDL
 /// statement: the changes decoded until its [`DDL_PREFIX`] message are the
 /// statement's own (CREATE TABLE AS rows, an extension script's inserts)
@@ -788,6 +818,16 @@ mod tests {
     fn layout_is_big_endian_and_length_prefixed() {
         let b = Message::Origin { origin_lsn: 1, name: "ab".into() }.to_bytes();
         assert_eq!(b, vec![b'O', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, b'a', b'b']);
+    }
+
+    #[test]
+    fn precommit_messages_round_trip() {
+        let m = PrecommitMessage { gid: "mtm-2-17".into() };
+        assert_eq!(PrecommitMessage::decode(&m.to_bytes()), Ok(m.clone()));
+        let mut long = m.to_bytes();
+        long.push(0);
+        assert!(PrecommitMessage::decode(&long).is_err());
+        assert!(PrecommitMessage::decode(&[0, 0]).is_err());
     }
 
     #[test]

@@ -170,6 +170,10 @@ pub enum Votes {
     AllYes,
     /// A peer said no or did not answer: the client gets this error.
     Refused(PgError),
+    /// Every node voted yes but too few confirmed the decision in time:
+    /// the gid stays prepared for the resolvers, and the client is told
+    /// the outcome is unknown.
+    Undecided(PgError),
 }
 
 /// Reads the answer to [`await_votes_sql`] for `gid`.
@@ -183,6 +187,10 @@ pub fn read_votes(gid: &str, replies: &[Reply]) -> Votes {
     }
     match first_row(replies).as_deref() {
         Some([Some(ok), ..]) if ok == "t" => Votes::AllYes,
+        Some([_, _, Some(sqlstate), message]) if sqlstate == "40003" => Votes::Undecided(
+            PgError::error("40003", format!("the outcome of the transaction is not known yet: {}", message.clone().unwrap_or_default()))
+                .with_hint("A majority of the nodes decides it within seconds of being reachable; check the data before retrying."),
+        ),
         Some([_, node, sqlstate, message]) => {
             let node = node.clone().unwrap_or_default();
             let sqlstate = sqlstate.clone().unwrap_or_default();
@@ -272,5 +280,7 @@ mod tests {
         let err = reply(PgError::error("42883", "function mtm.await_votes does not exist").encode());
         assert!(matches!(read_votes("g", &[err]), Votes::Refused(e) if e.code == "40001"));
         assert!(matches!(read_votes("g", &[]), Votes::Refused(_)));
+        let undecided = read_votes("g", &[row(&[Some("f"), Some("2"), Some("40003"), Some("a majority did not confirm")])]);
+        assert!(matches!(undecided, Votes::Undecided(e) if e.code == "40003" && e.message.contains("a majority did not confirm")));
     }
 }

@@ -1328,6 +1328,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 self.roll_back_prepared(gid).await?;
                 Ok(Err(e))
             }
+            Votes::Undecided(e) => Ok(Err(e)),
         }
     }
 
@@ -1392,6 +1393,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     self.roll_back_prepared(&gid).await?;
                     Err(Raw::from(e))
                 }
+                // Not ours to roll back: a majority may have promised it.
+                Votes::Undecided(e) => Err(Raw::from(e)),
             }
         };
         let label = if outcome.is_ok() { "committed" } else { "aborted" };

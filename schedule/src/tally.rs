@@ -29,6 +29,8 @@ pub struct Slot {
     gid_len: u8,
     /// Bit `id - 1` set: node `id` voted yes.
     yes: u64,
+    /// Bit `id - 1` set: node `id` voted no.
+    no: u64,
     /// The first node that voted no (0: none), with its reason.
     no_node: i32,
     sqlstate: [u8; 5],
@@ -45,6 +47,7 @@ const EMPTY: Slot = Slot {
     gid: [0; GID_MAX],
     gid_len: 0,
     yes: 0,
+    no: 0,
     no_node: 0,
     sqlstate: [0; 5],
     message: [0; MESSAGE_MAX],
@@ -142,6 +145,7 @@ impl Tally {
             None => s.yes |= b,
             Some((sqlstate, message)) => {
                 s.yes &= !b;
+                s.no |= b;
                 if s.no_node == 0 {
                     s.no_node = voter;
                     s.sqlstate = [b'X'; 5];
@@ -182,6 +186,28 @@ impl Tally {
         } else {
             Outcome::Pending { missing }
         }
+    }
+
+    /// The outcome of `gid` when it takes only some of `peers`: Yes once
+    /// `need_yes` of them said yes, No once `need_no` said no (with the
+    /// first no's reason), else Pending on those that did not answer.
+    /// (The precommit round: a majority decides either way.)
+    pub fn quorum(&self, gid: &str, peers: &[i32], need_yes: usize, need_no: usize) -> Outcome {
+        let slot = self.find(gid.as_bytes()).map(|i| &self.slots[i]);
+        let (yes, no) = slot.map_or((0, 0), |s| (s.yes, s.no));
+        let count = |votes: u64| peers.iter().filter(|&&p| bit(p).is_ok_and(|b| votes & b != 0)).count();
+        if count(yes) >= need_yes {
+            return Outcome::Yes;
+        }
+        if let Some(s) = slot.filter(|s| s.no_node != 0 && count(no) >= need_no) {
+            return Outcome::No {
+                node: s.no_node,
+                sqlstate: String::from_utf8_lossy(&s.sqlstate).into_owned(),
+                message: String::from_utf8_lossy(&s.message[..s.message_len as usize]).into_owned(),
+            };
+        }
+        let missing = peers.iter().copied().filter(|&p| bit(p).map_or(true, |b| (yes | no) & b == 0)).collect();
+        Outcome::Pending { missing }
     }
 
     /// The outcome of `gid` is decided (or nobody waits any more): forget it.
@@ -248,6 +274,26 @@ mod tests {
         t.record("g", 2, None).unwrap();
         t.record("g", 2, Some(("40001", "yields to an older transaction"))).unwrap();
         assert!(matches!(t.outcome("g", &[2]), Outcome::No { node: 2, .. }));
+    }
+
+    #[test]
+    fn a_quorum_decides_without_the_slowest_peers() {
+        let mut t = boxed();
+        let peers = [2, 3, 4, 5];
+        assert_eq!(t.quorum("g", &peers, 2, 3), Outcome::Pending { missing: vec![2, 3, 4, 5] });
+        t.record("g", 2, Some(("40001", "promised to roll back"))).unwrap();
+        t.record("g", 3, None).unwrap();
+        assert_eq!(t.quorum("g", &peers, 2, 3), Outcome::Pending { missing: vec![4, 5] });
+        t.record("g", 4, None).unwrap();
+        assert_eq!(t.quorum("g", &peers, 2, 3), Outcome::Yes);
+        let mut t = boxed();
+        for p in [2, 3] {
+            t.record("g", p, Some(("40001", "promised to roll back"))).unwrap();
+        }
+        assert!(matches!(t.quorum("g", &peers, 2, 3), Outcome::Pending { .. }));
+        t.record("g", 5, Some(("40001", "no"))).unwrap();
+        assert!(matches!(t.quorum("g", &peers, 2, 3), Outcome::No { node: 2, .. }));
+        assert_eq!(t.quorum("g", &peers, 0, 1), Outcome::Yes, "nothing needed");
     }
 
     #[test]

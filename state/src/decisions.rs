@@ -1,11 +1,15 @@
 //! The 2PC decision log: what this node logged about each `mtm-` gid.
 //!
-//! A gid is *precommitted* on its home node once every peer voted yes
-//! (from then on the only right outcome is commit: the home node's
-//! resolver commits it if its coordinator dies), and *committed* or
-//! *aborted* on every node just before its COMMIT PREPARED / ROLLBACK
-//! PREPARED runs there (so the state is flushed by that statement's own
-//! commit record: a finished gid is never missing from the log).
+//! A gid is *precommitted* on its home node once every peer voted yes,
+//! and on each peer that the home node (or a resolver) then tells so; it
+//! commits only once a majority of the nodes is precommitted. A node that
+//! a resolver asks to help roll back a gid whose home node is gone logs it
+//! *preaborted*: a promise never to precommit it, so a majority of such
+//! promises rules the commit out. Both promises are made by [`promise`],
+//! which no node breaks. A gid is *committed* or *aborted* on every node
+//! just before its COMMIT PREPARED / ROLLBACK PREPARED runs there (so the
+//! state is flushed by that statement's own commit record: a finished gid
+//! is never missing from the log).
 //!
 //! Each entry is first a record of the extension's WAL resource manager
 //! ([`State::info`] says which, the record's data is the gid), redone into
@@ -13,8 +17,8 @@
 //! ([`Log::snapshot`] / [`Log::load`]) so what a checkpoint takes out of
 //! the WAL's reach survives a restart. The table is fixed-size, to live in
 //! shared memory: when it is full the oldest finished entry makes room
-//! (old entries are trimmed), a precommitted one is kept while any
-//! finished one can go.
+//! (old entries are trimmed), an undecided one (precommitted or
+//! preaborted) is kept while any finished one can go.
 
 /// Gids longer than this are refused by PostgreSQL too (GIDSIZE 200).
 pub const GID_MAX: usize = 200;
@@ -27,7 +31,10 @@ pub enum State {
     Precommitted,
     Committed,
     Aborted,
+    Preaborted,
 }
+
+const ALL: [State; 4] = [State::Precommitted, State::Committed, State::Aborted, State::Preaborted];
 
 impl State {
     /// The record type, in the rmgr's bits of a WAL record's `xl_info`.
@@ -36,6 +43,7 @@ impl State {
             State::Precommitted => 0x10,
             State::Committed => 0x20,
             State::Aborted => 0x30,
+            State::Preaborted => 0x40,
         }
     }
 
@@ -46,6 +54,7 @@ impl State {
             0x10 => Some(State::Precommitted),
             0x20 => Some(State::Committed),
             0x30 => Some(State::Aborted),
+            0x40 => Some(State::Preaborted),
             _ => None,
         }
     }
@@ -56,6 +65,7 @@ impl State {
             State::Precommitted => "PRECOMMIT",
             State::Committed => "COMMIT",
             State::Aborted => "ABORT",
+            State::Preaborted => "PREABORT",
         }
     }
 
@@ -66,11 +76,17 @@ impl State {
             State::Precommitted => "precommitted",
             State::Committed => "committed",
             State::Aborted => "aborted",
+            State::Preaborted => "preaborted",
         }
     }
 
     fn parse(s: &str) -> Option<State> {
-        [State::Precommitted, State::Committed, State::Aborted].into_iter().find(|st| st.as_str() == s)
+        ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The gid was committed or rolled back here.
+    pub fn finished(self) -> bool {
+        matches!(self, State::Committed | State::Aborted)
     }
 
     fn code(self) -> u8 {
@@ -80,6 +96,62 @@ impl State {
     fn from_code(code: u8) -> Option<State> {
         State::from_info(code << 4)
     }
+}
+
+/// A node asked to promise `want` (precommitted or preaborted) for a gid
+/// it logged `current` for: `Ok(Some(state))` to log, `Ok(None)` when the
+/// log already says so (or more: committed for a precommit, aborted for a
+/// preabort), `Err(current)` when it promised or did the opposite, which
+/// it never takes back.
+pub fn promise(current: Option<State>, want: State) -> Result<Option<State>, State> {
+    use State::*;
+    match (current, want) {
+        (None, Precommitted | Preaborted) => Ok(Some(want)),
+        (Some(Precommitted | Committed), Precommitted) | (Some(Preaborted | Aborted), Preaborted) => Ok(None),
+        (Some(c), Precommitted | Preaborted) => Err(c),
+        (_, Committed | Aborted) => Ok(Some(want)),
+    }
+}
+
+/// What a resolver's round does next, after asking every node it can
+/// reach about a gid (`answers`: each node's state, `busy` for a home
+/// node whose coordinator is at work, `prepared`, `notfound`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Not for the resolver to decide now.
+    Wait,
+    /// A node finished it: commit (true) or roll back (false) likewise.
+    Finish(bool),
+    /// Ask every node to promise this (precommitted or preaborted).
+    Promise(State),
+}
+
+/// The resolver's step after asking ([`Next`]). A node that finished
+/// the gid decides; if any node precommitted it, every node voted yes, so
+/// the others may be asked to promise to commit it too; otherwise nobody
+/// can have committed it, and they are asked to promise to roll it back.
+pub fn after_asking(answers: &[&str]) -> Next {
+    let any = |state: &str| answers.contains(&state);
+    if any("busy") {
+        Next::Wait
+    } else if any(State::Committed.as_str()) {
+        Next::Finish(true)
+    } else if any(State::Aborted.as_str()) {
+        Next::Finish(false)
+    } else if any(State::Precommitted.as_str()) {
+        Next::Promise(State::Precommitted)
+    } else {
+        Next::Promise(State::Preaborted)
+    }
+}
+
+/// Whether the answers to a request to promise `want` decide the gid:
+/// Some(commit) once `majority` nodes made that promise (or finished it
+/// that way).
+pub fn after_promising(answers: &[&str], want: State, majority: usize) -> Option<bool> {
+    let done = if want == State::Precommitted { State::Committed } else { State::Aborted };
+    let kept = answers.iter().filter(|&&a| a == want.as_str() || a == done.as_str()).count();
+    (kept >= majority).then_some(want == State::Precommitted)
 }
 
 /// Whether `gid` can be logged: an `mtm-` gid PostgreSQL accepts, with no
@@ -190,12 +262,12 @@ impl Log {
     }
 
     /// The entry a new gid takes: the oldest that is empty or finished,
-    /// or, when every entry is precommitted, the oldest.
+    /// or, when every entry is undecided, the oldest.
     fn make_room(&mut self) -> usize {
         let start = self.next;
         let taken = (0..CAPACITY)
             .map(|k| (start + k) % CAPACITY)
-            .find(|&i| self.entries[i].state() != Some(State::Precommitted))
+            .find(|&i| self.entries[i].state().is_none_or(State::finished))
             .unwrap_or(start);
         self.next = (taken + 1) % CAPACITY;
         taken
@@ -254,11 +326,12 @@ mod tests {
 
     #[test]
     fn record_types_round_trip() {
-        for s in [State::Precommitted, State::Committed, State::Aborted] {
+        for s in ALL {
             assert_eq!(State::from_info(s.info()), Some(s));
             assert_eq!(State::from_info(s.info() | 0x0B), Some(s), "low bits belong to the WAL");
+            assert_eq!(State::parse(s.as_str()), Some(s));
         }
-        assert_eq!(State::from_info(0x40), None);
+        assert_eq!(State::from_info(0x50), None);
         assert_eq!(State::from_info(0x00), None);
     }
 
@@ -283,6 +356,40 @@ mod tests {
     }
 
     #[test]
+    fn a_promise_is_never_broken() {
+        use State::*;
+        assert_eq!(promise(None, Precommitted), Ok(Some(Precommitted)));
+        assert_eq!(promise(None, Preaborted), Ok(Some(Preaborted)));
+        assert_eq!(promise(Some(Precommitted), Precommitted), Ok(None));
+        assert_eq!(promise(Some(Committed), Precommitted), Ok(None));
+        assert_eq!(promise(Some(Preaborted), Preaborted), Ok(None));
+        assert_eq!(promise(Some(Aborted), Preaborted), Ok(None));
+        assert_eq!(promise(Some(Preaborted), Precommitted), Err(Preaborted));
+        assert_eq!(promise(Some(Aborted), Precommitted), Err(Aborted));
+        assert_eq!(promise(Some(Precommitted), Preaborted), Err(Precommitted));
+        assert_eq!(promise(Some(Committed), Preaborted), Err(Committed));
+        // Finishing follows the decision, whatever was promised before.
+        assert_eq!(promise(Some(Preaborted), Committed), Ok(Some(Committed)));
+    }
+
+    #[test]
+    fn a_resolver_decides_only_on_a_majority_of_one_promise() {
+        use State::*;
+        assert_eq!(after_asking(&["prepared", "busy", "precommitted"]), Next::Wait, "the coordinator is at work");
+        assert_eq!(after_asking(&["prepared", "committed"]), Next::Finish(true));
+        assert_eq!(after_asking(&["aborted", "preaborted"]), Next::Finish(false));
+        assert_eq!(after_asking(&["prepared", "precommitted"]), Next::Promise(Precommitted));
+        assert_eq!(after_asking(&["prepared", "notfound"]), Next::Promise(Preaborted));
+        assert_eq!(after_asking(&["prepared"]), Next::Promise(Preaborted));
+        // Three nodes, the home node gone: both others must promise.
+        assert_eq!(after_promising(&["precommitted", "precommitted"], Precommitted, 2), Some(true));
+        assert_eq!(after_promising(&["precommitted", "preaborted"], Precommitted, 2), None);
+        assert_eq!(after_promising(&["preaborted", "aborted"], Preaborted, 2), Some(false));
+        assert_eq!(after_promising(&["preaborted"], Preaborted, 2), None, "a minority decides nothing");
+        assert_eq!(after_promising(&["committed", "precommitted", "prepared"], Precommitted, 2), Some(true));
+    }
+
+    #[test]
     fn refuses_what_is_not_an_mtm_gid() {
         let mut log = boxed();
         assert!(!log.note("client-xa-1", State::Committed, 1));
@@ -296,13 +403,15 @@ mod tests {
     fn trims_the_oldest_finished_entries_and_keeps_precommitted_ones() {
         let mut log = boxed();
         log.note("mtm-1-pending", State::Precommitted, 1);
+        log.note("mtm-1-promised", State::Preaborted, 2);
         for i in 0..(CAPACITY as u64 * 2) {
             log.note(&format!("mtm-2-{i}"), State::Committed, 10 + i);
         }
         assert_eq!(log.get("mtm-1-pending"), Some(State::Precommitted));
+        assert_eq!(log.get("mtm-1-promised"), Some(State::Preaborted));
         assert_eq!(log.get("mtm-2-0"), None, "trimmed");
         assert_eq!(log.get(&format!("mtm-2-{}", CAPACITY * 2 - 1)), Some(State::Committed));
-        assert_eq!(log.get(&format!("mtm-2-{}", CAPACITY * 2 - (CAPACITY - 1))), Some(State::Committed));
+        assert_eq!(log.get(&format!("mtm-2-{}", CAPACITY * 2 - (CAPACITY - 2))), Some(State::Committed));
     }
 
     #[test]

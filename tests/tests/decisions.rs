@@ -5,7 +5,8 @@
 //! kill -9 from the WAL alone and from the state file alone (also when
 //! the crash comes right after a checkpoint that followed them); and the
 //! resolver, which commits a gid its coordinator left precommitted and
-//! rolls back one left merely prepared.
+//! rolls back one left merely prepared — also when the gid's home node is
+//! gone, by a majority of the others.
 
 use mtm_tests::cluster::{client, converge, nothing_prepared, proxy_client, schema, spread_sessions, sqlstate, wait_connected};
 use mtmctl::testing::TestCluster;
@@ -76,14 +77,13 @@ fn every_node_logs_each_decision_and_keeps_it_across_a_crash() {
     assert!(committed.len() >= 16, "15 inserts and the update that won: {committed:?}");
     assert_eq!(of(2, "COMMIT"), committed, "node2 logged the same commits");
     assert_eq!(of(3, "COMMIT"), committed, "node3 logged the same commits");
-    // A gid is precommitted on its home node only, before it commits.
+    // A gid is precommitted on every node (its home node's promise, then
+    // each peer's) before it commits.
     let mut homes = BTreeSet::new();
     for gid in &committed {
-        let home = home_of(gid);
-        homes.insert(home);
-        assert!(of(home, "PRECOMMIT").contains(gid), "{gid} precommitted on node{home}");
-        for other in (1..=3).filter(|&n| n != home) {
-            assert!(!of(other, "PRECOMMIT").contains(gid), "{gid} precommitted on node{other}, not its home");
+        homes.insert(home_of(gid));
+        for id in 1..=3 {
+            assert!(of(id, "PRECOMMIT").contains(gid), "{gid} precommitted on node{id}");
         }
     }
     assert_eq!(homes.len(), 3, "commits came from every node");
@@ -93,7 +93,10 @@ fn every_node_logs_each_decision_and_keeps_it_across_a_crash() {
     for gid in &aborted {
         let home = home_of(gid);
         assert!(of(home, "ABORT").contains(gid), "{gid} aborted on its home node{home}");
-        assert!(!committed.contains(gid) && !of(home, "PRECOMMIT").contains(gid), "{gid} was never decided to commit");
+        assert!(!committed.contains(gid), "{gid} committed");
+        for id in 1..=3 {
+            assert!(!of(id, "PRECOMMIT").contains(gid), "{gid} was never promised to commit, yet node{id} did");
+        }
     }
 
     let check = |c: &TestCluster, id: usize, what: &str| {
@@ -304,4 +307,63 @@ fn the_resolver_commits_a_precommitted_orphan_and_rolls_back_an_undecided_one() 
         assert_eq!(logged(&mut cl, "mtm-1-orphan-decided"), "committed", "node{id}");
     }
     assert_eq!(logged(&mut client(&c, 1), "mtm-1-orphan-undecided"), "aborted");
+}
+
+/// The home node of two gids dies (kill -9) while their coordinators wait:
+/// one every node promised to commit, one merely prepared. The other two
+/// nodes are a majority: they finish both within seconds without it, the
+/// first committed and the second rolled back, and the home node agrees
+/// when it comes back.
+#[test]
+fn a_majority_finishes_the_gids_of_a_home_node_that_died() {
+    let c = TestCluster::start(3);
+    schema(&c, "create extension pg_walinspect; create table r(id int primary key)");
+    wait_connected(&c);
+    let mut decided = client(&c, 2);
+    decided.batch_execute("begin; insert into r values (1); prepare transaction 'mtm-2-home-died-decided'").unwrap();
+    let ok: bool = decided.query_one("select ok from mtm.await_votes('mtm-2-home-died-decided', 10000)", &[]).unwrap().get(0);
+    assert!(ok, "every node voted yes and a majority promised to commit");
+    let mut undecided = client(&c, 2);
+    undecided.batch_execute("begin; insert into r values (2); prepare transaction 'mtm-2-home-died-undecided'").unwrap();
+    let start: Vec<String> = [1, 3].iter().map(|&id| client(&c, id).query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0)).collect();
+    for id in [1, 3] {
+        let mut cl = client(&c, id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The undecided one reaches the peers: they voted yes on it too.
+        while cl.query_one("select count(*) from pg_prepared_xacts where gid like 'mtm-2-home-died-%'", &[]).unwrap().get::<_, i64>(0) < 2 {
+            assert!(Instant::now() < deadline, "node{id} did not prepare both gids");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let state: String = cl.query_one("select mtm.xact_state('mtm-2-home-died-decided')", &[]).unwrap().get(0);
+        assert_eq!(state, "precommitted", "node{id} promised to commit it before its home node answered");
+    }
+    // The coordinators are still connected: only the home node's death
+    // leaves the gids behind.
+    c.node(2).kill9();
+    drop((decided, undecided));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in [1, 3] {
+        let mut cl = client(&c, id);
+        while cl.query_one("select count(*) from pg_prepared_xacts", &[]).unwrap().get::<_, i64>(0) > 0 {
+            assert!(Instant::now() < deadline, "node{id}: gids of the dead node still prepared");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let ids: Vec<i32> = cl.query("select id from r order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [1], "node{id}: the promised gid committed, the other rolled back");
+        assert_eq!(logged(&mut cl, "mtm-2-home-died-decided"), "committed", "node{id}");
+        assert_eq!(logged(&mut cl, "mtm-2-home-died-undecided"), "aborted", "node{id}");
+    }
+    // The rollback was decided by promises, readable in the WAL.
+    let preaborts: usize = [1, 3]
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| records(&c, id, &start[i]).get("PREABORT").map_or(0, |g| g.iter().filter(|g| g.ends_with("undecided")).count()))
+        .sum();
+    assert!(preaborts >= 1, "the nodes promised to roll back the undecided gid");
+    restart(&c, 2);
+    nothing_prepared(&c, Duration::from_secs(15));
+    converge(&c, &["r"]);
+    let mut home = client(&c, 2);
+    assert_eq!(logged(&mut home, "mtm-2-home-died-decided"), "committed");
+    assert_eq!(logged(&mut home, "mtm-2-home-died-undecided"), "aborted");
 }

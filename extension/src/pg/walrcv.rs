@@ -112,6 +112,55 @@ impl Connection {
         )
     }
 
+    /// Runs `sql` (one statement) on the peer over this replication connection
+    /// (a logical one: the walsender runs SQL) and returns its rows, each column as text (None for NULL),
+    /// or the error message. Only from a worker connected to a database:
+    /// libpqwalreceiver raises an ERROR (a panic here) otherwise, or when the
+    /// rows do not have `columns` columns.
+    pub fn exec(&self, sql: &CStr, columns: usize) -> Result<Vec<Vec<Option<String>>>, String> {
+        let types = vec![pg_sys::TEXTOID; columns];
+        let exec = self.funcs.walrcv_exec.expect("walrcv_exec");
+        // SAFETY: a live connection of this table; `sql` is NUL-terminated
+        // and `types` holds the `columns` OIDs the call reads, both
+        // outliving it (the result copies what it keeps).
+        let res = unsafe { guarded(|| exec(self.conn.as_ptr(), sql.as_ptr(), columns as i32, types.as_ptr())) };
+        // SAFETY: walrcv_exec returns a result palloc'd in the current memory
+        // context (never null) that only we hold, freed once below.
+        let r = unsafe { *res };
+        let out = match r.status {
+            // SAFETY: for OK_TUPLES libpqwalreceiver sets the tuplestore and
+            // a tupledesc of `columns` text attributes, which the slot is made
+            // for. Without copying, a fetched tuple stays valid until the next
+            // fetch, and each datum is copied into a String before that; the
+            // slot is dropped while the tupledesc it points to still lives.
+            pg_sys::WalRcvExecStatus::WALRCV_OK_TUPLES => unsafe {
+                let slot = pg_sys::MakeSingleTupleTableSlot(r.tupledesc, &pg_sys::TTSOpsMinimalTuple);
+                let mut rows = Vec::new();
+                while pg_sys::tuplestore_gettupleslot(r.tuplestore, true, false, slot) {
+                    let row = (1..=columns as i32).map(|attnum| {
+                        let mut isnull = false;
+                        let datum = pg_sys::slot_getattr(slot, attnum, &mut isnull);
+                        String::from_datum(datum, isnull)
+                    });
+                    rows.push(row.collect());
+                }
+                pg_sys::ExecDropSingleTupleTableSlot(slot);
+                Ok(rows)
+            },
+            pg_sys::WalRcvExecStatus::WALRCV_OK_COMMAND => Ok(Vec::new()),
+            pg_sys::WalRcvExecStatus::WALRCV_ERROR if !r.err.is_null() => {
+                // SAFETY: on an error libpqwalreceiver sets `err` to a
+                // NUL-terminated message palloc'd with the result, freed only below.
+                Err(unsafe { CStr::from_ptr(r.err) }.to_string_lossy().into_owned())
+            }
+            status => Err(format!("walrcv_exec: unexpected result status {status}")),
+        };
+        // SAFETY: the result walrcv_exec returned, no longer read (the rows
+        // and message are copies) and freed only here; a guarded binding.
+        unsafe { pg_sys::walrcv_clear_result(res) };
+        out
+    }
+
     /// Closes the connection.
     pub fn disconnect(self) {
         if let Some(disconnect) = self.funcs.walrcv_disconnect {
