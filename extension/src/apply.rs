@@ -626,13 +626,21 @@ pub fn finish_prepared(peer: i32, gid: &str, commit: bool, end_lsn: u64, time: p
         if commit && crate::votes::may_notify(gid) {
             crate::notify::deliver(gid);
         }
-    } else {
+    }
+    let finished_here = if here { None } else { crate::decisions::state(gid).filter(|s| s.finished()) };
+    if !here {
         let what = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
-        log!("multimaster: {what} {gid} from node {}: not prepared here (already finished, or its prepare failed here); skipped", peer);
+        match finished_here {
+            Some(state) if (state == State::Committed) != commit => warning!(
+                "multimaster: {what} {gid} from node {peer}, but this node {} it: the nodes disagree on it",
+                if commit { "rolled back" } else { "committed" }
+            ),
+            _ => log!("multimaster: {what} {gid} from node {peer}: not prepared here (already finished, or its prepare failed here); skipped"),
+        }
     }
     exec::commit_transaction_command();
     crate::votes::forget(gid);
-    if commit && !here {
+    if commit && !here && finished_here != Some(State::Aborted) {
         // No COMMIT PREPARED record for our walsender to ack (it acks the
         // ones it decodes, `decoder.rs`): say it ourselves, so the
         // coordinator need not wait for its timeout.

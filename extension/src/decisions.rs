@@ -120,6 +120,13 @@ pub fn promise(gid: &str, want: State) -> Result<Option<u64>, State> {
     Ok(Some(lsn))
 }
 
+/// Whether `gid`, which the log does not hold, may have been finished
+/// here and trimmed from it (`Log::may_have_forgotten`).
+pub fn may_have_forgotten(gid: &str) -> bool {
+    ensure_loaded();
+    DECISIONS.share().log.may_have_forgotten(gid)
+}
+
 /// What this node logged about `gid`.
 pub fn state(gid: &str) -> Option<State> {
     ensure_loaded();

@@ -244,7 +244,12 @@ impl Nodes {
         // without a timeout of its own, forever for a frozen node.
         for (id, conninfo) in nodes.iter().filter(|(id, _)| *id != me && crate::pool::heard_within(*id, HEARD_WITHIN_MS)) {
             let Ok(conninfo) = std::ffi::CString::new(conninfo.as_str()) else { continue };
-            match walrcv.connect(&conninfo, c"mtm-resolver") {
+            // An ERROR in the connect (the node died just after it
+            // accepted) must not end the launcher.
+            let conn = PgTryBuilder::new(|| walrcv.connect(&conninfo, c"mtm-resolver"))
+                .catch_others(|e| Err(crate::apply::describe(&e).1))
+                .execute();
+            match conn {
                 Ok(conn) => peers.push((*id, conn)),
                 Err(e) => debug1!("multimaster: resolver cannot reach node {id}: {e}"),
             }
@@ -280,7 +285,7 @@ impl Nodes {
         use mtm_state::decisions::{after_asking, after_promising, Next};
         let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().join(",");
         let first = self.ask(gid, "ask");
-        match after_asking(&first.iter().map(String::as_str).collect::<Vec<_>>()) {
+        match after_asking(&first.iter().map(String::as_str).collect::<Vec<_>>(), self.majority) {
             Next::Wait => None,
             Next::Finish(commit) => Some(commit),
             Next::Promise(want) => {
@@ -311,8 +316,8 @@ fn literal(text: &str) -> String {
 /// `precommit` / `preabort` promise that outcome unless this node
 /// promised (or did) the opposite. The answer is the state afterwards:
 /// `busy` (this node is its home and its coordinator is at work),
-/// `precommitted`, `preaborted`, `committed`, `aborted`, `prepared` or
-/// `notfound`. A promise is flushed before it is told. Inside a
+/// `precommitted`, `preaborted`, `committed`, `aborted`, `prepared`,
+/// `notfound` or `forgotten` (finished here long ago, maybe: no promise). A promise is flushed before it is told. Inside a
 /// transaction.
 fn answer(gid: &str, want: &str) -> &'static str {
     let me = crate::pg::catalog::as_superuser(|| Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self")).ok().flatten();
@@ -324,10 +329,17 @@ fn answer(gid: &str, want: &str) -> &'static str {
         "preabort" => State::Preaborted,
         _ => return crate::decisions::state(gid).map_or(if crate::prepared_here(gid) { "prepared" } else { "notfound" }, State::as_str),
     };
-    // A precommit of what is neither prepared nor logged here (finished
-    // and trimmed long ago) promises nothing.
-    if want == State::Precommitted && crate::decisions::state(gid).is_none() && !crate::prepared_here(gid) {
-        return "notfound";
+    // What is neither prepared nor logged here was never seen here, or
+    // finished and trimmed from the log. Nothing is promised to commit
+    // it; a promise to roll it back only if it cannot have been finished
+    // here (it may have been committed).
+    if crate::decisions::state(gid).is_none() && !crate::prepared_here(gid) {
+        if want == State::Precommitted {
+            return "notfound";
+        }
+        if crate::decisions::may_have_forgotten(gid) {
+            return "forgotten";
+        }
     }
     match crate::decisions::promise(gid, want) {
         Ok(lsn) => {

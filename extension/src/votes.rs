@@ -454,7 +454,9 @@ fn precommit(gid: &str, me: i32, peers: &[i32], timeout: std::time::Duration) ->
         match outcome {
             Outcome::Yes => return (true, me, None, None),
             Outcome::No { node, message, .. } => {
-                return (false, node, Some("40001".into()), Some(format!("{message}; a majority of the nodes refused to commit {gid}")))
+                // A majority promised to roll it back: so may this node now.
+                crate::decisions::log(gid, State::Aborted);
+                return (false, node, Some("40001".into()), Some(format!("{message}; a majority of the nodes refused to commit {gid}")));
             }
             Outcome::Pending { missing } => {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());

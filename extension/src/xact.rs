@@ -213,14 +213,34 @@ fn note_two_phase(stmt: &UtilityStmt<'_>) -> Option<Finishing> {
 
 /// Logs the outcome of an `mtm-` gid about to be finished here, if it is
 /// prepared here (a COMMIT PREPARED of an unknown gid is an error, not a
-/// decision).
+/// decision). A statement against what this node promised is refused:
+/// ROLLBACK PREPARED of a gid it promised to commit (a majority may have
+/// promised too, and a resolver will commit it) — e.g. the proxy's
+/// rollback after its wait for the promises was cancelled — and COMMIT
+/// PREPARED of one it did not promise to commit (a majority may have
+/// promised to roll it back). The resolvers finish such a gid: nobody
+/// here coordinates it any more.
 fn log_finishing(f: &Finishing) {
-    if !mtm_state::decisions::loggable(&f.gid) {
+    use mtm_state::decisions::State;
+    if !mtm_state::decisions::loggable(&f.gid) || !crate::prepared_here(&f.gid) {
         return;
     }
-    if crate::prepared_here(&f.gid) {
-        use mtm_state::decisions::State;
-        crate::decisions::log(&f.gid, if f.commit { State::Committed } else { State::Aborted });
+    match (crate::decisions::state(&f.gid), f.commit) {
+        (Some(State::Precommitted | State::Committed), false) => crate::raise(
+            PgSqlErrorCode::ERRCODE_T_R_STATEMENT_COMPLETION_UNKNOWN,
+            format!("transaction {} cannot be rolled back here: this node promised to commit it", f.gid),
+            "A majority of the nodes may have promised too; the cluster's resolvers finish it within seconds.",
+            "ROLLBACK PREPARED",
+        ),
+        (Some(State::Preaborted | State::Aborted) | None, true) => crate::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("transaction {} cannot be committed here: a majority of the nodes did not promise to commit it", f.gid),
+            "The cluster's resolvers finish it within seconds.",
+            "COMMIT PREPARED",
+        ),
+        (_, commit) => {
+            crate::decisions::log(&f.gid, if commit { State::Committed } else { State::Aborted });
+        }
     }
 }
 

@@ -1324,25 +1324,24 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         let answer = self.own(&[&commit::await_votes_sql(gid, timeout)]).await?.remove(0);
         match commit::read_votes(gid, &answer) {
             Votes::AllYes => Ok(Ok(())),
-            Votes::Refused(e) => {
-                self.roll_back_prepared(gid).await?;
-                Ok(Err(e))
-            }
+            Votes::Refused(e) => Ok(Err(self.roll_back_prepared(gid).await?.unwrap_or(e))),
             Votes::Undecided(e) => Ok(Err(e)),
         }
     }
 
     /// ROLLBACK PREPARED of a refused `gid`; the node's rollback reaches
     /// the peers. A failure is logged: the home node's resolver finishes
-    /// the gid once this session is gone.
-    async fn roll_back_prepared(&mut self, gid: &str) -> Result<(), End> {
+    /// the gid once this session is gone. Some(error) when the node
+    /// refused because it had promised to commit the gid (the wait for the
+    /// promises was cancelled): the outcome is not known, and the client
+    /// gets that error instead.
+    async fn roll_back_prepared(&mut self, gid: &str) -> Result<Option<PgError>, End> {
         let rollback = format!("ROLLBACK PREPARED {}", commit::literal(gid));
         let undone = self.own(&[&rollback]).await?.remove(0);
-        if let Some(err) = commit::error_of(&undone) {
-            let msg = crate::net::scan::error_field(err.body(), b'M').unwrap_or_default();
-            tracing::warn!(gid, "rollback of a refused transaction failed: {msg}");
-        }
-        Ok(())
+        let Some(err) = commit::error_of(&undone) else { return Ok(None) };
+        let field = |f| crate::net::scan::error_field(err.body(), f).unwrap_or_default();
+        tracing::warn!(gid, "rollback of a refused transaction failed: {}", field(b'M'));
+        Ok((field(b'C') == "40003").then(|| PgError::error("40003", field(b'M')).with_hint(field(b'H'))))
     }
 
     /// The cluster's two-phase commit of the open transaction (module
@@ -1389,10 +1388,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                         Some(_) => Err(Raw::from(commit::commit_unknown(&gid, &done))),
                     }
                 }
-                Votes::Refused(e) => {
-                    self.roll_back_prepared(&gid).await?;
-                    Err(Raw::from(e))
-                }
+                Votes::Refused(e) => Err(Raw::from(self.roll_back_prepared(&gid).await?.unwrap_or(e))),
                 // Not ours to roll back: a majority may have promised it.
                 Votes::Undecided(e) => Err(Raw::from(e)),
             }

@@ -126,11 +126,14 @@ pub enum Next {
     Promise(State),
 }
 
-/// The resolver's step after asking ([`Next`]). A node that finished
-/// the gid decides; if any node precommitted it, every node voted yes, so
-/// the others may be asked to promise to commit it too; otherwise nobody
-/// can have committed it, and they are asked to promise to roll it back.
-pub fn after_asking(answers: &[&str]) -> Next {
+/// The resolver's step after asking ([`Next`]), `majority` nodes being
+/// a majority of the cluster. A node that finished the gid decides, and
+/// so does a majority of one promise (the round that gathered it may have
+/// died before it finished anything); if any node precommitted it, every
+/// node voted yes, so the others may be asked to promise to commit it
+/// too; otherwise nobody can have committed it, and they are asked to
+/// promise to roll it back.
+pub fn after_asking(answers: &[&str], majority: usize) -> Next {
     let any = |state: &str| answers.contains(&state);
     if any("busy") {
         Next::Wait
@@ -138,6 +141,8 @@ pub fn after_asking(answers: &[&str]) -> Next {
         Next::Finish(true)
     } else if any(State::Aborted.as_str()) {
         Next::Finish(false)
+    } else if let Some(commit) = after_promising(answers, State::Precommitted, majority).or(after_promising(answers, State::Preaborted, majority)) {
+        Next::Finish(commit)
     } else if any(State::Precommitted.as_str()) {
         Next::Promise(State::Precommitted)
     } else {
@@ -204,11 +209,30 @@ pub struct Log {
     next: usize,
     /// Bumped by every change: the state file is rewritten when it moved.
     changes: u64,
+    /// Per home node id (index 0: gids of no known form), the newest gid
+    /// time among the entries trimmed so far (see [`gid_time`]): a gid
+    /// no older than that may have been finished here and forgotten, so
+    /// this node cannot tell a resolver it never saw it.
+    trimmed_upto: [u64; MAX_HOME + 1],
+}
+
+/// Home node ids tracked by [`Log::may_have_forgotten`] (larger ones count
+/// as gids of no known form).
+pub const MAX_HOME: usize = 64;
+
+/// The home node and the time in a proxy's gid,
+/// `mtm-<home>-<hex µs since 1970>-…`; None for any other form.
+fn gid_time(gid: &[u8]) -> Option<(usize, u64)> {
+    let mut parts = std::str::from_utf8(gid).ok()?.split('-');
+    (parts.next()? == "mtm").then_some(())?;
+    let home: usize = parts.next()?.parse().ok().filter(|h| (1..=MAX_HOME).contains(h))?;
+    let time = u64::from_str_radix(parts.next()?, 16).ok()?;
+    Some((home, time))
 }
 
 impl Default for Log {
     fn default() -> Self {
-        Log { entries: [Entry::EMPTY; CAPACITY], hashes: [0; CAPACITY], next: 0, changes: 0 }
+        Log { entries: [Entry::EMPTY; CAPACITY], hashes: [0; CAPACITY], next: 0, changes: 0, trimmed_upto: [0; MAX_HOME + 1] }
     }
 }
 
@@ -270,7 +294,28 @@ impl Log {
             .find(|&i| self.entries[i].state().is_none_or(State::finished))
             .unwrap_or(start);
         self.next = (taken + 1) % CAPACITY;
+        if self.entries[taken].state != 0 {
+            self.forget(taken);
+        }
         taken
+    }
+
+    /// Entry `i` is about to be reused: remember that its gid's time is
+    /// forgotten.
+    fn forget(&mut self, i: usize) {
+        match gid_time(self.entries[i].gid()) {
+            Some((home, time)) => self.trimmed_upto[home] = self.trimmed_upto[home].max(time),
+            None => self.trimmed_upto[0] = u64::MAX,
+        }
+    }
+
+    /// Whether `gid`, which the log does not hold, may have been in it and
+    /// been trimmed (so finished here), as far as this node can tell.
+    pub fn may_have_forgotten(&self, gid: &str) -> bool {
+        match gid_time(gid.as_bytes()) {
+            Some((home, time)) => time <= self.trimmed_upto[home],
+            None => self.trimmed_upto[0] != 0,
+        }
     }
 
     /// Counts changes, so a writer can tell whether the file is stale.
@@ -278,12 +323,16 @@ impl Log {
         self.changes
     }
 
-    /// The state file's text: a header line, then one `lsn state gid`
-    /// line per entry, oldest first.
+    /// The state file's text: a header line, a `trimmed <home> <time>`
+    /// line per home node whose gids were trimmed, then one `lsn state
+    /// gid` line per entry, oldest first.
     pub fn snapshot(&self) -> String {
         let mut out = String::with_capacity(64 + CAPACITY * 32);
         out.push_str(SNAPSHOT_HEADER);
         out.push('\n');
+        for (home, &time) in self.trimmed_upto.iter().enumerate().filter(|(_, &t)| t != 0) {
+            out.push_str(&format!("trimmed {home} {time:X}\n"));
+        }
         for k in 0..CAPACITY {
             let e = &self.entries[(self.next + k) % CAPACITY];
             if let (Some(state), Ok(gid)) = (e.state(), std::str::from_utf8(e.gid())) {
@@ -303,6 +352,13 @@ impl Log {
         let mut read = 0;
         for (n, line) in lines.enumerate() {
             let bad = |reason| BadSnapshot { line: n + 2, reason };
+            if let Some(rest) = line.strip_prefix("trimmed ") {
+                let (home, time) = rest.split_once(' ').ok_or(bad("bad trimmed line"))?;
+                let home: usize = home.parse().ok().filter(|&h| h <= MAX_HOME).ok_or(bad("bad home node"))?;
+                let time = u64::from_str_radix(time, 16).map_err(|_| bad("bad time"))?;
+                self.trimmed_upto[home] = self.trimmed_upto[home].max(time);
+                continue;
+            }
             let mut parts = line.splitn(3, ' ');
             let lsn = parts.next().and_then(|s| u64::from_str_radix(s, 16).ok()).ok_or(bad("bad position"))?;
             let state = parts.next().and_then(State::parse).ok_or(bad("bad state"))?;
@@ -375,12 +431,16 @@ mod tests {
     #[test]
     fn a_resolver_decides_only_on_a_majority_of_one_promise() {
         use State::*;
-        assert_eq!(after_asking(&["prepared", "busy", "precommitted"]), Next::Wait, "the coordinator is at work");
-        assert_eq!(after_asking(&["prepared", "committed"]), Next::Finish(true));
-        assert_eq!(after_asking(&["aborted", "preaborted"]), Next::Finish(false));
-        assert_eq!(after_asking(&["prepared", "precommitted"]), Next::Promise(Precommitted));
-        assert_eq!(after_asking(&["prepared", "notfound"]), Next::Promise(Preaborted));
-        assert_eq!(after_asking(&["prepared"]), Next::Promise(Preaborted));
+        assert_eq!(after_asking(&["prepared", "busy", "precommitted"], 2), Next::Wait, "the coordinator is at work");
+        assert_eq!(after_asking(&["prepared", "committed"], 2), Next::Finish(true));
+        assert_eq!(after_asking(&["aborted", "preaborted"], 2), Next::Finish(false));
+        assert_eq!(after_asking(&["prepared", "precommitted"], 2), Next::Promise(Precommitted));
+        assert_eq!(after_asking(&["prepared", "notfound"], 2), Next::Promise(Preaborted));
+        assert_eq!(after_asking(&["prepared"], 2), Next::Promise(Preaborted));
+        // A round that gathered a majority died before it finished: the
+        // promises alone decide, though another node precommitted.
+        assert_eq!(after_asking(&["precommitted", "preaborted", "preaborted"], 2), Next::Finish(false));
+        assert_eq!(after_asking(&["precommitted", "precommitted", "preaborted"], 2), Next::Finish(true));
         // Three nodes, the home node gone: both others must promise.
         assert_eq!(after_promising(&["precommitted", "precommitted"], Precommitted, 2), Some(true));
         assert_eq!(after_promising(&["precommitted", "preaborted"], Precommitted, 2), None);
@@ -412,6 +472,26 @@ mod tests {
         assert_eq!(log.get("mtm-2-0"), None, "trimmed");
         assert_eq!(log.get(&format!("mtm-2-{}", CAPACITY * 2 - 1)), Some(State::Committed));
         assert_eq!(log.get(&format!("mtm-2-{}", CAPACITY * 2 - (CAPACITY - 2))), Some(State::Committed));
+    }
+
+    #[test]
+    fn a_trimmed_gid_is_known_to_be_forgotten_and_the_file_keeps_it() {
+        let mut log = boxed();
+        let gid = |home: u32, time: u64| format!("mtm-{home}-{time:x}-a1-7-1");
+        assert!(!log.may_have_forgotten(&gid(2, 5)));
+        for t in 0..(CAPACITY as u64 + 10) {
+            log.note(&gid(2, 100 + t), State::Committed, 1 + t);
+        }
+        assert_eq!(log.get(&gid(2, 100)), None, "trimmed");
+        assert!(log.may_have_forgotten(&gid(2, 100)), "it was finished here");
+        assert!(log.may_have_forgotten(&gid(2, 50)), "older than a trimmed one");
+        assert!(!log.may_have_forgotten(&gid(2, 100 + CAPACITY as u64 + 10)), "newer than anything trimmed");
+        assert!(!log.may_have_forgotten(&gid(3, 100)), "another home node's gids were not trimmed");
+        assert!(!log.may_have_forgotten("mtm-client-own"), "no gid of an unknown form was trimmed");
+        let mut back = boxed();
+        back.load(&log.snapshot()).unwrap();
+        assert!(back.may_have_forgotten(&gid(2, 100)), "the state file keeps what was trimmed");
+        assert!(!back.may_have_forgotten(&gid(2, 100 + CAPACITY as u64 + 10)));
     }
 
     #[test]

@@ -298,12 +298,25 @@ fn the_resolver_commits_a_precommitted_orphan_and_rolls_back_an_undecided_one() 
         let err = coordinator.batch_execute("begin; commit prepared 'mtm-1-orphan-undecided'").unwrap_err();
         assert_eq!(err.code().map(|c| c.code()), Some("25001"), "{err:?}");
     }
+    // A node keeps its promises: no rollback of a gid it promised to
+    // commit (as when the proxy's wait for the promises is cancelled), no
+    // commit of one it did not; the resolver then finishes each the
+    // promised way, though its coordinator is still connected.
+    let mut coordinator = client(&c, 1);
+    coordinator.batch_execute("begin; insert into r values (4); prepare transaction 'mtm-1-promised'").unwrap();
+    let ok: bool = coordinator.query_one("select ok from mtm.await_votes('mtm-1-promised', 10000)", &[]).unwrap().get(0);
+    assert!(ok);
+    let err = coordinator.batch_execute("rollback prepared 'mtm-1-promised'").unwrap_err();
+    assert_eq!(sqlstate(&err), "40003", "{err:?}");
+    coordinator.batch_execute("begin; insert into r values (5); prepare transaction 'mtm-1-unpromised'").unwrap();
+    let err = coordinator.batch_execute("commit prepared 'mtm-1-unpromised'").unwrap_err();
+    assert_eq!(sqlstate(&err), "55000", "{err:?}");
     nothing_prepared(&c, Duration::from_secs(15));
     converge(&c, &["r"]);
     for id in 1..=3 {
         let mut cl = client(&c, id);
         let ids: Vec<i32> = cl.query("select id from r order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(ids, [1, 3], "node{id}: the decided gids committed, the other did not");
+        assert_eq!(ids, [1, 3, 4], "node{id}: the decided gids committed, the others did not");
         assert_eq!(logged(&mut cl, "mtm-1-orphan-decided"), "committed", "node{id}");
     }
     assert_eq!(logged(&mut client(&c, 1), "mtm-1-orphan-undecided"), "aborted");
