@@ -176,14 +176,21 @@ pub fn resolve_orphans() {
         let decided = match local {
             Ok(Some(commit)) => Some(commit),
             Ok(None) => {
-                let nodes = nodes.get_or_insert_with(|| Nodes::connect(me));
-                PgTryBuilder::new(|| BackgroundWorker::transaction(|| nodes.round(&gid)))
+                let asking = nodes.get_or_insert_with(|| Nodes::connect(me));
+                let round = PgTryBuilder::new(|| Ok(BackgroundWorker::transaction(|| asking.round(&gid))))
                     .catch_others(|e| {
                         let (code, message) = crate::apply::describe(&e);
                         warning!("multimaster: resolver could not ask the nodes about {gid}: {message} ({code})");
-                        None
+                        Err(())
                     })
-                    .execute()
+                    .execute();
+                match round {
+                    Ok(decided) => decided,
+                    Err(()) => {
+                        crate::pg::twophase::abort_current_transaction();
+                        break;
+                    }
+                }
             }
             Err(()) => None,
         };
@@ -221,6 +228,10 @@ fn decide_here(gid: &str, own: bool) -> Result<Option<bool>, ()> {
 /// the resolver to ask it.
 const HEARD_WITHIN_MS: i64 = 3000;
 
+/// How long the resolver waits for a node to connect, or to answer one
+/// question: libpqwalreceiver has no timeout of its own for either.
+const ASK_TIMEOUT_MS: i32 = 3000;
+
 /// Replication connections to the other nodes, for a resolver's rounds.
 struct Nodes {
     majority: usize,
@@ -246,7 +257,7 @@ impl Nodes {
             let Ok(conninfo) = std::ffi::CString::new(conninfo.as_str()) else { continue };
             // An ERROR in the connect (the node died just after it
             // accepted) must not end the launcher.
-            let conn = PgTryBuilder::new(|| walrcv.connect(&conninfo, c"mtm-resolver"))
+            let conn = PgTryBuilder::new(|| crate::pg::proc::with_deadline(ASK_TIMEOUT_MS, || walrcv.connect(&conninfo, c"mtm-resolver")))
                 .catch_others(|e| Err(crate::apply::describe(&e).1))
                 .execute();
             match conn {
@@ -265,7 +276,9 @@ impl Nodes {
             return answers;
         };
         for (id, conn) in &self.peers {
-            match conn.exec(&sql, 1) {
+            // An ERROR (the deadline, a broken link) ends the round and
+            // the pass; the next pass connects again.
+            match crate::pg::proc::with_deadline(ASK_TIMEOUT_MS, || conn.exec(&sql, 1)) {
                 Ok(rows) => answers.extend(rows.into_iter().next().and_then(|r| r.into_iter().next().flatten())),
                 Err(e) => debug1!("multimaster: resolver's question to node {id} about {gid} failed: {e}"),
             }

@@ -380,3 +380,62 @@ fn a_majority_finishes_the_gids_of_a_home_node_that_died() {
     assert_eq!(logged(&mut home, "mtm-2-home-died-decided"), "committed");
     assert_eq!(logged(&mut home, "mtm-2-home-died-undecided"), "aborted");
 }
+
+/// Every process of node `id` (the postmaster and its children) gets
+/// `sig` (`-STOP` freezes the node: connections to it are accepted by the
+/// kernel and then never answered).
+fn signal_node(c: &TestCluster, id: usize, sig: &str) {
+    let pm = c.node(id).pid().expect("node running");
+    let children = std::process::Command::new("pgrep").args(["-P", &pm.to_string()]).output().unwrap();
+    for pid in String::from_utf8_lossy(&children.stdout).split_whitespace() {
+        signal(pid.parse().unwrap(), sig);
+    }
+    signal(pm, sig);
+}
+
+/// The same with the home node frozen (kill -STOP) instead of killed: the
+/// others finish its gids without waiting for it, and it agrees once it
+/// runs again and its coordinators are gone.
+#[test]
+fn a_majority_finishes_the_gids_of_a_frozen_home_node() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table r(id int primary key)");
+    wait_connected(&c);
+    let mut decided = client(&c, 2);
+    decided.batch_execute("begin; insert into r values (1); prepare transaction 'mtm-2-frozen-decided'").unwrap();
+    let ok: bool = decided.query_one("select ok from mtm.await_votes('mtm-2-frozen-decided', 10000)", &[]).unwrap().get(0);
+    assert!(ok);
+    let mut undecided = client(&c, 2);
+    undecided.batch_execute("begin; insert into r values (2); prepare transaction 'mtm-2-frozen-undecided'").unwrap();
+    for id in [1, 3] {
+        let mut cl = client(&c, id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cl.query_one("select count(*) from pg_prepared_xacts where gid like 'mtm-2-frozen-%'", &[]).unwrap().get::<_, i64>(0) < 2 {
+            assert!(Instant::now() < deadline, "node{id} did not prepare both gids");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    signal_node(&c, 2, "-STOP");
+    let outcome = std::panic::catch_unwind(|| {
+        let deadline = Instant::now() + Duration::from_secs(25);
+        for id in [1, 3] {
+            let mut cl = client(&c, id);
+            while cl.query_one("select count(*) from pg_prepared_xacts", &[]).unwrap().get::<_, i64>(0) > 0 {
+                assert!(Instant::now() < deadline, "node{id}: gids of the frozen node still prepared");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let ids: Vec<i32> = cl.query("select id from r order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+            assert_eq!(ids, [1], "node{id}: the promised gid committed, the other rolled back");
+        }
+    });
+    signal_node(&c, 2, "-CONT");
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e);
+    }
+    drop((decided, undecided));
+    nothing_prepared(&c, Duration::from_secs(15));
+    converge(&c, &["r"]);
+    let mut home = client(&c, 2);
+    assert_eq!(logged(&mut home, "mtm-2-frozen-decided"), "committed");
+    assert_eq!(logged(&mut home, "mtm-2-frozen-undecided"), "aborted");
+}

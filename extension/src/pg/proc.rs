@@ -17,6 +17,7 @@ pub fn preloading() -> bool {
 unsafe extern "C-unwind" {
     /// From utils/timeout.h, which pgrx does not bind.
     fn disable_timeout(id: u32, keep_indicator: bool);
+    fn enable_timeout_after(id: u32, delay_ms: i32);
 }
 
 /// `STATEMENT_TIMEOUT` in PostgreSQL 15's `TimeoutId` (utils/timeout.h).
@@ -32,6 +33,35 @@ pub fn disarm_statement_timeout() {
     // Called through pgrx's guard, so its elog (if the alarm cannot be
     // reset) does not unwind over Rust frames.
     unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| disable_timeout(STATEMENT_TIMEOUT, false)) }
+}
+
+/// Runs `f` under a deadline of `ms` milliseconds: past it, the next
+/// interrupt check inside `f` raises an ERROR ("canceling statement due
+/// to statement timeout"), as `statement_timeout` does. For waits with no
+/// timeout of their own, such as libpqwalreceiver's connect and query on
+/// a frozen peer. From a backend or a background worker connected to a
+/// database (which handles SIGINT as a cancel), on its main thread.
+pub fn with_deadline<T>(ms: i32, f: impl FnOnce() -> T) -> T {
+    /// Disarms the deadline however `f` ends, and drops a cancel it may
+    /// have raised after `f` stopped checking (it would otherwise end the
+    /// caller's next statement).
+    struct Disarm;
+    impl Drop for Disarm {
+        fn drop(&mut self) {
+            disarm_statement_timeout();
+            // SAFETY: a flag of this process that its own SIGINT handler
+            // sets; clearing it only forgets a cancel this deadline caused
+            // (nothing else cancels a resolver's launcher).
+            unsafe { pg_sys::QueryCancelPending = 0 };
+        }
+    }
+    // SAFETY: enable_timeout_after only touches this process's timeout
+    // table and alarm; STATEMENT_TIMEOUT is registered by InitPostgres in
+    // every process connected to a database. Through pgrx's guard, so its
+    // elog (if the alarm cannot be set) does not unwind over Rust frames.
+    unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| enable_timeout_after(STATEMENT_TIMEOUT, ms.max(1))) };
+    let _disarm = Disarm;
+    f()
 }
 
 /// Whether this process is the checkpointer.
