@@ -488,6 +488,16 @@ pub fn precommitted_key(gid: &str) -> String {
 /// transaction.
 pub fn answer_precommit(coordinator: i32, gid: &str) {
     use mtm_state::decisions::State;
+    // A precommit the stream replays after a restart, of a gid finished
+    // here so long ago that the log trimmed it: nobody waits for it, and a
+    // promise would stay in the log, undecided, for good. (The look-up
+    // runs only for a gid that old, rarely.)
+    if crate::decisions::state(gid).is_none()
+        && crate::decisions::may_have_forgotten(gid)
+        && !pgrx::bgworkers::BackgroundWorker::transaction(|| crate::prepared_here(gid))
+    {
+        return;
+    }
     let refusal = match crate::decisions::promise(gid, State::Precommitted) {
         Ok(_) => None,
         Err(state) => Some(("40001".to_string(), format!("node {} promised to roll back {gid} ({})", my_id(), state.as_str()))),
