@@ -217,9 +217,8 @@ fn note_two_phase(stmt: &UtilityStmt<'_>) -> Option<Finishing> {
 /// ROLLBACK PREPARED of a gid it promised to commit (a majority may have
 /// promised too, and a resolver will commit it) — e.g. the proxy's
 /// rollback after its wait for the promises was cancelled — and COMMIT
-/// PREPARED of one it did not promise to commit (a majority may have
-/// promised to roll it back). The resolvers finish such a gid: nobody
-/// here coordinates it any more.
+/// PREPARED of one it promised a resolver to roll back. The resolvers
+/// finish such a gid: nobody here coordinates it any more.
 fn log_finishing(f: &Finishing) {
     use mtm_state::decisions::State;
     if !mtm_state::decisions::loggable(&f.gid) || !crate::prepared_here(&f.gid) {
@@ -232,9 +231,9 @@ fn log_finishing(f: &Finishing) {
             "A majority of the nodes may have promised too; the cluster's resolvers finish it within seconds.",
             "ROLLBACK PREPARED",
         ),
-        (Some(State::Preaborted | State::Aborted) | None, true) => crate::raise(
+        (Some(State::Preaborted | State::Aborted), true) => crate::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("transaction {} cannot be committed here: a majority of the nodes did not promise to commit it", f.gid),
+            format!("transaction {} cannot be committed here: this node promised to roll it back", f.gid),
             "The cluster's resolvers finish it within seconds.",
             "COMMIT PREPARED",
         ),

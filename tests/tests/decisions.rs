@@ -300,8 +300,8 @@ fn the_resolver_commits_a_precommitted_orphan_and_rolls_back_an_undecided_one() 
     }
     // A node keeps its promises: no rollback of a gid it promised to
     // commit (as when the proxy's wait for the promises is cancelled), no
-    // commit of one it did not; the resolver then finishes each the
-    // promised way, though its coordinator is still connected.
+    // commit of one it promised a resolver to roll back; the resolver
+    // then finishes each the promised way.
     let mut coordinator = client(&c, 1);
     coordinator.batch_execute("begin; insert into r values (4); prepare transaction 'mtm-1-promised'").unwrap();
     let ok: bool = coordinator.query_one("select ok from mtm.await_votes('mtm-1-promised', 10000)", &[]).unwrap().get(0);
@@ -309,8 +309,17 @@ fn the_resolver_commits_a_precommitted_orphan_and_rolls_back_an_undecided_one() 
     let err = coordinator.batch_execute("rollback prepared 'mtm-1-promised'").unwrap_err();
     assert_eq!(sqlstate(&err), "40003", "{err:?}");
     coordinator.batch_execute("begin; insert into r values (5); prepare transaction 'mtm-1-unpromised'").unwrap();
-    let err = coordinator.batch_execute("commit prepared 'mtm-1-unpromised'").unwrap_err();
+    let mut peer = client(&c, 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while peer.query_one("select count(*) from pg_prepared_xacts where gid = 'mtm-1-unpromised'", &[]).unwrap().get::<_, i64>(0) == 0 {
+        assert!(Instant::now() < deadline, "node2 did not prepare mtm-1-unpromised");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let promised: String = peer.query_one("select mtm.resolve_gid('mtm-1-unpromised', 'preabort')", &[]).unwrap().get(0);
+    assert_eq!(promised, "preaborted");
+    let err = peer.batch_execute("commit prepared 'mtm-1-unpromised'").unwrap_err();
     assert_eq!(sqlstate(&err), "55000", "{err:?}");
+    drop(coordinator);
     nothing_prepared(&c, Duration::from_secs(15));
     converge(&c, &["r"]);
     for id in 1..=3 {
