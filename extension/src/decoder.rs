@@ -270,7 +270,13 @@ pub(crate) fn prepare(st: &mut DecoderState, out: &mut Output, txn: Txn, prepare
         // The subscriber's transaction, prepared here and on disk (a
         // walsender reads only flushed WAL): our yes.
         if let Some(coordinator) = applied_from_subscriber(st, txn.origin_id()) {
-            send_vote(st, out, coordinator, gid_of(&txn), prepare_lsn);
+            let gid = gid_of(&txn);
+            // A client's own gid may be committed from a session on this
+            // node as soon as its client hears the votes.
+            if !crate::votes::acked(&gid) {
+                wait_until_prepared(txn.xid());
+            }
+            send_vote(st, out, coordinator, gid, prepare_lsn);
         }
         return;
     }
@@ -304,6 +310,16 @@ pub(crate) fn commit_prepared(st: &mut DecoderState, out: &mut Output, txn: Txn,
         gid: gid_of(&txn),
     };
     st.sink.send_now(out, &msg);
+}
+
+/// The yes says the transaction is prepared here, so a COMMIT PREPARED
+/// from any session finds it. Its PREPARE record is flushed just before
+/// the preparing process marks it valid and then lets go of its
+/// transaction id (a prepared transaction's own PGPROC has no pid): wait
+/// for that (microseconds; bounded, in case).
+fn wait_until_prepared(xid: pg_sys::TransactionId) {
+    let xid = xid.into_inner();
+    wait_while(std::time::Duration::from_secs(5), 20, || crate::pg::proc::all_procs().any(|p| p.pid() != 0 && p.xid() == xid));
 }
 
 /// The ack says the transaction is visible here. Its COMMIT PREPARED
