@@ -189,6 +189,19 @@ pub mod cluster {
         }
     }
 
+    /// Every process of node `id` (the postmaster and its children) gets
+    /// `sig`, e.g. `-STOP`, which freezes the node: connections to it are
+    /// accepted by the kernel and then never answered.
+    pub fn signal_node(c: &TestCluster, id: usize, sig: &str) {
+        let pm = c.node(id).pid().expect("node running");
+        let children = std::process::Command::new("pgrep").args(["-P", &pm.to_string()]).output().unwrap();
+        let pids = String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_string).chain([pm.to_string()]).collect::<Vec<_>>();
+        for pid in pids {
+            let status = std::process::Command::new("kill").args([sig, &pid]).status().unwrap();
+            assert!(status.success(), "kill {sig} {pid}");
+        }
+    }
+
     /// The SQLSTATE of a failed statement.
     pub fn sqlstate(e: &postgres::Error) -> String {
         e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))

@@ -4,7 +4,7 @@
 //! node (DDL is not replicated yet); every row is written through the
 //! proxy.
 
-use mtm_tests::cluster::{client, converge, nothing_prepared, prepared, proxy_client, schema, sqlstate, wait_connected};
+use mtm_tests::cluster::{client, converge, nothing_prepared, prepared, proxy_client, schema, signal_node, sqlstate, wait_connected};
 use mtmctl::testing::TestCluster;
 use postgres::Client;
 use std::collections::BTreeSet;
@@ -797,6 +797,112 @@ fn a_clients_own_two_phase_commit_works_from_any_node() {
     assert_eq!(sqlstate(&err), "22023", "{err:?}");
 }
 
+/// Transfers through the proxy by writers that reconnect when their
+/// session breaks, each recording the ledger ids of the transfers it heard
+/// COMMIT for.
+struct Transfers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<std::sync::Mutex<Vec<i64>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Transfers {
+    const ACCOUNTS: i32 = 50;
+
+    fn start(c: &TestCluster, writers: usize) -> Transfers {
+        schema(
+            c,
+            "create table bank(id int primary key, balance bigint not null);
+             create table ledger(id bigint primary key, amount bigint not null)",
+        );
+        wait_connected(c);
+        proxy_client(c)
+            .batch_execute(&format!("insert into bank select g, 1000 from generate_series(1, {}) g", Self::ACCOUNTS))
+            .unwrap();
+        converge(c, &["bank"]);
+        let conninfo = c.proxy_conninfo("postgres");
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
+        let mut threads = Vec::new();
+        for w in 0..writers {
+            let (stop, acked, conninfo) = (stop.clone(), acked.clone(), conninfo.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut cl: Option<Client> = None;
+                let mut n: i64 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(client) = cl.as_mut() else {
+                        cl = postgres::Client::connect(&conninfo, postgres::NoTls).ok();
+                        if cl.is_none() {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        continue;
+                    };
+                    n += 1;
+                    let id = (w as i64) << 32 | n;
+                    let from = (id % Self::ACCOUNTS as i64) as i32 + 1;
+                    let to = ((id / 7) % Self::ACCOUNTS as i64) as i32 + 1;
+                    if from == to {
+                        continue;
+                    }
+                    let r = (|| {
+                        let mut t = client.transaction()?;
+                        t.execute("update bank set balance = balance - 1 where id = $1", &[&from])?;
+                        t.execute("update bank set balance = balance + 1 where id = $1", &[&to])?;
+                        t.execute("insert into ledger values ($1, 1)", &[&id])?;
+                        t.commit()
+                    })();
+                    match r {
+                        Ok(()) => acked.lock().unwrap().push(id),
+                        Err(e) if e.code().is_some_and(|c| ["40001", "40P01", "40003"].contains(&c.code())) => {}
+                        // The proxy or the session's node went away: reconnect.
+                        Err(_) => cl = None,
+                    }
+                }
+            }));
+        }
+        Transfers { stop, acked, threads }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until 20 more transfers than now were acknowledged.
+    fn wait_for_progress(&self) {
+        let from = self.acked();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.acked() < from + 20 {
+            assert!(Instant::now() < deadline, "no progress: {} transfers acknowledged", self.acked());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the writers; then every node must hold every acknowledged
+    /// transfer, the same total, and nothing prepared.
+    fn stop_and_check(self, c: &TestCluster) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("a writer failed");
+        }
+        converge(c, &["bank", "ledger"]);
+        // Prepared gids are finished by the resolvers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !prepared(c).iter().all(Vec::is_empty) {
+            assert!(Instant::now() < deadline, "prepared transactions left behind: {:?}", prepared(c));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        converge(c, &["bank", "ledger"]);
+        let acked = self.acked.lock().unwrap().clone();
+        for id in 1..=3 {
+            let mut cl = client(c, id);
+            let sum: i64 = cl.query_one("select sum(balance)::bigint from bank", &[]).unwrap().get(0);
+            assert_eq!(sum, Self::ACCOUNTS as i64 * 1000, "node{id}: the total changed");
+            let present: i64 = cl.query_one("select count(*) from ledger where id = any($1)", &[&acked]).unwrap().get(0);
+            assert_eq!(present as usize, acked.len(), "node{id}: an acknowledged transfer is missing");
+        }
+    }
+}
+
 /// Transfers through the proxy while the proxy, then a node, is killed
 /// with SIGKILL and restarted: every transfer the client heard COMMIT for
 /// is on every node, the totals never change, and the resolvers leave no
@@ -804,76 +910,17 @@ fn a_clients_own_two_phase_commit_works_from_any_node() {
 /// before it is back.
 #[test]
 fn kill_9_of_the_proxy_and_of_a_node_loses_no_acknowledged_commit() {
-    const ACCOUNTS: i32 = 50;
-    const WRITERS: usize = 6;
     let c = Arc::new(TestCluster::start(3));
     c.reconfigure_proxy(|cfg| cfg.commit.vote_timeout = Duration::from_secs(3));
-    schema(
-        &c,
-        "create table bank(id int primary key, balance bigint not null);
-         create table ledger(id bigint primary key, amount bigint not null)",
-    );
-    wait_connected(&c);
-    proxy_client(&c)
-        .batch_execute(&format!("insert into bank select g, 1000 from generate_series(1, {ACCOUNTS}) g"))
-        .unwrap();
-    converge(&c, &["bank"]);
-    let conninfo = c.proxy_conninfo("postgres");
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
-    let mut threads = Vec::new();
-    for w in 0..WRITERS {
-        let (stop, acked, conninfo) = (stop.clone(), acked.clone(), conninfo.clone());
-        threads.push(std::thread::spawn(move || {
-            let mut cl: Option<Client> = None;
-            let mut n: i64 = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let Some(client) = cl.as_mut() else {
-                    cl = postgres::Client::connect(&conninfo, postgres::NoTls).ok();
-                    if cl.is_none() {
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    continue;
-                };
-                n += 1;
-                let id = (w as i64) << 32 | n;
-                let from = (id % ACCOUNTS as i64) as i32 + 1;
-                let to = ((id / 7) % ACCOUNTS as i64) as i32 + 1;
-                if from == to {
-                    continue;
-                }
-                let r = (|| {
-                    let mut t = client.transaction()?;
-                    t.execute("update bank set balance = balance - 1 where id = $1", &[&from])?;
-                    t.execute("update bank set balance = balance + 1 where id = $1", &[&to])?;
-                    t.execute("insert into ledger values ($1, 1)", &[&id])?;
-                    t.commit()
-                })();
-                match r {
-                    Ok(()) => acked.lock().unwrap().push(id),
-                    Err(e) if e.code().is_some_and(|c| ["40001", "40P01", "40003"].contains(&c.code())) => {}
-                    // The proxy or the session's node went away: reconnect.
-                    Err(_) => cl = None,
-                }
-            }
-        }));
-    }
-    let acked_count = || acked.lock().unwrap().len();
-    let wait_for_progress = |from: usize| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while acked_count() < from + 20 {
-            assert!(Instant::now() < deadline, "no progress: {} transfers acknowledged", acked_count());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for_progress(0);
+    let transfers = Transfers::start(&c, 6);
+    transfers.wait_for_progress();
     // The proxy dies in the middle of commits; a new one takes over.
     let pid = c.proxy().pid().expect("proxy running");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let bin = mtm_tests::workspace_bin("mtm-proxy");
     c.proxy().start(&bin).unwrap();
-    wait_for_progress(acked_count());
+    transfers.wait_for_progress();
     // A node dies in the middle of commits. Its gids prepared on the
     // others are finished by them, a majority, without it; then it comes
     // back.
@@ -892,27 +939,25 @@ fn kill_9_of_the_proxy_and_of_a_node_loses_no_acknowledged_commit() {
         }
     }
     c.node(2).start(&c.host).unwrap();
-    wait_for_progress(acked_count());
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().expect("a writer failed");
-    }
-    converge(&c, &["bank", "ledger"]);
-    // Prepared gids are finished by their home node's resolver.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !prepared(&c).iter().all(Vec::is_empty) {
-        assert!(Instant::now() < deadline, "prepared transactions left behind: {:?}", prepared(&c));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    converge(&c, &["bank", "ledger"]);
-    let acked = acked.lock().unwrap().clone();
-    for id in 1..=3 {
-        let mut cl = client(&c, id);
-        let sum: i64 = cl.query_one("select sum(balance)::bigint from bank", &[]).unwrap().get(0);
-        assert_eq!(sum, ACCOUNTS as i64 * 1000, "node{id}: the total changed");
-        let present: i64 = cl.query_one("select count(*) from ledger where id = any($1)", &[&acked]).unwrap().get(0);
-        assert_eq!(present as usize, acked.len(), "node{id}: an acknowledged transfer is missing");
-    }
+    transfers.wait_for_progress();
+    transfers.stop_and_check(&c);
+}
+
+/// Transfers through the proxy while a node is frozen (kill -STOP of all
+/// its processes) for several seconds, then thawed: commits resume,
+/// every node holds every acknowledged transfer and the same total, and
+/// the resolvers leave nothing prepared.
+#[test]
+fn kill_stop_of_a_node_under_load_loses_no_acknowledged_commit() {
+    let c = Arc::new(TestCluster::start(3));
+    c.reconfigure_proxy(|cfg| cfg.commit.vote_timeout = Duration::from_secs(2));
+    let transfers = Transfers::start(&c, 6);
+    transfers.wait_for_progress();
+    signal_node(&c, 2, "-STOP");
+    std::thread::sleep(Duration::from_secs(7));
+    signal_node(&c, 2, "-CONT");
+    transfers.wait_for_progress();
+    transfers.stop_and_check(&c);
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! rolls back one left merely prepared — also when the gid's home node is
 //! gone, by a majority of the others.
 
-use mtm_tests::cluster::{client, converge, nothing_prepared, proxy_client, schema, spread_sessions, sqlstate, wait_connected};
+use mtm_tests::cluster::{client, converge, nothing_prepared, proxy_client, schema, signal_node, spread_sessions, sqlstate, wait_connected};
 use mtmctl::testing::TestCluster;
 use postgres::Client;
 use std::collections::{BTreeMap, BTreeSet};
@@ -388,18 +388,6 @@ fn a_majority_finishes_the_gids_of_a_home_node_that_died() {
     let mut home = client(&c, 2);
     assert_eq!(logged(&mut home, "mtm-2-home-died-decided"), "committed");
     assert_eq!(logged(&mut home, "mtm-2-home-died-undecided"), "aborted");
-}
-
-/// Every process of node `id` (the postmaster and its children) gets
-/// `sig` (`-STOP` freezes the node: connections to it are accepted by the
-/// kernel and then never answered).
-fn signal_node(c: &TestCluster, id: usize, sig: &str) {
-    let pm = c.node(id).pid().expect("node running");
-    let children = std::process::Command::new("pgrep").args(["-P", &pm.to_string()]).output().unwrap();
-    for pid in String::from_utf8_lossy(&children.stdout).split_whitespace() {
-        signal(pid.parse().unwrap(), sig);
-    }
-    signal(pm, sig);
 }
 
 /// The same with the home node frozen (kill -STOP) instead of killed: the
