@@ -17,7 +17,7 @@
 //!   rolled back (nobody was asked to commit it), after promising so;
 //! - a peer's one still prepared here after a few seconds (its home node
 //!   died or was cut off), and its own precommitted ones: a round over
-//!   every node it can reach ([`majority_round`]) decides, with promises
+//!   every node it can reach ([`Nodes::round`]) decides, with promises
 //!   that no node breaks, so that two resolvers never decide differently.
 //!   A gid whose home node is alive and still at work is left alone.
 //!
