@@ -617,6 +617,8 @@ pub fn finish_prepared(peer: i32, gid: &str, commit: bool, end_lsn: u64, time: p
     exec::start_transaction_command();
     origin::set_session_progress(end_lsn, time);
     let here = crate::prepared_here(gid);
+    // How this node finished it, if it did before.
+    let mut finished_before = None;
     if here {
         crate::decisions::log(gid, if commit { State::Committed } else { State::Aborted });
         let c_gid = CString::new(gid).expect("gid without NUL");
@@ -626,11 +628,10 @@ pub fn finish_prepared(peer: i32, gid: &str, commit: bool, end_lsn: u64, time: p
         if commit && crate::votes::may_notify(gid) {
             crate::notify::deliver(gid);
         }
-    }
-    let finished_here = if here { None } else { crate::decisions::state(gid).filter(|s| s.finished()) };
-    if !here {
+    } else {
+        finished_before = crate::decisions::state(gid).filter(|s| s.finished());
         let what = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
-        match finished_here {
+        match finished_before {
             Some(state) if (state == State::Committed) != commit => warning!(
                 "multimaster: {what} {gid} from node {peer}, but this node {} it: the nodes disagree on it",
                 if commit { "rolled back" } else { "committed" }
@@ -640,7 +641,7 @@ pub fn finish_prepared(peer: i32, gid: &str, commit: bool, end_lsn: u64, time: p
     }
     exec::commit_transaction_command();
     crate::votes::forget(gid);
-    if commit && !here && finished_here != Some(State::Aborted) {
+    if commit && !here && finished_before != Some(State::Aborted) {
         // No COMMIT PREPARED record for our walsender to ack (it acks the
         // ones it decodes, `decoder.rs`): say it ourselves, so the
         // coordinator need not wait for its timeout.

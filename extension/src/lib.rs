@@ -142,6 +142,11 @@ pub fn prepared_at(gid: &str) -> Option<i64> {
     })
 }
 
+/// `text` as an SQL string literal (standard_conforming_strings on).
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// Whether `gid` is prepared on this node (inside a transaction).
 pub fn prepared_here(gid: &str) -> bool {
     prepared_at(gid).is_some()

@@ -194,27 +194,18 @@ pub fn finish_origin_of(peer: i32) -> pg_sys::RepOriginId {
     crate::pg::origin::origin_by_name(&std::ffi::CString::new(name).expect("no NUL"))
 }
 
-/// The receiver from `peer` heard from it just now.
-pub fn note_heard(peer: i32) {
-    if let Some(p) = usize::try_from(peer).ok().filter(|p| (1..=MAX_NODES).contains(p)) {
-        POOLS.get().peers[p].heard_at.store(crate::pg::latch::now(), Relaxed);
-    }
-}
-
 /// Whether the receiver from `peer` heard from it in the last `ms`
 /// milliseconds (a live peer answers its receiver's requests for a reply
 /// about once a second).
 pub fn heard_within(peer: i32, ms: i64) -> bool {
-    let Some(p) = usize::try_from(peer).ok().filter(|p| (1..=MAX_NODES).contains(p)) else { return false };
-    let at = POOLS.get().peers[p].heard_at.load(Relaxed);
+    let at = try_peer(peer).map_or(0, |pool| pool.heard_at.load(Relaxed));
     at != 0 && crate::pg::latch::now() - at < ms * 1000
 }
 
 /// Whether the receiver from `peer` has published its origins (it does
 /// before it applies anything).
 pub fn origins_published(peer: i32) -> bool {
-    let Ok(p) = usize::try_from(peer) else { return false };
-    (1..=MAX_NODES).contains(&p) && POOLS.get().peers[p].origins.iter().all(|o| o.load(Acquire) != 0)
+    try_peer(peer).is_some_and(|pool| pool.origins.iter().all(|o| o.load(Acquire) != 0))
 }
 
 /// The peer whose transactions this node applies (or finishes) under
@@ -279,13 +270,22 @@ pub fn lock_waiters() -> Vec<LockWait> {
 }
 
 /// The pool of `peer` (a node id, 1..=16).
-pub fn peer(peer: i32) -> &'static PeerPool {
-    let i = usize::try_from(peer).ok().filter(|&i| (1..=MAX_NODES).contains(&i));
-    let i = i.unwrap_or_else(|| error!("multimaster: node id {peer} is outside 1..{MAX_NODES}"));
-    &POOLS.get().peers[i]
+pub fn peer(id: i32) -> &'static PeerPool {
+    try_peer(id).unwrap_or_else(|| error!("multimaster: node id {id} is outside 1..{MAX_NODES}"))
+}
+
+/// The pool of `peer`, None for an id outside 1..=16.
+fn try_peer(peer: i32) -> Option<&'static PeerPool> {
+    let i = usize::try_from(peer).ok().filter(|&i| (1..=MAX_NODES).contains(&i))?;
+    Some(&POOLS.get().peers[i])
 }
 
 impl PeerPool {
+    /// The receiver from this peer heard from it just now.
+    pub fn note_heard(&self) {
+        self.heard_at.store(crate::pg::latch::now(), Relaxed);
+    }
+
     /// Whether the pool of `epoch` has stopped (failed, or replaced).
     pub fn stopped(&self, epoch: u64) -> bool {
         self.epoch.load(Acquire) != epoch || self.aborted.load(Acquire)

@@ -187,7 +187,7 @@ impl Receiver<'_> {
             let fd = match stream.receive() {
                 Received::Data(data) => {
                     self.last_heard = Instant::now();
-                    crate::pool::note_heard(self.peer);
+                    self.queues.pool().note_heard();
                     // Also while data keeps coming (a big transaction): the
                     // peer's walsender needs our replies to keep the link.
                     self.maybe_feedback();

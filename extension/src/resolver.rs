@@ -265,14 +265,14 @@ impl Nodes {
                 Err(e) => debug1!("multimaster: resolver cannot reach node {id}: {e}"),
             }
         }
-        Nodes { majority: nodes.len() / 2 + 1, peers }
+        Nodes { majority: mtm_state::decisions::majority(nodes.len()), peers }
     }
 
     /// Asks this node and every reachable one `want` about `gid`
     /// ([`answer`]); the answers of those that replied.
     fn ask(&self, gid: &str, want: &str) -> Vec<String> {
         let mut answers = vec![answer(gid, want).to_string()];
-        let Ok(sql) = std::ffi::CString::new(format!("SELECT mtm.resolve_gid({}, '{want}')", literal(gid))) else {
+        let Ok(sql) = std::ffi::CString::new(format!("SELECT mtm.resolve_gid({}, '{want}')", crate::quote_literal(gid))) else {
             return answers;
         };
         for (id, conn) in &self.peers {
@@ -296,17 +296,16 @@ impl Nodes {
     /// transaction.
     fn round(&self, gid: &str) -> Option<bool> {
         use mtm_state::decisions::{after_asking, after_promising, Next};
-        let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().join(",");
         let first = self.ask(gid, "ask");
-        match after_asking(&first.iter().map(String::as_str).collect::<Vec<_>>(), self.majority) {
+        match after_asking(&first, self.majority) {
             Next::Wait => None,
             Next::Finish(commit) => Some(commit),
             Next::Promise(want) => {
                 let question = if want == State::Precommitted { "precommit" } else { "preabort" };
                 let answers = self.ask(gid, question);
-                let decided = after_promising(&answers.iter().map(String::as_str).collect::<Vec<_>>(), want, self.majority);
+                let decided = after_promising(&answers, want, self.majority);
                 if decided.is_none() {
-                    debug1!("multimaster: resolver: no majority for {gid} yet (asked {}, then {question}: {})", strs(&first), strs(&answers));
+                    debug1!("multimaster: resolver: no majority for {gid} yet (asked {}, then {question}: {})", first.join(","), answers.join(","));
                 }
                 decided
             }
@@ -320,11 +319,6 @@ impl Nodes {
     }
 }
 
-/// `text` as an SQL string literal.
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 /// This node's answer to a resolver about `gid`: `ask` only reports,
 /// `precommit` / `preabort` promise that outcome unless this node
 /// promised (or did) the opposite. The answer is the state afterwards:
@@ -333,20 +327,21 @@ fn literal(text: &str) -> String {
 /// `notfound` or `forgotten` (finished here long ago, maybe: no promise). A promise is flushed before it is told. Inside a
 /// transaction.
 fn answer(gid: &str, want: &str) -> &'static str {
-    let me = crate::pg::catalog::as_superuser(|| Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self")).ok().flatten();
-    if me.is_some() && home_of(gid) == me && coordinated(gid) && want != "precommit" {
+    if want != "precommit" && home_of(gid) == Some(crate::votes::my_id()) && coordinated(gid) {
         return "busy";
     }
+    let state = crate::decisions::state(gid);
+    let unknown_here = state.is_none() && !crate::prepared_here(gid);
     let want = match want {
         "precommit" => State::Precommitted,
         "preabort" => State::Preaborted,
-        _ => return crate::decisions::state(gid).map_or(if crate::prepared_here(gid) { "prepared" } else { "notfound" }, State::as_str),
+        _ => return state.map_or(if unknown_here { "notfound" } else { "prepared" }, State::as_str),
     };
     // What is neither prepared nor logged here was never seen here, or
     // finished and trimmed from the log. Nothing is promised to commit
     // it; a promise to roll it back only if it cannot have been finished
     // here (it may have been committed).
-    if crate::decisions::state(gid).is_none() && !crate::prepared_here(gid) {
+    if unknown_here {
         if want == State::Precommitted {
             return "notfound";
         }

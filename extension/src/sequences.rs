@@ -111,8 +111,7 @@ fn setval_everywhere(seq: pg_sys::Oid, value: i64, is_called: bool) -> i64 {
         )
     });
     if let Ok(Some(name)) = name {
-        let literal = name.replace('\'', "''");
-        crate::ddl::send_statement(&format!("SELECT mtm.setval('{literal}'::regclass, {value}, {is_called})"));
+        crate::ddl::send_statement(&format!("SELECT mtm.setval({}::regclass, {value}, {is_called})", crate::quote_literal(&name)));
     }
     value
 }

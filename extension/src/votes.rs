@@ -324,7 +324,7 @@ fn peer_ids() -> Vec<i32> {
 
 /// This node's id: from shared memory once a receiver has started, else
 /// from `mtm.cluster_nodes`.
-fn my_id() -> i32 {
+pub(crate) fn my_id() -> i32 {
     match MY_NODE.get().load(Ordering::Relaxed) {
         0 => crate::pg::catalog::as_superuser(|| Spi::get_one::<i32>("SELECT id FROM mtm.cluster_nodes WHERE is_self")).ok().flatten().unwrap_or(0),
         me => me,
@@ -435,7 +435,7 @@ fn precommit(gid: &str, me: i32, peers: &[i32], timeout: std::time::Duration) ->
     if let Err(state) = crate::decisions::promise(gid, State::Precommitted) {
         return (false, me, Some("40001".into()), Some(format!("a resolver promised to roll back {gid} on node {me} ({})", state.as_str())));
     }
-    let majority = (peers.len() + 1) / 2 + 1;
+    let majority = mtm_state::decisions::majority(peers.len() + 1);
     let (need_yes, need_no) = (majority - 1, majority);
     if peers.is_empty() {
         return (true, me, None, None);
@@ -490,10 +490,10 @@ pub fn answer_precommit(coordinator: i32, gid: &str) {
     use mtm_state::decisions::State;
     // A precommit the stream replays after a restart, of a gid finished
     // here so long ago that the log trimmed it: nobody waits for it, and a
-    // promise would stay in the log, undecided, for good. (The look-up
-    // runs only for a gid that old, rarely.)
-    if crate::decisions::state(gid).is_none()
-        && crate::decisions::may_have_forgotten(gid)
+    // promise would stay in the log, undecided, for good. (The first test
+    // is a comparison, the look-ups run only for a gid that old, rarely.)
+    if crate::decisions::may_have_forgotten(gid)
+        && crate::decisions::state(gid).is_none()
         && !pgrx::bgworkers::BackgroundWorker::transaction(|| crate::prepared_here(gid))
     {
         return;

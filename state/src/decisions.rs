@@ -113,6 +113,11 @@ pub fn promise(current: Option<State>, want: State) -> Result<Option<State>, Sta
     }
 }
 
+/// How many of `nodes` nodes are a majority.
+pub fn majority(nodes: usize) -> usize {
+    nodes / 2 + 1
+}
+
 /// What a resolver's round does next, after asking every node it can
 /// reach about a gid (`answers`: each node's state, `busy` for a home
 /// node whose coordinator is at work, `prepared`, `notfound`).
@@ -133,8 +138,8 @@ pub enum Next {
 /// node voted yes, so the others may be asked to promise to commit it
 /// too; otherwise nobody can have committed it, and they are asked to
 /// promise to roll it back.
-pub fn after_asking(answers: &[&str], majority: usize) -> Next {
-    let any = |state: &str| answers.contains(&state);
+pub fn after_asking(answers: &[impl AsRef<str>], majority: usize) -> Next {
+    let any = |state: &str| answers.iter().any(|a| a.as_ref() == state);
     if any("busy") {
         Next::Wait
     } else if any(State::Committed.as_str()) {
@@ -153,9 +158,9 @@ pub fn after_asking(answers: &[&str], majority: usize) -> Next {
 /// Whether the answers to a request to promise `want` decide the gid:
 /// Some(commit) once `majority` nodes made that promise (or finished it
 /// that way).
-pub fn after_promising(answers: &[&str], want: State, majority: usize) -> Option<bool> {
+pub fn after_promising(answers: &[impl AsRef<str>], want: State, majority: usize) -> Option<bool> {
     let done = if want == State::Precommitted { State::Committed } else { State::Aborted };
-    let kept = answers.iter().filter(|&&a| a == want.as_str() || a == done.as_str()).count();
+    let kept = answers.iter().filter(|a| [want.as_str(), done.as_str()].contains(&a.as_ref())).count();
     (kept >= majority).then_some(want == State::Precommitted)
 }
 

@@ -331,6 +331,58 @@ fn the_resolver_commits_a_precommitted_orphan_and_rolls_back_an_undecided_one() 
     assert_eq!(logged(&mut client(&c, 1), "mtm-1-orphan-undecided"), "aborted");
 }
 
+/// On node 2, `<prefix>-decided`, which every node voted yes on and a
+/// majority promised to commit, and `<prefix>-undecided`, merely prepared;
+/// returns their coordinators (still connected) once nodes 1 and 3 hold
+/// both, the first precommitted.
+fn two_gids_on_node2(c: &TestCluster, prefix: &str) -> (Client, Client) {
+    let mut decided = client(c, 2);
+    decided.batch_execute(&format!("begin; insert into r values (1); prepare transaction '{prefix}-decided'")).unwrap();
+    let ok: bool = decided.query_one(&format!("select ok from mtm.await_votes('{prefix}-decided', 10000)"), &[]).unwrap().get(0);
+    assert!(ok, "every node voted yes and a majority promised to commit");
+    let mut undecided = client(c, 2);
+    undecided.batch_execute(&format!("begin; insert into r values (2); prepare transaction '{prefix}-undecided'")).unwrap();
+    for id in [1, 3] {
+        let mut cl = client(c, id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The undecided one reaches the peers: they voted yes on it too.
+        while cl.query_one("select count(*) from pg_prepared_xacts where gid like $1 || '-%'", &[&prefix]).unwrap().get::<_, i64>(0) < 2 {
+            assert!(Instant::now() < deadline, "node{id} did not prepare both gids");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let state: String = cl.query_one("select mtm.xact_state($1 || '-decided')", &[&prefix]).unwrap().get(0);
+        assert_eq!(state, "precommitted", "node{id} promised to commit it before its home node answered");
+    }
+    (decided, undecided)
+}
+
+/// Nodes 1 and 3 finish both gids of [`two_gids_on_node2`] within
+/// `within`, without node 2: the promised one committed, the other rolled
+/// back.
+fn finished_without_node2(c: &TestCluster, prefix: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    for id in [1, 3] {
+        let mut cl = client(c, id);
+        while cl.query_one("select count(*) from pg_prepared_xacts", &[]).unwrap().get::<_, i64>(0) > 0 {
+            assert!(Instant::now() < deadline, "node{id}: gids of node 2 still prepared");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let ids: Vec<i32> = cl.query("select id from r order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [1], "node{id}: the promised gid committed, the other rolled back");
+        assert_eq!(logged(&mut cl, &format!("{prefix}-decided")), "committed", "node{id}");
+        assert_eq!(logged(&mut cl, &format!("{prefix}-undecided")), "aborted", "node{id}");
+    }
+}
+
+/// Node 2, back, agrees with the others on both gids.
+fn node2_agrees(c: &TestCluster, prefix: &str) {
+    nothing_prepared(c, Duration::from_secs(15));
+    converge(c, &["r"]);
+    let mut home = client(c, 2);
+    assert_eq!(logged(&mut home, &format!("{prefix}-decided")), "committed");
+    assert_eq!(logged(&mut home, &format!("{prefix}-undecided")), "aborted");
+}
+
 /// The home node of two gids dies (kill -9) while their coordinators wait:
 /// one every node promised to commit, one merely prepared. The other two
 /// nodes are a majority: they finish both within seconds without it, the
@@ -341,40 +393,13 @@ fn a_majority_finishes_the_gids_of_a_home_node_that_died() {
     let c = TestCluster::start(3);
     schema(&c, "create extension pg_walinspect; create table r(id int primary key)");
     wait_connected(&c);
-    let mut decided = client(&c, 2);
-    decided.batch_execute("begin; insert into r values (1); prepare transaction 'mtm-2-home-died-decided'").unwrap();
-    let ok: bool = decided.query_one("select ok from mtm.await_votes('mtm-2-home-died-decided', 10000)", &[]).unwrap().get(0);
-    assert!(ok, "every node voted yes and a majority promised to commit");
-    let mut undecided = client(&c, 2);
-    undecided.batch_execute("begin; insert into r values (2); prepare transaction 'mtm-2-home-died-undecided'").unwrap();
     let start: Vec<String> = [1, 3].iter().map(|&id| client(&c, id).query_one("select pg_current_wal_lsn()::text", &[]).unwrap().get(0)).collect();
-    for id in [1, 3] {
-        let mut cl = client(&c, id);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // The undecided one reaches the peers: they voted yes on it too.
-        while cl.query_one("select count(*) from pg_prepared_xacts where gid like 'mtm-2-home-died-%'", &[]).unwrap().get::<_, i64>(0) < 2 {
-            assert!(Instant::now() < deadline, "node{id} did not prepare both gids");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let state: String = cl.query_one("select mtm.xact_state('mtm-2-home-died-decided')", &[]).unwrap().get(0);
-        assert_eq!(state, "precommitted", "node{id} promised to commit it before its home node answered");
-    }
+    let coordinators = two_gids_on_node2(&c, "mtm-2-home-died");
     // The coordinators are still connected: only the home node's death
     // leaves the gids behind.
     c.node(2).kill9();
-    drop((decided, undecided));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for id in [1, 3] {
-        let mut cl = client(&c, id);
-        while cl.query_one("select count(*) from pg_prepared_xacts", &[]).unwrap().get::<_, i64>(0) > 0 {
-            assert!(Instant::now() < deadline, "node{id}: gids of the dead node still prepared");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let ids: Vec<i32> = cl.query("select id from r order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(ids, [1], "node{id}: the promised gid committed, the other rolled back");
-        assert_eq!(logged(&mut cl, "mtm-2-home-died-decided"), "committed", "node{id}");
-        assert_eq!(logged(&mut cl, "mtm-2-home-died-undecided"), "aborted", "node{id}");
-    }
+    drop(coordinators);
+    finished_without_node2(&c, "mtm-2-home-died", Duration::from_secs(20));
     // The rollback was decided by promises, readable in the WAL.
     let preaborts: usize = [1, 3]
         .iter()
@@ -383,11 +408,7 @@ fn a_majority_finishes_the_gids_of_a_home_node_that_died() {
         .sum();
     assert!(preaborts >= 1, "the nodes promised to roll back the undecided gid");
     restart(&c, 2);
-    nothing_prepared(&c, Duration::from_secs(15));
-    converge(&c, &["r"]);
-    let mut home = client(&c, 2);
-    assert_eq!(logged(&mut home, "mtm-2-home-died-decided"), "committed");
-    assert_eq!(logged(&mut home, "mtm-2-home-died-undecided"), "aborted");
+    node2_agrees(&c, "mtm-2-home-died");
 }
 
 /// The same with the home node frozen (kill -STOP) instead of killed: the
@@ -398,41 +419,13 @@ fn a_majority_finishes_the_gids_of_a_frozen_home_node() {
     let c = TestCluster::start(3);
     schema(&c, "create table r(id int primary key)");
     wait_connected(&c);
-    let mut decided = client(&c, 2);
-    decided.batch_execute("begin; insert into r values (1); prepare transaction 'mtm-2-frozen-decided'").unwrap();
-    let ok: bool = decided.query_one("select ok from mtm.await_votes('mtm-2-frozen-decided', 10000)", &[]).unwrap().get(0);
-    assert!(ok);
-    let mut undecided = client(&c, 2);
-    undecided.batch_execute("begin; insert into r values (2); prepare transaction 'mtm-2-frozen-undecided'").unwrap();
-    for id in [1, 3] {
-        let mut cl = client(&c, id);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while cl.query_one("select count(*) from pg_prepared_xacts where gid like 'mtm-2-frozen-%'", &[]).unwrap().get::<_, i64>(0) < 2 {
-            assert!(Instant::now() < deadline, "node{id} did not prepare both gids");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    let coordinators = two_gids_on_node2(&c, "mtm-2-frozen");
     signal_node(&c, 2, "-STOP");
-    let outcome = std::panic::catch_unwind(|| {
-        let deadline = Instant::now() + Duration::from_secs(25);
-        for id in [1, 3] {
-            let mut cl = client(&c, id);
-            while cl.query_one("select count(*) from pg_prepared_xacts", &[]).unwrap().get::<_, i64>(0) > 0 {
-                assert!(Instant::now() < deadline, "node{id}: gids of the frozen node still prepared");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let ids: Vec<i32> = cl.query("select id from r order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-            assert_eq!(ids, [1], "node{id}: the promised gid committed, the other rolled back");
-        }
-    });
+    let outcome = std::panic::catch_unwind(|| finished_without_node2(&c, "mtm-2-frozen", Duration::from_secs(25)));
     signal_node(&c, 2, "-CONT");
     if let Err(e) = outcome {
         std::panic::resume_unwind(e);
     }
-    drop((decided, undecided));
-    nothing_prepared(&c, Duration::from_secs(15));
-    converge(&c, &["r"]);
-    let mut home = client(&c, 2);
-    assert_eq!(logged(&mut home, "mtm-2-frozen-decided"), "committed");
-    assert_eq!(logged(&mut home, "mtm-2-frozen-undecided"), "aborted");
+    drop(coordinators);
+    node2_agrees(&c, "mtm-2-frozen");
 }
