@@ -70,15 +70,26 @@ impl Coordinators {
     }
 }
 
+thread_local! {
+    /// Whether this process clears its slots as it exits.
+    static CLEARS_AT_EXIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// This backend prepares `gid` and will finish it.
 pub fn note_prepare(gid: &str) {
     let g = gid.as_bytes();
     if !gid.starts_with("mtm-") || g.len() > GID_MAX {
         return;
     }
+    // A slot outliving its backend would name a pid the kernel may give
+    // to another process, which would pass for the gid's coordinator and
+    // keep the resolver away from it.
+    if !CLEARS_AT_EXIT.replace(true) {
+        crate::pg::proc::at_exit(forget_my_gids);
+    }
     let me = crate::pg::bgworker::my_pid();
     let mut t = COORDINATORS.exclusive();
-    let i = t.find(g).or_else(|| t.slots.iter().position(|s| s.pid == 0 || !crate::pid_alive(s.pid)));
+    let i = t.find(g).or_else(|| t.slots.iter().position(|s| s.pid == 0));
     // A full table only means the resolver may roll back a gid whose
     // coordinator is slow, which that coordinator then reports (40003).
     if let Some(i) = i {
@@ -117,9 +128,19 @@ pub fn note_finished(gid: &str) {
     }
 }
 
+/// This process exits: it coordinates nothing any more.
+fn forget_my_gids() {
+    let me = crate::pg::bgworker::my_pid();
+    let mut t = COORDINATORS.exclusive();
+    for s in t.slots.iter_mut().filter(|s| s.pid == me) {
+        s.pid = 0;
+    }
+}
+
+/// Whether a live backend of this node coordinates `gid` (slots are
+/// cleared as their backend exits, see [`note_prepare`]).
 fn coordinated(gid: &str) -> bool {
-    let t = COORDINATORS.share();
-    t.find(gid.as_bytes()).is_some_and(|i| crate::pid_alive(t.slots[i].pid))
+    COORDINATORS.share().find(gid.as_bytes()).is_some()
 }
 
 /// How long a peer's gid stays prepared here before this node's resolver
@@ -224,10 +245,6 @@ fn decide_here(gid: &str, own: bool) -> Result<Option<bool>, ()> {
     })
 }
 
-/// How recently the receiver from a node must have heard from it for
-/// the resolver to ask it.
-const HEARD_WITHIN_MS: i64 = 3000;
-
 /// How long the resolver waits for a node to connect, or to answer one
 /// question: libpqwalreceiver has no timeout of its own for either.
 const ASK_TIMEOUT_MS: i32 = 3000;
@@ -253,7 +270,7 @@ impl Nodes {
         let mut peers = Vec::new();
         // Only nodes heard from lately: libpqwalreceiver's connect waits
         // without a timeout of its own, forever for a frozen node.
-        for (id, conninfo) in nodes.iter().filter(|(id, _)| *id != me && crate::pool::heard_within(*id, HEARD_WITHIN_MS)) {
+        for (id, conninfo) in nodes.iter().filter(|(id, _)| *id != me && crate::pool::heard_within(*id, crate::pool::REACHABLE_WITHIN_MS)) {
             let Ok(conninfo) = std::ffi::CString::new(conninfo.as_str()) else { continue };
             // An ERROR in the connect (the node died just after it
             // accepted) must not end the launcher.

@@ -114,6 +114,24 @@ pub fn set_latch_of(procno: i32) {
     unsafe { pg_sys::SetLatch(&raw mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch) };
 }
 
+/// Runs `f` as this process exits normally or after an ERROR or FATAL
+/// (PostgreSQL's `before_shmem_exit`, shared memory still attached). A
+/// crash resets shared memory, so what `f` cleans up there is gone anyway.
+pub fn at_exit(f: fn()) {
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn call(_code: std::ffi::c_int, arg: pg_sys::Datum) {
+        // SAFETY: `arg` is the `fn()` that at_exit registered, as a
+        // pointer-sized integer; fn pointers and usize have the same size.
+        let f = unsafe { std::mem::transmute::<usize, fn()>(arg.value()) };
+        f();
+    }
+    // SAFETY: registers a callback that lives for the program's life (a
+    // plain function) with a pointer-sized argument; pgrx's binding is
+    // guarded, so the ERROR raised when the list is full does not unwind
+    // over Rust frames.
+    unsafe { pg_sys::before_shmem_exit(Some(call), pg_sys::Datum::from(f as usize)) }
+}
+
 /// Sends SIGINT to process `pid` of this server: what pg_cancel_backend
 /// sends, ending the statement it runs with 57014.
 pub fn cancel(pid: i32) {
