@@ -194,12 +194,23 @@ pub fn finish_origin_of(peer: i32) -> pg_sys::RepOriginId {
     crate::pg::origin::origin_by_name(&std::ffi::CString::new(name).expect("no NUL"))
 }
 
+/// How long a peer may stay silent and still count as reachable: a live
+/// peer answers its receiver's requests for a reply about once a second,
+/// so three missed answers mean it is down, frozen or cut off.
+pub const REACHABLE_WITHIN_MS: i64 = 3000;
+
 /// Whether the receiver from `peer` heard from it in the last `ms`
-/// milliseconds (a live peer answers its receiver's requests for a reply
-/// about once a second).
+/// milliseconds.
 pub fn heard_within(peer: i32, ms: i64) -> bool {
+    silent_for_ms(peer).is_some_and(|silent| silent < ms)
+}
+
+/// For how many milliseconds the receiver from `peer` has heard nothing
+/// from it; None when it never heard from it since this server started
+/// (its receiver has not connected yet: nothing is known).
+pub fn silent_for_ms(peer: i32) -> Option<i64> {
     let at = try_peer(peer).map_or(0, |pool| pool.heard_at.load(Relaxed));
-    at != 0 && crate::pg::latch::now() - at < ms * 1000
+    (at != 0).then(|| (crate::pg::latch::now() - at) / 1000)
 }
 
 /// Whether the receiver from `peer` has published its origins (it does

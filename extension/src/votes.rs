@@ -356,9 +356,10 @@ impl Drop for Awaiting<'_> {
 
 /// Waits up to `timeout_ms` for every peer's vote on `gid`, prepared on
 /// this node. `ok` is true when all voted yes; otherwise `node` is the
-/// peer that voted no (with its SQLSTATE and message) or that did not
-/// vote in time (SQLSTATE 40001, "did not vote"), or this node if `gid`
-/// is not prepared here.
+/// peer that voted no (with its SQLSTATE and message), that did not
+/// vote in time (SQLSTATE 40001, "did not vote") or that its receiver
+/// has not heard from for [`crate::pool::REACHABLE_WITHIN_MS`] (SQLSTATE
+/// 08006, "unreachable"), or this node if `gid` is not prepared here.
 #[pg_extern]
 fn await_votes(
     gid: &str,
@@ -389,6 +390,17 @@ fn await_votes(
             // older conflicting transaction, `crate::conflicts`).
             Outcome::No { node, sqlstate, message } => (false, node, Some(sqlstate), Some(message)),
             Outcome::Pending { missing } => {
+                // A peer that went silent cannot vote (its votes come over
+                // its own stream): fail now rather than hold the
+                // transaction's locks for the whole timeout.
+                if let Some((node, silent)) = missing.iter().find_map(|&p| unreachable(p).map(|ms| (p, ms))) {
+                    return TableIterator::once((
+                        false,
+                        node,
+                        Some("08006".into()),
+                        Some(format!("node {node} is unreachable: node {me} has heard nothing from it for {:.1} s", silent as f64 / 1000.0)),
+                    ));
+                }
                 let now = std::time::Instant::now();
                 if now >= next_look {
                     next_look = now + PROGRESS_LOOK_EVERY;
@@ -414,6 +426,12 @@ fn await_votes(
         };
         return TableIterator::once(row);
     }
+}
+
+/// How long `peer` has been silent, if long enough to count as
+/// unreachable.
+fn unreachable(peer: i32) -> Option<i64> {
+    crate::pool::silent_for_ms(peer).filter(|&ms| ms >= crate::pool::REACHABLE_WITHIN_MS)
 }
 
 /// `await_votes`' row: ok, the node that decided otherwise, its SQLSTATE

@@ -191,6 +191,14 @@ pub fn read_votes(gid: &str, replies: &[Reply]) -> Votes {
             PgError::error("40003", format!("the outcome of the transaction is not known yet: {}", message.clone().unwrap_or_default()))
                 .with_hint("A majority of the nodes decides it within seconds of being reachable; check the data before retrying."),
         ),
+        // Until nodes can be voted out, a write needs every node.
+        Some([_, Some(node), Some(sqlstate), message]) if sqlstate.starts_with("08") => Votes::Refused(
+            PgError::error(
+                "40001",
+                format!("could not serialize access: the transaction was rolled back because node {node} cannot vote on it: {}", message.clone().unwrap_or_default()),
+            )
+            .with_hint(format!("Every node of the cluster must vote on a write; retry once node {node} is back (reads work meanwhile).")),
+        ),
         Some([_, node, sqlstate, message]) => {
             let node = node.clone().unwrap_or_default();
             let sqlstate = sqlstate.clone().unwrap_or_default();
@@ -282,5 +290,10 @@ mod tests {
         assert!(matches!(read_votes("g", &[]), Votes::Refused(_)));
         let undecided = read_votes("g", &[row(&[Some("f"), Some("2"), Some("40003"), Some("a majority did not confirm")])]);
         assert!(matches!(undecided, Votes::Undecided(e) if e.code == "40003" && e.message.contains("a majority did not confirm")));
+        let Votes::Refused(e) = read_votes("g", &[row(&[Some("f"), Some("3"), Some("08006"), Some("node 3 is unreachable")])]) else {
+            panic!()
+        };
+        assert_eq!(e.code, "40001");
+        assert!(e.message.contains("node 3 cannot vote") && e.hint.as_deref().is_some_and(|h| h.contains("once node 3 is back")), "{e:?}");
     }
 }

@@ -960,6 +960,47 @@ fn kill_stop_of_a_node_under_load_loses_no_acknowledged_commit() {
     transfers.stop_and_check(&c);
 }
 
+/// With a node down, a write cannot collect every node's vote: it is
+/// rolled back with 40001 naming the node as unreachable (not "did not
+/// vote within the timeout", which would have held its locks for the
+/// whole vote timeout), reads go on, and writes work again once the node
+/// is back.
+#[test]
+fn a_write_while_a_node_is_down_names_it_unreachable_and_works_once_it_is_back() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table down(id int primary key)");
+    c.node(2).kill9();
+    // The session may land on any live node; the first write waits until
+    // node 2 has been silent long enough to count as unreachable.
+    let mut s = proxy_client(&c);
+    let e = s.batch_execute("insert into down values (1)").expect_err("a write without node 2's vote");
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(db.code().code(), "40001", "{db:?}");
+    assert!(db.message().contains("node 2 cannot vote") && db.message().contains("unreachable"), "{db:?}");
+    assert!(db.hint().is_some_and(|h| h.contains("once node 2 is back")), "{db:?}");
+    // Later writes are refused the same way, and reads still work.
+    for i in 2..5 {
+        let e = s.batch_execute(&format!("insert into down values ({i})")).expect_err("a write without node 2's vote");
+        assert!(e.as_db_error().is_some_and(|d| d.message().contains("node 2 cannot vote")), "{e:?}");
+    }
+    let n: i64 = s.query_one("select count(*) from down", &[]).unwrap().get(0);
+    assert_eq!(n, 0);
+    c.node(2).start(&c.host).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut s = proxy_client(&c);
+    while let Err(e) = s.batch_execute("insert into down values (10)") {
+        assert!(Instant::now() < deadline, "no write succeeded after node 2 came back: {e:?}");
+        std::thread::sleep(Duration::from_millis(200));
+        s = proxy_client(&c);
+    }
+    converge(&c, &["down"]);
+    for id in 1..=3 {
+        let ids: Vec<i32> = client(&c, id).query("select id from down", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, vec![10], "node{id}");
+    }
+    no_gid_left(&c);
+}
+
 #[test]
 fn writes_on_a_node_directly_are_refused_unless_a_superuser_allows_them() {
     let c = TestCluster::start(3);
