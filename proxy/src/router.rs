@@ -126,7 +126,14 @@ impl Router {
                     Some(candidates[k % candidates.len()])
                 }
             }
-            Policy::LeastSessions => candidates.iter().copied().min_by_key(|i| self.nodes[*i].sessions()),
+            // Ties in turn: sessions opened one after another (each closed
+            // before the next) spread over the nodes too.
+            Policy::LeastSessions => {
+                let least = candidates.iter().map(|i| self.nodes[*i].sessions()).min()?;
+                let tied: Vec<usize> = candidates.iter().copied().filter(|i| self.nodes[*i].sessions() == least).collect();
+                let k = self.next.fetch_add(1, Ordering::Relaxed);
+                Some(tied[k % tied.len()])
+            }
         }?;
         let node = self.nodes[chosen].clone();
         node.sessions.fetch_add(1, Ordering::Relaxed);
@@ -172,6 +179,21 @@ mod tests {
         let (d, _l4) = r.pick(&[], &cfg.routing).unwrap();
         assert_ne!(d, 0);
         assert!(r.pick(&[1, 2], &cfg.routing).is_none());
+    }
+
+    #[test]
+    fn least_sessions_takes_turns_between_equally_loaded_nodes() {
+        let cfg = config("least_sessions");
+        let r = Router::new(&cfg);
+        // Each session ends before the next starts: every node is at 0.
+        let picks: Vec<usize> = (0..6).map(|_| r.pick(&[], &cfg.routing).unwrap().0).collect();
+        let mut first = picks[..3].to_vec();
+        first.sort();
+        assert_eq!(first, vec![0, 1, 2], "{picks:?}");
+        assert_eq!(picks[..3], picks[3..], "{picks:?}");
+        // A busier node is skipped while the others are less loaded.
+        let _held = r.lease(0);
+        assert!((0..4).all(|_| r.pick(&[], &cfg.routing).unwrap().0 != 0));
     }
 
     #[test]

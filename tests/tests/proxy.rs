@@ -404,6 +404,11 @@ fn routing_spreads_sessions_and_refuses_clearly_when_no_node_is_up() {
     let pb: i32 = b.query_one("select current_setting('port')::int", &[]).unwrap().get(0);
     assert_ne!(pa, pb);
     drop((a, b));
+    // Sessions one after another (psql runs, a script's connections) take
+    // turns too, rather than all landing on the first node.
+    let ports: std::collections::BTreeSet<String> =
+        (0..4).map(|_| psql_ok(port, "select current_setting('port')")).collect();
+    assert_eq!(ports.len(), 2, "{ports:?}");
 
     c.node(1).stop(&c.host, "immediate").unwrap();
     c.node(2).stop(&c.host, "immediate").unwrap();
