@@ -1,0 +1,731 @@
+//! The driver: reads the client, cuts its messages into units, and
+//! decides how each runs on the node (as sent, wrapped in a transaction
+//! of the proxy's, or ended by the cluster's commit in [`super::two_phase`]).
+
+use super::*;
+
+
+/// How an extended-protocol unit (messages up to a Sync) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum UnitMode {
+    Plain,
+    /// The node failed a message of the unit before the proxy's Sync:
+    /// PostgreSQL would skip the rest up to the client's Sync, so do we.
+    Discard,
+    /// In a transaction the proxy opened: the proxy commits it at the Sync.
+    Wrapped,
+    /// Contains the COMMIT of a transaction that wrote: the proxy runs the
+    /// two-phase commit in its place.
+    CommitInside,
+}
+
+/// The extended unit under way.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unit {
+    pub(super) mode: UnitMode,
+    /// Messages of the unit already passed on.
+    pub(super) sent: bool,
+    /// How it runs was decided from an Execute it contains.
+    pub(super) decided: bool,
+}
+
+/// A unit whose end the proxy finishes itself.
+pub(super) struct Pending {
+    pub(super) rx: oneshot::Receiver<Held>,
+    pub(super) kind: PendingKind,
+}
+
+pub(super) enum PendingKind {
+    /// An autocommit unit wrapped in the proxy's transaction.
+    Autocommit,
+    /// The client's `PREPARE TRANSACTION 'gid'` of a transaction that wrote.
+    Prepare(String),
+    /// The statements of a `…; COMMIT` Query before its COMMIT: the proxy
+    /// commits after them, then runs the rest of the Query if any.
+    CommitAfter(Option<String>),
+    /// The same with no transaction open before them: they run in one of
+    /// the proxy's, as PostgreSQL runs them in an implicit one.
+    ImplicitCommitAfter(Option<String>),
+    /// The statements of a `…; PREPARE TRANSACTION 'gid'` Query before
+    /// it: the proxy prepares and collects the votes after them, then runs
+    /// the rest if any.
+    PrepareAfter { gid: String, rest: Option<String> },
+    /// The statements of a `…; COMMIT AND CHAIN` Query before it: the
+    /// proxy commits and chains after them, then runs the rest if any.
+    ChainAfter(Option<String>),
+    /// The part of a Query through a transaction end the node runs
+    /// itself: the rest of the Query follows unless the part failed.
+    Then(String),
+}
+
+pub(super) struct Driver<'a, SW, CW> {
+    pub(super) sw: SW,
+    pub(super) link: &'a Link<CW>,
+    pub(super) ctx: &'a PumpCtx<'a>,
+    pub(super) reader: FrameReader,
+    /// Bytes for the node, written at the end of a batch or before a wait.
+    pub(super) out: BytesMut,
+    /// What each prepared statement / portal (by name) executes. Fx
+    /// hashing: the names come from this session's own client, so a
+    /// client that picks colliding names slows only itself.
+    pub(super) statements: HashMap<Vec<u8>, Intent>,
+    pub(super) portals: HashMap<Vec<u8>, Intent>,
+    /// The extended unit being passed on (no Sync yet).
+    pub(super) unit: Option<Unit>,
+    pub(super) pending: Option<Pending>,
+    /// The session timer ([`Self::rearm`]): idle timeout and reload
+    /// re-check. One timer for the session's life, reset only when it
+    /// fires.
+    pub(super) wake: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+pub(super) enum Input {
+    Batch(Batch),
+    Held(Held),
+    /// The start of a CopyData message too big to buffer, and how many of
+    /// its bytes are still to come from the client.
+    Stream(BytesMut, usize),
+}
+
+impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
+    pub(super) async fn run<CR: AsyncRead + Unpin>(&mut self, mut cr: CR) -> End {
+        if let Err(end) = self.rearm() {
+            return end;
+        }
+        loop {
+            let step = match self.next_input(&mut cr).await {
+                Ok(Input::Batch(b)) => self.batch(b).await,
+                Ok(Input::Held(h)) => self.finish(h).await,
+                Ok(Input::Stream(head, remaining)) => self.stream(head, remaining, &mut cr).await,
+                Err(end) => Err(end),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    pub(super) fn status(&self) -> u8 {
+        self.link.status.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn wrote(&self) -> bool {
+        self.link.wrote.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn expect(&self, e: Expect) {
+        self.link.queue().push_back(e);
+    }
+
+    pub(super) fn expect_hold(&self, hold_complete: bool) -> oneshot::Receiver<Held> {
+        let (tx, rx) = oneshot::channel();
+        self.expect(Expect::Hold { hold_complete, tx });
+        rx
+    }
+
+    /// Writes what is queued for the node.
+    pub(super) async fn send(&mut self) -> Result<(), End> {
+        if !self.out.is_empty() {
+            self.sw.write_all(&self.out).await.map_err(|_| End::ServerIo)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Waits until the node has answered everything sent, so the
+    /// transaction status and `wrote` are exact.
+    pub(super) async fn drain(&mut self) -> Result<(), End> {
+        self.send().await?;
+        loop {
+            let progressed = self.link.progressed.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            if self.link.queue().is_empty() {
+                return Ok(());
+            }
+            progressed.await;
+        }
+    }
+
+    /// Runs the proxy's own statements (pipelined) and returns the answers.
+    pub(super) async fn own(&mut self, sqls: &[&str]) -> Result<Vec<Vec<Reply>>, End> {
+        let mut rxs = Vec::with_capacity(sqls.len());
+        for sql in sqls {
+            let (tx, rx) = oneshot::channel();
+            self.expect(Expect::Capture(tx));
+            self.out.extend_from_slice(&commit::own_unit(sql));
+            rxs.push(rx);
+        }
+        self.send().await?;
+        let mut answers = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            answers.push(rx.await.map_err(|_| End::ServerClosed)?);
+        }
+        Ok(answers)
+    }
+
+    /// The next client batch, or the held end of a pending unit, whichever
+    /// comes first; closes an idle session after `client_idle_timeout`.
+    pub(super) async fn next_input<CR: AsyncRead + Unpin>(&mut self, cr: &mut CR) -> Result<Input, End> {
+        loop {
+            let read = self.reader.next_read(cr);
+            // Biased (no random branch order drawn on every read): the
+            // pending unit's end, then the timer, so that a client that
+            // always has data ready still meets it, then the client.
+            let result = match &mut self.pending {
+                Some(p) => tokio::select! {
+                    biased;
+                    held = &mut p.rx => return Ok(Input::Held(held.unwrap_or_default())),
+                    () = self.wake.as_mut() => None,
+                    r = read => Some(r),
+                },
+                None => tokio::select! {
+                    biased;
+                    () = self.wake.as_mut() => None,
+                    r = read => Some(r),
+                },
+            };
+            match result {
+                None => self.rearm()?,
+                Some(Ok(Some(Read::Batch(b)))) => return Ok(Input::Batch(b)),
+                Some(Ok(Some(Read::Stream { head, remaining }))) => return Ok(Input::Stream(head, remaining)),
+                Some(Ok(None)) => return Err(End::ClientClosed),
+                Some(Err(FrameIoError::Frame(e))) => return Err(End::ClientProtocol(e)),
+                Some(Err(FrameIoError::Io(_))) => return Err(End::ClientIo),
+            }
+        }
+    }
+
+    /// At the session timer: takes the configuration again (so RELOAD
+    /// reaches open sessions within [`RECHECK`]), ends a session idle for
+    /// `client_idle_timeout`, and sets the timer's next deadline. Only the
+    /// timer looks at the clock and the configuration, not every read: a
+    /// session that becomes idle is closed exactly when its idle time is
+    /// up, because the timer never sleeps past that moment (at most
+    /// `min(timeout, RECHECK)` while busy, then to the exact end).
+    pub(super) fn rearm(&mut self) -> Result<(), End> {
+        let limit = {
+            let live = self.ctx.shared.live.load();
+            self.reader.set_max_message_size(live.config.limits.max_message_size);
+            live.config.limits.client_idle_timeout
+        };
+        let wait = match self.ctx.tracker.idle_since() {
+            Some(since) if !limit.is_zero() => limit.saturating_sub(since.elapsed()),
+            _ if !limit.is_zero() => limit.min(RECHECK),
+            _ => RECHECK,
+        };
+        if !limit.is_zero() && wait.is_zero() && self.pending.is_none() {
+            return Err(End::IdleTimeout);
+        }
+        let wait = wait.clamp(Duration::from_millis(1), RECHECK);
+        self.wake.as_mut().reset(tokio::time::Instant::now() + wait);
+        Ok(())
+    }
+
+    /// A message too big to buffer (`net::frame::Read::Stream`): decided
+    /// on from its start, then passed to the node as it arrives, through a
+    /// fixed buffer. CopyData belongs to the running COPY, so it does not
+    /// wait for a pending unit; a Query, Parse, Bind or FunctionCall starts
+    /// or continues a unit like a whole one ([`Self::large_query`],
+    /// [`Self::extended`], [`Self::function_call`]).
+    pub(super) async fn stream<CR: AsyncRead + Unpin>(&mut self, head: BytesMut, mut remaining: usize, cr: &mut CR) -> Result<(), End> {
+        let total = (head.len() + remaining) as u64;
+        self.ctx.bytes_in.increment(total);
+        self.ctx.shared.totals.bytes_in.fetch_add(total, Ordering::Relaxed);
+        let tag = head[0];
+        if tag != b'd' {
+            self.finish_pending().await?;
+        }
+        let forward = match tag {
+            b'd' => {
+                self.out.extend_from_slice(&head);
+                true
+            }
+            b'Q' => {
+                self.large_query(&head).await?;
+                true
+            }
+            b'F' => {
+                self.function_call(&head).await;
+                true
+            }
+            _ => {
+                let batch = Batch { frames: vec![FrameRef { tag, start: 0, len: head.len() }], bytes: head };
+                self.extended(&batch, 0, false).await?;
+                // A unit the node already failed skips the message, as
+                // PostgreSQL would.
+                self.unit.map(|u| u.mode) != Some(UnitMode::Discard)
+            }
+        };
+        self.send().await?;
+        let mut buf = vec![0u8; 64 * 1024];
+        while remaining > 0 {
+            let want = remaining.min(buf.len());
+            let n = cr.read(&mut buf[..want]).await.map_err(|_| End::ClientIo)?;
+            if n == 0 {
+                // The node sees its connection end inside the message.
+                return Err(End::ClientIo);
+            }
+            if forward {
+                self.sw.write_all(&buf[..n]).await.map_err(|_| End::ServerIo)?;
+            }
+            remaining -= n;
+        }
+        Ok(())
+    }
+
+    /// A FunctionCall (whole, or the start of one streamed after it):
+    /// passed on as it is, a unit of its own.
+    pub(super) async fn function_call(&mut self, raw: &[u8]) {
+        self.ctx.tracker.before_send(1).await;
+        self.expect(Expect::Forward);
+        self.out.extend_from_slice(raw);
+    }
+
+    /// A new unit waits until the pending one is finished.
+    pub(super) async fn finish_pending(&mut self) -> Result<(), End> {
+        if self.pending.is_some() {
+            self.send().await?;
+            let held = match self.pending.as_mut() {
+                Some(p) => (&mut p.rx).await.unwrap_or_default(),
+                None => Held::default(),
+            };
+            self.finish(held).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the Query `raw` (whole, or the start of one streamed after
+    /// it) in a transaction of the proxy's: the proxy finishes it when the
+    /// node's ReadyForQuery comes back ([`Self::finish`]).
+    pub(super) fn wrap_autocommit(&mut self, raw: &[u8]) {
+        self.begin_own_transaction();
+        self.send_pending(raw, true, PendingKind::Autocommit);
+    }
+
+    /// Opens a transaction of the proxy's in front of the next unit (its
+    /// answer is not the client's).
+    pub(super) fn begin_own_transaction(&mut self) {
+        self.out.extend_from_slice(&commit::own_statement("BEGIN"));
+        self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
+    }
+
+    /// Sends `raw` as a unit the proxy ends itself ([`Self::finish`], as
+    /// `kind` says) once the node's ReadyForQuery comes back.
+    pub(super) fn send_pending(&mut self, raw: &[u8], hold_complete: bool, kind: PendingKind) {
+        let rx = self.expect_hold(hold_complete);
+        self.out.extend_from_slice(raw);
+        self.pending = Some(Pending { rx, kind });
+    }
+
+    /// A simple-protocol Query too big to buffer, decided on from its
+    /// start (`head`, at least `net::frame::STREAM_HEAD` bytes). Whether it
+    /// writes cannot be told from a part, so it runs as if it may: in a
+    /// transaction of the proxy's when none is open, committed by the
+    /// cluster's commit if it wrote. One that starts with transaction
+    /// control is passed on as it is; a COMMIT further inside a string
+    /// that big is not seen, and the node refuses it if the transaction
+    /// wrote (SQLSTATE 0A000, nothing committed).
+    pub(super) async fn large_query(&mut self, head: &[u8]) -> Result<(), End> {
+        let text = text_prefix(&head[5..]);
+        self.start_query(text).await;
+        if head_intent(text) == Intent::Write {
+            self.drain().await?;
+            if self.status() == b'I' {
+                self.wrap_autocommit(head);
+                return Ok(());
+            }
+        }
+        self.expect(Expect::Forward);
+        self.out.extend_from_slice(head);
+        Ok(())
+    }
+
+    pub(super) async fn batch(&mut self, batch: Batch) -> Result<(), End> {
+        self.ctx.bytes_in.increment(batch.bytes.len() as u64);
+        self.ctx.shared.totals.bytes_in.fetch_add(batch.bytes.len() as u64, Ordering::Relaxed);
+        for (i, f) in batch.frames.iter().enumerate() {
+            let raw = &batch.bytes[f.start..f.start + f.len];
+            let body = batch.body(f);
+            // COPY data belongs to the running unit; anything else starts
+            // a new one, which must wait until the pending one is finished.
+            if !matches!(f.tag, b'd' | b'c' | b'f') {
+                self.finish_pending().await?;
+            }
+            match f.tag {
+                b'Q' => self.query(raw, body).await?,
+                b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.extended(&batch, i, true).await?,
+                b'S' => self.sync(raw).await?,
+                b'F' => self.function_call(raw).await,
+                b'X' => {
+                    self.out.extend_from_slice(raw);
+                    self.send().await?;
+                    return Err(End::ClientTerminated);
+                }
+                _ => self.out.extend_from_slice(raw),
+            }
+        }
+        self.send().await
+    }
+
+    pub(super) fn count_statement(&self, sql: &str, executes: bool) {
+        let class = self.ctx.shared.live.load().classifier.classify(sql);
+        self.ctx.queries_by_class[class as usize].increment(1);
+        self.ctx.shared.totals.by_class[class as usize].fetch_add(1, Ordering::Relaxed);
+        if executes {
+            self.count_query();
+        }
+    }
+
+    pub(super) fn count_query(&self) {
+        self.ctx.tracker.info.queries.fetch_add(1, Ordering::Relaxed);
+        self.ctx.shared.totals.queries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What every simple-protocol Query does first, whole or streamed:
+    /// count it, pass the pause gate, and forget the unnamed statement and
+    /// portal, which a Query replaces.
+    pub(super) async fn start_query(&mut self, sql: &str) {
+        self.count_statement(sql, true);
+        self.ctx.tracker.before_send(1).await;
+        self.statements.remove(&b""[..]);
+        self.portals.remove(&b""[..]);
+    }
+
+    /// A simple-protocol Query.
+    pub(super) async fn query(&mut self, raw: &[u8], body: &[u8]) -> Result<(), End> {
+        let sql = query_text(body).map_err(End::ClientProtocol)?;
+        self.start_query(sql).await;
+        self.query_string(raw, sql).await
+    }
+
+    /// The SQL of a Query (`raw`, the whole message): run part by part
+    /// when a COMMIT or ROLLBACK inside it ends a transaction that more
+    /// statements follow.
+    pub(super) async fn query_string(&mut self, raw: &[u8], sql: &str) -> Result<(), End> {
+        match crate::classify::split_after_transaction_end(sql) {
+            Some((first, rest)) => self.query_part(&own_query(first), first, Some(rest.to_string())).await,
+            None => self.query_part(raw, sql, None).await,
+        }
+    }
+
+    /// A Query, or the part of one through its first transaction end
+    /// when `rest` follows it: the rest is run once this part has ended
+    /// without an error ([`Self::then`]), as PostgreSQL runs the rest of
+    /// a string.
+    pub(super) async fn query_part(&mut self, raw: &[u8], sql: &str, rest: Option<String>) -> Result<(), End> {
+        if let Some(head) = crate::classify::strip_trailing_commit(sql) {
+            // `…; COMMIT` in one string: run what comes before the COMMIT,
+            // then commit as for a COMMIT of its own.
+            self.drain().await?;
+            if self.status() == b'T' || crate::classify::opens_transaction_anywhere(head) {
+                self.send_pending(&own_query(head), false, PendingKind::CommitAfter(rest));
+                return Ok(());
+            }
+            if self.status() == b'I' {
+                // No transaction open: PostgreSQL runs the statements in
+                // an implicit one, which the COMMIT commits with a warning.
+                self.begin_own_transaction();
+                self.send_pending(&own_query(head), false, PendingKind::ImplicitCommitAfter(rest));
+                return Ok(());
+            }
+        }
+        if let Some(head) = crate::classify::strip_trailing_commit_and_chain(sql) {
+            // `…; COMMIT AND CHAIN` in one string (or the part of one
+            // through it): the cluster's commit, then the chain, as for
+            // one of its own.
+            self.drain().await?;
+            if !head.is_empty() && (self.status() == b'T' || crate::classify::opens_transaction_anywhere(head)) {
+                self.send_pending(&own_query(head), false, PendingKind::ChainAfter(rest));
+                return Ok(());
+            }
+            if head.is_empty() && rest.is_some() && self.status() == b'T' {
+                return self.chain_then(rest).await;
+            }
+        }
+        if let Some((head, gid)) = crate::classify::strip_trailing_prepare(sql) {
+            // `…; PREPARE TRANSACTION 'gid'` in one string: the client's
+            // own two-phase commit, voted on as for a statement of its own.
+            self.drain().await?;
+            if self.status() == b'T' || crate::classify::opens_transaction_anywhere(head) {
+                self.send_pending(&own_query(head), false, PendingKind::PrepareAfter { gid, rest });
+                return Ok(());
+            }
+        }
+        if let Some(rest) = rest {
+            if crate::classify::is_plain_commit(sql) {
+                self.drain().await?;
+                if self.status() == b'T' {
+                    return self.commit_then(BytesMut::new(), Some(rest)).await;
+                }
+            }
+            if let Some(gid) = crate::classify::prepared_gid(sql) {
+                self.drain().await?;
+                if self.status() == b'T' {
+                    return self.prepare_then(gid, Some(rest)).await;
+                }
+            }
+            // Ends with a ROLLBACK, or a COMMIT with no transaction open
+            // or in a failed one: the node ends it as PostgreSQL does.
+            self.send_pending(raw, false, PendingKind::Then(rest));
+            return Ok(());
+        }
+        match intent(sql) {
+            Intent::Write => {
+                self.drain().await?;
+                if self.status() == b'I' {
+                    self.wrap_autocommit(raw);
+                    return Ok(());
+                }
+            }
+            Intent::Commit => {
+                self.drain().await?;
+                if self.status() == b'T' && self.wrote() {
+                    let reply = self.commit_open_reply(messages::command_complete("COMMIT")).await?;
+                    return self.answer(reply, b'I').await;
+                }
+            }
+            Intent::CommitAndChain => {
+                self.drain().await?;
+                if self.status() == b'T' && self.wrote() {
+                    return self.commit_and_chain().await;
+                }
+            }
+            Intent::PrepareTransaction(gid) => {
+                self.drain().await?;
+                if self.status() == b'T' && self.wrote() {
+                    self.send_pending(raw, true, PendingKind::Prepare(gid));
+                    return Ok(());
+                }
+            }
+            Intent::EveryNode => {
+                self.drain().await?;
+                if self.status() == b'I' {
+                    let (home, side) = (self.ctx.node_id.saturating_sub(1), &self.ctx.side);
+                    if let Err(reply) = crate::everywhere::run_on_others(self.ctx.shared, side, home, sql).await {
+                        count_error(&crate::net::scan::sqlstate(&reply[5..]).unwrap_or_default());
+                        return self.answer(reply, b'I').await;
+                    }
+                }
+            }
+            Intent::Read | Intent::TransactionControl => {}
+        }
+        self.expect(Expect::Forward);
+        self.out.extend_from_slice(raw);
+        Ok(())
+    }
+
+    /// What the statement or portal `name` runs (unknown: may write):
+    /// the unit's own definitions (`overlay`, latest last) first.
+    pub(super) fn resolve(map: &HashMap<Vec<u8>, Intent>, overlay: &[(&[u8], Intent)], name: &[u8]) -> Intent {
+        match overlay.iter().rev().find(|(n, _)| *n == name) {
+            Some((_, it)) => it.clone(),
+            None => map.get(name).cloned().unwrap_or(Intent::Write),
+        }
+    }
+
+    /// The intents of the Executes in the unit starting at frame `i`.
+    /// A unit names a few statements and portals at most: the ones it
+    /// defines are kept in small lists, not maps.
+    pub(super) fn look_ahead(&self, batch: &Batch, i: usize) -> Result<Vec<Intent>, End> {
+        let mut statements: Vec<(&[u8], Intent)> = Vec::new();
+        let mut portals: Vec<(&[u8], Intent)> = Vec::new();
+        let mut executes = Vec::new();
+        for f in &batch.frames[i..] {
+            let body = batch.body(f);
+            match f.tag {
+                b'S' => break,
+                b'P' => {
+                    let (name, sql) = parse_message(body)?;
+                    statements.push((name, intent(sql)));
+                }
+                b'B' => {
+                    let (portal, statement) = bind_names(body)?;
+                    let it = Self::resolve(&self.statements, &statements, statement);
+                    portals.push((portal, it));
+                }
+                b'E' => {
+                    let portal = BodyReader::new(body).cstr().map_err(End::ClientProtocol)?;
+                    executes.push(Self::resolve(&self.portals, &portals, portal.as_bytes()));
+                }
+                _ => {}
+            }
+        }
+        Ok(executes)
+    }
+
+    /// An extended-protocol message other than Sync. Not `whole`: only the
+    /// start of a Parse or Bind too big to buffer (see [`Self::stream`]),
+    /// the only message of `batch`.
+    pub(super) async fn extended(&mut self, batch: &Batch, i: usize, whole: bool) -> Result<(), End> {
+        let f = batch.frames[i];
+        let raw = &batch.bytes[f.start..f.start + f.len];
+        let body = batch.body(&f);
+        let mut unit = match self.unit {
+            Some(u) => u,
+            None => {
+                self.ctx.tracker.before_send(0).await;
+                Unit { mode: UnitMode::Plain, sent: false, decided: false }
+            }
+        };
+        if unit.mode == UnitMode::Discard {
+            return Ok(());
+        }
+        if !unit.decided && matches!(f.tag, b'B' | b'E') {
+            let executes = if whole {
+                self.look_ahead(batch, i)?
+            } else {
+                // The Execute is yet to come: decide on the statement the
+                // big Bind binds, before it goes out (a portal bound
+                // before the proxy's BEGIN would not survive it).
+                let (_, statement) = bind_names(body)?;
+                vec![Self::resolve(&self.statements, &[], statement)]
+            };
+            let commit = executes.contains(&Intent::Commit);
+            let control = executes.iter().any(|x| matches!(x, Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_)));
+            let write = executes.contains(&Intent::Write) && !control;
+            if commit || write {
+                unit.decided = true;
+                // The exact state first: wait for the answers so far — with
+                // a Sync of the proxy's if part of this unit is already on
+                // its way (harmless: nothing of it has executed yet).
+                if unit.sent {
+                    let rx = self.expect_hold(false);
+                    self.out.extend_from_slice(&commit::sync());
+                    self.send().await?;
+                    if rx.await.unwrap_or_default().error {
+                        unit.mode = UnitMode::Discard;
+                        self.unit = Some(unit);
+                        return Ok(());
+                    }
+                } else {
+                    self.drain().await?;
+                }
+                if commit && self.status() == b'T' && self.wrote() {
+                    unit.mode = UnitMode::CommitInside;
+                } else if write && !commit && self.status() == b'I' {
+                    self.begin_own_transaction();
+                    unit.mode = UnitMode::Wrapped;
+                }
+            } else if !executes.is_empty() {
+                unit.decided = true;
+            }
+        }
+        unit.sent = true;
+        self.unit = Some(unit);
+        match f.tag {
+            b'P' if whole => {
+                let (name, sql) = parse_message(body)?;
+                self.count_statement(sql, false);
+                self.statements.insert(name.to_vec(), intent(sql));
+            }
+            b'P' => {
+                // Only its start is here: see [`head_intent`].
+                let mut r = BodyReader::new(body);
+                let name = r.cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
+                let text = text_prefix(&body[name.len() + 1..]);
+                self.count_statement(text, false);
+                self.statements.insert(name, head_intent(text));
+            }
+            b'B' => {
+                let (portal, statement) = bind_names(body)?;
+                let it = Self::resolve(&self.statements, &[], statement);
+                match self.portals.get_mut(portal) {
+                    Some(slot) => *slot = it,
+                    None => {
+                        self.portals.insert(portal.to_vec(), it);
+                    }
+                }
+            }
+            b'C' => {
+                let mut r = BodyReader::new(body);
+                let kind = r.bytes(1).map_err(End::ClientProtocol)?[0];
+                let name = r.cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
+                if kind == b'S' {
+                    self.statements.remove(&name);
+                } else {
+                    self.portals.remove(&name);
+                }
+            }
+            b'E' => {
+                self.count_query();
+                let portal = BodyReader::new(body).cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
+                if unit.mode == UnitMode::CommitInside && self.portals.get(&portal) == Some(&Intent::Commit) {
+                    unit.mode = UnitMode::Plain;
+                    self.unit = Some(unit);
+                    if self.commit_in_place().await? {
+                        return Ok(());
+                    }
+                }
+                match self.portals.get(&portal).cloned() {
+                    Some(Intent::PrepareTransaction(gid)) => {
+                        self.unit = Some(unit);
+                        if self.prepare_in_place(&gid).await? {
+                            return Ok(());
+                        }
+                    }
+                    Some(Intent::CommitAndChain) => {
+                        self.unit = Some(unit);
+                        if self.chain_in_place().await? {
+                            return Ok(());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        self.out.extend_from_slice(raw);
+        Ok(())
+    }
+
+    pub(super) async fn sync(&mut self, raw: &[u8]) -> Result<(), End> {
+        self.ctx.tracker.before_send(1).await;
+        if self.unit.take().map(|u| u.mode) == Some(UnitMode::Wrapped) {
+            self.send_pending(raw, false, PendingKind::Autocommit);
+        } else {
+            self.expect(Expect::Forward);
+            self.out.extend_from_slice(raw);
+        }
+        Ok(())
+    }
+
+}
+
+/// (statement name, SQL) of a Parse body.
+pub(super) fn parse_message(body: &[u8]) -> Result<(&[u8], &str), End> {
+    let mut r = BodyReader::new(body);
+    let name = r.cstr().map_err(End::ClientProtocol)?;
+    let sql = parse_text(body).map_err(End::ClientProtocol)?;
+    Ok((name.as_bytes(), sql))
+}
+
+/// The text at the start of a message cut short (`bytes` may end inside
+/// the string or even inside a UTF-8 sequence): up to its terminator or
+/// the last whole character.
+pub(super) fn text_prefix(bytes: &[u8]) -> &str {
+    let bytes = bytes.iter().position(|&b| b == 0).map_or(bytes, |n| &bytes[..n]);
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+    }
+}
+
+/// What SQL known only by its start may do: transaction control if it
+/// starts with it, else it may write (the part not seen yet may).
+pub(super) fn head_intent(text: &str) -> Intent {
+    match crate::classify::first_keyword(text).as_deref() {
+        Some("BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" | "PREPARE") => {
+            Intent::TransactionControl
+        }
+        _ => Intent::Write,
+    }
+}
+
+/// (portal, statement) of a Bind body.
+pub(super) fn bind_names(body: &[u8]) -> Result<(&[u8], &[u8]), End> {
+    let mut r = BodyReader::new(body);
+    let portal = r.cstr().map_err(End::ClientProtocol)?;
+    let statement = r.cstr().map_err(End::ClientProtocol)?;
+    Ok((portal.as_bytes(), statement.as_bytes()))
+}

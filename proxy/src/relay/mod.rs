@@ -1,0 +1,165 @@
+//! The relay: a session's forwarding loop, which understands every
+//! message it passes on, so that it can put its own statements in and
+//! answer for the node where the cluster's commit needs it.
+//!
+//! Two halves run side by side, so a full socket on one side never stalls
+//! the other (a pipelining client and a node writing results cannot
+//! deadlock):
+//! - the **driver** (client → node) cuts the client's messages into units
+//!   — a Query, a FunctionCall, or extended-protocol messages up to their
+//!   Sync — and decides for each how it runs: as sent; wrapped in a
+//!   transaction of the proxy's (an autocommit unit that may write); or,
+//!   for a COMMIT of a transaction that wrote, replaced by the cluster's
+//!   two-phase commit ([`crate::commit`]). Every unit and every statement
+//!   of the proxy's own pushes an [`Expect`] entry;
+//! - the **responder** (node → client) cuts the node's output into
+//!   messages (a large one streams through, never held whole) and treats
+//!   each according to the [`Expect`] at the head of the queue: forward,
+//!   skip, hold the ReadyForQuery for the driver, or capture the answer to
+//!   the proxy's own statement. It also swallows the node's report of
+//!   `multimaster.xact_writes` (whether the open transaction wrote).
+//!
+//! Plain reads cost nothing extra: a unit that cannot write is forwarded
+//! with one queue entry and no extra round trip; a read-only transaction
+//! commits with the client's own COMMIT.
+//!
+//! Its parts: [`responder`] (node → client), [`driver`] (client → node:
+//! units, batches, the extended protocol) and [`two_phase`] (where a COMMIT,
+//! COMMIT AND CHAIN or PREPARE TRANSACTION of a transaction that wrote is
+//! replaced by the cluster's two-phase commit, and how its end reaches
+//! the client).
+
+mod driver;
+mod responder;
+mod two_phase;
+
+use driver::Driver;
+use responder::Responder;
+use crate::classify::{intent, Intent};
+use crate::commit::{self, Reply, Votes};
+use crate::net::frame::{parse_text, query_text, Batch, BodyReader, FrameIoError, FrameReader, FrameRef, Read};
+use crate::net::messages::{self, PgError};
+use crate::session::{count_error, End, PumpCtx};
+use bytes::BytesMut;
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, Notify};
+
+/// Startup parameter the proxy sets on its node sessions (see the
+/// extension's `xact` module).
+pub const COORDINATED_COMMIT: &str = "multimaster.coordinated_commit";
+/// The node's reported setting: the open transaction wrote to a
+/// replicated table.
+pub const XACT_WRITES: &str = "multimaster.xact_writes";
+
+/// A message bigger than this streams through the responder in pieces.
+const WHOLE_MESSAGE_LIMIT: usize = 256 * 1024;
+
+/// The longest a session goes without looking at the configuration
+/// again: how late a reloaded `client_idle_timeout` or `max_message_size`
+/// can reach it. Chosen over waking sessions on reload, which would add a
+/// waiter registration (a lock) to every read; its cost is one timer
+/// wake-up per second per session.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// How the responder treats the node's answers to one request.
+enum Expect {
+    /// The proxy's own BEGIN in front of a client unit: swallow this many
+    /// messages.
+    Skip(usize),
+    /// A client unit: forward everything through its ReadyForQuery.
+    Forward,
+    /// A client unit the proxy finishes itself: forward its answers but
+    /// hand the ReadyForQuery to the driver — and with `hold_complete` its
+    /// last CommandComplete too, which PostgreSQL sends only after a
+    /// successful commit in the simple protocol.
+    Hold { hold_complete: bool, tx: oneshot::Sender<Held> },
+    /// The proxy's own statement: collect its answer for the driver.
+    Capture(oneshot::Sender<Vec<Reply>>),
+}
+
+/// The held end of a unit.
+#[derive(Debug, Default)]
+struct Held {
+    status: u8,
+    complete: Option<BytesMut>,
+    /// An ErrorResponse was among the unit's answers.
+    error: bool,
+}
+
+/// What the two halves share.
+struct Link<CW> {
+    expect: Mutex<VecDeque<Expect>>,
+    /// Signalled whenever an entry leaves the queue.
+    progressed: Notify,
+    /// Transaction status of the last ReadyForQuery from the node.
+    status: AtomicU8,
+    /// The node said the open transaction wrote to a replicated table.
+    wrote: AtomicBool,
+    client: tokio::sync::Mutex<CW>,
+}
+
+impl<CW: AsyncWrite + Unpin> Link<CW> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
+        self.expect.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_status(&self, status: u8) {
+        self.status.store(status, Ordering::Relaxed);
+        if status == b'I' {
+            self.wrote.store(false, Ordering::Relaxed);
+        }
+    }
+
+    async fn to_client(&self, bytes: &[u8]) -> Result<(), End> {
+        let mut c = self.client.lock().await;
+        c.write_all(bytes).await.map_err(|_| End::ClientIo)
+    }
+}
+
+/// Runs a session until either side ends it.
+pub async fn pump<CR, CW, SR, SW>(cr: CR, cw: CW, sr: SR, sw: SW, ctx: &PumpCtx<'_>, initial_status: u8) -> End
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
+    let link = Link {
+        expect: Mutex::new(VecDeque::new()),
+        progressed: Notify::new(),
+        status: AtomicU8::new(initial_status),
+        wrote: AtomicBool::new(false),
+        client: tokio::sync::Mutex::new(cw),
+    };
+    let mut driver = Driver {
+        sw,
+        link: &link,
+        ctx,
+        reader: FrameReader::new(ctx.shared.live.load().config.limits.max_message_size),
+        out: BytesMut::new(),
+        statements: HashMap::default(),
+        portals: HashMap::default(),
+        unit: None,
+        pending: None,
+        wake: Box::pin(tokio::time::sleep(RECHECK)),
+    };
+    let responder = Responder { link: &link, ctx, out: BytesMut::new(), held_complete: None, held_error: false, captured: Vec::new(), fire: Vec::new(), progressed: false };
+    tokio::select! {
+        biased;
+        end = driver.run(cr) => end,
+        end = responder.run(sr) => end,
+    }
+}
+
+/// A simple-protocol Query message of `sql`.
+fn own_query(sql: &str) -> BytesMut {
+    let mut body = Vec::with_capacity(sql.len() + 1);
+    body.extend_from_slice(sql.as_bytes());
+    body.push(0);
+    crate::net::frame::frame(b'Q', &body)
+}
