@@ -111,6 +111,9 @@ pub struct PeerPool {
     /// 2000, 0: never), for the resolver, which asks only peers that
     /// answer (a frozen node would hold its connection attempt forever).
     pub heard_at: AtomicI64,
+    /// The receiver is handling what it read, not listening: while it
+    /// is, its silence says nothing about the peer.
+    pub receiver_busy: AtomicBool,
 }
 
 /// How many abandoned transaction numbers a pool remembers.
@@ -161,6 +164,7 @@ impl Default for PoolTable {
                 dropped_before_prepare: AtomicU64::new(0),
                 origins: std::array::from_fn(|_| AtomicU32::new(0)),
                 heard_at: AtomicI64::new(0),
+                receiver_busy: AtomicBool::new(false),
             }),
         }
     }
@@ -211,6 +215,18 @@ pub fn heard_within(peer: i32, ms: i64) -> bool {
 pub fn silent_for_ms(peer: i32) -> Option<i64> {
     let at = try_peer(peer).map_or(0, |pool| pool.heard_at.load(Relaxed));
     (at != 0).then(|| (crate::pg::latch::now() - at) / 1000)
+}
+
+/// Whether `peer` counts as unreachable: its receiver, listening (or
+/// not connected), has heard nothing from it for
+/// [`REACHABLE_WITHIN_MS`] or more. How long, in milliseconds, if so. A
+/// receiver busy with what it read (a big transaction handed to a full
+/// pool) does not listen, so its silence proves nothing.
+pub fn unreachable_for_ms(peer: i32) -> Option<i64> {
+    if try_peer(peer).is_some_and(|pool| pool.receiver_busy.load(Relaxed)) {
+        return None;
+    }
+    silent_for_ms(peer).filter(|&ms| ms >= REACHABLE_WITHIN_MS)
 }
 
 /// Whether the receiver from `peer` has published its origins (it does
@@ -408,6 +424,7 @@ impl Queues {
         pool.abandoned.iter().for_each(|a| a.store(0, Release));
         pool.finished_out_of_order.store(0, Release);
         pool.dropped_before_prepare.store(0, Release);
+        pool.receiver_busy.store(false, Release);
         pool.receiver_waiting.store(false, Release);
         pool.receiver_latch.publish_mine();
         pool.receiver_pid.store(my_pid(), Release);

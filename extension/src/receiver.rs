@@ -176,6 +176,9 @@ struct Receiver<'c> {
 impl Receiver<'_> {
     fn stream(&mut self, stream: &mut Stream) {
         let mut waiter: Option<SocketWait> = None;
+        // Mirrors the pool's `receiver_busy`, so it is stored only when
+        // it changes.
+        let mut busy = false;
         loop {
             if BackgroundWorker::sigterm_received() {
                 return;
@@ -188,6 +191,10 @@ impl Receiver<'_> {
                 Received::Data(data) => {
                     self.last_heard = Instant::now();
                     self.queues.pool().note_heard();
+                    if !busy {
+                        busy = true;
+                        self.queues.pool().receiver_busy.store(true, Relaxed);
+                    }
                     // Also while data keeps coming (a big transaction): the
                     // peer's walsender needs our replies to keep the link.
                     self.maybe_feedback();
@@ -217,6 +224,10 @@ impl Receiver<'_> {
                 }
                 Received::Idle(fd) => fd,
             };
+            if busy {
+                busy = false;
+                self.queues.pool().receiver_busy.store(false, Relaxed);
+            }
             // Nothing to read: has the peer gone quiet for too long?
             self.check_peer_alive();
             self.queues.flush(false);

@@ -393,7 +393,7 @@ fn await_votes(
                 // A peer that went silent cannot vote (its votes come over
                 // its own stream): fail now rather than hold the
                 // transaction's locks for the whole timeout.
-                if let Some((node, silent)) = missing.iter().find_map(|&p| unreachable(p).map(|ms| (p, ms))) {
+                if let Some((node, silent)) = missing.iter().find_map(|&p| crate::pool::unreachable_for_ms(p).map(|ms| (p, ms))) {
                     return TableIterator::once((
                         false,
                         node,
@@ -426,12 +426,6 @@ fn await_votes(
         };
         return TableIterator::once(row);
     }
-}
-
-/// How long `peer` has been silent, if long enough to count as
-/// unreachable.
-fn unreachable(peer: i32) -> Option<i64> {
-    crate::pool::silent_for_ms(peer).filter(|&ms| ms >= crate::pool::REACHABLE_WITHIN_MS)
 }
 
 /// `await_votes`' row: ok, the node that decided otherwise, its SQLSTATE
