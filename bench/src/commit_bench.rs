@@ -17,10 +17,15 @@
 //! (percentiles from pgbench's per-transaction log) and the abort rate
 //! (serialization/deadlock failures over attempts, pgbench --max-tries 1,
 //! so every abort a client saw is counted), and multimaster/sync-standby.
+//! The same for pgbench's simple-update (-b simple-update: TPC-B without
+//! the teller and branch updates), whose rows are spread over the
+//! accounts: next to TPC-B, where every transaction updates one of
+//! `scale` branch rows and sessions on different nodes conflict, it shows
+//! what the commit path costs without conflicts.
 //! Then select-only (-S -M prepared, 8 clients) through the proxy vs
 //! directly on node 1, to show read-only work does not pay the commit path.
 //!
-//! Usage: cargo run --release -p mtm-bench --bin commit-bench -- [--duration 15] [--rounds 3] [--clients 8,32] [--scale 10]
+//! Usage: cargo run --release -p mtm-bench --bin commit-bench -- [--duration 15] [--rounds 3] [--clients 8,32] [--scale 10] [--workloads tpcb-like,simple-update]
 
 use clap::Parser;
 use mtm_bench::pgbench::{self, median, wait_converged, Outcome};
@@ -43,12 +48,19 @@ struct Args {
     /// pgbench scale factor (branches; fewer means more conflicts).
     #[arg(long, default_value_t = 10)]
     scale: u32,
+    /// pgbench builtin scripts to run against the three writing targets.
+    #[arg(long, value_delimiter = ',', default_value = "tpcb-like,simple-update")]
+    workloads: Vec<String>,
 }
 
 const SELECT_CLIENTS: u32 = 8;
 
-/// Targets to interleave, pgbench's workload arguments, client count.
-type Batch<'a> = (&'a [(Target, u16)], &'a [&'a str], u32);
+/// Targets to interleave, pgbench's workload arguments, client count,
+/// and the workload's name.
+type Batch<'a> = (&'a [(Target, u16)], Vec<&'a str>, u32, &'a str);
+
+/// The select-only batch's name in the results.
+const SELECT_ONLY: &str = "select-only";
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Target {
@@ -95,84 +107,96 @@ fn main() {
     // -n on every target alike: pgbench's VACUUM and TRUNCATE before a run
     // are maintenance, not the workload, and such statements are not
     // replicated by the cluster yet.
-    let tpcb_args = ["-n", "-M", "prepared", "--max-tries=1", "--failures-detailed"];
+    let write_args = ["-n", "-M", "prepared", "--max-tries=1", "--failures-detailed", "-b"];
     let select_args = ["-n", "-S", "-M", "prepared"];
-    let mut results: BTreeMap<(Target, u32), Vec<Outcome>> = BTreeMap::new();
-    let mut spread: BTreeMap<(Target, u32), String> = BTreeMap::new();
+    let mut results: BTreeMap<(Target, u32, &str), Vec<Outcome>> = BTreeMap::new();
+    let mut spread: BTreeMap<(Target, u32, &str), String> = BTreeMap::new();
     for round in 0..args.rounds {
-        let mut batches: Vec<Batch> = args.clients.iter().map(|&c| (&tpcb[..], &tpcb_args[..], c)).collect();
-        batches.push((&select[..], &select_args[..], SELECT_CLIENTS));
-        for (targets, wargs, clients) in batches {
+        let mut batches: Vec<Batch> = Vec::new();
+        for w in &args.workloads {
+            for &c in &args.clients {
+                let mut a = write_args.to_vec();
+                a.push(w);
+                batches.push((&tpcb[..], a, c, w));
+            }
+        }
+        batches.push((&select[..], select_args.to_vec(), SELECT_CLIENTS, SELECT_ONLY));
+        for (targets, wargs, clients, workload) in batches {
             for k in 0..targets.len() {
                 let (target, port) = targets[(k + round) % targets.len()];
                 let (c, j, t) = (clients.to_string(), clients.min(2).to_string(), args.duration.to_string());
-                let mut a: Vec<&str> = wargs.to_vec();
+                let mut a: Vec<&str> = wargs.clone();
                 a.extend(["-c", &c, "-j", &j, "-T", &t]);
                 let through_proxy = port == cluster.layout.proxy_port;
+                let key = (target, clients, workload);
                 let run = pgbench::run_logged(port, &a, || {
                     if through_proxy {
                         std::thread::sleep(Duration::from_millis(u64::from(args.duration) * 500));
-                        spread.insert((target, clients), sessions_per_node(&cluster));
+                        spread.insert(key, sessions_per_node(&cluster));
                     }
                 })
-                .unwrap_or_else(|e| panic!("{target:?} c={clients}: {e}"));
+                .unwrap_or_else(|e| panic!("{target:?} {workload} c={clients}: {e}"));
                 eprintln!(
-                    "round {round} c={clients:<3} {:<42} {:>7.0} tps  p50 {} ms  p99 {} ms  aborts {:.2}%{}",
+                    "round {round} {workload:<13} c={clients:<3} {:<42} {:>7.0} tps  p50 {} ms  p99 {} ms  aborts {:.2}%{}",
                     target.label(),
                     run.tps,
                     ms(run.p50_ms),
                     ms(run.p99_ms),
                     run.abort_rate() * 100.0,
-                    spread.get(&(target, clients)).filter(|_| through_proxy).map(|s| format!("  sessions {s}")).unwrap_or_default()
+                    spread.get(&key).filter(|_| through_proxy).map(|s| format!("  sessions {s}")).unwrap_or_default()
                 );
-                results.entry((target, clients)).or_default().push(run);
+                results.entry(key).or_default().push(run);
             }
         }
     }
     let converged = wait_converged(&ports, Duration::from_secs(600));
 
-    let tps = |t, c| median(results[&(t, c)].iter().map(|o| o.tps));
-    let row = |t: Target, c: u32| {
-        let runs = &results[&(t, c)];
+    let tps = |t: Target, c: u32, w: &str| median(results[&(t, c, w)].iter().map(|o| o.tps));
+    let row = |t: Target, c: u32, w: &str| {
+        let runs = &results[&(t, c, w)];
         let failed: u64 = runs.iter().map(|o| o.failed).sum();
         let attempted: u64 = runs.iter().map(|o| o.transactions + o.failed).sum::<u64>().max(1);
         format!(
             "| {c} | {} | {:.0} | {} | {} | {:.2} | {} |",
             t.label(),
-            tps(t, c),
+            tps(t, c, w),
             ms(Some(median(runs.iter().filter_map(|o| o.p50_ms)))),
             ms(Some(median(runs.iter().filter_map(|o| o.p99_ms)))),
             failed as f64 * 100.0 / attempted as f64,
-            spread.get(&(t, c)).map_or("", String::as_str)
+            spread.get(&(t, c, w)).map_or("", String::as_str)
         )
     };
-    println!(
-        "## TPC-B (builtin tpcb-like, -M prepared), median of {} rounds of {} s, scale {}, pgbench -j 2 --max-tries 1\n",
-        args.rounds, args.duration, args.scale
-    );
-    println!("| clients | target | tps | p50 ms | p99 ms | aborts % | sessions per node (mid-run) |");
-    println!("|---|---|---|---|---|---|---|");
-    for &c in &args.clients {
-        for (t, _) in tpcb {
-            println!("{}", row(t, c));
+    for w in &args.workloads {
+        let w = w.as_str();
+        println!(
+            "## {w} (pgbench builtin, -M prepared), median of {} rounds of {} s, scale {}, pgbench -j 2 --max-tries 1\n",
+            args.rounds, args.duration, args.scale
+        );
+        println!("| clients | target | tps | p50 ms | p99 ms | aborts % | sessions per node (mid-run) |");
+        println!("|---|---|---|---|---|---|---|");
+        for &c in &args.clients {
+            for (t, _) in tpcb {
+                println!("{}", row(t, c, w));
+            }
         }
+        println!("\n| clients | multimaster / sync standbys | multimaster / one node | sync standbys / one node |");
+        println!("|---|---|---|---|");
+        for &c in &args.clients {
+            let (m, s, o) = (tps(Target::Multimaster, c, w), tps(Target::SyncStandbys, c, w), tps(Target::OneNode, c, w));
+            println!("| {c} | {:.2} | {:.2} | {:.2} |", m / s, m / o, s / o);
+        }
+        println!();
     }
-    println!("\n| clients | multimaster / sync standbys | multimaster / one node | sync standbys / one node |");
-    println!("|---|---|---|---|");
-    for &c in &args.clients {
-        let (m, s, o) = (tps(Target::Multimaster, c), tps(Target::SyncStandbys, c), tps(Target::OneNode, c));
-        println!("| {c} | {:.2} | {:.2} | {:.2} |", m / s, m / o, s / o);
-    }
-    println!("\nnodes equal {:.1} s after the last run", converged.as_secs_f64());
+    println!("nodes equal {:.1} s after the last run", converged.as_secs_f64());
     println!("\n## select-only (-S -M prepared), {SELECT_CLIENTS} clients\n");
     println!("| clients | target | tps | p50 ms | p99 ms | aborts % | sessions per node (mid-run) |");
     println!("|---|---|---|---|---|---|---|");
     for (t, _) in select {
-        println!("{}", row(t, SELECT_CLIENTS));
+        println!("{}", row(t, SELECT_CLIENTS, SELECT_ONLY));
     }
     println!(
         "\nproxy / direct: {:.2}",
-        tps(Target::SelectProxy, SELECT_CLIENTS) / tps(Target::SelectDirect, SELECT_CLIENTS)
+        tps(Target::SelectProxy, SELECT_CLIENTS, SELECT_ONLY) / tps(Target::SelectDirect, SELECT_CLIENTS, SELECT_ONLY)
     );
 }
 
