@@ -428,6 +428,28 @@ fn await_votes(
     }
 }
 
+/// Refuses to prepare the proxy's transaction (from the PRE_PREPARE
+/// callback) while a peer that must vote on it is unreachable
+/// ([`crate::pool::unreachable_for_ms`]): it would be refused after the
+/// PREPARE anyway, and a client that retries at once while a node is down
+/// then costs no two-phase commit. 40001, as a refused vote.
+pub fn refuse_if_a_peer_is_unreachable() {
+    // Inside PREPARE, with no snapshot for the catalog: shared memory only.
+    let Some((node, ms)) = crate::pool::an_unreachable_peer() else {
+        return;
+    };
+    crate::raise(
+        PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        format!(
+            "could not serialize access: the transaction was rolled back because node {node} cannot vote on it: node {node} is unreachable: node {} has heard nothing from it for {:.1} s",
+            MY_NODE.get().load(Ordering::Relaxed),
+            ms as f64 / 1000.0
+        ),
+        &format!("Every node of the cluster must vote on a write; retry once node {node} is back (reads work meanwhile)."),
+        "refuse_if_a_peer_is_unreachable",
+    );
+}
+
 /// `await_votes`' row: ok, the node that decided otherwise, its SQLSTATE
 /// and message.
 type VotesRow = (bool, i32, Option<String>, Option<String>);

@@ -314,6 +314,9 @@ pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
         // message naming this node as the one that prepared it.
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT if client_change() => crate::conflicts::check_current(),
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if client_change() => {
+            if COORDINATED_COMMIT.get() && XACT_WRITES.get() {
+                crate::votes::refuse_if_a_peer_is_unreachable();
+            }
             crate::conflicts::check_current();
             let me = crate::votes::MY_NODE.get().load(std::sync::atomic::Ordering::Relaxed);
             let mut content = me.to_be_bytes().to_vec();

@@ -978,10 +978,15 @@ fn a_write_while_a_node_is_down_names_it_unreachable_and_works_once_it_is_back()
     assert_eq!(db.code().code(), "40001", "{db:?}");
     assert!(db.message().contains("node 2 cannot vote") && db.message().contains("unreachable"), "{db:?}");
     assert!(db.hint().is_some_and(|h| h.contains("once node 2 is back")), "{db:?}");
-    // Later writes are refused the same way, and reads still work.
+    // Later writes are refused the same way, now before they are even
+    // prepared (the node's own error, raised as PREPARE starts), and
+    // reads still work.
     for i in 2..5 {
         let e = s.batch_execute(&format!("insert into down values ({i})")).expect_err("a write without node 2's vote");
-        assert!(e.as_db_error().is_some_and(|d| d.message().contains("node 2 cannot vote")), "{e:?}");
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+        assert_eq!(db.code().code(), "40001", "{db:?}");
+        assert!(db.message().contains("node 2 cannot vote") && db.hint().is_some_and(|h| h.contains("once node 2 is back")), "{db:?}");
+        assert_eq!(db.routine(), Some("refuse_if_a_peer_is_unreachable"), "{db:?}");
     }
     let n: i64 = s.query_one("select count(*) from down", &[]).unwrap().get(0);
     assert_eq!(n, 0);
