@@ -107,9 +107,11 @@ pub struct PeerPool {
     /// this node's walsenders tell the peer's transactions applied here by
     /// them ([`peer_of_origin`]).
     pub origins: [AtomicU32; 2],
-    /// When the receiver from this peer last heard from it (µs since
-    /// 2000, 0: never), for the resolver, which asks only peers that
-    /// answer (a frozen node would hold its connection attempt forever).
+    /// When the receiver from this peer last heard from it, or first
+    /// tried to reach it (µs since 2000, 0: no receiver yet), for the
+    /// resolver, which asks only peers that answer (a frozen node would
+    /// hold its connection attempt forever), and for commits, which stop
+    /// waiting for a peer silent too long.
     pub heard_at: AtomicI64,
     /// The receiver is handling what it read, not listening: while it
     /// is, its silence says nothing about the peer.
@@ -210,8 +212,8 @@ pub fn heard_within(peer: i32, ms: i64) -> bool {
 }
 
 /// For how many milliseconds the receiver from `peer` has heard nothing
-/// from it; None when it never heard from it since this server started
-/// (its receiver has not connected yet: nothing is known).
+/// from it (counted from its first attempt to reach it); None before any
+/// receiver from it started.
 pub fn silent_for_ms(peer: i32) -> Option<i64> {
     let at = try_peer(peer).map_or(0, |pool| pool.heard_at.load(Relaxed));
     (at != 0).then(|| (crate::pg::latch::now() - at) / 1000)
@@ -432,6 +434,9 @@ impl Queues {
         pool.finished_out_of_order.store(0, Release);
         pool.dropped_before_prepare.store(0, Release);
         pool.receiver_busy.store(false, Release);
+        // Silence counts from the first attempt to reach the peer: one
+        // that never answers since this server started is unreachable too.
+        let _ = pool.heard_at.compare_exchange(0, crate::pg::latch::now(), AcqRel, Relaxed);
         pool.receiver_waiting.store(false, Release);
         pool.receiver_latch.publish_mine();
         pool.receiver_pid.store(my_pid(), Release);

@@ -990,6 +990,22 @@ fn a_write_while_a_node_is_down_names_it_unreachable_and_works_once_it_is_back()
     }
     let n: i64 = s.query_one("select count(*) from down", &[]).unwrap().get(0);
     assert_eq!(n, 0);
+    // A node restarted while node 2 is still down never hears from it:
+    // the silence counts from its first attempt to reach node 2.
+    drop(s);
+    c.node(1).stop(&c.host, "fast").unwrap();
+    c.node(1).start(&c.host).unwrap();
+    let pinned = || postgres::Client::connect(&format!("{} options='-c multimaster.node=1'", c.proxy_conninfo("postgres")), postgres::NoTls);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut on_node1 = loop {
+        match pinned() {
+            Ok(cl) => break cl,
+            Err(e) => assert!(Instant::now() < deadline, "node 1 is not back: {e:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let e = on_node1.batch_execute("insert into down values (5)").expect_err("a write without node 2's vote");
+    assert!(e.as_db_error().is_some_and(|d| d.message().contains("node 2 cannot vote")), "{e:?}");
     c.node(2).start(&c.host).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut s = proxy_client(&c);
