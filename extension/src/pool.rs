@@ -219,11 +219,11 @@ pub fn silent_for_ms(peer: i32) -> Option<i64> {
     (at != 0).then(|| (crate::pg::latch::now() - at) / 1000)
 }
 
-/// A peer that counts as unreachable ([`unreachable_for_ms`]), and for
-/// how long, if any. Reads shared memory only (no catalog), so it can run
-/// where SPI cannot.
-pub fn an_unreachable_peer() -> Option<(i32, i64)> {
-    (1..=MAX_NODES as i32).find_map(|p| unreachable_for_ms(p).map(|ms| (p, ms)))
+/// The first of `peers` that counts as unreachable
+/// ([`unreachable_for_ms`]), and for how long, if any. Reads shared
+/// memory only (no catalog), so it can run where SPI cannot.
+pub fn first_unreachable(peers: impl IntoIterator<Item = i32>) -> Option<(i32, i64)> {
+    peers.into_iter().find_map(|p| unreachable_for_ms(p).map(|ms| (p, ms)))
 }
 
 /// Whether `peer` counts as unreachable: its receiver, listening (or

@@ -393,13 +393,8 @@ fn await_votes(
                 // A peer that went silent cannot vote (its votes come over
                 // its own stream): fail now rather than hold the
                 // transaction's locks for the whole timeout.
-                if let Some((node, silent)) = missing.iter().find_map(|&p| crate::pool::unreachable_for_ms(p).map(|ms| (p, ms))) {
-                    return TableIterator::once((
-                        false,
-                        node,
-                        Some("08006".into()),
-                        Some(format!("node {node} is unreachable: node {me} has heard nothing from it for {:.1} s", silent as f64 / 1000.0)),
-                    ));
+                if let Some((node, silent)) = crate::pool::first_unreachable(missing.iter().copied()) {
+                    return TableIterator::once((false, node, Some("08006".into()), Some(unreachable_reason(node, me, silent))));
                 }
                 let now = std::time::Instant::now();
                 if now >= next_look {
@@ -434,20 +429,24 @@ fn await_votes(
 /// PREPARE anyway, and a client that retries at once while a node is down
 /// then costs no two-phase commit. 40001, as a refused vote.
 pub fn refuse_if_a_peer_is_unreachable() {
-    // Inside PREPARE, with no snapshot for the catalog: shared memory only.
-    let Some((node, ms)) = crate::pool::an_unreachable_peer() else {
+    // Inside PREPARE, with no snapshot for the catalog (no list of peers):
+    // every pool; one that never had a receiver counts as reachable.
+    let Some((node, ms)) = crate::pool::first_unreachable(1..=crate::pool::MAX_NODES as i32) else {
         return;
     };
+    let reason = unreachable_reason(node, MY_NODE.get().load(Ordering::Relaxed), ms);
     crate::raise(
         PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
-        format!(
-            "could not serialize access: the transaction was rolled back because node {node} cannot vote on it: node {node} is unreachable: node {} has heard nothing from it for {:.1} s",
-            MY_NODE.get().load(Ordering::Relaxed),
-            ms as f64 / 1000.0
-        ),
+        format!("could not serialize access: the transaction was rolled back because node {node} cannot vote on it: {reason}"),
         &format!("Every node of the cluster must vote on a write; retry once node {node} is back (reads work meanwhile)."),
         "refuse_if_a_peer_is_unreachable",
     );
+}
+
+/// Why `node` cannot vote, as `await_votes` and the refusal at PREPARE
+/// both say it (the proxy words the rest of the client's error alike).
+fn unreachable_reason(node: i32, me: i32, silent_ms: i64) -> String {
+    format!("node {node} is unreachable: node {me} has heard nothing from it for {:.1} s", silent_ms as f64 / 1000.0)
 }
 
 /// `await_votes`' row: ok, the node that decided otherwise, its SQLSTATE
