@@ -13,8 +13,9 @@
 //! shared memory (logic in the safe `mtm-state` crate): filled as records
 //! are written, redone from the WAL after a crash, and copied by the
 //! launcher to `pg_mtm/decisions` (at most a second after a change, and
-//! when it stops) and by the checkpointer as each checkpoint starts, so
-//! what a checkpoint puts out of the redo's reach is read back at start.
+//! when it stops) and by the checkpointer to `pg_mtm/decisions.checkpoint`
+//! as each checkpoint starts, so what a checkpoint puts out of the redo's
+//! reach is read back at start.
 //! `mtm.get_logged_prepared_xact_state(gid)` answers from it;
 //! `pg_walinspect` shows the records (`rm_identify`, `rm_desc`).
 //!
@@ -43,9 +44,8 @@ use std::ffi::CStr;
 pub const RMGR_ID: u8 = 201;
 const RMGR_NAME: &CStr = c"multimaster";
 
-/// Where the launcher keeps the table, relative to the data directory.
+/// Where the state files are, relative to the data directory.
 const STATE_DIR: &str = "pg_mtm";
-const STATE_FILE: &str = "pg_mtm/decisions";
 
 #[derive(Copy, Clone, Default)]
 pub struct Decisions {
@@ -57,20 +57,10 @@ pub struct Decisions {
 
 pub use crate::pg::shmem::DECISIONS;
 
-/// The state file, written by the launcher and the checkpointer. Each
-/// writes and flushes its snapshot to its own temporary file with no lock
-/// held, then takes this lock only to rename it into place if it is newer
-/// than the one there, so an older snapshot never replaces a newer one and
-/// a writer stopped in the middle (a frozen launcher) holds up no other.
-/// Never taken while holding [`DECISIONS`].
-#[derive(Copy, Clone, Default)]
-pub struct StateFile {
-    /// `log.changes()` of the snapshot in place.
-    written: u64,
-}
-
-
-pub use crate::pg::shmem::STATE_FILE_LOCK;
+/// `log.changes()` of the snapshot this process last put in place (each
+/// file has one writer process; after a restart of it the file is simply
+/// written again).
+static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
 
 /// Registers the resource manager (from `_PG_init`, while preloading).
 pub fn init() {
@@ -144,13 +134,15 @@ fn ensure_loaded() {
         return;
     }
     d.loaded = true;
-    match std::fs::read_to_string(STATE_FILE) {
-        Ok(text) => match d.log.load(&text) {
-            Ok(_) => {}
-            Err(e) => warning!("multimaster: {STATE_FILE} is damaged ({e}); decisions before the last checkpoint may be missing"),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warning!("multimaster: cannot read {STATE_FILE}: {e}"),
+    for file in [Writer::Launcher, Writer::Checkpointer].map(state_file) {
+        match std::fs::read_to_string(file) {
+            Ok(text) => match d.log.load(&text) {
+                Ok(_) => {}
+                Err(e) => warning!("multimaster: {file} is damaged ({e}); decisions before the last checkpoint may be missing"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warning!("multimaster: cannot read {file}: {e}"),
+        }
     }
 }
 
@@ -159,7 +151,7 @@ fn ensure_loaded() {
 pub fn persist() {
     ensure_loaded();
     if let Err(e) = write_if_changed(Writer::Launcher) {
-        warning!("multimaster: cannot write {STATE_FILE}: {e}");
+        warning!("multimaster: cannot write {}: {e}", state_file(Writer::Launcher));
     }
 }
 
@@ -170,40 +162,40 @@ enum Writer {
     Checkpointer,
 }
 
-/// Writes the table to the state file if it changed since the last write.
+/// Writes the table to `writer`'s state file if it changed since that
+/// file was last written (by this process: each file has one writer).
 /// Raises no PostgreSQL error (the checkpointer calls it from a log hook).
-///
-/// The file's lock is held only to compare and rename: the write and its
-/// fsync happen before, on the writer's own temporary file, so a writer
-/// frozen or slowed there (kill -STOP of the launcher) never holds up a
-/// checkpoint, whose writer must put every record before its redo point on
-/// disk before the checkpoint goes on.
+/// The snapshot is written and flushed to a temporary file, renamed into
+/// place and the directory flushed, so a crash leaves the old or the new
+/// file, never a partial one.
 fn write_if_changed(writer: Writer) -> std::io::Result<()> {
-    // The file in place is at least as new as the table: nothing to
-    // rename, but its renamer may not have flushed the directory yet,
-    // which the checkpointer cannot leave to chance.
-    let up_to_date = || if writer == Writer::Checkpointer { sync_dir() } else { Ok(()) };
-    let in_place = STATE_FILE_LOCK.share().written;
+    use std::sync::atomic::Ordering::Relaxed;
     let (changes, text) = {
         let d = DECISIONS.share();
         let changes = d.log.changes();
-        (changes, (changes != in_place).then(|| d.log.snapshot()))
+        (changes, (changes != WRITTEN.load(Relaxed)).then(|| d.log.snapshot()))
     };
-    let Some(text) = text else { return up_to_date() };
+    let Some(text) = text else { return Ok(()) };
     let tmp = temporary_file(writer);
     write_flushed(&tmp, &text)?;
-    {
-        let mut file = STATE_FILE_LOCK.exclusive();
-        if file.written >= changes {
-            // A newer snapshot got there while this one was written.
-            drop(file);
-            std::fs::remove_file(&tmp).ok();
-            return up_to_date();
-        }
-        std::fs::rename(&tmp, STATE_FILE)?;
-        file.written = changes;
+    std::fs::rename(&tmp, state_file(writer))?;
+    sync_dir()?;
+    WRITTEN.store(changes, Relaxed);
+    Ok(())
+}
+
+/// Where `writer` keeps its snapshot, relative to the data directory.
+/// Each writer (one launcher, one checkpointer) has a file of its own, so
+/// they share no lock: a launcher frozen in the middle of its write
+/// (kill -STOP) can hold up no checkpoint, whose writer must put every
+/// record before its redo point on disk before the checkpoint goes on.
+/// Both are read at start, and a gid's newest record wins
+/// ([`Log::load`](mtm_state::decisions::Log::load)).
+fn state_file(writer: Writer) -> &'static str {
+    match writer {
+        Writer::Launcher => "pg_mtm/decisions",
+        Writer::Checkpointer => "pg_mtm/decisions.checkpoint",
     }
-    sync_dir()
 }
 
 /// PostgreSQL's (untranslated) message for the start of a checkpoint,
@@ -232,15 +224,15 @@ pub(crate) fn log_emitted(message: &ReportedError<'_>) {
         return;
     }
     if let Err(e) = write_if_changed(Writer::Checkpointer) {
-        eprintln!("multimaster: WARNING: cannot write {STATE_FILE} at a checkpoint's start: {e}; decisions logged just before it are lost if the server crashes before the launcher writes it");
+        eprintln!("multimaster: WARNING: cannot write {} at a checkpoint's start: {e}; decisions logged just before it are lost if the server crashes before the launcher writes them", state_file(Writer::Checkpointer));
     }
 }
 
 /// Where `writer` puts its snapshot before renaming it into place.
 fn temporary_file(writer: Writer) -> String {
     match writer {
-        Writer::Launcher => format!("{STATE_FILE}.launcher.tmp"),
-        Writer::Checkpointer => format!("{STATE_FILE}.checkpointer.tmp"),
+        Writer::Launcher => format!("{STATE_DIR}/decisions.launcher.tmp"),
+        Writer::Checkpointer => format!("{STATE_DIR}/decisions.checkpointer.tmp"),
     }
 }
 

@@ -527,6 +527,25 @@ mod tests {
     }
 
     #[test]
+    fn two_writers_snapshots_merge_whatever_the_order_they_are_read_in() {
+        // The checkpointer's file, older, and the launcher's, newer (or
+        // the other way round): each gid ends in its newest state, and
+        // what either trimmed counts as trimmed.
+        let old = "multimaster decision log 1\ntrimmed 2 5\n10 precommitted mtm-1-a\n20 precommitted mtm-1-b\n";
+        let new = "multimaster decision log 1\n30 committed mtm-1-a\n40 precommitted mtm-1-c\n";
+        for files in [[old, new], [new, old]] {
+            let mut log = boxed();
+            for f in files {
+                log.load(f).unwrap();
+            }
+            assert_eq!(log.get("mtm-1-a"), Some(State::Committed));
+            assert_eq!(log.get("mtm-1-b"), Some(State::Precommitted));
+            assert_eq!(log.get("mtm-1-c"), Some(State::Precommitted));
+            assert!(log.may_have_forgotten("mtm-2-5-a1-7-1"));
+        }
+    }
+
+    #[test]
     fn a_damaged_snapshot_is_refused_with_its_line() {
         let mut log = boxed();
         assert_eq!(log.load("hello\n").unwrap_err().line, 1);

@@ -18,11 +18,6 @@ unsafe impl PGRXSharedMemory for crate::decisions::Decisions {}
 // SAFETY: the only shared memory with this name.
 pub static DECISIONS: PgLwLock<crate::decisions::Decisions> = unsafe { PgLwLock::new(c"multimaster decisions") };
 
-// SAFETY: plain data, no pointers.
-unsafe impl PGRXSharedMemory for crate::decisions::StateFile {}
-// SAFETY: the only shared memory with this name.
-pub static STATE_FILE_LOCK: PgLwLock<crate::decisions::StateFile> = unsafe { PgLwLock::new(c"multimaster decisions file") };
-
 // SAFETY: atomics only; the latch addresses point into PGPROC, which is
 // in shared memory at the same address in every backend.
 unsafe impl PGRXSharedMemory for crate::pool::PoolTable {}
@@ -62,7 +57,6 @@ pub fn init() {
     pgrx::pg_shmem_init!(MY_NODE);
     pgrx::pg_shmem_init!(COORDINATORS);
     pgrx::pg_shmem_init!(DECISIONS);
-    pgrx::pg_shmem_init!(STATE_FILE_LOCK);
     pgrx::pg_shmem_init!(POOLS);
     pgrx::pg_shmem_init!(APPLY_ERRORS);
     pgrx::pg_shmem_init!(DOOMED);
