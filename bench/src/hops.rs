@@ -132,6 +132,37 @@ impl Drop for HaProxy {
     }
 }
 
+/// One of `relay-floor`'s relays (`engine`: tokio or uring), the least a
+/// hop written in Rust costs (see `src/relay_floor.rs`).
+pub struct Floor {
+    child: Child,
+}
+
+impl Floor {
+    pub fn start(engine: &str, socket_dir: &std::path::Path, node_port: u16, port: u16) -> Floor {
+        // Built next to the benchmark that starts it.
+        let exe = std::env::current_exe().unwrap().with_file_name("relay-floor");
+        let child = Command::new(&exe)
+            .args(["--engine", engine, "--port", &port.to_string(), "--node-socket"])
+            .arg(socket_dir.join(format!(".s.PGSQL.{node_port}")))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (cargo build --release -p mtm-bench)", exe.display()));
+        wait_listening(port, "relay-floor", Path::new("/dev/null"));
+        Floor { child }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn wait_listening(port: u16, what: &str, log: &Path) {
     let up = mtmctl::node::wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
     assert!(up.is_some(), "{what} does not listen on {port}: {}", std::fs::read_to_string(log).unwrap_or_default());

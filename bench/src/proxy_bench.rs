@@ -6,10 +6,14 @@
 //! Markdown table for bench/RESULTS.md.
 //!
 //! Usage: cargo run --release -p mtm-bench --bin proxy-bench -- [--duration 15] [--rounds 3] [--clients 8,64]
-//!        [--workloads select-only,tpc-b] [--proxy-workers 0]
+//!        [--workloads select-only,tpc-b] [--proxy-workers 0] [--floors]
+//!
+//! `--floors` adds `relay-floor`'s two relays that parse nothing (tokio,
+//! io_uring) to the rotation and prints a second table: what a hop in
+//! Rust costs at least, and what io_uring would save.
 
 use clap::Parser;
-use mtm_bench::hops::{cpu_seconds, HaProxy, PgBouncer};
+use mtm_bench::hops::{cpu_seconds, Floor, HaProxy, PgBouncer};
 use mtm_bench::pgbench::{self, median, Outcome};
 use mtmctl::testing::TestCluster;
 use std::collections::BTreeMap;
@@ -34,6 +38,9 @@ struct Args {
     /// mtm-proxy's `worker_threads` (0: one per core, the default).
     #[arg(long, default_value_t = 0)]
     proxy_workers: usize,
+    /// Also measure relay-floor's tokio and io_uring relays.
+    #[arg(long)]
+    floors: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -42,6 +49,8 @@ enum Target {
     Proxy,
     PgBouncer,
     HaProxy,
+    TokioRelay,
+    UringRelay,
 }
 
 #[derive(Clone)]
@@ -66,7 +75,7 @@ fn main() {
     node.stop(&cluster.host, "fast").unwrap();
     node.start(&cluster.host).unwrap();
 
-    let hop_ports = mtmctl::host::free_ports(2);
+    let hop_ports = mtmctl::host::free_ports(4);
     // Every hop reaches the node through its unix socket.
     let pgb = PgBouncer::start(&cluster.host, &node.socket_dir, node.port, hop_ports[0]);
     let hap = HaProxy::start(&node.socket_dir, node.port, hop_ports[1]);
@@ -74,12 +83,19 @@ fn main() {
         cluster.reconfigure_proxy(|cfg| cfg.proxy.worker_threads = args.proxy_workers);
     }
     let proxy_pid = cluster.proxy().pid().expect("mtm-proxy runs");
-    let targets = [
+    let mut targets = vec![
         (Target::Direct, node.port, None),
         (Target::Proxy, cluster.layout.proxy_port, Some(proxy_pid)),
         (Target::PgBouncer, hop_ports[0], pgb.pid()),
         (Target::HaProxy, hop_ports[1], Some(hap.pid())),
     ];
+    let floors = args.floors.then(|| {
+        let t = Floor::start("tokio", &node.socket_dir, node.port, hop_ports[2]);
+        let u = Floor::start("uring", &node.socket_dir, node.port, hop_ports[3]);
+        targets.push((Target::TokioRelay, hop_ports[2], Some(t.pid())));
+        targets.push((Target::UringRelay, hop_ports[3], Some(u.pid())));
+        (t, u)
+    });
 
     eprintln!("pgbench -i -s {} ...", args.scale);
     pgbench::run(node.port, &["-i", "-q", "-s", &args.scale.to_string()]).expect("pgbench -i");
@@ -119,6 +135,7 @@ fn main() {
     }
     drop(pgb);
     drop(hap);
+    drop(floors);
 
     println!(
         "| workload | clients | direct tps | mtm-proxy tps | PgBouncer tps | HAProxy tps | proxy/direct | pgbouncer/direct | haproxy/direct | proxy/best other hop | latency ms direct / proxy / pgbouncer / haproxy | CPU µs/tx proxy / pgbouncer / haproxy |"
@@ -145,6 +162,27 @@ fn main() {
                 cpu(Target::PgBouncer),
                 cpu(Target::HaProxy),
             );
+        }
+    }
+    if args.floors {
+        println!("\n| workload | clients | mtm-proxy tps | tokio relay tps | io_uring relay tps | HAProxy tps | uring/tokio | proxy/tokio | CPU µs/tx proxy / tokio relay / io_uring relay / haproxy |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for (wi, (wname, _)) in workloads.iter().enumerate() {
+            for &clients in &args.clients {
+                let s = |t| &results[&(wi, clients, t)];
+                let tps = |t| median(s(t).iter().map(|x| x.run.tps));
+                let cpu = |t| us(Some(median(s(t).iter().filter_map(|x| x.cpu_us_per_tx))).filter(|v| !v.is_nan()));
+                let (p, t, u, h) = (tps(Target::Proxy), tps(Target::TokioRelay), tps(Target::UringRelay), tps(Target::HaProxy));
+                println!(
+                    "| {wname} | {clients} | {p:.0} | {t:.0} | {u:.0} | {h:.0} | {:.2} | {:.2} | {} / {} / {} / {} |",
+                    u / t,
+                    p / t,
+                    cpu(Target::Proxy),
+                    cpu(Target::TokioRelay),
+                    cpu(Target::UringRelay),
+                    cpu(Target::HaProxy),
+                );
+            }
         }
     }
     println!(
