@@ -85,7 +85,7 @@ impl Drop for PgBouncer {
 /// HAProxy from Debian's package in TCP mode with one thread, relaying
 /// bytes to one node: what a hop costs when it understands nothing.
 pub struct HaProxy {
-    child: Child,
+    child: KilledOnDrop,
     _dir: tempfile::TempDir,
 }
 
@@ -117,25 +117,28 @@ impl HaProxy {
             .spawn()
             .expect("haproxy must be installed (scripts/lib.sh installs it)");
         wait_listening(port, "haproxy", &log);
-        HaProxy { child, _dir: dir }
+        HaProxy { child: KilledOnDrop(child), _dir: dir }
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.child.0.id() as i32
     }
 }
 
-impl Drop for HaProxy {
+/// A child process killed (and reaped) when this is dropped.
+struct KilledOnDrop(Child);
+
+impl Drop for KilledOnDrop {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
 /// One of `relay-floor`'s relays (`engine`: tokio or uring), the least a
 /// hop written in Rust costs (see `src/relay_floor.rs`).
 pub struct Floor {
-    child: Child,
+    child: KilledOnDrop,
 }
 
 impl Floor {
@@ -148,18 +151,11 @@ impl Floor {
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e} (cargo build --release -p mtm-bench)", exe.display()));
         wait_listening(port, "relay-floor", Path::new("/dev/null"));
-        Floor { child }
+        Floor { child: KilledOnDrop(child) }
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for Floor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.0.id() as i32
     }
 }
 
