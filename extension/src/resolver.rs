@@ -73,6 +73,11 @@ impl Coordinators {
 thread_local! {
     /// Whether this process clears its slots as it exits.
     static CLEARS_AT_EXIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The gid the current transaction noted ([`note_prepare`]) and has
+    /// not prepared yet.
+    static NOTED_NOT_PREPARED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    /// Whether this process already warned of a full table.
+    static WARNED_FULL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// This backend prepares `gid` and will finish it.
@@ -87,6 +92,9 @@ pub fn note_prepare(gid: &str) {
     if !CLEARS_AT_EXIT.replace(true) {
         crate::pg::proc::at_exit(forget_my_gids);
     }
+    // A PREPARE in a failed transaction block is a rollback whose abort
+    // callback already ran: the gid it noted is freed here.
+    transaction_ended(false);
     let me = crate::pg::bgworker::my_pid();
     let mut t = COORDINATORS.exclusive();
     let i = t.find(g).or_else(|| t.slots.iter().position(|s| s.pid == 0));
@@ -100,6 +108,29 @@ pub fn note_prepare(gid: &str) {
         // The PREPARE has not run yet: this is the xid it will prepare.
         s.xid = crate::pg::twophase::top_xid_if_any().into_inner();
         s.prepared_at = 0;
+        NOTED_NOT_PREPARED.set(Some(gid.to_string()));
+    } else if !WARNED_FULL.replace(true) {
+        drop(t);
+        warning!("multimaster: more than {SLOTS} transactions are being prepared at once on this node; conflicts with the others are settled at the lock timeout, and the resolver may roll one back whose commit takes over a second");
+    }
+}
+
+/// The transaction that noted a prepare ([`note_prepare`]) ends: prepared
+/// (`prepared`), its slot stays until the gid is finished or this backend
+/// exits; not prepared — its PREPARE failed (a conflict, a node that
+/// cannot vote, anything PostgreSQL refuses to prepare) or ended as a
+/// plain commit or rollback — the slot is freed now. Left to the backend's
+/// exit, every refused commit of a long-lived session would hold a slot
+/// until the table is full. From the transaction callback: raises nothing.
+pub fn transaction_ended(prepared: bool) {
+    let Some(gid) = NOTED_NOT_PREPARED.take() else { return };
+    if prepared {
+        return;
+    }
+    let me = crate::pg::bgworker::my_pid();
+    let mut t = COORDINATORS.exclusive();
+    if let Some(i) = t.find(gid.as_bytes()).filter(|&i| t.slots[i].pid == me) {
+        t.slots[i].pid = 0;
     }
 }
 

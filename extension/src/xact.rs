@@ -325,6 +325,7 @@ pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
         }
         // The transaction is over (an abort restores the value itself).
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            crate::resolver::transaction_ended(event == pg_sys::XactEvent::XACT_EVENT_PREPARE);
             crate::notify::transaction_ended();
             if event == pg_sys::XactEvent::XACT_EVENT_PREPARE {
                 crate::votes::note_prepared_at(crate::pg::rmgr::wal_insert_position());
@@ -338,6 +339,7 @@ pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             crate::ddl::aborted(0);
+            crate::resolver::transaction_ended(false);
             crate::notify::transaction_ended();
         }
         _ => {}

@@ -259,6 +259,38 @@ fn launcher_pid(cl: &mut Client) -> i32 {
     cl.query_one("select pid from pg_stat_activity where backend_type = 'multimaster launcher'", &[]).unwrap().get(0)
 }
 
+/// A PREPARE that fails frees the note saying which backend coordinates
+/// its gid. Were it kept until the session ends, a long-lived session
+/// refused many times (conflicts, a node that cannot vote) would fill the
+/// table of notes: then conflicts with the node's transactions wait for
+/// the lock timeout, and the resolver takes a live coordinator's prepared
+/// transaction for an orphan and rolls it back.
+#[test]
+fn failed_prepares_of_a_long_lived_session_leave_its_next_commit_to_it() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table lived(id int primary key)");
+    wait_connected(&c);
+    let mut s = client(&c, 1);
+    // More than the 512 notes a node keeps, each way a PREPARE can fail:
+    // refused as it runs (PostgreSQL cannot prepare a transaction that
+    // touched a temporary table; conflicts and unreachable nodes are
+    // refused at the same point), and in a failed transaction block.
+    for i in 0..600 {
+        let e = s.batch_execute(&format!("begin; create temp table if not exists scratch(x int); prepare transaction 'mtm-1-refused-{i}'")).unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+        assert!(s.batch_execute("begin; select 1/0").is_err());
+        s.batch_execute(&format!("prepare transaction 'mtm-1-failed-block-{i}'")).unwrap();
+    }
+    s.batch_execute("begin; insert into lived values (1); prepare transaction 'mtm-1-live'").unwrap();
+    // The resolver looks once a second at this node's gids prepared over
+    // a second ago; give it a few chances to take this one for an orphan.
+    std::thread::sleep(Duration::from_secs(4));
+    let state: String = s.query_one("select mtm.xact_state('mtm-1-live')", &[]).unwrap().get(0);
+    assert_eq!(state, "prepared", "the resolver finished a gid whose coordinator is alive and connected");
+    s.batch_execute("rollback prepared 'mtm-1-live'").unwrap();
+    nothing_prepared(&c, Duration::from_secs(10));
+}
+
 #[test]
 fn the_resolver_commits_a_precommitted_orphan_and_rolls_back_an_undecided_one() {
     let c = TestCluster::start(3);
