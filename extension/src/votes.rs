@@ -341,10 +341,30 @@ impl<'a> Awaiting<'a> {
     /// set when one comes).
     fn register(key: &'a str) -> Self {
         let me_proc = my_procno();
+        // A backend ended by FATAL (pg_terminate_backend, or its client
+        // found gone by client_connection_check_interval while it waits
+        // here) never runs Drop: its slots are freed as it exits, or they
+        // would stay taken, and once the table is full no commit could
+        // wait for its votes.
+        if !RELEASES_AT_EXIT.replace(true) {
+            crate::pg::proc::at_exit(release_my_waits);
+        }
         if let Err(e) = PEER_VOTES.exclusive().0.wait(key, me_proc) {
             error!("multimaster: cannot wait for the peers' answers on {key}: {e}");
         }
         Awaiting(key)
+    }
+}
+
+thread_local! {
+    /// Whether this process frees its waits as it exits.
+    static RELEASES_AT_EXIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// This process exits: it waits for nothing any more.
+fn release_my_waits() {
+    if let Some(me) = crate::pg::proc::my_procno() {
+        PEER_VOTES.exclusive().0.release_waiter(me);
     }
 }
 

@@ -217,6 +217,16 @@ impl Tally {
         }
     }
 
+    /// Process `waiter` exits: forget what it waited for. A wait normally
+    /// ends with [`Tally::release`]; a process that ends without unwinding
+    /// (FATAL: terminated, or its client found gone) would otherwise keep
+    /// its slots for good, as no slot with a waiter is ever evicted.
+    pub fn release_waiter(&mut self, waiter: i32) {
+        for s in self.slots.iter_mut().filter(|s| s.used && s.waiter == waiter) {
+            *s = EMPTY;
+        }
+    }
+
     /// Slots in use (for monitoring and tests).
     pub fn in_use(&self) -> usize {
         self.slots.iter().filter(|s| s.used).count()
@@ -302,6 +312,23 @@ mod tests {
         t.record("early", 2, None).unwrap();
         t.wait("early", 1).unwrap();
         assert_eq!(t.outcome("early", &[2]), Outcome::Yes);
+    }
+
+    #[test]
+    fn a_waiter_that_exits_leaves_no_slot_behind() {
+        let mut t = boxed();
+        t.wait("mtm-1-a", 7).unwrap();
+        t.wait("mtm-1-b#committed", 7).unwrap();
+        t.wait("mtm-1-c", 8).unwrap();
+        t.release_waiter(7);
+        assert_eq!(t.in_use(), 1, "only process 8's wait is left");
+        // The exited process's slots were not merely unwaited: a full
+        // table of its leftovers would refuse every new wait.
+        for i in 0..SLOTS - 1 {
+            t.wait(&format!("mtm-1-{i}"), 9).unwrap();
+        }
+        t.release_waiter(9);
+        t.wait("mtm-1-after", 10).unwrap();
     }
 
     #[test]

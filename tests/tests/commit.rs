@@ -1,8 +1,7 @@
 //! The synchronous commit path through the proxy of a 3-node cluster:
 //! sessions spread over the nodes (the test asserts they are), every
-//! outcome checked on every node directly. Tables are created on every
-//! node (DDL is not replicated yet); every row is written through the
-//! proxy.
+//! outcome checked on every node directly. Tables are created and rows
+//! written through the proxy.
 
 use mtm_tests::cluster::{client, converge, nothing_prepared, prepared, proxy_client, schema, signal_node, sqlstate, wait_connected};
 use mtmctl::testing::TestCluster;
@@ -1239,4 +1238,63 @@ fn big_queries_and_binds_from_many_clients_pass_through_in_bounded_memory() {
         let n: i64 = client(&c, id).query_one("select count(*) from blob where length(v) = $1", &[&(SIZE as i32)]).unwrap().get(0);
         assert_eq!(n, CLIENTS as i64, "node{id}");
     }
+}
+
+/// A backend ended by FATAL while it waits for its peers' answers (here
+/// `pg_terminate_backend`; in production also `client_connection_check_interval`
+/// finding that its proxy is gone) frees its places in the node's vote
+/// table, which holds 1024 waits and never evicts one: more such ends than
+/// that must leave the node committing.
+#[test]
+fn backends_terminated_while_they_wait_for_answers_leave_the_vote_table_usable() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table after_terminations(id int primary key)");
+    wait_connected(&c);
+    let conninfo = c.node(1).admin_conninfo("postgres");
+    let next = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (conninfo, next) = (conninfo.clone(), next.clone());
+            std::thread::spawn(move || {
+                let mut admin = Client::connect(&conninfo, postgres::NoTls).unwrap();
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= 1100 {
+                        break;
+                    }
+                    let mut waiter = Client::connect(&conninfo, postgres::NoTls).unwrap();
+                    let pid: i32 = waiter.query_one("select pg_backend_pid()", &[]).unwrap().get(0);
+                    // Acks of a commit nobody makes: it waits until ended.
+                    let gid = format!("mtm-1-gone-{i}");
+                    let wait = std::thread::spawn(move || waiter.query_one("select mtm.await_commits($1, 600000)", &[&gid]).map(drop));
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while !admin
+                        .query_one("select exists (select from pg_stat_activity where pid = $1 and wait_event = 'Extension')", &[&pid])
+                        .unwrap()
+                        .get::<_, bool>(0)
+                    {
+                        if wait.is_finished() {
+                            let e = wait.join().unwrap().unwrap_err();
+                            panic!("wait {i}: backend {pid} could not wait for the acks: {e:?}");
+                        }
+                        assert!(Instant::now() < deadline, "backend {pid} never waited for the acks");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    admin.execute("select pg_terminate_backend($1)", &[&pid]).unwrap();
+                    assert!(wait.join().unwrap().is_err(), "backend {pid} was terminated");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut s = sessions(&c, 3);
+    let homes: BTreeSet<i32> = s.iter_mut().map(port_of).collect();
+    assert_eq!(homes.len(), 3, "one session on each node");
+    for (i, cl) in s.iter_mut().enumerate() {
+        cl.batch_execute(&format!("insert into after_terminations values ({i})"))
+            .unwrap_or_else(|e| panic!("session {i} (on port {}): {} {:?}", port_of(cl), sqlstate(&e), e.as_db_error().map(|d| d.message())));
+    }
+    converge(&c, &["after_terminations"]);
 }
