@@ -15,7 +15,6 @@ use crate::net::stream::ServerStream;
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -67,7 +66,7 @@ pub async fn connect<C: AsyncRead + AsyncWrite + Unpin>(
     addr: &str,
     host: &str,
     settings: &BackendSettings,
-    connect_timeout: Duration,
+    limits: &crate::config::Limits,
     params: &[(String, String)],
     auth: NodeAuth<'_, C>,
 ) -> Result<ServerConn, ConnectError> {
@@ -82,9 +81,13 @@ pub async fn connect<C: AsyncRead + AsyncWrite + Unpin>(
         }
         let tcp = TcpStream::connect(addr).await.map_err(|e| ConnectError::Unreachable(format!("connect to {addr}: {e}")))?;
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = crate::net::keepalive::enable(&tcp, limits.tcp_keepalive) {
+            tracing::warn!(error = %e, addr, "cannot set TCP keepalive on a node connection");
+        }
         let stream = negotiate_tls(tcp, host, settings).await?;
         Ok::<_, ConnectError>(stream)
     };
+    let connect_timeout = limits.server_connect_timeout;
     let mut stream = tokio::time::timeout(connect_timeout, fut)
         .await
         .map_err(|_| ConnectError::Unreachable(format!("connect to {addr}: timed out after {connect_timeout:?}")))??;

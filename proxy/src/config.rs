@@ -84,6 +84,10 @@ pub struct Limits {
     /// TCP connect + startup to a node.
     #[serde(with = "humantime_serde")]
     pub server_connect_timeout: Duration,
+    /// TCP keepalive of client and node connections ([`crate::net::keepalive`]).
+    /// 0s: the system's settings.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
 }
 
 impl Default for Limits {
@@ -94,6 +98,7 @@ impl Default for Limits {
             client_login_timeout: Duration::from_secs(60),
             client_idle_timeout: Duration::ZERO,
             server_connect_timeout: Duration::from_secs(5),
+            tcp_keepalive: Duration::from_secs(10),
         }
     }
 }

@@ -68,7 +68,7 @@ async fn run_on(shared: &Shared, side: &SideLogin, idx: usize, sql: &str) -> Res
     let node = &shared.router.nodes[idx].config;
     let live = shared.live.load();
     let auth: NodeAuth<ClientStream> = NodeAuth::Password { user: &side.user, password: side.password.as_deref() };
-    let mut conn = backend::connect(&node.addr(), &node.host, &shared.backend, live.config.limits.server_connect_timeout, &side.params, auth)
+    let mut conn = backend::connect(&node.addr(), &node.host, &shared.backend, &live.config.limits, &side.params, auth)
         .await
         .map_err(|e| ("57P03".to_string(), format!("cannot open a session there: {e}")))?;
     let mut body = sql.as_bytes().to_vec();

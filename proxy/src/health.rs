@@ -23,13 +23,13 @@ pub async fn run(shared: Arc<Shared>) {
             let shared = shared.clone();
             let node = node.clone();
             let timeout = routing.health_check_timeout;
-            let connect_timeout = live.config.limits.server_connect_timeout;
+            let limits = live.config.limits.clone();
             let password = live.config.backend.password.clone();
             async move {
                 let user = params[0].1.clone();
                 let auth: NodeAuth<'_, tokio::io::Empty> = NodeAuth::Password { user: &user, password: password.as_deref() };
                 let addr = node.config.addr();
-                let fut = backend::connect(&addr, &node.config.host, &shared.backend, connect_timeout, &params, auth);
+                let fut = backend::connect(&addr, &node.config.host, &shared.backend, &limits, &params, auth);
                 match tokio::time::timeout(timeout, fut).await {
                     Ok(Ok(mut conn)) => {
                         let _ = conn.stream.write_all(&[b'X', 0, 0, 0, 4]).await;

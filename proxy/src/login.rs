@@ -244,7 +244,7 @@ async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
     if let Some(idx) = pinned {
         let lease = shared.router.lease(idx);
         let node = lease.node.config.clone();
-        return match backend::connect(&node.addr(), &node.host, &shared.backend, live.config.limits.server_connect_timeout, params, auth).await {
+        return match backend::connect(&node.addr(), &node.host, &shared.backend, &live.config.limits, params, auth).await {
             Ok(conn) => Ok((conn, lease)),
             Err(ConnectError::Unreachable(msg)) => Err(ConnectError::Proxy(
                 PgError::fatal("57P03", format!("node {} is not available", node.name))
@@ -255,7 +255,7 @@ async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
     }
     let mut tried = Vec::new();
     let mut last = ConnectError::Unreachable("every node is marked down".into());
-    let (routing, connect_timeout) = (&live.config.routing, live.config.limits.server_connect_timeout);
+    let routing = &live.config.routing;
     while let Some((idx, lease)) = shared.router.pick(&tried, routing) {
         tried.push(idx);
         let node = &lease.node.config;
@@ -263,7 +263,7 @@ async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
             NodeAuth::Relay(c) => NodeAuth::Relay(&mut **c),
             NodeAuth::Password { user, password } => NodeAuth::Password { user, password: *password },
         };
-        match backend::connect(&node.addr(), &node.host, &shared.backend, connect_timeout, params, attempt).await {
+        match backend::connect(&node.addr(), &node.host, &shared.backend, &live.config.limits, params, attempt).await {
             Ok(conn) => return Ok((conn, lease)),
             Err(ConnectError::Unreachable(msg)) => {
                 lease.node.mark_down(&msg);

@@ -57,6 +57,9 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
             accepted = tcp.accept() => match accepted {
                 Ok((socket, peer)) => {
                     let _ = socket.set_nodelay(true);
+                    if let Err(e) = crate::net::keepalive::enable(&socket, shared.live.load().config.limits.tcp_keepalive) {
+                        tracing::warn!(error = %e, %peer, "cannot set TCP keepalive on a client connection");
+                    }
                     match socket.into_std() {
                         Ok(s) => workers.hand_over(Accepted::Tcp(s, peer)),
                         Err(e) => tracing::warn!(error = %e, "cannot detach an accepted connection"),

@@ -635,3 +635,58 @@ fn reload_reaches_sessions_already_open() {
     assert_eq!(sqlstate(&body), "57P05");
     assert!(waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4), "closed after {waited:?}");
 }
+
+/// TCP keepalive is on, with the configured time, on the proxy's client
+/// connections and on its connections to nodes it reaches over TCP
+/// (`limits.tcp_keepalive`): a peer whose host vanished without closing
+/// the connection is noticed instead of being waited for forever. Read
+/// from the kernel's own socket table (`ss`), as an operator would.
+#[test]
+fn client_and_node_connections_are_kept_alive() {
+    let c = TestCluster::start(3);
+    c.reconfigure_proxy(|cfg| {
+        cfg.limits.tcp_keepalive = Duration::from_secs(37);
+        for n in &mut cfg.nodes {
+            n.host = "127.0.0.1".into();
+        }
+    });
+    let port = c.layout.proxy_port;
+    let mut sessions: Vec<Client> = (0..3).map(|_| connect(port, "postgres")).collect();
+    let homes: std::collections::BTreeSet<i32> =
+        sessions.iter_mut().map(|s| s.query_one("select current_setting('port')::int", &[]).unwrap().get(0)).collect();
+    assert_eq!(homes.len(), 3, "one session on each node: {homes:?}");
+    let proxy = c.proxy().pid().expect("the proxy runs");
+    // Columns: Recv-Q Send-Q local peer process timer.
+    let ports = |line: &str| -> (u16, u16) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let port = |a: &str| a.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (port(f[2]), port(f[3]))
+    };
+    // A socket with data in flight shows its retransmission timer instead:
+    // look again until the idle sessions' sockets all show theirs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new("ss").args(["-tnopH", "state", "established"]).output().expect("ss (iproute2)");
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        let proxys: Vec<&str> = table.lines().filter(|l| l.contains(&format!("pid={proxy},"))).collect();
+        let clients: Vec<&&str> = proxys.iter().filter(|l| ports(l).0 == port).collect();
+        let nodes: Vec<&&str> = proxys.iter().filter(|l| homes.contains(&(ports(l).1 as i32))).collect();
+        assert!(clients.len() >= 3 && nodes.len() >= 3, "the proxy's client and node connections:\n{}", proxys.join("\n"));
+        // The time left to the first probe: within the configured 37 s,
+        // above the default 10 s.
+        let probe_in = |l: &str| {
+            let t = l.split("timer:(keepalive,").nth(1)?.split(',').next()?;
+            t.strip_suffix("sec")?.parse::<f64>().ok()
+        };
+        if clients.iter().chain(&nodes).all(|l| probe_in(l).is_some()) {
+            for l in clients.iter().chain(&nodes) {
+                let t = probe_in(l).unwrap();
+                assert!(t > 10.0 && t <= 37.0, "keepalive not as configured (37 s):\n{l}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "a connection of the proxy without keepalive:\n{}", proxys.join("\n"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(sessions);
+}
