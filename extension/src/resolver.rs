@@ -97,7 +97,13 @@ pub fn note_prepare(gid: &str) {
     transaction_ended(false);
     let me = crate::pg::bgworker::my_pid();
     let mut t = COORDINATORS.exclusive();
-    let i = t.find(g).or_else(|| t.slots.iter().position(|s| s.pid == 0));
+    let i = match t.find(g) {
+        // Another backend prepared this gid and coordinates it: this
+        // PREPARE fails as a duplicate, and must not take that note.
+        Some(i) if t.slots[i].pid != me => return,
+        Some(i) => Some(i),
+        None => t.slots.iter().position(|s| s.pid == 0),
+    };
     // A full table only means the resolver may roll back a gid whose
     // coordinator is slow, which that coordinator then reports (40003).
     if let Some(i) = i {

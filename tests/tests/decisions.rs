@@ -260,7 +260,8 @@ fn launcher_pid(cl: &mut Client) -> i32 {
 }
 
 /// A PREPARE that fails frees the note saying which backend coordinates
-/// its gid. Were it kept until the session ends, a long-lived session
+/// its gid (and never takes another backend's, when it fails because that
+/// one prepared the same gid). Were it kept until the session ends, a long-lived session
 /// refused many times (conflicts, a node that cannot vote) would fill the
 /// table of notes: then conflicts with the node's transactions wait for
 /// the lock timeout, and the resolver takes a live coordinator's prepared
@@ -282,6 +283,12 @@ fn failed_prepares_of_a_long_lived_session_leave_its_next_commit_to_it() {
         s.batch_execute(&format!("prepare transaction 'mtm-1-failed-block-{i}'")).unwrap();
     }
     s.batch_execute("begin; insert into lived values (1); prepare transaction 'mtm-1-live'").unwrap();
+    // Another session that tries the same gid fails as a duplicate, and
+    // must not take the live coordinator's note with it.
+    let mut other = client(&c, 1);
+    let e = other.batch_execute("begin; prepare transaction 'mtm-1-live'").unwrap_err();
+    assert_eq!(sqlstate(&e), "42710", "{e:?}");
+    drop(other);
     // The resolver looks once a second at this node's gids prepared over
     // a second ago; give it a few chances to take this one for an orphan.
     std::thread::sleep(Duration::from_secs(4));
