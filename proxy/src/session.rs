@@ -98,6 +98,23 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
             refuse(&mut client, peer, &PgError::fatal("57P05", "terminating connection due to idle-session timeout")).await;
         }
         End::ServerProtocol(e) => tracing::warn!(%peer, node = %node_name, "node stream broken: {e}"),
+        End::NodeLost => {
+            let e = PgError::fatal("08006", format!("lost the connection to node {node_name}"))
+                .with_hint("The session has ended; a transaction open in it was rolled back. Connect again to go on (on a node that is up).");
+            refuse(&mut client, peer, &e).await;
+        }
+        End::CommitInDoubt(gid) => {
+            tracing::warn!(%peer, node = %node_name, gid, "lost the connection to the node during a commit; its outcome is left to the cluster");
+            metrics::counter!("mtm_proxy_commits_total", "outcome" => "unknown").increment(1);
+            let e = PgError::fatal(
+                "40003",
+                format!("lost the connection to node {node_name} while transaction {gid} was being committed, so whether it committed is not known"),
+            )
+            .with_hint(format!(
+                "The cluster finishes it within seconds: committed if every node voted yes, rolled back otherwise. Before retrying, check whether its changes are there (SELECT mtm.xact_state('{gid}') on any node tells how it ended)."
+            ));
+            refuse(&mut client, peer, &e).await;
+        }
         _ => {}
     }
     if !matches!(end, End::ServerClosed | End::ClientTerminated) {
@@ -123,6 +140,12 @@ pub enum End {
     ServerClosed,
     ServerIo,
     ServerProtocol(String),
+    /// The node's connection broke (or closed without a FATAL of its own)
+    /// outside a commit: the client gets 08006.
+    NodeLost,
+    /// It broke during the commit of this gid, whose outcome the proxy
+    /// cannot know: the client gets 40003.
+    CommitInDoubt(String),
 }
 
 /// Per-session handles so the hot path does no metric lookups. No

@@ -161,10 +161,18 @@ pub mod cluster {
         let deadline = Instant::now() + Duration::from_secs(60);
         for id in 1..=c.layout.node_ports.len() {
             loop {
-                let linked: i64 = client(c, id)
-                    .query_one("select count(*) from mtm.nodes() where not is_self and receiver_pid is not null and sender_pid is not null", &[])
-                    .unwrap()
-                    .get(0);
+                // A node starting or in crash recovery refuses connections
+                // for a while (57P03): wait for it as well.
+                let linked: i64 = match Client::connect(&c.node(id).admin_conninfo("postgres"), NoTls).and_then(|mut cl| {
+                    cl.query_one("select count(*) from mtm.nodes() where not is_self and receiver_pid is not null and sender_pid is not null", &[])
+                }) {
+                    Ok(row) => row.get(0),
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "node{id} does not answer: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
                 if linked == n - 1 {
                     break;
                 }

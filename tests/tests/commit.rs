@@ -1298,3 +1298,57 @@ fn backends_terminated_while_they_wait_for_answers_leave_the_vote_table_usable()
     }
     converge(&c, &["after_terminations"]);
 }
+
+/// A node lost under a session is reported with a SQLSTATE, never as a
+/// bare closed connection: its backend killed (-9) while the proxy
+/// commits the session's transaction gives 40003 naming the gid, whose
+/// outcome the proxy cannot know (the cluster then finishes it the same
+/// way everywhere); killed during a plain statement, 08006.
+#[test]
+fn a_node_lost_during_a_commit_or_a_statement_is_reported_with_its_sqlstate() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table doubt(id int primary key)");
+    wait_connected(&c);
+    let pinned = || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // Node 1 restarts after each kill: wait until it takes sessions.
+            match Client::connect(&format!("{} options='-c multimaster.node=1'", c.proxy_conninfo("postgres")), postgres::NoTls) {
+                Ok(cl) => return cl,
+                Err(e) => assert!(Instant::now() < deadline, "node 1 never came back: {e:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let kill_backend = |pid: i32| assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+
+    // Node 2 frozen holds the commit in mtm.await_votes (up to 3 s, until
+    // it counts as unreachable); the session's backend dies meanwhile.
+    let mut s = pinned();
+    let pid: i32 = s.query_one("select pg_backend_pid()", &[]).unwrap().get(0);
+    signal_node(&c, 2, "-STOP");
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1000));
+        kill_backend(pid);
+    });
+    let outcome = s.batch_execute("insert into doubt values (1)");
+    signal_node(&c, 2, "-CONT");
+    killer.join().unwrap();
+    let e = outcome.expect_err("the commit's node was killed under it");
+    assert_eq!(sqlstate(&e), "40003", "{e:?}");
+    let message = e.as_db_error().unwrap().message();
+    assert!(message.contains("mtm-1-") && message.contains("not known"), "{message}");
+    wait_connected(&c);
+    nothing_prepared(&c, Duration::from_secs(60));
+    converge(&c, &["doubt"]);
+
+    let mut reading = pinned();
+    let pid: i32 = reading.query_one("select pg_backend_pid()", &[]).unwrap().get(0);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        kill_backend(pid);
+    });
+    let e = reading.batch_execute("select pg_sleep(10)").expect_err("the session's node was killed");
+    killer.join().unwrap();
+    assert_eq!(sqlstate(&e), "08006", "{e:?}");
+}

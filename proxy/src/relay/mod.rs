@@ -100,12 +100,25 @@ struct Link<CW> {
     status: AtomicU8,
     /// The node said the open transaction wrote to a replicated table.
     wrote: AtomicBool,
+    /// The gid of the commit under way, from its PREPARE until its outcome
+    /// is known: should the node's connection break meanwhile, the client
+    /// is told its commit is in doubt ([`End::CommitInDoubt`]).
+    committing: Mutex<Option<String>>,
+    /// The node sent a FATAL error (passed on to the client, which then
+    /// knows why the session ends).
+    node_fatal: AtomicBool,
     client: tokio::sync::Mutex<CW>,
 }
 
 impl<CW: AsyncWrite + Unpin> Link<CW> {
     fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
         self.expect.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From the PREPARE of the commit of `gid` (Some) until its outcome
+    /// is known (None).
+    fn set_committing(&self, gid: Option<&str>) {
+        *self.committing.lock().unwrap_or_else(|e| e.into_inner()) = gid.map(str::to_string);
     }
 
     fn set_status(&self, status: u8) {
@@ -134,6 +147,8 @@ where
         progressed: Notify::new(),
         status: AtomicU8::new(initial_status),
         wrote: AtomicBool::new(false),
+        committing: Mutex::new(None),
+        node_fatal: AtomicBool::new(false),
         client: tokio::sync::Mutex::new(cw),
     };
     let mut driver = Driver {
@@ -149,10 +164,16 @@ where
         wake: Box::pin(tokio::time::sleep(RECHECK)),
     };
     let responder = Responder { link: &link, ctx, out: BytesMut::new(), held_complete: None, held_error: false, captured: Vec::new(), fire: Vec::new(), progressed: false };
-    tokio::select! {
+    let end = tokio::select! {
         biased;
         end = driver.run(cr) => end,
         end = responder.run(sr) => end,
+    };
+    let committing = link.committing.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match (end, committing) {
+        (End::ServerClosed | End::ServerIo | End::ServerProtocol(_), Some(gid)) => End::CommitInDoubt(gid),
+        (End::ServerClosed | End::ServerIo, None) if !link.node_fatal.load(Ordering::Relaxed) => End::NodeLost,
+        (end, _) => end,
     }
 }
 

@@ -160,6 +160,9 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
         if let Some(s) = status {
             self.link.set_status(s);
         }
+        if tag == b'E' && matches!(crate::net::scan::error_field(body, b'V').as_deref(), Some("FATAL" | "PANIC")) {
+            self.link.node_fatal.store(true, Ordering::Relaxed);
+        }
         let Some(front) = queue.front_mut() else {
             // Nothing expected (e.g. a notice between units): pass it on.
             self.out.extend_from_slice(raw);

@@ -314,6 +314,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             (live.config.commit.vote_timeout, live.config.commit.visible_everywhere)
         };
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(&gid));
+        self.link.set_committing(Some(&gid));
         let mut answers = self.own(&[&prepare, &commit::await_votes_sql(&gid, timeout)]).await?;
         let votes = answers.pop().unwrap_or_default();
         let prepared = answers.pop().unwrap_or_default();
@@ -350,6 +351,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 Votes::Undecided(e) => Err(Raw::from(e)),
             }
         };
+        self.link.set_committing(None);
         let label = if outcome.is_ok() { "committed" } else { "aborted" };
         metrics::counter!("mtm_proxy_commits_total", "outcome" => label).increment(1);
         metrics::histogram!("mtm_proxy_commit_duration_seconds").record(started.elapsed().as_secs_f64());
