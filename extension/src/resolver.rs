@@ -71,8 +71,6 @@ impl Coordinators {
 }
 
 thread_local! {
-    /// Whether this process clears its slots as it exits.
-    static CLEARS_AT_EXIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The gid the current transaction noted ([`note_prepare`]) and has
     /// not prepared yet.
     static NOTED_NOT_PREPARED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
@@ -89,9 +87,7 @@ pub fn note_prepare(gid: &str) {
     // A slot outliving its backend would name a pid the kernel may give
     // to another process, which would pass for the gid's coordinator and
     // keep the resolver away from it.
-    if !CLEARS_AT_EXIT.replace(true) {
-        crate::pg::proc::at_exit(forget_my_gids);
-    }
+    crate::pg::proc::at_exit(forget_my_gids);
     // A PREPARE in a failed transaction block is a rollback whose abort
     // callback already ran: the gid it noted is freed here.
     transaction_ended(false);

@@ -346,19 +346,12 @@ impl<'a> Awaiting<'a> {
         // here) never runs Drop: its slots are freed as it exits, or they
         // would stay taken, and once the table is full no commit could
         // wait for its votes.
-        if !RELEASES_AT_EXIT.replace(true) {
-            crate::pg::proc::at_exit(release_my_waits);
-        }
+        crate::pg::proc::at_exit(release_my_waits);
         if let Err(e) = PEER_VOTES.exclusive().0.wait(key, me_proc) {
             error!("multimaster: cannot wait for the peers' answers on {key}: {e}");
         }
         Awaiting(key)
     }
-}
-
-thread_local! {
-    /// Whether this process frees its waits as it exits.
-    static RELEASES_AT_EXIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// This process exits: it waits for nothing any more.

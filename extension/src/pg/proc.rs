@@ -114,10 +114,27 @@ pub fn set_latch_of(procno: i32) {
     unsafe { pg_sys::SetLatch(&raw mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch) };
 }
 
+thread_local! {
+    /// The functions [`at_exit`] registered in this process.
+    static AT_EXIT: std::cell::RefCell<Vec<fn()>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Runs `f` as this process exits normally or after an ERROR or FATAL
 /// (PostgreSQL's `before_shmem_exit`, shared memory still attached). A
 /// crash resets shared memory, so what `f` cleans up there is gone anyway.
+/// Registers `f` once per process however often it is called, so callers
+/// may ask on every use of what `f` cleans up.
 pub fn at_exit(f: fn()) {
+    let new = AT_EXIT.with_borrow_mut(|registered| {
+        let new = !registered.iter().any(|&g| std::ptr::fn_addr_eq(g, f));
+        if new {
+            registered.push(f);
+        }
+        new
+    });
+    if !new {
+        return;
+    }
     #[pgrx::pg_guard]
     unsafe extern "C-unwind" fn call(_code: std::ffi::c_int, arg: pg_sys::Datum) {
         // SAFETY: `arg` is the `fn()` that at_exit registered, as a
