@@ -117,7 +117,9 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
         }
         _ => {}
     }
-    if !matches!(end, End::ServerClosed | End::ClientTerminated) {
+    // A connection the node closed (NodeLost: closed or broken) has no
+    // backend left to tell.
+    if !matches!(end, End::ServerClosed | End::NodeLost | End::ClientTerminated) {
         // Tell the node we are leaving so its backend ends at once.
         let _ = server.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
     }
