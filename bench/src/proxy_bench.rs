@@ -144,9 +144,9 @@ fn main() {
     for (wi, (wname, _)) in workloads.iter().enumerate() {
         for &clients in &args.clients {
             let s = |t| &results[&(wi, clients, t)];
-            let tps = |t| median(s(t).iter().map(|x| x.run.tps));
+            let tps = |t| median_tps(s(t));
             let lat = |t| median(s(t).iter().map(|x| x.run.latency_ms));
-            let cpu = |t| us(Some(median(s(t).iter().filter_map(|x| x.cpu_us_per_tx))).filter(|v| !v.is_nan()));
+            let cpu = |t| median_cpu(s(t));
             let (d, p, b, h) = (tps(Target::Direct), tps(Target::Proxy), tps(Target::PgBouncer), tps(Target::HaProxy));
             println!(
                 "| {wname} | {clients} | {d:.0} | {p:.0} | {b:.0} | {h:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} / {:.3} / {:.3} / {:.3} | {} / {} / {} |",
@@ -170,8 +170,8 @@ fn main() {
         for (wi, (wname, _)) in workloads.iter().enumerate() {
             for &clients in &args.clients {
                 let s = |t| &results[&(wi, clients, t)];
-                let tps = |t| median(s(t).iter().map(|x| x.run.tps));
-                let cpu = |t| us(Some(median(s(t).iter().filter_map(|x| x.cpu_us_per_tx))).filter(|v| !v.is_nan()));
+                let tps = |t| median_tps(s(t));
+                let cpu = |t| median_cpu(s(t));
                 let (p, t, u, h) = (tps(Target::Proxy), tps(Target::TokioRelay), tps(Target::UringRelay), tps(Target::HaProxy));
                 println!(
                     "| {wname} | {clients} | {p:.0} | {t:.0} | {u:.0} | {h:.0} | {:.2} | {:.2} | {} / {} / {} / {} |",
@@ -189,6 +189,17 @@ fn main() {
         "\nmedian of {} rounds of {} s each; pgbench -j 2, scale {}; CPU = user+system time of the hop's process (all threads) / committed transactions",
         args.rounds, args.duration, args.scale
     );
+}
+
+/// The median TPS of a target's runs.
+fn median_tps(samples: &[Sample]) -> f64 {
+    median(samples.iter().map(|x| x.run.tps))
+}
+
+/// The median CPU µs per transaction of a hop's runs, printed ("-" for
+/// direct, which has no hop).
+fn median_cpu(samples: &[Sample]) -> String {
+    us(Some(median(samples.iter().filter_map(|x| x.cpu_us_per_tx))).filter(|v| !v.is_nan()))
 }
 
 fn us(v: Option<f64>) -> String {
