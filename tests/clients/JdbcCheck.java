@@ -1,8 +1,12 @@
-// The PostgreSQL JDBC driver through mtm-proxy: TLS + SCRAM, prepared
-// statements (server-side from the first use), a portal fetched in chunks
-// (fetch size), COPY in and out (CopyManager), an error inside a
-// transaction then ROLLBACK, LISTEN/NOTIFY, and Statement.cancel() of
-// pg_sleep. Settings from PG*; prints OK on success.
+// The PostgreSQL JDBC driver through mtm-proxy of a 3-node cluster: TLS +
+// SCRAM, prepared statements (server-side from the first use), a portal
+// fetched in chunks (fetch size), COPY in and out (CopyManager), batches,
+// transactions ended by Connection.commit() (pgjdbc sends COMMIT as a
+// prepared statement), an error inside a transaction then ROLLBACK, LISTEN
+// on one node and NOTIFY from another, two sessions on different nodes
+// updating one row (exactly one 40001), and Statement.cancel() of
+// pg_sleep. Settings from PG*; prints OK on success; the test then checks
+// every node directly.
 import java.io.*;
 import java.sql.*;
 import java.util.Properties;
@@ -20,6 +24,13 @@ public class JdbcCheck {
         p.setProperty("sslfactory", "org.postgresql.ssl.NonValidatingFactory");
         p.setProperty("prepareThreshold", "1");
         return DriverManager.getConnection(url, p);
+    }
+
+    static String nodeOf(Connection c) throws SQLException {
+        try (Statement s = c.createStatement(); ResultSet rs = s.executeQuery("select current_setting('port')")) {
+            rs.next();
+            return rs.getString(1);
+        }
     }
 
     static void check(boolean ok, String what) {
@@ -58,9 +69,25 @@ public class JdbcCheck {
                 catch (SQLException e) { check("25P02".equals(e.getSQLState()), "in failed transaction: " + e.getSQLState()); }
             }
             c.rollback();
+
+            // Batches in transactions ended by commit(), prepared COMMIT
+            // included (prepareThreshold=1), several times over.
+            for (int t = 0; t < 5; t++) {
+                try (PreparedStatement ps = c.prepareStatement("insert into jdb values (?, ?)")) {
+                    for (int i = 0; i < 20; i++) { ps.setInt(1, 2000 + t * 20 + i); ps.setString(2, "b"); ps.addBatch(); }
+                    int[] counts = ps.executeBatch();
+                    check(counts.length == 20, "batch");
+                }
+                c.commit();
+            }
             c.setAutoCommit(true);
+            try (Statement s = c.createStatement(); ResultSet rs = s.executeQuery("select count(*) from jdb")) {
+                rs.next();
+                check(rs.getInt(1) == 1150, "rows after batches: " + rs.getInt(1));
+            }
 
             try (Connection l = connect(); Statement ls = l.createStatement(); Statement s = c.createStatement()) {
+                check(!nodeOf(l).equals(nodeOf(c)), "listener and talker on different nodes");
                 ls.execute("listen jdb_chan");
                 s.execute("notify jdb_chan, 'hi'");
                 PGNotification[] got = l.unwrap(PGConnection.class).getNotifications(10000);
@@ -74,6 +101,37 @@ public class JdbcCheck {
                 catch (SQLException e) { check("57014".equals(e.getSQLState()), "cancel: " + e.getSQLState()); }
                 t.join();
                 try (ResultSet rs = s.executeQuery("select 1")) { rs.next(); check(rs.getInt(1) == 1, "after cancel"); }
+            }
+        }
+        // Two sessions on different nodes update one row and commit
+        // together: exactly one commits, the other gets 40001.
+        try (Connection a = connect(); Connection b = connect()) {
+            check(!nodeOf(a).equals(nodeOf(b)), "the two writers on different nodes");
+            try (Statement s = a.createStatement()) {
+                s.execute("drop table if exists jdb_acc; create table jdb_acc(id int primary key, v int)");
+                s.execute("insert into jdb_acc values (1, 0)");
+            }
+            a.setAutoCommit(false);
+            b.setAutoCommit(false);
+            for (int round = 0; round < 3; round++) {
+                for (Connection x : new Connection[] {a, b}) {
+                    try (Statement s = x.createStatement()) { s.executeUpdate("update jdb_acc set v = v + 1 where id = 1"); }
+                }
+                String[] outcome = new String[2];
+                Thread[] threads = new Thread[2];
+                Connection[] both = {a, b};
+                for (int i = 0; i < 2; i++) {
+                    final int k = i;
+                    threads[i] = new Thread(() -> {
+                        try { both[k].commit(); outcome[k] = "ok"; }
+                        catch (SQLException e) { outcome[k] = e.getSQLState(); }
+                    });
+                    threads[i].start();
+                }
+                for (Thread t : threads) t.join();
+                check(("ok".equals(outcome[0]) && "40001".equals(outcome[1])) || ("40001".equals(outcome[0]) && "ok".equals(outcome[1])),
+                    "exactly one of two conflicting commits: " + outcome[0] + " " + outcome[1]);
+                for (Connection x : both) x.rollback();
             }
         }
         System.out.println("OK jdbc");

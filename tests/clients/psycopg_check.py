@@ -1,7 +1,10 @@
-"""psycopg 3 through mtm-proxy: TLS + SCRAM, prepared statements, a portal
-fetched in chunks, COPY in and out, an error inside a transaction then
-ROLLBACK, LISTEN/NOTIFY, and a cancel of pg_sleep. Connection settings come
-from the PG* environment variables. Prints OK on success; raises otherwise."""
+"""psycopg 3 through mtm-proxy of a 3-node cluster: TLS + SCRAM, prepared
+statements, a portal fetched in chunks, COPY in and out, an error inside a
+transaction then ROLLBACK, pipelines with an error in a segment, LISTEN on
+one node and NOTIFY from another, two sessions on different nodes updating
+one row (exactly one SerializationFailure), and a cancel of pg_sleep.
+Connection settings come from the PG* environment variables. Prints OK on
+success; raises otherwise. The test then checks every node directly."""
 import threading
 import time
 
@@ -52,8 +55,38 @@ with psycopg.connect(conninfo, prepare_threshold=0) as conn:
     conn.rollback()
     assert conn.execute("select count(*) from psy").fetchone()[0] == 1050
 
-# LISTEN/NOTIFY between two sessions.
+
+def node_of(conn):
+    return conn.execute("select current_setting('port')").fetchone()[0]
+
+
+# Pipelines: one implicit transaction per Sync, as on one PostgreSQL: the
+# segment with the duplicate key commits nothing, the one before it stays.
+with psycopg.connect(conninfo, autocommit=True) as conn:
+    conn.execute("drop table if exists psy_pipe")
+    conn.execute("create table psy_pipe(id int primary key)")
+    try:
+        with conn.pipeline() as p:
+            conn.execute("insert into psy_pipe values (1)")
+            conn.execute("insert into psy_pipe values (2)")
+            p.sync()
+            conn.execute("insert into psy_pipe values (3)")
+            conn.execute("insert into psy_pipe values (3)")
+            conn.execute("insert into psy_pipe values (4)")
+        raise AssertionError("duplicate accepted in a pipeline")
+    except psycopg.errors.UniqueViolation:
+        pass
+    rows = conn.execute("select array_agg(id order by id) from psy_pipe").fetchone()[0]
+    assert rows == [1, 2], rows
+    # A pipeline inside an explicit transaction, committed with COMMIT.
+    with conn.transaction():
+        with conn.pipeline():
+            for i in range(10, 20):
+                conn.execute("insert into psy_pipe values (%s)", (i,))
+
+# LISTEN/NOTIFY between two sessions on different nodes.
 with psycopg.connect(conninfo, autocommit=True) as listener, psycopg.connect(conninfo, autocommit=True) as talker:
+    assert node_of(listener) != node_of(talker), "listener and talker on different nodes"
     listener.execute("listen psy_chan")
     talker.execute("notify psy_chan, 'hi'")
     got = None
@@ -74,5 +107,38 @@ with psycopg.connect(conninfo) as conn:
     assert time.time() - start < 20
     conn.rollback()
     assert conn.execute("select 1").fetchone()[0] == 1
+
+# Two sessions on different nodes update one row and commit together:
+# exactly one commits, the other gets 40001 (SerializationFailure).
+with psycopg.connect(conninfo, autocommit=True) as conn:
+    conn.execute("drop table if exists psy_acc")
+    conn.execute("create table psy_acc(id int primary key, v int)")
+    conn.execute("insert into psy_acc values (1, 0)")
+a = psycopg.connect(conninfo)
+b = psycopg.connect(conninfo)
+assert node_of(a) != node_of(b), "the two writers on different nodes"
+a.commit()
+b.commit()
+for rnd in range(3):
+    a.execute("update psy_acc set v = v + 1 where id = 1")
+    b.execute("update psy_acc set v = v + 1 where id = 1")
+    results = {}
+
+    def commit(name, conn):
+        try:
+            conn.commit()
+            results[name] = "ok"
+        except psycopg.errors.SerializationFailure:
+            results[name] = "40001"
+            conn.rollback()
+
+    threads = [threading.Thread(target=commit, args=(n, c)) for n, c in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == ["40001", "ok"], results
+a.close()
+b.close()
 
 print("OK psycopg")
