@@ -2,6 +2,7 @@
 //! (psql, pgbench, the postgres crate) and by raw sockets for bad input.
 
 use mtm_proxy::config::{AuthMethod, ClientTlsMode};
+use mtm_tests::cluster::{converge, nothing_prepared, spread_sessions};
 use mtm_tests::{http_get, pgbench, psql, psql_ok, self_signed_cert};
 use mtmctl::testing::TestCluster;
 use postgres::fallible_iterator::FallibleIterator;
@@ -42,9 +43,13 @@ fn startup_packet(user: &str) -> Vec<u8> {
     p
 }
 
+/// pgbench in each query mode through the proxy of a 3-node cluster, its
+/// clients spread over the nodes; TPC-B's writes (retried on 40001, as
+/// pgbench does with --max-tries) leave every node with the same tables
+/// and balances that add up.
 #[test]
 fn pgbench_simple_extended_prepared_and_tpcb_through_the_proxy() {
-    let c = TestCluster::start(1);
+    let c = TestCluster::start(3);
     let port = c.layout.proxy_port;
     let (ok, out) = pgbench(port, &["-i", "-q", "-s", "1"]);
     assert!(ok, "{out}");
@@ -54,16 +59,27 @@ fn pgbench_simple_extended_prepared_and_tpcb_through_the_proxy() {
         assert!(out.contains("number of transactions actually processed: 800/800"), "{mode}: {out}");
         assert!(out.contains("number of failed transactions: 0"), "{mode}: {out}");
     }
-    let (ok, out) = pgbench(port, &["-M", "prepared", "-c", "4", "-t", "100"]);
-    assert!(ok && out.contains("processed: 400/400"), "{out}");
-    // The writes went through to the node.
-    let node = c.node(1).port;
-    assert_eq!(psql_ok(node, "select count(*) from pgbench_history"), "400");
+    // One branch row updated from three nodes: conflicts are certain, and
+    // pgbench retries the transactions refused with 40001.
+    let (ok, out) = pgbench(port, &["-M", "prepared", "-c", "3", "-t", "40", "--max-tries=1000"]);
+    assert!(ok && out.contains("processed: 120/120"), "{out}");
+    converge(&c, &["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"]);
+    nothing_prepared(&c, Duration::from_secs(10));
+    for id in 1..=3 {
+        let sums = psql_ok(
+            c.node(id).port,
+            "select count(*), (select sum(delta) from pgbench_history), (select sum(abalance) from pgbench_accounts), \
+             (select sum(bbalance) from pgbench_branches), (select sum(tbalance) from pgbench_tellers) from pgbench_history",
+        );
+        let f: Vec<&str> = sums.split('|').collect();
+        assert_eq!(f[0], "120", "node{id}: every committed transaction once: {sums}");
+        assert!(f[1..].iter().all(|v| *v == f[1]), "node{id}: balances add up: {sums}");
+    }
 }
 
 #[test]
 fn psql_features_copy_errors_and_large_rows() {
-    let c = TestCluster::start(1);
+    let c = TestCluster::start(3);
     let port = c.layout.proxy_port;
     psql_ok(port, "create table t(id int primary key, v text)");
     // COPY FROM STDIN / TO STDOUT through psql.
@@ -106,37 +122,62 @@ fn psql_features_copy_errors_and_large_rows() {
     assert_eq!(back.len(), big.len());
     assert!(back == big);
 
-    // LISTEN/NOTIFY across two sessions.
+    // LISTEN/NOTIFY across two sessions on different nodes.
     let mut listener = connect(port, "postgres");
+    assert_ne!(node_port(&mut listener), node_port(&mut cl), "listener and notifier on different nodes");
     listener.batch_execute("listen chan").unwrap();
     cl.batch_execute("notify chan, 'hello'").unwrap();
     let mut n = listener.notifications();
     let note = n.timeout_iter(Duration::from_secs(10)).next().unwrap().expect("a notification");
     assert_eq!((note.channel(), note.payload()), ("chan", "hello"));
+    drop(n);
+    // Every node has the same rows, the 100 MB one included.
+    converge(&c, &["t"]);
+    assert_eq!(psql_ok(c.node(3).port, "select count(*), max(length(v)) from t"), "1001|104857600");
 }
 
+/// The node port a session landed on.
+fn node_port(cl: &mut Client) -> i32 {
+    cl.query_one("select current_setting('port')::int", &[]).unwrap().get(0)
+}
+
+/// Three sessions, one on each node, each in a pg_sleep: a CancelRequest
+/// with one session's key ends that session's statement alone.
 #[test]
 fn cancel_reaches_the_right_backend() {
-    let c = TestCluster::start(1);
-    let port = c.layout.proxy_port;
-    let mut cl = connect(port, "postgres");
-    let token = cl.cancel_token();
-    let canceller = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        token.cancel_query(NoTls).unwrap();
-    });
+    let c = TestCluster::start(3);
+    let sessions = spread_sessions(&c, 3);
+    let tokens: Vec<_> = sessions.iter().map(|(_, cl)| cl.cancel_token()).collect();
     let start = Instant::now();
-    let err = cl.batch_execute("select pg_sleep(30)").unwrap_err();
-    canceller.join().unwrap();
-    assert_eq!(err.code().unwrap().code(), "57014", "{err}");
-    assert!(start.elapsed() < Duration::from_secs(20));
-    // The session survives the cancel.
-    assert_eq!(cl.query_one("select 2", &[]).unwrap().get::<_, i32>(0), 2);
+    let running: Vec<_> = sessions
+        .into_iter()
+        .map(|(id, mut cl)| {
+            std::thread::spawn(move || {
+                let r = cl.batch_execute("select pg_sleep(4)");
+                (id, cl, r, start.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    tokens[1].cancel_query(NoTls).unwrap();
+    for t in running {
+        let (id, mut cl, r, took) = t.join().unwrap();
+        if id == 2 {
+            let err = r.unwrap_err();
+            assert_eq!(err.code().unwrap().code(), "57014", "{err}");
+            assert!(took < Duration::from_secs(3), "node2's statement cancelled at once: {took:?}");
+        } else {
+            r.unwrap_or_else(|e| panic!("node{id}'s session was not the one cancelled: {e}"));
+            assert!(took >= Duration::from_secs(4), "node{id} slept in full: {took:?}");
+        }
+        // Every session survives.
+        assert_eq!(cl.query_one("select 2", &[]).unwrap().get::<_, i32>(0), 2);
+    }
 }
 
 #[test]
 fn bad_input_is_refused_and_other_sessions_do_not_notice() {
-    let c = TestCluster::start(1);
+    let c = TestCluster::start(3);
     let port = c.layout.proxy_port;
     let mut bystander = connect(port, "postgres");
     bystander.batch_execute("begin; create temp table keep(x int); insert into keep values (1)").unwrap();
@@ -518,7 +559,7 @@ fn scram_and_tls_towards_the_node() {
 
 #[test]
 fn pipelines_function_calls_and_limits() {
-    let c = TestCluster::start(1);
+    let c = TestCluster::start(3);
     let port = c.layout.proxy_port;
     psql_ok(port, "create table p(id int primary key)");
     // A pipeline with an error in the middle: pgbench \startpipeline.
@@ -551,12 +592,22 @@ fn pipelines_function_calls_and_limits() {
     assert!(!out.status.success() && stderr.contains("large objects are not replicated"), "{stderr}");
     psql_ok(port, "create database blobs");
     let out = std::process::Command::new("psql")
-        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "blobs", "-c", &import])
+        .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "blobs"])
+        .args(["-c", &import, "-c", "select current_setting('port')"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut blobs = connect(port, "blobs");
-    assert_eq!(blobs.query_one("select sum(length(data))::int from pg_largeobject", &[]).unwrap().get::<_, i32>(0), 200_000);
+    // The large object is on the node that session was on, and only there.
+    let home: u16 = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().parse().unwrap();
+    for n in c.nodes() {
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &n.port.to_string(), "-U", "postgres", "-d", "blobs"])
+            .args(["-c", "select coalesce(sum(length(data)), 0) from pg_largeobject"])
+            .output()
+            .unwrap();
+        let want = if n.port == home { "200000" } else { "0" };
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{}", n.name());
+    }
 
     // Client limits: the third connection is refused with 53300, and an
     // idle session is closed with 57P05.
