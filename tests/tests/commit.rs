@@ -241,6 +241,59 @@ fn a_clients_prepare_transaction_in_the_extended_protocol_is_voted_on() {
 /// open on another that runs a statement or waits for a lock: the open
 /// one gives way at once with 40001, instead of the prepared one waiting
 /// for a lock timeout and being refused.
+/// A cross-node deadlock: three sessions, one on each node, each holding
+/// one row on its node and then taking the next session's row (1→2, 2→3,
+/// 3→1), all committing at once — each commit needs a row another node's
+/// transaction holds. It ends within seconds: any two of the three share
+/// a row, so exactly one commits and the others get 40001, and every node
+/// has the same rows.
+#[test]
+fn a_deadlock_across_three_nodes_ends_in_seconds_with_40001() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table ring(id int primary key, v int)");
+    proxy_client(&c).batch_execute("insert into ring select g, 0 from generate_series(1, 3) g").unwrap();
+    converge(&c, &["ring"]);
+    let mut s: Vec<Client> = mtm_tests::cluster::spread_sessions(&c, 3).into_iter().map(|(_, cl)| cl).collect();
+    let mut committed = 0;
+    for round in 0..5 {
+        for (i, cl) in s.iter_mut().enumerate() {
+            cl.batch_execute(&format!("begin; update ring set v = v + 1 where id = {}", i + 1)).unwrap();
+        }
+        for (i, cl) in s.iter_mut().enumerate() {
+            cl.batch_execute(&format!("update ring set v = v + 1 where id = {}", (i + 1) % 3 + 1)).unwrap();
+        }
+        let start = Instant::now();
+        let running: Vec<_> = s
+            .drain(..)
+            .map(|mut cl| {
+                std::thread::spawn(move || {
+                    let r = cl.batch_execute("commit");
+                    (cl, r)
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in running {
+            let (cl, r) = t.join().unwrap();
+            match &r {
+                Ok(()) => ok += 1,
+                Err(e) => assert_eq!(sqlstate(e), "40001", "round {round}: {e:?}"),
+            }
+            s.push(cl);
+        }
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(10), "round {round}: the deadlock lasted {took:?}");
+        assert_eq!(ok, 1, "round {round}: exactly one transaction of the ring commits");
+        committed += ok;
+        converge(&c, &["ring"]);
+        no_gid_left(&c);
+    }
+    for id in 1..=3 {
+        let sum: i64 = client(&c, id).query_one("select sum(v) from ring", &[]).unwrap().get(0);
+        assert_eq!(sum, 2 * committed, "node{id}: two rows per committed transaction");
+    }
+}
+
 #[test]
 fn an_open_transaction_gives_way_to_a_conflicting_one_prepared_on_another_node() {
     let c = TestCluster::start(3);
