@@ -554,6 +554,17 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(executes)
     }
 
+    /// A portal made by Bind lasts until its transaction ends. With no
+    /// transaction open and nothing in flight, every portal the map names
+    /// is gone on the node: forget them, so a client that binds new names
+    /// and never closes them does not grow the session. (Checked only past
+    /// a few entries: the usual client binds the unnamed portal alone.)
+    fn forget_ended_portals(&mut self) {
+        if self.portals.len() > 16 && self.status() == b'I' && self.link.queue().is_empty() {
+            self.portals.clear();
+        }
+    }
+
     /// An extended-protocol message other than Sync. Not `whole`: only the
     /// start of a Parse or Bind too big to buffer (see [`Self::stream`]),
     /// the only message of `batch`.
@@ -565,6 +576,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Some(u) => u,
             None => {
                 self.ctx.tracker.before_send(0).await;
+                self.forget_ended_portals();
                 Unit { mode: UnitMode::Plain, sent: false, decided: false }
             }
         };
