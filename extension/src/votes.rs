@@ -629,6 +629,36 @@ fn abandon(gid: &str) {
     }
 }
 
+/// A wait of this backend in `await_prepared`: the slot it left waiting
+/// for a vote that did not come is freed however the wait ends — the
+/// timeout, a cancel or another ERROR (which unwinds through here), or a
+/// FATAL (as the process exits) — or such waits would fill the table, and
+/// a full table overwrites its first slot, losing a prepared gid's entry.
+struct AwaitingVote<'a>(&'a str);
+
+impl<'a> AwaitingVote<'a> {
+    fn register(gid: &'a str) -> Self {
+        crate::pg::proc::at_exit(abandon_my_vote_waits);
+        AwaitingVote(gid)
+    }
+}
+
+impl Drop for AwaitingVote<'_> {
+    fn drop(&mut self) {
+        abandon(self.0);
+    }
+}
+
+/// This process exits: free the slots it was waiting on that got no vote.
+fn abandon_my_vote_waits() {
+    if let Some(me) = crate::pg::proc::my_procno() {
+        let mut t = VOTES.exclusive();
+        for s in t.slots.iter_mut().filter(|s| s.state == VoteState::Pending && s.waiter == me) {
+            s.state = VoteState::Free;
+        }
+    }
+}
+
 fn lookup(gid: &str, register_waiter: bool) -> Option<Vote> {
     let mut t = VOTES.exclusive();
     let i = match t.find(gid_bytes(gid)) {
@@ -661,6 +691,7 @@ fn await_prepared(
     timeout_ms: i32,
 ) -> TableIterator<'static, (name!(state, String), name!(sqlstate, Option<String>), name!(message, Option<String>))> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
+    let _waiting = AwaitingVote::register(gid);
     let result = loop {
         if let Some(v) = lookup(gid, true) {
             break v_row(v);
@@ -671,7 +702,6 @@ fn await_prepared(
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            abandon(gid);
             break ("timeout".to_string(), None, None);
         }
         crate::pool::wait_latch(left.as_millis().max(1) as i64);
