@@ -115,11 +115,18 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
             ));
             refuse(&mut client, peer, &e).await;
         }
+        End::CommittedThenLost(gid) => {
+            tracing::warn!(%peer, node = %node_name, gid, "lost the connection to the node after a commit, while waiting for the peers to confirm theirs");
+            metrics::counter!("mtm_proxy_commits_total", "outcome" => "committed").increment(1);
+            let e = PgError::fatal("08006", format!("lost the connection to node {node_name} after transaction {gid} committed"))
+                .with_hint("The transaction is committed: every node voted for it, and the nodes that have not applied it yet will. The session has ended; connect again to go on.");
+            refuse(&mut client, peer, &e).await;
+        }
         _ => {}
     }
-    // A connection the node closed (NodeLost: closed or broken) has no
-    // backend left to tell.
-    if !matches!(end, End::ServerClosed | End::NodeLost | End::ClientTerminated) {
+    // A connection the node closed (NodeLost, or a break during or after
+    // a commit: closed or broken) has no backend left to tell.
+    if !matches!(end, End::ServerClosed | End::NodeLost | End::CommitInDoubt(_) | End::CommittedThenLost(_) | End::ClientTerminated) {
         // Tell the node we are leaving so its backend ends at once.
         let _ = server.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
     }
@@ -148,6 +155,10 @@ pub enum End {
     /// It broke during the commit of this gid, whose outcome the proxy
     /// cannot know: the client gets 40003.
     CommitInDoubt(String),
+    /// It broke after this gid committed on the home node, while the
+    /// proxy waited for the peers to confirm their commits: the client
+    /// gets 08006 saying the transaction committed.
+    CommittedThenLost(String),
 }
 
 /// Per-session handles so the hot path does no metric lookups. No

@@ -1444,6 +1444,55 @@ fn a_node_lost_during_a_commit_or_a_statement_is_reported_with_its_sqlstate() {
     nothing_prepared(&c, Duration::from_secs(60));
     converge(&c, &["doubt"]);
 
+    // Node 2 applies a big transaction for a while. Node 1's walsender to
+    // it is frozen once it has sent all of it: node 2 still votes yes (its
+    // own walsender carries the vote), node 1 commits, and its wait for
+    // node 2's commit lasts. The session's backend dies meanwhile: the
+    // client hears that its transaction committed.
+    let mut node1 = client(&c, 1);
+    let committing = pinned_psql("insert into doubt select g from generate_series(100, 100099) g");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let prepared_at: String = loop {
+        let voting = node1
+            .query_opt("select pg_current_wal_flush_lsn()::text from pg_stat_activity where query like '%mtm.await_votes%' and pid <> pg_backend_pid()", &[])
+            .unwrap();
+        if let Some(row) = voting {
+            break row.get(0);
+        }
+        assert!(Instant::now() < deadline, "the big transaction never waited for votes");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let walsender: i32 = loop {
+        let sent = node1
+            .query_opt(
+                "select pid from pg_stat_replication where application_name = 'mtm_receiver_2_from_1' and sent_lsn >= $1::text::pg_lsn",
+                &[&prepared_at],
+            )
+            .unwrap();
+        if let Some(row) = sent {
+            break row.get(0);
+        }
+        assert!(Instant::now() < deadline, "node 1 never sent the big transaction to node 2");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(std::process::Command::new("kill").args(["-STOP", &walsender.to_string()]).status().unwrap().success());
+    kill_backend_running("%mtm.await_commits%");
+    // (Node 1 restarts after the kill; its frozen walsender must go too.)
+    let _ = std::process::Command::new("kill").args(["-CONT", &walsender.to_string()]).status();
+    let out = committing.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FATAL:  08006: lost the connection to node node1 after transaction mtm-1-") && stderr.contains("committed"),
+        "{stderr}"
+    );
+    wait_connected(&c);
+    nothing_prepared(&c, Duration::from_secs(60));
+    converge(&c, &["doubt"]);
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from doubt where id >= 100", &[]).unwrap().get(0);
+        assert_eq!(n, 100_000, "node{id}: the transaction reported committed is there");
+    }
+
     let reading = pinned_psql("select pg_sleep(10)");
     kill_backend_running("select pg_sleep(10)");
     let out = reading.wait_with_output().unwrap();

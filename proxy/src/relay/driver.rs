@@ -149,6 +149,16 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
 
     /// Runs the proxy's own statements (pipelined) and returns the answers.
     pub(super) async fn own(&mut self, sqls: &[&str]) -> Result<Vec<Vec<Reply>>, End> {
+        let mut answers = Vec::with_capacity(sqls.len());
+        for rx in self.own_pipelined(sqls).await? {
+            answers.push(rx.await.map_err(|_| End::ServerClosed)?);
+        }
+        Ok(answers)
+    }
+
+    /// Sends the proxy's own statements (pipelined, one write); each
+    /// one's answers arrive on its receiver, to be read as they come.
+    pub(super) async fn own_pipelined(&mut self, sqls: &[&str]) -> Result<Vec<oneshot::Receiver<Vec<Reply>>>, End> {
         let mut rxs = Vec::with_capacity(sqls.len());
         for sql in sqls {
             let (tx, rx) = oneshot::channel();
@@ -157,11 +167,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             rxs.push(rx);
         }
         self.send().await?;
-        let mut answers = Vec::with_capacity(rxs.len());
-        for rx in rxs {
-            answers.push(rx.await.map_err(|_| End::ServerClosed)?);
-        }
-        Ok(answers)
+        Ok(rxs)
     }
 
     /// The next client batch, or the held end of a pending unit, whichever

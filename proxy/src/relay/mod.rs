@@ -100,10 +100,10 @@ struct Link<CW> {
     status: AtomicU8,
     /// The node said the open transaction wrote to a replicated table.
     wrote: AtomicBool,
-    /// The gid of the commit under way, from its PREPARE until its outcome
-    /// is known: should the node's connection break meanwhile, the client
-    /// is told its commit is in doubt ([`End::CommitInDoubt`]).
-    committing: Mutex<Option<String>>,
+    /// The commit under way, from its PREPARE until its outcome is
+    /// known: should the node's connection break meanwhile, the client is
+    /// told the truth about it ([`Committing`]).
+    committing: Mutex<Option<Committing>>,
     /// The node sent a FATAL error (passed on to the client, which then
     /// knows why the session ends).
     node_fatal: AtomicBool,
@@ -116,9 +116,10 @@ impl<CW: AsyncWrite + Unpin> Link<CW> {
     }
 
     /// From the PREPARE of the commit of `gid` (Some) until its outcome
-    /// is known (None).
-    fn set_committing(&self, gid: Option<&str>) {
-        *self.committing.lock().unwrap_or_else(|e| e.into_inner()) = gid.map(str::to_string);
+    /// is known (None); [`Committing::Committed`] once its COMMIT PREPARED
+    /// has answered.
+    fn set_committing(&self, state: Option<Committing>) {
+        *self.committing.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
     fn set_status(&self, status: u8) {
@@ -171,10 +172,22 @@ where
     };
     let committing = link.committing.lock().unwrap_or_else(|e| e.into_inner()).take();
     match (end, committing) {
-        (End::ServerClosed | End::ServerIo | End::ServerProtocol(_), Some(gid)) => End::CommitInDoubt(gid),
+        (End::ServerClosed | End::ServerIo | End::ServerProtocol(_), Some(Committing::InDoubt(gid))) => End::CommitInDoubt(gid),
+        (End::ServerClosed | End::ServerIo | End::ServerProtocol(_), Some(Committing::Committed(gid))) => End::CommittedThenLost(gid),
         (End::ServerClosed | End::ServerIo, None) if !link.node_fatal.load(Ordering::Relaxed) => End::NodeLost,
         (end, _) => end,
     }
+}
+
+/// Where the commit of a session stands while the proxy runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Committing {
+    /// Prepared, votes or the decision not yet known: a break now leaves
+    /// its outcome to the cluster.
+    InDoubt(String),
+    /// COMMIT PREPARED answered on the home node: committed, whatever
+    /// happens to the wait for the peers' commits after it.
+    Committed(String),
 }
 
 /// A simple-protocol Query message of `sql`.

@@ -314,7 +314,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             (live.config.commit.vote_timeout, live.config.commit.visible_everywhere)
         };
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(&gid));
-        self.link.set_committing(Some(&gid));
+        self.link.set_committing(Some(Committing::InDoubt(gid.clone())));
         let mut answers = self.own(&[&prepare, &commit::await_votes_sql(&gid, timeout)]).await?;
         let votes = answers.pop().unwrap_or_default();
         let prepared = answers.pop().unwrap_or_default();
@@ -331,12 +331,17 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     if visible_everywhere {
                         sqls.push(&await_commits);
                     }
-                    let mut answers = self.own(&sqls).await?;
-                    let done = answers.remove(0);
+                    // Each answer read as it comes: should the node's
+                    // connection break during the wait for the peers, the
+                    // client still learns its transaction committed.
+                    let mut answers = self.own_pipelined(&sqls).await?.into_iter();
+                    let done = answer(answers.next()).await?;
                     match commit::error_of(&done) {
                         None => {
-                            if let Some(waited) = answers.first() {
-                                if commit::first_row(waited).and_then(|r| r.into_iter().next().flatten()).as_deref() != Some("t") {
+                            self.link.set_committing(Some(Committing::Committed(gid.clone())));
+                            if let Some(waited) = answers.next() {
+                                let waited = answer(Some(waited)).await?;
+                                if commit::first_row(&waited).and_then(|r| r.into_iter().next().flatten()).as_deref() != Some("t") {
                                     tracing::warn!(%gid, "committed, but not every node confirmed its commit within {timeout:?}");
                                     metrics::counter!("mtm_proxy_commits_unconfirmed_total").increment(1);
                                 }
@@ -359,6 +364,16 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             count_error(&e.sqlstate());
         }
         Ok(outcome)
+    }
+}
+
+/// The answers to one of the proxy's own statements sent by
+/// [`Driver::own_pipelined`]; the node's connection broke if they never
+/// come.
+async fn answer(rx: Option<oneshot::Receiver<Vec<Reply>>>) -> Result<Vec<Reply>, End> {
+    match rx {
+        Some(rx) => rx.await.map_err(|_| End::ServerClosed),
+        None => Err(End::ServerClosed),
     }
 }
 
