@@ -638,7 +638,7 @@ fn query_message(sql: &str) -> Vec<u8> {
 
 #[test]
 fn reload_reaches_sessions_already_open() {
-    let c = TestCluster::start(1);
+    let c = TestCluster::start(3);
     let port = c.layout.proxy_port;
     let open = || {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
