@@ -156,8 +156,10 @@ pub enum Intent {
     CommitAndChain,
     /// `PREPARE TRANSACTION 'gid'`: the client's own two-phase commit.
     PrepareTransaction(String),
-    /// BEGIN, ROLLBACK, SAVEPOINT, COMMIT PREPARED, COMMIT AND CHAIN...:
-    /// forwarded as sent.
+    /// BEGIN or START TRANSACTION: opens a transaction block (forwarded
+    /// as sent).
+    Begin,
+    /// ROLLBACK, SAVEPOINT, COMMIT PREPARED...: forwarded as sent.
     TransactionControl,
     /// Cannot run in a transaction block and concerns every node (VACUUM,
     /// CREATE INDEX CONCURRENTLY, CREATE DATABASE, ALTER SYSTEM...): in
@@ -233,7 +235,8 @@ fn single_intent(sql: &str) -> Intent {
             None => Intent::TransactionControl,
         },
         "PREPARE" => Intent::Read,
-        "BEGIN" | "START" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => Intent::TransactionControl,
+        "BEGIN" | "START" => Intent::Begin,
+        "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => Intent::TransactionControl,
         "EXPLAIN" if !has("ANALYZE") && !has("ANALYSE") => Intent::Read,
         "COPY" => {
             let query_copy = upper.find("COPY").is_some_and(|p| upper[p + 4..].trim_start().starts_with('('));
@@ -652,7 +655,9 @@ mod tests {
         assert_eq!(intent("commit prepared 'x'"), Intent::TransactionControl);
         assert_eq!(intent("prepare transaction 'it''s'"), Intent::PrepareTransaction("it's".into()));
         assert_eq!(intent("prepare s as insert into t values ($1)"), Intent::Read);
-        assert_eq!(intent("begin"), Intent::TransactionControl);
+        assert_eq!(intent("begin"), Intent::Begin);
+        assert_eq!(intent("start transaction isolation level serializable"), Intent::Begin);
+        assert_eq!(intent("rollback"), Intent::TransactionControl);
         assert_eq!(intent("insert into t values (1); insert into t values (2)"), Intent::Write);
         assert_eq!(intent("select 1; select 2"), Intent::Read);
         assert_eq!(intent("begin; insert into t values (1); commit"), Intent::TransactionControl);

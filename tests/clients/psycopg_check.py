@@ -83,6 +83,14 @@ with psycopg.connect(conninfo, autocommit=True) as conn:
         with conn.pipeline():
             for i in range(10, 20):
                 conn.execute("insert into psy_pipe values (%s)", (i,))
+# BEGIN, the inserts and COMMIT all in one pipeline (no Sync between).
+with psycopg.connect(conninfo) as conn:
+    with conn.pipeline():
+        for i in range(30, 40):
+            conn.execute("insert into psy_pipe values (%s)", (i,))
+        conn.commit()
+    n = conn.execute("select count(*) from psy_pipe").fetchone()[0]
+    assert n == 22, n
 
 # LISTEN/NOTIFY between two sessions on different nodes.
 with psycopg.connect(conninfo, autocommit=True) as listener, psycopg.connect(conninfo, autocommit=True) as talker:

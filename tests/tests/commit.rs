@@ -674,6 +674,98 @@ fn autocommit_pipelines_and_extended_commit_are_coordinated() {
 /// part goes through the cluster's commit. Sessions on every node; the
 /// client sees what one PostgreSQL sends (checked against a node run
 /// without the cluster's commit: the same tags, notices and errors).
+/// Transactions sent as pipelines, as psycopg's pipeline mode and
+/// pgbench's `\startpipeline` send them: BEGIN, writes and COMMIT in one
+/// unit (no Sync between them) commit through the cluster, on every node;
+/// an error in such a unit skips the rest of it as PostgreSQL does; a unit
+/// that arrives in pieces (a Flush between them) is decided again when a
+/// later piece brings its first write or its COMMIT. Sessions on all three
+/// nodes, each checked on every node.
+#[test]
+fn pipelined_transactions_commit_through_the_cluster() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table pl(id int primary key)");
+    wait_connected(&c);
+    let port = c.layout.proxy_port;
+    let mut raws: Vec<Raw> = (0..3).map(|_| Raw::connect(port)).collect();
+    let mut homes = BTreeSet::new();
+    for r in &mut raws {
+        r.s.write_all(&Raw::query("select current_setting('port')")).unwrap();
+        let answer = r.until_ready();
+        homes.insert(answer.iter().find(|(t, _)| *t == b'D').map(|(_, b)| b.clone()).unwrap());
+    }
+    assert_eq!(homes.len(), 3, "one session on each node");
+    let before = commits(&c, "committed");
+    let unit = |sqls: &[&str]| -> Vec<u8> {
+        let mut out = Vec::new();
+        for sql in sqls {
+            out.extend(Raw::parse("", sql));
+            out.extend(Raw::bind_execute(""));
+        }
+        out
+    };
+    let flush = || msg(b'H', &[]);
+    for (n, r) in raws.iter_mut().enumerate() {
+        let id = |k: usize| (n * 10 + k).to_string();
+        // BEGIN, INSERT, COMMIT and Sync in one write.
+        let mut m = unit(&["begin", &format!("insert into pl values ({})", id(1)), "commit"]);
+        m.extend(Raw::sync());
+        r.s.write_all(&m).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["1", "2", "C:BEGIN", "1", "2", "C:INSERT 0 1", "1", "2", "C:COMMIT", "Z:I"]);
+
+        // A failed INSERT in such a unit: the rest, COMMIT included, is
+        // skipped up to the Sync and the block stays failed, as on one
+        // PostgreSQL; ROLLBACK ends it.
+        let mut m = unit(&["begin", &format!("insert into pl values ({})", id(2)), &format!("insert into pl values ({})", id(1)), "commit"]);
+        m.extend(Raw::sync());
+        r.s.write_all(&m).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["1", "2", "C:BEGIN", "1", "2", "C:INSERT 0 1", "1", "2", "E:23505", "Z:E"]);
+        r.s.write_all(&Raw::query("rollback")).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["C:ROLLBACK", "Z:I"]);
+
+        // In pieces: an INSERT then, later, its COMMIT in a block opened
+        // before; a SELECT then, later, an INSERT in autocommit.
+        r.s.write_all(&Raw::query("begin")).unwrap();
+        r.until_ready();
+        let mut m = unit(&[&format!("insert into pl values ({})", id(3))]);
+        m.extend(flush());
+        r.s.write_all(&m).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut m = unit(&["commit"]);
+        m.extend(Raw::sync());
+        r.s.write_all(&m).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "C:COMMIT", "Z:I"]);
+        let mut m = unit(&["select 1"]);
+        m.extend(flush());
+        r.s.write_all(&m).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut m = unit(&[&format!("insert into pl values ({})", id(4))]);
+        m.extend(Raw::sync());
+        r.s.write_all(&m).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["1", "2", "D", "C:SELECT 1", "1", "2", "C:INSERT 0 1", "Z:I"]);
+    }
+    assert_eq!(commits(&c, "committed") - before, 9.0, "three writing transactions per session through the cluster's commit");
+    no_gid_left(&c);
+    for id in 1..=3 {
+        let rows: Vec<i32> = client(&c, id).query("select id from pl order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(rows, [1, 3, 4, 11, 13, 14, 21, 23, 24], "node{id}");
+    }
+
+    // pgbench's pipelines of whole transactions, clients on every node.
+    schema(&c, "create table plb(id int primary key, n int); insert into plb select g, 0 from generate_series(1, 20) g");
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("pipe.sql");
+    std::fs::write(&script, "\\set id random(1, 20)\n\\startpipeline\nbegin;\nupdate plb set n = n + 1 where id = :id;\nend;\n\\endpipeline\n").unwrap();
+    let (ok, out) = mtm_tests::pgbench(port, &["-n", "-M", "extended", "-c", "3", "-t", "50", "--max-tries=1000", "-f", script.to_str().unwrap()]);
+    assert!(ok && out.contains("processed: 150/150"), "{out}");
+    converge(&c, &["plb"]);
+    no_gid_left(&c);
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select sum(n) from plb", &[]).unwrap().get(0);
+        assert_eq!(n, 150, "node{id}: every pipelined transaction once");
+    }
+}
+
 #[test]
 fn a_commit_inside_a_query_string_commits_there_and_the_rest_runs() {
     let c = TestCluster::start(3);

@@ -25,8 +25,12 @@ pub(super) struct Unit {
     pub(super) mode: UnitMode,
     /// Messages of the unit already passed on.
     pub(super) sent: bool,
-    /// How it runs was decided from an Execute it contains.
-    pub(super) decided: bool,
+    /// An Execute of the unit seen so far may write / is a COMMIT: how the
+    /// unit runs was decided for it. A unit may arrive in pieces (a
+    /// pipeline sent in several writes), so a piece that brings the first
+    /// write or the first COMMIT decides again.
+    pub(super) write_seen: bool,
+    pub(super) commit_seen: bool,
 }
 
 /// A unit whose end the proxy finishes itself.
@@ -70,6 +74,9 @@ pub(super) struct Driver<'a, SW, CW> {
     /// client that picks colliding names slows only itself.
     pub(super) statements: HashMap<Vec<u8>, Intent>,
     pub(super) portals: HashMap<Vec<u8>, Intent>,
+    /// Frames of the batch being handled that [`Self::look_ahead`] has
+    /// already seen (their unit decided on): up to this index.
+    pub(super) looked_ahead_to: usize,
     /// The extended unit being passed on (no Sync yet).
     pub(super) unit: Option<Unit>,
     pub(super) pending: Option<Pending>,
@@ -348,6 +355,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     }
 
     pub(super) async fn batch(&mut self, batch: Batch) -> Result<(), End> {
+        self.looked_ahead_to = 0;
         self.ctx.bytes_in.increment(batch.bytes.len() as u64);
         self.ctx.shared.totals.bytes_in.fetch_add(batch.bytes.len() as u64, Ordering::Relaxed);
         for (i, f) in batch.frames.iter().enumerate() {
@@ -514,7 +522,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     }
                 }
             }
-            Intent::Read | Intent::TransactionControl => {}
+            Intent::Read | Intent::Begin | Intent::TransactionControl => {}
         }
         self.expect(Expect::Forward);
         self.out.extend_from_slice(raw);
@@ -530,17 +538,22 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         }
     }
 
-    /// The intents of the Executes in the unit starting at frame `i`.
-    /// A unit names a few statements and portals at most: the ones it
-    /// defines are kept in small lists, not maps.
-    pub(super) fn look_ahead(&self, batch: &Batch, i: usize) -> Result<Vec<Intent>, End> {
+    /// The intents of the Executes in the unit starting at frame `i`, up
+    /// to its Sync or the end of the batch, and the index of the frame
+    /// where that look stopped. A unit names a few statements and portals
+    /// at most: the ones it defines are kept in small lists, not maps.
+    pub(super) fn look_ahead(&self, batch: &Batch, i: usize) -> Result<(Vec<Intent>, usize), End> {
         let mut statements: Vec<(&[u8], Intent)> = Vec::new();
         let mut portals: Vec<(&[u8], Intent)> = Vec::new();
         let mut executes = Vec::new();
-        for f in &batch.frames[i..] {
+        let mut end = batch.frames.len();
+        for (k, f) in batch.frames.iter().enumerate().skip(i) {
             let body = batch.body(f);
             match f.tag {
-                b'S' => break,
+                b'S' => {
+                    end = k;
+                    break;
+                }
                 b'P' => {
                     let (name, sql) = parse_message(body)?;
                     statements.push((name, intent(sql)));
@@ -557,7 +570,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 _ => {}
             }
         }
-        Ok(executes)
+        Ok((executes, end))
     }
 
     /// A portal made by Bind lasts until its transaction ends. With no
@@ -583,15 +596,19 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             None => {
                 self.ctx.tracker.before_send(0).await;
                 self.forget_ended_portals();
-                Unit { mode: UnitMode::Plain, sent: false, decided: false }
+                Unit { mode: UnitMode::Plain, sent: false, write_seen: false, commit_seen: false }
             }
         };
         if unit.mode == UnitMode::Discard {
             return Ok(());
         }
-        if !unit.decided && matches!(f.tag, b'B' | b'E') {
+        // Each piece of the unit is looked at once, from its first Bind or
+        // Execute (the batch's frames up to `looked_ahead_to` were seen).
+        if unit.mode == UnitMode::Plain && matches!(f.tag, b'B' | b'E') && (i >= self.looked_ahead_to || !whole) {
             let executes = if whole {
-                self.look_ahead(batch, i)?
+                let (executes, end) = self.look_ahead(batch, i)?;
+                self.looked_ahead_to = end;
+                executes
             } else {
                 // The Execute is yet to come: decide on the statement the
                 // big Bind binds, before it goes out (a portal bound
@@ -600,10 +617,20 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 vec![Self::resolve(&self.statements, &[], statement)]
             };
             let commit = executes.contains(&Intent::Commit);
-            let control = executes.iter().any(|x| matches!(x, Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_)));
-            let write = executes.contains(&Intent::Write) && !control;
-            if commit || write {
-                unit.decided = true;
+            let may_write = executes.contains(&Intent::Write);
+            let control = executes.iter().any(|x| matches!(x, Intent::Begin | Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_)));
+            let write = may_write && !control;
+            // BEGIN, statements that may write, COMMIT, all in this piece
+            // (psycopg's pipeline, pgbench's \startpipeline): the block is
+            // open by the time the COMMIT executes.
+            let begin_then_commit = executes
+                .iter()
+                .position(|x| *x == Intent::Begin)
+                .is_some_and(|b| executes.iter().skip(b).any(|x| *x == Intent::Commit) && may_write);
+            let decide = (commit && !unit.commit_seen) || (write && !unit.write_seen);
+            unit.commit_seen |= commit;
+            unit.write_seen |= write;
+            if decide {
                 // The exact state first: wait for the answers so far — with
                 // a Sync of the proxy's if part of this unit is already on
                 // its way (harmless: nothing of it has executed yet).
@@ -619,14 +646,13 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 } else {
                     self.drain().await?;
                 }
-                if commit && self.status() == b'T' && self.wrote() {
+                let open_and_writes = self.status() == b'T' && (self.wrote() || may_write);
+                if commit && (open_and_writes || (self.status() == b'I' && begin_then_commit)) {
                     unit.mode = UnitMode::CommitInside;
                 } else if write && !commit && self.status() == b'I' {
                     self.begin_own_transaction();
                     unit.mode = UnitMode::Wrapped;
                 }
-            } else if !executes.is_empty() {
-                unit.decided = true;
             }
         }
         unit.sent = true;

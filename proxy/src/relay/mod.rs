@@ -160,6 +160,7 @@ where
         out: BytesMut::new(),
         statements: HashMap::default(),
         portals: HashMap::default(),
+        looked_ahead_to: 0,
         unit: None,
         pending: None,
         wake: Box::pin(tokio::time::sleep(RECHECK)),

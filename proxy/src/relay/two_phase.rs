@@ -5,28 +5,38 @@
 //! and the end of the units the proxy finishes itself. What is sent to
 //! the node and how its answers read is in [`crate::commit`].
 
-use super::driver::{Driver, PendingKind};
+use super::driver::{Driver, PendingKind, UnitMode};
 use super::*;
 
 impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// Inside an extended unit, before an Execute the proxy may answer
     /// itself: learn the exact state with a Sync of the proxy's (harmless
-    /// inside a transaction block). Whether a transaction block is open
-    /// and wrote.
-    pub(super) async fn block_wrote(&mut self) -> Result<bool, End> {
+    /// inside a transaction block): whether a transaction block is open
+    /// and wrote, or a statement of the unit failed.
+    pub(super) async fn block_wrote(&mut self) -> Result<Block, End> {
         let rx = self.expect_hold(false);
         self.out.extend_from_slice(&commit::sync());
         self.send().await?;
         let held = rx.await.unwrap_or_default();
-        Ok(held.status == b'T' && self.wrote())
+        if held.error {
+            // A statement of the unit failed: PostgreSQL skips the rest of
+            // it up to the client's Sync, this Execute included.
+            if let Some(unit) = self.unit.as_mut() {
+                unit.mode = UnitMode::Discard;
+            }
+            return Ok(Block::Failed);
+        }
+        Ok(if held.status == b'T' && self.wrote() { Block::Wrote } else { Block::Other })
     }
 
     /// At the Execute of a COMMIT inside an extended unit: if the
     /// transaction wrote ([`Self::block_wrote`]), run the two-phase commit
     /// and answer the Execute ourselves. Returns whether it did.
     pub(super) async fn commit_in_place(&mut self) -> Result<bool, End> {
-        if !self.block_wrote().await? {
-            return Ok(false);
+        match self.block_wrote().await? {
+            Block::Wrote => {}
+            Block::Failed => return Ok(true),
+            Block::Other => return Ok(false),
         }
         let reply = match self.two_phase().await? {
             Ok(()) => messages::command_complete("COMMIT"),
@@ -43,8 +53,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// Execute ourselves — PREPARE TRANSACTION, or 40001 with the gid
     /// rolled back everywhere. Returns whether it did.
     pub(super) async fn prepare_in_place(&mut self, gid: &str) -> Result<bool, End> {
-        if !self.block_wrote().await? {
-            return Ok(false);
+        match self.block_wrote().await? {
+            Block::Wrote => {}
+            Block::Failed => return Ok(true),
+            Block::Other => return Ok(false),
         }
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(gid));
         let prepared = self.own(&[&prepare]).await?.remove(0);
@@ -62,8 +74,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// ourselves (the client's Sync then reports the chained block).
     /// Returns whether it did.
     pub(super) async fn chain_in_place(&mut self) -> Result<bool, End> {
-        if !self.block_wrote().await? {
-            return Ok(false);
+        match self.block_wrote().await? {
+            Block::Wrote => {}
+            Block::Failed => return Ok(true),
+            Block::Other => return Ok(false),
         }
         let (reply, _status) = self.chain().await?;
         self.link.to_client(&reply).await?;
@@ -375,6 +389,16 @@ async fn answer(rx: Option<oneshot::Receiver<Vec<Reply>>>) -> Result<Vec<Reply>,
         Some(rx) => rx.await.map_err(|_| End::ServerClosed),
         None => Err(End::ServerClosed),
     }
+}
+
+/// The open transaction, as the proxy's Sync inside a unit finds it.
+pub(super) enum Block {
+    /// A transaction block that wrote: the proxy ends it.
+    Wrote,
+    /// A statement of the unit failed: the rest of the unit is skipped.
+    Failed,
+    /// Anything else: the client's statement runs as sent.
+    Other,
 }
 
 /// An ErrorResponse for the client, as bytes.
