@@ -12,7 +12,8 @@
 //!   sent (`filter_by_origin_cb`), so nothing loops; option
 //!   `mtm_mode 'recovery'` forwards every origin;
 //! - tables listed in `mtm.local_tables` are skipped;
-//! - built-in types go in their binary send format, other types as text;
+//! - built-in types go in their binary send format, other types (and the
+//!   object identifier types, whose binary form is a node-local OID) as text;
 //!   unchanged TOAST values are marked, never detoasted;
 //! - a Relation message precedes the first change of each table in each
 //!   transaction (and again after a DDL statement), so a receiver always
@@ -493,11 +494,55 @@ fn tuple_values(tuple: &Tuple) -> Vec<Value> {
             None => out.push(Value::Null),
             // Unchanged TOAST values are marked, never detoasted.
             Some(f) if f.is_unchanged_toast() => out.push(Value::UnchangedToast),
+            Some(f) if names_objects(a.atttypid) => out.push(Value::Text(qualified_text(|| f.text()))),
             Some(f) if a.atttypid.to_u32() < pg_sys::FirstNormalObjectId => out.push(Value::Binary(f.binary())),
             Some(f) => out.push(Value::Text(f.text())),
         }
     }
     out
+}
+
+/// The object identifier types (`regclass`, `regtype`... and their
+/// arrays): built in, but their binary form is an OID, which names another
+/// object (or none) on another node. They go as text, their objects'
+/// names, which each node resolves to its own.
+fn names_objects(typid: pg_sys::Oid) -> bool {
+    [
+        pg_sys::REGPROCOID,
+        pg_sys::REGPROCEDUREOID,
+        pg_sys::REGOPEROID,
+        pg_sys::REGOPERATOROID,
+        pg_sys::REGCLASSOID,
+        pg_sys::REGCOLLATIONOID,
+        pg_sys::REGTYPEOID,
+        pg_sys::REGROLEOID,
+        pg_sys::REGNAMESPACEOID,
+        pg_sys::REGCONFIGOID,
+        pg_sys::REGDICTIONARYOID,
+        pg_sys::REGPROCARRAYOID,
+        pg_sys::REGPROCEDUREARRAYOID,
+        pg_sys::REGOPERARRAYOID,
+        pg_sys::REGOPERATORARRAYOID,
+        pg_sys::REGCLASSARRAYOID,
+        pg_sys::REGCOLLATIONARRAYOID,
+        pg_sys::REGTYPEARRAYOID,
+        pg_sys::REGROLEARRAYOID,
+        pg_sys::REGNAMESPACEARRAYOID,
+        pg_sys::REGCONFIGARRAYOID,
+        pg_sys::REGDICTIONARYARRAYOID,
+    ]
+    .contains(&typid)
+}
+
+/// `output` with only pg_catalog on the search_path, so that every name
+/// it prints is schema-qualified (pg_catalog's are found anywhere) and
+/// resolves the same whatever the applying session's search_path.
+fn qualified_text(output: impl FnOnce() -> Vec<u8>) -> Vec<u8> {
+    let nest = crate::pg::guc::new_nest_level();
+    crate::pg::guc::set_for_nest_level(c"search_path", c"pg_catalog");
+    let text = output();
+    crate::pg::guc::end_nest_level(nest);
+    text
 }
 
 /// Whether `rel` is listed in `mtm.local_tables`. Read with the decoding

@@ -599,3 +599,28 @@ fn adding_columns_under_concurrent_inserts_leaves_every_node_equal() {
     }
     assert!(prepared(&c).iter().all(Vec::is_empty), "{:?}", prepared(&c));
 }
+
+/// Object identifier values (`regclass`, `regtype`, `regproc` and their
+/// arrays) name the same objects on every node, although the objects'
+/// OIDs differ between nodes (here node 2 used OIDs the others did not):
+/// they travel as schema-qualified names, not as OIDs.
+#[test]
+fn object_identifier_values_name_the_same_objects_on_every_node() {
+    let c = TestCluster::start(3);
+    // Temporary objects on node 2 alone move its OID counter ahead.
+    client(&c, 2).batch_execute("create temp table shift1(x int); create temp table shift2(x int); create temp table shift3(x int)").unwrap();
+    let mut s = proxy_client(&c);
+    s.batch_execute(
+        "create schema app;
+         create table app.target(id int primary key);
+         create type app.mood as enum ('ok');
+         create function app.f() returns int language sql as 'select 1';
+         create table refs(id int primary key, c regclass, t regtype, p regproc, ts regtype[])",
+    )
+    .unwrap();
+    let oids = on_each(&c, "select 'app.target'::regclass::oid::text");
+    assert!(oids.windows(2).any(|w| w[0] != w[1]), "the test needs OIDs that differ between nodes: {oids:?}");
+    s.batch_execute("insert into refs values (1, 'app.target', 'app.mood', 'app.f', array['app.mood', 'int4']::regtype[])").unwrap();
+    same_everywhere(&c, "select c::text || ' ' || t::text || ' ' || p::text || ' ' || ts::text from refs", "app.target app.mood app.f {app.mood,integer}");
+    same_everywhere(&c, "select (c = 'app.target'::regclass and t = 'app.mood'::regtype)::text from refs", "true");
+}
