@@ -12,7 +12,8 @@
 //! START (or MINVALUE) starts at that value plus the node's id minus one.
 //! Temporary sequences are local and left alone. `setval` in a session of
 //! the proxy moves the sequence on every node, each to its own next value
-//! ([`setval_everywhere`]).
+//! ([`setval_everywhere`]), and so does `ALTER SEQUENCE ... RESTART WITH`
+//! ([`node_restart`]).
 //!
 //! `mtm.alter_sequences()` does the same to existing sequences (made
 //! before the cluster, or with an explicit INCREMENT BY 1), on every node.
@@ -84,6 +85,26 @@ pub fn node_step(seq: CreateSequence<'_>) -> Option<(i64, i64)> {
         (None, None) => id as i64,
     };
     Some((n, start))
+}
+
+/// For an ALTER SEQUENCE ... RESTART WITH v of a sequence that counts in
+/// this cluster's steps, the value this node restarts at instead: its own
+/// next value at or after v (each node runs the statement, the origin and
+/// each peer's replay, and moves to its own). None: the statement runs as
+/// written (no value given, its own INCREMENT, a sequence of no step).
+pub fn node_restart(alter: crate::pg::nodes::AlterSequence<'_>) -> Option<i64> {
+    let mut restart = None;
+    for elem in alter.options() {
+        match elem.name().to_bytes() {
+            b"restart" if elem.has_arg() => restart = Some(elem.int64()),
+            b"increment" => return None,
+            _ => {}
+        }
+    }
+    let value = restart?;
+    let seq = crate::pg::catalog::range_var_relid(alter.sequence()?)?;
+    let (id, n) = node_step_of(seq)?;
+    Some(next_value_of_node(value, id, n))
 }
 
 /// The next value at or after `from` that belongs to node `id` of `n`.

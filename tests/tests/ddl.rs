@@ -234,6 +234,16 @@ fn sequences_never_give_the_same_value_on_two_nodes() {
     for (i, v) in values.iter().enumerate() {
         assert_eq!(v.rem_euclid(3), ((i + 1) as i64).rem_euclid(3), "node{} drew {v}", i + 1);
     }
+
+    // ALTER SEQUENCE ... RESTART WITH moves each node to its own next
+    // value from there, as setval does.
+    s[2].1.batch_execute("alter sequence ser_id_seq restart with 100").unwrap();
+    settle(&c);
+    for (node, cl) in s.iter_mut() {
+        let id: i64 = cl.query_one("insert into ser(node) values ($1) returning id", &[&(*node as i32)]).unwrap().get(0);
+        assert_eq!(id, 99 + *node as i64, "node{node}'s first value after RESTART WITH 100");
+    }
+    converge(&c, &["ser"]);
 }
 
 /// What a user does to move a database into the cluster: `pg_dump` of

@@ -131,6 +131,11 @@ impl<'a> Node<'a> {
         self.cast(pg_sys::NodeTag::T_CreateSeqStmt).map(|s| CreateSequence { stmt: s })
     }
 
+    /// The node as an ALTER SEQUENCE statement.
+    pub fn as_alter_sequence(&self) -> Option<AlterSequence<'a>> {
+        self.cast(pg_sys::NodeTag::T_AlterSeqStmt).map(|s| AlterSequence { stmt: s })
+    }
+
     /// The node as a NOTIFY statement.
     pub fn as_notify(&self) -> Option<Notify<'a>> {
         self.cast(pg_sys::NodeTag::T_NotifyStmt).map(|s| Notify { stmt: s })
@@ -301,6 +306,27 @@ impl<'a> CreateSequence<'a> {
     }
 
     /// Its options (`INCREMENT`, `START`, ...), in order.
+    pub fn options(&self) -> impl Iterator<Item = DefElem<'a>> {
+        // SAFETY: `options` is NIL or a List of DefElem of the same tree,
+        // alive for 'a.
+        unsafe { DefElem::list(self.stmt.options) }.into_iter()
+    }
+}
+
+/// An ALTER SEQUENCE statement.
+#[derive(Clone, Copy)]
+pub struct AlterSequence<'a> {
+    stmt: &'a pg_sys::AlterSeqStmt,
+}
+
+impl<'a> AlterSequence<'a> {
+    /// The sequence it changes.
+    pub fn sequence(&self) -> Option<RangeVar<'a>> {
+        // SAFETY: a field of the same tree, NULL or a RangeVar.
+        unsafe { RangeVar::from_raw(self.stmt.sequence) }
+    }
+
+    /// Its options (`INCREMENT`, `RESTART`, ...), in order.
     pub fn options(&self) -> impl Iterator<Item = DefElem<'a>> {
         // SAFETY: `options` is NIL or a List of DefElem of the same tree,
         // alive for 'a.

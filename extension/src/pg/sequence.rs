@@ -1,50 +1,73 @@
-//! CREATE SEQUENCE as the ProcessUtility hook sees it: the entry point
-//! that gives [`crate::sequences`] a view of the statement and, when it
-//! asks for this node's INCREMENT and START, rewrites the statement's
-//! option list (on a copy of the tree when PostgreSQL marked it
-//! read-only) before PostgreSQL runs it.
+//! CREATE SEQUENCE and ALTER SEQUENCE as the ProcessUtility hook sees
+//! them: the entry point that gives [`crate::sequences`] a view of the
+//! statement and, when it asks for this node's INCREMENT and START (or
+//! RESTART value), rewrites the statement's option list (on a copy of the
+//! tree when PostgreSQL marked it read-only) before PostgreSQL runs it.
 
 use crate::pg::nodes::Node;
 use pgrx::pg_sys;
 use std::ffi::{CStr, CString};
 
+/// What this node changes in a sequence statement.
+enum Change {
+    /// CREATE SEQUENCE: INCREMENT and START.
+    Create { increment: i64, start: i64 },
+    /// ALTER SEQUENCE ... RESTART WITH: the value.
+    Restart(i64),
+}
+
 /// For a CREATE SEQUENCE on a cluster node, the statement with this node's
-/// INCREMENT and START ([`crate::sequences::node_step`] decides them; the
-/// tree is copied first if it is read-only); any other statement
-/// unchanged. Returns the statement and whether it is read-only.
+/// INCREMENT and START ([`crate::sequences::node_step`] decides them); for
+/// an ALTER SEQUENCE ... RESTART WITH, the statement with this node's
+/// value ([`crate::sequences::node_restart`]); the tree is copied first
+/// if it is read-only. Any other statement unchanged. Returns the
+/// statement and whether it is read-only.
 ///
 /// # Safety
 /// From the ProcessUtility hook with its `pstmt` and `read_only_tree`
 /// (the statement valid for the call).
 pub unsafe fn adjust(pstmt: *mut pg_sys::PlannedStmt, read_only_tree: bool) -> (*mut pg_sys::PlannedStmt, bool) {
     // SAFETY: the caller's contract: `pstmt` is a valid PlannedStmt whose
-    // utilityStmt is NULL or a node of it; the view ends with this block,
+    // utilityStmt is NULL or a node of it; the views end with this block,
     // before the tree is changed below.
-    let step = unsafe {
-        let Some(seq) = Node::from_raw((*pstmt).utilityStmt).and_then(|n| n.as_create_sequence()) else {
-            return (pstmt, read_only_tree);
-        };
-        crate::sequences::node_step(seq)
+    let change = unsafe {
+        let node = Node::from_raw((*pstmt).utilityStmt);
+        if let Some(seq) = node.and_then(|n| n.as_create_sequence()) {
+            crate::sequences::node_step(seq).map(|(increment, start)| Change::Create { increment, start })
+        } else if let Some(alter) = node.and_then(|n| n.as_alter_sequence()) {
+            crate::sequences::node_restart(alter).map(Change::Restart)
+        } else {
+            None
+        }
     };
-    let Some((increment, start)) = step else { return (pstmt, read_only_tree) };
+    let Some(change) = change else { return (pstmt, read_only_tree) };
     // SAFETY: `pstmt` is valid (caller's contract) and, per PostgreSQL's
     // read_only_tree rule, may be changed only when not read-only: a
     // read-only one is copied first (copyObjectImpl, in the current memory
     // context, which lives as long as the statement); its utilityStmt is
-    // the CreateSeqStmt checked above (a copy keeps the type); the new
-    // List and DefElems are palloc'd in the same context by guarded
-    // bindings.
+    // the CreateSeqStmt or AlterSeqStmt checked above, as `change` says (a
+    // copy keeps the type); the new Lists and DefElems are palloc'd in the
+    // same context by guarded bindings.
     unsafe {
         let pstmt = if read_only_tree { pg_sys::copyObjectImpl(pstmt as *const std::ffi::c_void) as *mut pg_sys::PlannedStmt } else { pstmt };
-        let stmt = (*pstmt).utilityStmt as *mut pg_sys::CreateSeqStmt;
-        let mut options = (*stmt).options;
-        // A START or INCREMENT given twice is an error: replace the
-        // user's (an INCREMENT here is pg_dump's BY 1).
-        options = remove_option(options, c"start");
-        options = remove_option(options, c"increment");
-        options = pg_sys::lappend(options, int_option(c"increment", increment) as *mut std::ffi::c_void);
-        options = pg_sys::lappend(options, int_option(c"start", start) as *mut std::ffi::c_void);
-        (*stmt).options = options;
+        match change {
+            Change::Create { increment, start } => {
+                let stmt = (*pstmt).utilityStmt as *mut pg_sys::CreateSeqStmt;
+                let mut options = (*stmt).options;
+                // A START or INCREMENT given twice is an error: replace the
+                // user's (an INCREMENT here is pg_dump's BY 1).
+                options = remove_option(options, c"start");
+                options = remove_option(options, c"increment");
+                options = pg_sys::lappend(options, int_option(c"increment", increment) as *mut std::ffi::c_void);
+                options = pg_sys::lappend(options, int_option(c"start", start) as *mut std::ffi::c_void);
+                (*stmt).options = options;
+            }
+            Change::Restart(value) => {
+                let stmt = (*pstmt).utilityStmt as *mut pg_sys::AlterSeqStmt;
+                let options = remove_option((*stmt).options, c"restart");
+                (*stmt).options = pg_sys::lappend(options, int_option(c"restart", value) as *mut std::ffi::c_void);
+            }
+        }
         (pstmt, false)
     }
 }
