@@ -91,8 +91,17 @@ fn psql_features_copy_errors_and_large_rows() {
     let out = psql_ok(port, "copy (select * from t order by id limit 3) to stdout");
     assert_eq!(out, "1\trow 1\n2\trow 2\n3\trow 3");
 
-    // An error inside a transaction, then ROLLBACK: the session goes on.
+    // COPY FROM STDIN in the extended protocol with its Sync sent before
+    // the data, as tokio-postgres sends it (the node ignores that Sync):
+    // committed through the cluster, the session goes on.
     let mut cl = connect(port, "postgres");
+    let mut w = cl.copy_in("copy t from stdin").unwrap();
+    w.write_all((2001..=2010).map(|i| format!("{i}\tcopied {i}\n")).collect::<String>().as_bytes()).unwrap();
+    assert_eq!(w.finish().unwrap(), 10);
+    assert_eq!(cl.query_one("select count(*) from t where id > 2000", &[]).unwrap().get::<_, i64>(0), 10);
+    cl.batch_execute("delete from t where id > 2000").unwrap();
+
+    // An error inside a transaction, then ROLLBACK: the session goes on.
     cl.batch_execute("begin; insert into t values (5000, 'x')").unwrap();
     let err = cl.batch_execute("insert into t values (1, 'dup')").unwrap_err();
     assert_eq!(err.code().unwrap().code(), "23505");
@@ -741,3 +750,4 @@ fn client_and_node_connections_are_kept_alive() {
     }
     drop(sessions);
 }
+

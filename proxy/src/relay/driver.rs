@@ -77,6 +77,10 @@ pub(super) struct Driver<'a, SW, CW> {
     /// Frames of the batch being handled that [`Self::look_ahead`] has
     /// already seen (their unit decided on): up to this index.
     pub(super) looked_ahead_to: usize,
+    /// The tag of the client's last message other than COPY data, and
+    /// whether the COPY under way started after its unit's Sync.
+    pub(super) last_tag: u8,
+    pub(super) copy_after_sync: bool,
     /// The extended unit being passed on (no Sync yet).
     pub(super) unit: Option<Unit>,
     pub(super) pending: Option<Pending>,
@@ -248,9 +252,11 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         let tag = head[0];
         if tag != b'd' {
             self.finish_pending().await?;
+            self.last_tag = tag;
         }
         let forward = match tag {
             b'd' => {
+                self.copy_data_seen();
                 self.out.extend_from_slice(&head);
                 true
             }
@@ -308,6 +314,17 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(())
     }
 
+    /// COPY data (or its end) from the client: if the COPY was started by
+    /// an extended unit whose Sync came before the data (as tokio-postgres
+    /// sends it), the node ignored that Sync, and the client's next Sync
+    /// takes its place ([`Self::batch`]).
+    fn copy_data_seen(&mut self) {
+        if self.last_tag == b'S' {
+            self.copy_after_sync = true;
+        }
+        self.last_tag = b'd';
+    }
+
     /// Sends the Query `raw` (whole, or the start of one streamed after
     /// it) in a transaction of the proxy's: the proxy finishes it when the
     /// node's ReadyForQuery comes back ([`Self::finish`]).
@@ -361,10 +378,22 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         for (i, f) in batch.frames.iter().enumerate() {
             let raw = &batch.bytes[f.start..f.start + f.len];
             let body = batch.body(f);
-            // COPY data belongs to the running unit; anything else starts
-            // a new one, which must wait until the pending one is finished.
-            if !matches!(f.tag, b'd' | b'c' | b'f') {
+            if matches!(f.tag, b'd' | b'c' | b'f') {
+                self.copy_data_seen();
+            } else if f.tag == b'S' && std::mem::take(&mut self.copy_after_sync) {
+                // The unit's own Sync went out before its COPY data, and
+                // the node ignored it (PostgreSQL skips a Sync read during
+                // COPY FROM STDIN): this one ends the unit, answering what
+                // that one was expected to.
+                self.out.extend_from_slice(raw);
+                self.last_tag = f.tag;
+                continue;
+            } else {
+                // COPY data belongs to the running unit; anything else
+                // starts a new one, which must wait until the pending one
+                // is finished.
                 self.finish_pending().await?;
+                self.last_tag = f.tag;
             }
             match f.tag {
                 b'Q' => self.query(raw, body).await?,

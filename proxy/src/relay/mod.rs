@@ -161,6 +161,8 @@ where
         statements: HashMap::default(),
         portals: HashMap::default(),
         looked_ahead_to: 0,
+        last_tag: 0,
+        copy_after_sync: false,
         unit: None,
         pending: None,
         wake: Box::pin(tokio::time::sleep(RECHECK)),
