@@ -751,3 +751,43 @@ fn client_and_node_connections_are_kept_alive() {
     drop(sessions);
 }
 
+/// Errors raised inside statements the extension's hooks wrap (COPY, DO,
+/// functions, DDL) reach the client whole, as one PostgreSQL sends them:
+/// their CONTEXT lines (the COPY line, the PL/pgSQL call stack) and their
+/// schema, table and constraint names, through the proxy and on a node
+/// directly.
+#[test]
+fn errors_keep_their_context_and_fields() {
+    let c = TestCluster::start(3);
+    let port = c.layout.proxy_port;
+    psql_ok(port, "create table ctx(id int primary key, v int)");
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("rows.csv");
+    std::fs::write(&csv, "1,1\n2,2\n3,bad\n").unwrap();
+    let out = psql(port, &["-c", &format!("\\copy ctx from '{}' csv", csv.display())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CONTEXT:  COPY ctx, line 3, column v: \"bad\""), "{stderr}");
+    let out = psql(port, &["-c", "do $$ begin perform 1/0; end $$"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CONTEXT:  SQL statement \"SELECT 1/0\"") && stderr.contains("PL/pgSQL function inline_code_block line 1 at PERFORM"), "{stderr}");
+    // The same on a node directly (the hooks run there too).
+    let out = psql(c.node(2).port, &["-c", "do $$ begin perform 1/0; end $$"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PL/pgSQL function inline_code_block"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A unique violation inside COPY and inside a function called by a
+    // utility statement (CALL) keep their schema, table and constraint.
+    let mut cl = connect(port, "postgres");
+    cl.batch_execute("insert into ctx values (1, 1); create procedure dup() language sql as $$ insert into ctx values (1, 1) $$").unwrap();
+    for sql in ["copy ctx from stdin", "call dup()"] {
+        let e = if sql.starts_with("copy") {
+            let mut w = cl.copy_in(sql).unwrap();
+            w.write_all(b"1\t1\n").unwrap();
+            w.finish().unwrap_err()
+        } else {
+            cl.batch_execute(sql).unwrap_err()
+        };
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+        assert_eq!((db.code().code(), db.schema(), db.table(), db.constraint()), ("23505", Some("public"), Some("ctx"), Some("ctx_pkey")), "{sql}: {db:?}");
+        assert!(db.where_().is_some(), "{sql}: the context of the error: {db:?}");
+    }
+}

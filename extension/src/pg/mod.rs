@@ -14,11 +14,15 @@
 //! - a PostgreSQL function that can `ereport(ERROR)` is called through
 //!   pgrx's guarded bindings (`pg_sys::*`, which run inside
 //!   `pg_guard_ffi_boundary`), never through a bare `extern` block or a raw
-//!   function pointer without `pg_guard_ffi_boundary`;
+//!   function pointer without a boundary — the one exception being the
+//!   executor and utility hooks' call of PostgreSQL's own work, which runs
+//!   under [`keep::call`], a boundary that keeps the error whole (CONTEXT
+//!   and fields) for the trampoline to raise again;
 //! - a callback PostgreSQL calls (hooks, output-plugin callbacks,
 //!   background-worker entry points, shared-memory callbacks) is a
-//!   `#[pg_guard]` trampoline here that turns its pointers into the safe
-//!   views below and calls the role module's safe function;
+//!   `#[pg_guard]` trampoline here (the executor and utility hooks:
+//!   [`keep::hook`]) that turns its pointers into the safe views below and
+//!   calls the role module's safe function;
 //! - a view of a PostgreSQL struct borrows it for no longer than
 //!   PostgreSQL keeps it alive (the callback, the memory context).
 //!
@@ -32,6 +36,7 @@ pub mod dsm;
 pub mod elog;
 pub mod executor;
 pub mod guc;
+pub mod keep;
 pub mod latch;
 pub mod memcx;
 pub mod nodes;

@@ -168,12 +168,14 @@ impl<'a> ExecutorStart<'a> {
 
     /// Runs the previous hook, or the standard ExecutorStart.
     pub fn run(self) {
-        // SAFETY: PostgreSQL's own arguments, passed on unchanged, once.
+        // SAFETY: PostgreSQL's own arguments, passed on unchanged, once,
+        // under keep::call (inside the trampoline's keep::guard); the
+        // closure holds nothing to drop.
         unsafe {
-            match PREV_EXECUTOR_START {
+            crate::pg::keep::call(|| match PREV_EXECUTOR_START {
                 Some(prev) => prev(self.query, self.eflags),
-                None => pg_sys::standard_ExecutorStart(self.query, self.eflags),
-            }
+                None => raw::standard_ExecutorStart(self.query, self.eflags),
+            })
         }
     }
 }
@@ -194,12 +196,13 @@ impl ExecutorEnd<'_> {
 
     /// Runs the previous hook, or the standard ExecutorEnd.
     pub fn run(self) {
-        // SAFETY: PostgreSQL's own argument, passed on unchanged, once.
+        // SAFETY: PostgreSQL's own argument, passed on unchanged, once,
+        // under keep::call as in ExecutorStart::run.
         unsafe {
-            match PREV_EXECUTOR_END {
+            crate::pg::keep::call(|| match PREV_EXECUTOR_END {
                 Some(prev) => prev(self.query),
-                None => pg_sys::standard_ExecutorEnd(self.query),
-            }
+                None => raw::standard_ExecutorEnd(self.query),
+            })
         }
     }
 }
@@ -289,29 +292,64 @@ impl<'a> UtilityCall<'a> {
     /// Runs the previous hook, or the standard ProcessUtility.
     pub fn run(self) {
         // SAFETY: PostgreSQL's own arguments (the plan possibly replaced by
-        // adjust_sequences, a valid one), passed on once.
+        // adjust_sequences, a valid one), passed on once, under keep::call
+        // as in ExecutorStart::run.
         unsafe {
-            match PREV_PROCESS_UTILITY {
+            crate::pg::keep::call(|| match PREV_PROCESS_UTILITY {
                 Some(prev) => prev(self.pstmt, self.query_string, self.read_only_tree, self.context, self.params, self.query_env, self.dest, self.qc),
-                None => pg_sys::standard_ProcessUtility(self.pstmt, self.query_string, self.read_only_tree, self.context, self.params, self.query_env, self.dest, self.qc),
-            }
+                None => raw::standard_ProcessUtility(self.pstmt, self.query_string, self.read_only_tree, self.context, self.params, self.query_env, self.dest, self.qc),
+            })
         }
     }
 }
 
-#[pg_guard]
+/// PostgreSQL's standard executor and utility functions, unguarded: the
+/// hooks call them under [`crate::pg::keep::call`], which keeps their
+/// errors whole (pgrx's guarded bindings would catch them first).
+mod raw {
+    use pgrx::pg_sys;
+    use std::ffi::{c_char, c_int};
+
+    unsafe extern "C-unwind" {
+        pub fn standard_ExecutorStart(query: *mut pg_sys::QueryDesc, eflags: c_int);
+        pub fn standard_ExecutorEnd(query: *mut pg_sys::QueryDesc);
+        #[allow(clippy::too_many_arguments)]
+        pub fn standard_ProcessUtility(
+            pstmt: *mut pg_sys::PlannedStmt,
+            query_string: *const c_char,
+            read_only_tree: bool,
+            context: pg_sys::ProcessUtilityContext::Type,
+            params: pg_sys::ParamListInfo,
+            query_env: *mut pg_sys::QueryEnvironment,
+            dest: *mut pg_sys::DestReceiver,
+            qc: *mut pg_sys::QueryCompletion,
+        );
+    }
+}
+
+// The three hook trampolines are guarded by keep::hook: #[pg_guard]'s
+// guard plus the re-raise of an error kept whole.
+
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: c_int) {
-    let call = ();
-    crate::xact::executor_start(ExecutorStart { query, eflags, _call: scoped(&call) });
+    // SAFETY: the whole body of the trampoline, nothing else in its frame.
+    unsafe {
+        crate::pg::keep::hook(|| {
+            let call = ();
+            crate::xact::executor_start(ExecutorStart { query, eflags, _call: scoped(&call) });
+        })
+    }
 }
 
-#[pg_guard]
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
-    let call = ();
-    crate::xact::executor_end(ExecutorEnd { query, _call: scoped(&call) });
+    // SAFETY: as in executor_start.
+    unsafe {
+        crate::pg::keep::hook(|| {
+            let call = ();
+            crate::xact::executor_end(ExecutorEnd { query, _call: scoped(&call) });
+        })
+    }
 }
 
-#[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -323,8 +361,13 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    let call = ();
-    crate::xact::process_utility(UtilityCall { pstmt, query_string, read_only_tree, context, params, query_env, dest, qc, _call: scoped(&call) });
+    // SAFETY: as in executor_start.
+    unsafe {
+        crate::pg::keep::hook(|| {
+            let call = ();
+            crate::xact::process_utility(UtilityCall { pstmt, query_string, read_only_tree, context, params, query_env, dest, qc, _call: scoped(&call) });
+        })
+    }
 }
 
 #[pg_guard]
