@@ -12,6 +12,9 @@ pub(super) enum UnitMode {
     /// The node failed a message of the unit before the proxy's Sync:
     /// PostgreSQL would skip the rest up to the client's Sync, so do we.
     Discard,
+    /// The same in a unit the proxy wrapped in its own transaction, which
+    /// it still ends (rolls back) at the client's Sync.
+    DiscardWrapped,
     /// In a transaction the proxy opened: the proxy commits it at the Sync.
     Wrapped,
     /// Contains the COMMIT of a transaction that wrote: the proxy runs the
@@ -31,6 +34,12 @@ pub(super) struct Unit {
     /// write or the first COMMIT decides again.
     pub(super) write_seen: bool,
     pub(super) commit_seen: bool,
+    /// An Execute of the unit has gone to the node, and a BEGIN is among
+    /// its Executes: a Sync of the proxy's inside the unit would end an
+    /// implicit transaction that has run statements (their locks and
+    /// portals with it) unless the unit opened a block.
+    pub(super) executed: bool,
+    pub(super) begins: bool,
 }
 
 /// A unit whose end the proxy finishes itself.
@@ -273,7 +282,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 self.extended(&batch, 0, false).await?;
                 // A unit the node already failed skips the message, as
                 // PostgreSQL would.
-                self.unit.map(|u| u.mode) != Some(UnitMode::Discard)
+                !matches!(self.unit.map(|u| u.mode), Some(UnitMode::Discard | UnitMode::DiscardWrapped))
             }
         };
         self.send().await?;
@@ -625,10 +634,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             None => {
                 self.ctx.tracker.before_send(0).await;
                 self.forget_ended_portals();
-                Unit { mode: UnitMode::Plain, sent: false, write_seen: false, commit_seen: false }
+                Unit { mode: UnitMode::Plain, sent: false, write_seen: false, commit_seen: false, executed: false, begins: false }
             }
         };
-        if unit.mode == UnitMode::Discard {
+        if matches!(unit.mode, UnitMode::Discard | UnitMode::DiscardWrapped) {
             return Ok(());
         }
         // Each piece of the unit is looked at once, from its first Bind or
@@ -656,10 +665,17 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 .iter()
                 .position(|x| *x == Intent::Begin)
                 .is_some_and(|b| executes.iter().skip(b).any(|x| *x == Intent::Commit) && may_write);
-            let decide = (commit && !unit.commit_seen) || (write && !unit.write_seen);
+            let new_need = (commit && !unit.commit_seen) || (write && !unit.write_seen);
             unit.commit_seen |= commit;
             unit.write_seen |= write;
-            if decide {
+            // A later piece decides again only where the proxy's Sync
+            // changes nothing: before any Execute of the unit ran, or
+            // inside a transaction block. Otherwise the unit runs as sent
+            // (a write in it is then refused at its end, 0A000, rather
+            // than split into two transactions).
+            let may_sync = !unit.sent || !unit.executed || unit.begins || self.status() == b'T';
+            unit.begins |= executes.contains(&Intent::Begin);
+            if new_need && may_sync {
                 // The exact state first: wait for the answers so far — with
                 // a Sync of the proxy's if part of this unit is already on
                 // its way (harmless: nothing of it has executed yet).
@@ -722,10 +738,12 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
             b'E' => {
                 self.count_query();
+                unit.executed = true;
+                self.unit = Some(unit);
                 let portal = BodyReader::new(body).cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
                 if unit.mode == UnitMode::CommitInside && self.portals.get(&portal) == Some(&Intent::Commit) {
-                    unit.mode = UnitMode::Plain;
-                    self.unit = Some(unit);
+                    // Stays CommitInside: a later COMMIT of the unit (a
+                    // pipeline of several transactions) is taken over too.
                     if self.commit_in_place().await? {
                         return Ok(());
                     }
@@ -754,7 +772,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
 
     pub(super) async fn sync(&mut self, raw: &[u8]) -> Result<(), End> {
         self.ctx.tracker.before_send(1).await;
-        if self.unit.take().map(|u| u.mode) == Some(UnitMode::Wrapped) {
+        if matches!(self.unit.take().map(|u| u.mode), Some(UnitMode::Wrapped | UnitMode::DiscardWrapped)) {
             self.send_pending(raw, false, PendingKind::Autocommit);
         } else {
             self.expect(Expect::Forward);

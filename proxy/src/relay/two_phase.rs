@@ -22,7 +22,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // A statement of the unit failed: PostgreSQL skips the rest of
             // it up to the client's Sync, this Execute included.
             if let Some(unit) = self.unit.as_mut() {
-                unit.mode = UnitMode::Discard;
+                unit.mode = if unit.mode == UnitMode::Wrapped { UnitMode::DiscardWrapped } else { UnitMode::Discard };
             }
             return Ok(Block::Failed);
         }
