@@ -104,7 +104,11 @@ pub fn node_restart(alter: crate::pg::nodes::AlterSequence<'_>) -> Option<i64> {
     let value = restart?;
     let seq = crate::pg::catalog::range_var_relid(alter.sequence()?)?;
     let (id, n) = node_step_of(seq)?;
-    Some(next_value_of_node(value, id, n))
+    let next = next_value_of_node(value, id, n);
+    // Past MAXVALUE the statement would fail here (and in each peer's
+    // replay): then it runs as written.
+    let max = crate::with_snapshot(|| Spi::get_one_with_args::<i64>("SELECT seqmax FROM pg_catalog.pg_sequence WHERE seqrelid = $1", &[seq.into()]));
+    matches!(max, Ok(Some(m)) if next <= m).then_some(next)
 }
 
 /// The next value at or after `from` that belongs to node `id` of `n`.

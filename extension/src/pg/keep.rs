@@ -49,7 +49,8 @@ impl Kept {
         let e = self.edata();
         // SAFETY: message is NULL or a NUL-terminated string of the copy.
         let own = (!e.message.is_null()).then(|| unsafe { CStr::from_ptr(e.message) }.to_string_lossy());
-        code.is_none_or(|c| c as i32 == e.sqlerrcode) && own.as_deref().unwrap_or("<null error message>") == message
+        // (Compared as pgrx maps codes: one it does not know is XX000.)
+        code.is_none_or(|c| c == pgrx::PgSqlErrorCode::from(e.sqlerrcode)) && own.as_deref().unwrap_or("<null error message>") == message
     }
 
     /// Raises the error again exactly as PostgreSQL first raised it.
