@@ -744,11 +744,30 @@ fn pipelined_transactions_commit_through_the_cluster() {
         r.s.write_all(&m).unwrap();
         assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "C:COMMIT", "Z:I"]);
     }
-    assert_eq!(commits(&c, "committed") - before, 12.0, "four writing transactions per session through the cluster's commit");
+    // A COPY FROM STDIN that fails before it starts, then the CopyFail and
+    // Sync tokio-postgres sends after it: the node answers that Sync too
+    // (it never was in COPY), and the session stays in step.
+    let r = &mut raws[0];
+    let mut m = unit(&["copy no_such_table from stdin"]);
+    m.extend(Raw::sync());
+    r.s.write_all(&m).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["1", "2", "E:42P01", "Z:I"]);
+    // (With the next unit, a write, in the same write to the socket.)
+    let mut m = msg(b'f', &cstr("gave up"));
+    m.extend(Raw::sync());
+    m.extend(unit(&["insert into pl values (7)"]));
+    m.extend(Raw::sync());
+    r.s.write_all(&m).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["Z:I"]);
+    assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "Z:I"]);
+    r.s.write_all(&Raw::query("select 42")).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["T", "D", "C:SELECT 1", "Z:I"]);
+
+    assert_eq!(commits(&c, "committed") - before, 13.0, "four writing transactions per session and one more through the cluster's commit");
     no_gid_left(&c);
     for id in 1..=3 {
         let rows: Vec<i32> = client(&c, id).query("select id from pl order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(rows, [1, 3, 5, 6, 11, 13, 15, 16, 21, 23, 25, 26], "node{id}");
+        assert_eq!(rows, [1, 3, 5, 6, 7, 11, 13, 15, 16, 21, 23, 25, 26], "node{id}");
     }
 
     // pgbench's pipelines of whole transactions, clients on every node.

@@ -330,6 +330,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     fn copy_data_seen(&mut self) {
         if self.last_tag == b'S' {
             self.copy_after_sync = true;
+        } else if self.last_tag != b'd' {
+            // A COPY with no Sync before its data (a Query, or a unit
+            // ended by a Flush): its CopyInResponse concerns no Sync.
+            self.link.copy_in_response.store(false, Ordering::Release);
         }
         self.last_tag = b'd';
     }
@@ -389,11 +393,12 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             let body = batch.body(f);
             if matches!(f.tag, b'd' | b'c' | b'f') {
                 self.copy_data_seen();
-            } else if f.tag == b'S' && std::mem::take(&mut self.copy_after_sync) {
+            } else if f.tag == b'S' && std::mem::take(&mut self.copy_after_sync) && self.link.copy_in_response.swap(false, Ordering::AcqRel) {
                 // The unit's own Sync went out before its COPY data, and
-                // the node ignored it (PostgreSQL skips a Sync read during
-                // COPY FROM STDIN): this one ends the unit, answering what
-                // that one was expected to.
+                // the node, in COPY FROM STDIN by then, ignored it
+                // (PostgreSQL skips a Sync read during COPY): this one ends
+                // the unit, answering what that one was expected to. (A
+                // COPY that failed before CopyInResponse answered both.)
                 self.out.extend_from_slice(raw);
                 self.last_tag = f.tag;
                 continue;

@@ -107,6 +107,9 @@ struct Link<CW> {
     /// The node sent a FATAL error (passed on to the client, which then
     /// knows why the session ends).
     node_fatal: AtomicBool,
+    /// The node answered a COPY FROM STDIN with CopyInResponse, and the
+    /// driver has not yet matched it to the client's COPY data.
+    copy_in_response: AtomicBool,
     client: tokio::sync::Mutex<CW>,
 }
 
@@ -150,6 +153,7 @@ where
         wrote: AtomicBool::new(false),
         committing: Mutex::new(None),
         node_fatal: AtomicBool::new(false),
+        copy_in_response: AtomicBool::new(false),
         client: tokio::sync::Mutex::new(cw),
     };
     let mut driver = Driver {

@@ -151,6 +151,9 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
                 return;
             }
         }
+        if tag == b'G' {
+            self.link.copy_in_response.store(true, Ordering::Release);
+        }
         if tag == b'A' {
             // Notifications belong to the client whatever is running.
             self.out.extend_from_slice(raw);
