@@ -481,13 +481,15 @@ fn refuse_large_object() {
     );
 }
 
-/// Notes whether the captured statement touches temporary relations (the
-/// object access hook, after the previous one ran).
+/// Notes whether the captured statement touches temporary relations,
+/// functions or types (the object access hook, after the previous one
+/// ran).
 pub fn object_accessed(access: pg_sys::ObjectAccessType::Type, class_id: pg_sys::Oid, object_id: pg_sys::Oid) {
     if class_id == LARGE_OBJECT_RELATION_ID && access == pg_sys::ObjectAccessType::OAT_POST_CREATE {
         refuse_large_object();
     }
-    if !CAPTURING.get() || class_id != pg_sys::RelationRelationId {
+    let catalogs = [pg_sys::RelationRelationId, pg_sys::ProcedureRelationId, pg_sys::TypeRelationId];
+    if !CAPTURING.get() || !catalogs.contains(&class_id) {
         return;
     }
     if !matches!(
@@ -499,7 +501,11 @@ pub fn object_accessed(access: pg_sys::ObjectAccessType::Type, class_id: pg_sys:
     // A relation being created is not in the syscache yet (no command
     // counter increment since its insert): read its namespace from the
     // catalog with a snapshot that sees our own changes.
-    let nsp = relation_namespace(object_id);
+    let nsp = if class_id == pg_sys::RelationRelationId {
+        relation_namespace(object_id)
+    } else {
+        catalog::object_namespace_uncached(class_id, object_id)
+    };
     if nsp == pg_sys::InvalidOid {
         return;
     }

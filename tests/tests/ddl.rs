@@ -124,13 +124,20 @@ fn a_migration_mixing_ddl_and_dml_commits_on_every_node() {
     // temporary table, and a schema change commits with PREPARE.)
     one.batch_execute("create temp table scratch(x int); insert into scratch values (1)").unwrap();
     one.batch_execute("create unlogged table cache(k int primary key)").unwrap();
+    // So do temporary functions and types.
+    one.batch_execute("create function pg_temp.scratch_f() returns int language sql as 'select 7'; create type pg_temp.scratch_t as enum ('a')").unwrap();
+    assert_eq!(one.query_one("select pg_temp.scratch_f()", &[]).unwrap().get::<_, i32>(0), 7);
     settle(&c);
     one.batch_execute("insert into cache values (1)").unwrap();
     let scratch = on_each(&c, "select count(*)::text from pg_class where relname = 'scratch'");
+    let scratch_f = on_each(&c, "select count(*)::text from pg_proc where proname = 'scratch_f'");
+    let scratch_t = on_each(&c, "select count(*)::text from pg_type where typname = 'scratch_t'");
     let cache_rows = on_each(&c, "select count(*)::text from cache");
     for id in 1..=3 {
         let here = if id == home { "1" } else { "0" };
         assert_eq!(scratch[id - 1], here, "temporary table on node{id}");
+        assert_eq!(scratch_f[id - 1], here, "temporary function on node{id}");
+        assert_eq!(scratch_t[id - 1], here, "temporary type on node{id}");
         assert_eq!(cache_rows[id - 1], here, "unlogged rows on node{id}");
     }
     assert!(prepared(&c).iter().all(Vec::is_empty), "{:?}", prepared(&c));

@@ -74,31 +74,62 @@ pub fn relation_namespace(relid: pg_sys::Oid) -> pg_sys::Oid {
 /// relation the running command is creating, not in the syscache yet.
 /// InvalidOid if there is no such row.
 pub fn relation_namespace_uncached(relid: pg_sys::Oid) -> pg_sys::Oid {
-    // SAFETY: pg_class opened and closed with AccessShareLock around a
+    // SAFETY: the fixed part of a pg_class row, as namespace_uncached
+    // hands it over.
+    unsafe {
+        namespace_uncached(pg_sys::RelationRelationId, pg_sys::ClassOidIndexId, pg_sys::Anum_pg_class_oid, relid, |row| {
+            (*(row as *const pg_sys::FormData_pg_class)).relnamespace
+        })
+    }
+}
+
+/// The same for a function (pg_proc) or a type (pg_type) the running
+/// command may be creating: `class_id` says which. InvalidOid for another
+/// catalog or no such row.
+pub fn object_namespace_uncached(class_id: pg_sys::Oid, oid: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: the fixed part of a pg_proc / pg_type row, as
+    // namespace_uncached hands it over, read as that catalog's struct.
+    unsafe {
+        if class_id == pg_sys::ProcedureRelationId {
+            namespace_uncached(class_id, pg_sys::ProcedureOidIndexId, pg_sys::Anum_pg_proc_oid, oid, |row| {
+                (*(row as *const pg_sys::FormData_pg_proc)).pronamespace
+            })
+        } else if class_id == pg_sys::TypeRelationId {
+            namespace_uncached(class_id, pg_sys::TypeOidIndexId, pg_sys::Anum_pg_type_oid, oid, |row| {
+                (*(row as *const pg_sys::FormData_pg_type)).typnamespace
+            })
+        } else {
+            pg_sys::InvalidOid
+        }
+    }
+}
+
+/// Reads the row `oid` of `catalog` through its oid index with
+/// `SnapshotSelf` and gives `namespace` the start of the row's fixed
+/// part; InvalidOid if there is no such row.
+///
+/// # Safety
+/// `index` is `catalog`'s index on its oid column `oid_attnum`, and
+/// `namespace` reads that catalog's own fixed-part struct; inside a
+/// transaction.
+unsafe fn namespace_uncached(catalog: pg_sys::Oid, index: u32, oid_attnum: u32, oid: pg_sys::Oid, namespace: impl Fn(*const u8) -> pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: the catalog opened and closed with AccessShareLock around a
     // systable scan on its oid index, all in the caller's transaction;
     // the zeroed ScanKeyData is initialised by ScanKeyInit before use;
     // SnapshotSelfData is PostgreSQL's static snapshot, only read; a tuple
-    // the scan returns is a pg_class row valid until the scan ends, and
-    // its fixed part is read before that.
+    // the scan returns is a catalog row valid until the scan ends, and its
+    // fixed part (after the header, GETSTRUCT) is read before that.
     unsafe {
-        let rel = pg_sys::table_open(pg_sys::RelationRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let rel = pg_sys::table_open(catalog, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyInit(
-            &mut key,
-            pg_sys::Anum_pg_class_oid as pg_sys::AttrNumber,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::F_OIDEQ.into(),
-            pg_sys::Datum::from(relid),
-        );
-        let scan = pg_sys::systable_beginscan(rel, pg_sys::Oid::from(pg_sys::ClassOidIndexId), true, &raw mut pg_sys::SnapshotSelfData, 1, &mut key);
+        pg_sys::ScanKeyInit(&mut key, oid_attnum as pg_sys::AttrNumber, pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber, pg_sys::F_OIDEQ.into(), pg_sys::Datum::from(oid));
+        let scan = pg_sys::systable_beginscan(rel, pg_sys::Oid::from(index), true, &raw mut pg_sys::SnapshotSelfData, 1, &mut key);
         let tup = pg_sys::systable_getnext(scan);
         let nsp = if tup.is_null() {
             pg_sys::InvalidOid
         } else {
-            // GETSTRUCT: the fixed part of a pg_class row follows the header.
             let data = (*tup).t_data;
-            let form = (data as *mut u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_class;
-            (*form).relnamespace
+            namespace((data as *const u8).add((*data).t_hoff as usize))
         };
         pg_sys::systable_endscan(scan);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
