@@ -22,6 +22,19 @@ pub(super) enum UnitMode {
     CommitInside,
 }
 
+impl UnitMode {
+    /// The mode once a statement of the unit failed: skip the rest up to
+    /// the client's Sync, still ending the proxy's own transaction there
+    /// if the unit runs in one.
+    pub(super) fn discarding(self) -> UnitMode {
+        if self == UnitMode::Wrapped {
+            UnitMode::DiscardWrapped
+        } else {
+            UnitMode::Discard
+        }
+    }
+}
+
 /// The extended unit under way.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Unit {
@@ -34,10 +47,10 @@ pub(super) struct Unit {
     /// write or the first COMMIT decides again.
     pub(super) write_seen: bool,
     pub(super) commit_seen: bool,
-    /// An Execute of the unit has gone to the node, and a BEGIN is among
-    /// its Executes: a Sync of the proxy's inside the unit would end an
+    /// An Execute of the unit has gone to the node / a BEGIN is among its
+    /// Executes so far. A Sync of the proxy's inside the unit would end an
     /// implicit transaction that has run statements (their locks and
-    /// portals with it) unless the unit opened a block.
+    /// portals with it), unless the unit opened a block.
     pub(super) executed: bool,
     pub(super) begins: bool,
 }
@@ -167,11 +180,21 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         }
     }
 
+    /// A Sync of the proxy's inside the unit being passed on (harmless in
+    /// a transaction block, and before any of the unit executed): the
+    /// node's exact state once it has run what was sent.
+    pub(super) async fn sync_inside_unit(&mut self) -> Result<Held, End> {
+        let rx = self.expect_hold(false);
+        self.out.extend_from_slice(&commit::sync());
+        self.send().await?;
+        Ok(rx.await.unwrap_or_default())
+    }
+
     /// Runs the proxy's own statements (pipelined) and returns the answers.
     pub(super) async fn own(&mut self, sqls: &[&str]) -> Result<Vec<Vec<Reply>>, End> {
         let mut answers = Vec::with_capacity(sqls.len());
         for rx in self.own_pipelined(sqls).await? {
-            answers.push(rx.await.map_err(|_| End::ServerClosed)?);
+            answers.push(answer(rx).await?);
         }
         Ok(answers)
     }
@@ -685,11 +708,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 // a Sync of the proxy's if part of this unit is already on
                 // its way (harmless: nothing of it has executed yet).
                 if unit.sent {
-                    let rx = self.expect_hold(false);
-                    self.out.extend_from_slice(&commit::sync());
-                    self.send().await?;
-                    if rx.await.unwrap_or_default().error {
-                        unit.mode = UnitMode::Discard;
+                    if self.sync_inside_unit().await?.error {
+                        unit.mode = unit.mode.discarding();
                         self.unit = Some(unit);
                         return Ok(());
                     }
@@ -786,6 +806,13 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(())
     }
 
+}
+
+/// The answers to one of the proxy's own statements sent by
+/// [`Driver::own_pipelined`]; the node's connection broke if they never
+/// come.
+pub(super) async fn answer(rx: oneshot::Receiver<Vec<Reply>>) -> Result<Vec<Reply>, End> {
+    rx.await.map_err(|_| End::ServerClosed)
 }
 
 /// (statement name, SQL) of a Parse body.

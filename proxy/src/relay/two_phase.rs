@@ -5,7 +5,7 @@
 //! and the end of the units the proxy finishes itself. What is sent to
 //! the node and how its answers read is in [`crate::commit`].
 
-use super::driver::{Driver, PendingKind, UnitMode};
+use super::driver::{answer, Driver, PendingKind};
 use super::*;
 
 impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
@@ -14,15 +14,12 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// inside a transaction block): whether a transaction block is open
     /// and wrote, or a statement of the unit failed.
     pub(super) async fn block_wrote(&mut self) -> Result<Block, End> {
-        let rx = self.expect_hold(false);
-        self.out.extend_from_slice(&commit::sync());
-        self.send().await?;
-        let held = rx.await.unwrap_or_default();
+        let held = self.sync_inside_unit().await?;
         if held.error {
             // A statement of the unit failed: PostgreSQL skips the rest of
             // it up to the client's Sync, this Execute included.
             if let Some(unit) = self.unit.as_mut() {
-                unit.mode = if unit.mode == UnitMode::Wrapped { UnitMode::DiscardWrapped } else { UnitMode::Discard };
+                unit.mode = unit.mode.discarding();
             }
             return Ok(Block::Failed);
         }
@@ -349,12 +346,12 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     // connection break during the wait for the peers, the
                     // client still learns its transaction committed.
                     let mut answers = self.own_pipelined(&sqls).await?.into_iter();
-                    let done = answer(answers.next()).await?;
+                    let done = answer(answers.next().ok_or(End::ServerClosed)?).await?;
                     match commit::error_of(&done) {
                         None => {
                             self.link.set_committing(Some(Committing::Committed(gid.clone())));
                             if let Some(waited) = answers.next() {
-                                let waited = answer(Some(waited)).await?;
+                                let waited = answer(waited).await?;
                                 if commit::first_row(&waited).and_then(|r| r.into_iter().next().flatten()).as_deref() != Some("t") {
                                     tracing::warn!(%gid, "committed, but not every node confirmed its commit within {timeout:?}");
                                     metrics::counter!("mtm_proxy_commits_unconfirmed_total").increment(1);
@@ -378,16 +375,6 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             count_error(&e.sqlstate());
         }
         Ok(outcome)
-    }
-}
-
-/// The answers to one of the proxy's own statements sent by
-/// [`Driver::own_pipelined`]; the node's connection broke if they never
-/// come.
-async fn answer(rx: Option<oneshot::Receiver<Vec<Reply>>>) -> Result<Vec<Reply>, End> {
-    match rx {
-        Some(rx) => rx.await.map_err(|_| End::ServerClosed),
-        None => Err(End::ServerClosed),
     }
 }
 
