@@ -507,31 +507,33 @@ fn tuple_values(tuple: &Tuple) -> Vec<Value> {
 /// object (or none) on another node. They go as text, their objects'
 /// names, which each node resolves to its own.
 fn names_objects(typid: pg_sys::Oid) -> bool {
-    [
-        pg_sys::REGPROCOID,
-        pg_sys::REGPROCEDUREOID,
-        pg_sys::REGOPEROID,
-        pg_sys::REGOPERATOROID,
-        pg_sys::REGCLASSOID,
-        pg_sys::REGCOLLATIONOID,
-        pg_sys::REGTYPEOID,
-        pg_sys::REGROLEOID,
-        pg_sys::REGNAMESPACEOID,
-        pg_sys::REGCONFIGOID,
-        pg_sys::REGDICTIONARYOID,
-        pg_sys::REGPROCARRAYOID,
-        pg_sys::REGPROCEDUREARRAYOID,
-        pg_sys::REGOPERARRAYOID,
-        pg_sys::REGOPERATORARRAYOID,
-        pg_sys::REGCLASSARRAYOID,
-        pg_sys::REGCOLLATIONARRAYOID,
-        pg_sys::REGTYPEARRAYOID,
-        pg_sys::REGROLEARRAYOID,
-        pg_sys::REGNAMESPACEARRAYOID,
-        pg_sys::REGCONFIGARRAYOID,
-        pg_sys::REGDICTIONARYARRAYOID,
-    ]
-    .contains(&typid)
+    // A match, not a list to scan: this runs for every column of every
+    // row decoded.
+    matches!(
+        typid,
+        pg_sys::REGPROCOID
+            | pg_sys::REGPROCEDUREOID
+            | pg_sys::REGOPEROID
+            | pg_sys::REGOPERATOROID
+            | pg_sys::REGCLASSOID
+            | pg_sys::REGCOLLATIONOID
+            | pg_sys::REGTYPEOID
+            | pg_sys::REGROLEOID
+            | pg_sys::REGNAMESPACEOID
+            | pg_sys::REGCONFIGOID
+            | pg_sys::REGDICTIONARYOID
+            | pg_sys::REGPROCARRAYOID
+            | pg_sys::REGPROCEDUREARRAYOID
+            | pg_sys::REGOPERARRAYOID
+            | pg_sys::REGOPERATORARRAYOID
+            | pg_sys::REGCLASSARRAYOID
+            | pg_sys::REGCOLLATIONARRAYOID
+            | pg_sys::REGTYPEARRAYOID
+            | pg_sys::REGROLEARRAYOID
+            | pg_sys::REGNAMESPACEARRAYOID
+            | pg_sys::REGCONFIGARRAYOID
+            | pg_sys::REGDICTIONARYARRAYOID
+    )
 }
 
 /// `output` with only pg_catalog on the search_path, so that every name
