@@ -34,7 +34,7 @@ thread_local! {
 
 /// An error copied whole, owned (in the memory context of the hook's
 /// caller) until it is raised again or freed.
-pub struct Kept(NonNull<pg_sys::ErrorData>);
+struct Kept(NonNull<pg_sys::ErrorData>);
 
 impl Kept {
     fn edata(&self) -> &pg_sys::ErrorData {
@@ -59,7 +59,7 @@ impl Kept {
     /// At the top of an `extern "C-unwind"` trampoline, after every value
     /// with a destructor in its frames has been dropped: the longjmp
     /// leaves through them.
-    pub unsafe fn rethrow(self) -> ! {
+    unsafe fn rethrow(self) -> ! {
         let edata = self.0.as_ptr();
         std::mem::forget(self);
         // SAFETY: `edata` is a CopyErrorData result at ERROR level (only
@@ -141,7 +141,7 @@ fn report_of(e: &pg_sys::ErrorData) -> ErrorReport {
 /// # Safety
 /// At the top of an `extern "C-unwind"` trampoline, with nothing to drop
 /// in its frame.
-pub unsafe fn guard(f: impl FnOnce()) -> Option<Kept> {
+unsafe fn guard(f: impl FnOnce()) -> Option<Kept> {
     // SAFETY: the caller's contract is pgrx_extern_c_guard's.
     unsafe {
         pg_sys::submodules::panic::pgrx_extern_c_guard(|| {

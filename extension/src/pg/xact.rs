@@ -169,7 +169,7 @@ impl<'a> ExecutorStart<'a> {
     /// Runs the previous hook, or the standard ExecutorStart.
     pub fn run(self) {
         // SAFETY: PostgreSQL's own arguments, passed on unchanged, once,
-        // under keep::call (inside the trampoline's keep::guard); the
+        // under keep::call (inside the trampoline's keep::hook); the
         // closure holds nothing to drop.
         unsafe {
             crate::pg::keep::call(|| match PREV_EXECUTOR_START {
