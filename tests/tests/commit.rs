@@ -353,6 +353,77 @@ fn an_open_transaction_gives_way_to_a_conflicting_one_prepared_on_another_node()
 }
 
 #[test]
+fn a_child_row_and_the_delete_of_its_parent_on_two_nodes_never_both_commit() {
+    let c = TestCluster::start(3);
+    schema(
+        &c,
+        "create table parent(id int primary key);
+         create table child(id int primary key, parent int not null references parent);
+         create table tree(id int primary key, up int references tree)",
+    );
+    proxy_client(&c).batch_execute("insert into parent select generate_series(1, 3)").unwrap();
+    converge(&c, &["parent"]);
+    let mut s: Vec<Client> = mtm_tests::cluster::spread_sessions(&c, 3).into_iter().map(|(_, cl)| cl).collect();
+    let mut b = s.remove(1);
+    let mut a = s.remove(0);
+
+    // The parent is deleted on the first node (no child there yet), and
+    // while that transaction is open a child of it is inserted on the
+    // second node. The child's apply on the first node looks its parent up
+    // and waits for the delete's lock: the open delete gives way, instead
+    // of both committing and leaving the child without its parent.
+    a.batch_execute("begin; delete from parent where id = 1").unwrap();
+    let busy = std::thread::spawn(move || {
+        let r = a.batch_execute("select pg_sleep(30)");
+        (a, r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    b.batch_execute("insert into child values (1, 1)").expect("the child commits");
+    let (mut a, r) = busy.join().unwrap();
+    let e = r.expect_err("the delete of the parent gave way");
+    assert_eq!(sqlstate(&e), "40001", "{e:?}");
+    a.batch_execute("rollback").unwrap();
+
+    // The other order: the child's transaction is open on the second node
+    // (its parent locked FOR KEY SHARE there) when the first node deletes
+    // the parent; the delete's apply on the second node waits for that lock
+    // and the open transaction gives way.
+    b.batch_execute("begin; insert into child values (2, 2)").unwrap();
+    let busy = std::thread::spawn(move || {
+        let r = b.batch_execute("select pg_sleep(30)");
+        (b, r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    a.batch_execute("delete from parent where id = 2").expect("the delete commits");
+    let (mut b, r) = busy.join().unwrap();
+    let e = r.expect_err("the child's transaction gave way");
+    assert_eq!(sqlstate(&e), "40001", "{e:?}");
+    b.batch_execute("rollback").unwrap();
+
+    // A child that its own statement's parent follows: checked at the end
+    // of the statement at home, and at the PREPARE on the peers, so it
+    // commits everywhere.
+    a.batch_execute("insert into tree values (2, 1), (1, null)").expect("one statement, checked at its end");
+    // A parent already gone everywhere: refused at home, as always.
+    let e = b.batch_execute("insert into child values (3, 2)").expect_err("no parent 2");
+    assert_eq!(sqlstate(&e), "23503", "{e:?}");
+
+    converge(&c, &["parent", "child", "tree"]);
+    no_gid_left(&c);
+    for id in 1..=3 {
+        let mut cl = client(&c, id);
+        let parents: Vec<i32> = cl.query("select id from parent order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(parents, vec![1, 3], "node{id}");
+        let children: Vec<(i32, i32)> = cl.query("select id, parent from child order by id", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(children, vec![(1, 1)], "node{id}");
+        let orphans: i64 = cl.query_one("select count(*) from child where parent not in (select id from parent)", &[]).unwrap().get(0);
+        assert_eq!(orphans, 0, "node{id}");
+        let tree: i64 = cl.query_one("select count(*) from tree", &[]).unwrap().get(0);
+        assert_eq!(tree, 2, "node{id}");
+    }
+}
+
+#[test]
 fn bank_transfers_keep_the_total_on_every_node() {
     const ACCOUNTS: i32 = 100;
     const WRITERS: usize = 12;

@@ -44,7 +44,9 @@ impl<'r> ChangeExecutor<'r> {
         // current memory context (the range-table entry through PgBox's
         // makeNode, handed over to PostgreSQL's list by into_pg), and the
         // EState and ResultRelInfo are used only through this value, whose
-        // finish frees the state at most once. All calls are guarded
+        // finish frees the state at most once; `ri_TrigDesc` is null or the
+        // copy of the table's triggers InitResultRelInfo just made for this
+        // ResultRelInfo alone. All calls are guarded
         // bindings (an ERROR unwinds as a panic, leaving them to the abort).
         unsafe {
             let estate = pg_sys::CreateExecutorState();
@@ -56,6 +58,7 @@ impl<'r> ChangeExecutor<'r> {
             pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.into_pg() as *mut std::ffi::c_void));
             let rri = PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
             pg_sys::InitResultRelInfo(rri, rel.as_ptr(), 1, std::ptr::null_mut(), 0);
+            check_foreign_keys_at_prepare((*rri).ri_TrigDesc);
             (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
             pg_sys::ExecOpenIndices(rri, false);
             pg_sys::AfterTriggerBeginQuery();
@@ -203,6 +206,41 @@ impl<'r> ChangeExecutor<'r> {
     /// table's (or an already freed) state.
     fn check(&self, estate: *mut pg_sys::EState) {
         assert!(std::ptr::eq(estate, self.estate), "multimaster: a slot used with another change's executor");
+    }
+}
+
+/// Makes the foreign-key checks of a changed row (the internal
+/// `RI_FKey_check_ins` / `RI_FKey_check_upd` triggers: look the referenced
+/// row up and lock it FOR KEY SHARE, or raise 23503) fire in this executor
+/// although the apply session runs as a replica, where PostgreSQL skips
+/// them. The node that made the change checked it, but not against a
+/// parent row deleted at the same time on another node: checked here too,
+/// the applied child waits for that delete's lock (a conflict, settled like
+/// any other) or finds the parent gone (a no vote), and the lock it takes
+/// makes a later delete of the parent here wait for it. The checks are
+/// deferred to the transaction's PREPARE, so rows that the home node's
+/// statement checked together (a parent and its child inserted by one
+/// statement, children first) are checked together here.
+///
+/// `trigdesc` is the ResultRelInfo's own copy of the table's triggers
+/// (`InitResultRelInfo` copies the relation cache's), so nothing outside
+/// this executor sees the change; a disabled trigger stays disabled.
+///
+/// # Safety
+/// `trigdesc` is null or the live TriggerDesc of a ResultRelInfo being set
+/// up, with `numtriggers` entries.
+unsafe fn check_foreign_keys_at_prepare(trigdesc: *mut pg_sys::TriggerDesc) {
+    if trigdesc.is_null() {
+        return;
+    }
+    let triggers = std::slice::from_raw_parts_mut((*trigdesc).triggers, (*trigdesc).numtriggers.max(0) as usize);
+    for t in triggers {
+        let check = t.tgfoid == pg_sys::Oid::from(pg_sys::F_RI_FKEY_CHECK_INS) || t.tgfoid == pg_sys::Oid::from(pg_sys::F_RI_FKEY_CHECK_UPD);
+        if t.tgisinternal && check && t.tgenabled == pg_sys::TRIGGER_FIRES_ON_ORIGIN as i8 {
+            t.tgenabled = pg_sys::TRIGGER_FIRES_ALWAYS as i8;
+            t.tgdeferrable = true;
+            t.tginitdeferred = true;
+        }
     }
 }
 
