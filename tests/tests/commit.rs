@@ -35,6 +35,16 @@ fn no_gid_left(c: &TestCluster) {
     nothing_prepared(c, Duration::from_secs(10));
 }
 
+/// Runs `sql` on `cl` in a thread (a COMMIT that waits for votes, a
+/// statement that keeps an open transaction busy); join for the session
+/// and the result.
+fn run_in_thread(mut cl: Client, sql: &'static str) -> std::thread::JoinHandle<(Client, Result<(), postgres::Error>)> {
+    std::thread::spawn(move || {
+        let r = cl.batch_execute(sql);
+        (cl, r)
+    })
+}
+
 #[test]
 fn a_commit_is_visible_on_every_node_when_it_returns() {
     let c = TestCluster::start(3);
@@ -144,14 +154,8 @@ fn conflicting_updates_on_two_nodes_abort_with_40001_and_nodes_agree() {
     for round in 0..3 {
         a.batch_execute("begin; update acc set v = v + 1 where id = 1").unwrap();
         b.batch_execute("begin; update acc set v = v + 10 where id = 1").unwrap();
-        let ta = std::thread::spawn(move || {
-            let r = a.batch_execute("commit");
-            (a, r)
-        });
-        let tb = std::thread::spawn(move || {
-            let r = b.batch_execute("commit");
-            (b, r)
-        });
+        let ta = run_in_thread(a, "commit");
+        let tb = run_in_thread(b, "commit");
         let (na, ra) = ta.join().unwrap();
         let (nb, rb) = tb.join().unwrap();
         a = na;
@@ -265,12 +269,7 @@ fn a_deadlock_across_three_nodes_ends_in_seconds_with_40001() {
         let start = Instant::now();
         let running: Vec<_> = s
             .drain(..)
-            .map(|mut cl| {
-                std::thread::spawn(move || {
-                    let r = cl.batch_execute("commit");
-                    (cl, r)
-                })
-            })
+            .map(|cl| run_in_thread(cl, "commit"))
             .collect();
         let mut ok = 0;
         for t in running {
@@ -313,10 +312,7 @@ fn an_open_transaction_gives_way_to_a_conflicting_one_prepared_on_another_node()
     // long statement. Row 1 from the second node: its apply on the first
     // node finds that transaction in its way, which gives way.
     a1.batch_execute("begin; update acc set v = v + 1 where id = 1").unwrap();
-    let busy = std::thread::spawn(move || {
-        let r = a1.batch_execute("select pg_sleep(30)");
-        (a1, r)
-    });
+    let busy = run_in_thread(a1, "select pg_sleep(30)");
     std::thread::sleep(Duration::from_millis(300));
     b.batch_execute("update acc set v = v + 10 where id = 1").expect("the prepared transaction commits");
     let (mut a1, r) = busy.join().unwrap();
@@ -330,10 +326,7 @@ fn an_open_transaction_gives_way_to_a_conflicting_one_prepared_on_another_node()
     // and reported as 40001.
     a1.batch_execute("begin; update acc set v = v + 1 where id = 2").unwrap();
     a2.batch_execute("begin; update acc set v = v + 1 where id = 3").unwrap();
-    let waiting = std::thread::spawn(move || {
-        let r = a2.batch_execute("update acc set v = v + 1 where id = 2");
-        (a2, r)
-    });
+    let waiting = run_in_thread(a2, "update acc set v = v + 1 where id = 2");
     std::thread::sleep(Duration::from_millis(300));
     b.batch_execute("update acc set v = v + 10 where id = 3").expect("the prepared transaction commits");
     let (mut a2, r) = waiting.join().unwrap();
@@ -373,10 +366,7 @@ fn a_child_row_and_the_delete_of_its_parent_on_two_nodes_never_both_commit() {
     // and waits for the delete's lock: the open delete gives way, instead
     // of both committing and leaving the child without its parent.
     a.batch_execute("begin; delete from parent where id = 1").unwrap();
-    let busy = std::thread::spawn(move || {
-        let r = a.batch_execute("select pg_sleep(30)");
-        (a, r)
-    });
+    let busy = run_in_thread(a, "select pg_sleep(30)");
     std::thread::sleep(Duration::from_millis(300));
     b.batch_execute("insert into child values (1, 1)").expect("the child commits");
     let (mut a, r) = busy.join().unwrap();
@@ -389,10 +379,7 @@ fn a_child_row_and_the_delete_of_its_parent_on_two_nodes_never_both_commit() {
     // the parent; the delete's apply on the second node waits for that lock
     // and the open transaction gives way.
     b.batch_execute("begin; insert into child values (2, 2)").unwrap();
-    let busy = std::thread::spawn(move || {
-        let r = b.batch_execute("select pg_sleep(30)");
-        (b, r)
-    });
+    let busy = run_in_thread(b, "select pg_sleep(30)");
     std::thread::sleep(Duration::from_millis(300));
     a.batch_execute("delete from parent where id = 2").expect("the delete commits");
     let (mut b, r) = busy.join().unwrap();
