@@ -277,7 +277,10 @@ impl Applier {
                 self.applied(rollback_end_lsn);
             }
             Message::Message { transactional: true, prefix, content, .. } if prefix == mtm_protocol::DDL_PREFIX => {
-                self.guarded(|a| a.ddl(&content))
+                self.guarded(|a| a.ddl(&content, false))
+            }
+            Message::Message { transactional: true, prefix, content, .. } if prefix == mtm_protocol::DDL_BEGIN_PREFIX => {
+                self.guarded(|a| a.ddl(&content, true))
             }
             Message::Message { transactional: true, prefix, content, .. } if crate::notify::is_notify(&prefix) => {
                 self.notifications.extend(crate::notify::decode(&content));
@@ -392,11 +395,16 @@ impl Applier {
             .unwrap_or_else(|| error!("multimaster: change for relation {relid} from node {} without its Relation message", self.peer))
     }
 
-    /// A peer's DDL statement, at its place in the transaction.
-    fn ddl(&self, content: &[u8]) {
+    /// A peer's DDL statement, at its place in the transaction; a CREATE
+    /// TABLE AS whose rows follow (`rows_follow`) runs without its data.
+    fn ddl(&self, content: &[u8], rows_follow: bool) {
         let m = mtm_protocol::DdlMessage::decode(content)
             .unwrap_or_else(|e| error!("multimaster: undecodable DDL message from node {}: {e}", self.peer));
-        crate::ddl::replay(&m, self.peer);
+        if rows_follow {
+            crate::ddl::replay_without_data(&m, self.peer);
+        } else {
+            crate::ddl::replay(&m, self.peer);
+        }
     }
 
     fn truncate(&self, relids: &[u32], cascade: bool, restart: bool) {

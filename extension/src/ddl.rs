@@ -8,8 +8,11 @@
 //! as and its `search_path` ([`mtm_protocol::DdlMessage`]). The decoder
 //! sends the `mtm_ddl` message at its place in the transaction and drops
 //! the row changes between the two (rows the statement wrote itself, as
-//! CREATE TABLE AS or an extension's script do): the peers' replay of the
-//! statement writes them. A statement that turned out to touch only this
+//! an extension's script does): the peers' replay of the statement writes
+//! them. A CREATE TABLE AS (or SELECT INTO) of a permanent table is the
+//! exception: its statement travels in the opening message, each peer
+//! runs it there without its data, and its rows are sent like any others
+//! — computed once, so every node has the same. A statement that turned out to touch only this
 //! session's temporary relations gets an empty `mtm_ddl`: it stays here.
 //!
 //! What is captured: every utility statement except those that are not
@@ -62,6 +65,8 @@ thread_local! {
     /// The executor run of a captured statement calling a remote function
     /// (its QueryDesc), and the transaction nesting level it started at.
     static CAPTURED_QUERY: Cell<(usize, i32)> = const { Cell::new((0, 0)) };
+    /// A peer's CREATE TABLE AS whose rows follow is being replayed.
+    static WITHOUT_DATA: Cell<bool> = const { Cell::new(false) };
 }
 
 thread_local! {
@@ -124,6 +129,8 @@ pub(crate) fn replicated_database() -> bool {
 /// A statement being captured.
 pub struct Capture {
     message: DdlMessage,
+    /// Sent at its opening, its rows following ([`rows_replicated`]).
+    rows_sent: bool,
 }
 
 /// Whether a client's statement running now is to be captured: not part
@@ -165,11 +172,28 @@ fn as_this_session(sql: String) -> DdlMessage {
 }
 
 /// Writes the message that opens a captured statement (inside the
-/// transaction that runs it): the decoder drops the rows up to the
-/// closing one.
-fn log_opening() {
+/// transaction that runs it). Empty, the decoder drops the rows up to the
+/// closing one; with the statement (`rows_follow`), the peers run it
+/// there, without its data, and its rows are sent.
+fn log_opening(rows_follow: Option<&DdlMessage>) {
     let prefix = CString::new(mtm_protocol::DDL_BEGIN_PREFIX).expect("no NUL");
-    crate::pg::rmgr::log_logical_message(&prefix, &[], true);
+    crate::pg::rmgr::log_logical_message(&prefix, &rows_follow.map(DdlMessage::to_bytes).unwrap_or_default(), true);
+}
+
+/// Whether the rows a statement writes go to the peers like any others,
+/// their replay of it creating the table empty: a CREATE TABLE AS or
+/// SELECT INTO that fills a permanent table. Computed again on each node,
+/// they could differ (a query whose result depends on row order, on the
+/// time, on rows another node commits at that moment). A materialized
+/// view's rows stay each node's own (they are not replicated; REFRESH
+/// runs on every node), and so do an unlogged table's.
+fn rows_replicated(node: Node<'_>) -> bool {
+    let Some(rv) = node.as_create_table_as().filter(|c| c.fills_a_table()).and_then(|c| c.into_relation()) else { return false };
+    if rv.persistence() != pg_sys::RELPERSISTENCE_PERMANENT as u8 {
+        return false;
+    }
+    let nsp = catalog::creation_namespace(rv);
+    !(catalog::is_any_temp_namespace(nsp) || catalog::is_my_temp_namespace(nsp))
 }
 
 /// Writes the message that closes a captured statement (inside the
@@ -193,9 +217,10 @@ pub fn capture(stmt: PlannedStmt<'_>, query_string: &CStr, params: Option<ParamL
     let values = parameter_values(node, params);
     let sql = DdlMessage::statement_text_with_values(query, stmt.location(), stmt.length(), &values);
     let message = as_this_session(sql);
-    log_opening();
+    let rows_sent = rows_replicated(node);
+    log_opening(rows_sent.then_some(&message));
     TOUCHED.set((false, false));
-    Some(Capture { message })
+    Some(Capture { message, rows_sent })
 }
 
 /// The values of the parameters a statement uses, each as the byte offset
@@ -247,7 +272,7 @@ pub fn send_statement(sql: &str) {
     if !capture_allowed() {
         return;
     }
-    log_opening();
+    log_opening(None);
     log_closing(Some(&as_this_session(sql.to_string())));
     crate::xact::set_writes(true);
 }
@@ -256,6 +281,11 @@ pub fn send_statement(sql: &str) {
 /// goes to the peers (false: it touched only temporary relations). Inside
 /// the transaction that ran the statement.
 pub fn finish(capture: Capture) -> bool {
+    if capture.rows_sent {
+        // Sent with its opening; a permanent table.
+        log_closing(None);
+        return true;
+    }
     let (temp, permanent) = TOUCHED.get();
     let replicated = !temp || permanent;
     log_closing(replicated.then_some(&capture.message));
@@ -303,7 +333,7 @@ pub fn capture_query(query: QueryDesc<'_>) {
         return;
     }
     let message = as_this_session(sql);
-    log_opening();
+    log_opening(None);
     CAPTURING.set(true);
     CAPTURED_QUERY.set((query.address(), crate::pg::xact::nest_level()));
     CAPTURED_MESSAGE.with_borrow_mut(|m| *m = Some(message));
@@ -400,6 +430,9 @@ pub fn refuse_values_per_node(stmt: PlannedStmt<'_>) {
         )
     };
     if let Some(ctas) = node.as_create_table_as() {
+        if rows_replicated(node) {
+            return;
+        }
         let Some(query) = ctas.query().filter(|_| ctas.has_into()) else { return };
         if !query.contains_mutable_functions() {
             return;
@@ -543,6 +576,19 @@ pub fn replay(m: &DdlMessage, peer: i32) {
     });
     crate::pg::guc::end_nest_level(nest);
     crate::pg::xact::command_counter_increment();
+}
+
+/// Runs a peer's CREATE TABLE AS (or SELECT INTO) without its data: the
+/// rows it wrote there follow it from the peer.
+pub fn replay_without_data(m: &DdlMessage, peer: i32) {
+    WITHOUT_DATA.set(true);
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| replay(m, peer))).finally(|| WITHOUT_DATA.set(false)).execute();
+}
+
+/// Whether the statement running now is a peer's CREATE TABLE AS to run
+/// without its data (from the ProcessUtility hook).
+pub fn replaying_without_data() -> bool {
+    WITHOUT_DATA.get()
 }
 
 /// Sets a setting until the GUC nest level opened by the caller ends.

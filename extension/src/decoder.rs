@@ -370,8 +370,11 @@ pub(crate) fn message(
     let prefix = prefix.to_string_lossy().into_owned();
     let content = content.to_vec();
     if transactional && prefix == mtm_protocol::DDL_BEGIN_PREFIX {
-        st.in_ddl = true;
-        return;
+        if content.is_empty() {
+            st.in_ddl = true;
+            return;
+        }
+        // A CREATE TABLE AS whose rows follow: sent now, rows and all.
     }
     if transactional && prefix == mtm_protocol::DDL_PREFIX {
         st.in_ddl = false;

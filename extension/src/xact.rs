@@ -261,6 +261,9 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
         log_finishing(f);
     }
     call.adjust_sequences();
+    if crate::ddl::replaying_without_data() {
+        call.skip_data();
+    }
     let (pstmt, query_string, params) = (call.plan(), call.query_string(), call.params());
     let run = move || call.run();
     match crate::ddl::capture(pstmt, query_string, params) {

@@ -494,9 +494,12 @@ impl PrecommitMessage {
 }
 
 /// Prefix of the transactional message that opens a captured DDL
-/// statement: the changes decoded until its [`DDL_PREFIX`] message are the
-/// statement's own (CREATE TABLE AS rows, an extension script's inserts)
-/// and are not sent: the peer's replay of the statement produces them.
+/// statement. Empty: the changes decoded until its [`DDL_PREFIX`] message
+/// are the statement's own (an extension script's inserts) and are not
+/// sent: the peer's replay of the statement produces them. With a
+/// [`DdlMessage`]: a CREATE TABLE AS (or SELECT INTO) whose rows are sent
+/// like any others: the peer runs the statement at once without its
+/// data, and the rows that follow fill the table.
 pub const DDL_BEGIN_PREFIX: &str = "mtm_ddl_begin";
 
 /// Prefix of the transactional message that closes a captured DDL

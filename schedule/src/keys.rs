@@ -64,7 +64,9 @@ impl KeyTracker {
             },
             Message::Truncate { .. } => txn.barrier = true,
             // A schema change: nothing may run beside it on either side.
-            Message::Message { transactional: true, prefix, .. } if prefix == mtm_protocol::DDL_PREFIX => txn.barrier = true,
+            Message::Message { transactional: true, prefix, .. } if prefix == mtm_protocol::DDL_PREFIX || prefix == mtm_protocol::DDL_BEGIN_PREFIX => {
+                txn.barrier = true
+            }
             _ => {}
         }
     }
@@ -178,6 +180,7 @@ mod tests {
         let t = KeyTracker::default();
         let msg = |prefix: &str, transactional| Message::Message { transactional, lsn: 0, prefix: prefix.into(), content: vec![] };
         assert!(keys_of(&t, &[msg(mtm_protocol::DDL_PREFIX, true)]).barrier);
+        assert!(keys_of(&t, &[msg(mtm_protocol::DDL_BEGIN_PREFIX, true)]).barrier, "a CREATE TABLE AS whose rows follow");
         assert!(!keys_of(&t, &[msg("mtm_prepare", true)]).barrier);
         assert!(!keys_of(&t, &[msg(mtm_protocol::DDL_PREFIX, false)]).barrier);
     }

@@ -146,6 +146,16 @@ pub fn range_var_relid(rv: crate::pg::nodes::RangeVar<'_>) -> Option<pg_sys::Oid
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
+/// The namespace a CREATE of `rv` would put its relation in (a temporary
+/// one for TEMP, for `pg_temp.` and for a search_path that starts with
+/// `pg_temp`), as the statement itself will compute it.
+pub fn creation_namespace(rv: crate::pg::nodes::RangeVar<'_>) -> pg_sys::Oid {
+    // SAFETY: a guarded binding given a valid RangeVar (the view's
+    // guarantee), which it only reads; its ERRORs (no such schema, TEMP
+    // in a permanent schema) are the statement's own.
+    unsafe { pg_sys::RangeVarGetCreationNamespace(rv.as_ptr()) }
+}
+
 /// `to_regprocedure(signature)`: the function with this signature, as the
 /// SQL function returns it (None for NULL: no such function).
 pub fn to_regprocedure(signature: &str) -> Option<pg_sys::Oid> {

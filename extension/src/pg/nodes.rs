@@ -219,6 +219,13 @@ impl<'a> CreateTableAs<'a> {
         !self.stmt.into.is_null()
     }
 
+    /// Whether it makes a table (CREATE TABLE AS, SELECT INTO), not a
+    /// materialized view, and fills it (no `WITH NO DATA`).
+    pub fn fills_a_table(&self) -> bool {
+        // SAFETY: `into` is NULL or the IntoClause of the same tree.
+        self.stmt.objtype == pg_sys::ObjectType::OBJECT_TABLE && unsafe { self.stmt.into.as_ref() }.is_some_and(|i| !i.skipData)
+    }
+
     /// The table it creates (its INTO clause's relation).
     pub fn into_relation(&self) -> Option<RangeVar<'a>> {
         if self.stmt.into.is_null() {

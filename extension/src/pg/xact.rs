@@ -289,6 +289,29 @@ impl<'a> UtilityCall<'a> {
         self.read_only_tree = read_only_tree;
     }
 
+    /// Makes a CREATE TABLE AS (or SELECT INTO) create its table empty, as
+    /// `WITH NO DATA` would: a peer's replay of one whose rows are sent
+    /// ([`crate::ddl::replay_without_data`]). Any other statement runs as
+    /// it is.
+    pub fn skip_data(&mut self) {
+        if !self.plan().utility().and_then(|n| n.as_create_table_as()).is_some_and(|c| c.fills_a_table()) {
+            return;
+        }
+        // SAFETY: the utility statement is a CreateTableAsStmt with an INTO
+        // clause (checked above; a copy keeps both). PostgreSQL's tree may
+        // be changed only when not read-only: a read-only one is copied
+        // first (copyObjectImpl, in the current memory context, which
+        // lives as long as the statement), as adjust_sequences does.
+        unsafe {
+            if self.read_only_tree {
+                self.pstmt = pg_sys::copyObjectImpl(self.pstmt as *const std::ffi::c_void) as *mut pg_sys::PlannedStmt;
+                self.read_only_tree = false;
+            }
+            let stmt = (*self.pstmt).utilityStmt as *mut pg_sys::CreateTableAsStmt;
+            (*(*stmt).into).skipData = true;
+        }
+    }
+
     /// Runs the previous hook, or the standard ProcessUtility.
     pub fn run(self) {
         // SAFETY: PostgreSQL's own arguments (the plan possibly replaced by
