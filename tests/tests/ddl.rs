@@ -250,7 +250,16 @@ fn sequences_never_give_the_same_value_on_two_nodes() {
         let id: i64 = cl.query_one("insert into ser(node) values ($1) returning id", &[&(*node as i32)]).unwrap().get(0);
         assert_eq!(id, 99 + *node as i64, "node{node}'s first value after RESTART WITH 100");
     }
-    converge(&c, &["ser"]);
+    // So does an identity column's ALTER COLUMN ... RESTART WITH (its
+    // ALTER SEQUENCE runs inside the ALTER TABLE, on every node).
+    s[0].1.batch_execute("alter table ident alter column id restart with 200").unwrap();
+    settle(&c);
+    for (node, cl) in s.iter_mut() {
+        let id: i32 = cl.query_one("insert into ident(node) values ($1) returning id", &[&(*node as i32)]).unwrap().get(0);
+        // Its own next value from 200: 202, 200, 201 on nodes 1, 2, 3.
+        assert!((200..203).contains(&id) && id % 3 == *node as i32 % 3, "node{node}'s first identity after RESTART WITH 200: {id}");
+    }
+    converge(&c, &["ser", "ident"]);
 }
 
 /// What a user does to move a database into the cluster: `pg_dump` of
