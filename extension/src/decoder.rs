@@ -199,6 +199,15 @@ pub(crate) fn filter_by_origin(st: &DecoderState, origin_id: pg_sys::RepOriginId
         FilteredRecord::Prepare | FilteredRecord::CommitPrepared | FilteredRecord::Message => {
             applied_from_subscriber(st, origin_id).is_none()
         }
+        // Never filtered (the message callback drops them): a peer's
+        // transaction applied here gets its base snapshot in the reorder
+        // buffer from the first change that passes this filter, and one
+        // that has none — a read-only one, whose only record is the
+        // apply's `APPLIED_PREFIX` message — gets no COMMIT PREPARED
+        // callback either. A client of the peer may finish its gid from a
+        // session here (XA): that COMMIT PREPARED, this node's own, must
+        // reach every other node.
+        FilteredRecord::TransactionalMessage => false,
         FilteredRecord::Other => true,
     }
 }

@@ -993,13 +993,20 @@ fn a_clients_own_two_phase_commit_works_from_any_node() {
         s[0].execute("insert into x values ($1)", &[&id]).unwrap();
         s[0].batch_execute(&format!("prepare transaction '{gid}'")).unwrap();
     }
+    // Read-only ones too (a transaction manager prepares every branch).
+    for gid in ["app-ro-1", "app-ro-2"] {
+        s[0].batch_execute(&format!("begin; select count(*) from x; prepare transaction '{gid}'")).unwrap();
+    }
     // Prepared on every node before the client hears PREPARE TRANSACTION.
     for gids in prepared(&c) {
-        assert_eq!(gids, ["app-tx-1", "app-tx-2"]);
+        assert_eq!(gids, ["app-ro-1", "app-ro-2", "app-tx-1", "app-tx-2"]);
     }
-    // Finished from a session on another node, XA-style.
+    // Finished from a session on another node, XA-style: the third node
+    // hears of it from that one.
     s[1].batch_execute("commit prepared 'app-tx-1'").unwrap();
     s[1].batch_execute("rollback prepared 'app-tx-2'").unwrap();
+    s[1].batch_execute("commit prepared 'app-ro-1'").unwrap();
+    s[1].batch_execute("rollback prepared 'app-ro-2'").unwrap();
     converge(&c, &["x"]);
     no_gid_left(&c);
     let ids: Vec<i32> = client(&c, 2).query("select id from x", &[]).unwrap().iter().map(|r| r.get(0)).collect();

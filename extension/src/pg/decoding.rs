@@ -112,8 +112,11 @@ unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
 pub enum FilteredRecord {
     Prepare,
     CommitPrepared,
-    /// A logical message (`pg_logical_emit_message`, ours).
+    /// A non-transactional logical message (`pg_logical_emit_message`,
+    /// ours: votes).
     Message,
+    /// A transactional one.
+    TransactionalMessage,
     Other,
 }
 
@@ -122,7 +125,8 @@ unsafe extern "C-unwind" fn filter_by_origin(ctx: *mut pg_sys::LogicalDecodingCo
     // SAFETY: a decoding callback after startup (see `parts`).
     let (st, _) = unsafe { parts(ctx) };
     // SAFETY: the filter runs while the reader decodes a record: `reader`
-    // and its current `record` are live (checked for null all the same).
+    // and its current `record` are live (checked for null all the same),
+    // with `main_data_len` bytes at `main_data` (read only below that).
     let record = unsafe {
         let reader = (*ctx).reader;
         match reader.as_ref().and_then(|r| r.record.as_ref()) {
@@ -133,7 +137,16 @@ unsafe extern "C-unwind" fn filter_by_origin(ctx: *mut pg_sys::LogicalDecodingCo
                     _ => FilteredRecord::Other,
                 }
             }
-            Some(rec) if u32::from(rec.header.xl_rmid) == pg_sys::RmgrIds::RM_LOGICALMSG_ID => FilteredRecord::Message,
+            Some(rec) if u32::from(rec.header.xl_rmid) == pg_sys::RmgrIds::RM_LOGICALMSG_ID => {
+                // xl_logical_message (replication/message.h): an Oid, then
+                // the bool `transactional`.
+                let transactional = !rec.main_data.is_null() && rec.main_data_len > 4 && *rec.main_data.add(4) != 0;
+                if transactional {
+                    FilteredRecord::TransactionalMessage
+                } else {
+                    FilteredRecord::Message
+                }
+            }
             _ => FilteredRecord::Other,
         }
     };
