@@ -411,6 +411,35 @@ fn a_child_row_and_the_delete_of_its_parent_on_two_nodes_never_both_commit() {
 }
 
 #[test]
+fn locks_are_each_nodes_own_and_what_they_guard_still_conflicts() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table job(id int primary key, owner text)");
+    proxy_client(&c).batch_execute("insert into job values (1, null)").unwrap();
+    converge(&c, &["job"]);
+    let mut s: Vec<Client> = mtm_tests::cluster::spread_sessions(&c, 2).into_iter().map(|(_, cl)| cl).collect();
+    let mut b = s.pop().unwrap();
+    let mut a = s.pop().unwrap();
+    // On two nodes, neither waits for the other (the README says so)...
+    for cl in [&mut a, &mut b] {
+        cl.batch_execute("set lock_timeout = '2s'; begin").unwrap();
+        let got: bool = cl.query_one("select pg_try_advisory_xact_lock(42)", &[]).unwrap().get(0);
+        assert!(got, "an advisory lock is the node's own");
+        let rows = cl.query("select id from job where owner is null for update skip locked", &[]).unwrap();
+        assert_eq!(rows.len(), 1, "the row lock is the node's own");
+        cl.batch_execute("update job set owner = current_setting('port') where id = 1").unwrap();
+    }
+    // ...but the rows they change conflict: one commits, one gets 40001.
+    let ta = run_in_thread(a, "commit");
+    let tb = run_in_thread(b, "commit");
+    let results = [ta.join().unwrap().1, tb.join().unwrap().1];
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    let e = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert_eq!(sqlstate(e), "40001", "{e:?}");
+    converge(&c, &["job"]);
+    no_gid_left(&c);
+}
+
+#[test]
 fn bank_transfers_keep_the_total_on_every_node() {
     const ACCOUNTS: i32 = 100;
     const WRITERS: usize = 12;
