@@ -66,6 +66,10 @@ pub struct Applier {
     /// The role that prepared the transaction at its home node
     /// ([`crate::xact::PREPARE_MESSAGE`]).
     prepared_by: Option<CString>,
+    /// The transaction ends in PREPARE: its rows' foreign keys are checked
+    /// here too (`pg/executor.rs`). A plain commit — a superuser's repair
+    /// on a node directly — is applied as its node made it.
+    checks_foreign_keys: bool,
 }
 
 /// Most a worker keeps of one transaction for its serial retry; a bigger
@@ -82,6 +86,7 @@ impl Applier {
             cache: std::cell::RefCell::new(crate::relmap::RelationCache::new()),
             notifications: Vec::new(),
             prepared_by: None,
+            checks_foreign_keys: false,
             in_transaction: false,
             failed: None,
             replay: mtm_schedule::retry::Replay::new(REPLAY_BUDGET),
@@ -161,8 +166,9 @@ impl Applier {
             _ => false,
         };
         match msg {
-            Message::Begin { commit_time, .. } => {
+            Message::Begin { commit_time, prepared, .. } => {
                 self.turn.applying(commit_time);
+                self.checks_foreign_keys = prepared;
                 // Tag the rows' WAL records with the peer's origin (only
                 // the commit needs the origin set up, in its turn): the
                 // walsenders then drop them as they decode, instead of
@@ -400,6 +406,9 @@ impl Applier {
     fn ddl(&self, content: &[u8], rows_follow: bool) {
         let m = mtm_protocol::DdlMessage::decode(content)
             .unwrap_or_else(|e| error!("multimaster: undecodable DDL message from node {}: {e}", self.peer));
+        if self.checks_foreign_keys {
+            crate::pg::xact::with_transaction_snapshot(exec::fire_deferred_checks);
+        }
         if rows_follow {
             crate::ddl::replay_without_data(&m, self.peer);
         } else {
@@ -423,6 +432,9 @@ impl Applier {
             if cascade { " CASCADE" } else { "" }
         );
         crate::pg::xact::with_transaction_snapshot(|| {
+            if self.checks_foreign_keys {
+                exec::fire_deferred_checks();
+            }
             if let Err(e) = Spi::run(&sql) {
                 error!("multimaster: applying {sql} from node {}: {e}", self.peer);
             }
@@ -438,7 +450,7 @@ impl Applier {
         let (rel, map) = cache.open(relid, &remote.namespace, &remote.name, &remote.columns, self.peer);
         let snapshot = crate::pg::xact::push_transaction_snapshot();
 
-        let executor = ChangeExecutor::begin(&rel, &snapshot);
+        let executor = ChangeExecutor::begin(&rel, &snapshot, self.checks_foreign_keys);
 
         match (old, new) {
             (None, Some(new)) => {

@@ -186,8 +186,13 @@ fn log_opening(rows_follow: Option<&DdlMessage>) {
 /// they could differ (a query whose result depends on row order, on the
 /// time, on rows another node commits at that moment). A materialized
 /// view's rows stay each node's own (they are not replicated; REFRESH
-/// runs on every node), and so do an unlogged table's.
-fn rows_replicated(node: Node<'_>) -> bool {
+/// runs on every node), and so do an unlogged table's, and those of a
+/// query that calls a function of `multimaster.remote_functions` (which
+/// runs on every node, its statement with it).
+fn rows_replicated(node: Node<'_>, sql: &str) -> bool {
+    if calls_remote_function(sql) {
+        return false;
+    }
     let Some(rv) = node.as_create_table_as().filter(|c| c.fills_a_table()).and_then(|c| c.into_relation()) else { return false };
     if rv.persistence() != pg_sys::RELPERSISTENCE_PERMANENT as u8 {
         return false;
@@ -217,7 +222,7 @@ pub fn capture(stmt: PlannedStmt<'_>, query_string: &CStr, params: Option<ParamL
     let values = parameter_values(node, params);
     let sql = DdlMessage::statement_text_with_values(query, stmt.location(), stmt.length(), &values);
     let message = as_this_session(sql);
-    let rows_sent = rows_replicated(node);
+    let rows_sent = rows_replicated(node, &message.sql);
     log_opening(rows_sent.then_some(&message));
     TOUCHED.set((false, false));
     Some(Capture { message, rows_sent })
@@ -290,6 +295,12 @@ pub fn finish(capture: Capture) -> bool {
     let replicated = !temp || permanent;
     log_closing(replicated.then_some(&capture.message));
     replicated
+}
+
+/// Whether `sql` calls a function of this session's
+/// `multimaster.remote_functions`.
+fn calls_remote_function(sql: &str) -> bool {
+    crate::REMOTE_FUNCTIONS.get().is_some_and(|f| calls_any(sql, &f.to_string_lossy()))
 }
 
 /// Whether `sql` calls one of `functions` (comma-separated, optionally
@@ -419,7 +430,7 @@ pub fn keep_replica_identity(stmt: PlannedStmt<'_>) {
 /// (so only where it did fill rows), with what to do instead. `stmt` is
 /// the utility statement that just ran, in its transaction
 /// ([`refuse_values_per_node`]).
-pub fn refuse_values_per_node(stmt: PlannedStmt<'_>) {
+pub fn refuse_values_per_node(stmt: PlannedStmt<'_>, capture: &Capture) {
     let Some(node) = stmt.utility() else { return };
     let refuse = |what: &str, hint: &str| {
         crate::raise(
@@ -430,7 +441,8 @@ pub fn refuse_values_per_node(stmt: PlannedStmt<'_>) {
         )
     };
     if let Some(ctas) = node.as_create_table_as() {
-        if rows_replicated(node) {
+        // Rows computed once, or by a remote function on purpose.
+        if capture.rows_sent || calls_remote_function(&capture.message.sql) {
             return;
         }
         let Some(query) = ctas.query().filter(|_| ctas.has_into()) else { return };

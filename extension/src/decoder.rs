@@ -201,10 +201,10 @@ pub(crate) fn filter_by_origin(st: &DecoderState, origin_id: pg_sys::RepOriginId
         }
         // Never filtered (the message callback drops them): a peer's
         // transaction applied here gets its base snapshot in the reorder
-        // buffer from the first change that passes this filter, and one
-        // that has none — a read-only one, whose only record is the
-        // apply's `APPLIED_PREFIX` message — gets no COMMIT PREPARED
-        // callback either. A client of the peer may finish its gid from a
+        // buffer from its first row change (taken before this filter) or
+        // a message that passes it, and one that has none — a read-only
+        // one, whose only record is the apply's `APPLIED_PREFIX` message —
+        // gets no COMMIT PREPARED callback. A client of the peer may finish its gid from a
         // session here (XA): that COMMIT PREPARED, this node's own, must
         // reach every other node.
         FilteredRecord::TransactionalMessage => false,
@@ -253,7 +253,10 @@ fn ensure_begun(st: &mut DecoderState, out: &mut Output, txn: Option<&Txn>) {
     };
     st.begun = true;
     let has_origin = txn.origin_id() != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
-    st.sink.send(out, &Message::Begin { xid: txn.xid().into(), final_lsn: txn.final_lsn(), commit_time: txn.commit_time() });
+    // The reorder buffer names a transaction's gid before it replays one
+    // that ends in PREPARE.
+    let prepared = txn.gid().is_some();
+    st.sink.send(out, &Message::Begin { xid: txn.xid().into(), final_lsn: txn.final_lsn(), commit_time: txn.commit_time(), prepared });
     if has_origin {
         let name = crate::pg::origin::name_of(txn.origin_id()).unwrap_or_default();
         st.sink.send(out, &Message::Origin { origin_lsn: txn.origin_lsn(), name });

@@ -58,6 +58,10 @@ pub fn apply_session_settings(application_name: &str) {
     // Commit asynchronously: the peer is told only what our WAL has
     // flushed (Receiver::flush_lsn), so nothing acknowledged can be lost.
     crate::pg::guc::set_override(c"synchronous_commit", c"off", pg_sys::GucContext::PGC_SUSET);
+    // Foreign-key checks at the end of an applied transaction must see
+    // parents committed since its first row (a database's default of
+    // REPEATABLE READ would hide them).
+    crate::pg::guc::set_override(c"default_transaction_isolation", c"read committed", pg_sys::GucContext::PGC_SUSET);
     // A cross-node deadlock shows up here as a lock wait that never ends:
     // give up after deadlock_timeout (a no vote for a prepare).
     let deadlock_timeout = CString::new(crate::setting(c"deadlock_timeout").unwrap_or_default()).expect("no NUL");

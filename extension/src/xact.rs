@@ -271,7 +271,7 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
         Some(capture) => {
             crate::ddl::while_capturing(run);
             crate::ddl::keep_replica_identity(pstmt);
-            crate::ddl::refuse_values_per_node(pstmt);
+            crate::ddl::refuse_values_per_node(pstmt, &capture);
             // A schema change goes through the cluster's commit like a write.
             let schema_change = crate::ddl::finish(capture);
             if schema_change {

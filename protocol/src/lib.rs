@@ -12,7 +12,8 @@
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Begin { xid: u32, final_lsn: u64, commit_time: i64 },
+    /// `prepared`: the transaction ends in Prepare (not Commit).
+    Begin { xid: u32, final_lsn: u64, commit_time: i64, prepared: bool },
     /// Follows Begin when the transaction came from another node.
     Origin { origin_lsn: u64, name: String },
     Relation { relid: u32, namespace: String, name: String, replica_identity: u8, columns: Vec<Column> },
@@ -152,11 +153,12 @@ fn put_old(out: &mut Vec<u8>, old: &Option<OldTuple>) {
 impl Message {
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Message::Begin { xid, final_lsn, commit_time } => {
+            Message::Begin { xid, final_lsn, commit_time, prepared } => {
                 put_u8(out, tag::BEGIN);
                 put_u32(out, *xid);
                 put_u64(out, *final_lsn);
                 put_i64(out, *commit_time);
+                put_u8(out, u8::from(*prepared));
             }
             Message::Origin { origin_lsn, name } => {
                 put_u8(out, tag::ORIGIN);
@@ -262,7 +264,7 @@ impl Message {
     pub fn decode_prefix(buf: &[u8]) -> Result<(Message, &[u8]), DecodeError> {
         let mut r = Reader(buf);
         let m = match r.u8()? {
-            tag::BEGIN => Message::Begin { xid: r.u32()?, final_lsn: r.u64()?, commit_time: r.i64()? },
+            tag::BEGIN => Message::Begin { xid: r.u32()?, final_lsn: r.u64()?, commit_time: r.i64()?, prepared: r.u8()? != 0 },
             tag::ORIGIN => Message::Origin { origin_lsn: r.u64()?, name: r.string()? },
             tag::RELATION => {
                 let relid = r.u32()?;
@@ -726,7 +728,7 @@ impl<'a> Reader<'a> {
 mod tests {
     #[test]
     fn a_batch_frames_its_messages_and_a_batch_of_one_is_the_message_itself() {
-        let begin = Message::Begin { xid: 7, final_lsn: 100, commit_time: 5 };
+        let begin = Message::Begin { xid: 7, final_lsn: 100, commit_time: 5, prepared: true };
         let insert = Message::Insert { relid: 16384, new: vec![Value::Binary(vec![0, 0, 0, 1]), Value::Null] };
         let prepare = Message::Prepare { prepare_lsn: 100, end_lsn: 120, prepare_time: 5, xid: 7, gid: "mtm-1-9".into() };
         let mut batch = Batch::default();
@@ -771,7 +773,7 @@ mod tests {
     fn all() -> Vec<Message> {
         let t = vec![Value::Binary(vec![0, 0, 0, 7]), Value::Null, Value::UnchangedToast, Value::Text(b"(1,2)".to_vec())];
         vec![
-            Message::Begin { xid: 7, final_lsn: 0x1_0000_0010, commit_time: -5 },
+            Message::Begin { xid: 7, final_lsn: 0x1_0000_0010, commit_time: -5, prepared: false },
             Message::Origin { origin_lsn: 99, name: "mtm_node_2".into() },
             Message::Relation {
                 relid: 16384,

@@ -443,6 +443,14 @@ fn remote_functions_run_on_every_node_and_their_rows_are_each_nodes_own() {
     );
     let own = on_each(&c, "select string_agg(node::text, ',' order by node) from seen where note = 'remote'");
     assert_eq!(own, ["1", "2", "3"], "each node's own row, not replicated");
+    // So does a CREATE TABLE AS whose query calls one: every node runs it,
+    // and fills its table with its own rows.
+    s[0].1.batch_execute("set multimaster.remote_functions = 'public.note_here'; create table noted as select note_here('ctas') as node").unwrap();
+    settle(&c);
+    let own = on_each(&c, "select string_agg(node::text, ',' order by node) from seen where note = 'ctas'");
+    assert_eq!(own, ["1", "2", "3"], "each node's own row, not replicated");
+    let filled = on_each(&c, "select string_agg(node::text, ',') from noted");
+    assert_eq!(filled, ["1", "2", "3"], "each node's table has its own row");
     assert!(prepared(&c).iter().all(Vec::is_empty));
 }
 

@@ -36,8 +36,10 @@ pub struct ChangeExecutor<'r> {
 impl<'r> ChangeExecutor<'r> {
     /// Sets up the executor for a change to `rel` (the calls
     /// `apply_handle_insert` & co. make) under the active `snapshot`,
-    /// which stays pushed until the executor is finished.
-    pub fn begin(rel: &'r Rel, snapshot: &'r ActiveSnapshot) -> Self {
+    /// which stays pushed until the executor is finished; with
+    /// `check_foreign_keys`, the change's foreign keys are checked at the
+    /// transaction's end ([`check_foreign_keys_at_end`]).
+    pub fn begin(rel: &'r Rel, snapshot: &'r ActiveSnapshot, check_foreign_keys: bool) -> Self {
         // SAFETY: `rel` is open (and locked) in the current transaction and
         // the snapshot pushed, both for at least 'r, which this value cannot
         // outlive; every node is allocated with palloc in the
@@ -58,7 +60,9 @@ impl<'r> ChangeExecutor<'r> {
             pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.into_pg() as *mut std::ffi::c_void));
             let rri = PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
             pg_sys::InitResultRelInfo(rri, rel.as_ptr(), 1, std::ptr::null_mut(), 0);
-            check_foreign_keys_at_prepare((*rri).ri_TrigDesc);
+            if check_foreign_keys {
+                check_foreign_keys_at_end((*rri).ri_TrigDesc);
+            }
             (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
             pg_sys::ExecOpenIndices(rri, false);
             pg_sys::AfterTriggerBeginQuery();
@@ -218,7 +222,8 @@ impl<'r> ChangeExecutor<'r> {
 /// the applied child waits for that delete's lock (a conflict, settled like
 /// any other) or finds the parent gone (a no vote), and the lock it takes
 /// makes a later delete of the parent here wait for it. The checks are
-/// deferred to the transaction's PREPARE, so rows that the home node's
+/// deferred to the transaction's end (its PREPARE, or an earlier schema
+/// change: [`fire_deferred_checks`]), so rows that the home node's
 /// statement checked together (a parent and its child inserted by one
 /// statement, children first) are checked together here.
 ///
@@ -228,18 +233,45 @@ impl<'r> ChangeExecutor<'r> {
 ///
 /// # Safety
 /// `trigdesc` is null or the live TriggerDesc of a ResultRelInfo being set
-/// up, with `numtriggers` entries.
-unsafe fn check_foreign_keys_at_prepare(trigdesc: *mut pg_sys::TriggerDesc) {
-    if trigdesc.is_null() {
-        return;
-    }
-    let triggers = std::slice::from_raw_parts_mut((*trigdesc).triggers, (*trigdesc).numtriggers.max(0) as usize);
+/// up, whose `triggers` has `numtriggers` entries (CopyTriggerDesc returns
+/// NULL rather than an empty descriptor).
+unsafe fn check_foreign_keys_at_end(trigdesc: *mut pg_sys::TriggerDesc) {
+    // SAFETY: the caller's contract; the pointers are checked for null.
+    let triggers = unsafe {
+        match trigdesc.as_mut() {
+            Some(d) if d.numtriggers > 0 && !d.triggers.is_null() => std::slice::from_raw_parts_mut(d.triggers, d.numtriggers as usize),
+            _ => return,
+        }
+    };
     for t in triggers {
         let check = t.tgfoid == pg_sys::Oid::from(pg_sys::F_RI_FKEY_CHECK_INS) || t.tgfoid == pg_sys::Oid::from(pg_sys::F_RI_FKEY_CHECK_UPD);
-        if t.tgisinternal && check && t.tgenabled == pg_sys::TRIGGER_FIRES_ON_ORIGIN as i8 {
+        if !t.tgisinternal || !check || t.tgenabled == pg_sys::TRIGGER_DISABLED as i8 {
+            continue;
+        }
+        if t.tgenabled == pg_sys::TRIGGER_FIRES_ON_ORIGIN as i8 {
             t.tgenabled = pg_sys::TRIGGER_FIRES_ALWAYS as i8;
-            t.tgdeferrable = true;
-            t.tginitdeferred = true;
+        }
+        t.tgdeferrable = true;
+        t.tginitdeferred = true;
+    }
+}
+
+/// Runs the checks deferred so far in this transaction (SET CONSTRAINTS
+/// ALL IMMEDIATE) and defers the rest again (SET CONSTRAINTS ALL
+/// DEFERRED): before a schema change or TRUNCATE, which PostgreSQL refuses
+/// on a table with pending checks (55006), as the home node ran them at
+/// the end of each statement. A failed check raises its ERROR.
+pub fn fire_deferred_checks() {
+    for deferred in [false, true] {
+        // SAFETY: a ConstraintsSetStmt of all constraints (NIL list),
+        // palloc'd as a node in the current memory context, inside the
+        // applying transaction; guarded bindings (a failed check unwinds
+        // as a panic, to the apply's guard).
+        unsafe {
+            let mut stmt = PgBox::<pg_sys::ConstraintsSetStmt>::alloc_node(pg_sys::NodeTag::T_ConstraintsSetStmt);
+            stmt.constraints = std::ptr::null_mut();
+            stmt.deferred = deferred;
+            pg_sys::AfterTriggerSetState(stmt.as_ptr())
         }
     }
 }
