@@ -41,6 +41,8 @@ pub struct MemberStatus {
     pub pid: Option<i32>,
     /// What the member reports about itself, or why it could not be asked.
     pub detail: String,
+    /// It runs and answered.
+    pub answering: bool,
 }
 
 impl Cluster {
@@ -202,34 +204,56 @@ impl Cluster {
     }
 
     pub fn status(&self) -> Vec<MemberStatus> {
-        let mut out: Vec<MemberStatus> = self
+        // Every running node is asked at once, each in a thread given
+        // REPORT_TIMEOUT: a frozen node (kill -STOP, a hung disk) accepts
+        // the connection and then never answers its login, which no
+        // connect_timeout bounds, and must not hide the others' status.
+        let asked: Vec<_> = self
             .nodes()
             .into_iter()
             .map(|node| {
                 let pid = node.pid();
-                let detail = match pid {
-                    None => "stopped".to_string(),
-                    Some(_) => match node.connect() {
-                        Ok(mut c) => node_report(&mut c),
-                        Err(e) => format!("running, not answering: {e}"),
-                    },
+                let (name, port) = (node.name(), node.port);
+                let (tx, rx) = std::sync::mpsc::channel();
+                if pid.is_some() {
+                    std::thread::spawn(move || {
+                        let answer = match node.connect() {
+                            Ok(mut c) => (node_report(&mut c), true),
+                            Err(e) => (format!("running, not answering: {e}"), false),
+                        };
+                        let _ = tx.send(answer);
+                    });
+                }
+                (name, port, pid, rx)
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + REPORT_TIMEOUT;
+        let mut out: Vec<MemberStatus> = asked
+            .into_iter()
+            .map(|(name, port, pid, rx)| {
+                let (detail, answering) = match pid {
+                    None => ("stopped".to_string(), false),
+                    Some(_) => rx
+                        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                        .unwrap_or_else(|_| (format!("running, not answering within {} s (frozen?)", REPORT_TIMEOUT.as_secs()), false)),
                 };
-                MemberStatus { name: node.name(), port: node.port, pid, detail }
+                MemberStatus { name, port, pid, detail, answering }
             })
             .collect();
         let proxy = self.proxy();
         let pid = proxy.pid();
-        let detail = match pid {
-            None => "stopped".to_string(),
-            Some(_) if proxy.listening() => {
-                format!("running, metrics on 127.0.0.1:{}", self.layout.metrics_port)
-            }
-            Some(_) => "running, not answering".to_string(),
+        let (detail, answering) = match pid {
+            None => ("stopped".to_string(), false),
+            Some(_) if proxy.listening() => (format!("running, metrics on 127.0.0.1:{}", self.layout.metrics_port), true),
+            Some(_) => ("running, not answering".to_string(), false),
         };
-        out.push(MemberStatus { name: "mtm-proxy".into(), port: self.layout.proxy_port, pid, detail });
+        out.push(MemberStatus { name: "mtm-proxy".into(), port: self.layout.proxy_port, pid, detail, answering });
         out
     }
 }
+
+/// How long `status` waits for the nodes' answers.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a running node says about the extension.
 fn node_report(c: &mut postgres::Client) -> String {

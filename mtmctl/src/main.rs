@@ -92,7 +92,7 @@ fn run(cli: Cli) -> mtmctl::Result<ExitCode> {
                 print_status(m);
             }
             // Non-zero when something is down, so scripts can test it.
-            Ok(if status.iter().all(|m| m.pid.is_some()) { ExitCode::SUCCESS } else { ExitCode::from(3) })
+            Ok(if status.iter().all(|m| m.answering) { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
     }
 }

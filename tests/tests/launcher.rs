@@ -51,6 +51,18 @@ fn mtmctl_status_lists_every_node_and_the_proxy() {
     }
     assert!(lines[2].starts_with("mtm-proxy") && lines[2].contains("running"), "{}", lines[2]);
 
+    // A frozen node (its connections accepted, never answered) is said to
+    // be so, without hiding the others.
+    mtm_tests::cluster::signal_node(&cluster, 1, "-STOP");
+    let asked = std::time::Instant::now();
+    let out = mtmctl(&["status", "--data-dir", &dir]);
+    mtm_tests::cluster::signal_node(&cluster, 1, "-CONT");
+    assert!(asked.elapsed() < std::time::Duration::from_secs(30), "status waited {:?}", asked.elapsed());
+    assert_eq!(out.status.code(), Some(3), "a node not answering makes status exit 3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().next().unwrap().contains("not answering"), "{text}");
+    assert!(text.lines().nth(1).unwrap().contains("multimaster"), "{text}");
+
     cluster.node(2).stop(&cluster.host, "fast").unwrap();
     let out = mtmctl(&["status", "--data-dir", &dir]);
     assert_eq!(out.status.code(), Some(3), "a stopped node makes status exit 3");
