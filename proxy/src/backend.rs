@@ -51,9 +51,11 @@ pub enum ConnectError {
     #[error("{0}")]
     Unreachable(String),
     /// The node refused the session (bad password, unknown database...):
-    /// the raw ErrorResponse goes to the client as is.
+    /// the raw ErrorResponse goes to the client as is. `before_auth`: it
+    /// came before any authentication exchange (nothing was relayed to
+    /// the client yet).
     #[error("node refused the session: {message}")]
-    Refused { raw: BytesMut, code: String, message: String },
+    Refused { raw: BytesMut, code: String, message: String, before_auth: bool },
     /// Something the proxy itself must report.
     #[error("{0}")]
     Proxy(PgError),
@@ -101,10 +103,12 @@ pub async fn connect<C: AsyncRead + AsyncWrite + Unpin>(
     let mut scram: Option<ScramSha256> = None;
     let mut startup_messages = BytesMut::new();
     let (mut pid, mut secret) = (0, 0);
+    let mut authenticating = false;
     loop {
         let (tag, body) = read_one(&mut stream, STARTUP_MESSAGE_LIMIT).await.map_err(unreachable)?;
         match tag {
             b'R' => {
+                authenticating = true;
                 let code = body.get(..4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(-1);
                 match &mut auth {
                     NodeAuth::Relay(client) => {
@@ -123,7 +127,7 @@ pub async fn connect<C: AsyncRead + AsyncWrite + Unpin>(
             b'E' => {
                 let code = crate::net::scan::sqlstate(&body).unwrap_or_else(|| "XX000".into());
                 let message = crate::net::scan::error_field(&body, b'M').unwrap_or_else(|| "unknown error".into());
-                return Err(ConnectError::Refused { raw: frame(tag, &body), code, message });
+                return Err(ConnectError::Refused { raw: frame(tag, &body), code, message, before_auth: !authenticating });
             }
             b'S' | b'N' | b'v' => startup_messages.extend_from_slice(&frame(tag, &body)),
             b'K' if body.len() >= 8 => {

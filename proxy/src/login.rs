@@ -216,7 +216,7 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
 
 async fn report_connect_error<S: AsyncWrite + Unpin>(client: &mut S, peer: &SocketAddrOrUnix, e: ConnectError) {
     match e {
-        ConnectError::Refused { raw, code, message } => {
+        ConnectError::Refused { raw, code, message, .. } => {
             tracing::info!(%peer, %code, "node refused the session: {message}");
             count_error(&code);
             let _ = client.write_all(&raw).await;
@@ -268,6 +268,16 @@ async fn connect_any<C: AsyncRead + AsyncWrite + Unpin>(
             Err(ConnectError::Unreachable(msg)) => {
                 lease.node.mark_down(&msg);
                 last = ConnectError::Unreachable(msg);
+            }
+            // Refused before any authentication because the node is not
+            // ready (starting up, in crash recovery after one of its
+            // processes died, shutting down: 57P03): another node takes
+            // the session, and the node is down until a health check
+            // finds it ready, as a health check would have said.
+            Err(ConnectError::Refused { code, message, before_auth: true, .. }) if code == "57P03" => {
+                tracing::info!(node = %node.name, %code, "node cannot take a session now, trying another: {message}");
+                lease.node.mark_down(&format!("{code}: {message}"));
+                last = ConnectError::Unreachable(format!("node {}: {message}", node.name));
             }
             Err(other) => return Err(other),
         }

@@ -791,3 +791,38 @@ fn errors_keep_their_context_and_fields() {
         assert!(db.where_().is_some(), "{sql}: the context of the error: {db:?}");
     }
 }
+
+#[test]
+fn new_sessions_go_to_another_node_while_one_cannot_take_them() {
+    let c = TestCluster::start(3);
+    mtm_tests::cluster::wait_connected(&c);
+    // A smart shutdown of node 1 while a session of its own stays open:
+    // until that session ends the node refuses new ones (57P03, as while it
+    // starts up or recovers from a crash), before any authentication.
+    let held = mtm_tests::cluster::client(&c, 1);
+    std::thread::scope(|scope| {
+        let stopping = scope.spawn(|| c.node(1).stop(&c.host, "smart"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let refused = mtm_tests::psql(c.layout.node_ports[0], &["-c", "select 1"]);
+            if String::from_utf8_lossy(&refused.stderr).contains("shutting down") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node 1 does not refuse sessions");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // New sessions through the proxy land on the other nodes.
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..12 {
+            let mut cl = Client::connect(&c.proxy_conninfo("postgres"), NoTls).unwrap_or_else(|e| panic!("session {i}: {e:?}"));
+            let port: i32 = cl.query_one("select current_setting('port')::int", &[]).unwrap().get(0);
+            ports.insert(port);
+        }
+        assert!(!ports.contains(&(c.layout.node_ports[0] as i32)), "{ports:?}");
+        assert_eq!(ports.len(), 2, "{ports:?}");
+        drop(held);
+        stopping.join().unwrap().expect("node 1 stops");
+    });
+    c.node(1).start(&c.host).unwrap();
+    mtm_tests::cluster::wait_connected(&c);
+}
