@@ -308,7 +308,8 @@ fn get_logged_prepared_xact_state(gid: &str) -> &'static str {
     }
 }
 
-/// The states a gid is in on this node, for operators and resolvers:
+/// The states a gid is in on this node, for operators and clients told
+/// 40003:
 /// `prepared` (and not yet promised), `precommitted`, `preaborted`,
 /// `committed`, `aborted` or `notfound`.
 #[pg_extern]
@@ -316,6 +317,7 @@ fn xact_state(gid: &str) -> &'static str {
     match state(gid) {
         Some(s) => s.as_str(),
         None if crate::prepared_here(gid) => "prepared",
-        None => "notfound",
+        // Finished and trimmed from the log, its outcome still known.
+        None => DECISIONS.share().log.archived(gid).map_or("notfound", State::as_str),
     }
 }

@@ -24,6 +24,8 @@
 pub const GID_MAX: usize = 200;
 /// Entries kept; the oldest finished ones are trimmed beyond this.
 pub const CAPACITY: usize = 4096;
+/// Trimmed finished gids whose outcome is still known ([`Log::archived`]).
+pub const ARCHIVE: usize = 1 << 16;
 
 /// What the log says about a gid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +221,20 @@ pub struct Log {
     /// no older than that may have been finished here and forgotten, so
     /// this node cannot tell a resolver it never saw it.
     trimmed_upto: [u64; MAX_HOME + 1],
+    /// The outcome of trimmed finished entries, newest at `archive_next -
+    /// 1` ([`archive_key`]): a client told that its commit's outcome is
+    /// unknown (40003) asks `mtm.xact_state` later, often after the entry
+    /// made room for 4096 others (seconds under load). Only a hash per gid
+    /// (512 KB for 65 536 gids, minutes of a busy node); not in the state
+    /// file, so empty after a restart, and never used to decide anything.
+    archive: [u64; ARCHIVE],
+    archive_next: usize,
+}
+
+/// A trimmed entry in [`Log::archive`]: its gid's hash with the low bit
+/// saying committed (the hash's own low bit is always 1, [`gid_hash`]).
+fn archive_key(hash: u64, committed: bool) -> u64 {
+    (hash & !1) | u64::from(committed)
 }
 
 /// Home node ids tracked by [`Log::may_have_forgotten`] (larger ones count
@@ -237,7 +253,15 @@ fn gid_time(gid: &[u8]) -> Option<(usize, u64)> {
 
 impl Default for Log {
     fn default() -> Self {
-        Log { entries: [Entry::EMPTY; CAPACITY], hashes: [0; CAPACITY], next: 0, changes: 0, trimmed_upto: [0; MAX_HOME + 1] }
+        Log {
+            entries: [Entry::EMPTY; CAPACITY],
+            hashes: [0; CAPACITY],
+            next: 0,
+            changes: 0,
+            trimmed_upto: [0; MAX_HOME + 1],
+            archive: [0; ARCHIVE],
+            archive_next: 0,
+        }
     }
 }
 
@@ -305,9 +329,30 @@ impl Log {
         taken
     }
 
+    /// How a finished gid that the table no longer holds ended, while the
+    /// archive remembers it (None: never finished here, or too long ago).
+    pub fn archived(&self, gid: &str) -> Option<State> {
+        let hash = gid_hash(gid.as_bytes());
+        // Newest first: a gid is archived once, but its hash may also be
+        // an older gid's.
+        (1..=ARCHIVE).map(|k| self.archive[(self.archive_next + ARCHIVE - k) % ARCHIVE]).find_map(|key| {
+            if key == archive_key(hash, true) {
+                Some(State::Committed)
+            } else if key == archive_key(hash, false) {
+                Some(State::Aborted)
+            } else {
+                None
+            }
+        })
+    }
+
     /// Entry `i` is about to be reused: remember that its gid's time is
-    /// forgotten.
+    /// forgotten, and how it ended if it did.
     fn forget(&mut self, i: usize) {
+        if let Some(s @ (State::Committed | State::Aborted)) = self.entries[i].state() {
+            self.archive[self.archive_next] = archive_key(self.hashes[i], s == State::Committed);
+            self.archive_next = (self.archive_next + 1) % ARCHIVE;
+        }
         match gid_time(self.entries[i].gid()) {
             Some((home, time)) => self.trimmed_upto[home] = self.trimmed_upto[home].max(time),
             None => self.trimmed_upto[0] = u64::MAX,
@@ -477,6 +522,25 @@ mod tests {
         assert_eq!(log.get("mtm-2-0"), None, "trimmed");
         assert_eq!(log.get(&format!("mtm-2-{}", CAPACITY * 2 - 1)), Some(State::Committed));
         assert_eq!(log.get(&format!("mtm-2-{}", CAPACITY * 2 - (CAPACITY - 2))), Some(State::Committed));
+    }
+
+    #[test]
+    fn trimmed_finished_gids_keep_their_outcome_in_the_archive() {
+        let mut log = boxed();
+        log.note("mtm-1-yes", State::Committed, 1);
+        log.note("mtm-1-no", State::Aborted, 2);
+        log.note("mtm-1-open", State::Precommitted, 3);
+        for i in 0..(CAPACITY as u64 * 2) {
+            log.note(&format!("mtm-2-{i}"), State::Committed, 10 + i);
+        }
+        assert_eq!(log.get("mtm-1-yes"), None, "trimmed");
+        assert_eq!(log.archived("mtm-1-yes"), Some(State::Committed));
+        assert_eq!(log.archived("mtm-1-no"), Some(State::Aborted));
+        assert_eq!(log.archived("mtm-1-open"), None, "an undecided entry is kept, not archived");
+        assert_eq!(log.get("mtm-1-open"), Some(State::Precommitted));
+        assert_eq!(log.archived("mtm-9-never"), None);
+        // A gid still in the table is not in the archive.
+        assert_eq!(log.archived(&format!("mtm-2-{}", CAPACITY * 2 - 1)), None);
     }
 
     #[test]
