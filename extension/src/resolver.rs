@@ -445,7 +445,12 @@ fn finish(gid: &str, commit: bool, own: bool) {
     .catch_others(|e| {
         let (code, message) = crate::apply::describe(&e);
         let what = if commit { "commit" } else { "roll back" };
-        warning!("multimaster: resolver could not {what} {gid}: {message} ({code})");
+        if code == "42704" {
+            // Finished meanwhile, by its stream or a client: nothing to do.
+            log!("multimaster: resolver did not {what} {gid}: it was finished meanwhile ({message})");
+        } else {
+            warning!("multimaster: resolver could not {what} {gid}: {message} ({code})");
+        }
         false
     })
     .execute();
