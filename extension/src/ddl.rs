@@ -12,8 +12,9 @@
 //! them. A CREATE TABLE AS (or SELECT INTO) of a permanent table is the
 //! exception: its statement travels in the opening message, each peer
 //! runs it there without its data, and its rows are sent like any others
-//! — computed once, so every node has the same. A statement that turned out to touch only this
-//! session's temporary relations gets an empty `mtm_ddl`: it stays here.
+//! — computed once, so every node has the same. A statement that turned
+//! out to touch only this session's temporary relations gets an empty
+//! `mtm_ddl`: it stays here.
 //!
 //! What is captured: every utility statement except those that are not
 //! schema changes (transaction control, SET/SHOW, cursors, LISTEN/NOTIFY,
@@ -131,6 +132,9 @@ pub struct Capture {
     message: DdlMessage,
     /// Sent at its opening, its rows following ([`rows_replicated`]).
     rows_sent: bool,
+    /// It calls a function of `multimaster.remote_functions`: every node
+    /// runs it and computes its own rows.
+    remote: bool,
 }
 
 /// Whether a client's statement running now is to be captured: not part
@@ -186,13 +190,9 @@ fn log_opening(rows_follow: Option<&DdlMessage>) {
 /// they could differ (a query whose result depends on row order, on the
 /// time, on rows another node commits at that moment). A materialized
 /// view's rows stay each node's own (they are not replicated; REFRESH
-/// runs on every node), and so do an unlogged table's, and those of a
-/// query that calls a function of `multimaster.remote_functions` (which
-/// runs on every node, its statement with it).
-fn rows_replicated(node: Node<'_>, sql: &str) -> bool {
-    if calls_remote_function(sql) {
-        return false;
-    }
+/// runs on every node), and so do an unlogged table's; the caller keeps
+/// those of a statement that calls a remote function each node's own too.
+fn rows_replicated(node: Node<'_>) -> bool {
     let Some(rv) = node.as_create_table_as().filter(|c| c.fills_a_table()).and_then(|c| c.into_relation()) else { return false };
     if rv.persistence() != pg_sys::RELPERSISTENCE_PERMANENT as u8 {
         return false;
@@ -222,10 +222,11 @@ pub fn capture(stmt: PlannedStmt<'_>, query_string: &CStr, params: Option<ParamL
     let values = parameter_values(node, params);
     let sql = DdlMessage::statement_text_with_values(query, stmt.location(), stmt.length(), &values);
     let message = as_this_session(sql);
-    let rows_sent = rows_replicated(node, &message.sql);
+    let remote = calls_remote_function(&message.sql);
+    let rows_sent = !remote && rows_replicated(node);
     log_opening(rows_sent.then_some(&message));
     TOUCHED.set((false, false));
-    Some(Capture { message, rows_sent })
+    Some(Capture { message, rows_sent, remote })
 }
 
 /// The values of the parameters a statement uses, each as the byte offset
@@ -442,7 +443,7 @@ pub fn refuse_values_per_node(stmt: PlannedStmt<'_>, capture: &Capture) {
     };
     if let Some(ctas) = node.as_create_table_as() {
         // Rows computed once, or by a remote function on purpose.
-        if capture.rows_sent || calls_remote_function(&capture.message.sql) {
+        if capture.rows_sent || capture.remote {
             return;
         }
         let Some(query) = ctas.query().filter(|_| ctas.has_into()) else { return };

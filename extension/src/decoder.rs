@@ -204,9 +204,9 @@ pub(crate) fn filter_by_origin(st: &DecoderState, origin_id: pg_sys::RepOriginId
         // buffer from its first row change (taken before this filter) or
         // a message that passes it, and one that has none — a read-only
         // one, whose only record is the apply's `APPLIED_PREFIX` message —
-        // gets no COMMIT PREPARED callback. A client of the peer may finish its gid from a
-        // session here (XA): that COMMIT PREPARED, this node's own, must
-        // reach every other node.
+        // gets no COMMIT PREPARED callback. A client of the peer may finish
+        // its gid from a session here (XA): that COMMIT PREPARED, this
+        // node's own, must reach every other node.
         FilteredRecord::TransactionalMessage => false,
         FilteredRecord::Other => true,
     }

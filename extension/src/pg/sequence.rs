@@ -2,35 +2,32 @@
 //! them: the entry point that gives [`crate::sequences`] a view of the
 //! statement and, when it asks for this node's INCREMENT and START (or
 //! RESTART value), rewrites the statement's option list (on a copy of the
-//! tree when PostgreSQL marked it read-only) before PostgreSQL runs it.
+//! tree when PostgreSQL marked it read-only: `UtilityCall::writable_plan`)
+//! before PostgreSQL runs it.
 
 use crate::pg::nodes::Node;
 use pgrx::pg_sys;
 use std::ffi::{CStr, CString};
 
 /// What this node changes in a sequence statement.
-enum Change {
+pub enum Change {
     /// CREATE SEQUENCE: INCREMENT and START.
     Create { increment: i64, start: i64 },
     /// ALTER SEQUENCE ... RESTART WITH: the value.
     Restart(i64),
 }
 
-/// For a CREATE SEQUENCE on a cluster node, the statement with this node's
-/// INCREMENT and START ([`crate::sequences::node_step`] decides them); for
-/// an ALTER SEQUENCE ... RESTART WITH, the statement with this node's
-/// value ([`crate::sequences::node_restart`]); the tree is copied first
-/// if it is read-only. Any other statement unchanged. Returns the
-/// statement and whether it is read-only.
+/// For a CREATE SEQUENCE on a cluster node, this node's INCREMENT and
+/// START ([`crate::sequences::node_step`] decides them); for an ALTER
+/// SEQUENCE ... RESTART WITH, this node's value
+/// ([`crate::sequences::node_restart`]). None for any other statement.
 ///
 /// # Safety
-/// From the ProcessUtility hook with its `pstmt` and `read_only_tree`
-/// (the statement valid for the call).
-pub unsafe fn adjust(pstmt: *mut pg_sys::PlannedStmt, read_only_tree: bool) -> (*mut pg_sys::PlannedStmt, bool) {
+/// `pstmt` is the ProcessUtility hook's statement, valid for the call.
+pub unsafe fn change_for(pstmt: *mut pg_sys::PlannedStmt) -> Option<Change> {
     // SAFETY: the caller's contract: `pstmt` is a valid PlannedStmt whose
-    // utilityStmt is NULL or a node of it; the views end with this block,
-    // before the tree is changed below.
-    let change = unsafe {
+    // utilityStmt is NULL or a node of it; the views end with this block.
+    unsafe {
         let node = Node::from_raw((*pstmt).utilityStmt);
         if let Some(seq) = node.and_then(|n| n.as_create_sequence()) {
             crate::sequences::node_step(seq).map(|(increment, start)| Change::Create { increment, start })
@@ -39,17 +36,20 @@ pub unsafe fn adjust(pstmt: *mut pg_sys::PlannedStmt, read_only_tree: bool) -> (
         } else {
             None
         }
-    };
-    let Some(change) = change else { return (pstmt, read_only_tree) };
-    // SAFETY: `pstmt` is valid (caller's contract) and, per PostgreSQL's
-    // read_only_tree rule, may be changed only when not read-only: a
-    // read-only one is copied first (copyObjectImpl, in the current memory
-    // context, which lives as long as the statement); its utilityStmt is
-    // the CreateSeqStmt or AlterSeqStmt checked above, as `change` says (a
-    // copy keeps the type); the new Lists and DefElems are palloc'd in the
-    // same context by guarded bindings.
+    }
+}
+
+/// Rewrites the statement's option list with `change`.
+///
+/// # Safety
+/// `pstmt` is a statement the caller may change (not read-only), whose
+/// [`change_for`] was `change`, valid for the call.
+pub unsafe fn apply(pstmt: *mut pg_sys::PlannedStmt, change: Change) {
+    // SAFETY: the caller's contract; its utilityStmt is the CreateSeqStmt
+    // or AlterSeqStmt `change` was made for (a copy keeps the type); the
+    // new Lists and DefElems are palloc'd in the current memory context,
+    // which lives as long as the statement, by guarded bindings.
     unsafe {
-        let pstmt = if read_only_tree { pg_sys::copyObjectImpl(pstmt as *const std::ffi::c_void) as *mut pg_sys::PlannedStmt } else { pstmt };
         match change {
             Change::Create { increment, start } => {
                 let stmt = (*pstmt).utilityStmt as *mut pg_sys::CreateSeqStmt;
@@ -68,7 +68,6 @@ pub unsafe fn adjust(pstmt: *mut pg_sys::PlannedStmt, read_only_tree: bool) -> (
                 (*stmt).options = pg_sys::lappend(options, int_option(c"restart", value) as *mut std::ffi::c_void);
             }
         }
-        (pstmt, false)
     }
 }
 

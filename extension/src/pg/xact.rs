@@ -277,16 +277,30 @@ impl<'a> UtilityCall<'a> {
         unsafe { crate::pg::nodes::ParamList::from_raw(self.params) }
     }
 
-    /// Lets [`crate::pg::sequence::adjust`] replace the statement (a copy with
-    /// per-node sequence options) before it runs.
+    /// The statement, to change before it runs: PostgreSQL's own, or, when
+    /// it marked the tree read-only, a copy that replaces it for the rest
+    /// of the call.
+    fn writable_plan(&mut self) -> *mut pg_sys::PlannedStmt {
+        if self.read_only_tree {
+            // SAFETY: PostgreSQL's valid plan, copied whole (copyObjectImpl)
+            // in the current memory context, which lives as long as the
+            // statement.
+            self.pstmt = unsafe { pg_sys::copyObjectImpl(self.pstmt as *const std::ffi::c_void) } as *mut pg_sys::PlannedStmt;
+            self.read_only_tree = false;
+        }
+        self.pstmt
+    }
+
+    /// Gives a CREATE SEQUENCE this node's INCREMENT and START, an ALTER
+    /// SEQUENCE ... RESTART WITH this node's value
+    /// ([`crate::pg::sequence`]), before it runs.
     pub fn adjust_sequences(&mut self) {
-        // SAFETY: the plan PostgreSQL passed, with its read_only_tree flag,
-        // which is what adjust takes; it returns that plan or a modified
-        // copy of it in the current memory context, valid for the rest of
-        // the call, with the flag that goes with it.
-        let (pstmt, read_only_tree) = unsafe { crate::pg::sequence::adjust(self.pstmt, self.read_only_tree) };
-        self.pstmt = pstmt;
-        self.read_only_tree = read_only_tree;
+        // SAFETY: the plan PostgreSQL passed, valid for the call.
+        let Some(change) = (unsafe { crate::pg::sequence::change_for(self.pstmt) }) else { return };
+        let pstmt = self.writable_plan();
+        // SAFETY: a plan this call may change, the one `change` was made
+        // for (or its copy).
+        unsafe { crate::pg::sequence::apply(pstmt, change) }
     }
 
     /// Makes a CREATE TABLE AS (or SELECT INTO) create its table empty, as
@@ -297,17 +311,12 @@ impl<'a> UtilityCall<'a> {
         if !self.plan().utility().and_then(|n| n.as_create_table_as()).is_some_and(|c| c.fills_a_table()) {
             return;
         }
-        // SAFETY: the utility statement is a CreateTableAsStmt with an INTO
-        // clause (checked above; a copy keeps both). PostgreSQL's tree may
-        // be changed only when not read-only: a read-only one is copied
-        // first (copyObjectImpl, in the current memory context, which
-        // lives as long as the statement), as adjust_sequences does.
+        let pstmt = self.writable_plan();
+        // SAFETY: a plan this call may change, whose utility statement is a
+        // CreateTableAsStmt with an INTO clause (checked above; a copy
+        // keeps both).
         unsafe {
-            if self.read_only_tree {
-                self.pstmt = pg_sys::copyObjectImpl(self.pstmt as *const std::ffi::c_void) as *mut pg_sys::PlannedStmt;
-                self.read_only_tree = false;
-            }
-            let stmt = (*self.pstmt).utilityStmt as *mut pg_sys::CreateTableAsStmt;
+            let stmt = (*pstmt).utilityStmt as *mut pg_sys::CreateTableAsStmt;
             (*(*stmt).into).skipData = true;
         }
     }
