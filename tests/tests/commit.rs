@@ -45,6 +45,21 @@ fn run_in_thread(mut cl: Client, sql: &'static str) -> std::thread::JoinHandle<(
     })
 }
 
+/// `open`, inside a transaction, runs `busy` while `other` runs `sql`,
+/// which commits; the open transaction gives way (its statement fails
+/// with 40001). Returns `open`, rolled back.
+fn gives_way(open: Client, busy: &'static str, other: &mut Client, sql: &str) -> Client {
+    let running = run_in_thread(open, busy);
+    std::thread::sleep(Duration::from_millis(300));
+    other.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: it commits: {e:?}"));
+    let (mut open, r) = running.join().unwrap();
+    let e = r.expect_err("the open transaction gave way");
+    assert_eq!(sqlstate(&e), "40001", "{e:?}");
+    assert!(format!("{e:?}").contains("gives way"), "{e:?}");
+    open.batch_execute("rollback").unwrap();
+    open
+}
+
 #[test]
 fn a_commit_is_visible_on_every_node_when_it_returns() {
     let c = TestCluster::start(3);
@@ -312,28 +327,14 @@ fn an_open_transaction_gives_way_to_a_conflicting_one_prepared_on_another_node()
     // long statement. Row 1 from the second node: its apply on the first
     // node finds that transaction in its way, which gives way.
     a1.batch_execute("begin; update acc set v = v + 1 where id = 1").unwrap();
-    let busy = run_in_thread(a1, "select pg_sleep(30)");
-    std::thread::sleep(Duration::from_millis(300));
-    b.batch_execute("update acc set v = v + 10 where id = 1").expect("the prepared transaction commits");
-    let (mut a1, r) = busy.join().unwrap();
-    let e = r.expect_err("the open transaction gave way");
-    assert_eq!(sqlstate(&e), "40001", "{e:?}");
-    assert!(format!("{e:?}").contains("gives way"), "{e:?}");
-    a1.batch_execute("rollback").unwrap();
+    let mut a1 = gives_way(a1, "select pg_sleep(30)", &mut b, "update acc set v = v + 10 where id = 1");
 
     // An open transaction that waits for a lock (row 2, held by a1) while
     // holding row 3, which the second node changes: its wait is cancelled
     // and reported as 40001.
     a1.batch_execute("begin; update acc set v = v + 1 where id = 2").unwrap();
     a2.batch_execute("begin; update acc set v = v + 1 where id = 3").unwrap();
-    let waiting = run_in_thread(a2, "update acc set v = v + 1 where id = 2");
-    std::thread::sleep(Duration::from_millis(300));
-    b.batch_execute("update acc set v = v + 10 where id = 3").expect("the prepared transaction commits");
-    let (mut a2, r) = waiting.join().unwrap();
-    let e = r.expect_err("the waiting transaction gave way");
-    assert_eq!(sqlstate(&e), "40001", "{e:?}");
-    assert!(format!("{e:?}").contains("gives way"), "{e:?}");
-    a2.batch_execute("rollback").unwrap();
+    gives_way(a2, "update acc set v = v + 1 where id = 2", &mut b, "update acc set v = v + 10 where id = 3");
     a1.batch_execute("rollback").unwrap();
 
     converge(&c, &["acc"]);
@@ -366,26 +367,14 @@ fn a_child_row_and_the_delete_of_its_parent_on_two_nodes_never_both_commit() {
     // and waits for the delete's lock: the open delete gives way, instead
     // of both committing and leaving the child without its parent.
     a.batch_execute("begin; delete from parent where id = 1").unwrap();
-    let busy = run_in_thread(a, "select pg_sleep(30)");
-    std::thread::sleep(Duration::from_millis(300));
-    b.batch_execute("insert into child values (1, 1)").expect("the child commits");
-    let (mut a, r) = busy.join().unwrap();
-    let e = r.expect_err("the delete of the parent gave way");
-    assert_eq!(sqlstate(&e), "40001", "{e:?}");
-    a.batch_execute("rollback").unwrap();
+    let mut a = gives_way(a, "select pg_sleep(30)", &mut b, "insert into child values (1, 1)");
 
     // The other order: the child's transaction is open on the second node
     // (its parent locked FOR KEY SHARE there) when the first node deletes
     // the parent; the delete's apply on the second node waits for that lock
     // and the open transaction gives way.
     b.batch_execute("begin; insert into child values (2, 2)").unwrap();
-    let busy = run_in_thread(b, "select pg_sleep(30)");
-    std::thread::sleep(Duration::from_millis(300));
-    a.batch_execute("delete from parent where id = 2").expect("the delete commits");
-    let (mut b, r) = busy.join().unwrap();
-    let e = r.expect_err("the child's transaction gave way");
-    assert_eq!(sqlstate(&e), "40001", "{e:?}");
-    b.batch_execute("rollback").unwrap();
+    let mut b = gives_way(b, "select pg_sleep(30)", &mut a, "delete from parent where id = 2");
 
     // A child that its own statement's parent follows: checked at the end
     // of the statement at home, and at the PREPARE on the peers, so it
