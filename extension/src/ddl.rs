@@ -332,16 +332,17 @@ pub fn calls_any(sql: &str, functions: &str) -> bool {
 /// closing one at its ExecutorEnd ([`end_statement`]).
 pub fn capture_query(query: QueryDesc<'_>) {
     // Every statement passes here: the setting first, it is usually unset.
-    let Some(functions) = crate::REMOTE_FUNCTIONS.get() else { return };
-    let functions = functions.to_string_lossy().into_owned();
+    if !crate::REMOTE_FUNCTIONS.get().is_some_and(|f| !f.to_bytes().trim_ascii().is_empty()) {
+        return;
+    }
     let text = query.source_text();
     let stmt = query.planned_stmt();
     let (Some(text), Some(stmt)) = (text, stmt) else { return };
-    if functions.trim().is_empty() || !capture_allowed() {
+    if !capture_allowed() {
         return;
     }
     let sql = DdlMessage::statement_text(text.to_bytes(), stmt.location(), stmt.length());
-    if !calls_any(&sql, &functions) {
+    if !calls_remote_function(&sql) {
         return;
     }
     let message = as_this_session(sql);
