@@ -282,11 +282,12 @@ impl Applier {
                 finish_prepared(self.peer, &gid, false, rollback_end_lsn, rollback_time);
                 self.applied(rollback_end_lsn);
             }
-            Message::Message { transactional: true, prefix, content, .. } if prefix == mtm_protocol::DDL_PREFIX => {
-                self.guarded(|a| a.ddl(&content, false))
-            }
-            Message::Message { transactional: true, prefix, content, .. } if prefix == mtm_protocol::DDL_BEGIN_PREFIX => {
-                self.guarded(|a| a.ddl(&content, true))
+            // A DDL statement; in an opening one, a CREATE TABLE AS's
+            // table, whose rows follow.
+            Message::Message { transactional: true, prefix, content, .. }
+                if prefix == mtm_protocol::DDL_PREFIX || prefix == mtm_protocol::DDL_BEGIN_PREFIX =>
+            {
+                self.guarded(|a| a.ddl(&content))
             }
             Message::Message { transactional: true, prefix, content, .. } if crate::notify::is_notify(&prefix) => {
                 self.notifications.extend(crate::notify::decode(&content));
@@ -401,19 +402,14 @@ impl Applier {
             .unwrap_or_else(|| error!("multimaster: change for relation {relid} from node {} without its Relation message", self.peer))
     }
 
-    /// A peer's DDL statement, at its place in the transaction; a CREATE
-    /// TABLE AS whose rows follow (`rows_follow`) runs without its data.
-    fn ddl(&self, content: &[u8], rows_follow: bool) {
+    /// A peer's DDL statement, at its place in the transaction.
+    fn ddl(&self, content: &[u8]) {
         let m = mtm_protocol::DdlMessage::decode(content)
             .unwrap_or_else(|e| error!("multimaster: undecodable DDL message from node {}: {e}", self.peer));
         if self.checks_foreign_keys {
             crate::pg::xact::with_transaction_snapshot(exec::fire_deferred_checks);
         }
-        if rows_follow {
-            crate::ddl::replay_without_data(&m, self.peer);
-        } else {
-            crate::ddl::replay(&m, self.peer);
-        }
+        crate::ddl::replay(&m, self.peer);
     }
 
     fn truncate(&self, relids: &[u32], cascade: bool, restart: bool) {

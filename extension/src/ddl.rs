@@ -10,9 +10,10 @@
 //! the row changes between the two (rows the statement wrote itself, as
 //! an extension's script does): the peers' replay of the statement writes
 //! them. A CREATE TABLE AS (or SELECT INTO) of a permanent table is the
-//! exception: its statement travels in the opening message, each peer
-//! runs it there without its data, and its rows are sent like any others
-//! — computed once, so every node has the same. A statement that turned
+//! exception: the opening message carries the plain CREATE TABLE of the
+//! table it makes ([`plain_create_table`]), which each peer runs there,
+//! and its rows are sent like any others — computed once, so every node
+//! has the same; the peers never run its query. A statement that turned
 //! out to touch only this session's temporary relations gets an empty
 //! `mtm_ddl`: it stays here.
 //!
@@ -66,8 +67,9 @@ thread_local! {
     /// The executor run of a captured statement calling a remote function
     /// (its QueryDesc), and the transaction nesting level it started at.
     static CAPTURED_QUERY: Cell<(usize, i32)> = const { Cell::new((0, 0)) };
-    /// A peer's CREATE TABLE AS whose rows follow is being replayed.
-    static WITHOUT_DATA: Cell<bool> = const { Cell::new(false) };
+    /// The captured statement running is a CREATE TABLE AS whose rows
+    /// are sent: the peers do not run its query.
+    static ROWS_SENT_RUNNING: Cell<bool> = const { Cell::new(false) };
 }
 
 thread_local! {
@@ -215,18 +217,102 @@ fn log_closing(message: Option<&DdlMessage>) {
 /// [`while_capturing`] and then calls [`finish`].
 pub fn capture(stmt: PlannedStmt<'_>, query_string: &CStr, params: Option<ParamList<'_>>) -> Option<Capture> {
     let node = stmt.utility()?;
+    if ROWS_SENT_RUNNING.get() && is_replicated_kind(node) {
+        // Run by a function the query calls: the peers, which only create
+        // the table, would never run it.
+        crate::raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "multimaster: a CREATE TABLE AS whose query runs a schema change cannot run on every node: the other nodes create the table and receive its rows, they do not run the query",
+            "Run the schema change first, then CREATE TABLE AS.",
+            "capture",
+        );
+    }
     if !is_replicated_kind(node) || !capture_allowed() {
         return None;
     }
     let query = query_string.to_bytes();
     let values = parameter_values(node, params);
     let sql = DdlMessage::statement_text_with_values(query, stmt.location(), stmt.length(), &values);
-    let message = as_this_session(sql);
+    let mut message = as_this_session(sql);
     let remote = calls_remote_function(&message.sql);
     let rows_sent = !remote && rows_replicated(node);
+    if let Some(ctas) = node.as_create_table_as().filter(|c| c.creates_a_table() && !remote) {
+        if rows_sent || !ctas.fills_a_table() {
+            if let Some(plain) = plain_create_table(ctas) {
+                message.sql = plain;
+            }
+        } else if ctas.executes_prepared() && ctas.into_relation().is_some_and(|rv| rv.persistence() == pg_sys::RELPERSISTENCE_UNLOGGED as u8) {
+            crate::raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "multimaster: CREATE UNLOGGED TABLE … AS EXECUTE cannot run on the other nodes: each node fills an unlogged table itself, and the prepared statement exists in this session only",
+                "Write the prepared statement's query in place of EXECUTE, or create a logged table (its rows are computed here and replicated).",
+                "capture",
+            );
+        }
+    }
     log_opening(rows_sent.then_some(&message));
     TOUCHED.set((false, false));
     Some(Capture { message, rows_sent, remote })
+}
+
+/// A CREATE TABLE AS (or SELECT INTO) of a table as the plain CREATE
+/// TABLE its peers run instead: the table with the columns it gets here
+/// and the same options, without the query. Its rows are sent from here
+/// (or, `WITH NO DATA`, there are none), so the peers need not analyse
+/// the query at all — `AS EXECUTE name` names a prepared statement of
+/// this session only, and a query analysed again elsewhere could give a
+/// column another type modifier. None where the columns are not known
+/// (no such prepared statement: the statement fails as it runs).
+fn plain_create_table(ctas: crate::pg::nodes::CreateTableAs<'_>) -> Option<String> {
+    let rv = ctas.into_relation()?;
+    let columns = ctas.result_columns()?;
+    let names = ctas.column_names();
+    let q = catalog::quote_identifier;
+    let mut sql = String::from("CREATE ");
+    if rv.persistence() == pg_sys::RELPERSISTENCE_UNLOGGED as u8 {
+        sql.push_str("UNLOGGED ");
+    }
+    sql.push_str("TABLE ");
+    if ctas.if_not_exists() {
+        sql.push_str("IF NOT EXISTS ");
+    }
+    // The schema this node creates it in, whatever the peer's search_path.
+    let schema = catalog::namespace_name(catalog::creation_namespace(rv));
+    let columns: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = names.get(i).unwrap_or(&c.name);
+            let mut column = format!("{} {}", q(name), catalog::format_type(c.type_oid, c.typmod));
+            if c.collation != pg_sys::InvalidOid && c.collation != catalog::type_collation(c.type_oid) {
+                column.push_str(&format!(" COLLATE {}", catalog::collation_name(c.collation)));
+            }
+            column
+        })
+        .collect();
+    sql.push_str(&format!("{}.{} ({})", q(&schema), q(&rv.name()), columns.join(", ")));
+    if let Some(am) = ctas.access_method() {
+        sql.push_str(&format!(" USING {}", q(&am.to_string_lossy())));
+    }
+    let options: Vec<String> = ctas
+        .options()
+        .iter()
+        .map(|o| {
+            let name = match o.namespace() {
+                Some(ns) => format!("{}.{}", q(&ns.to_string_lossy()), q(&o.name().to_string_lossy())),
+                None => q(&o.name().to_string_lossy()),
+            };
+            // As DefineRelation reads them: each value as its text.
+            if o.has_arg() { format!("{name} = {}", crate::quote_literal(&o.string())) } else { name }
+        })
+        .collect();
+    if !options.is_empty() {
+        sql.push_str(&format!(" WITH ({})", options.join(", ")));
+    }
+    if let Some(ts) = ctas.tablespace() {
+        sql.push_str(&format!(" TABLESPACE {}", q(&ts.to_string_lossy())));
+    }
+    Some(sql)
 }
 
 /// The values of the parameters a statement uses, each as the byte offset
@@ -264,11 +350,16 @@ fn parameter_literal(params: ParamList<'_>, p: &ExternParam<'_>) -> Option<Strin
     Some(format!("{literal}::{type_name}"))
 }
 
-/// Runs `f` (the captured statement) with capturing on, as it was again
-/// however it ends.
+/// Runs `f` with capturing on, as it was again however it ends.
 pub fn while_capturing(f: impl FnOnce()) {
     let was = CAPTURING.replace(true);
     PgTryBuilder::new(std::panic::AssertUnwindSafe(f)).finally(|| CAPTURING.set(was)).execute();
+}
+
+/// Runs `f`, the statement `capture` started, with capturing on.
+pub fn run_captured(capture: &Capture, f: impl FnOnce()) {
+    let was = ROWS_SENT_RUNNING.replace(capture.rows_sent);
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| while_capturing(f))).finally(|| ROWS_SENT_RUNNING.set(was)).execute();
 }
 
 /// Sends `sql` to the peers as a DDL statement of this transaction (for
@@ -590,19 +681,6 @@ pub fn replay(m: &DdlMessage, peer: i32) {
     });
     crate::pg::guc::end_nest_level(nest);
     crate::pg::xact::command_counter_increment();
-}
-
-/// Runs a peer's CREATE TABLE AS (or SELECT INTO) without its data: the
-/// rows it wrote there follow it from the peer.
-pub fn replay_without_data(m: &DdlMessage, peer: i32) {
-    WITHOUT_DATA.set(true);
-    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| replay(m, peer))).finally(|| WITHOUT_DATA.set(false)).execute();
-}
-
-/// Whether the statement running now is a peer's CREATE TABLE AS to run
-/// without its data (from the ProcessUtility hook).
-pub fn replaying_without_data() -> bool {
-    WITHOUT_DATA.get()
 }
 
 /// Sets a setting until the GUC nest level opened by the caller ends.

@@ -261,15 +261,12 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
         log_finishing(f);
     }
     call.adjust_sequences();
-    if crate::ddl::replaying_without_data() {
-        call.skip_data();
-    }
     let (pstmt, query_string, params) = (call.plan(), call.query_string(), call.params());
     let run = move || call.run();
     match crate::ddl::capture(pstmt, query_string, params) {
         None => run(),
         Some(capture) => {
-            crate::ddl::while_capturing(run);
+            crate::ddl::run_captured(&capture, run);
             crate::ddl::keep_replica_identity(pstmt);
             crate::ddl::refuse_values_per_node(pstmt, &capture);
             // A schema change goes through the cluster's commit like a write.

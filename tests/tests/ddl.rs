@@ -485,6 +485,71 @@ fn create_table_as_gives_every_node_the_same_rows() {
     settle(&c);
 }
 
+/// The peers of a CREATE TABLE AS create the table the origin created —
+/// same column names, types, modifiers, collations and options — and
+/// receive its rows; they never run the query. So `AS EXECUTE` of a
+/// prepared statement, which only the origin's session has, works; a
+/// query that runs a schema change itself is refused, since the peers
+/// would not run it.
+#[test]
+fn create_table_as_gives_every_node_the_same_table() {
+    let c = TestCluster::start(3);
+    let mut s = spread_sessions(&c, 3);
+    s[0].1.batch_execute("create table src(id int primary key, v int); insert into src select g, g from generate_series(1, 10) g").unwrap();
+    let columns = |table: &str| {
+        format!(
+            "select string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || coalesce(' ' || co.collname, ''), ', ' order by a.attnum)
+               from pg_attribute a left join pg_collation co on co.oid = a.attcollation and a.attcollation <> 100
+              where a.attrelid = '{table}'::regclass and a.attnum > 0"
+        )
+    };
+    s[1].1
+        .batch_execute(
+            "prepare pick(int) as select id, v::numeric(10,2) as amount, ('x' || id)::varchar(12) collate \"C\" as label from src where id <= $1;
+             create table picked as execute pick(4);
+             create table if not exists picked as execute pick(9);
+             create table shaped as execute pick(9) with no data",
+        )
+        .unwrap();
+    s[2].1.batch_execute("create table named(a, b) with (fillfactor = 70) as select id, v from src where id <= 3").unwrap();
+    converge(&c, &["picked", "shaped", "named"]);
+    same_everywhere(&c, &columns("picked"), "id integer, amount numeric(10,2), label character varying(12) C");
+    same_everywhere(&c, &columns("shaped"), "id integer, amount numeric(10,2), label character varying(12) C");
+    same_everywhere(&c, "select string_agg(id || ':' || amount || ':' || label, ' ' order by id) from picked", "1:1.00:x1 2:2.00:x2 3:3.00:x3 4:4.00:x4");
+    same_everywhere(&c, "select count(*)::text from shaped", "0");
+    same_everywhere(&c, &columns("named"), "a integer, b integer");
+    same_everywhere(&c, "select reloptions::text from pg_class where relname = 'named'", "{fillfactor=70}");
+    same_everywhere(&c, "select count(*)::text from named", "3");
+    // Rows a function of the query writes elsewhere are sent like the
+    // table's own.
+    s[0].1
+        .batch_execute(
+            "create table audit(x int);
+             create function logit(i int) returns int language plpgsql as $$ begin insert into audit values (i); return i; end $$;
+             create table logged as select logit(id) as id from src where id <= 4",
+        )
+        .unwrap();
+    converge(&c, &["logged", "audit"]);
+    same_everywhere(&c, "select count(*)::text from audit", "4");
+    // A schema change the query runs: refused, nothing created anywhere.
+    s[1].1
+        .batch_execute("create function mk() returns int language plpgsql as $$ begin create table side(x int); return 1; end $$")
+        .unwrap();
+    let e = s[2].1.batch_execute("create table made as select mk() as one").unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    let db = e.as_db_error().unwrap();
+    assert!(db.message().contains("runs a schema change"), "{}", db.message());
+    // An unlogged table is filled by each node itself: EXECUTE cannot be.
+    let e = s[0].1.batch_execute("prepare p2 as select 1 as one; create unlogged table u as execute p2").unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    settle(&c);
+    same_everywhere(&c, "select count(*)::text from pg_class where relname in ('made', 'side', 'u')", "0");
+    // The session goes on: the table made another way.
+    s[2].1.batch_execute("create table side(x int); create table made as select 1 as one").unwrap();
+    converge(&c, &["made"]);
+    same_everywhere(&c, "select count(*)::text from made", "1");
+}
+
 #[test]
 fn tables_without_a_primary_key_replicate_updates_and_deletes() {
     let c = TestCluster::start(3);

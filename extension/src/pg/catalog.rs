@@ -1,8 +1,9 @@
 //! Catalog lookups by name, namespace and oid: this database's name,
 //! namespaces (finding, creating, temporary ones, the session's temporary
 //! schema), a relation's namespace, the relation a statement's `RangeVar`
-//! names, a function by its signature, and who the session runs as (the
-//! current user's name, superuser, the user id and security context).
+//! names, a function by its signature, who the session runs as (the
+//! current user's name, superuser, the user id and security context), and
+//! types, collations and identifiers as SQL text names them.
 //!
 //! Every lookup here runs inside a transaction: the syscache and catalog
 //! scans need one, and their callers (hooks around a statement, SQL
@@ -260,4 +261,52 @@ pub fn relation_persistence(relid: pg_sys::Oid) -> u8 {
     // SAFETY: a guarded syscache lookup; a missing relation is an ERROR
     // raised through the guard.
     unsafe { pg_sys::get_rel_persistence(relid) as u8 }
+}
+
+/// Reads a palloc'd C string a lookup returned; "" for NULL.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string alive for the call.
+unsafe fn owned(p: *const std::ffi::c_char) -> String {
+    // SAFETY: the caller's contract.
+    if p.is_null() { String::new() } else { unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned() }
+}
+
+/// The name of namespace `nsp` ("" if there is none).
+pub fn namespace_name(nsp: pg_sys::Oid) -> String {
+    // SAFETY: a guarded syscache lookup returning a palloc'd copy or NULL.
+    unsafe { owned(pg_sys::get_namespace_name(nsp)) }
+}
+
+/// A type as SQL names it, with its modifier (`character varying(10)`),
+/// schema-qualified where the search path would not find it: what
+/// `format_type(oid, typmod)` returns.
+pub fn format_type(type_oid: pg_sys::Oid, typmod: i32) -> String {
+    // SAFETY: a guarded syscache lookup returning a palloc'd string.
+    unsafe { owned(pg_sys::format_type_with_typemod(type_oid, typmod)) }
+}
+
+/// The collation a type's values get by default (InvalidOid: not
+/// collatable).
+pub fn type_collation(type_oid: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: a guarded syscache lookup.
+    unsafe { pg_sys::get_typcollation(type_oid) }
+}
+
+/// A collation as SQL names it, schema-qualified where the search path
+/// would not find it (as `pg_get_*def` print it).
+pub fn collation_name(collation: pg_sys::Oid) -> String {
+    // SAFETY: a guarded syscache lookup returning a palloc'd string; an
+    // unknown oid is an ERROR through the guard.
+    unsafe { owned(pg_sys::generate_collation_name(collation)) }
+}
+
+/// `name` quoted as an SQL identifier where it needs to be
+/// (`quote_identifier`).
+pub fn quote_identifier(name: &str) -> String {
+    let c = std::ffi::CString::new(name).expect("no NUL in an SQL name");
+    // SAFETY: a guarded binding given a NUL-terminated string alive for
+    // the call; it returns that string or a palloc'd quoted copy, read
+    // before `c` is dropped.
+    unsafe { owned(pg_sys::quote_identifier(c.as_ptr())) }
 }

@@ -178,6 +178,12 @@ impl<'a> RangeVar<'a> {
         self.ptr.as_ptr()
     }
 
+    /// The relation's name, without its schema.
+    pub fn name(&self) -> String {
+        // SAFETY: a valid RangeVar for 'a; the parser always sets `relname`.
+        unsafe { CStr::from_ptr((*self.ptr.as_ptr()).relname) }.to_string_lossy().into_owned()
+    }
+
     /// Its `relpersistence` (`p`, `u` or `t`).
     pub fn persistence(&self) -> u8 {
         // SAFETY: a valid RangeVar for 'a.
@@ -220,6 +226,12 @@ impl<'a> CreateTableAs<'a> {
     }
 
     /// Whether it makes a table (CREATE TABLE AS, SELECT INTO), not a
+    /// materialized view.
+    pub fn creates_a_table(&self) -> bool {
+        self.stmt.objtype == pg_sys::ObjectType::OBJECT_TABLE && self.into().is_some()
+    }
+
+    /// Whether it makes a table (CREATE TABLE AS, SELECT INTO), not a
     /// materialized view, and fills it (no `WITH NO DATA`).
     pub fn fills_a_table(&self) -> bool {
         // SAFETY: `into` is NULL or the IntoClause of the same tree.
@@ -228,13 +240,110 @@ impl<'a> CreateTableAs<'a> {
 
     /// The table it creates (its INTO clause's relation).
     pub fn into_relation(&self) -> Option<RangeVar<'a>> {
-        if self.stmt.into.is_null() {
-            return None;
-        }
-        // SAFETY: a non-NULL IntoClause of the same tree; its `rel` is NULL
-        // or a RangeVar.
-        unsafe { RangeVar::from_raw((*self.stmt.into).rel) }
+        // SAFETY: its `rel` is NULL or a RangeVar of the same tree.
+        self.into().and_then(|i| unsafe { RangeVar::from_raw(i.rel) })
     }
+
+    fn into(&self) -> Option<&'a pg_sys::IntoClause> {
+        // SAFETY: `into` is NULL or the IntoClause of the same tree.
+        unsafe { self.stmt.into.as_ref() }
+    }
+
+    /// `IF NOT EXISTS`.
+    pub fn if_not_exists(&self) -> bool {
+        self.stmt.if_not_exists
+    }
+
+    /// The column names its INTO clause gives (`CREATE TABLE t(a, b) AS`),
+    /// which replace the query's first ones.
+    pub fn column_names(&self) -> Vec<String> {
+        let Some(into) = self.into() else { return Vec::new() };
+        // SAFETY: `colNames` is NIL or a List of String nodes of the same
+        // tree.
+        let names = unsafe { pgrx::PgList::<pg_sys::String>::from_pg(into.colNames) };
+        // SAFETY: each a String node whose `sval` is a NUL-terminated
+        // string of the tree.
+        names.iter_ptr().filter_map(|n| unsafe { c_str((*n).sval) }).map(|n| n.to_string_lossy().into_owned()).collect()
+    }
+
+    /// Its storage parameters (`WITH (fillfactor = 70)`).
+    pub fn options(&self) -> Vec<DefElem<'a>> {
+        // SAFETY: `options` is NIL or a List of DefElem of the same tree.
+        self.into().map(|i| unsafe { DefElem::list(i.options) }).unwrap_or_default()
+    }
+
+    /// Its table access method (`USING heap`), if named.
+    pub fn access_method(&self) -> Option<&'a CStr> {
+        // SAFETY: NULL or a string of the same tree.
+        self.into().and_then(|i| unsafe { c_str(i.accessMethod) })
+    }
+
+    /// Its tablespace (`TABLESPACE ts`), if named.
+    pub fn tablespace(&self) -> Option<&'a CStr> {
+        // SAFETY: NULL or a string of the same tree.
+        self.into().and_then(|i| unsafe { c_str(i.tableSpaceName) })
+    }
+
+    /// Whether its query is `EXECUTE name`, a prepared statement of this
+    /// session.
+    pub fn executes_prepared(&self) -> bool {
+        // SAFETY: a valid Query of the same tree; `utilityStmt` NULL or a
+        // node of it.
+        self.query().and_then(|q| unsafe { Node::from_raw((*q.ptr.as_ptr()).utilityStmt) }).is_some_and(|n| n.tag() == pg_sys::NodeTag::T_ExecuteStmt)
+    }
+
+    /// The columns its query returns, in order, as the table gets them
+    /// (`intorel_startup`): from the analysed query's target list, or for
+    /// `AS EXECUTE name` from that prepared statement's result. None when
+    /// not known here (no such prepared statement: the statement fails
+    /// when it runs).
+    pub fn result_columns(&self) -> Option<Vec<ResultColumn>> {
+        let query = self.query()?;
+        // SAFETY: a valid Query of the same tree (the view's guarantee).
+        let q = unsafe { &*query.ptr.as_ptr() };
+        let desc = if q.commandType == pg_sys::CmdType::CMD_UTILITY {
+            // SAFETY: `utilityStmt` is NULL or a node of the same tree.
+            let execute: &pg_sys::ExecuteStmt = unsafe { Node::from_raw(q.utilityStmt) }?.cast(pg_sys::NodeTag::T_ExecuteStmt)?;
+            // SAFETY: a guarded binding; with throwError false it returns
+            // NULL for an unknown name. The entry, its plan source and
+            // its result descriptor live in the session's cache until
+            // DEALLOCATE, which cannot run while this statement does.
+            let prepared = unsafe { pg_sys::FetchPreparedStatement(execute.name, false) };
+            // SAFETY: as above, NULL or valid.
+            let source = unsafe { prepared.as_ref() }.and_then(|p| unsafe { p.plansource.as_ref() })?;
+            source.resultDesc
+        } else {
+            // SAFETY: a guarded binding given the query's target list (a
+            // List of TargetEntry, or NIL); it builds a new descriptor
+            // in the current memory context, junk columns left out.
+            unsafe { pg_sys::ExecCleanTypeFromTL(q.targetList) }
+        };
+        // SAFETY: NULL or a valid descriptor (above).
+        let desc = unsafe { desc.as_ref() }?;
+        // SAFETY: `attrs` holds `natts` attributes.
+        let attrs = unsafe { desc.attrs.as_slice(desc.natts as usize) };
+        Some(
+            attrs
+                .iter()
+                .filter(|a| !a.attisdropped)
+                .map(|a| ResultColumn {
+                    // SAFETY: `attname` is a NUL-terminated NameData.
+                    name: unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_string_lossy().into_owned(),
+                    type_oid: a.atttypid,
+                    typmod: a.atttypmod,
+                    collation: a.attcollation,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// A column of a query's result.
+pub struct ResultColumn {
+    pub name: String,
+    pub type_oid: pg_sys::Oid,
+    pub typmod: i32,
+    pub collation: pg_sys::Oid,
 }
 
 /// An ALTER TABLE statement.
@@ -441,6 +550,12 @@ impl<'a> DefElem<'a> {
         // SAFETY: a DefElem of a tree alive for 'a; the parser always
         // sets `defname`.
         unsafe { CStr::from_ptr((*self.elem).defname) }
+    }
+
+    /// The option's namespace (`toast` in `toast.fillfactor`), if any.
+    pub fn namespace(&self) -> Option<&'a CStr> {
+        // SAFETY: a DefElem of a tree alive for 'a; NULL or a string of it.
+        unsafe { c_str((*self.elem).defnamespace) }
     }
 
     /// Whether it has a value (`NO MINVALUE` has none).

@@ -303,24 +303,6 @@ impl<'a> UtilityCall<'a> {
         unsafe { crate::pg::sequence::apply(pstmt, change) }
     }
 
-    /// Makes a CREATE TABLE AS (or SELECT INTO) create its table empty, as
-    /// `WITH NO DATA` would: a peer's replay of one whose rows are sent
-    /// ([`crate::ddl::replay_without_data`]). Any other statement runs as
-    /// it is.
-    pub fn skip_data(&mut self) {
-        if !self.plan().utility().and_then(|n| n.as_create_table_as()).is_some_and(|c| c.fills_a_table()) {
-            return;
-        }
-        let pstmt = self.writable_plan();
-        // SAFETY: a plan this call may change, whose utility statement is a
-        // CreateTableAsStmt with an INTO clause (checked above; a copy
-        // keeps both).
-        unsafe {
-            let stmt = (*pstmt).utilityStmt as *mut pg_sys::CreateTableAsStmt;
-            (*(*stmt).into).skipData = true;
-        }
-    }
-
     /// Runs the previous hook, or the standard ProcessUtility.
     pub fn run(self) {
         // SAFETY: PostgreSQL's own arguments (the plan possibly replaced by
