@@ -102,6 +102,10 @@ pub struct PeerPool {
     /// out of commit order, and abandoned transactions dropped.
     pub finished_out_of_order: AtomicU64,
     pub dropped_before_prepare: AtomicU64,
+    /// Of the COMMIT PREPAREDs run out of order, those run as this node
+    /// promised to commit (`Receiver::commit_on_promise`), before the
+    /// home node's came.
+    pub committed_on_promise: AtomicU64,
     /// The ids of the replication origins `mtm_node_<peer>` and
     /// `mtm_finish_<peer>`, 0 until the receiver from the peer starts:
     /// this node's walsenders tell the peer's transactions applied here by
@@ -163,6 +167,7 @@ impl Default for PoolTable {
                 serial_until: AtomicU64::new(0),
                 abandoned: std::array::from_fn(|_| AtomicU64::new(0)),
                 finished_out_of_order: AtomicU64::new(0),
+                committed_on_promise: AtomicU64::new(0),
                 dropped_before_prepare: AtomicU64::new(0),
                 origins: std::array::from_fn(|_| AtomicU32::new(0)),
                 heard_at: AtomicI64::new(0),
@@ -432,6 +437,7 @@ impl Queues {
         // Numbers start again at 1 with each receiver.
         pool.abandoned.iter().for_each(|a| a.store(0, Release));
         pool.finished_out_of_order.store(0, Release);
+        pool.committed_on_promise.store(0, Release);
         pool.dropped_before_prepare.store(0, Release);
         pool.receiver_busy.store(false, Release);
         // Silence counts from the first attempt to reach the peer: one

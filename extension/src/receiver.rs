@@ -270,6 +270,7 @@ impl Receiver<'_> {
                 };
                 self.scheduler.committed(self.queues.pool().committed.load(Acquire));
                 match self.scheduler.finish(&gid) {
+                    Finish::Done => {}
                     Finish::Now => self.finish_now(&gid, commit, end, time),
                     Finish::InOrder { keys, prepare } => {
                         // Rolled back at home while its PREPARE is still
@@ -284,7 +285,7 @@ impl Receiver<'_> {
             tag::MESSAGE if self.txn.is_none() => {
                 // Non-transactional: nothing to apply; a vote on one of
                 // our prepared transactions is counted.
-                if let Message::Message { prefix, content, .. } = self.decode(payload) {
+                if let Message::Message { prefix, content, lsn, .. } = self.decode(payload) {
                     if prefix == mtm_protocol::VOTE_PREFIX {
                         match mtm_protocol::VoteMessage::decode(&content) {
                             Ok(v) if v.coordinator == self.me => crate::votes::record_peer(&v),
@@ -293,7 +294,10 @@ impl Receiver<'_> {
                         }
                     } else if prefix == mtm_protocol::PRECOMMIT_PREFIX {
                         match mtm_protocol::PrecommitMessage::decode(&content) {
-                            Ok(m) => crate::votes::answer_precommit(self.peer, &m.gid),
+                            Ok(m) => {
+                                let peer = self.peer;
+                                crate::votes::answer_precommit(peer, &m.gid, || m.commit_on_promise && self.commit_on_promise(&m.gid, lsn));
+                            }
                             Err(e) => warning!("multimaster: undecodable precommit from node {}: {e}", self.peer),
                         }
                     }
@@ -381,6 +385,24 @@ impl Receiver<'_> {
         crate::pg::origin::release_origin();
         self.finished_here = crate::pg::rmgr::wal_insert_position();
         self.queues.pool().finished_out_of_order.fetch_add(1, Relaxed);
+    }
+
+    /// Commits `gid`, which this node just promised to commit, at once if
+    /// its PREPARE has committed here: the home node's promise and ours
+    /// are a majority (the precommit said so), so the decision is made and
+    /// durable, and waiting for the home node's COMMIT PREPARED would cost
+    /// the client one more round trip between the nodes before COMMIT
+    /// returns (`await_commits` waits for our commit). True if committed.
+    fn commit_on_promise(&mut self, gid: &str, at: u64) -> bool {
+        self.scheduler.committed(self.queues.pool().committed.load(Acquire));
+        if !self.scheduler.commit_on_promise(gid) {
+            return false;
+        }
+        // Its position on the finish origin means nothing (see
+        // `finish_now`); the precommit's is at hand.
+        self.finish_now(gid, true, at, crate::pg::latch::now());
+        self.queues.pool().committed_on_promise.fetch_add(1, Relaxed);
+        true
     }
 
     /// The current transaction is too big to hold: once everything

@@ -108,14 +108,19 @@ fn pool_stats() -> TableIterator<
 /// out of the pool's commit order (their PREPARE was applied), and how
 /// many prepared transactions were dropped unapplied because their home
 /// node had rolled them back already. Under contention on a few rows both
-/// keep the pool from falling behind (`extension/src/apply.rs`).
+/// keep the pool from falling behind (`extension/src/apply.rs`). The
+/// third count: of the first, the commits run as soon as this node
+/// promised to commit (its promise and the home node's were a majority),
+/// before the home node's COMMIT PREPARED arrived.
 #[pg_extern]
 fn apply_shortcuts() -> TableIterator<
     'static,
-    (name!(node_id, i32), name!(finished_out_of_order, i64), name!(dropped_before_prepare, i64)),
+    (name!(node_id, i32), name!(finished_out_of_order, i64), name!(dropped_before_prepare, i64), name!(committed_on_promise, i64)),
 > {
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed).min(i64::MAX as u64) as i64;
-    let rows: Vec<_> = running_pools().map(|(id, p)| (id, load(&p.finished_out_of_order), load(&p.dropped_before_prepare))).collect();
+    let rows: Vec<_> = running_pools()
+        .map(|(id, p)| (id, load(&p.finished_out_of_order), load(&p.dropped_before_prepare), load(&p.committed_on_promise)))
+        .collect();
     TableIterator::new(rows)
 }
 

@@ -209,14 +209,21 @@ pub fn applied_prepare_by_xid(xid: u32) -> Option<(String, i32, i64)> {
 /// worker's main thread (an apply worker, or the launcher withdrawing a
 /// yes), outside a transaction.
 pub fn send(coordinator: i32, gid: &str, refusal: Option<(String, String)>) {
-    let content = content(coordinator, gid.to_string(), refusal);
-    let prefix = std::ffi::CString::new(mtm_protocol::VOTE_PREFIX).expect("no NUL");
-    let end = crate::pg::origin::without_session_origin(|| crate::pg::rmgr::log_logical_message(&prefix, &content, false));
+    let end = log_vote(coordinator, gid, refusal);
     crate::pg::rmgr::flush(end);
     // Walsenders are woken by flushes of commits, not of a message logged
     // after an asynchronous commit (as an ack of COMMIT PREPARED is): wake
     // them, or the vote waits for their next timeout.
     crate::pg::rmgr::wake_walsenders();
+}
+
+/// Logs this node's vote on `gid` to `coordinator` as [`send`] does,
+/// without flushing it: it leaves with the next flush. Returns where it
+/// ends in the WAL.
+fn log_vote(coordinator: i32, gid: &str, refusal: Option<(String, String)>) -> u64 {
+    let content = content(coordinator, gid.to_string(), refusal);
+    let prefix = std::ffi::CString::new(mtm_protocol::VOTE_PREFIX).expect("no NUL");
+    crate::pg::origin::without_session_origin(|| crate::pg::rmgr::log_logical_message(&prefix, &content, false))
 }
 
 /// The content of this node's `mtm_vote` message on `gid` to
@@ -488,7 +495,10 @@ fn precommit(gid: &str, me: i32, peers: &[i32], timeout: std::time::Duration) ->
     }
     let key = precommitted_key(gid);
     let _slot = Awaiting::register(&key);
-    let content = mtm_protocol::PrecommitMessage { gid: gid.to_string() }.to_bytes();
+    // With at most three nodes, this node's promise and one peer's are a
+    // majority: that peer may commit as it promises, and its commit, not
+    // this node's COMMIT PREPARED, is what `await_commits` then waits for.
+    let content = mtm_protocol::PrecommitMessage { gid: gid.to_string(), commit_on_promise: need_yes == 1 }.to_bytes();
     let prefix = std::ffi::CString::new(mtm_protocol::PRECOMMIT_PREFIX).expect("no NUL");
     // The flush makes this node's promise durable with the message.
     let end = crate::pg::origin::without_session_origin(|| crate::pg::rmgr::log_logical_message(&prefix, &content, false));
@@ -530,9 +540,12 @@ pub fn precommitted_key(gid: &str) -> String {
 
 /// A peer's precommit of `gid` (its home node `coordinator` is the stream's
 /// node): this node promises to commit it unless it promised a resolver
-/// the opposite, and answers. From a receiver's main thread, outside a
-/// transaction.
-pub fn answer_precommit(coordinator: i32, gid: &str) {
+/// the opposite, and answers. Once it promised, `commit` may commit the
+/// gid at once (true if it did): that COMMIT PREPARED's flush then makes
+/// the promise and the answer durable, one flush instead of two (the
+/// walsender sends the answer only once it is on disk). From a receiver's
+/// main thread, outside a transaction.
+pub fn answer_precommit(coordinator: i32, gid: &str, commit: impl FnOnce() -> bool) {
     use mtm_state::decisions::State;
     // A precommit the stream replays after a restart, of a gid finished
     // here so long ago that the log trimmed it: nobody waits for it, and a
@@ -548,8 +561,15 @@ pub fn answer_precommit(coordinator: i32, gid: &str) {
         Ok(_) => None,
         Err(state) => Some(("40001".to_string(), format!("node {} promised to roll back {gid} ({})", my_id(), state.as_str()))),
     };
-    // `send` flushes, which makes the promise durable before it is told.
-    send(coordinator, &precommitted_key(gid), refusal);
+    if refusal.is_some() {
+        send(coordinator, &precommitted_key(gid), refusal);
+        return;
+    }
+    let end = log_vote(coordinator, &precommitted_key(gid), None);
+    if !commit() {
+        crate::pg::rmgr::flush(end);
+    }
+    crate::pg::rmgr::wake_walsenders();
 }
 
 /// After how long a wait for votes the peers' progress is watched.

@@ -476,22 +476,29 @@ pub const PRECOMMIT_PREFIX: &str = "mtm_precommit";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrecommitMessage {
     pub gid: String,
+    /// The home node's promise (logged before this message) and the
+    /// receiving peer's make a majority of the cluster (3 nodes or
+    /// fewer): the peer may commit the gid as soon as it has promised,
+    /// without waiting for the home node's COMMIT PREPARED.
+    pub commit_on_promise: bool,
 }
 
 impl PrecommitMessage {
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.gid.len());
+        let mut out = Vec::with_capacity(5 + self.gid.len());
         put_str(&mut out, &self.gid);
+        out.push(self.commit_on_promise as u8);
         out
     }
 
     pub fn decode(buf: &[u8]) -> Result<PrecommitMessage, DecodeError> {
         let mut r = Reader(buf);
         let gid = r.string()?;
+        let commit_on_promise = r.u8()? != 0;
         if !r.0.is_empty() {
             return Err(DecodeError::Trailing(r.0.len()));
         }
-        Ok(PrecommitMessage { gid })
+        Ok(PrecommitMessage { gid, commit_on_promise })
     }
 }
 
@@ -827,8 +834,11 @@ mod tests {
 
     #[test]
     fn precommit_messages_round_trip() {
-        let m = PrecommitMessage { gid: "mtm-2-17".into() };
-        assert_eq!(PrecommitMessage::decode(&m.to_bytes()), Ok(m.clone()));
+        for commit_on_promise in [false, true] {
+            let m = PrecommitMessage { gid: "mtm-2-17".into(), commit_on_promise };
+            assert_eq!(PrecommitMessage::decode(&m.to_bytes()), Ok(m.clone()));
+        }
+        let m = PrecommitMessage { gid: "mtm-2-17".into(), commit_on_promise: true };
         let mut long = m.to_bytes();
         long.push(0);
         assert!(PrecommitMessage::decode(&long).is_err());

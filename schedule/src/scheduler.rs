@@ -43,6 +43,9 @@ pub struct Scheduler {
     /// (or, for a barrier such as DDL, the tables it locked: a barrier
     /// again).
     prepared: HashMap<String, (u64, TxnKeys)>,
+    /// Gids committed on promise, oldest first, until their COMMIT
+    /// PREPARED comes.
+    committed_early: VecDeque<String>,
 }
 
 /// How to apply a COMMIT/ROLLBACK PREPARED.
@@ -61,6 +64,9 @@ pub enum Finish {
     /// `prepare` if this receiver handed it out, is still being applied
     /// (or was received before this receiver started).
     InOrder { keys: TxnKeys, prepare: Option<u64> },
+    /// Committed here already, when this node promised to commit it
+    /// ([`Scheduler::commit_on_promise`]): nothing to do.
+    Done,
 }
 
 /// Independent transactions a worker takes in a row before the next one
@@ -68,6 +74,11 @@ pub enum Finish {
 pub const BATCH: usize = 8;
 const MIN_PRUNE: usize = 1 << 16;
 const MAX_PREPARED: usize = 1 << 14;
+/// Gids committed on promise whose COMMIT PREPARED has not come yet. One
+/// that never comes (its home node finished it another way) is forgotten
+/// after this many more; should its COMMIT PREPARED come after all, it is
+/// applied as for an unknown gid: found not prepared, and skipped.
+const MAX_COMMITTED_EARLY: usize = 1 << 12;
 
 impl Scheduler {
     pub fn new(workers: usize) -> Self {
@@ -88,6 +99,7 @@ impl Scheduler {
             barrier: 0,
             last_worker: 0,
             prepared: HashMap::new(),
+            committed_early: VecDeque::new(),
         }
     }
 
@@ -151,10 +163,35 @@ impl Scheduler {
     /// How to apply the COMMIT/ROLLBACK PREPARED of `gid` (call
     /// [`Self::committed`] first).
     pub fn finish(&mut self, gid: &str) -> Finish {
+        if let Some(i) = self.committed_early.iter().position(|g| g == gid) {
+            self.committed_early.remove(i);
+            return Finish::Done;
+        }
         match self.prepared.remove(gid) {
             Some((seq, _)) if seq <= self.committed => Finish::Now,
             Some((seq, keys)) => Finish::InOrder { keys, prepare: Some(seq) },
             None => Finish::InOrder { keys: TxnKeys::default(), prepare: None },
+        }
+    }
+
+    /// This node just promised to commit `gid`, and its home node's
+    /// promise with ours is a majority: whether it may be committed now
+    /// (call [`Self::committed`] first). True if its PREPARE has
+    /// committed here: it is then finished as by [`Finish::Now`], and its
+    /// COMMIT PREPARED, when the stream brings it, is [`Finish::Done`].
+    /// False if it is still applying, or was received before this
+    /// receiver started: it waits for its COMMIT PREPARED as usual.
+    pub fn commit_on_promise(&mut self, gid: &str) -> bool {
+        match self.prepared.get(gid) {
+            Some(&(seq, _)) if seq <= self.committed => {
+                self.prepared.remove(gid);
+                if self.committed_early.len() >= MAX_COMMITTED_EARLY {
+                    self.committed_early.pop_front();
+                }
+                self.committed_early.push_back(gid.to_string());
+                true
+            }
+            _ => false,
         }
     }
 
@@ -279,6 +316,36 @@ mod tests {
         assert_eq!(s.finish("g1"), Finish::Now);
         assert_eq!(s.finish("g1"), Finish::InOrder { keys: TxnKeys::default(), prepare: None }, "forgotten once finished");
         assert_eq!(s.finish("never-prepared"), Finish::InOrder { keys: TxnKeys::default(), prepare: None });
+    }
+
+    #[test]
+    fn a_gid_committed_on_promise_is_done_when_its_commit_prepared_comes() {
+        let mut s = Scheduler::new(2);
+        let prep = s.plan(&t(&[5]));
+        s.prepared("g1", prep.seq, &t(&[5]));
+        assert!(!s.commit_on_promise("g1"), "its PREPARE is still applying");
+        assert!(!s.commit_on_promise("unknown"), "received before this receiver started");
+        s.committed(prep.seq);
+        assert!(s.commit_on_promise("g1"));
+        assert_eq!(s.finish("g1"), Finish::Done);
+        assert_eq!(s.finish("g1"), Finish::InOrder { keys: TxnKeys::default(), prepare: None }, "forgotten once done");
+        // Its keys no longer hold up a transaction received after it.
+        let next = s.plan(&t(&[5]));
+        assert_eq!(next.wait_for, 0);
+    }
+
+    #[test]
+    fn gids_committed_on_promise_whose_commit_prepared_never_comes_are_forgotten() {
+        let mut s = Scheduler::new(1);
+        for i in 0..(MAX_COMMITTED_EARLY + 1) {
+            let gid = format!("g{i}");
+            let p = s.plan(&t(&[i as u64]));
+            s.prepared(&gid, p.seq, &t(&[i as u64]));
+            s.committed(p.seq);
+            assert!(s.commit_on_promise(&gid));
+        }
+        assert_eq!(s.finish("g0"), Finish::InOrder { keys: TxnKeys::default(), prepare: None }, "the oldest made room");
+        assert_eq!(s.finish("g1"), Finish::Done);
     }
 
     #[test]

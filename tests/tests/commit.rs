@@ -542,7 +542,10 @@ struct Raw {
 /// rolled back at home unapplied, their pools fell behind under this load
 /// (every rolled-back transaction applied and prepared on every peer,
 /// every decision queued behind a lock wait) and about one transaction a
-/// second committed; both shortcuts must be seen taken here.
+/// second committed; both shortcuts must be seen taken here, and the
+/// third: a peer commits as soon as it promised to (its promise and the
+/// home node's are a majority of three), before the home node's COMMIT
+/// PREPARED reaches it.
 #[test]
 fn pgbench_on_one_branch_from_every_node_keeps_the_nodes_equal() {
     let c = TestCluster::start(3);
@@ -555,6 +558,7 @@ fn pgbench_on_one_branch_from_every_node_keeps_the_nodes_equal() {
     nothing_prepared(&c, Duration::from_secs(30));
     let mut finished = 0;
     let mut dropped = 0;
+    let mut on_promise = 0;
     for id in 1..=3 {
         let mut cl = client(&c, id);
         let row = cl
@@ -568,13 +572,15 @@ fn pgbench_on_one_branch_from_every_node_keeps_the_nodes_equal() {
         let (a, t, b, h, n): (i64, i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
         assert!(a == t && t == b && b == h, "node{id}: accounts {a}, tellers {t}, branches {b}, history {h}");
         assert!(n > 0, "node{id}: no transaction committed: {out}");
-        for r in cl.query("select finished_out_of_order, dropped_before_prepare from mtm.apply_shortcuts()", &[]).unwrap() {
+        for r in cl.query("select finished_out_of_order, dropped_before_prepare, committed_on_promise from mtm.apply_shortcuts()", &[]).unwrap() {
             finished += r.get::<_, i64>(0);
             dropped += r.get::<_, i64>(1);
+            on_promise += r.get::<_, i64>(2);
         }
     }
     assert!(finished > 0, "no COMMIT/ROLLBACK PREPARED was run out of commit order");
     assert!(dropped > 0, "no transaction rolled back at home was dropped unapplied");
+    assert!(on_promise > 0, "no peer committed as it promised to");
 }
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
