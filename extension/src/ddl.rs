@@ -11,7 +11,7 @@
 //! an extension's script does): the peers' replay of the statement writes
 //! them. A CREATE TABLE AS (or SELECT INTO) of a permanent table is the
 //! exception: the opening message carries the plain CREATE TABLE of the
-//! table it makes ([`plain_create_table`]), which each peer runs there,
+//! table it makes ([`TableShape`]), which each peer runs there,
 //! and its rows are sent like any others — computed once, so every node
 //! has the same; the peers never run its query. A statement that turned
 //! out to touch only this session's temporary relations gets an empty
@@ -25,7 +25,9 @@
 //! a transaction block (CREATE DATABASE, ALTER SYSTEM, tablespaces,
 //! `… CONCURRENTLY`), which the proxy runs on every node itself. Statements
 //! run by a captured statement (a CREATE TABLE's sequences, an extension's
-//! script) are part of it, not captured again; DDL inside functions,
+//! script) are part of it, not captured again — except in the query of a
+//! CREATE TABLE AS whose rows are sent, which the peers never run: there
+//! a schema change is refused ([`run_uncaptured`]); DDL inside functions,
 //! procedures, DO blocks and dynamic EXECUTE is captured where it runs.
 //!
 //! Replay (peer, [`replay`]): the statement runs through SPI in the apply
@@ -67,13 +69,16 @@ thread_local! {
     /// The executor run of a captured statement calling a remote function
     /// (its QueryDesc), and the transaction nesting level it started at.
     static CAPTURED_QUERY: Cell<(usize, i32)> = const { Cell::new((0, 0)) };
-    /// The captured statement running is a CREATE TABLE AS whose rows
-    /// are sent: the peers do not run its query.
+    /// The query of a captured CREATE TABLE AS whose rows are sent is
+    /// running: the peers do not run it.
     static ROWS_SENT_RUNNING: Cell<bool> = const { Cell::new(false) };
 }
 
 thread_local! {
     static CAPTURED_MESSAGE: std::cell::RefCell<Option<DdlMessage>> = const { std::cell::RefCell::new(None) };
+    /// The table of the captured CREATE TABLE AS running, for its query's
+    /// run ([`executor_run`]).
+    static NEW_TABLE: std::cell::RefCell<Option<NewTable>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Defines the setting and installs the object access hook (from `_PG_init`).
@@ -137,6 +142,8 @@ pub struct Capture {
     /// It calls a function of `multimaster.remote_functions`: every node
     /// runs it and computes its own rows.
     remote: bool,
+    /// A CREATE TABLE AS's table, as its run left it ([`run_captured`]).
+    table: Option<NewTable>,
 }
 
 /// Whether a client's statement running now is to be captured: not part
@@ -179,8 +186,8 @@ fn as_this_session(sql: String) -> DdlMessage {
 
 /// Writes the message that opens a captured statement (inside the
 /// transaction that runs it). Empty, the decoder drops the rows up to the
-/// closing one; with the statement (`rows_follow`), the peers run it
-/// there, without its data, and its rows are sent.
+/// closing one; with a statement (`rows_follow`: the plain CREATE TABLE of
+/// a CREATE TABLE AS), the peers run it there, and the rows are sent.
 fn log_opening(rows_follow: Option<&DdlMessage>) {
     let prefix = CString::new(mtm_protocol::DDL_BEGIN_PREFIX).expect("no NUL");
     crate::pg::rmgr::log_logical_message(&prefix, &rows_follow.map(DdlMessage::to_bytes).unwrap_or_default(), true);
@@ -213,20 +220,11 @@ fn log_closing(message: Option<&DdlMessage>) {
 
 /// Starts capturing `stmt` (run by ProcessUtility with `query_string`
 /// and `params`) if it is a client's DDL statement to run on every node:
-/// writes the opening message. The caller runs the statement with
-/// [`while_capturing`] and then calls [`finish`].
+/// writes the opening message (a CREATE TABLE AS whose rows are sent:
+/// as its query starts, [`executor_run`]). The caller runs the statement
+/// with [`run_captured`] and then calls [`finish`].
 pub fn capture(stmt: PlannedStmt<'_>, query_string: &CStr, params: Option<ParamList<'_>>) -> Option<Capture> {
     let node = stmt.utility()?;
-    if ROWS_SENT_RUNNING.get() && is_replicated_kind(node) {
-        // Run by a function the query calls: the peers, which only create
-        // the table, would never run it.
-        crate::raise(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "multimaster: a CREATE TABLE AS whose query runs a schema change cannot run on every node: the other nodes create the table and receive its rows, they do not run the query",
-            "Run the schema change first, then CREATE TABLE AS.",
-            "capture",
-        );
-    }
     if !is_replicated_kind(node) || !capture_allowed() {
         return None;
     }
@@ -234,85 +232,176 @@ pub fn capture(stmt: PlannedStmt<'_>, query_string: &CStr, params: Option<ParamL
     let values = parameter_values(node, params);
     let sql = DdlMessage::statement_text_with_values(query, stmt.location(), stmt.length(), &values);
     let mut message = as_this_session(sql);
-    let remote = calls_remote_function(&message.sql);
-    let rows_sent = !remote && rows_replicated(node);
-    if let Some(ctas) = node.as_create_table_as().filter(|c| c.creates_a_table() && !remote) {
-        if rows_sent || !ctas.fills_a_table() {
-            if let Some(plain) = plain_create_table(ctas) {
-                message.sql = plain;
-            }
-        } else if ctas.executes_prepared() && ctas.into_relation().is_some_and(|rv| rv.persistence() == pg_sys::RELPERSISTENCE_UNLOGGED as u8) {
+    let ctas = node.as_create_table_as().filter(|c| c.creates_a_table());
+    let remote = calls_remote_function(&message.sql) || ctas.and_then(|c| c.prepared_query_text()).is_some_and(|t| calls_remote_function(&t));
+    let mut rows_sent = !remote && rows_replicated(node);
+    let mut table = None;
+    if let Some(ctas) = ctas {
+        let unlogged = ctas.into_relation().is_some_and(|rv| rv.persistence() == pg_sys::RELPERSISTENCE_UNLOGGED as u8);
+        if ctas.fills_a_table() && ctas.executes_prepared() && (remote || unlogged) {
             crate::raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "multimaster: CREATE UNLOGGED TABLE … AS EXECUTE cannot run on the other nodes: each node fills an unlogged table itself, and the prepared statement exists in this session only",
-                "Write the prepared statement's query in place of EXECUTE, or create a logged table (its rows are computed here and replicated).",
+                "multimaster: this CREATE TABLE … AS EXECUTE cannot run on the other nodes: each node would fill the table itself (an unlogged table, or a query calling one of multimaster.remote_functions), and the prepared statement exists in this session only",
+                "Write the prepared statement's query in place of EXECUTE.",
                 "capture",
             );
         }
+        if rows_sent || !ctas.fills_a_table() && !remote {
+            if let Some(shape) = TableShape::of(ctas) {
+                // Until its query runs: the columns as analysed, those
+                // `WITH NO DATA` of a SELECT gives the table.
+                if let Some(columns) = ctas.result_columns() {
+                    message.sql = shape.sql(&columns);
+                }
+                table = Some(NewTable { shape, message: message.clone(), rows_sent, opened: false });
+            }
+        }
     }
-    log_opening(rows_sent.then_some(&message));
+    // Without its table's shape, the peers run the statement itself.
+    rows_sent &= table.is_some();
+    if !rows_sent {
+        log_opening(None);
+    }
     TOUCHED.set((false, false));
-    Some(Capture { message, rows_sent, remote })
+    NEW_TABLE.with_borrow_mut(|t| *t = table);
+    Some(Capture { message, rows_sent, remote, table: None })
 }
 
-/// A CREATE TABLE AS (or SELECT INTO) of a table as the plain CREATE
-/// TABLE its peers run instead: the table with the columns it gets here
-/// and the same options, without the query. Its rows are sent from here
-/// (or, `WITH NO DATA`, there are none), so the peers need not analyse
-/// the query at all — `AS EXECUTE name` names a prepared statement of
-/// this session only, and a query analysed again elsewhere could give a
-/// column another type modifier. None where the columns are not known
-/// (no such prepared statement: the statement fails as it runs).
-fn plain_create_table(ctas: crate::pg::nodes::CreateTableAs<'_>) -> Option<String> {
-    let rv = ctas.into_relation()?;
-    let columns = ctas.result_columns()?;
-    let names = ctas.column_names();
-    let q = catalog::quote_identifier;
-    let mut sql = String::from("CREATE ");
-    if rv.persistence() == pg_sys::RELPERSISTENCE_UNLOGGED as u8 {
-        sql.push_str("UNLOGGED ");
+/// The table a captured CREATE TABLE AS (or SELECT INTO) makes, which the
+/// peers create with a plain CREATE TABLE (`message`): the columns its
+/// query's run gives it, not those of the query as analysed (the planner
+/// may fold `CASE WHEN true THEN a ELSE b END` into `a`, and its type
+/// modifier with it), once it runs ([`executor_run`]).
+struct NewTable {
+    shape: TableShape,
+    message: DdlMessage,
+    /// Its rows are sent: the opening message carries `message`.
+    rows_sent: bool,
+    /// Its query started: `message` is final (and opened, with rows_sent).
+    opened: bool,
+}
+
+/// From the ExecutorRun hook: the run of a query. That of the captured
+/// CREATE TABLE AS (its rows go into the new table) fixes the table's
+/// columns, and when its rows are sent writes the opening message, before
+/// the first of them; while it runs, a schema change made by a function
+/// it calls is refused ([`run_uncaptured`]).
+pub fn executor_run(run: crate::pg::xact::ExecutorRun<'_>) {
+    let starts_table = run.fills_new_table() && NEW_TABLE.with_borrow(|t| t.as_ref().is_some_and(|t| !t.opened));
+    if !starts_table {
+        return run.run();
     }
-    sql.push_str("TABLE ");
-    if ctas.if_not_exists() {
-        sql.push_str("IF NOT EXISTS ");
+    let columns = run.result_columns();
+    let rows_sent = NEW_TABLE.with_borrow_mut(|t| {
+        let t = t.as_mut().expect("checked above");
+        t.message.sql = t.shape.sql(&columns);
+        t.opened = true;
+        if t.rows_sent {
+            log_opening(Some(&t.message));
+        }
+        t.rows_sent
+    });
+    let was = ROWS_SENT_RUNNING.replace(rows_sent);
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| run.run())).finally(|| ROWS_SENT_RUNNING.set(was)).execute();
+}
+
+/// Runs `f`, a utility statement that is not captured itself. Inside the
+/// query of a CREATE TABLE AS whose rows are sent, a schema change (run by
+/// a function the query calls) is refused once it ran, unless it touched
+/// only temporary objects: the peers create that table and receive its
+/// rows; they never run its query.
+pub fn run_uncaptured(stmt: PlannedStmt<'_>, f: impl FnOnce()) {
+    let nested = ROWS_SENT_RUNNING.get() && REPLICATE_DDL.get() && stmt.utility().is_some_and(is_replicated_kind);
+    if !nested {
+        return f();
     }
-    // The schema this node creates it in, whatever the peer's search_path.
-    let schema = catalog::namespace_name(catalog::creation_namespace(rv));
-    let columns: Vec<String> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let name = names.get(i).unwrap_or(&c.name);
-            let mut column = format!("{} {}", q(name), catalog::format_type(c.type_oid, c.typmod));
-            if c.collation != pg_sys::InvalidOid && c.collation != catalog::type_collation(c.type_oid) {
-                column.push_str(&format!(" COLLATE {}", catalog::collation_name(c.collation)));
-            }
-            column
-        })
-        .collect();
-    sql.push_str(&format!("{}.{} ({})", q(&schema), q(&rv.name()), columns.join(", ")));
-    if let Some(am) = ctas.access_method() {
-        sql.push_str(&format!(" USING {}", q(&am.to_string_lossy())));
+    let outer = TOUCHED.replace((false, false));
+    f();
+    let (temp, permanent) = TOUCHED.get();
+    TOUCHED.set((outer.0 || temp, outer.1 || permanent));
+    if !temp || permanent {
+        refuse_in_rows_sent("a schema change");
     }
-    let options: Vec<String> = ctas
-        .options()
-        .iter()
-        .map(|o| {
-            let name = match o.namespace() {
-                Some(ns) => format!("{}.{}", q(&ns.to_string_lossy()), q(&o.name().to_string_lossy())),
-                None => q(&o.name().to_string_lossy()),
-            };
-            // As DefineRelation reads them: each value as its text.
-            if o.has_arg() { format!("{name} = {}", crate::quote_literal(&o.string())) } else { name }
-        })
-        .collect();
-    if !options.is_empty() {
-        sql.push_str(&format!(" WITH ({})", options.join(", ")));
+}
+
+/// Refuses `what`, run by the query of a CREATE TABLE AS whose rows are
+/// sent.
+fn refuse_in_rows_sent(what: &str) -> ! {
+    crate::raise(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("multimaster: {what} run by the query of a CREATE TABLE AS cannot reach the other nodes: they create the table and receive its rows, they do not run the query"),
+        "Run it before the CREATE TABLE AS, as a statement of its own.",
+        "run_uncaptured",
+    )
+}
+
+/// The parts of the plain CREATE TABLE that makes a CREATE TABLE AS's
+/// table, but its columns' types: `head` up to the table's name, the
+/// column names its INTO clause gives, `tail` from the access method on.
+struct TableShape {
+    head: String,
+    names: Vec<String>,
+    tail: String,
+}
+
+impl TableShape {
+    fn of(ctas: crate::pg::nodes::CreateTableAs<'_>) -> Option<TableShape> {
+        let rv = ctas.into_relation()?;
+        let q = catalog::quote_identifier;
+        let mut head = String::from("CREATE ");
+        if rv.persistence() == pg_sys::RELPERSISTENCE_UNLOGGED as u8 {
+            head.push_str("UNLOGGED ");
+        }
+        head.push_str("TABLE ");
+        if ctas.if_not_exists() {
+            head.push_str("IF NOT EXISTS ");
+        }
+        // The schema this node creates it in, whatever the peer's search_path.
+        let schema = catalog::namespace_name(catalog::creation_namespace(rv));
+        head.push_str(&format!("{}.{}", q(&schema), q(&rv.name())));
+        let mut tail = String::new();
+        if let Some(am) = ctas.access_method() {
+            tail.push_str(&format!(" USING {}", q(&am.to_string_lossy())));
+        }
+        let options: Vec<String> = ctas
+            .options()
+            .iter()
+            .map(|o| {
+                let name = match o.namespace() {
+                    Some(ns) => format!("{}.{}", q(&ns.to_string_lossy()), q(&o.name().to_string_lossy())),
+                    None => q(&o.name().to_string_lossy()),
+                };
+                // As DefineRelation reads them: each value as its text.
+                if o.has_arg() { format!("{name} = {}", crate::quote_literal(&o.string())) } else { name }
+            })
+            .collect();
+        if !options.is_empty() {
+            tail.push_str(&format!(" WITH ({})", options.join(", ")));
+        }
+        if let Some(ts) = ctas.tablespace() {
+            tail.push_str(&format!(" TABLESPACE {}", q(&ts.to_string_lossy())));
+        }
+        Some(TableShape { head, names: ctas.column_names(), tail })
     }
-    if let Some(ts) = ctas.tablespace() {
-        sql.push_str(&format!(" TABLESPACE {}", q(&ts.to_string_lossy())));
+
+    /// The statement, the table having `columns` (named by the INTO
+    /// clause first, as `intorel_startup` names them).
+    fn sql(&self, columns: &[crate::pg::nodes::ResultColumn]) -> String {
+        let q = catalog::quote_identifier;
+        let columns: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let name = self.names.get(i).unwrap_or(&c.name);
+                let mut column = format!("{} {}", q(name), catalog::format_type(c.type_oid, c.typmod));
+                if c.collation != pg_sys::InvalidOid && c.collation != catalog::type_collation(c.type_oid) {
+                    column.push_str(&format!(" COLLATE {}", catalog::collation_name(c.collation)));
+                }
+                column
+            })
+            .collect();
+        format!("{} ({}){}", self.head, columns.join(", "), self.tail)
     }
-    Some(sql)
 }
 
 /// The values of the parameters a statement uses, each as the byte offset
@@ -357,15 +446,19 @@ pub fn while_capturing(f: impl FnOnce()) {
 }
 
 /// Runs `f`, the statement `capture` started, with capturing on.
-pub fn run_captured(capture: &Capture, f: impl FnOnce()) {
-    let was = ROWS_SENT_RUNNING.replace(capture.rows_sent);
-    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| while_capturing(f))).finally(|| ROWS_SENT_RUNNING.set(was)).execute();
+pub fn run_captured(capture: &mut Capture, f: impl FnOnce()) {
+    let table = std::cell::RefCell::new(None);
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| while_capturing(f))).finally(|| *table.borrow_mut() = NEW_TABLE.take()).execute();
+    capture.table = table.into_inner();
 }
 
 /// Sends `sql` to the peers as a DDL statement of this transaction (for
 /// work a function did here with capturing off, which each peer must do
 /// its own way), when a client's statement would be captured now.
 pub fn send_statement(sql: &str) {
+    if ROWS_SENT_RUNNING.get() {
+        refuse_in_rows_sent("a sequence change");
+    }
     if !capture_allowed() {
         return;
     }
@@ -379,13 +472,19 @@ pub fn send_statement(sql: &str) {
 /// the transaction that ran the statement.
 pub fn finish(capture: Capture) -> bool {
     if capture.rows_sent {
-        // Sent with its opening; a permanent table.
-        log_closing(None);
-        return true;
+        // Sent with its opening as its query started, a permanent table.
+        // A query that never started made no table (IF NOT EXISTS found
+        // one): nothing to send.
+        let opened = capture.table.is_some_and(|t| t.opened);
+        if opened {
+            log_closing(None);
+        }
+        return opened;
     }
     let (temp, permanent) = TOUCHED.get();
     let replicated = !temp || permanent;
-    log_closing(replicated.then_some(&capture.message));
+    let message = capture.table.map_or(capture.message, |t| t.message);
+    log_closing(replicated.then_some(&message));
     replicated
 }
 

@@ -26,7 +26,7 @@
 
 #![deny(unsafe_code)]
 
-use crate::pg::xact::{ExecutorEnd, ExecutorStart, UtilityCall, UtilityStmt};
+use crate::pg::xact::{ExecutorEnd, ExecutorRun, ExecutorStart, UtilityCall, UtilityStmt};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use pgrx::pg_sys;
@@ -141,6 +141,11 @@ pub(crate) fn executor_start(query: ExecutorStart<'_>) {
         crate::ddl::capture_query(query.query_desc());
     }
     query.run();
+}
+
+/// The executor's run hook: DDL capture follows a CREATE TABLE AS's query.
+pub(crate) fn executor_run(run: ExecutorRun<'_>) {
+    crate::ddl::executor_run(run);
 }
 
 /// The executor's end hook: the statement ends, then DDL capture hears it.
@@ -264,9 +269,9 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
     let (pstmt, query_string, params) = (call.plan(), call.query_string(), call.params());
     let run = move || call.run();
     match crate::ddl::capture(pstmt, query_string, params) {
-        None => run(),
-        Some(capture) => {
-            crate::ddl::run_captured(&capture, run);
+        None => crate::ddl::run_uncaptured(pstmt, run),
+        Some(mut capture) => {
+            crate::ddl::run_captured(&mut capture, run);
             crate::ddl::keep_replica_identity(pstmt);
             crate::ddl::refuse_values_per_node(pstmt, &capture);
             // A schema change goes through the cluster's commit like a write.

@@ -451,6 +451,10 @@ fn remote_functions_run_on_every_node_and_their_rows_are_each_nodes_own() {
     assert_eq!(own, ["1", "2", "3"], "each node's own row, not replicated");
     let filled = on_each(&c, "select string_agg(node::text, ',') from noted");
     assert_eq!(filled, ["1", "2", "3"], "each node's table has its own row");
+    // Its query as a prepared statement of the session, which the other
+    // nodes do not have: refused.
+    let e = s[0].1.batch_execute("prepare by_note as select note_here('prepared') as node; create table noted2 as execute by_note").unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     assert!(prepared(&c).iter().all(Vec::is_empty));
 }
 
@@ -512,7 +516,22 @@ fn create_table_as_gives_every_node_the_same_table() {
         )
         .unwrap();
     s[2].1.batch_execute("create table named(a, b) with (fillfactor = 70) as select id, v from src where id <= 3").unwrap();
-    converge(&c, &["picked", "shaped", "named"]);
+    // The columns the query's plan gives, not those of the query as
+    // analysed: the planner folds the CASE into `a`, varchar(5), where
+    // the analysed CASE is a varchar of any length (also for a prepared
+    // statement's custom plan).
+    s[0].1
+        .batch_execute(
+            "create table typed(a varchar(5), b varchar(10)); insert into typed values ('x', 'y');
+             create table folded as select case when true then a else b end as c from typed;
+             prepare fold(bool) as select case when $1 then a else b end as c from typed;
+             create table folded2 as execute fold(true)",
+        )
+        .unwrap();
+    converge(&c, &["picked", "shaped", "named", "folded", "folded2"]);
+    let folded = on_each(&c, &columns("folded"));
+    assert_eq!(folded, vec!["c character varying(5)".to_string(); 3], "as the node that ran it made it");
+    same_everywhere(&c, &columns("folded2"), &folded[0]);
     same_everywhere(&c, &columns("picked"), "id integer, amount numeric(10,2), label character varying(12) C");
     same_everywhere(&c, &columns("shaped"), "id integer, amount numeric(10,2), label character varying(12) C");
     same_everywhere(&c, "select string_agg(id || ':' || amount || ':' || label, ' ' order by id) from picked", "1:1.00:x1 2:2.00:x2 3:3.00:x3 4:4.00:x4");
@@ -538,12 +557,15 @@ fn create_table_as_gives_every_node_the_same_table() {
     let e = s[2].1.batch_execute("create table made as select mk() as one").unwrap_err();
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     let db = e.as_db_error().unwrap();
-    assert!(db.message().contains("runs a schema change"), "{}", db.message());
+    assert!(db.message().contains("a schema change run by the query"), "{}", db.message());
+    // So is a sequence moved by the query: the other nodes would not move it.
+    let e = s[0].1.batch_execute("create sequence sq; create table seqd as select setval('sq', 100) as v").unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     // An unlogged table is filled by each node itself: EXECUTE cannot be.
     let e = s[0].1.batch_execute("prepare p2 as select 1 as one; create unlogged table u as execute p2").unwrap_err();
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     settle(&c);
-    same_everywhere(&c, "select count(*)::text from pg_class where relname in ('made', 'side', 'u')", "0");
+    same_everywhere(&c, "select count(*)::text from pg_class where relname in ('made', 'side', 'u', 'sq', 'seqd')", "0");
     // The session goes on: the table made another way.
     s[2].1.batch_execute("create table side(x int); create table made as select 1 as one").unwrap();
     converge(&c, &["made"]);

@@ -287,9 +287,29 @@ impl<'a> CreateTableAs<'a> {
     /// Whether its query is `EXECUTE name`, a prepared statement of this
     /// session.
     pub fn executes_prepared(&self) -> bool {
-        // SAFETY: a valid Query of the same tree; `utilityStmt` NULL or a
-        // node of it.
-        self.query().and_then(|q| unsafe { Node::from_raw((*q.ptr.as_ptr()).utilityStmt) }).is_some_and(|n| n.tag() == pg_sys::NodeTag::T_ExecuteStmt)
+        self.execute_stmt().is_some()
+    }
+
+    /// The text of the prepared statement its query executes (`AS EXECUTE
+    /// name`), if it is one that exists.
+    pub fn prepared_query_text(&self) -> Option<String> {
+        let execute = self.execute_stmt()?;
+        // SAFETY: a guarded binding; throwError false: NULL for an unknown
+        // name. The entry and its plan source live in the session's cache
+        // for the statement; `query_string` is NULL or NUL-terminated.
+        unsafe {
+            let prepared = pg_sys::FetchPreparedStatement(execute.name, false).as_ref()?;
+            let source = prepared.plansource.as_ref()?;
+            c_str(source.query_string).map(|t| t.to_string_lossy().into_owned())
+        }
+    }
+
+    /// Its query as `EXECUTE name`, if it is one.
+    fn execute_stmt(&self) -> Option<&'a pg_sys::ExecuteStmt> {
+        let query = self.query()?;
+        // SAFETY: a valid Query of the same tree; `utilityStmt` is NULL or
+        // a node of it.
+        unsafe { Node::from_raw((*query.ptr.as_ptr()).utilityStmt) }?.cast(pg_sys::NodeTag::T_ExecuteStmt)
     }
 
     /// The columns its query returns, in order, as the table gets them
@@ -302,8 +322,7 @@ impl<'a> CreateTableAs<'a> {
         // SAFETY: a valid Query of the same tree (the view's guarantee).
         let q = unsafe { &*query.ptr.as_ptr() };
         let desc = if q.commandType == pg_sys::CmdType::CMD_UTILITY {
-            // SAFETY: `utilityStmt` is NULL or a node of the same tree.
-            let execute: &pg_sys::ExecuteStmt = unsafe { Node::from_raw(q.utilityStmt) }?.cast(pg_sys::NodeTag::T_ExecuteStmt)?;
+            let execute = self.execute_stmt()?;
             // SAFETY: a guarded binding; with throwError false it returns
             // NULL for an unknown name. The entry, its plan source and
             // its result descriptor live in the session's cache until
@@ -319,6 +338,26 @@ impl<'a> CreateTableAs<'a> {
             unsafe { pg_sys::ExecCleanTypeFromTL(q.targetList) }
         };
         // SAFETY: NULL or a valid descriptor (above).
+        unsafe { ResultColumn::of(desc) }
+    }
+}
+
+/// A column of a query's result.
+pub struct ResultColumn {
+    pub name: String,
+    pub type_oid: pg_sys::Oid,
+    pub typmod: i32,
+    pub collation: pg_sys::Oid,
+}
+
+impl ResultColumn {
+    /// The columns a tuple descriptor describes, dropped ones left out
+    /// (None for NULL).
+    ///
+    /// # Safety
+    /// `desc` is NULL or a valid descriptor alive for the call.
+    pub(super) unsafe fn of(desc: pg_sys::TupleDesc) -> Option<Vec<ResultColumn>> {
+        // SAFETY: the caller's contract.
         let desc = unsafe { desc.as_ref() }?;
         // SAFETY: `attrs` holds `natts` attributes.
         let attrs = unsafe { desc.attrs.as_slice(desc.natts as usize) };
@@ -336,14 +375,6 @@ impl<'a> CreateTableAs<'a> {
                 .collect(),
         )
     }
-}
-
-/// A column of a query's result.
-pub struct ResultColumn {
-    pub name: String,
-    pub type_oid: pg_sys::Oid,
-    pub typmod: i32,
-    pub collation: pg_sys::Oid,
 }
 
 /// An ALTER TABLE statement.

@@ -68,8 +68,38 @@ unsafe extern "C-unwind" fn post_parse_analyze(pstate: *mut pg_sys::ParseState, 
     if !calls.is_empty() {
         // SAFETY: `query` is the analysed tree this hook may change in
         // place; the callback is ours below, whose context is `calls`,
-        // alive for the walk.
-        unsafe { pg_sys::query_tree_walker(query, Some(redirect_calls), (&raw mut calls).cast(), 0) };
+        // alive for the walk. A utility statement's own analysed query
+        // (CREATE TABLE AS, EXPLAIN, DECLARE CURSOR), which the walker
+        // does not enter, is a node of the same tree.
+        unsafe {
+            pg_sys::query_tree_walker(query, Some(redirect_calls), (&raw mut calls).cast(), 0);
+            if let Some(inner) = utility_query(query) {
+                redirect_calls(inner, (&raw mut calls).cast());
+            }
+        }
+    }
+}
+
+/// The analysed query inside a utility statement that holds one (CREATE
+/// TABLE AS, EXPLAIN, DECLARE CURSOR), if `query` is such a statement.
+///
+/// # Safety
+/// `query` is a valid analysed Query.
+unsafe fn utility_query(query: *mut pg_sys::Query) -> Option<*mut pg_sys::Node> {
+    // SAFETY: the caller's contract; `utilityStmt` is NULL or a node of
+    // the same tree, read as the struct its tag names.
+    unsafe {
+        let stmt = (*query).utilityStmt;
+        if (*query).commandType != pg_sys::CmdType::CMD_UTILITY || stmt.is_null() {
+            return None;
+        }
+        let inner = match (*stmt).type_ {
+            pg_sys::NodeTag::T_CreateTableAsStmt => (*stmt.cast::<pg_sys::CreateTableAsStmt>()).query,
+            pg_sys::NodeTag::T_ExplainStmt => (*stmt.cast::<pg_sys::ExplainStmt>()).query,
+            pg_sys::NodeTag::T_DeclareCursorStmt => (*stmt.cast::<pg_sys::DeclareCursorStmt>()).query,
+            _ => return None,
+        };
+        (!inner.is_null() && (*inner).type_ == pg_sys::NodeTag::T_Query).then_some(inner)
     }
 }
 

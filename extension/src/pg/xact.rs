@@ -1,5 +1,5 @@
 //! Transactions and the statements in them, as [`crate::xact`] sees them:
-//! the executor (`ExecutorStart`/`ExecutorEnd`) and utility
+//! the executor (`ExecutorStart`/`ExecutorRun`/`ExecutorEnd`) and utility
 //! (`ProcessUtility`) hooks and the transaction and subtransaction
 //! callbacks, as trampolines with views of their arguments that chain to
 //! the previous hooks; snapshots ([`with_snapshot`]); the transaction and
@@ -77,6 +77,7 @@ impl TransactionMark {
 }
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
 static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
@@ -90,6 +91,8 @@ pub fn install_hooks() {
     unsafe {
         PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
         pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_EXECUTOR_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
         PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
         pg_sys::ExecutorEnd_hook = Some(executor_end);
         PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
@@ -175,6 +178,49 @@ impl<'a> ExecutorStart<'a> {
             crate::pg::keep::call(|| match PREV_EXECUTOR_START {
                 Some(prev) => prev(self.query, self.eflags),
                 None => raw::standard_ExecutorStart(self.query, self.eflags),
+            })
+        }
+    }
+}
+
+/// An `ExecutorRun` call, for the hook's duration. Only the trampoline
+/// makes one, from the arguments PostgreSQL passed.
+pub struct ExecutorRun<'a> {
+    query: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+    _call: PhantomData<&'a ()>,
+}
+
+impl ExecutorRun<'_> {
+    /// Whether its rows go into the table a CREATE TABLE AS (SELECT INTO,
+    /// `… AS EXECUTE`) makes as the run starts.
+    pub fn fills_new_table(&self) -> bool {
+        // SAFETY: the QueryDesc PostgreSQL passed, valid for the call; its
+        // `dest` is set before the run (NULL checked).
+        unsafe {
+            let dest = (*self.query).dest;
+            !dest.is_null() && (*dest).mydest == pg_sys::CommandDest::DestIntoRel
+        }
+    }
+
+    /// The columns of its result, in order: those the new table gets
+    /// (`intorel_startup` reads the same descriptor).
+    pub fn result_columns(&self) -> Vec<crate::pg::nodes::ResultColumn> {
+        // SAFETY: as above; `tupDesc` is NULL or the plan's result
+        // descriptor, set by ExecutorStart and alive for the run.
+        unsafe { crate::pg::nodes::ResultColumn::of((*self.query).tupDesc) }.unwrap_or_default()
+    }
+
+    /// Runs the previous hook, or the standard ExecutorRun.
+    pub fn run(self) {
+        // SAFETY: PostgreSQL's own arguments, passed on unchanged, once,
+        // under keep::call as in ExecutorStart::run.
+        unsafe {
+            crate::pg::keep::call(|| match PREV_EXECUTOR_RUN {
+                Some(prev) => prev(self.query, self.direction, self.count, self.execute_once),
+                None => raw::standard_ExecutorRun(self.query, self.direction, self.count, self.execute_once),
             })
         }
     }
@@ -326,6 +372,7 @@ mod raw {
 
     unsafe extern "C-unwind" {
         pub fn standard_ExecutorStart(query: *mut pg_sys::QueryDesc, eflags: c_int);
+        pub fn standard_ExecutorRun(query: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64, execute_once: bool);
         pub fn standard_ExecutorEnd(query: *mut pg_sys::QueryDesc);
         #[allow(clippy::too_many_arguments)]
         pub fn standard_ProcessUtility(
@@ -341,7 +388,7 @@ mod raw {
     }
 }
 
-// The three hook trampolines are guarded by keep::hook: #[pg_guard]'s
+// The four hook trampolines are guarded by keep::hook: #[pg_guard]'s
 // guard plus the re-raise of an error kept whole.
 
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: c_int) {
@@ -350,6 +397,16 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         crate::pg::keep::hook(|| {
             let call = ();
             crate::xact::executor_start(ExecutorStart { query, eflags, _call: scoped(&call) });
+        })
+    }
+}
+
+unsafe extern "C-unwind" fn executor_run(query: *mut pg_sys::QueryDesc, direction: pg_sys::ScanDirection::Type, count: u64, execute_once: bool) {
+    // SAFETY: as in executor_start.
+    unsafe {
+        crate::pg::keep::hook(|| {
+            let call = ();
+            crate::xact::executor_run(ExecutorRun { query, direction, count, execute_once, _call: scoped(&call) });
         })
     }
 }
