@@ -210,6 +210,28 @@ fn rows_replicated(node: Node<'_>) -> bool {
     !(catalog::is_any_temp_namespace(nsp) || catalog::is_my_temp_namespace(nsp))
 }
 
+/// `EXPLAIN ANALYZE CREATE TABLE AS` (or SELECT INTO, CREATE MATERIALIZED
+/// VIEW) makes a table on this node, outside any capture: refused with a
+/// way round, as its table would exist here only (and its rows would stop
+/// the peers' apply). A temporary table is fine.
+fn refuse_explain_analyze_of_new_table(node: Node<'_>) {
+    let Some(explain) = node.as_explain().filter(|e| e.analyze()) else { return };
+    let Some(rv) = explain.utility().and_then(|u| u.as_create_table_as()).and_then(|c| c.into_relation()) else { return };
+    if rv.persistence() == pg_sys::RELPERSISTENCE_TEMP as u8 || !capture_allowed() {
+        return;
+    }
+    let nsp = catalog::creation_namespace(rv);
+    if catalog::is_any_temp_namespace(nsp) || catalog::is_my_temp_namespace(nsp) {
+        return;
+    }
+    crate::raise(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        "multimaster: EXPLAIN ANALYZE of CREATE TABLE AS (or SELECT INTO, CREATE MATERIALIZED VIEW) cannot make its table on every node",
+        "Run the statement without EXPLAIN ANALYZE; EXPLAIN without ANALYZE shows its plan.",
+        "capture",
+    );
+}
+
 /// Writes the message that closes a captured statement (inside the
 /// transaction that ran it) and carries it to the peers (None: it stays
 /// here).
@@ -225,6 +247,7 @@ fn log_closing(message: Option<&DdlMessage>) {
 /// with [`run_captured`] and then calls [`finish`].
 pub fn capture(stmt: PlannedStmt<'_>, query_string: &CStr, params: Option<ParamList<'_>>) -> Option<Capture> {
     let node = stmt.utility()?;
+    refuse_explain_analyze_of_new_table(node);
     if !is_replicated_kind(node) || !capture_allowed() {
         return None;
     }

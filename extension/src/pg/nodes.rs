@@ -156,6 +156,36 @@ impl<'a> Node<'a> {
     pub fn as_transaction(&self) -> Option<TransactionCommand<'a>> {
         self.cast(pg_sys::NodeTag::T_TransactionStmt).map(|s| TransactionCommand { stmt: s })
     }
+
+    /// The node as an EXPLAIN statement.
+    pub fn as_explain(&self) -> Option<Explain<'a>> {
+        self.cast(pg_sys::NodeTag::T_ExplainStmt).map(|s| Explain { stmt: s })
+    }
+}
+
+/// An EXPLAIN statement.
+#[derive(Clone, Copy)]
+pub struct Explain<'a> {
+    stmt: &'a pg_sys::ExplainStmt,
+}
+
+impl<'a> Explain<'a> {
+    /// Whether it runs the statement (`ANALYZE`, `ANALYZE true`...).
+    pub fn analyze(&self) -> bool {
+        // SAFETY: `options` is NIL or a List of DefElem of the same tree.
+        unsafe { DefElem::list(self.stmt.options) }.iter().filter(|o| o.name() == c"analyze").fold(false, |_, o| !o.has_arg() || o.boolean())
+    }
+
+    /// The utility statement it explains (CREATE TABLE AS, EXECUTE...),
+    /// if its analysed query is one.
+    pub fn utility(&self) -> Option<Node<'a>> {
+        // SAFETY: `query` is NULL or a node of the same tree; an analysed
+        // Query's `utilityStmt` is NULL or a node of it.
+        unsafe {
+            let query: &pg_sys::Query = Node::from_raw(self.stmt.query)?.cast(pg_sys::NodeTag::T_Query)?;
+            Node::from_raw(query.utilityStmt)
+        }
+    }
 }
 
 /// A relation named in a statement (`RangeVar`), to look up with
@@ -601,6 +631,12 @@ impl<'a> DefElem<'a> {
         // reads; it returns a NUL-terminated string (the value's own or
         // palloc'd in the current context), copied at once.
         unsafe { CStr::from_ptr(pg_sys::defGetString(self.elem)) }.to_string_lossy().into_owned()
+    }
+
+    /// Its value as a boolean (`defGetBoolean`: an ERROR if it is not one).
+    pub fn boolean(&self) -> bool {
+        // SAFETY: a guarded binding given a valid DefElem; it only reads it.
+        unsafe { pg_sys::defGetBoolean(self.elem) }
     }
 
     /// Its value as an int8 (`defGetInt64`: an ERROR if it is none).
