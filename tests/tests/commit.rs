@@ -941,6 +941,93 @@ fn a_commit_inside_a_query_string_commits_there_and_the_rest_runs() {
     no_gid_left(&c);
 }
 
+/// A failed block that a ROLLBACK TO restores commits when COMMIT is
+/// sent with it (one Query string, or one Sync of the extended protocol),
+/// as on one PostgreSQL; a COMMIT of a block left failed rolls back.
+#[test]
+fn a_rollback_to_sent_with_the_commit_restores_the_block_and_it_commits() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table m(id int primary key)");
+    let port = c.layout.proxy_port;
+    let mut raws: Vec<Raw> = (0..3).map(|_| Raw::connect(port)).collect();
+    let failed_block = |r: &mut Raw, id: i32| {
+        r.s.write_all(&Raw::query(&format!("begin; insert into m values ({id}); savepoint s"))).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["C:BEGIN", "C:INSERT 0 1", "C:SAVEPOINT", "Z:T"]);
+        r.s.write_all(&Raw::query(&format!("insert into m values ({id})"))).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["E:23505", "Z:E"]);
+    };
+    failed_block(&mut raws[0], 1);
+    raws[0].s.write_all(&Raw::query("rollback to s; commit")).unwrap();
+    assert_eq!(summary(&raws[0].until_ready()), ["C:ROLLBACK", "C:COMMIT", "Z:I"]);
+    failed_block(&mut raws[1], 2);
+    raws[1].s.write_all(&Raw::query("rollback to s; insert into m values (3); commit")).unwrap();
+    assert_eq!(summary(&raws[1].until_ready()), ["C:ROLLBACK", "C:INSERT 0 1", "C:COMMIT", "Z:I"]);
+    failed_block(&mut raws[2], 4);
+    let mut unit = Raw::parse("", "rollback to savepoint s");
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::parse("", "commit"));
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::sync());
+    raws[2].s.write_all(&unit).unwrap();
+    assert_eq!(summary(&raws[2].until_ready()), ["1", "2", "C:ROLLBACK", "1", "2", "C:COMMIT", "Z:I"]);
+    // Left failed: the statement before the COMMIT fails, the COMMIT is
+    // skipped; a COMMIT of its own then rolls back.
+    failed_block(&mut raws[0], 90);
+    raws[0].s.write_all(&Raw::query("insert into m values (91); commit")).unwrap();
+    assert_eq!(summary(&raws[0].until_ready()), ["E:25P02", "Z:E"]);
+    raws[0].s.write_all(&Raw::query("commit")).unwrap();
+    assert_eq!(summary(&raws[0].until_ready()), ["C:ROLLBACK", "Z:I"]);
+    converge(&c, &["m"]);
+    for i in 1..=3 {
+        let ids: Vec<i32> = client(&c, i).query("select id from m order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [1, 2, 3, 4], "node {i}");
+    }
+    no_gid_left(&c);
+}
+
+/// The value a ParameterStatus message (`S`) in `msgs` reports for
+/// `name`, the last one if several.
+fn reported(msgs: &[(u8, Vec<u8>)], name: &str) -> Option<String> {
+    msgs.iter()
+        .filter(|(t, _)| *t == b'S')
+        .filter_map(|(_, b)| {
+            let mut parts = b.split(|&x| x == 0);
+            let (n, v) = (parts.next()?, parts.next()?);
+            (n == name.as_bytes()).then(|| String::from_utf8_lossy(v).into_owned())
+        })
+        .last()
+}
+
+/// A `SET LOCAL` of a reported setting (TimeZone, client_encoding,
+/// DateStyle…) ends with its transaction; the client is told, also when
+/// the proxy ends the transaction with the cluster's commit, so a driver
+/// goes on decoding with the server's values.
+#[test]
+fn the_end_of_a_set_local_reaches_the_client_after_a_writing_commit() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table m(id int primary key)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    r.s.write_all(&Raw::query("show timezone")).unwrap();
+    let msgs = r.until_ready();
+    let (_, row) = msgs.iter().find(|(t, _)| *t == b'D').unwrap().clone();
+    let zone = String::from_utf8_lossy(&row[6..]).into_owned();
+    assert_ne!(zone, "Asia/Tokyo");
+    for (i, commit) in ["commit", "rollback"].iter().enumerate() {
+        r.s.write_all(&Raw::query(&format!("begin; set local timezone = 'Asia/Tokyo'; insert into m values ({i})"))).unwrap();
+        assert_eq!(reported(&r.until_ready(), "TimeZone").as_deref(), Some("Asia/Tokyo"));
+        r.s.write_all(&Raw::query(commit)).unwrap();
+        let msgs = r.until_ready();
+        assert_eq!(reported(&msgs, "TimeZone"), Some(zone.clone()), "{commit}: {:?}", summary(&msgs));
+    }
+    // Also when the COMMIT comes in the same string.
+    r.s.write_all(&Raw::query("begin; set local timezone = 'Asia/Tokyo'")).unwrap();
+    assert_eq!(reported(&r.until_ready(), "TimeZone").as_deref(), Some("Asia/Tokyo"));
+    r.s.write_all(&Raw::query("insert into m values (5); commit")).unwrap();
+    assert_eq!(reported(&r.until_ready(), "TimeZone"), Some(zone));
+    let ids: Vec<i32> = client(&c, 1).query("select id from m order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, [0, 5]);
+}
+
 /// A client's `statement_timeout` bounds its statements, not the
 /// cluster's wait for votes (which has its own timeout), as PostgreSQL's
 /// wait for synchronous standbys is not cut short by it: a commit whose
@@ -1209,6 +1296,67 @@ fn kill_9_of_the_proxy_and_of_a_node_loses_no_acknowledged_commit() {
     c.node(2).start(&c.host).unwrap();
     transfers.wait_for_progress();
     transfers.stop_and_check(&c);
+}
+
+/// A session's node dies while the proxy is between two steps of its
+/// commit (every node voted yes, the proxy has not yet sent COMMIT
+/// PREPARED): the node's backend ends the session with FATAL 57P01. The
+/// client hears how its commit stands (40003: not known yet), never
+/// 57P01, which reads as "not committed" and would be retried; the
+/// cluster then commits it, a majority having promised to.
+#[test]
+fn a_node_dying_between_the_steps_of_a_commit_is_reported_as_its_outcome() {
+    let c = TestCluster::start(3);
+    c.reconfigure_proxy(|cfg| cfg.commit.vote_timeout = Duration::from_secs(20));
+    schema(&c, "create table between(id int primary key)");
+    wait_connected(&c);
+    let mut s = Raw::connect(c.layout.proxy_port);
+    s.s.write_all(&Raw::query("select current_setting('port')")).unwrap();
+    let msgs = s.until_ready();
+    let (_, row) = msgs.iter().find(|(t, _)| *t == b'D').unwrap().clone();
+    let port: u16 = String::from_utf8_lossy(&row[6..]).parse().unwrap();
+    let home = 1 + c.layout.node_ports.iter().position(|&p| p == port).expect("a node's port");
+    let peer = home % 3 + 1;
+    s.s.write_all(&Raw::query("begin; insert into between values (1)")).unwrap();
+    assert_eq!(summary(&s.until_ready()), ["C:BEGIN", "C:INSERT 0 1", "Z:T"]);
+    // The commit waits for the frozen peer's vote...
+    signal_node(&c, peer, "-STOP");
+    s.s.write_all(&Raw::query("commit")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // ...and gets it while the proxy is frozen: the home node's backend
+    // has answered and waits for the next step.
+    let proxy = nix::unistd::Pid::from_raw(c.proxy().pid().expect("proxy running"));
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    signal_node(&c, peer, "-CONT");
+    std::thread::sleep(Duration::from_secs(1));
+    let postmaster = nix::unistd::Pid::from_raw(c.node(home).pid().expect("node running"));
+    nix::sys::signal::kill(postmaster, nix::sys::signal::Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGCONT).unwrap();
+    // Everything the client hears until the proxy closes the session.
+    let mut heard = Vec::new();
+    let _ = s.s.read_to_end(&mut heard);
+    let mut errors = Vec::new();
+    let mut rest = &heard[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if rest[0] == b'E' {
+            errors.push(mtm_proxy::net::scan::sqlstate(&rest[5..1 + len]).unwrap_or_default());
+        }
+        rest = &rest[(1 + len).min(rest.len())..];
+    }
+    assert_eq!(errors, ["40003"], "the commit's outcome, not the node's reason");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = c.node(home).start(&c.host) {
+        assert!(Instant::now() < deadline, "node{home} did not start again: {e}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    nothing_prepared(&c, Duration::from_secs(30));
+    converge(&c, &["between"]);
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from between", &[]).unwrap().get(0);
+        assert_eq!(n, 1, "node{id}: every node voted yes and a majority promised: committed");
+    }
 }
 
 /// Transfers through the proxy while a node is frozen (kill -STOP of all

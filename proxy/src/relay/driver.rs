@@ -498,7 +498,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // `…; COMMIT` in one string: run what comes before the COMMIT,
             // then commit as for a COMMIT of its own.
             self.drain().await?;
-            if self.status() == b'T' || crate::classify::opens_transaction_anywhere(head) {
+            // In a failed transaction only a ROLLBACK TO in `head` lets
+            // the COMMIT commit: whether it did is known once head ran.
+            if matches!(self.status(), b'T' | b'E') || crate::classify::opens_transaction_anywhere(head) {
                 self.send_pending(&own_query(head), false, PendingKind::CommitAfter(rest));
                 return Ok(());
             }
@@ -701,7 +703,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // inside a transaction block. Otherwise the unit runs as sent
             // (a write in it is then refused at its end, 0A000, rather
             // than split into two transactions).
-            let may_sync = !unit.sent || !unit.executed || unit.begins || self.status() == b'T';
+            let may_sync = !unit.sent || !unit.executed || unit.begins || matches!(self.status(), b'T' | b'E');
             unit.begins |= executes.contains(&Intent::Begin);
             if new_need && may_sync {
                 // The exact state first: wait for the answers so far — with
@@ -717,7 +719,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     self.drain().await?;
                 }
                 let open_and_writes = self.status() == b'T' && (self.wrote() || may_write);
-                if commit && (open_and_writes || (self.status() == b'I' && begin_then_commit)) {
+                // A failed block: a ROLLBACK TO before the COMMIT may
+                // restore it, which its Execute learns (commit_in_place).
+                let failed = self.status() == b'E';
+                if commit && (open_and_writes || failed || (self.status() == b'I' && begin_then_commit)) {
                     unit.mode = UnitMode::CommitInside;
                 } else if write && !commit && self.status() == b'I' {
                     self.begin_own_transaction();

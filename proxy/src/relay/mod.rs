@@ -105,7 +105,8 @@ struct Link<CW> {
     /// told the truth about it ([`Committing`]).
     committing: Mutex<Option<Committing>>,
     /// The node sent a FATAL error (passed on to the client, which then
-    /// knows why the session ends).
+    /// knows why the session ends — unless a commit was under way: then
+    /// the client hears how the commit stands instead).
     node_fatal: AtomicBool,
     /// The node answered a COPY FROM STDIN with CopyInResponse, and the
     /// driver has not yet matched it to the client's COPY data.

@@ -150,6 +150,12 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
                 self.link.wrote.store(on, Ordering::Relaxed);
                 return;
             }
+            // A setting's new value belongs to the client whatever is
+            // running: a transaction the proxy ended (its PREPARE, its
+            // ROLLBACK) reverts `SET LOCAL client_encoding`, DateStyle,
+            // TimeZone…, and a driver decodes with what it was told last.
+            self.out.extend_from_slice(raw);
+            return;
         }
         if tag == b'G' {
             self.link.copy_in_response.store(true, Ordering::Release);
@@ -165,6 +171,14 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
         }
         if tag == b'E' && matches!(crate::net::scan::error_field(body, b'V').as_deref(), Some("FATAL" | "PANIC")) {
             self.link.node_fatal.store(true, Ordering::Relaxed);
+            if self.link.committing.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                // The node ends the session in the middle of a commit (its
+                // postmaster died, it was terminated): the client is told
+                // how the commit stands instead (40003, or 08006 saying it
+                // committed), not the node's reason, which would read as
+                // "not committed" to a client that then retries.
+                return;
+            }
         }
         let Some(front) = queue.front_mut() else {
             // Nothing expected (e.g. a notice between units): pass it on.
