@@ -649,6 +649,20 @@ impl Raw {
         msg(b'S', &[])
     }
 
+    /// Reads `n` messages (the client sent Flush, not Sync).
+    fn read_n(&mut self, n: usize) -> Vec<(u8, Vec<u8>)> {
+        (0..n)
+            .map(|_| {
+                let mut head = [0u8; 5];
+                self.s.read_exact(&mut head).expect("read a message");
+                let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                let mut body = vec![0; len - 4];
+                self.s.read_exact(&mut body).unwrap();
+                (head[0], body)
+            })
+            .collect()
+    }
+
     fn query(sql: &str) -> Vec<u8> {
         msg(b'Q', &cstr(sql))
     }
@@ -981,6 +995,51 @@ fn a_rollback_to_sent_with_the_commit_restores_the_block_and_it_commits() {
     for i in 1..=3 {
         let ids: Vec<i32> = client(&c, i).query("select id from m order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
         assert_eq!(ids, [1, 2, 3, 4], "node {i}");
+    }
+    no_gid_left(&c);
+}
+
+/// In autocommit, a writing statement whose portal the client binds and
+/// flushes first and executes later (pg-cursor for node-postgres): the
+/// portal lives until the client's Sync, and the write commits through
+/// the cluster then.
+#[test]
+fn a_portal_bound_before_its_writing_execute_commits_in_autocommit() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table cur(id int primary key)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    let named_portal = |tag: u8, portal: &str, tail: &[u8]| {
+        let mut b = cstr(portal);
+        b.extend_from_slice(tail);
+        msg(tag, &b)
+    };
+    for round in 0..2 {
+        let mut piece = Raw::parse("", &format!("insert into cur select g from generate_series({0}, {0} + 4) g returning id", round * 10));
+        let mut bind = cstr("C_1");
+        bind.extend(cstr(""));
+        bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        piece.extend(msg(b'B', &bind));
+        let mut describe = vec![b'P'];
+        describe.extend(cstr("C_1"));
+        piece.extend(msg(b'D', &describe));
+        piece.extend(msg(b'H', &[]));
+        r.s.write_all(&piece).unwrap();
+        assert_eq!(summary(&r.read_n(3)), ["1", "2", "T"]);
+        // Two rows at a time, as a cursor reads.
+        r.s.write_all(&[named_portal(b'E', "C_1", &2i32.to_be_bytes()), msg(b'H', &[])].concat()).unwrap();
+        assert_eq!(summary(&r.read_n(3)), ["D", "D", "s"]);
+        r.s.write_all(&[named_portal(b'E', "C_1", &0i32.to_be_bytes()), msg(b'H', &[])].concat()).unwrap();
+        // (PostgreSQL's tag counts the rows of this fetch.)
+        assert_eq!(summary(&r.read_n(4)), ["D", "D", "D", "C:INSERT 0 3"]);
+        let mut close = vec![b'P'];
+        close.extend(cstr("C_1"));
+        r.s.write_all(&[msg(b'C', &close), Raw::sync()].concat()).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["3", "Z:I"]);
+    }
+    converge(&c, &["cur"]);
+    for i in 1..=3 {
+        let n: i64 = client(&c, i).query_one("select count(*) from cur", &[]).unwrap().get(0);
+        assert_eq!(n, 10, "node {i}");
     }
     no_gid_left(&c);
 }

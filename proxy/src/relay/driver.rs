@@ -608,11 +608,16 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
 
     /// The intents of the Executes in the unit starting at frame `i`, up
     /// to its Sync or the end of the batch, and the index of the frame
-    /// where that look stopped. A unit names a few statements and portals
+    /// where that look stopped. A portal bound there that may write but is
+    /// not executed yet counts as a write too: a client that binds, flushes
+    /// and executes later (pg-cursor) gets the proxy's transaction before
+    /// its Bind, since a portal does not outlive the Sync the proxy would
+    /// need once it is bound. A unit names a few statements and portals
     /// at most: the ones it defines are kept in small lists, not maps.
     pub(super) fn look_ahead(&self, batch: &Batch, i: usize) -> Result<(Vec<Intent>, usize), End> {
         let mut statements: Vec<(&[u8], Intent)> = Vec::new();
         let mut portals: Vec<(&[u8], Intent)> = Vec::new();
+        let mut unexecuted: Vec<&[u8]> = Vec::new();
         let mut executes = Vec::new();
         let mut end = batch.frames.len();
         for (k, f) in batch.frames.iter().enumerate().skip(i) {
@@ -629,15 +634,20 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 b'B' => {
                     let (portal, statement) = bind_names(body)?;
                     let it = Self::resolve(&self.statements, &statements, statement);
+                    if it == Intent::Write {
+                        unexecuted.push(portal);
+                    }
                     portals.push((portal, it));
                 }
                 b'E' => {
                     let portal = BodyReader::new(body).cstr().map_err(End::ClientProtocol)?;
+                    unexecuted.retain(|p| *p != portal.as_bytes());
                     executes.push(Self::resolve(&self.portals, &portals, portal.as_bytes()));
                 }
                 _ => {}
             }
         }
+        executes.extend(unexecuted.iter().map(|_| Intent::Write));
         Ok((executes, end))
     }
 
