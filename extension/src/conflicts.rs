@@ -123,7 +123,13 @@ impl Settler {
 /// home node has rolled back.
 fn cancel_abandoned(pid: i32) {
     let Some((peer, _)) = crate::pool::applying(pid) else { return };
-    if let Some(proc) = crate::pg::proc::all_procs().find(|p| p.pid() == pid) {
+    // Only while it still waits for a lock, so the cancel ends that wait
+    // inside the abandoned transaction: one that got its lock since the
+    // look finishes and drops it by itself, and a cancel sent to it now
+    // could land in the next transaction it applies (57014), stopping
+    // the pool for nothing.
+    let waiting = |p: &Proc| p.pid() == pid && p.wait_class() == pg_sys::PG_WAIT_LOCK;
+    if let Some(proc) = crate::pg::proc::all_procs().find(waiting) {
         doom(proc, proc.xid(), peer, true);
     }
 }
