@@ -251,6 +251,12 @@ pub fn capture(stmt: PlannedStmt<'_>, query_string: &CStr, params: Option<ParamL
     if !is_replicated_kind(node) || !capture_allowed() {
         return None;
     }
+    // SET CONSTRAINTS outside a transaction block changes nothing
+    // (PostgreSQL warns); inside one it goes to the peers, whose apply of
+    // the transaction's rows then defers the same checks.
+    if node.tag() == pg_sys::NodeTag::T_ConstraintsSetStmt && !crate::pg::twophase::in_transaction_block() {
+        return None;
+    }
     let query = query_string.to_bytes();
     let values = parameter_values(node, params);
     let sql = DdlMessage::statement_text_with_values(query, stmt.location(), stmt.length(), &values);

@@ -174,6 +174,9 @@ pub enum Intent {
 const READS: &[&str] = &[
     "SELECT", "VALUES", "TABLE", "SHOW", "SET", "RESET", "FETCH", "MOVE", "CLOSE", "DECLARE", "DEALLOCATE",
     "DISCARD", "LISTEN", "UNLISTEN", "LOAD", "CHECKPOINT",
+    // Takes locks, writes nothing; outside a transaction block PostgreSQL
+    // refuses it, which a transaction of the proxy's would hide.
+    "LOCK",
 ];
 
 /// Functions (and keywords written like calls) that a SELECT may use and
@@ -658,6 +661,7 @@ mod tests {
         assert_eq!(intent("begin"), Intent::Begin);
         assert_eq!(intent("start transaction isolation level serializable"), Intent::Begin);
         assert_eq!(intent("rollback"), Intent::TransactionControl);
+        assert_eq!(intent("lock table t in exclusive mode"), Intent::Read, "refused outside a block, as by PostgreSQL");
         assert_eq!(intent("insert into t values (1); insert into t values (2)"), Intent::Write);
         assert_eq!(intent("select 1; select 2"), Intent::Read);
         assert_eq!(intent("begin; insert into t values (1); commit"), Intent::TransactionControl);

@@ -577,6 +577,32 @@ fn create_table_as_gives_every_node_the_same_table() {
     same_everywhere(&c, "select count(*)::text from made", "1");
 }
 
+/// SET CONSTRAINTS outside a transaction changes nothing, as
+/// PostgreSQL only warns (it was taken for a schema change and refused
+/// at its commit, 0A000); inside one it defers the checks, here a child
+/// inserted before its parent. LOCK TABLE outside one is refused, as by
+/// PostgreSQL (the proxy's own transaction made it succeed).
+#[test]
+fn set_constraints_and_lock_behave_in_and_out_of_a_transaction() {
+    let c = TestCluster::start(3);
+    let mut s = spread_sessions(&c, 3);
+    s[0].1
+        .batch_execute("create table par(id int primary key); create table chi(pid int references par deferrable initially immediate)")
+        .unwrap();
+    settle(&c);
+    s[1].1.batch_execute("set constraints all deferred").unwrap();
+    let e = s[1].1.batch_execute("insert into chi values (7)").unwrap_err();
+    assert_eq!(sqlstate(&e), "23503", "still immediate: {e:?}");
+    s[2].1.batch_execute("begin; set constraints all deferred; insert into chi values (7); insert into par values (7); commit").unwrap();
+    settle(&c);
+    same_everywhere(&c, "select (select count(*) from chi) || '/' || (select count(*) from par)", "1/1");
+    let e = s[0].1.batch_execute("lock table par in exclusive mode").unwrap_err();
+    assert_eq!(sqlstate(&e), "25P01", "{e:?}");
+    s[0].1.batch_execute("begin; lock table par in exclusive mode; insert into par values (8); commit").unwrap();
+    settle(&c);
+    same_everywhere(&c, "select count(*)::text from par", "2");
+}
+
 #[test]
 fn tables_without_a_primary_key_replicate_updates_and_deletes() {
     let c = TestCluster::start(3);
