@@ -111,7 +111,7 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
                 format!("lost the connection to node {node_name} while transaction {gid} was being committed, so whether it committed is not known"),
             )
             .with_hint(format!(
-                "The cluster finishes it within seconds: committed if every node voted yes, rolled back otherwise. Before retrying, check whether its changes are there (SELECT mtm.xact_state('{gid}') on any node tells how it ended)."
+                "The cluster finishes it within seconds: committed if every node voted yes, rolled back otherwise. Before retrying, check whether its changes are there (SELECT mtm.xact_state('{gid}') tells how it ended, on any node that stayed up meanwhile)."
             ));
             refuse(&mut client, peer, &e).await;
         }
