@@ -45,10 +45,12 @@ pub fn count_error(sqlstate: &str) {
 async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>, live: &Reloadable) {
     let Established { mut client, mut server, lease, user, database, side } = est;
     let node_name = lease.node.config.name.clone();
+    let info = shared.register_session(peer.clone(), &user, &database, &node_name);
     let key = shared.cancels.register(crate::cancel::CancelTarget {
         addr: lease.node.config.addr(),
         pid: server.pid,
         secret: server.secret,
+        session: info.clone(),
     });
     let mut hello = BytesMut::new();
     // The login's snapshot, not the current one: the method that
@@ -59,7 +61,6 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
     hello.extend_from_slice(&without_parameter(&server.startup_messages, XACT_WRITES));
     hello.extend_from_slice(&messages::backend_key_data(key.0, key.1));
     hello.extend_from_slice(&messages::ready_for_query(server.status));
-    let info = shared.register_session(peer.clone(), &user, &database, &node_name);
     let server_conns = metrics::gauge!("mtm_proxy_server_connections", "node" => node_name.clone());
     server_conns.increment(1.0);
     shared.totals.sessions.fetch_add(1, Ordering::Relaxed);

@@ -68,6 +68,9 @@ pub struct SessionInfo {
     pub state: AtomicU8,
     pub queries: AtomicU64,
     pub transactions: AtomicU64,
+    /// The proxy runs the cluster's commit of the session's transaction
+    /// (a cancel then waits: see [`crate::cancel::CancelTarget`]).
+    pub committing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -176,6 +179,7 @@ impl Shared {
             state: AtomicU8::new(session_state::IDLE),
             queries: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
+            committing: std::sync::atomic::AtomicBool::new(false),
         });
         self.sessions.insert(id, info.clone());
         info

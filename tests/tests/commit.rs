@@ -598,6 +598,11 @@ fn cstr(s: &str) -> Vec<u8> {
 
 impl Raw {
     fn connect(port: u16) -> Raw {
+        Raw::connect_keyed(port).0
+    }
+
+    /// A session and the key (pid, secret) its BackendKeyData gave.
+    fn connect_keyed(port: u16) -> (Raw, [u8; 8]) {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut body = 196608u32.to_be_bytes().to_vec();
@@ -606,8 +611,22 @@ impl Raw {
         p.extend(body);
         s.write_all(&p).unwrap();
         let mut r = Raw { s };
-        r.until_ready();
-        r
+        let hello = r.until_ready();
+        let key = hello.iter().find(|(t, _)| *t == b'K').map(|(_, b)| b[..8].try_into().unwrap()).expect("BackendKeyData");
+        (r, key)
+    }
+
+    /// Sends a CancelRequest for `key` as libpq's PQcancel does: returns
+    /// once the other end has closed the connection.
+    fn cancel(port: u16, key: [u8; 8]) {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut req = 16u32.to_be_bytes().to_vec();
+        req.extend_from_slice(&80877102u32.to_be_bytes());
+        req.extend_from_slice(&key);
+        s.write_all(&req).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
     }
 
     /// Reads messages up to and including ReadyForQuery: (tag, body) each.
@@ -647,6 +666,20 @@ impl Raw {
 
     fn sync() -> Vec<u8> {
         msg(b'S', &[])
+    }
+
+    /// The port of the node serving this session.
+    fn node_port(&mut self) -> u16 {
+        self.s.write_all(&Raw::query("select current_setting('port')")).unwrap();
+        let msgs = self.until_ready();
+        let (_, row) = msgs.iter().find(|(t, _)| *t == b'D').unwrap().clone();
+        String::from_utf8_lossy(&row[6..]).parse().unwrap()
+    }
+
+    /// The id of the node serving this session in `c`.
+    fn node_id(&mut self, c: &TestCluster) -> usize {
+        let port = self.node_port();
+        1 + c.layout.node_ports.iter().position(|&p| p == port).expect("a node's port")
     }
 
     /// Reads `n` messages (the client sent Flush, not Sync).
@@ -903,15 +936,7 @@ fn a_commit_inside_a_query_string_commits_there_and_the_rest_runs() {
     schema(&c, "create table m(id int primary key)");
     let port = c.layout.proxy_port;
     let mut raws: Vec<Raw> = (0..3).map(|_| Raw::connect(port)).collect();
-    let ports: BTreeSet<String> = raws
-        .iter_mut()
-        .map(|r| {
-            r.s.write_all(&Raw::query("select current_setting('port')")).unwrap();
-            let msgs = r.until_ready();
-            let (_, row) = msgs.iter().find(|(t, _)| *t == b'D').unwrap().clone();
-            String::from_utf8_lossy(&row[6..]).into_owned()
-        })
-        .collect();
+    let ports: BTreeSet<u16> = raws.iter_mut().map(Raw::node_port).collect();
     assert_eq!(ports.len(), 3, "one session per node");
     let before = commits(&c, "committed");
     let cases: [(&str, &[&str]); 9] = [
@@ -1040,6 +1065,44 @@ fn a_portal_bound_before_its_writing_execute_commits_in_autocommit() {
     for i in 1..=3 {
         let n: i64 = client(&c, i).query_one("select count(*) from cur", &[]).unwrap().get(0);
         assert_eq!(n, 10, "node {i}");
+    }
+    no_gid_left(&c);
+}
+
+/// A cancel acts as on one PostgreSQL: sent while the session is idle
+/// it is over when the client hears the cancel connection close, and
+/// does not hit the next statement; sent while the cluster commits the
+/// session's transaction it does not interrupt the commit (PostgreSQL
+/// does not let one), which completes once the votes are in.
+#[test]
+fn a_cancel_never_hits_the_next_statement_nor_a_commit() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table cx(id int primary key)");
+    wait_connected(&c);
+    let port = c.layout.proxy_port;
+    let (mut r, key) = Raw::connect_keyed(port);
+    for _ in 0..20 {
+        r.s.write_all(&Raw::query("select 1")).unwrap();
+        r.until_ready();
+        Raw::cancel(port, key);
+        r.s.write_all(&Raw::query("select pg_sleep(0.05)")).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["T", "D", "C:SELECT 1", "Z:I"], "the idle session's cancel hit its next statement");
+    }
+    // A commit held by a frozen peer, cancelled meanwhile.
+    let peer = r.node_id(&c) % 3 + 1;
+    r.s.write_all(&Raw::query("begin; insert into cx values (1)")).unwrap();
+    r.until_ready();
+    signal_node(&c, peer, "-STOP");
+    r.s.write_all(&Raw::query("commit")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    Raw::cancel(port, key);
+    std::thread::sleep(Duration::from_millis(500));
+    signal_node(&c, peer, "-CONT");
+    assert_eq!(summary(&r.until_ready()), ["C:COMMIT", "Z:I"], "the cancel did not interrupt the commit");
+    converge(&c, &["cx"]);
+    for i in 1..=3 {
+        let n: i64 = client(&c, i).query_one("select count(*) from cx", &[]).unwrap().get(0);
+        assert_eq!(n, 1, "node {i}");
     }
     no_gid_left(&c);
 }
@@ -1370,11 +1433,7 @@ fn a_node_dying_between_the_steps_of_a_commit_is_reported_as_its_outcome() {
     schema(&c, "create table between(id int primary key)");
     wait_connected(&c);
     let mut s = Raw::connect(c.layout.proxy_port);
-    s.s.write_all(&Raw::query("select current_setting('port')")).unwrap();
-    let msgs = s.until_ready();
-    let (_, row) = msgs.iter().find(|(t, _)| *t == b'D').unwrap().clone();
-    let port: u16 = String::from_utf8_lossy(&row[6..]).parse().unwrap();
-    let home = 1 + c.layout.node_ports.iter().position(|&p| p == port).expect("a node's port");
+    let home = s.node_id(&c);
     let peer = home % 3 + 1;
     s.s.write_all(&Raw::query("begin; insert into between values (1)")).unwrap();
     assert_eq!(summary(&s.until_ready()), ["C:BEGIN", "C:INSERT 0 1", "Z:T"]);

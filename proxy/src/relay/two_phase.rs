@@ -326,6 +326,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         };
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(&gid));
         self.link.set_committing(Some(Committing::InDoubt(gid.clone())));
+        // From here to the outcome a client's cancel is not passed on.
+        self.ctx.tracker.info.committing.store(true, Ordering::Relaxed);
         let mut answers = self.own(&[&prepare, &commit::await_votes_sql(&gid, timeout)]).await?;
         let votes = answers.pop().unwrap_or_default();
         let prepared = answers.pop().unwrap_or_default();
@@ -368,6 +370,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
         };
         self.link.set_committing(None);
+        self.ctx.tracker.info.committing.store(false, Ordering::Relaxed);
         let label = if outcome.is_ok() { "committed" } else { "aborted" };
         metrics::counter!("mtm_proxy_commits_total", "outcome" => label).increment(1);
         metrics::histogram!("mtm_proxy_commit_duration_seconds").record(started.elapsed().as_secs_f64());
