@@ -206,8 +206,7 @@ fn rows_replicated(node: Node<'_>) -> bool {
     if rv.persistence() != pg_sys::RELPERSISTENCE_PERMANENT as u8 {
         return false;
     }
-    let nsp = catalog::creation_namespace(rv);
-    !(catalog::is_any_temp_namespace(nsp) || catalog::is_my_temp_namespace(nsp))
+    !catalog::is_temp_namespace(catalog::creation_namespace(rv))
 }
 
 /// `EXPLAIN ANALYZE CREATE TABLE AS` (or SELECT INTO, CREATE MATERIALIZED
@@ -220,8 +219,7 @@ fn refuse_explain_analyze_of_new_table(node: Node<'_>) {
     if rv.persistence() == pg_sys::RELPERSISTENCE_TEMP as u8 || !capture_allowed() {
         return;
     }
-    let nsp = catalog::creation_namespace(rv);
-    if catalog::is_any_temp_namespace(nsp) || catalog::is_my_temp_namespace(nsp) {
+    if catalog::is_temp_namespace(catalog::creation_namespace(rv)) {
         return;
     }
     crate::raise(
@@ -330,8 +328,7 @@ pub fn executor_run(run: crate::pg::xact::ExecutorRun<'_>) {
         }
         t.rows_sent
     });
-    let was = ROWS_SENT_RUNNING.replace(rows_sent);
-    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| run.run())).finally(|| ROWS_SENT_RUNNING.set(was)).execute();
+    with_flag(&ROWS_SENT_RUNNING, rows_sent, || run.run());
 }
 
 /// Runs `f`, a utility statement that is not captured itself. Inside the
@@ -470,8 +467,14 @@ fn parameter_literal(params: ParamList<'_>, p: &ExternParam<'_>) -> Option<Strin
 
 /// Runs `f` with capturing on, as it was again however it ends.
 pub fn while_capturing(f: impl FnOnce()) {
-    let was = CAPTURING.replace(true);
-    PgTryBuilder::new(std::panic::AssertUnwindSafe(f)).finally(|| CAPTURING.set(was)).execute();
+    with_flag(&CAPTURING, true, f);
+}
+
+/// Runs `f` with `flag` set to `value`, as it was again however `f` ends
+/// (an ERROR included).
+fn with_flag(flag: &'static std::thread::LocalKey<Cell<bool>>, value: bool, f: impl FnOnce()) {
+    let was = flag.replace(value);
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(f)).finally(|| flag.set(was)).execute();
 }
 
 /// Runs `f`, the statement `capture` started, with capturing on.
@@ -775,9 +778,7 @@ pub fn object_accessed(access: pg_sys::ObjectAccessType::Type, class_id: pg_sys:
     if nsp == pg_sys::InvalidOid {
         return;
     }
-    // By name (pg_temp_<n>), or this session's own temporary schema,
-    // which mtm.set_temp_schema may have given another name.
-    let temp = catalog::is_any_temp_namespace(nsp) || catalog::is_my_temp_namespace(nsp);
+    let temp = catalog::is_temp_namespace(nsp);
     let (t, p) = TOUCHED.get();
     TOUCHED.set((t || temp, p || !temp));
 }

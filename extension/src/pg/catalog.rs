@@ -19,10 +19,7 @@ pub fn database_name() -> String {
     // SAFETY: a guarded syscache lookup of the backend's own database
     // (fixed once connected); the palloc'd copy it returns, if any, is
     // copied again before use.
-    unsafe {
-        let p = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
-    }
+    unsafe { owned(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
 }
 
 /// The oid of namespace `name`, InvalidOid if there is none.
@@ -50,17 +47,13 @@ pub fn set_temp_namespace(nsp: pg_sys::Oid, toast: pg_sys::Oid) {
     unsafe { pg_sys::SetTempNamespaceState(nsp, toast) }
 }
 
-/// Whether `nsp` is a temporary namespace (by name: `pg_temp_<n>`, of any
-/// session).
-pub fn is_any_temp_namespace(nsp: pg_sys::Oid) -> bool {
-    // SAFETY: a guarded syscache lookup of the namespace's name.
-    unsafe { pg_sys::isAnyTempNamespace(nsp) }
-}
-
-/// Whether `nsp` is this session's temporary namespace or its TOAST one.
-pub fn is_my_temp_namespace(nsp: pg_sys::Oid) -> bool {
-    // SAFETY: compares with this backend's own namespace state.
-    unsafe { pg_sys::isTempOrTempToastNamespace(nsp) }
+/// Whether `nsp` is a temporary namespace: by name (`pg_temp_<n>`, of
+/// any session), or this session's own temporary one or its TOAST one,
+/// which `mtm.set_temp_schema` may have given another name.
+pub fn is_temp_namespace(nsp: pg_sys::Oid) -> bool {
+    // SAFETY: a guarded syscache lookup of the namespace's name, then a
+    // comparison with this backend's own namespace state.
+    unsafe { pg_sys::isAnyTempNamespace(nsp) || pg_sys::isTempOrTempToastNamespace(nsp) }
 }
 
 /// The namespace of relation `relid` from the syscache; InvalidOid if the
