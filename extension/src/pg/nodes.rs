@@ -323,15 +323,20 @@ impl<'a> CreateTableAs<'a> {
     /// The text of the prepared statement its query executes (`AS EXECUTE
     /// name`), if it is one that exists.
     pub fn prepared_query_text(&self) -> Option<String> {
+        // SAFETY: `query_string` is NULL or NUL-terminated, alive with its
+        // plan source.
+        unsafe { c_str(self.prepared_source()?.query_string) }.map(|t| t.to_string_lossy().into_owned())
+    }
+
+    /// The plan source of the prepared statement its query executes (`AS
+    /// EXECUTE name`), if it is one that exists.
+    fn prepared_source(&self) -> Option<&'a pg_sys::CachedPlanSource> {
         let execute = self.execute_stmt()?;
-        // SAFETY: a guarded binding; throwError false: NULL for an unknown
-        // name. The entry and its plan source live in the session's cache
-        // for the statement; `query_string` is NULL or NUL-terminated.
-        unsafe {
-            let prepared = pg_sys::FetchPreparedStatement(execute.name, false).as_ref()?;
-            let source = prepared.plansource.as_ref()?;
-            c_str(source.query_string).map(|t| t.to_string_lossy().into_owned())
-        }
+        // SAFETY: a guarded binding; with throwError false it returns NULL
+        // for an unknown name. The entry and its plan source live in the
+        // session's cache until DEALLOCATE, which cannot run while this
+        // statement does.
+        unsafe { pg_sys::FetchPreparedStatement(execute.name, false).as_ref()?.plansource.as_ref() }
     }
 
     /// Its query as `EXECUTE name`, if it is one.
@@ -352,15 +357,8 @@ impl<'a> CreateTableAs<'a> {
         // SAFETY: a valid Query of the same tree (the view's guarantee).
         let q = unsafe { &*query.ptr.as_ptr() };
         let desc = if q.commandType == pg_sys::CmdType::CMD_UTILITY {
-            let execute = self.execute_stmt()?;
-            // SAFETY: a guarded binding; with throwError false it returns
-            // NULL for an unknown name. The entry, its plan source and
-            // its result descriptor live in the session's cache until
-            // DEALLOCATE, which cannot run while this statement does.
-            let prepared = unsafe { pg_sys::FetchPreparedStatement(execute.name, false) };
-            // SAFETY: as above, NULL or valid.
-            let source = unsafe { prepared.as_ref() }.and_then(|p| unsafe { p.plansource.as_ref() })?;
-            source.resultDesc
+            // Alive with its plan source.
+            self.prepared_source()?.resultDesc
         } else {
             // SAFETY: a guarded binding given the query's target list (a
             // List of TargetEntry, or NIL); it builds a new descriptor
