@@ -312,6 +312,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok((field(b'C') == "40003").then(|| PgError::error("40003", field(b'M')).with_hint(field(b'H'))))
     }
 
+    /// Where the commit under way stands ([`Committing`]; None: no commit
+    /// or its outcome known). From the PREPARE to the outcome a client's
+    /// cancel is not passed on ([`crate::cancel::CancelTarget`]).
+    fn set_committing(&self, state: Option<Committing>) {
+        self.ctx.tracker.info.committing.store(state.is_some(), Ordering::Relaxed);
+        self.link.set_committing(state);
+    }
+
     /// The cluster's two-phase commit of the open transaction (module
     /// [`crate::commit`]). `Err(End)`: the session broke; `Ok(Err(e))`:
     /// the transaction did not commit and the client gets `e`.
@@ -325,9 +333,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             (live.config.commit.vote_timeout, live.config.commit.visible_everywhere)
         };
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(&gid));
-        self.link.set_committing(Some(Committing::InDoubt(gid.clone())));
-        // From here to the outcome a client's cancel is not passed on.
-        self.ctx.tracker.info.committing.store(true, Ordering::Relaxed);
+        self.set_committing(Some(Committing::InDoubt(gid.clone())));
         let mut answers = self.own(&[&prepare, &commit::await_votes_sql(&gid, timeout)]).await?;
         let votes = answers.pop().unwrap_or_default();
         let prepared = answers.pop().unwrap_or_default();
@@ -351,7 +357,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     let done = answer(answers.next().ok_or(End::ServerClosed)?).await?;
                     match commit::error_of(&done) {
                         None => {
-                            self.link.set_committing(Some(Committing::Committed(gid.clone())));
+                            self.set_committing(Some(Committing::Committed(gid.clone())));
                             if let Some(waited) = answers.next() {
                                 let waited = answer(waited).await?;
                                 if commit::first_row(&waited).and_then(|r| r.into_iter().next().flatten()).as_deref() != Some("t") {
@@ -369,8 +375,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 Votes::Undecided(e) => Err(Raw::from(e)),
             }
         };
-        self.link.set_committing(None);
-        self.ctx.tracker.info.committing.store(false, Ordering::Relaxed);
+        self.set_committing(None);
         let label = if outcome.is_ok() { "committed" } else { "aborted" };
         metrics::counter!("mtm_proxy_commits_total", "outcome" => label).increment(1);
         metrics::histogram!("mtm_proxy_commit_duration_seconds").record(started.elapsed().as_secs_f64());
