@@ -380,6 +380,8 @@ impl Drop for Awaiting<'_> {
 /// vote in time (SQLSTATE 40001, "did not vote") or that its receiver
 /// has not heard from for [`crate::pool::REACHABLE_WITHIN_MS`] (SQLSTATE
 /// 08006, "unreachable"), or this node if `gid` is not prepared here.
+/// In a database the cluster does not replicate (the extension created in
+/// a second one), a prepared transaction is this node's own: yes at once.
 #[pg_extern]
 fn await_votes(
     gid: &str,
@@ -390,6 +392,9 @@ fn await_votes(
     let Some(prepared_at) = crate::prepared_at(gid) else {
         return TableIterator::once((false, me, Some("40001".into()), Some(format!("transaction {gid} is not prepared on node {me}"))));
     };
+    if !crate::ddl::replicated_database() {
+        return TableIterator::once((true, me, None, None));
+    }
     // Its age, should an older conflicting transaction need its locks.
     crate::resolver::note_prepare_time(gid, prepared_at);
     let peers = peer_ids();

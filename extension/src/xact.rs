@@ -261,7 +261,8 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
         refuse_direct_write(&[], "COPY FROM or TRUNCATE of a replicated table");
         set_writes(true);
     }
-    let finishing = note_two_phase(&stmt);
+    // In another database prepared transactions are the node's own.
+    let finishing = if crate::ddl::replicated_database() { note_two_phase(&stmt) } else { None };
     if let Some(f) = &finishing {
         log_finishing(f);
     }

@@ -179,6 +179,12 @@ pub enum Votes {
 /// Reads the answer to [`await_votes_sql`] for `gid`.
 pub fn read_votes(gid: &str, replies: &[Reply]) -> Votes {
     if let Some(e) = error_of(replies) {
+        // No schema `mtm`: a database without the extension, each node's
+        // own. A transaction prepared there (read-only for the cluster:
+        // the node reports no replicated write) has nobody to vote on it.
+        if crate::net::scan::sqlstate(e.body()).as_deref() == Some("3F000") {
+            return Votes::AllYes;
+        }
         let msg = crate::net::scan::error_field(e.body(), b'M').unwrap_or_default();
         return Votes::Refused(
             PgError::error("40001", format!("could not serialize access: the votes on {gid} could not be collected: {msg}"))
@@ -287,6 +293,8 @@ mod tests {
         assert!(e.message.contains("node 2") && e.message.contains("lock timeout") && e.message.contains("55P03"), "{}", e.message);
         let err = reply(PgError::error("42883", "function mtm.await_votes does not exist").encode());
         assert!(matches!(read_votes("g", &[err]), Votes::Refused(e) if e.code == "40001"));
+        let no_extension = reply(PgError::error("3F000", "schema \"mtm\" does not exist").encode());
+        assert_eq!(read_votes("g", &[no_extension]), Votes::AllYes);
         assert!(matches!(read_votes("g", &[]), Votes::Refused(_)));
         let undecided = read_votes("g", &[row(&[Some("f"), Some("2"), Some("40003"), Some("a majority did not confirm")])]);
         assert!(matches!(undecided, Votes::Undecided(e) if e.code == "40003" && e.message.contains("a majority did not confirm")));

@@ -1274,6 +1274,45 @@ fn a_clients_own_two_phase_commit_works_from_any_node() {
     assert_eq!(sqlstate(&err), "22023", "{err:?}");
 }
 
+/// A transaction manager prepares read-only branches too, then finishes
+/// them from wherever it is connected: PREPARE TRANSACTION of a
+/// transaction that only read answers once every node holds the gid,
+/// even when one node's stream is slow (here frozen for a second) — so a
+/// COMMIT PREPARED sent at once from a session on that node finds it.
+/// In a database the cluster does not replicate, such a prepare stays the
+/// node's own and answers at once.
+#[test]
+fn a_read_only_prepare_answers_once_every_node_holds_it() {
+    let c = TestCluster::start(3);
+    wait_connected(&c);
+    let pinned = |node: usize, db: &str| {
+        Client::connect(&format!("{} options='-c multimaster.node={node}'", c.proxy_conninfo(db)), postgres::NoTls).unwrap()
+    };
+    let (mut home, mut other) = (pinned(1, "postgres"), pinned(2, "postgres"));
+    let walsender: i32 = client(&c, 1)
+        .query_one("select pid from pg_stat_replication where application_name = 'mtm_receiver_2_from_1'", &[])
+        .unwrap()
+        .get(0);
+    let signal = move |sig: &str| assert!(std::process::Command::new("kill").args([sig, &walsender.to_string()]).status().unwrap().success());
+    signal("-STOP");
+    let thaw = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        signal("-CONT");
+    });
+    home.batch_execute("begin; select 1; prepare transaction 'ro-branch'").unwrap();
+    let on_node2: Vec<String> =
+        client(&c, 2).query("select gid from pg_prepared_xacts", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    thaw.join().unwrap();
+    assert_eq!(on_node2, ["ro-branch"], "node 2 holds the gid once PREPARE TRANSACTION answered");
+    other.batch_execute("commit prepared 'ro-branch'").unwrap();
+    no_gid_left(&c);
+
+    proxy_client(&c).batch_execute("create database local_only").unwrap();
+    let mut local = pinned(3, "local_only");
+    local.batch_execute("begin; select 1; prepare transaction 'ro-local'").unwrap();
+    local.batch_execute("commit prepared 'ro-local'").unwrap();
+}
+
 /// Transfers through the proxy by writers that reconnect when their
 /// session breaks, each recording the ledger ids of the transfers it heard
 /// COMMIT for.

@@ -575,7 +575,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
             Intent::PrepareTransaction(gid) => {
                 self.drain().await?;
-                if self.status() == b'T' && self.wrote() {
+                // Read-only too: see `Block::ReadOnly`.
+                if self.status() == b'T' {
                     self.send_pending(raw, true, PendingKind::Prepare(gid));
                     return Ok(());
                 }

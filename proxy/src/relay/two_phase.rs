@@ -23,7 +23,11 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
             return Ok(Block::Failed);
         }
-        Ok(if held.status == b'T' && self.wrote() { Block::Wrote } else { Block::Other })
+        Ok(match (held.status, self.wrote()) {
+            (b'T', true) => Block::Wrote,
+            (b'T', false) => Block::ReadOnly,
+            _ => Block::Other,
+        })
     }
 
     /// At the Execute of a COMMIT inside an extended unit: if the
@@ -33,7 +37,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         match self.block_wrote().await? {
             Block::Wrote => {}
             Block::Failed => return Ok(true),
-            Block::Other => return Ok(false),
+            Block::ReadOnly | Block::Other => return Ok(false),
         }
         let reply = match self.two_phase().await? {
             Ok(()) => messages::command_complete("COMMIT"),
@@ -44,14 +48,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     }
 
     /// At the Execute of the client's `PREPARE TRANSACTION 'gid'` inside
-    /// an extended unit (as JDBC's XA support sends it): if the open
-    /// transaction wrote, prepare it with a statement of the proxy's,
+    /// an extended unit (as JDBC's XA support sends it): if a transaction
+    /// block is open (read-only too), prepare it with a statement of the proxy's,
     /// collect every peer's vote as for the simple protocol, and answer the
     /// Execute ourselves — PREPARE TRANSACTION, or 40001 with the gid
     /// rolled back everywhere. Returns whether it did.
     pub(super) async fn prepare_in_place(&mut self, gid: &str) -> Result<bool, End> {
         match self.block_wrote().await? {
-            Block::Wrote => {}
+            Block::Wrote | Block::ReadOnly => {}
             Block::Failed => return Ok(true),
             Block::Other => return Ok(false),
         }
@@ -74,7 +78,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         match self.block_wrote().await? {
             Block::Wrote => {}
             Block::Failed => return Ok(true),
-            Block::Other => return Ok(false),
+            Block::ReadOnly | Block::Other => return Ok(false),
         }
         let (reply, _status) = self.chain().await?;
         self.link.to_client(&reply).await?;
@@ -156,21 +160,18 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     }
 
     /// The client's `PREPARE TRANSACTION 'gid'` inside a Query: prepared
-    /// here with a statement of the proxy's, then voted on if it wrote;
-    /// the `rest` of the Query runs once it is prepared everywhere.
+    /// here with a statement of the proxy's, then voted on (read-only
+    /// too, see [`Block::ReadOnly`]); the `rest` of the Query runs once it is prepared everywhere.
     pub(super) async fn prepare_then(&mut self, gid: String, rest: Option<String>) -> Result<(), End> {
-        let wrote = self.wrote();
         let prepared = self.own(&[&format!("PREPARE TRANSACTION {}", commit::literal(&gid))]).await?.remove(0);
         if let Some(e) = commit::error_of(&prepared) {
             let status = self.status();
             return self.answer(e.raw.clone(), status).await;
         }
         let done = messages::command_complete("PREPARE TRANSACTION");
-        if wrote {
-            if let Err(e) = self.collect_votes(&gid).await? {
-                count_error(e.code);
-                return self.answer(e.encode(), b'I').await;
-            }
+        if let Err(e) = self.collect_votes(&gid).await? {
+            count_error(e.code);
+            return self.answer(e.encode(), b'I').await;
         }
         match rest {
             Some(rest) => self.then(done, rest).await,
@@ -390,6 +391,11 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
 pub(super) enum Block {
     /// A transaction block that wrote: the proxy ends it.
     Wrote,
+    /// One that did not: its COMMIT runs as sent, but the client's
+    /// PREPARE TRANSACTION of it still collects the votes — the peers
+    /// must hold the gid before its client may finish it from a session
+    /// on another node.
+    ReadOnly,
     /// A statement of the unit failed: the rest of the unit is skipped.
     Failed,
     /// Anything else: the client's statement runs as sent.
