@@ -32,7 +32,10 @@ impl CancelRegistry {
     /// Registers a session and returns the key to give its client.
     pub fn register(&self, target: CancelTarget) -> (i32, i32) {
         loop {
-            let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+            // Above any pid Linux hands out (pid_max is at most 2^22):
+            // never the pid of a node's backend, which a notification
+            // from another session may carry.
+            let key = ((rand::random::<i32>() & 0x7fff_ffff) | 1 << 22, rand::random::<i32>());
             if let dashmap::Entry::Vacant(e) = self.map.entry(key) {
                 e.insert(target);
                 return key;

@@ -98,3 +98,41 @@ fn pg_notify_from_a_query_or_a_trigger_is_heard_on_every_node() {
     }
     nothing_prepared(&c, Duration::from_secs(10));
 }
+
+/// A client knows its own notifications by the pid it was given at login
+/// (`PQbackendPID`, psycopg's `info.backend_pid`, asyncpg's
+/// `get_server_pid()`), as on one PostgreSQL: those its session sent
+/// carry that pid — in autocommit and from a transaction that wrote —
+/// and one from a session on another node does not.
+#[test]
+fn a_sessions_own_notifications_carry_the_pid_its_client_was_given() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table t(id int primary key)");
+    wait_connected(&c);
+    let script = r#"
+import sys, psycopg
+dsn = sys.argv[1]
+me = psycopg.connect(dsn, autocommit=True)
+other = psycopg.connect(dsn, autocommit=True)
+node = lambda cn: cn.execute("select current_setting('port')").fetchone()[0]
+assert node(me) != node(other), "two sessions on two nodes"
+me.execute("listen chan")
+me.execute("notify chan, 'autocommit'")
+with me.transaction():
+    me.execute("insert into t values (1)")
+    me.execute("notify chan, 'wrote'")
+other.execute("notify chan, 'other'")
+heard = {}
+for n in me.notifies(timeout=10, stop_after=3):
+    heard[n.payload] = n.pid
+mine = me.info.backend_pid
+print(sorted(heard), heard["autocommit"] == mine, heard["wrote"] == mine, heard["other"] != mine)
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &c.proxy_conninfo("postgres")])
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "['autocommit', 'other', 'wrote'] True True True");
+}
