@@ -89,16 +89,20 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
                 tracing::debug!(%peer, "startup read failed: {e}");
                 return Login::Done;
             }
+            Err(StartupError::BadLength(len)) => {
+                // Not a PostgreSQL client, or one that gave up before it
+                // started (node-postgres sends Terminate first when ended
+                // while connecting): PostgreSQL only logs it and closes,
+                // and clients expect no answer.
+                tracing::info!(%peer, "invalid length of startup packet ({len} bytes): connection closed");
+                return Login::Done;
+            }
             Err(e @ StartupError::UnsupportedProtocol { .. }) => {
                 refuse(&mut client, peer, &PgError::fatal("0A000", e.to_string())).await;
                 return Login::Done;
             }
             Err(e) => {
-                let msg = match e {
-                    StartupError::BadLength(_) => "invalid length of startup packet".to_string(),
-                    other => other.to_string(),
-                };
-                refuse(&mut client, peer, &PgError::fatal("08P01", msg)).await;
+                refuse(&mut client, peer, &PgError::fatal("08P01", e.to_string())).await;
                 return Login::Done;
             }
         }

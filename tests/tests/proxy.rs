@@ -30,6 +30,17 @@ fn read_until(s: &mut TcpStream, tag: u8) -> Vec<u8> {
     }
 }
 
+/// What the proxy sent before it closed `s` (a close with bytes of ours
+/// unread is a reset, as from PostgreSQL).
+fn closed_unanswered(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    got
+}
+
 fn sqlstate(body: &[u8]) -> String {
     mtm_proxy::net::scan::sqlstate(body).unwrap_or_default()
 }
@@ -196,11 +207,14 @@ fn bad_input_is_refused_and_other_sessions_do_not_notice() {
     s.write_all(&[0, 0, 0, 40, 0, 3, 0]).unwrap();
     drop(s);
 
-    // Absurd startup length.
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(&[0x7f, 0, 0, 0, 0, 3, 0, 0]).unwrap();
-    let body = read_until(&mut s, b'E');
-    assert_eq!(sqlstate(&body), "08P01");
+    // Absurd startup length, or a Terminate before the startup packet (a
+    // node-postgres client ended while connecting): closed without an
+    // answer, as PostgreSQL does (it only logs it).
+    for junk in [&[0x7f, 0, 0, 0, 0, 3, 0, 0][..], &[b'X', 0, 0, 0, 4][..]] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(junk).unwrap();
+        assert_eq!(closed_unanswered(&mut s), Vec::<u8>::new(), "no answer to {junk:?}");
+    }
 
     // Garbage after SSLRequest (TLS disabled: 'N', then junk).
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -209,8 +223,7 @@ fn bad_input_is_refused_and_other_sessions_do_not_notice() {
     s.read_exact(&mut answer).unwrap();
     assert_eq!(answer[0], b'N');
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let body = read_until(&mut s, b'E');
-    assert_eq!(sqlstate(&body), "08P01");
+    assert_eq!(closed_unanswered(&mut s), Vec::<u8>::new());
 
     // A malformed message after login: length word below 4.
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
