@@ -40,15 +40,19 @@ impl Reply {
     }
 }
 
-/// The messages that run `sql` as the proxy's own statement, ending with
-/// a Sync: CloseComplete, ParseComplete, BindComplete, the result
-/// (rows + CommandComplete, or ErrorResponse), ReadyForQuery come back.
+/// The messages that run `sql` as the proxy's own statement:
+/// CloseComplete, ParseComplete, BindComplete, the result (rows +
+/// CommandComplete, or ErrorResponse), CloseComplete come back. The
+/// statement is closed after it ran, so the client never sees it in
+/// `pg_prepared_statements`; and before, in case the last one failed
+/// (the node then skipped its Close).
 pub fn own_statement(sql: &str) -> BytesMut {
-    let mut out = BytesMut::with_capacity(sql.len() + 96);
+    let mut out = BytesMut::with_capacity(sql.len() + 128);
     let mut close = BytesMut::new();
     close.put_u8(b'S');
     put_cstr(&mut close, OWN_STATEMENT);
-    out.extend_from_slice(&frame(b'C', &close));
+    let close = frame(b'C', &close);
+    out.extend_from_slice(&close);
     let mut parse = BytesMut::new();
     put_cstr(&mut parse, OWN_STATEMENT);
     put_cstr(&mut parse, sql);
@@ -65,6 +69,7 @@ pub fn own_statement(sql: &str) -> BytesMut {
     put_cstr(&mut execute, "");
     execute.put_i32(0);
     out.extend_from_slice(&frame(b'E', &execute));
+    out.extend_from_slice(&close);
     out
 }
 
@@ -76,9 +81,10 @@ pub fn own_unit(sql: &str) -> BytesMut {
 }
 
 /// Messages that answer [`own_statement`] when it succeeds without rows
-/// (Close, Parse, Bind, CommandComplete): what the relay skips after the
-/// BEGIN it puts in front of an autocommit unit.
-pub const OWN_STATEMENT_REPLIES: usize = 4;
+/// (Close, Parse, Bind, CommandComplete, Close): what the relay skips
+/// after the BEGIN it puts in front of an autocommit unit (a BEGIN, with
+/// no transaction block open, does not fail).
+pub const OWN_STATEMENT_REPLIES: usize = 5;
 
 /// A Sync message.
 pub fn sync() -> BytesMut {
@@ -257,7 +263,7 @@ mod tests {
             assert_eq!(i, m.len());
             v
         };
-        assert_eq!(tags, b"CPBES");
+        assert_eq!(tags, b"CPBECS", "closed before and after: never left for the client to see");
         assert_eq!(literal("it's"), "'it''s'");
     }
 
