@@ -91,6 +91,15 @@ with psycopg.connect(conninfo) as conn:
         conn.commit()
     n = conn.execute("select count(*) from psy_pipe").fetchone()[0]
     assert n == 22, n
+# In autocommit, a pipeline that reads (and fetches the result) before it
+# writes: its segment is one transaction, committed through the cluster.
+with psycopg.connect(conninfo, autocommit=True) as conn:
+    with conn.pipeline():
+        before = conn.execute("select count(*) from psy_pipe").fetchone()[0]
+        conn.execute("insert into psy_pipe values (50)")
+        conn.execute("insert into psy_pipe values (51)")
+    after = conn.execute("select count(*) from psy_pipe").fetchone()[0]
+    assert (before, after) == (22, 24), (before, after)
 
 # LISTEN/NOTIFY between two sessions on different nodes.
 with psycopg.connect(conninfo, autocommit=True) as listener, psycopg.connect(conninfo, autocommit=True) as talker:

@@ -1069,6 +1069,60 @@ fn a_portal_bound_before_its_writing_execute_commits_in_autocommit() {
     no_gid_left(&c);
 }
 
+/// In autocommit, a pipeline segment (one Sync) whose reads have already
+/// run when its write arrives (the client flushed and read their results
+/// first, as psycopg's pipeline does when a result is fetched) is one
+/// transaction, as on one PostgreSQL: committed through the cluster at
+/// its Sync. If a read failed, the node skips the rest up to the Sync
+/// and nothing is written.
+#[test]
+fn a_pipeline_segment_that_reads_before_it_writes_commits_in_autocommit() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table seg(id int primary key)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    let flush = || msg(b'H', &[]);
+    for round in 0..2 {
+        let mut reads = Raw::parse("", "select count(*) from seg");
+        reads.extend(Raw::bind_execute(""));
+        let counted = format!("counted{round}");
+        reads.extend(Raw::parse(&counted, "select count(*) from seg where id > $1"));
+        let mut describe = vec![b'S'];
+        describe.extend(cstr(&counted));
+        reads.extend(msg(b'D', &describe));
+        reads.extend(flush());
+        r.s.write_all(&reads).unwrap();
+        assert_eq!(summary(&r.read_n(7)), ["1", "2", "D", "C:SELECT 1", "1", "t", "T"]);
+        let mut write = Raw::parse("", &format!("insert into seg values ({round})"));
+        write.extend(Raw::bind_execute(""));
+        write.extend(Raw::sync());
+        r.s.write_all(&write).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "Z:I"]);
+    }
+    // A read that fails: the write after it is skipped.
+    let mut failing = Raw::parse("", "select 1 / (random() * 0)::int");
+    failing.extend(Raw::bind_execute(""));
+    failing.extend(flush());
+    r.s.write_all(&failing).unwrap();
+    assert_eq!(summary(&r.read_n(3)), ["1", "2", "E:22012"]);
+    let mut write = Raw::parse("", "insert into seg values (9)");
+    write.extend(Raw::bind_execute(""));
+    write.extend(Raw::sync());
+    r.s.write_all(&write).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["Z:I"]);
+    // The session's prepared statements are the client's own: none of
+    // the proxy's (its BEGIN, its commit's statements) is left among them.
+    r.s.write_all(&Raw::query("select string_agg(name, ',' order by name) from pg_prepared_statements")).unwrap();
+    let answer = r.until_ready();
+    let (_, row) = answer.iter().find(|(t, _)| *t == b'D').unwrap();
+    assert_eq!(String::from_utf8_lossy(&row[6..]), "counted0,counted1");
+    converge(&c, &["seg"]);
+    for i in 1..=3 {
+        let ids: Vec<i32> = client(&c, i).query("select id from seg order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [0, 1], "node {i}");
+    }
+    no_gid_left(&c);
+}
+
 /// A cancel acts as on one PostgreSQL: sent while the session is idle
 /// it is over when the client hears the cancel connection close, and
 /// does not hit the next statement; sent while the cluster commits the

@@ -53,6 +53,17 @@ pub(super) struct Unit {
     /// portals with it), unless the unit opened a block.
     pub(super) executed: bool,
     pub(super) begins: bool,
+    /// The node's loose answers ([`Loose`]) when the unit started, and how
+    /// many its messages sent since are owed: all are in once the counts
+    /// have moved by that much (or an error came).
+    pub(super) base: Loose,
+    pub(super) owed: usize,
+}
+
+impl Unit {
+    fn new(base: Loose) -> Unit {
+        Unit { mode: UnitMode::Plain, sent: false, write_seen: false, commit_seen: false, executed: false, begins: false, base, owed: 0 }
+    }
 }
 
 /// A unit whose end the proxy finishes itself.
@@ -187,7 +198,35 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         let rx = self.expect_hold(false);
         self.out.extend_from_slice(&commit::sync());
         self.send().await?;
-        Ok(rx.await.unwrap_or_default())
+        let held = rx.await.unwrap_or_default();
+        // Everything sent so far was answered before that Sync's end.
+        let base = self.link.loose();
+        if let Some(u) = self.unit.as_mut() {
+            (u.base, u.owed) = (base, 0);
+        }
+        Ok(held)
+    }
+
+    /// Inside a unit whose statements have begun to run in the node's
+    /// implicit transaction: waits (with a Flush) until the node has
+    /// answered every message of `unit` sent so far. False if one failed:
+    /// the node now skips the rest of the unit up to the client's Sync.
+    async fn answered_so_far(&mut self, unit: &Unit) -> Result<bool, End> {
+        self.out.extend_from_slice(&crate::net::frame::frame(b'H', &[]));
+        self.send().await?;
+        loop {
+            let progressed = self.link.progressed.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            let now = self.link.loose();
+            if now.errors > unit.base.errors {
+                return Ok(false);
+            }
+            if now.answers - unit.base.answers >= unit.owed {
+                return Ok(true);
+            }
+            progressed.await;
+        }
     }
 
     /// Runs the proxy's own statements (pipelined) and returns the answers.
@@ -675,7 +714,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             None => {
                 self.ctx.tracker.before_send(0).await;
                 self.forget_ended_portals();
-                Unit { mode: UnitMode::Plain, sent: false, write_seen: false, commit_seen: false, executed: false, begins: false }
+                Unit::new(self.link.loose())
             }
         };
         if matches!(unit.mode, UnitMode::Discard | UnitMode::DiscardWrapped) {
@@ -716,6 +755,22 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // than split into two transactions).
             let may_sync = !unit.sent || !unit.executed || unit.begins || matches!(self.status(), b'T' | b'E');
             unit.begins |= executes.contains(&Intent::Begin);
+            if new_need && !may_sync && write && !commit && self.status() == b'I' {
+                // Reads of the unit ran in the node's implicit transaction
+                // (a pipeline in autocommit: a SELECT, then an INSERT). A
+                // BEGIN now makes that transaction a block, as PostgreSQL
+                // does with a BEGIN inside a unit, and the proxy commits
+                // it at the client's Sync — once the node has answered
+                // what came before, so the BEGIN's answers are known to
+                // come (after an error the node skips up to the Sync).
+                if !self.answered_so_far(&unit).await? {
+                    unit.mode = unit.mode.discarding();
+                    self.unit = Some(unit);
+                    return Ok(());
+                }
+                self.begin_own_transaction();
+                unit.mode = UnitMode::Wrapped;
+            }
             if new_need && may_sync {
                 // The exact state first: wait for the answers so far — with
                 // a Sync of the proxy's if part of this unit is already on
@@ -806,6 +861,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 }
             }
             _ => {}
+        }
+        if let Some(u) = self.unit.as_mut() {
+            u.owed += answers_owed(f.tag, body);
         }
         self.out.extend_from_slice(raw);
         Ok(())

@@ -111,12 +111,55 @@ struct Link<CW> {
     /// The node answered a COPY FROM STDIN with CopyInResponse, and the
     /// driver has not yet matched it to the client's COPY data.
     copy_in_response: AtomicBool,
+    /// Answers of the node that came with nothing expected — those to the
+    /// messages of a unit still short of its Sync — counted as
+    /// [`Loose`] does: the driver can tell when the node has answered
+    /// every message of a unit sent so far.
+    loose: Mutex<Loose>,
     client: tokio::sync::Mutex<CW>,
+}
+
+/// Running counts of the node's loose answers: the messages that end
+/// the answer to one extended-protocol message (ParseComplete,
+/// BindComplete, CloseComplete, ParameterDescription, RowDescription,
+/// NoData, CommandComplete, EmptyQueryResponse, PortalSuspended), and
+/// the errors, after which the node skips the rest of the unit.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Loose {
+    answers: usize,
+    errors: usize,
+}
+
+impl Loose {
+    fn count(&mut self, tag: u8) -> bool {
+        match tag {
+            b'1' | b'2' | b'3' | b't' | b'T' | b'n' | b'C' | b'I' | b's' => self.answers += 1,
+            b'E' => self.errors += 1,
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// How many of the answers [`Loose`] counts the node owes to the
+/// client's extended-protocol message `tag` (a Describe of a statement:
+/// ParameterDescription and then RowDescription or NoData).
+fn answers_owed(tag: u8, body: &[u8]) -> usize {
+    match tag {
+        b'P' | b'B' | b'C' | b'E' => 1,
+        b'D' if body.first() == Some(&b'S') => 2,
+        b'D' => 1,
+        _ => 0,
+    }
 }
 
 impl<CW: AsyncWrite + Unpin> Link<CW> {
     fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
         self.expect.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn loose(&self) -> Loose {
+        *self.loose.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// From the PREPARE of the commit of `gid` (Some) until its outcome
@@ -155,6 +198,7 @@ where
         committing: Mutex::new(None),
         node_fatal: AtomicBool::new(false),
         copy_in_response: AtomicBool::new(false),
+        loose: Mutex::new(Loose::default()),
         client: tokio::sync::Mutex::new(cw),
     };
     let mut driver = Driver {
@@ -204,4 +248,28 @@ fn own_query(sql: &str) -> BytesMut {
     body.extend_from_slice(sql.as_bytes());
     body.push(0);
     crate::net::frame::frame(b'Q', &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answers_a_unit_is_owed_match_what_the_node_counts_as_loose() {
+        // Parse, Bind, Describe of a statement, Execute of a SELECT, Close:
+        // ParseComplete, BindComplete, ParameterDescription and
+        // RowDescription, rows and CommandComplete, CloseComplete.
+        let owed: usize = [(b'P', &b"\0"[..]), (b'B', b"\0"), (b'D', b"Sname\0"), (b'E', b"\0"), (b'C', b"Sname\0"), (b'H', b"")]
+            .iter()
+            .map(|(tag, body)| answers_owed(*tag, body))
+            .sum();
+        let mut loose = Loose::default();
+        for tag in *b"12tTDDCN3" {
+            loose.count(tag);
+        }
+        assert_eq!(loose, Loose { answers: owed, errors: 0 }, "rows and notices are not answers");
+        assert!(loose.count(b'E'));
+        assert_eq!(loose.errors, 1);
+        assert_eq!(answers_owed(b'D', b"P\0"), 1, "a portal's Describe: RowDescription or NoData");
+    }
 }

@@ -195,7 +195,11 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
             }
         }
         let Some(front) = queue.front_mut() else {
-            // Nothing expected (e.g. a notice between units): pass it on.
+            // Nothing expected (a notice between units, the answers to a
+            // unit short of its Sync): pass it on.
+            if self.link.loose.lock().unwrap_or_else(|e| e.into_inner()).count(tag) {
+                self.progressed = true;
+            }
             self.out.extend_from_slice(raw);
             return;
         };
