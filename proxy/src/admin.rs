@@ -46,7 +46,7 @@ pub async fn run(mut client: ClientStream, user: &str, shared: &Shared) {
             let reply = match f.tag {
                 b'Q' => match query_text(batch.body(f)) {
                     Ok(sql) => {
-                        let mut out = execute(sql, shared).await.unwrap_or_else(|e| e.encode());
+                        let mut out = execute(&sql, shared).await.unwrap_or_else(|e| e.encode());
                         out.extend_from_slice(&messages::ready_for_query(b'I'));
                         out
                     }

@@ -1123,6 +1123,48 @@ fn a_pipeline_segment_that_reads_before_it_writes_commits_in_autocommit() {
     no_gid_left(&c);
 }
 
+/// A client whose encoding is not UTF-8 (`SET client_encoding TO
+/// latin9`) sends its text in that encoding: the proxy passes it on byte
+/// for byte — a write in autocommit, a Query string it runs part by
+/// part, a prepared statement — and every node stores the same text.
+#[test]
+fn text_in_a_client_encoding_other_than_utf8_reaches_every_node_intact() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table enc(id int primary key, v text)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    r.s.write_all(&Raw::query("set client_encoding to latin9")).unwrap();
+    assert_eq!(summary(&r.until_ready()).last().unwrap(), "Z:I");
+    let latin9 = |sql: &str| -> Vec<u8> { sql.chars().map(|ch| if ch == '€' { 0xa4 } else { ch as u32 as u8 }).collect() };
+    let query = |text: Vec<u8>| {
+        let mut body = text;
+        body.push(0);
+        msg(b'Q', &body)
+    };
+    r.s.write_all(&query(latin9("insert into enc values (1, 'café €')"))).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["C:INSERT 0 1", "Z:I"]);
+    r.s.write_all(&query(latin9("begin; insert into enc values (2, 'crème'); commit; insert into enc values (3, 'à €5')"))).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "C:INSERT 0 1", "Z:I"]);
+    let mut parse = cstr("");
+    parse.extend(latin9("insert into enc values (4, 'où')"));
+    parse.extend_from_slice(&[0, 0, 0]);
+    let mut unit = msg(b'P', &parse);
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::sync());
+    r.s.write_all(&unit).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "Z:I"]);
+    // Read back in latin9 as it was written.
+    r.s.write_all(&query(latin9("select v from enc where id = 1"))).unwrap();
+    let answer = r.until_ready();
+    let (_, row) = answer.iter().find(|(t, _)| *t == b'D').unwrap();
+    assert_eq!(row[6..], latin9("café €")[..]);
+    converge(&c, &["enc"]);
+    for i in 1..=3 {
+        let vs: Vec<String> = client(&c, i).query("select v from enc order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(vs, ["café €", "crème", "à €5", "où"], "node {i}");
+    }
+    no_gid_left(&c);
+}
+
 /// A cancel acts as on one PostgreSQL: sent while the session is idle
 /// it is over when the client hears the cancel connection close, and
 /// does not hit the next statement; sent while the cluster commits the

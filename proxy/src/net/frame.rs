@@ -7,6 +7,7 @@
 //! every message into owned structs (and panics on some malformed bodies);
 //! the hot path needs boundaries only.
 
+use std::borrow::Cow;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -214,8 +215,12 @@ impl<'a> BodyReader<'a> {
         BodyReader(body)
     }
     pub fn cstr(&mut self) -> Result<&'a str, FrameError> {
+        std::str::from_utf8(self.cbytes()?).map_err(|_| FrameError::Malformed("invalid UTF-8"))
+    }
+    /// A string as its bytes, in whatever encoding the client uses.
+    pub fn cbytes(&mut self) -> Result<&'a [u8], FrameError> {
         let end = self.0.iter().position(|&b| b == 0).ok_or(FrameError::Malformed("missing string terminator"))?;
-        let s = std::str::from_utf8(&self.0[..end]).map_err(|_| FrameError::Malformed("invalid UTF-8"))?;
+        let s = &self.0[..end];
         self.0 = &self.0[end + 1..];
         Ok(s)
     }
@@ -252,20 +257,42 @@ pub fn frame(tag: u8, body: &[u8]) -> BytesMut {
 }
 
 /// The SQL text of a Query ('Q') body.
-pub fn query_text(body: &[u8]) -> Result<&str, FrameError> {
+pub fn query_text(body: &[u8]) -> Result<Cow<'_, str>, FrameError> {
     let mut r = BodyReader::new(body);
-    let q = r.cstr()?;
+    let q = r.cbytes()?;
     if !r.is_empty() {
         return Err(FrameError::Malformed("data after the query string"));
     }
-    Ok(q)
+    Ok(sql_text(q))
 }
 
 /// The SQL text of a Parse ('P') body: statement name, then query.
-pub fn parse_text(body: &[u8]) -> Result<&str, FrameError> {
+pub fn parse_text(body: &[u8]) -> Result<Cow<'_, str>, FrameError> {
     let mut r = BodyReader::new(body);
-    r.cstr()?;
-    r.cstr()
+    r.cbytes()?;
+    Ok(sql_text(r.cbytes()?))
+}
+
+/// SQL as the proxy reads it: the text itself when it is UTF-8; in a
+/// client encoding that is not (`SET client_encoding TO latin9`), one
+/// char per byte — its keywords, quotes and semicolons, all ASCII in
+/// every client encoding PostgreSQL accepts, stay where they were, and a
+/// part of it goes back to the node byte for byte ([`sql_bytes`]).
+pub fn sql_text(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(bytes.iter().map(|&b| b as char).collect()),
+    }
+}
+
+/// The bytes of `sql`, read by [`sql_text`] one char per byte when
+/// `bytewise` (else its UTF-8).
+pub fn sql_bytes(sql: &str, bytewise: bool) -> Vec<u8> {
+    if bytewise {
+        sql.chars().map(|c| c as u32 as u8).collect()
+    } else {
+        sql.as_bytes().to_vec()
+    }
 }
 
 #[cfg(test)]
@@ -274,6 +301,19 @@ mod tests {
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         frame(tag, body).to_vec()
+    }
+
+    #[test]
+    fn sql_in_any_client_encoding_goes_back_byte_for_byte() {
+        assert!(matches!(sql_text("select 'é'".as_bytes()), Cow::Borrowed("select 'é'")));
+        let latin9 = b"insert into t values ('caf\xe9 \xa4'); commit";
+        let text = sql_text(latin9);
+        assert!(matches!(text, Cow::Owned(_)));
+        let cut = text.find(';').unwrap();
+        let byte = latin9.iter().position(|&b| b == b';').unwrap();
+        assert_eq!(sql_bytes(&text[..cut], true), latin9[..byte].to_vec(), "a part cut at its ASCII goes back as it came");
+        assert_eq!(sql_bytes(&text[cut..], true), latin9[byte..].to_vec());
+        assert_eq!(sql_bytes("select 'é'", false), "select 'é'".as_bytes());
     }
 
     #[tokio::test]

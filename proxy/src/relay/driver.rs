@@ -114,6 +114,9 @@ pub(super) struct Driver<'a, SW, CW> {
     /// whether the COPY under way started after its unit's Sync.
     pub(super) last_tag: u8,
     pub(super) copy_after_sync: bool,
+    /// The Query under way is not UTF-8 (the client's encoding is not):
+    /// its text was read one char per byte, and its parts go back so.
+    pub(super) bytewise: bool,
     /// The extended unit being passed on (no Sync yet).
     pub(super) unit: Option<Unit>,
     pub(super) pending: Option<Pending>,
@@ -514,8 +517,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// A simple-protocol Query.
     pub(super) async fn query(&mut self, raw: &[u8], body: &[u8]) -> Result<(), End> {
         let sql = query_text(body).map_err(End::ClientProtocol)?;
-        self.start_query(sql).await;
-        self.query_string(raw, sql).await
+        self.bytewise = matches!(sql, std::borrow::Cow::Owned(_));
+        self.start_query(&sql).await;
+        self.query_string(raw, &sql).await
     }
 
     /// The SQL of a Query (`raw`, the whole message): run part by part
@@ -523,7 +527,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// statements follow.
     pub(super) async fn query_string(&mut self, raw: &[u8], sql: &str) -> Result<(), End> {
         match crate::classify::split_after_transaction_end(sql) {
-            Some((first, rest)) => self.query_part(&own_query(first), first, Some(rest.to_string())).await,
+            Some((first, rest)) => self.query_part(&own_query(first, self.bytewise), first, Some(rest.to_string())).await,
             None => self.query_part(raw, sql, None).await,
         }
     }
@@ -540,14 +544,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // In a failed transaction only a ROLLBACK TO in `head` lets
             // the COMMIT commit: whether it did is known once head ran.
             if matches!(self.status(), b'T' | b'E') || crate::classify::opens_transaction_anywhere(head) {
-                self.send_pending(&own_query(head), false, PendingKind::CommitAfter(rest));
+                self.send_pending(&own_query(head, self.bytewise), false, PendingKind::CommitAfter(rest));
                 return Ok(());
             }
             if self.status() == b'I' {
                 // No transaction open: PostgreSQL runs the statements in
                 // an implicit one, which the COMMIT commits with a warning.
                 self.begin_own_transaction();
-                self.send_pending(&own_query(head), false, PendingKind::ImplicitCommitAfter(rest));
+                self.send_pending(&own_query(head, self.bytewise), false, PendingKind::ImplicitCommitAfter(rest));
                 return Ok(());
             }
         }
@@ -557,7 +561,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // one of its own.
             self.drain().await?;
             if !head.is_empty() && (self.status() == b'T' || crate::classify::opens_transaction_anywhere(head)) {
-                self.send_pending(&own_query(head), false, PendingKind::ChainAfter(rest));
+                self.send_pending(&own_query(head, self.bytewise), false, PendingKind::ChainAfter(rest));
                 return Ok(());
             }
             if head.is_empty() && rest.is_some() && self.status() == b'T' {
@@ -569,7 +573,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             // own two-phase commit, voted on as for a statement of its own.
             self.drain().await?;
             if self.status() == b'T' || crate::classify::opens_transaction_anywhere(head) {
-                self.send_pending(&own_query(head), false, PendingKind::PrepareAfter { gid, rest });
+                self.send_pending(&own_query(head, self.bytewise), false, PendingKind::PrepareAfter { gid, rest });
                 return Ok(());
             }
         }
@@ -669,7 +673,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 }
                 b'P' => {
                     let (name, sql) = parse_message(body)?;
-                    statements.push((name, intent(sql)));
+                    statements.push((name, intent(&sql)));
                 }
                 b'B' => {
                     let (portal, statement) = bind_names(body)?;
@@ -680,9 +684,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     portals.push((portal, it));
                 }
                 b'E' => {
-                    let portal = BodyReader::new(body).cstr().map_err(End::ClientProtocol)?;
-                    unexecuted.retain(|p| *p != portal.as_bytes());
-                    executes.push(Self::resolve(&self.portals, &portals, portal.as_bytes()));
+                    let portal = BodyReader::new(body).cbytes().map_err(End::ClientProtocol)?;
+                    unexecuted.retain(|p| *p != portal);
+                    executes.push(Self::resolve(&self.portals, &portals, portal));
                 }
                 _ => {}
             }
@@ -801,13 +805,13 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         match f.tag {
             b'P' if whole => {
                 let (name, sql) = parse_message(body)?;
-                self.count_statement(sql, false);
-                self.statements.insert(name.to_vec(), intent(sql));
+                self.count_statement(&sql, false);
+                self.statements.insert(name.to_vec(), intent(&sql));
             }
             b'P' => {
                 // Only its start is here: see [`head_intent`].
                 let mut r = BodyReader::new(body);
-                let name = r.cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
+                let name = r.cbytes().map_err(End::ClientProtocol)?.to_vec();
                 let text = text_prefix(&body[name.len() + 1..]);
                 self.count_statement(text, false);
                 self.statements.insert(name, head_intent(text));
@@ -825,7 +829,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             b'C' => {
                 let mut r = BodyReader::new(body);
                 let kind = r.bytes(1).map_err(End::ClientProtocol)?[0];
-                let name = r.cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
+                let name = r.cbytes().map_err(End::ClientProtocol)?.to_vec();
                 if kind == b'S' {
                     self.statements.remove(&name);
                 } else {
@@ -836,7 +840,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 self.count_query();
                 unit.executed = true;
                 self.unit = Some(unit);
-                let portal = BodyReader::new(body).cstr().map_err(End::ClientProtocol)?.as_bytes().to_vec();
+                let portal = BodyReader::new(body).cbytes().map_err(End::ClientProtocol)?.to_vec();
                 if unit.mode == UnitMode::CommitInside && self.portals.get(&portal) == Some(&Intent::Commit) {
                     // Stays CommitInside: a later COMMIT of the unit (a
                     // pipeline of several transactions) is taken over too.
@@ -890,11 +894,11 @@ pub(super) async fn answer(rx: oneshot::Receiver<Vec<Reply>>) -> Result<Vec<Repl
 }
 
 /// (statement name, SQL) of a Parse body.
-pub(super) fn parse_message(body: &[u8]) -> Result<(&[u8], &str), End> {
+pub(super) fn parse_message(body: &[u8]) -> Result<(&[u8], std::borrow::Cow<'_, str>), End> {
     let mut r = BodyReader::new(body);
-    let name = r.cstr().map_err(End::ClientProtocol)?;
+    let name = r.cbytes().map_err(End::ClientProtocol)?;
     let sql = parse_text(body).map_err(End::ClientProtocol)?;
-    Ok((name.as_bytes(), sql))
+    Ok((name, sql))
 }
 
 /// The text at the start of a message cut short (`bytes` may end inside
@@ -922,7 +926,7 @@ pub(super) fn head_intent(text: &str) -> Intent {
 /// (portal, statement) of a Bind body.
 pub(super) fn bind_names(body: &[u8]) -> Result<(&[u8], &[u8]), End> {
     let mut r = BodyReader::new(body);
-    let portal = r.cstr().map_err(End::ClientProtocol)?;
-    let statement = r.cstr().map_err(End::ClientProtocol)?;
-    Ok((portal.as_bytes(), statement.as_bytes()))
+    let portal = r.cbytes().map_err(End::ClientProtocol)?;
+    let statement = r.cbytes().map_err(End::ClientProtocol)?;
+    Ok((portal, statement))
 }

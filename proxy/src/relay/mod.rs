@@ -212,6 +212,7 @@ where
         looked_ahead_to: 0,
         last_tag: 0,
         copy_after_sync: false,
+        bytewise: false,
         unit: None,
         pending: None,
         wake: Box::pin(tokio::time::sleep(RECHECK)),
@@ -242,10 +243,11 @@ enum Committing {
     Committed(String),
 }
 
-/// A simple-protocol Query message of `sql`.
-fn own_query(sql: &str) -> BytesMut {
-    let mut body = Vec::with_capacity(sql.len() + 1);
-    body.extend_from_slice(sql.as_bytes());
+/// A simple-protocol Query message of `sql` (a part of the client's
+/// Query, read one char per byte when `bytewise`: see
+/// [`crate::net::frame::sql_text`]).
+fn own_query(sql: &str, bytewise: bool) -> BytesMut {
+    let mut body = crate::net::frame::sql_bytes(sql, bytewise);
     body.push(0);
     crate::net::frame::frame(b'Q', &body)
 }

@@ -204,7 +204,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         if !reply.is_empty() {
             self.link.to_client(&reply).await?;
         }
-        let raw = own_query(&rest);
+        let raw = own_query(&rest, self.bytewise);
         Box::pin(self.query_string(&raw, &rest)).await?;
         self.send().await
     }
