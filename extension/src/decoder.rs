@@ -185,7 +185,9 @@ pub(crate) fn shutdown(st: Box<DecoderState>) {
 /// skip). Normal mode sends only what originated here, with one
 /// exception: on the slot of node n, the PREPARE and COMMIT PREPARED of
 /// n's transactions applied here go through, to become this node's yes
-/// vote and its ack to n ([`prepare`], [`commit_prepared`]). They cost no
+/// vote and its ack to n ([`prepare`], [`commit_prepared`]), and so does
+/// the ROLLBACK PREPARED of a client's own gid that n's client rolled
+/// back ([`rollback_prepared`]: the ack its statement waits for). They cost no
 /// flush of their own: the records that PostgreSQL flushes anyway say it,
 /// and only once they are on disk. PostgreSQL decodes only a transaction
 /// it has queued a change of, so the apply worker logs one
@@ -196,7 +198,7 @@ pub(crate) fn filter_by_origin(st: &DecoderState, origin_id: pg_sys::RepOriginId
         return false;
     }
     match record {
-        FilteredRecord::Prepare | FilteredRecord::CommitPrepared | FilteredRecord::Message => {
+        FilteredRecord::Prepare | FilteredRecord::CommitPrepared | FilteredRecord::AbortPrepared | FilteredRecord::Message => {
             applied_from_subscriber(st, origin_id).is_none()
         }
         // Never filtered (the message callback drops them): a peer's
@@ -307,9 +309,11 @@ pub(crate) fn prepare(st: &mut DecoderState, out: &mut Output, txn: Txn, prepare
 pub(crate) fn commit_prepared(st: &mut DecoderState, out: &mut Output, txn: Txn, commit_lsn: pg_sys::XLogRecPtr) {
     if skipped_origin(st, &txn) {
         // The subscriber's transaction, committed here: the ack its
-        // coordinator waits for before it answers COMMIT (proxy gids only).
+        // coordinator waits for before it answers COMMIT — or, for a
+        // client's own gid, the node its client finished it from
+        // (`votes::await_finished`).
         let gid = gid_of(&txn);
-        if let Some(coordinator) = applied_from_subscriber(st, txn.origin_id()).filter(|_| crate::votes::acked(&gid)) {
+        if let Some(coordinator) = applied_from_subscriber(st, txn.origin_id()) {
             wait_until_visible(txn.xid());
             send_vote(st, out, coordinator, crate::votes::committed_key(&gid), commit_lsn);
         }
@@ -350,6 +354,13 @@ pub(crate) fn rollback_prepared(
     prepare_time: pg_sys::TimestampTz,
 ) {
     if skipped_origin(st, &txn) {
+        // A client's own gid rolled back here as the subscriber's client
+        // asked: the ack `votes::await_finished` waits for there.
+        let gid = gid_of(&txn);
+        if let Some(coordinator) = applied_from_subscriber(st, txn.origin_id()).filter(|_| !crate::votes::acked(&gid)) {
+            wait_until_visible(txn.xid());
+            send_vote(st, out, coordinator, crate::votes::committed_key(&gid), txn.end_lsn());
+        }
         return;
     }
     let msg = Message::RollbackPrepared {

@@ -266,10 +266,50 @@ pub fn send_committed(coordinator: i32, gid: &str) {
     }
 }
 
-/// Whether peers acknowledge their commit of `gid` to its coordinator:
-/// only the proxy's gids (nobody waits for a client's).
+/// Whether peers acknowledge their commit of `gid` to its coordinator
+/// as the proxy's commit path expects: the proxy's gids. (A client's own
+/// gid is acknowledged to the node its client finished it from, for
+/// [`await_finished`].)
 pub fn acked(gid: &str) -> bool {
     gid.starts_with("mtm-")
+}
+
+/// Longest wait of [`await_finished`] for a peer it still hears from.
+const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A client's own gid is about to be finished here (COMMIT or ROLLBACK
+/// PREPARED): forgets an acknowledgement left under its key by an
+/// earlier use of the same gid (clients reuse theirs), so that
+/// [`await_finished`] counts only this finish's.
+pub fn forget_finished(gid: &str) {
+    PEER_VOTES.exclusive().0.release(&committed_key(gid));
+}
+
+/// After a client's COMMIT or ROLLBACK PREPARED of its own `gid` here:
+/// waits until every peer has finished it too, as on one PostgreSQL the
+/// gid is gone from `pg_prepared_xacts` (and its rows visible) for every
+/// session once the statement returns. A peer this node no longer hears
+/// from ([`crate::pool::unreachable_for_ms`]) is not waited for, nor one
+/// slower than [`FINISH_WAIT`] (logged): it finishes the gid when it
+/// gets there.
+pub fn await_finished(gid: &str) {
+    let key = committed_key(gid);
+    let peers = peer_ids();
+    let _slot = Awaiting::register(&key);
+    let deadline = std::time::Instant::now() + FINISH_WAIT;
+    loop {
+        let outcome = PEER_VOTES.share().0.outcome(&key, &peers);
+        let Outcome::Pending { missing } = outcome else { return };
+        if missing.iter().all(|&p| crate::pool::unreachable_for_ms(p).is_some()) {
+            return;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            pgrx::warning!("multimaster: nodes {missing:?} have not finished prepared transaction {gid} yet; they will when they get to it");
+            return;
+        }
+        crate::pool::wait_latch(left.as_millis().clamp(1, 50) as i64);
+    }
 }
 
 /// Waits up to `timeout_ms` until every peer has committed `gid`, which

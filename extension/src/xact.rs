@@ -266,6 +266,12 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
     if let Some(f) = &finishing {
         log_finishing(f);
     }
+    // A client's own gid finished from a session of the proxy: the
+    // statement returns once every node has finished it.
+    let client_gid = finishing.as_ref().filter(|f| COORDINATED_COMMIT.get() && client_change() && !crate::votes::acked(&f.gid)).map(|f| f.gid.clone());
+    if let Some(gid) = &client_gid {
+        crate::votes::forget_finished(gid);
+    }
     call.adjust_sequences();
     let (pstmt, query_string, params) = (call.plan(), call.query_string(), call.params());
     let run = move || call.run();
@@ -293,6 +299,9 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
     if finishing.is_some() {
         // The peers apply it as soon as the walsenders see it.
         crate::pg::rmgr::wake_walsenders();
+    }
+    if let Some(gid) = client_gid {
+        crate::votes::await_finished(&gid);
     }
 }
 

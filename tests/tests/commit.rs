@@ -1347,15 +1347,37 @@ fn a_clients_own_two_phase_commit_works_from_any_node() {
         assert_eq!(gids, ["app-ro-1", "app-ro-2", "app-tx-1", "app-tx-2"]);
     }
     // Finished from a session on another node, XA-style: the third node
-    // hears of it from that one.
-    s[1].batch_execute("commit prepared 'app-tx-1'").unwrap();
-    s[1].batch_execute("rollback prepared 'app-tx-2'").unwrap();
-    s[1].batch_execute("commit prepared 'app-ro-1'").unwrap();
-    s[1].batch_execute("rollback prepared 'app-ro-2'").unwrap();
-    converge(&c, &["x"]);
+    // hears of it from that one. Each statement returns once every node
+    // has finished the gid, as on one PostgreSQL it is gone for every
+    // session (and its rows there) when the statement returns.
+    // Even when the stream from that node to another is slow (frozen for
+    // a second here, for each statement).
+    let finisher = 1 + c.layout.node_ports.iter().position(|&p| p as i32 == p1).unwrap();
+    let slow = if finisher == 1 { 2 } else { 1 };
+    let walsender: i32 = client(&c, finisher)
+        .query_one("select pid from pg_stat_replication where application_name = $1", &[&format!("mtm_receiver_{slow}_from_{finisher}")])
+        .unwrap()
+        .get(0);
+    let mut left = vec!["app-ro-1", "app-ro-2", "app-tx-1", "app-tx-2"];
+    for (finish, gid) in [("commit", "app-tx-1"), ("rollback", "app-tx-2"), ("commit", "app-ro-1"), ("rollback", "app-ro-2")] {
+        let signal = move |sig: &str| assert!(std::process::Command::new("kill").args([sig, &walsender.to_string()]).status().unwrap().success());
+        signal("-STOP");
+        let thaw = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            signal("-CONT");
+        });
+        s[1].batch_execute(&format!("{finish} prepared '{gid}'")).unwrap();
+        left.retain(|g| *g != gid);
+        for (i, gids) in prepared(&c).into_iter().enumerate() {
+            assert_eq!(gids, left, "node {} right after {finish} prepared '{gid}'", i + 1);
+        }
+        thaw.join().unwrap();
+    }
+    for i in 1..=3 {
+        let ids: Vec<i32> = client(&c, i).query("select id from x", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [1], "node {i}");
+    }
     no_gid_left(&c);
-    let ids: Vec<i32> = client(&c, 2).query("select id from x", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    assert_eq!(ids, [1]);
 
     // A session can ask the proxy for its node, by id or by name (what
     // PGOPTIONS or the options keyword send); an unknown node is refused.

@@ -106,12 +106,14 @@ unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
 }
 
 /// The kind of WAL record the decoder is asked about when it filters by
-/// origin: a transaction's PREPARE or COMMIT PREPARED, a logical message,
-/// or anything else (a row change, another end of transaction).
+/// origin: a transaction's PREPARE, COMMIT PREPARED or ROLLBACK PREPARED,
+/// a logical message, or anything else (a row change, another end of
+/// transaction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilteredRecord {
     Prepare,
     CommitPrepared,
+    AbortPrepared,
     /// A non-transactional logical message (`pg_logical_emit_message`,
     /// ours: votes).
     Message,
@@ -134,6 +136,7 @@ unsafe extern "C-unwind" fn filter_by_origin(ctx: *mut pg_sys::LogicalDecodingCo
                 match u32::from(rec.header.xl_info) & pg_sys::XLOG_XACT_OPMASK {
                     pg_sys::XLOG_XACT_PREPARE => FilteredRecord::Prepare,
                     pg_sys::XLOG_XACT_COMMIT_PREPARED => FilteredRecord::CommitPrepared,
+                    pg_sys::XLOG_XACT_ABORT_PREPARED => FilteredRecord::AbortPrepared,
                     _ => FilteredRecord::Other,
                 }
             }
