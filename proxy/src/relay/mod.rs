@@ -169,6 +169,12 @@ impl<CW: AsyncWrite + Unpin> Link<CW> {
         *self.committing.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
+    /// A commit is under way, or its outcome (committed, or not known)
+    /// has not reached the client yet.
+    fn committing(&self) -> bool {
+        self.committing.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     fn set_status(&self, status: u8) {
         self.status.store(status, Ordering::Relaxed);
         if status == b'I' {
@@ -224,10 +230,18 @@ where
         end = responder.run(sr) => end,
     };
     let committing = link.committing.lock().unwrap_or_else(|e| e.into_inner()).take();
+    session_end(end, committing, link.node_fatal.load(Ordering::Relaxed))
+}
+
+/// What the client is told when the session ends with `end`: while a
+/// commit is under way or its outcome has not reached the client yet
+/// (`committing`), a lost node means 40003 or "committed"; otherwise a
+/// node that went away without a FATAL the client saw means 08006.
+fn session_end(end: End, committing: Option<Committing>, node_fatal_seen: bool) -> End {
     match (end, committing) {
         (End::ServerClosed | End::ServerIo | End::ServerProtocol(_), Some(Committing::InDoubt(gid))) => End::CommitInDoubt(gid),
         (End::ServerClosed | End::ServerIo | End::ServerProtocol(_), Some(Committing::Committed(gid))) => End::CommittedThenLost(gid),
-        (End::ServerClosed | End::ServerIo, None) if !link.node_fatal.load(Ordering::Relaxed) => End::NodeLost,
+        (End::ServerClosed | End::ServerIo, None) if !node_fatal_seen => End::NodeLost,
         (end, _) => end,
     }
 }
@@ -255,6 +269,19 @@ fn own_query(sql: &str, bytewise: bool) -> BytesMut {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_node_is_reported_as_the_commit_stands() {
+        let ended = |end, committing, fatal_seen| format!("{:?}", session_end(end, committing, fatal_seen));
+        let g = || "mtm-1-x".to_string();
+        assert_eq!(ended(End::ServerClosed, Some(Committing::InDoubt(g())), true), "CommitInDoubt(\"mtm-1-x\")");
+        // Committed, the answer not yet with the client: even if the node
+        // sent its FATAL, the client hears that it committed.
+        assert_eq!(ended(End::ServerIo, Some(Committing::Committed(g())), true), "CommittedThenLost(\"mtm-1-x\")");
+        assert_eq!(ended(End::ServerClosed, None, false), "NodeLost", "no FATAL reached the client");
+        assert_eq!(ended(End::ServerClosed, None, true), "ServerClosed", "the client read the node's FATAL");
+        assert_eq!(ended(End::ClientClosed, Some(Committing::InDoubt(g())), false), "ClientClosed");
+    }
 
     #[test]
     fn the_answers_a_unit_is_owed_match_what_the_node_counts_as_loose() {

@@ -183,17 +183,28 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
         if let Some(s) = status {
             self.link.set_status(s);
         }
-        if tag == b'E' && matches!(crate::net::scan::error_field(body, b'V').as_deref(), Some("FATAL" | "PANIC")) {
-            self.link.node_fatal.store(true, Ordering::Relaxed);
-            if self.link.committing.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-                // The node ends the session in the middle of a commit (its
-                // postmaster died, it was terminated): the client is told
-                // how the commit stands instead (40003, or 08006 saying it
-                // committed), not the node's reason, which would read as
-                // "not committed" to a client that then retries.
-                return;
-            }
+        let fatal = tag == b'E' && matches!(crate::net::scan::error_field(body, b'V').as_deref(), Some("FATAL" | "PANIC"));
+        if fatal && self.link.committing.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            // The node ends the session in the middle of a commit, or
+            // after one before the client heard of it (its postmaster
+            // died, it was terminated): the client is told how the commit
+            // stands instead (40003, or 08006 saying it committed), not
+            // the node's reason, which would read as "not committed" to a
+            // client that then retries.
+            return;
         }
+        let before = self.out.len();
+        self.route(queue, raw, status);
+        if fatal && self.out.len() > before {
+            // The client knows why the session ends. (A FATAL the proxy's
+            // own statement caught did not reach it: it hears 08006.)
+            self.link.node_fatal.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A message of the node, as the head of `queue` says.
+    fn route(&mut self, queue: &mut VecDeque<Expect>, raw: &[u8], status: Option<u8>) {
+        let tag = raw[0];
         let Some(front) = queue.front_mut() else {
             // Nothing expected (a notice between units, the answers to a
             // unit short of its Sync): pass it on.

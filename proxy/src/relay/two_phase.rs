@@ -43,7 +43,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Ok(()) => messages::command_complete("COMMIT"),
             Err(e) => e.into_bytes(),
         };
-        self.link.to_client(&reply).await?;
+        self.to_client(&reply).await?;
         Ok(true)
     }
 
@@ -65,7 +65,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Some(e) => e.raw.clone(),
             None => self.voted_reply(gid, messages::command_complete("PREPARE TRANSACTION")).await?,
         };
-        self.link.to_client(&reply).await?;
+        self.to_client(&reply).await?;
         Ok(true)
     }
 
@@ -81,7 +81,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Block::ReadOnly | Block::Other => return Ok(false),
         }
         let (reply, _status) = self.chain().await?;
-        self.link.to_client(&reply).await?;
+        self.to_client(&reply).await?;
         Ok(true)
     }
 
@@ -202,7 +202,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// runs `rest`, the statements of the Query after a part that ended.
     pub(super) async fn then(&mut self, reply: BytesMut, rest: String) -> Result<(), End> {
         if !reply.is_empty() {
-            self.link.to_client(&reply).await?;
+            self.to_client(&reply).await?;
         }
         let raw = own_query(&rest, self.bytewise);
         Box::pin(self.query_string(&raw, &rest)).await?;
@@ -213,7 +213,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// ReadyForQuery of transaction status `status`.
     pub(super) async fn answer(&self, mut reply: BytesMut, status: u8) -> Result<(), End> {
         reply.extend_from_slice(&messages::ready_for_query(status));
-        self.link.to_client(&reply).await?;
+        self.to_client(&reply).await?;
         self.ctx.tracker.on_ready(status);
         Ok(())
     }
@@ -321,6 +321,16 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         self.link.set_committing(state);
     }
 
+    /// Writes the driver's own answer to the client; once written, a
+    /// commit it reported is over for the session ([`Self::two_phase`]).
+    pub(super) async fn to_client(&self, bytes: &[u8]) -> Result<(), End> {
+        self.link.to_client(bytes).await?;
+        if self.link.committing() {
+            self.set_committing(None);
+        }
+        Ok(())
+    }
+
     /// The cluster's two-phase commit of the open transaction (module
     /// [`crate::commit`]). `Err(End)`: the session broke; `Ok(Err(e))`:
     /// the transaction did not commit and the client gets `e`.
@@ -376,7 +386,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 Votes::Undecided(e) => Err(Raw::from(e)),
             }
         };
-        self.set_committing(None);
+        // Committed, or its outcome not known (40003): the state stays
+        // until the client has its answer ([`Self::to_client`]). A node
+        // lost before that (its backend's FATAL, 57P01, or the end of the
+        // session, would read as "not committed") ends the session with
+        // the truth instead: 08006 saying it committed, or 40003.
+        if outcome.as_ref().is_err_and(|e| e.sqlstate() != "40003") {
+            self.set_committing(None);
+        }
         let label = if outcome.is_ok() { "committed" } else { "aborted" };
         metrics::counter!("mtm_proxy_commits_total", "outcome" => label).increment(1);
         metrics::histogram!("mtm_proxy_commit_duration_seconds").record(started.elapsed().as_secs_f64());
