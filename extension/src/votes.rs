@@ -315,8 +315,10 @@ pub fn await_finished(gid: &str) {
 /// Waits up to `timeout_ms` until every peer has committed `gid`, which
 /// this node committed (COMMIT PREPARED) after every peer voted yes. True
 /// when all did: a session on any node now sees the transaction. False
-/// after the timeout (a peer slow or gone; the transaction is committed
-/// anyway and the peer will commit it when it gets there).
+/// after the timeout, or as soon as every peer still missing is one this
+/// node no longer hears from ([`crate::pool::unreachable_for_ms`]): the
+/// transaction is committed anyway and the peer will commit it when it
+/// gets there.
 #[pg_extern]
 fn await_commits(gid: &str, timeout_ms: i32) -> bool {
     crate::pg::proc::disarm_statement_timeout();
@@ -331,6 +333,7 @@ fn await_commits(gid: &str, timeout_ms: i32) -> bool {
         let outcome = PEER_VOTES.share().0.outcome(&key, &peers);
         match outcome {
             Outcome::Yes => return true,
+            Outcome::Pending { missing } if missing.iter().all(|&p| crate::pool::unreachable_for_ms(p).is_some()) => return false,
             // A peer cannot refuse a commit; anything else is pending.
             // The receiver that counts an ack sets our latch.
             _ => {
