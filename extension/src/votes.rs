@@ -249,10 +249,17 @@ pub fn record_peer(vote: &VoteMessage) {
     }
 }
 
-/// The tally key under which peers report they committed `gid`: the same
-/// table and the same messages as votes (a "yes" on this key).
+/// The tally key under which peers report they committed (or, for a
+/// client's own gid, finished) `gid`: the same table and the same
+/// messages as votes (a "yes" on this key). A gid near PostgreSQL's
+/// 200-byte limit has its hash (the same on every node) stand in for it.
 pub fn committed_key(gid: &str) -> String {
-    format!("{gid}#committed")
+    let key = format!("{gid}#committed");
+    if key.len() <= mtm_schedule::tally::GID_MAX {
+        key
+    } else {
+        format!("{:016x}#committed-long", mtm_state::decisions::gid_hash(gid.as_bytes()))
+    }
 }
 
 /// Tells the coordinator that its transaction `gid` is committed here (an

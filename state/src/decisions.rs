@@ -186,7 +186,7 @@ struct Entry {
 
 /// FNV-1a of a gid (the same in every process, unlike std's hasher), with
 /// the low bit set so that 0 can mark an empty entry in [`Log::hashes`].
-fn gid_hash(gid: &[u8]) -> u64 {
+pub fn gid_hash(gid: &[u8]) -> u64 {
     gid.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)) | 1
 }
 

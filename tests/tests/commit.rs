@@ -1423,6 +1423,11 @@ fn a_read_only_prepare_answers_once_every_node_holds_it() {
     thaw.join().unwrap();
     assert_eq!(on_node2, ["ro-branch"], "node 2 holds the gid once PREPARE TRANSACTION answered");
     other.batch_execute("commit prepared 'ro-branch'").unwrap();
+    // A gid as long as PostgreSQL allows (199 bytes), finished from
+    // another node too.
+    let long = "g".repeat(199);
+    home.batch_execute(&format!("begin; select 1; prepare transaction '{long}'")).unwrap();
+    other.batch_execute(&format!("rollback prepared '{long}'")).unwrap();
     no_gid_left(&c);
 
     proxy_client(&c).batch_execute("create database local_only").unwrap();
