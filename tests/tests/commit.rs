@@ -1639,6 +1639,55 @@ fn a_node_dying_between_the_steps_of_a_commit_is_reported_as_its_outcome() {
     }
 }
 
+/// A COMMIT sent in the extended protocol is answered (CommandComplete)
+/// before the client's Sync; the session's node dies before that Sync's
+/// ReadyForQuery: the client has not heard the whole answer, and is told
+/// the truth — 08006 saying the transaction committed — not the node's
+/// 57P01, which reads as "not committed" and would be retried.
+#[test]
+fn a_node_dying_after_an_extended_commit_is_answered_reports_it_committed() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table ext(id int primary key)");
+    wait_connected(&c);
+    let mut s = Raw::connect(c.layout.proxy_port);
+    let home = s.node_id(&c);
+    s.s.write_all(&Raw::query("begin; insert into ext values (1)")).unwrap();
+    assert_eq!(summary(&s.until_ready()), ["C:BEGIN", "C:INSERT 0 1", "Z:T"]);
+    let mut commit = Raw::parse("", "commit");
+    commit.extend(Raw::bind_execute(""));
+    commit.extend(msg(b'H', &[]));
+    s.s.write_all(&commit).unwrap();
+    assert_eq!(summary(&s.read_n(3)), ["1", "2", "C:COMMIT"]);
+    let postmaster = nix::unistd::Pid::from_raw(c.node(home).pid().expect("node running"));
+    nix::sys::signal::kill(postmaster, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let mut heard = Vec::new();
+    let _ = s.s.read_to_end(&mut heard);
+    let mut errors = Vec::new();
+    let mut rest = &heard[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if rest[0] == b'E' {
+            let body = &rest[5..(1 + len).min(rest.len())];
+            let message = mtm_proxy::net::scan::error_field(body, b'M').unwrap_or_default();
+            errors.push(format!("{} {}", mtm_proxy::net::scan::sqlstate(body).unwrap_or_default(), message));
+        }
+        rest = &rest[(1 + len).min(rest.len())..];
+    }
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].starts_with("08006 ") && errors[0].contains("committed"), "{errors:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = c.node(home).start(&c.host) {
+        assert!(Instant::now() < deadline, "node{home} did not start again: {e}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    nothing_prepared(&c, Duration::from_secs(30));
+    converge(&c, &["ext"]);
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from ext", &[]).unwrap().get(0);
+        assert_eq!(n, 1, "node{id}");
+    }
+}
+
 /// Transfers through the proxy while a node is frozen (kill -STOP of all
 /// its processes) for several seconds, then thawed: commits resume,
 /// every node holds every acknowledged transfer and the same total, and

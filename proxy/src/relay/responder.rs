@@ -226,6 +226,12 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
                 self.out.extend_from_slice(raw);
                 if let Some(s) = status {
                     self.ctx.tracker.on_ready(s);
+                    // The end of a unit whose COMMIT the driver answered
+                    // in place: the client now has the whole answer.
+                    if self.link.committing() {
+                        self.link.set_committing(None);
+                        self.ctx.tracker.info.committing.store(false, Ordering::Relaxed);
+                    }
                 }
                 status.is_some()
             }

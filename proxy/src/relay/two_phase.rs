@@ -321,11 +321,15 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         self.link.set_committing(state);
     }
 
-    /// Writes the driver's own answer to the client; once written, a
-    /// commit it reported is over for the session ([`Self::two_phase`]).
+    /// Writes the driver's own answer to the client; once it ends with
+    /// a ReadyForQuery, a commit it reported is over for the session
+    /// ([`Self::two_phase`]). (An Execute answered inside an extended
+    /// unit is over at the ReadyForQuery that answers the client's Sync,
+    /// which the responder passes on: see `Responder::route`.)
     pub(super) async fn to_client(&self, bytes: &[u8]) -> Result<(), End> {
         self.link.to_client(bytes).await?;
-        if self.link.committing() {
+        let ends_unit = bytes.len() >= 6 && bytes[bytes.len() - 6] == b'Z';
+        if ends_unit && self.link.committing() {
             self.set_committing(None);
         }
         Ok(())
