@@ -657,7 +657,13 @@ pub fn finish_prepared(peer: i32, gid: &str, commit: bool, end_lsn: u64, time: p
     }
     exec::commit_transaction_command();
     crate::votes::forget(gid);
-    if commit && !here && finished_before != Some(State::Aborted) {
+    if !here && !crate::votes::acked(gid) {
+        // A client's own gid finished from `peer` (or rolled back there
+        // after this node refused or dropped it): no record here for our
+        // walsender to ack, and that statement waits for every node
+        // (`votes::await_finished`).
+        crate::votes::send(peer, &crate::votes::committed_key(gid), None);
+    } else if commit && !here && finished_before != Some(State::Aborted) {
         // No COMMIT PREPARED record for our walsender to ack (it acks the
         // ones it decodes, `decoder.rs`): say it ourselves, so the
         // coordinator need not wait for its timeout.

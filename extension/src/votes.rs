@@ -300,9 +300,13 @@ pub fn forget_finished(gid: &str) {
 /// slower than [`FINISH_WAIT`] (logged): it finishes the gid when it
 /// gets there.
 pub fn await_finished(gid: &str) {
-    // The gid is finished here already: a statement_timeout must not
-    // turn the wait into an error that reads as "not done".
+    // The gid is finished here already: a statement_timeout or a cancel
+    // must not turn the wait into an error that reads as "not done".
     crate::pg::proc::disarm_statement_timeout();
+    crate::pg::proc::holding_cancels(|| wait_finished(gid));
+}
+
+fn wait_finished(gid: &str) {
     let key = committed_key(gid);
     let peers = peer_ids();
     let _slot = Awaiting::register(&key);

@@ -345,9 +345,10 @@ pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
             if event == pg_sys::XactEvent::XACT_EVENT_PREPARE {
                 crate::votes::note_prepared_at(crate::pg::rmgr::wal_insert_position());
             }
-            if XACT_WRITES.get() {
+            if XACT_WRITES.get() || event == pg_sys::XactEvent::XACT_EVENT_PREPARE {
                 // The peers vote on (or apply) this transaction as soon as
-                // the walsenders see it: do not leave that to their timers.
+                // the walsenders see it — a prepared one that only read
+                // too: do not leave that to their timers.
                 crate::pg::rmgr::wake_walsenders();
             }
             set_writes(false);

@@ -35,6 +35,28 @@ pub fn disarm_statement_timeout() {
     unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| disable_timeout(STATEMENT_TIMEOUT, false)) }
 }
 
+/// Runs `f` with query cancels held off (PostgreSQL's
+/// HOLD_CANCEL_INTERRUPTS): for a wait after the statement's work is done
+/// and durable, which a cancel must not turn into an error that reads as
+/// "not done". A cancel that arrives meanwhile is acted on at the next
+/// interrupt check after it.
+pub fn holding_cancels<T>(f: impl FnOnce() -> T) -> T {
+    /// Releases the hold however `f` ends (an ERROR's recovery also
+    /// resets the counter to 0).
+    struct Held;
+    impl Drop for Held {
+        fn drop(&mut self) {
+            // SAFETY: a counter of this backend's own, read only by its
+            // interrupt checks; `holding_cancels` raised it by one.
+            unsafe { pg_sys::QueryCancelHoldoffCount = pg_sys::QueryCancelHoldoffCount.saturating_sub(1) }
+        }
+    }
+    // SAFETY: as above; this process's main thread.
+    unsafe { pg_sys::QueryCancelHoldoffCount += 1 }
+    let _held = Held;
+    f()
+}
+
 /// Runs `f` under a deadline of `ms` milliseconds: past it, the next
 /// interrupt check inside `f` raises an ERROR ("canceling statement due
 /// to statement timeout"), as `statement_timeout` does. For waits with no
