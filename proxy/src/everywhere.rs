@@ -39,7 +39,10 @@ const ANSWER_LIMIT: usize = 1 << 20;
 
 /// Runs `sql` on every configured node but `home` (an index into the
 /// router's nodes). On failure, the ErrorResponse for the client.
-pub async fn run_on_others(shared: &Shared, side: &SideLogin, home: usize, sql: &str) -> Result<(), BytesMut> {
+/// `bytewise`: `sql` was read one char per byte from a client encoding
+/// that is not UTF-8 (`net::frame::sql_text`), and goes out as those
+/// bytes — never re-encoded into a different statement.
+pub async fn run_on_others(shared: &Shared, side: &SideLogin, home: usize, sql: &str, bytewise: bool) -> Result<(), BytesMut> {
     let shown: String = {
         let one_line = sql.split_whitespace().collect::<Vec<_>>().join(" ");
         if one_line.chars().count() > 60 { format!("{}…", one_line.chars().take(60).collect::<String>()) } else { one_line }
@@ -50,7 +53,7 @@ pub async fn run_on_others(shared: &Shared, side: &SideLogin, home: usize, sql: 
             continue;
         }
         let name = node.config.name.clone();
-        if let Err((code, message)) = run_on(shared, side, i, sql).await {
+        if let Err((code, message)) = run_on(shared, side, i, sql, bytewise).await {
             let hint = if done.is_empty() {
                 "It was not run on any node.".to_string()
             } else {
@@ -64,14 +67,14 @@ pub async fn run_on_others(shared: &Shared, side: &SideLogin, home: usize, sql: 
 }
 
 /// One node: connect, run, read the answer up to ReadyForQuery.
-async fn run_on(shared: &Shared, side: &SideLogin, idx: usize, sql: &str) -> Result<(), (String, String)> {
+async fn run_on(shared: &Shared, side: &SideLogin, idx: usize, sql: &str, bytewise: bool) -> Result<(), (String, String)> {
     let node = &shared.router.nodes[idx].config;
     let live = shared.live.load();
     let auth: NodeAuth<ClientStream> = NodeAuth::Password { user: &side.user, password: side.password.as_deref() };
     let mut conn = backend::connect(&node.addr(), &node.host, &shared.backend, &live.config.limits, &side.params, auth)
         .await
         .map_err(|e| ("57P03".to_string(), format!("cannot open a session there: {e}")))?;
-    let mut body = sql.as_bytes().to_vec();
+    let mut body = crate::net::frame::sql_bytes(sql, bytewise);
     body.push(0);
     let io = |e: std::io::Error| ("08006".to_string(), format!("connection lost: {e}"));
     conn.stream.write_all(&frame(b'Q', &body)).await.map_err(io)?;

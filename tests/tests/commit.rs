@@ -1165,6 +1165,29 @@ fn text_in_a_client_encoding_other_than_utf8_reaches_every_node_intact() {
     no_gid_left(&c);
 }
 
+/// A Query string that goes on after its COMMIT: once the commit is
+/// answered, the statements after it are the client's again — a cancel
+/// reaches them (it is held back only while the cluster commits).
+#[test]
+fn a_cancel_reaches_a_statement_after_a_commit_in_the_same_query() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table after(id int primary key)");
+    wait_connected(&c);
+    let port = c.layout.proxy_port;
+    let (mut r, key) = Raw::connect_keyed(port);
+    r.s.write_all(&Raw::query("begin; insert into after values (1); commit; select pg_sleep(20)")).unwrap();
+    assert_eq!(summary(&r.read_n(3)), ["C:BEGIN", "C:INSERT 0 1", "C:COMMIT"]);
+    std::thread::sleep(Duration::from_millis(300));
+    Raw::cancel(port, key);
+    let rest = summary(&r.until_ready());
+    assert_eq!(rest, ["T", "E:57014", "Z:I"], "the sleep after the commit is cancelled");
+    converge(&c, &["after"]);
+    for i in 1..=3 {
+        let n: i64 = client(&c, i).query_one("select count(*) from after", &[]).unwrap().get(0);
+        assert_eq!(n, 1, "node {i}: the commit before it stands");
+    }
+}
+
 /// A cancel acts as on one PostgreSQL: sent while the session is idle
 /// it is over when the client hears the cancel connection close, and
 /// does not hit the next statement; sent while the cluster commits the

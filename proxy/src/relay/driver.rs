@@ -371,6 +371,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// passed on as it is, a unit of its own.
     pub(super) async fn function_call(&mut self, raw: &[u8]) {
         self.ctx.tracker.before_send(1).await;
+        self.past_answered_commit();
         self.expect(Expect::Forward);
         self.out.extend_from_slice(raw);
     }
@@ -537,6 +538,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// without an error ([`Self::then`]), as PostgreSQL runs the rest of
     /// a string.
     pub(super) async fn query_part(&mut self, raw: &[u8], sql: &str, rest: Option<String>) -> Result<(), End> {
+        self.past_answered_commit();
         if let Some(head) = crate::classify::strip_trailing_commit(sql) {
             // `…; COMMIT` in one string: run what comes before the COMMIT,
             // then commit as for a COMMIT of its own.
@@ -628,7 +630,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 self.drain().await?;
                 if self.status() == b'I' {
                     let (home, side) = (self.ctx.node_id.saturating_sub(1), &self.ctx.side);
-                    if let Err(reply) = crate::everywhere::run_on_others(self.ctx.shared, side, home, sql).await {
+                    if let Err(reply) = crate::everywhere::run_on_others(self.ctx.shared, side, home, sql, self.bytewise).await {
                         count_error(&crate::net::scan::sqlstate(&reply[5..]).unwrap_or_default());
                         return self.answer(reply, b'I').await;
                     }
@@ -780,7 +782,13 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 // a Sync of the proxy's if part of this unit is already on
                 // its way (harmless: nothing of it has executed yet).
                 if unit.sent {
-                    if self.sync_inside_unit().await?.error {
+                    let held = self.sync_inside_unit().await?;
+                    // What the node owes is answered now (and was counted
+                    // by the Sync's entry, not as loose).
+                    if let Some(u) = self.unit {
+                        (unit.base, unit.owed) = (u.base, u.owed);
+                    }
+                    if held.error {
                         unit.mode = unit.mode.discarding();
                         self.unit = Some(unit);
                         return Ok(());
@@ -838,6 +846,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             }
             b'E' => {
                 self.count_query();
+                self.past_answered_commit();
                 unit.executed = true;
                 self.unit = Some(unit);
                 let portal = BodyReader::new(body).cbytes().map_err(End::ClientProtocol)?.to_vec();

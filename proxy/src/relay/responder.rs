@@ -215,6 +215,14 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
             return;
         };
         let done = match front {
+            // The proxy's BEGIN failed (a cancel reached it): the node
+            // skips the rest of the unit, the BEGIN's last answer among
+            // it, and the error is the client's to hear.
+            Expect::Skip(_) if tag == b'E' => {
+                self.count_error(tag, raw);
+                self.out.extend_from_slice(raw);
+                true
+            }
             Expect::Skip(n) => {
                 if tag != b'N' {
                     *n = n.saturating_sub(1);

@@ -321,6 +321,18 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         self.link.set_committing(state);
     }
 
+    /// The client's next statement goes to the node: a commit the driver
+    /// answered before it (a COMMIT inside an extended unit or a Query
+    /// string, whose ReadyForQuery is still to come) is over for the
+    /// session — a node lost from here on is about that statement, and a
+    /// cancel may reach it. (No commit is under way while the driver
+    /// passes on a client's statement.) One atomic load when none.
+    pub(super) fn past_answered_commit(&self) {
+        if self.ctx.tracker.info.committing.load(Ordering::Relaxed) {
+            self.set_committing(None);
+        }
+    }
+
     /// Writes the driver's own answer to the client; once it ends with
     /// a ReadyForQuery, a commit it reported is over for the session
     /// ([`Self::two_phase`]). (An Execute answered inside an extended
