@@ -1109,6 +1109,18 @@ fn a_pipeline_segment_that_reads_before_it_writes_commits_in_autocommit() {
     write.extend(Raw::sync());
     r.s.write_all(&write).unwrap();
     assert_eq!(summary(&r.until_ready()), ["Z:I"]);
+    // The same with an error too big for the proxy to hold whole (it
+    // passes through in pieces): still seen as the unit's failure.
+    let mut failing = Raw::parse("", "select (repeat('x', 300000) || (random() * 0)::int)::int");
+    failing.extend(Raw::bind_execute(""));
+    failing.extend(flush());
+    r.s.write_all(&failing).unwrap();
+    assert_eq!(summary(&r.read_n(3)), ["1", "2", "E:22P02"]);
+    let mut write = Raw::parse("", "insert into seg values (10)");
+    write.extend(Raw::bind_execute(""));
+    write.extend(Raw::sync());
+    r.s.write_all(&write).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["Z:I"]);
     // The session's prepared statements are the client's own: none of
     // the proxy's (its BEGIN, its commit's statements) is left among them.
     r.s.write_all(&Raw::query("select string_agg(name, ',' order by name) from pg_prepared_statements")).unwrap();

@@ -27,7 +27,10 @@ pub(super) struct Responder<'a, CW> {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Piece {
     Whole(std::ops::Range<usize>),
-    /// Part of a message too large to hold: passed on as it comes.
+    /// The start of a message too large to hold (its tag first): passed
+    /// on as it comes.
+    Begin(std::ops::Range<usize>),
+    /// The rest of such a message.
     Through(std::ops::Range<usize>),
 }
 
@@ -70,7 +73,7 @@ impl Splitter {
         if total > WHOLE_MESSAGE_LIMIT {
             self.streaming = total - have;
             self.pos += have;
-            return Ok(Some(Piece::Through(p..self.pos)));
+            return Ok(Some(Piece::Begin(p..self.pos)));
         }
         Ok(None)
     }
@@ -116,6 +119,14 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
                     match split.next() {
                         Err(e) => return End::ServerProtocol(e),
                         Ok(None) => break,
+                        Ok(Some(Piece::Begin(r))) => {
+                            // A huge ErrorResponse (or answer) to a unit short
+                            // of its Sync still counts for `Loose`.
+                            if queue.is_empty() && self.link.loose.lock().unwrap_or_else(|e| e.into_inner()).count(split.buf[r.start]) {
+                                self.progressed = true;
+                            }
+                            self.out.extend_from_slice(&split.buf[r]);
+                        }
                         Ok(Some(Piece::Through(r))) => self.out.extend_from_slice(&split.buf[r]),
                         Ok(Some(Piece::Whole(r))) => self.message(&mut queue, &split.buf[r]),
                     }
@@ -304,7 +315,7 @@ mod tests {
         let mut s = Splitter::default();
         let big = frame(b'D', &vec![7u8; WHOLE_MESSAGE_LIMIT + 10]);
         s.buf.extend_from_slice(&big[..1000]);
-        assert_eq!(s.next(), Ok(Some(Piece::Through(0..1000))));
+        assert_eq!(s.next(), Ok(Some(Piece::Begin(0..1000))));
         s.consume();
         s.buf.extend_from_slice(&big[1000..]);
         s.buf.extend_from_slice(&frame(b'Z', b"T"));
