@@ -699,6 +699,35 @@ impl Raw {
     fn query(sql: &str) -> Vec<u8> {
         msg(b'Q', &cstr(sql))
     }
+
+    /// Everything the client hears until the proxy closes the session:
+    /// (SQLSTATE, message) of each ErrorResponse.
+    fn errors_until_closed(&mut self) -> Vec<(String, String)> {
+        let mut heard = Vec::new();
+        let _ = self.s.read_to_end(&mut heard);
+        let mut errors = Vec::new();
+        let mut rest = &heard[..];
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            if rest[0] == b'E' {
+                let body = &rest[5..(1 + len).min(rest.len())];
+                let field = |f| mtm_proxy::net::scan::error_field(body, f).unwrap_or_default();
+                errors.push((field(b'C'), field(b'M')));
+            }
+            rest = &rest[(1 + len).min(rest.len())..];
+        }
+        errors
+    }
+}
+
+/// Starts node `id` again after it was killed (its postmaster may take a
+/// moment to be gone).
+fn start_again(c: &TestCluster, id: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = c.node(id).start(&c.host) {
+        assert!(Instant::now() < deadline, "node{id} did not start again: {e}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// Tags of the messages, with CommandComplete tags and ErrorResponse
@@ -1648,24 +1677,9 @@ fn a_node_dying_between_the_steps_of_a_commit_is_reported_as_its_outcome() {
     nix::sys::signal::kill(postmaster, nix::sys::signal::Signal::SIGKILL).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGCONT).unwrap();
-    // Everything the client hears until the proxy closes the session.
-    let mut heard = Vec::new();
-    let _ = s.s.read_to_end(&mut heard);
-    let mut errors = Vec::new();
-    let mut rest = &heard[..];
-    while rest.len() >= 5 {
-        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        if rest[0] == b'E' {
-            errors.push(mtm_proxy::net::scan::sqlstate(&rest[5..1 + len]).unwrap_or_default());
-        }
-        rest = &rest[(1 + len).min(rest.len())..];
-    }
-    assert_eq!(errors, ["40003"], "the commit's outcome, not the node's reason");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while let Err(e) = c.node(home).start(&c.host) {
-        assert!(Instant::now() < deadline, "node{home} did not start again: {e}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let codes: Vec<String> = s.errors_until_closed().into_iter().map(|(code, _)| code).collect();
+    assert_eq!(codes, ["40003"], "the commit's outcome, not the node's reason");
+    start_again(&c, home);
     nothing_prepared(&c, Duration::from_secs(30));
     converge(&c, &["between"]);
     for id in 1..=3 {
@@ -1695,26 +1709,10 @@ fn a_node_dying_after_an_extended_commit_is_answered_reports_it_committed() {
     assert_eq!(summary(&s.read_n(3)), ["1", "2", "C:COMMIT"]);
     let postmaster = nix::unistd::Pid::from_raw(c.node(home).pid().expect("node running"));
     nix::sys::signal::kill(postmaster, nix::sys::signal::Signal::SIGKILL).unwrap();
-    let mut heard = Vec::new();
-    let _ = s.s.read_to_end(&mut heard);
-    let mut errors = Vec::new();
-    let mut rest = &heard[..];
-    while rest.len() >= 5 {
-        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        if rest[0] == b'E' {
-            let body = &rest[5..(1 + len).min(rest.len())];
-            let message = mtm_proxy::net::scan::error_field(body, b'M').unwrap_or_default();
-            errors.push(format!("{} {}", mtm_proxy::net::scan::sqlstate(body).unwrap_or_default(), message));
-        }
-        rest = &rest[(1 + len).min(rest.len())..];
-    }
+    let errors = s.errors_until_closed();
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].starts_with("08006 ") && errors[0].contains("committed"), "{errors:?}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while let Err(e) = c.node(home).start(&c.host) {
-        assert!(Instant::now() < deadline, "node{home} did not start again: {e}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    assert!(errors[0].0 == "08006" && errors[0].1.contains("committed"), "{errors:?}");
+    start_again(&c, home);
     nothing_prepared(&c, Duration::from_secs(30));
     converge(&c, &["ext"]);
     for id in 1..=3 {
