@@ -307,21 +307,43 @@ pub fn await_finished(gid: &str) {
 }
 
 fn wait_finished(gid: &str) {
+    if let Acks::TimedOut(missing) = await_acks(gid, FINISH_WAIT) {
+        pgrx::warning!("multimaster: nodes {missing:?} have not finished prepared transaction {gid} yet; they will when they get to it");
+    }
+}
+
+/// How a wait for the peers' acknowledgements of `gid` ended.
+enum Acks {
+    All,
+    /// Every peer still missing is one this node no longer hears from.
+    Unreachable,
+    TimedOut(Vec<i32>),
+}
+
+/// Waits up to `wait` for every peer's acknowledgement of `gid`
+/// ([`committed_key`]), not for peers this node no longer hears from.
+fn await_acks(gid: &str, wait: std::time::Duration) -> Acks {
     let key = committed_key(gid);
     let peers = peer_ids();
     let _slot = Awaiting::register(&key);
-    let deadline = std::time::Instant::now() + FINISH_WAIT;
+    let deadline = std::time::Instant::now() + wait;
     loop {
+        // Its own statement: the shared lock must be released before the
+        // wait (a temporary in a `match` head would live through the arms,
+        // and the receivers could not record the acks meanwhile).
         let outcome = PEER_VOTES.share().0.outcome(&key, &peers);
-        let Outcome::Pending { missing } = outcome else { return };
-        if missing.iter().all(|&p| crate::pool::unreachable_for_ms(p).is_some()) {
-            return;
-        }
+        let missing = match outcome {
+            Outcome::Yes => return Acks::All,
+            Outcome::Pending { missing } if missing.iter().all(|&p| crate::pool::unreachable_for_ms(p).is_some()) => return Acks::Unreachable,
+            Outcome::Pending { missing } => missing,
+            // A peer never refuses an acknowledgement: not one.
+            Outcome::No { .. } => peers.clone(),
+        };
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            pgrx::warning!("multimaster: nodes {missing:?} have not finished prepared transaction {gid} yet; they will when they get to it");
-            return;
+            return Acks::TimedOut(missing);
         }
+        // The receiver that counts an ack sets our latch.
         crate::pool::wait_latch(left.as_millis().clamp(1, 50) as i64);
     }
 }
@@ -336,29 +358,7 @@ fn wait_finished(gid: &str) {
 #[pg_extern]
 fn await_commits(gid: &str, timeout_ms: i32) -> bool {
     crate::pg::proc::disarm_statement_timeout();
-    let key = committed_key(gid);
-    let peers = peer_ids();
-    let _slot = Awaiting::register(&key);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms.max(0) as u64);
-    loop {
-        // Its own statement: the shared lock must be released before the
-        // wait (a temporary in a `match` head would live through the arms,
-        // and the receivers could not record the acks meanwhile).
-        let outcome = PEER_VOTES.share().0.outcome(&key, &peers);
-        match outcome {
-            Outcome::Yes => return true,
-            Outcome::Pending { missing } if missing.iter().all(|&p| crate::pool::unreachable_for_ms(p).is_some()) => return false,
-            // A peer cannot refuse a commit; anything else is pending.
-            // The receiver that counts an ack sets our latch.
-            _ => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return false;
-                }
-                crate::pool::wait_latch(left.as_millis().clamp(1, 50) as i64);
-            }
-        }
-    }
+    matches!(await_acks(gid, std::time::Duration::from_millis(timeout_ms.max(0) as u64)), Acks::All)
 }
 
 thread_local! {
