@@ -163,9 +163,11 @@ impl<CW: AsyncWrite + Unpin> Link<CW> {
     }
 
     /// From the PREPARE of the commit of `gid` (Some) until its outcome
-    /// is known (None); [`Committing::Committed`] once its COMMIT PREPARED
-    /// has answered.
-    fn set_committing(&self, state: Option<Committing>) {
+    /// has reached the client (None); [`Committing::Committed`] once its
+    /// COMMIT PREPARED has answered. The session's `committing` flag, which
+    /// the cancel registry reads, follows it.
+    fn set_committing(&self, info: &crate::state::SessionInfo, state: Option<Committing>) {
+        info.committing.store(state.is_some(), Ordering::Relaxed);
         *self.committing.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 

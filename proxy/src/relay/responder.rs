@@ -248,8 +248,7 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
                     // The end of a unit whose COMMIT the driver answered
                     // in place: the client now has the whole answer.
                     if self.link.committing() {
-                        self.link.set_committing(None);
-                        self.ctx.tracker.info.committing.store(false, Ordering::Relaxed);
+                        self.link.set_committing(self.ctx.tracker.info, None);
                     }
                 }
                 status.is_some()

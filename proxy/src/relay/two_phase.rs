@@ -317,8 +317,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// or its outcome known). From the PREPARE to the outcome a client's
     /// cancel is not passed on ([`crate::cancel::CancelTarget`]).
     fn set_committing(&self, state: Option<Committing>) {
-        self.ctx.tracker.info.committing.store(state.is_some(), Ordering::Relaxed);
-        self.link.set_committing(state);
+        self.link.set_committing(self.ctx.tracker.info, state);
     }
 
     /// The client's next statement goes to the node: a commit the driver
