@@ -24,6 +24,7 @@ use mtm_protocol::{tag, Message};
 use mtm_schedule::{CommitSource, Finish, FlushTracker, KeyTracker, Plan, Scheduler, TxnKeys};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
@@ -124,6 +125,7 @@ fn run(me: i32, peer: i32, conninfo: &str) {
         finish_origin,
         finished_here: 0,
         keys: KeyTracker::default(),
+        described: HashMap::new(),
         txn: None,
         received: start,
         flush: FlushTracker::new(start),
@@ -163,6 +165,9 @@ struct Receiver<'c> {
     /// the peer only once our WAL is flushed that far.
     finished_here: u64,
     keys: KeyTracker,
+    /// The last description of each of the peer's relations sent to the
+    /// workers (a Relation message, by relation id).
+    described: HashMap<u32, Vec<u8>>,
     txn: Option<Txn>,
     /// The peer's WAL position we have seen (XLogData, keepalives).
     received: u64,
@@ -252,8 +257,18 @@ impl Receiver<'_> {
         let Some(&t) = payload.first() else { return };
         match t {
             tag::RELATION => {
+                // The peer describes each relation again in every
+                // transaction. Workers keep what they were told, so only a
+                // new or changed description goes to them: passing each one
+                // on woke every worker for every transaction, and made each
+                // drop its cached table.
+                let relid = Message::relation_id(payload);
+                if relid.and_then(|r| self.described.get(&r)).is_some_and(|d| d[..] == *payload) {
+                    return;
+                }
                 if let Message::Relation { relid, columns, .. } = self.decode(payload) {
                     self.keys.relation(relid, &columns);
+                    self.described.insert(relid, payload.to_vec());
                 }
                 for w in 0..self.queues.workers() {
                     self.send(w, payload, false);

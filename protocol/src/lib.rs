@@ -250,6 +250,15 @@ impl Message {
         v
     }
 
+    /// The relation a Relation message describes, read without decoding
+    /// the rest; None for any other message.
+    pub fn relation_id(buf: &[u8]) -> Option<u32> {
+        match buf {
+            [tag::RELATION, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+            _ => None,
+        }
+    }
+
     /// Decodes exactly one message occupying all of `buf`.
     pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         let (m, rest) = Message::decode_prefix(buf)?;
@@ -776,6 +785,18 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn relation_id_reads_only_relation_messages() {
+        for m in all() {
+            let expected = match &m {
+                Message::Relation { relid, .. } => Some(*relid),
+                _ => None,
+            };
+            assert_eq!(Message::relation_id(&m.to_bytes()), expected, "{m:?}");
+        }
+        assert_eq!(Message::relation_id(&[tag::RELATION, 0, 0]), None);
+    }
 
     fn all() -> Vec<Message> {
         let t = vec![Value::Binary(vec![0, 0, 0, 7]), Value::Null, Value::UnchangedToast, Value::Text(b"(1,2)".to_vec())];
