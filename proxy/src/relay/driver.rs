@@ -58,11 +58,25 @@ pub(super) struct Unit {
     /// have moved by that much (or an error came).
     pub(super) base: Loose,
     pub(super) owed: usize,
+    /// The last message of the unit so far was an Execute the proxy ran
+    /// and answered itself (a COMMIT, PREPARE TRANSACTION or COMMIT AND
+    /// CHAIN): nothing of the client's has gone to the node since.
+    pub(super) answered_in_place: bool,
 }
 
 impl Unit {
     fn new(base: Loose) -> Unit {
-        Unit { mode: UnitMode::Plain, sent: false, write_seen: false, commit_seen: false, executed: false, begins: false, base, owed: 0 }
+        Unit {
+            mode: UnitMode::Plain,
+            sent: false,
+            write_seen: false,
+            commit_seen: false,
+            executed: false,
+            begins: false,
+            base,
+            owed: 0,
+            answered_in_place: false,
+        }
     }
 }
 
@@ -877,6 +891,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         }
         if let Some(u) = self.unit.as_mut() {
             u.owed += answers_owed(f.tag, body);
+            u.answered_in_place = false;
         }
         self.out.extend_from_slice(raw);
         Ok(())
@@ -884,7 +899,17 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
 
     pub(super) async fn sync(&mut self, raw: &[u8]) -> Result<(), End> {
         self.ctx.tracker.before_send(1).await;
-        if matches!(self.unit.take().map(|u| u.mode), Some(UnitMode::Wrapped | UnitMode::DiscardWrapped)) {
+        let unit = self.unit.take();
+        if unit.is_some_and(|u| u.answered_in_place) && self.out.is_empty() && self.link.queue().is_empty() {
+            // The unit ended with a commit the proxy ran and answered: its
+            // own statements, each ended by a Sync, have all been answered,
+            // so the node is idle in a known state and would answer this
+            // Sync with exactly this ReadyForQuery. One round trip to the
+            // node less per commit.
+            let status = self.status();
+            return self.answer(BytesMut::new(), status).await;
+        }
+        if matches!(unit.map(|u| u.mode), Some(UnitMode::Wrapped | UnitMode::DiscardWrapped)) {
             self.send_pending(raw, false, PendingKind::Autocommit);
         } else {
             self.expect(Expect::Forward);

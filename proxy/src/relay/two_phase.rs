@@ -43,8 +43,19 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Ok(()) => messages::command_complete("COMMIT"),
             Err(e) => e.into_bytes(),
         };
-        self.to_client(&reply).await?;
+        self.answered_in_place(&reply).await?;
         Ok(true)
+    }
+
+    /// Gives the client the answer to an Execute the proxy ran itself
+    /// with its own statements, all answered by now
+    /// ([`super::driver::Unit::answered_in_place`]).
+    async fn answered_in_place(&mut self, reply: &[u8]) -> Result<(), End> {
+        self.to_client(reply).await?;
+        if let Some(u) = self.unit.as_mut() {
+            u.answered_in_place = true;
+        }
+        Ok(())
     }
 
     /// At the Execute of the client's `PREPARE TRANSACTION 'gid'` inside
@@ -65,7 +76,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Some(e) => e.raw.clone(),
             None => self.voted_reply(gid, messages::command_complete("PREPARE TRANSACTION")).await?,
         };
-        self.to_client(&reply).await?;
+        self.answered_in_place(&reply).await?;
         Ok(true)
     }
 
@@ -81,7 +92,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Block::ReadOnly | Block::Other => return Ok(false),
         }
         let (reply, _status) = self.chain().await?;
-        self.to_client(&reply).await?;
+        self.answered_in_place(&reply).await?;
         Ok(true)
     }
 
