@@ -325,7 +325,7 @@ enum Acks {
 fn await_acks(gid: &str, wait: std::time::Duration) -> Acks {
     let key = committed_key(gid);
     let peers = peer_ids();
-    let _slot = Awaiting::register(&key);
+    let _slot = Awaiting::register(&key, &peers, peers.len());
     let deadline = std::time::Instant::now() + wait;
     loop {
         // Its own statement: the shared lock must be released before the
@@ -401,9 +401,9 @@ pub(crate) fn my_id() -> i32 {
 struct Awaiting<'a>(&'a str);
 
 impl<'a> Awaiting<'a> {
-    /// This backend waits for the peers' answers on `key` (its latch is
-    /// set when one comes).
-    fn register(key: &'a str) -> Self {
+    /// This backend waits for the peers' answers on `key`: its latch is
+    /// set once `yes_needed` of `peers` said yes, or one said no.
+    fn register(key: &'a str, peers: &[i32], yes_needed: usize) -> Self {
         let me_proc = my_procno();
         // A backend ended by FATAL (pg_terminate_backend, or its client
         // found gone by client_connection_check_interval while it waits
@@ -411,7 +411,7 @@ impl<'a> Awaiting<'a> {
         // would stay taken, and once the table is full no commit could
         // wait for its votes.
         crate::pg::proc::at_exit(release_my_waits);
-        if let Err(e) = PEER_VOTES.exclusive().0.wait(key, me_proc) {
+        if let Err(e) = PEER_VOTES.exclusive().0.wait_for(key, me_proc, peers, yes_needed) {
             error!("multimaster: cannot wait for the peers' answers on {key}: {e}");
         }
         Awaiting(key)
@@ -455,7 +455,7 @@ fn await_votes(
     // Its age, should an older conflicting transaction need its locks.
     crate::resolver::note_prepare_time(gid, prepared_at);
     let peers = peer_ids();
-    let _slot = Awaiting::register(gid);
+    let _slot = Awaiting::register(gid, &peers, peers.len());
     let started = std::time::Instant::now();
     let timeout = std::time::Duration::from_millis(timeout_ms.max(0) as u64);
     let mut deadline = started + timeout;
@@ -556,7 +556,7 @@ fn precommit(gid: &str, me: i32, peers: &[i32], timeout: std::time::Duration) ->
         return (true, me, None, None);
     }
     let key = precommitted_key(gid);
-    let _slot = Awaiting::register(&key);
+    let _slot = Awaiting::register(&key, peers, need_yes);
     // With at most three nodes, this node's promise and one peer's are a
     // majority: that peer may commit as it promises, and its commit, not
     // this node's COMMIT PREPARED, is what `await_commits` then waits for.

@@ -38,6 +38,10 @@ pub struct Slot {
     message_len: u16,
     /// Who waits for the outcome (a PGPROC number), or -1.
     waiter: i32,
+    /// The waiter is woken by a yes only once this many of the nodes in
+    /// `wake_mask` said yes (0: by every vote); a no always wakes it.
+    wake_mask: u64,
+    wake_yes: u8,
     /// Age order, for making room.
     stamp: u64,
 }
@@ -53,6 +57,8 @@ const EMPTY: Slot = Slot {
     message: [0; MESSAGE_MAX],
     message_len: 0,
     waiter: -1,
+    wake_mask: 0,
+    wake_yes: 0,
     stamp: 0,
 };
 
@@ -60,13 +66,22 @@ const EMPTY: Slot = Slot {
 #[derive(Copy, Clone)]
 pub struct Tally {
     slots: [Slot; SLOTS],
+    /// A hash of each slot's gid (0: the slot is free), so a look-up
+    /// strides through 8 KB rather than every slot's 600 bytes.
+    keys: [u64; SLOTS],
     next_stamp: u64,
 }
 
 impl Default for Tally {
     fn default() -> Self {
-        Tally { slots: [EMPTY; SLOTS], next_stamp: 1 }
+        Tally { slots: [EMPTY; SLOTS], keys: [0; SLOTS], next_stamp: 1 }
     }
+}
+
+/// FNV-1a of a gid, never 0 (which marks a free slot).
+fn key_of(gid: &[u8]) -> u64 {
+    let h = gid.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    h.max(1)
 }
 
 /// Where a gid's vote stands for a given set of peers.
@@ -100,7 +115,16 @@ fn bit(node: i32) -> Result<u64, TallyError> {
 
 impl Tally {
     fn find(&self, gid: &[u8]) -> Option<usize> {
-        self.slots.iter().position(|s| s.used && &s.gid[..s.gid_len as usize] == gid)
+        let key = key_of(gid);
+        self.keys.iter().enumerate().filter(|(_, &k)| k == key).map(|(i, _)| i).find(|&i| {
+            let s = &self.slots[i];
+            s.used && &s.gid[..s.gid_len as usize] == gid
+        })
+    }
+
+    fn free(&mut self, i: usize) {
+        self.slots[i] = EMPTY;
+        self.keys[i] = 0;
     }
 
     /// The slot of `gid`, taking a free one or the oldest nobody waits on.
@@ -112,7 +136,7 @@ impl Tally {
         if let Some(i) = self.find(g) {
             return Ok(i);
         }
-        let i = match self.slots.iter().position(|s| !s.used) {
+        let i = match self.keys.iter().position(|&k| k == 0) {
             Some(i) => i,
             None => self
                 .slots
@@ -125,6 +149,7 @@ impl Tally {
         };
         let stamp = self.next_stamp;
         self.next_stamp += 1;
+        self.keys[i] = key_of(g);
         let s = &mut self.slots[i];
         *s = EMPTY;
         s.used = true;
@@ -158,14 +183,26 @@ impl Tally {
                 }
             }
         }
-        Ok((s.waiter >= 0).then_some(s.waiter))
+        let enough = s.wake_yes == 0 || refusal.is_some() || (s.yes & s.wake_mask).count_ones() >= u32::from(s.wake_yes);
+        Ok((s.waiter >= 0 && enough).then_some(s.waiter))
     }
 
     /// `waiter` waits for the outcome of `gid`: its slot is kept until
     /// [`Tally::release`].
     pub fn wait(&mut self, gid: &str, waiter: i32) -> Result<(), TallyError> {
+        self.wait_for(gid, waiter, &[], 0)
+    }
+
+    /// As [`Tally::wait`], but a yes wakes `waiter` only once `yes_needed`
+    /// of `peers` have said yes (a no still wakes it at once): a backend
+    /// waiting for every peer is woken once, not once per peer.
+    pub fn wait_for(&mut self, gid: &str, waiter: i32, peers: &[i32], yes_needed: usize) -> Result<(), TallyError> {
+        let mask = peers.iter().try_fold(0u64, |m, &p| bit(p).map(|b| m | b))?;
         let i = self.slot_for(gid)?;
-        self.slots[i].waiter = waiter;
+        let s = &mut self.slots[i];
+        s.waiter = waiter;
+        s.wake_mask = mask;
+        s.wake_yes = yes_needed.min(peers.len()).min(u8::MAX as usize) as u8;
         Ok(())
     }
 
@@ -213,7 +250,7 @@ impl Tally {
     /// The outcome of `gid` is decided (or nobody waits any more): forget it.
     pub fn release(&mut self, gid: &str) {
         if let Some(i) = self.find(gid.as_bytes()) {
-            self.slots[i] = EMPTY;
+            self.free(i);
         }
     }
 
@@ -222,14 +259,16 @@ impl Tally {
     /// (FATAL: terminated, or its client found gone) would otherwise keep
     /// its slots for good, as no slot with a waiter is ever evicted.
     pub fn release_waiter(&mut self, waiter: i32) {
-        for s in self.slots.iter_mut().filter(|s| s.used && s.waiter == waiter) {
-            *s = EMPTY;
+        for i in 0..SLOTS {
+            if self.keys[i] != 0 && self.slots[i].waiter == waiter {
+                self.free(i);
+            }
         }
     }
 
     /// Slots in use (for monitoring and tests).
     pub fn in_use(&self) -> usize {
-        self.slots.iter().filter(|s| s.used).count()
+        self.keys.iter().filter(|&&k| k != 0).count()
     }
 }
 
@@ -350,6 +389,40 @@ mod tests {
             t.wait(&format!("w-{i}"), i as i32).unwrap();
         }
         assert_eq!(t.wait("one-more", 1), Err(TallyError::Full));
+    }
+
+    #[test]
+    fn a_waiter_for_every_peer_is_woken_once_they_all_said_yes_or_one_said_no() {
+        let mut t = boxed();
+        t.wait_for("g", 7, &[2, 3], 2).unwrap();
+        assert_eq!(t.record("g", 2, None), Ok(None), "one yes of two: nothing decided yet");
+        assert_eq!(t.record("g", 3, None), Ok(Some(7)));
+        t.wait_for("h", 7, &[2, 3], 2).unwrap();
+        assert_eq!(t.record("h", 3, Some(("40001", "conflict"))), Ok(Some(7)), "a no decides at once");
+        t.wait_for("q", 8, &[2, 3], 1).unwrap();
+        assert_eq!(t.record("q", 3, None), Ok(Some(8)), "a quorum of one");
+        t.wait("w", 9).unwrap();
+        assert_eq!(t.record("w", 2, None), Ok(Some(9)), "a plain wait is woken by every vote");
+        assert!(t.wait_for("x", 9, &[0], 1).is_err());
+    }
+
+    #[test]
+    fn gids_are_found_among_many_and_freed_slots_are_reused() {
+        let mut t = boxed();
+        for i in 0..SLOTS {
+            t.record(&format!("mtm-{i}"), 2, None).unwrap();
+        }
+        assert_eq!(t.in_use(), SLOTS);
+        assert_eq!(t.outcome("mtm-517", &[2]), Outcome::Yes);
+        assert_eq!(t.outcome("mtm-5170", &[2]), Outcome::Pending { missing: vec![2] });
+        t.release("mtm-517");
+        assert_eq!(t.in_use(), SLOTS - 1);
+        assert_eq!(t.outcome("mtm-517", &[2]), Outcome::Pending { missing: vec![2] });
+        t.wait("new", 4).unwrap();
+        assert_eq!(t.in_use(), SLOTS, "the freed slot is taken, nothing evicted");
+        assert_eq!(t.outcome("mtm-518", &[2]), Outcome::Yes);
+        t.release_waiter(4);
+        assert_eq!(t.in_use(), SLOTS - 1);
     }
 
     #[test]
