@@ -1,7 +1,8 @@
-//! CancelRequest routing. Clients get the proxy's own (pid, secret) pair in
-//! BackendKeyData; this registry maps it to the node and backend key the
-//! session really uses, so a cancel reaches the right backend and a client
-//! cannot cancel sessions it does not know the key of.
+//! CancelRequest routing. Clients get their backend's pid with a secret
+//! of the proxy's in BackendKeyData; this registry maps that pair to the
+//! node and backend key the session really uses, so a cancel reaches the
+//! right backend and a client cannot cancel sessions it does not know the
+//! key of.
 
 use dashmap::DashMap;
 use std::sync::atomic::Ordering;
@@ -29,13 +30,14 @@ pub struct CancelRegistry {
 }
 
 impl CancelRegistry {
-    /// Registers a session and returns the key to give its client.
+    /// Registers a session and returns the key to give its client: the
+    /// pid of its backend on its node — what `pg_backend_pid()`,
+    /// `pg_stat_activity` and notifications from it say there — with a
+    /// secret of the proxy's. Backends of two nodes may share a pid; their
+    /// secrets keep the keys apart.
     pub fn register(&self, target: CancelTarget) -> (i32, i32) {
         loop {
-            // Above any pid Linux hands out (pid_max is at most 2^22):
-            // never the pid of a node's backend, which a notification
-            // from another session may carry.
-            let key = ((rand::random::<i32>() & 0x7fff_ffff) | 1 << 22, rand::random::<i32>());
+            let key = (target.pid, rand::random::<i32>());
             if let dashmap::Entry::Vacant(e) = self.map.entry(key) {
                 e.insert(target);
                 return key;

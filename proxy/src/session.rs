@@ -66,8 +66,7 @@ async fn forward(est: Established, peer: &SocketAddrOrUnix, shared: &Arc<Shared>
     shared.totals.sessions.fetch_add(1, Ordering::Relaxed);
 
     let end = if client.write_all(&hello).await.is_ok() {
-        let pids = Pids { node: server.pid, client: key.0 };
-        let ctx = PumpCtx::new(shared, &info, &node_name, server.status, side, pids);
+        let ctx = PumpCtx::new(shared, &info, &node_name, server.status, side);
         let end = match (&mut client, &mut server.stream) {
             // The common case without TLS: zero-cost borrowed halves.
             (ClientStream::Tcp(c), ServerStream::Tcp(s)) => {
@@ -177,19 +176,10 @@ pub struct PumpCtx<'a> {
     pub queries_by_class: [metrics::Counter; 4],
     pub bytes_in: metrics::Counter,
     pub bytes_out: metrics::Counter,
-    pub pids: Pids,
-}
-
-/// The session's backend pid on its node, and the one its client was
-/// given (the proxy's BackendKeyData, its cancel key).
-#[derive(Debug, Clone, Copy)]
-pub struct Pids {
-    pub node: i32,
-    pub client: i32,
 }
 
 impl<'a> PumpCtx<'a> {
-    fn new(shared: &'a Shared, info: &'a Arc<SessionInfo>, node: &str, status: u8, side: crate::everywhere::SideLogin, pids: Pids) -> Self {
+    fn new(shared: &'a Shared, info: &'a Arc<SessionInfo>, node: &str, status: u8, side: crate::everywhere::SideLogin) -> Self {
         let q = |c: crate::classify::StatementClass| {
             metrics::counter!("mtm_proxy_queries_total", "node" => node.to_string(), "class" => c.as_str())
         };
@@ -214,7 +204,6 @@ impl<'a> PumpCtx<'a> {
             queries_by_class: [q(Other), q(Transaction), q(RemoteFunction), q(Ddl)],
             bytes_in: metrics::counter!("mtm_proxy_client_bytes_received_total"),
             bytes_out: metrics::counter!("mtm_proxy_client_bytes_sent_total"),
-            pids,
         }
     }
 }

@@ -99,13 +99,15 @@ fn pg_notify_from_a_query_or_a_trigger_is_heard_on_every_node() {
     nothing_prepared(&c, Duration::from_secs(10));
 }
 
-/// A client knows its own notifications by the pid it was given at login
-/// (`PQbackendPID`, psycopg's `info.backend_pid`, asyncpg's
-/// `get_server_pid()`), as on one PostgreSQL: those its session sent
-/// carry that pid — in autocommit and from a transaction that wrote —
-/// and one from a session on another node does not.
+/// The pid a client is given at login (`PQbackendPID`, psycopg's
+/// `info.backend_pid`, asyncpg's `get_server_pid()`) is its backend's on
+/// its node, as on one PostgreSQL: `pg_backend_pid()` says the same, a
+/// client knows its own notifications by it — in autocommit and from a
+/// transaction that wrote — and a notification from another session of
+/// its node carries that session's pid. (One from another node carries
+/// the pid of the process that delivered it there.)
 #[test]
-fn a_sessions_own_notifications_carry_the_pid_its_client_was_given() {
+fn a_sessions_pid_is_its_backends_and_names_its_notifications() {
     let c = TestCluster::start(3);
     schema(&c, "create table t(id int primary key)");
     wait_connected(&c);
@@ -113,20 +115,25 @@ fn a_sessions_own_notifications_carry_the_pid_its_client_was_given() {
 import sys, psycopg
 dsn = sys.argv[1]
 me = psycopg.connect(dsn, autocommit=True)
-other = psycopg.connect(dsn, autocommit=True)
 node = lambda cn: cn.execute("select current_setting('port')").fetchone()[0]
-assert node(me) != node(other), "two sessions on two nodes"
+others = [psycopg.connect(dsn, autocommit=True) for _ in range(3)]
+far = next(o for o in others if node(o) != node(me))
+near = next(o for o in others if node(o) == node(me))
 me.execute("listen chan")
 me.execute("notify chan, 'autocommit'")
 with me.transaction():
     me.execute("insert into t values (1)")
     me.execute("notify chan, 'wrote'")
-other.execute("notify chan, 'other'")
+near.execute("notify chan, 'near'")
+far.execute("notify chan, 'far'")
 heard = {}
-for n in me.notifies(timeout=10, stop_after=3):
+for n in me.notifies(timeout=10, stop_after=4):
     heard[n.payload] = n.pid
 mine = me.info.backend_pid
-print(sorted(heard), heard["autocommit"] == mine, heard["wrote"] == mine, heard["other"] != mine)
+print(sorted(heard),
+      me.execute("select pg_backend_pid()").fetchone()[0] == mine,
+      heard["autocommit"] == mine, heard["wrote"] == mine,
+      heard["near"] == near.info.backend_pid, heard["far"] not in (mine, far.info.backend_pid))
 "#;
     let out = std::process::Command::new("python3")
         .args(["-c", script, &c.proxy_conninfo("postgres")])
@@ -134,5 +141,5 @@ print(sorted(heard), heard["autocommit"] == mine, heard["wrote"] == mine, heard[
         .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(stdout.trim(), "['autocommit', 'other', 'wrote'] True True True");
+    assert_eq!(stdout.trim(), "['autocommit', 'far', 'near', 'wrote'] True True True True True");
 }

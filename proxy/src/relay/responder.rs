@@ -91,16 +91,6 @@ pub(super) fn xact_writes_report(body: &[u8]) -> Option<bool> {
     (r.cstr().ok()? == XACT_WRITES).then(|| r.cstr().ok() == Some("on"))
 }
 
-/// Rewrites the sender's pid of the NotificationResponse `raw` to the
-/// client's pid when the session's own backend sent it.
-pub(super) fn own_notification_pid(raw: &mut [u8], pids: crate::session::Pids) {
-    if let Some(pid) = raw.get_mut(5..9) {
-        if i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]]) == pids.node {
-            pid.copy_from_slice(&pids.client.to_be_bytes());
-        }
-    }
-}
-
 impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
     pub(super) async fn run<SR: AsyncRead + Unpin>(mut self, mut sr: SR) -> End {
         let mut split = Splitter::default();
@@ -183,11 +173,7 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
         }
         if tag == b'A' {
             // Notifications belong to the client whatever is running.
-            // One this session sent names its backend: the client knows
-            // it by the pid the proxy gave it (clients skip their own).
-            let start = self.out.len();
             self.out.extend_from_slice(raw);
-            own_notification_pid(&mut self.out[start..], self.ctx.pids);
             return;
         }
         let status = (tag == b'Z').then(|| body.first().copied().unwrap_or(b'I'));
@@ -323,22 +309,6 @@ mod tests {
         let mut s = Splitter::default();
         s.buf.extend_from_slice(&[b'Z', 0, 0, 0, 2]);
         assert!(s.next().is_err());
-    }
-
-    #[test]
-    fn a_notification_of_the_sessions_own_backend_carries_the_clients_pid() {
-        let pids = crate::session::Pids { node: 4242, client: 1 << 22 | 7 };
-        let notification = |pid: i32| {
-            let mut body = pid.to_be_bytes().to_vec();
-            body.extend_from_slice(b"chan\0payload\0");
-            frame(b'A', &body)
-        };
-        let mut own = notification(4242);
-        own_notification_pid(&mut own, pids);
-        assert_eq!(&own[..], &notification(1 << 22 | 7)[..]);
-        let mut other = notification(4243);
-        own_notification_pid(&mut other, pids);
-        assert_eq!(&other[..], &notification(4243)[..], "another backend's pid is left as it is");
     }
 
     #[test]
