@@ -905,6 +905,22 @@ fn pipelined_transactions_commit_through_the_cluster() {
         let twice = ["1", "2", "C:BEGIN", "1", "2", "C:INSERT 0 1", "1", "2", "C:COMMIT"];
         assert_eq!(summary(&r.until_ready()), [&twice[..], &twice[..], &["Z:I"]].concat());
 
+        // A write after the COMMIT in the same unit runs in an implicit
+        // transaction of its own, committed at the Sync: with the BEGIN in
+        // the unit, and with it sent before (psycopg's pipeline outside
+        // autocommit).
+        let mut m = unit(&["begin", &format!("insert into pl values ({})", id(4)), "commit", &format!("insert into pl values ({})", id(8))]);
+        m.extend(Raw::sync());
+        r.s.write_all(&m).unwrap();
+        let then_insert = ["1", "2", "C:INSERT 0 1", "Z:I"];
+        assert_eq!(summary(&r.until_ready()), [&twice[..], &then_insert[..]].concat());
+        r.s.write_all(&Raw::query("begin")).unwrap();
+        r.until_ready();
+        let mut m = unit(&[&format!("insert into pl values ({})", id(9)), "commit", &format!("insert into pl values ({})", id(0))]);
+        m.extend(Raw::sync());
+        r.s.write_all(&m).unwrap();
+        assert_eq!(summary(&r.until_ready()), [&twice[3..], &then_insert[..]].concat());
+
         // In pieces: an INSERT then, later, its COMMIT in a block opened
         // before.
         r.s.write_all(&Raw::query("begin")).unwrap();
@@ -937,11 +953,11 @@ fn pipelined_transactions_commit_through_the_cluster() {
     r.s.write_all(&Raw::query("select 42")).unwrap();
     assert_eq!(summary(&r.until_ready()), ["T", "D", "C:SELECT 1", "Z:I"]);
 
-    assert_eq!(commits(&c, "committed") - before, 13.0, "four writing transactions per session and one more through the cluster's commit");
+    assert_eq!(commits(&c, "committed") - before, 25.0, "eight writing transactions per session and one more through the cluster's commit");
     no_gid_left(&c);
     for id in 1..=3 {
         let rows: Vec<i32> = client(&c, id).query("select id from pl order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(rows, [1, 3, 5, 6, 7, 11, 13, 15, 16, 21, 23, 25, 26], "node{id}");
+        assert_eq!(rows, [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 18, 19, 20, 21, 23, 24, 25, 26, 28, 29], "node{id}");
     }
 
     // pgbench's pipelines of whole transactions, clients on every node.

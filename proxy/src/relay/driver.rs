@@ -78,6 +78,12 @@ impl Unit {
             answered_in_place: false,
         }
     }
+
+    /// What is left of a unit once the proxy has answered its COMMIT,
+    /// PREPARE TRANSACTION or COMMIT AND CHAIN itself.
+    pub(super) fn after_answer_in_place(base: Loose) -> Unit {
+        Unit { answered_in_place: true, ..Unit::new(base) }
+    }
 }
 
 /// A unit whose end the proxy finishes itself.

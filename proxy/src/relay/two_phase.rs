@@ -49,12 +49,15 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
 
     /// Gives the client the answer to an Execute the proxy ran itself
     /// with its own statements, all answered by now
-    /// ([`super::driver::Unit::answered_in_place`]).
+    /// ([`super::driver::Unit::answered_in_place`]). The node is then idle
+    /// (or in the chained block) in a known state, as after a Sync: the
+    /// rest of the unit is decided afresh, as a unit of its own — a write
+    /// after the COMMIT runs in a new implicit transaction, which the
+    /// proxy wraps and commits at the client's Sync.
     async fn answered_in_place(&mut self, reply: &[u8]) -> Result<(), End> {
         self.to_client(reply).await?;
-        if let Some(u) = self.unit.as_mut() {
-            u.answered_in_place = true;
-        }
+        self.unit = Some(super::driver::Unit::after_answer_in_place(self.link.loose()));
+        self.looked_ahead_to = 0;
         Ok(())
     }
 
