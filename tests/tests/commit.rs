@@ -921,6 +921,20 @@ fn pipelined_transactions_commit_through_the_cluster() {
         r.s.write_all(&m).unwrap();
         assert_eq!(summary(&r.until_ready()), [&twice[3..], &then_insert[..]].concat());
 
+        // Without a BEGIN, a COMMIT ends the unit's implicit transaction
+        // (with PostgreSQL's warning that no block is open): the writes
+        // before it commit there, those after it at the Sync.
+        let big = |k: usize| (100 + n * 10 + k).to_string();
+        let mut m = unit(&[&format!("insert into pl values ({})", big(1)), "commit", &format!("insert into pl values ({})", big(2))]);
+        m.extend(Raw::sync());
+        r.s.write_all(&m).unwrap();
+        let implicit = ["1", "2", "C:INSERT 0 1", "1", "2", "N", "C:COMMIT"];
+        assert_eq!(summary(&r.until_ready()), [&implicit[..], &then_insert[..]].concat());
+        let mut m = unit(&[&format!("insert into pl values ({})", big(3)), "commit"]);
+        m.extend(Raw::sync());
+        r.s.write_all(&m).unwrap();
+        assert_eq!(summary(&r.until_ready()), [&implicit[..], &["Z:I"]].concat());
+
         // In pieces: an INSERT then, later, its COMMIT in a block opened
         // before.
         r.s.write_all(&Raw::query("begin")).unwrap();
@@ -953,11 +967,13 @@ fn pipelined_transactions_commit_through_the_cluster() {
     r.s.write_all(&Raw::query("select 42")).unwrap();
     assert_eq!(summary(&r.until_ready()), ["T", "D", "C:SELECT 1", "Z:I"]);
 
-    assert_eq!(commits(&c, "committed") - before, 25.0, "eight writing transactions per session and one more through the cluster's commit");
+    assert_eq!(commits(&c, "committed") - before, 34.0, "eleven writing transactions per session and one more through the cluster's commit");
     no_gid_left(&c);
     for id in 1..=3 {
         let rows: Vec<i32> = client(&c, id).query("select id from pl order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(rows, [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 18, 19, 20, 21, 23, 24, 25, 26, 28, 29], "node{id}");
+        let mut expected = vec![0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 18, 19, 20, 21, 23, 24, 25, 26, 28, 29];
+        expected.extend([101, 102, 103, 111, 112, 113, 121, 122, 123]);
+        assert_eq!(rows, expected, "node{id}");
     }
 
     // pgbench's pipelines of whole transactions, clients on every node.
@@ -1120,6 +1136,35 @@ fn a_portal_bound_before_its_writing_execute_commits_in_autocommit() {
 /// transaction, as on one PostgreSQL: committed through the cluster at
 /// its Sync. If a read failed, the node skips the rest up to the Sync
 /// and nothing is written.
+/// An autocommit write in the extended protocol is answered only when the
+/// client asks (Flush or Sync), as by one PostgreSQL: the proxy's BEGIN
+/// goes in front of the client's messages, without a Sync of its own that
+/// would make the node answer them early (psycopg's pipeline traces them).
+#[test]
+fn an_autocommit_write_is_answered_only_when_the_client_asks() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table asked(id int primary key)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    let mut m = Raw::parse("", "insert into asked values (1)");
+    m.extend(Raw::bind_execute(""));
+    r.s.write_all(&m).unwrap();
+    r.s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut byte = [0u8; 1];
+    let early = r.s.read(&mut byte);
+    assert!(early.is_err(), "nothing before the client asks: {early:?} {byte:?}");
+    r.s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    r.s.write_all(&msg(b'H', &[])).unwrap();
+    assert_eq!(summary(&r.read_n(3)), ["1", "2", "C:INSERT 0 1"]);
+    r.s.write_all(&Raw::sync()).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["Z:I"]);
+    converge(&c, &["asked"]);
+    no_gid_left(&c);
+    for id in 1..=3 {
+        let n: i64 = client(&c, id).query_one("select count(*) from asked", &[]).unwrap().get(0);
+        assert_eq!(n, 1, "node{id}");
+    }
+}
+
 #[test]
 fn a_pipeline_segment_that_reads_before_it_writes_commits_in_autocommit() {
     let c = TestCluster::start(3);

@@ -62,6 +62,10 @@ pub(super) struct Unit {
     /// and answered itself (a COMMIT, PREPARE TRANSACTION or COMMIT AND
     /// CHAIN): nothing of the client's has gone to the node since.
     pub(super) answered_in_place: bool,
+    /// While none of the unit's messages has been written to the node:
+    /// the driver's write count then ([`Driver::writes`]) and where they
+    /// start in [`Driver::out`].
+    pub(super) unsent: Option<(u64, usize)>,
 }
 
 impl Unit {
@@ -76,6 +80,7 @@ impl Unit {
             base,
             owed: 0,
             answered_in_place: false,
+            unsent: None,
         }
     }
 
@@ -127,6 +132,8 @@ pub(super) struct Driver<'a, SW, CW> {
     /// client that picks colliding names slows only itself.
     pub(super) statements: HashMap<Vec<u8>, Intent>,
     pub(super) portals: HashMap<Vec<u8>, Intent>,
+    /// How many times [`Self::send`] has written to the node.
+    pub(super) writes: u64,
     /// Frames of the batch being handled that [`Self::look_ahead`] has
     /// already seen (their unit decided on): up to this index.
     pub(super) looked_ahead_to: usize,
@@ -195,6 +202,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         if !self.out.is_empty() {
             self.sw.write_all(&self.out).await.map_err(|_| End::ServerIo)?;
             self.out.clear();
+            self.writes += 1;
         }
         Ok(())
     }
@@ -740,12 +748,13 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             None => {
                 self.ctx.tracker.before_send(0).await;
                 self.forget_ended_portals();
-                Unit::new(self.link.loose())
+                Unit { unsent: Some((self.writes, self.out.len())), ..Unit::new(self.link.loose()) }
             }
         };
         if matches!(unit.mode, UnitMode::Discard | UnitMode::DiscardWrapped) {
             return Ok(());
         }
+        let mut held_back: Option<BytesMut> = None;
         // Each piece of the unit is looked at once, from its first Bind or
         // Execute (the batch's frames up to `looked_ahead_to` were seen).
         if unit.mode == UnitMode::Plain && matches!(f.tag, b'B' | b'E') && (i >= self.looked_ahead_to || !whole) {
@@ -800,8 +809,17 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             if new_need && may_sync {
                 // The exact state first: wait for the answers so far — with
                 // a Sync of the proxy's if part of this unit is already on
-                // its way (harmless: nothing of it has executed yet).
-                if unit.sent {
+                // its way (harmless: nothing of it has executed yet). If
+                // none of it has left yet, it is held back instead, and the
+                // proxy's BEGIN, if any, goes in front of it: a Sync would
+                // make the node answer the unit's first messages (a
+                // ParseComplete) before the client's Sync or Flush asks,
+                // and cost a round trip.
+                let unsent = unit.unsent.filter(|&(writes, from)| writes == self.writes && from <= self.out.len());
+                if let Some((_, from)) = unsent.filter(|_| unit.sent) {
+                    held_back = Some(self.out.split_off(from));
+                    self.drain().await?;
+                } else if unit.sent {
                     let held = self.sync_inside_unit().await?;
                     // What the node owes is answered now (and was counted
                     // by the Sync's entry, not as loose).
@@ -822,11 +840,19 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 let failed = self.status() == b'E';
                 if commit && (open_and_writes || failed || (self.status() == b'I' && begin_then_commit)) {
                     unit.mode = UnitMode::CommitInside;
-                } else if write && !commit && self.status() == b'I' {
+                } else if write && self.status() == b'I' && !(commit && unit.begins) {
+                    // A COMMIT among them ends the implicit transaction:
+                    // the proxy commits its block there
+                    // (`implicit_commit_in_place`).
                     self.begin_own_transaction();
                     unit.mode = UnitMode::Wrapped;
                 }
             }
+        }
+        if let Some(held) = held_back {
+            // After the proxy's BEGIN, if it put one in front.
+            unit.unsent = Some((self.writes, self.out.len()));
+            self.out.extend_from_slice(&held);
         }
         unit.sent = true;
         self.unit = Some(unit);
@@ -876,6 +902,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     if self.commit_in_place().await? {
                         return Ok(());
                     }
+                }
+                if unit.mode == UnitMode::Wrapped && self.portals.get(&portal) == Some(&Intent::Commit) && self.implicit_commit_in_place().await? {
+                    return Ok(());
                 }
                 match self.portals.get(&portal).cloned() {
                     Some(Intent::PrepareTransaction(gid)) => {

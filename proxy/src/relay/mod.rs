@@ -217,6 +217,7 @@ where
         out: BytesMut::new(),
         statements: HashMap::default(),
         portals: HashMap::default(),
+        writes: 0,
         looked_ahead_to: 0,
         last_tag: 0,
         copy_after_sync: false,

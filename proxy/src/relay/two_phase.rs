@@ -47,6 +47,27 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(true)
     }
 
+    /// At the Execute of a COMMIT in a unit the proxy wrapped in its own
+    /// BEGIN (writes before it in the unit's implicit transaction, no
+    /// BEGIN of the client's): PostgreSQL commits the implicit
+    /// transaction there with a warning that no transaction block is in
+    /// progress; the proxy commits its block the cluster's way instead and
+    /// answers the same. Returns whether it did.
+    pub(super) async fn implicit_commit_in_place(&mut self) -> Result<bool, End> {
+        match self.block_wrote().await? {
+            Block::Wrote | Block::ReadOnly => {}
+            Block::Failed => return Ok(true),
+            Block::Other => return Ok(false),
+        }
+        let mut reply = messages::warning("25P01", NO_TRANSACTION);
+        match self.commit_open().await? {
+            Ok(()) => reply.extend_from_slice(&messages::command_complete("COMMIT")),
+            Err(e) => reply.extend_from_slice(&e.into_bytes()),
+        }
+        self.answered_in_place(&reply).await?;
+        Ok(true)
+    }
+
     /// Gives the client the answer to an Execute the proxy ran itself
     /// with its own statements, all answered by now
     /// ([`super::driver::Unit::answered_in_place`]). The node is then idle
@@ -122,7 +143,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             },
             PendingKind::ImplicitCommitAfter(rest) => match status {
                 b'T' => {
-                    let warning = messages::warning("25P01", "there is no transaction in progress");
+                    let warning = messages::warning("25P01", NO_TRANSACTION);
                     return self.commit_then(warning, rest).await;
                 }
                 b'E' => {
@@ -401,7 +422,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                             if let Some(waited) = answers.next() {
                                 let waited = answer(waited).await?;
                                 if commit::first_row(&waited).and_then(|r| r.into_iter().next().flatten()).as_deref() != Some("t") {
-                                    tracing::warn!(%gid, "committed, but not every node confirmed its commit within {timeout:?}");
+                                    tracing::warn!(%gid, "committed, but not every node confirmed its commit: one was unreachable, or did not confirm within {timeout:?}; it commits the transaction when it gets there");
                                     metrics::counter!("mtm_proxy_commits_unconfirmed_total").increment(1);
                                 }
                             }
@@ -432,6 +453,10 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(outcome)
     }
 }
+
+/// PostgreSQL's warning at a COMMIT outside a transaction block (an
+/// implicit one included).
+const NO_TRANSACTION: &str = "there is no transaction in progress";
 
 /// The open transaction, as the proxy's Sync inside a unit finds it.
 pub(super) enum Block {
