@@ -12,6 +12,9 @@ use std::time::Duration;
 /// The settings every node needs; see the comments in the file.
 pub const NODE_CONF: &str = include_str!("../../conf/node.conf");
 
+/// How long a start waits for a crashed node's old processes to be gone.
+const LEFTOVERS_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// How long `pg_ctl start` may wait for a node to accept connections.
 const START_TIMEOUT_SECS: u32 = 60;
 
@@ -81,8 +84,26 @@ impl Node {
         Ok(())
     }
 
-    /// Starts the node and waits until it accepts connections.
+    /// Starts the node and waits until it accepts connections. Right after
+    /// a crash (kill -9 of the postmaster) its old processes linger for a
+    /// moment — the postmaster until it is reaped, its children until they
+    /// notice — and PostgreSQL refuses to start while they do: that is
+    /// waited out (up to [`LEFTOVERS_WAIT`]) rather than reported.
     pub fn start(&self, host: &Host) -> Result<()> {
+        let deadline = std::time::Instant::now() + LEFTOVERS_WAIT;
+        loop {
+            match self.start_once(host) {
+                Err(Error::StartFailed { reason, .. })
+                    if std::time::Instant::now() < deadline && (reason.contains("already exists") || reason.contains("still in use")) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn start_once(&self, host: &Host) -> Result<()> {
         crate::host::check_port_free(self.port, &self.name())?;
         // The previous run's log is kept; pg_ctl appends.
         let out = host

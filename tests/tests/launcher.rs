@@ -276,3 +276,19 @@ fn a_cluster_replicates_the_database_it_was_created_for() {
         assert_eq!(exists, c.node(id).port as i32 == port, "node{id}");
     }
 }
+
+/// `mtmctl up` right after a node's postmaster was killed with kill -9
+/// starts it again: PostgreSQL refuses to start while the old postmaster
+/// (until it is reaped) or its children linger, and `up` waits for them
+/// rather than failing.
+#[test]
+fn up_right_after_a_kill_9_starts_the_node_again() {
+    let cluster = TestCluster::start(3);
+    let pid = cluster.node(2).pid().expect("node2 runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let dir = cluster.layout.data_dir.to_str().unwrap().to_string();
+    let out = mtmctl(&["up", "--data-dir", &dir]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(cluster.node(2).pid().is_some_and(|p| p != pid));
+    assert_eq!(psql_ok(cluster.node(2).port, "select 1"), "1");
+}
