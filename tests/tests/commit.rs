@@ -1165,6 +1165,24 @@ fn an_autocommit_write_is_answered_only_when_the_client_asks() {
     }
 }
 
+/// A write's Parse sent on its own fails (no such table); the Bind,
+/// Execute and Sync that follow are skipped, as by one PostgreSQL: the
+/// client hears that one error and ReadyForQuery, not a second error for
+/// a Bind of the statement that never was.
+#[test]
+fn a_failed_parse_sent_alone_skips_the_rest_of_its_unit() {
+    let c = TestCluster::start(3);
+    let mut r = Raw::connect(c.layout.proxy_port);
+    r.s.write_all(&Raw::parse("", "insert into no_such_table values (1)")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut m = Raw::bind_execute("");
+    m.extend(Raw::sync());
+    r.s.write_all(&m).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["E:42P01", "Z:I"]);
+    r.s.write_all(&Raw::query("select 42")).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["T", "D", "C:SELECT 1", "Z:I"]);
+}
+
 #[test]
 fn a_pipeline_segment_that_reads_before_it_writes_commits_in_autocommit() {
     let c = TestCluster::start(3);

@@ -820,13 +820,18 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     held_back = Some(self.out.split_off(from));
                     self.drain().await?;
                 } else if unit.sent {
+                    let errors_before = unit.base.errors;
                     let held = self.sync_inside_unit().await?;
                     // What the node owes is answered now (and was counted
                     // by the Sync's entry, not as loose).
                     if let Some(u) = self.unit {
                         (unit.base, unit.owed) = (u.base, u.owed);
                     }
-                    if held.error {
+                    // A message of the unit may have failed before the
+                    // Sync was sent (its error came with nothing expected):
+                    // the node then skipped up to that Sync, and the rest of
+                    // the unit is skipped here as it would be there.
+                    if held.error || unit.base.errors > errors_before {
                         unit.mode = unit.mode.discarding();
                         self.unit = Some(unit);
                         return Ok(());
