@@ -24,7 +24,6 @@ pub const MAX_NODE: i32 = 64;
 
 #[derive(Copy, Clone)]
 pub struct Slot {
-    used: bool,
     gid: [u8; GID_MAX],
     gid_len: u8,
     /// Bit `id - 1` set: node `id` voted yes.
@@ -47,7 +46,6 @@ pub struct Slot {
 }
 
 const EMPTY: Slot = Slot {
-    used: false,
     gid: [0; GID_MAX],
     gid_len: 0,
     yes: 0,
@@ -78,10 +76,9 @@ impl Default for Tally {
     }
 }
 
-/// FNV-1a of a gid, never 0 (which marks a free slot).
+/// A gid's hash, the decision log's: never 0 (which marks a free slot).
 fn key_of(gid: &[u8]) -> u64 {
-    let h = gid.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    h.max(1)
+    mtm_state::decisions::gid_hash(gid)
 }
 
 /// Where a gid's vote stands for a given set of peers.
@@ -118,7 +115,7 @@ impl Tally {
         let key = key_of(gid);
         self.keys.iter().enumerate().filter(|(_, &k)| k == key).map(|(i, _)| i).find(|&i| {
             let s = &self.slots[i];
-            s.used && &s.gid[..s.gid_len as usize] == gid
+            &s.gid[..s.gid_len as usize] == gid
         })
     }
 
@@ -152,7 +149,6 @@ impl Tally {
         self.keys[i] = key_of(g);
         let s = &mut self.slots[i];
         *s = EMPTY;
-        s.used = true;
         s.gid[..g.len()].copy_from_slice(g);
         s.gid_len = g.len() as u8;
         s.stamp = stamp;

@@ -60,10 +60,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             Block::Other => return Ok(false),
         }
         let mut reply = messages::warning("25P01", NO_TRANSACTION);
-        match self.commit_open().await? {
-            Ok(()) => reply.extend_from_slice(&messages::command_complete("COMMIT")),
-            Err(e) => reply.extend_from_slice(&e.into_bytes()),
-        }
+        reply.extend_from_slice(&self.commit_open_reply(messages::command_complete("COMMIT")).await?);
         self.answered_in_place(&reply).await?;
         Ok(true)
     }
