@@ -42,8 +42,8 @@ impl Reply {
 
 /// The messages that run `sql` as the proxy's own statement:
 /// CloseComplete, ParseComplete, BindComplete, the result (rows +
-/// CommandComplete, or ErrorResponse), CloseComplete come back. The
-/// statement is closed after it ran, so the client never sees it in
+/// CommandComplete, or ErrorResponse), CloseComplete (its portal) and
+/// CloseComplete come back. The statement is closed after it ran, so the client never sees it in
 /// `pg_prepared_statements`; and before, in case the last one failed
 /// (the node then skipped its Close).
 pub fn own_statement(sql: &str) -> BytesMut {
@@ -58,17 +58,24 @@ pub fn own_statement(sql: &str) -> BytesMut {
     put_cstr(&mut parse, sql);
     parse.put_i16(0);
     out.extend_from_slice(&frame(b'P', &parse));
+    // A portal of its own too, closed after it ran: the unnamed one may
+    // be a client's, suspended mid-result, to be read on after the
+    // proxy's statement.
     let mut bind = BytesMut::new();
-    put_cstr(&mut bind, "");
+    put_cstr(&mut bind, OWN_STATEMENT);
     put_cstr(&mut bind, OWN_STATEMENT);
     bind.put_i16(0);
     bind.put_i16(0);
     bind.put_i16(0);
     out.extend_from_slice(&frame(b'B', &bind));
     let mut execute = BytesMut::new();
-    put_cstr(&mut execute, "");
+    put_cstr(&mut execute, OWN_STATEMENT);
     execute.put_i32(0);
     out.extend_from_slice(&frame(b'E', &execute));
+    let mut close_portal = BytesMut::new();
+    close_portal.put_u8(b'P');
+    put_cstr(&mut close_portal, OWN_STATEMENT);
+    out.extend_from_slice(&frame(b'C', &close_portal));
     out.extend_from_slice(&close);
     out
 }
@@ -81,10 +88,10 @@ pub fn own_unit(sql: &str) -> BytesMut {
 }
 
 /// Messages that answer [`own_statement`] when it succeeds without rows
-/// (Close, Parse, Bind, CommandComplete, Close): what the relay skips
-/// after the BEGIN it puts in front of an autocommit unit (a BEGIN, with
-/// no transaction block open, does not fail).
-pub const OWN_STATEMENT_REPLIES: usize = 5;
+/// (Close, Parse, Bind, CommandComplete, Close, Close): what the relay
+/// skips after the BEGIN it puts in front of an autocommit unit (a BEGIN,
+/// with no transaction block open, does not fail).
+pub const OWN_STATEMENT_REPLIES: usize = 6;
 
 /// A Sync message.
 pub fn sync() -> BytesMut {
@@ -263,7 +270,7 @@ mod tests {
             assert_eq!(i, m.len());
             v
         };
-        assert_eq!(tags, b"CPBECS", "closed before and after: never left for the client to see");
+        assert_eq!(tags, b"CPBECCS", "closed before and after, its portal too: never left for the client to see");
         assert_eq!(literal("it's"), "'it''s'");
     }
 

@@ -1243,6 +1243,51 @@ fn a_pipeline_segment_that_reads_before_it_writes_commits_in_autocommit() {
     no_gid_left(&c);
 }
 
+/// A portal the client left suspended (an Execute with a row limit) in
+/// an implicit transaction survives the BEGIN the proxy puts in front of
+/// a later write of the same unit: the proxy's own statements run in a
+/// portal of their own, not the unnamed one the client is reading from.
+#[test]
+fn a_suspended_portal_survives_the_begin_before_a_write_in_its_unit() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table susp(id int primary key)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    let mut read = Raw::parse("", "select generate_series(1, 4)");
+    let mut bind = cstr("");
+    bind.extend(cstr(""));
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    read.extend(msg(b'B', &bind));
+    let mut two = cstr("");
+    two.extend_from_slice(&2i32.to_be_bytes());
+    read.extend(msg(b'E', &two));
+    read.extend(msg(b'H', &[]));
+    r.s.write_all(&read).unwrap();
+    assert_eq!(summary(&r.read_n(5)), ["1", "2", "D", "D", "s"]);
+    let mut write = Raw::parse("w", "insert into susp values (1)");
+    let mut bind = cstr("p");
+    bind.extend(cstr("w"));
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    write.extend(msg(b'B', &bind));
+    let mut execute = cstr("p");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    write.extend(msg(b'E', &execute));
+    let mut rest = cstr("");
+    rest.extend_from_slice(&0i32.to_be_bytes());
+    write.extend(msg(b'E', &rest));
+    write.extend(Raw::sync());
+    r.s.write_all(&write).unwrap();
+    let answer = r.until_ready();
+    assert_eq!(summary(&answer), ["1", "2", "C:INSERT 0 1", "D", "D", "C:SELECT 2", "Z:I"]);
+    let rows: Vec<String> = answer.iter().filter(|(t, _)| *t == b'D').map(|(_, b)| String::from_utf8_lossy(&b[6..]).into_owned()).collect();
+    assert_eq!(rows, ["3", "4"]);
+    converge(&c, &["susp"]);
+    for i in 1..=3 {
+        let n: i64 = client(&c, i).query_one("select count(*) from susp", &[]).unwrap().get(0);
+        assert_eq!(n, 1, "node {i}");
+    }
+    no_gid_left(&c);
+}
+
 /// A client whose encoding is not UTF-8 (`SET client_encoding TO
 /// latin9`) sends its text in that encoding: the proxy passes it on byte
 /// for byte — a write in autocommit, a Query string it runs part by
