@@ -1029,10 +1029,22 @@ fn a_commit_inside_a_query_string_commits_there_and_the_rest_runs() {
     assert_eq!(summary(&raws[0].until_ready()), ["C:BEGIN", "C:INSERT 0 1", "C:PREPARE TRANSACTION", "T", "D", "C:SELECT 1", "Z:I"]);
     raws[1].s.write_all(&Raw::query("commit prepared 'in-a-string'")).unwrap();
     assert_eq!(summary(&raws[1].until_ready()), ["C:COMMIT PREPARED", "Z:I"]);
-    // 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13: twelve commits of the cluster
-    // (14 is the client's own).
-    let expected: Vec<i32> = vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14];
-    assert_eq!(commits(&c, "committed") - before, 12.0, "each committed part went through the cluster's commit");
+    // The same with the client's next messages already behind the string
+    // (pipelined, in one write): they wait until its last part committed,
+    // and each gets its own answers.
+    let mut pipelined = Raw::query("begin; insert into m values (15); commit; insert into m values (16)");
+    pipelined.extend(Raw::query("select 1/0"));
+    pipelined.extend(Raw::parse("", "select 42"));
+    pipelined.extend(Raw::bind_execute(""));
+    pipelined.extend(Raw::sync());
+    raws[2].s.write_all(&pipelined).unwrap();
+    assert_eq!(summary(&raws[2].until_ready()), ["C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "C:INSERT 0 1", "Z:I"]);
+    assert_eq!(summary(&raws[2].until_ready()), ["E:22012", "Z:I"]);
+    assert_eq!(summary(&raws[2].until_ready()), ["1", "2", "D", "C:SELECT 1", "Z:I"]);
+    // 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 16: fourteen commits of
+    // the cluster (14 is the client's own).
+    let expected: Vec<i32> = vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16];
+    assert_eq!(commits(&c, "committed") - before, 14.0, "each committed part went through the cluster's commit");
     converge(&c, &["m"]);
     for i in 1..=3 {
         let ids: Vec<i32> = client(&c, i).query("select id from m order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();

@@ -404,9 +404,11 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         self.out.extend_from_slice(raw);
     }
 
-    /// A new unit waits until the pending one is finished.
+    /// A new unit waits until the pending one is finished — and the one
+    /// finishing it may start: the rest of a Query string after its
+    /// COMMIT runs as a pending unit of its own.
     pub(super) async fn finish_pending(&mut self) -> Result<(), End> {
-        if self.pending.is_some() {
+        while self.pending.is_some() {
             self.send().await?;
             let held = match self.pending.as_mut() {
                 Some(p) => (&mut p.rx).await.unwrap_or_default(),
