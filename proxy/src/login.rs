@@ -83,7 +83,16 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
                 shared.cancels.cancel((pid, secret)).await;
                 return Login::Done;
             }
-            Ok(StartupPacket::Startup { params, .. }) => break params,
+            Ok(packet @ StartupPacket::Startup { .. }) => {
+                let negotiate = packet.needs_negotiation();
+                let StartupPacket::Startup { params, protocol_options, .. } = packet else { unreachable!() };
+                // Before anything else, as PostgreSQL does: the session
+                // goes on in 3.0 without the options.
+                if negotiate && client.write_all(&messages::negotiate_protocol_version(&protocol_options)).await.is_err() {
+                    return Login::Done;
+                }
+                break params;
+            }
             Err(StartupError::Closed) => return Login::Done,
             Err(StartupError::Io(e)) => {
                 tracing::debug!(%peer, "startup read failed: {e}");
@@ -101,6 +110,10 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
                 refuse(&mut client, peer, &PgError::fatal("0A000", e.to_string())).await;
                 return Login::Done;
             }
+            Err(e @ StartupError::NoUser) => {
+                refuse(&mut client, peer, &PgError::fatal("28000", e.to_string())).await;
+                return Login::Done;
+            }
             Err(e) => {
                 refuse(&mut client, peer, &PgError::fatal("08P01", e.to_string())).await;
                 return Login::Done;
@@ -110,6 +123,14 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let user = get("user").unwrap_or_default();
     let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    // A walsender's session (pg_basebackup, pg_receivewal, a subscriber)
+    // speaks a protocol of its own that the proxy does not relay.
+    if get("replication").is_some_and(|v| !matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0")) {
+        let e = PgError::fatal("0A000", "replication connections are not supported through the proxy")
+            .with_hint("Connect to a node directly for pg_basebackup, pg_receivewal or logical replication.");
+        refuse(&mut client, peer, &e).await;
+        return Login::Done;
+    }
 
     // 2. Limits and TLS policy.
     if live.config.tls.mode == ClientTlsMode::Require && !client.is_tls() && !matches!(peer, SocketAddrOrUnix::Unix) {

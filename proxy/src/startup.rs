@@ -17,9 +17,22 @@ pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
     Cancel { pid: i32, secret: i32 },
-    /// A protocol 3.0 StartupMessage: its parameters in order, and the raw
-    /// packet so it can be forwarded untouched.
-    Startup { params: Vec<(String, String)>, raw: BytesMut },
+    /// A protocol 3.x StartupMessage: its parameters in order (protocol
+    /// options, `_pq_.*`, left out), the minor version the client asked
+    /// for and the protocol options it named, and the raw packet. The
+    /// proxy speaks 3.0 and knows no protocol option: when `minor` > 0 or
+    /// `protocol_options` is not empty it answers NegotiateProtocolVersion
+    /// first, as PostgreSQL 15 does, and the session goes on in 3.0.
+    Startup { params: Vec<(String, String)>, minor: u32, protocol_options: Vec<String>, raw: BytesMut },
+}
+
+impl StartupPacket {
+    /// Whether the client must hear NegotiateProtocolVersion before
+    /// anything else: it asked for a newer minor version or for protocol
+    /// options.
+    pub fn needs_negotiation(&self) -> bool {
+        matches!(self, StartupPacket::Startup { minor, protocol_options, .. } if *minor > 0 || !protocol_options.is_empty())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +45,8 @@ pub enum StartupError {
     UnsupportedProtocol { major: u32, minor: u32 },
     #[error("invalid startup packet layout: {0}")]
     Malformed(&'static str),
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -76,9 +91,11 @@ pub fn parse_startup(raw: BytesMut) -> Result<StartupPacket, StartupError> {
             Ok(StartupPacket::Cancel { pid, secret })
         }
         SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(StartupError::Malformed("bad request length")),
-        PROTOCOL_3_0 => {
-            let params = parse_params(body)?;
-            Ok(StartupPacket::Startup { params, raw })
+        // 3.x: PostgreSQL 15 accepts any minor version and offers 3.0.
+        _ if code >> 16 == 3 && code != SSL_REQUEST && code != GSSENC_REQUEST && code != CANCEL_REQUEST => {
+            let (params, protocol_options): (Vec<_>, Vec<_>) = parse_params(body)?.into_iter().partition(|(k, _)| !k.starts_with("_pq_."));
+            let protocol_options = protocol_options.into_iter().map(|(k, _)| k).collect();
+            Ok(StartupPacket::Startup { params, minor: code & 0xffff, protocol_options, raw })
         }
         other => Err(StartupError::UnsupportedProtocol { major: other >> 16, minor: other & 0xffff }),
     }
@@ -99,7 +116,7 @@ fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
         return Err(StartupError::Malformed("data after the final terminator"));
     }
     if !params.iter().any(|(k, _)| k == "user") {
-        return Err(StartupError::Malformed("no PostgreSQL user name specified in startup packet"));
+        return Err(StartupError::NoUser);
     }
     Ok(params)
 }
@@ -160,6 +177,25 @@ mod tests {
     fn short_or_inconsistent_packets_are_errors() {
         assert!(parse_startup(BytesMut::from(&[0u8, 0, 0][..])).is_err());
         assert!(parse_startup(BytesMut::from(&[0u8, 0, 0, 9, 0, 3, 0, 0][..])).is_err());
+    }
+
+    #[test]
+    fn a_newer_minor_version_or_protocol_options_ask_for_negotiation() {
+        let plain = parse_startup(packet(PROTOCOL_3_0, b"user\0bob\0\0")).unwrap();
+        assert!(!plain.needs_negotiation());
+        let newer = parse_startup(packet(PROTOCOL_3_0 + 2, b"user\0bob\0\0")).unwrap();
+        assert!(newer.needs_negotiation());
+        match parse_startup(packet(PROTOCOL_3_0, b"user\0bob\0_pq_.opt\0x\0database\0db\0\0")).unwrap() {
+            p @ StartupPacket::Startup { .. } => {
+                assert!(p.needs_negotiation());
+                let StartupPacket::Startup { params, protocol_options, minor, .. } = p else { unreachable!() };
+                assert_eq!(params, vec![("user".into(), "bob".into()), ("database".into(), "db".into())]);
+                assert_eq!(protocol_options, vec!["_pq_.opt".to_string()]);
+                assert_eq!(minor, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse_startup(packet(PROTOCOL_3_0, b"database\0db\0\0")), Err(StartupError::NoUser)));
     }
 
     #[test]

@@ -46,12 +46,27 @@ fn sqlstate(body: &[u8]) -> String {
 }
 
 fn startup_packet(user: &str) -> Vec<u8> {
+    startup_packet_with(196608, &format!("user\0{user}\0database\0postgres\0\0"))
+}
+
+/// A startup packet of protocol `version` with `params` (`name\0value\0…\0`).
+fn startup_packet_with(version: u32, params: &str) -> Vec<u8> {
     let mut body = Vec::new();
-    body.extend_from_slice(&196608u32.to_be_bytes());
-    body.extend_from_slice(format!("user\0{user}\0database\0postgres\0\0").as_bytes());
+    body.extend_from_slice(&version.to_be_bytes());
+    body.extend_from_slice(params.as_bytes());
     let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
     p.extend(body);
     p
+}
+
+/// Reads one backend message: (tag, body).
+fn read_message(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).expect("read message header");
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0; len - 4];
+    s.read_exact(&mut body).unwrap();
+    (head[0], body)
 }
 
 /// pgbench in each query mode through the proxy of a 3-node cluster, its
@@ -224,6 +239,37 @@ fn bad_input_is_refused_and_other_sessions_do_not_notice() {
     assert_eq!(answer[0], b'N');
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     assert_eq!(closed_unanswered(&mut s), Vec::<u8>::new());
+
+    // A client asking for protocol 3.2 with a protocol option (a newer
+    // libpq with max_protocol_version=latest): PostgreSQL 15 answers
+    // NegotiateProtocolVersion (3.0, the option unknown) before anything
+    // else, and the session goes on in 3.0.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&startup_packet_with(196610, "user\0postgres\0_pq_.test_option\0x\0database\0postgres\0\0")).unwrap();
+    let (tag, body) = read_message(&mut s);
+    assert_eq!(tag, b'v', "NegotiateProtocolVersion first: {}", String::from_utf8_lossy(&body));
+    assert_eq!(body, [&196608u32.to_be_bytes()[..], &1u32.to_be_bytes(), b"_pq_.test_option\0"].concat());
+    assert_eq!(read_message(&mut s).0, b'R');
+    read_until(&mut s, b'Z');
+    s.write_all(&[b'Q', 0, 0, 0, 14, b's', b'e', b'l', b'e', b'c', b't', b' ', b'4', b'2', 0]).unwrap();
+    let row = read_until(&mut s, b'D');
+    assert_eq!(&row[6..], b"42");
+
+    // No user: 28000, as from PostgreSQL.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&startup_packet_with(196608, "database\0postgres\0\0")).unwrap();
+    let body = read_until(&mut s, b'E');
+    assert_eq!(sqlstate(&body), "28000", "{}", String::from_utf8_lossy(&body));
+
+    // A replication connection (pg_basebackup, pg_receivewal through the
+    // proxy): refused with what to do instead.
+    for value in ["database", "true"] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&startup_packet_with(196608, &format!("user\0postgres\0replication\0{value}\0\0"))).unwrap();
+        let body = read_until(&mut s, b'E');
+        assert_eq!(sqlstate(&body), "0A000", "{}", String::from_utf8_lossy(&body));
+        assert!(String::from_utf8_lossy(&body).contains("Connect to a node directly"));
+    }
 
     // A malformed message after login: length word below 4.
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -5,7 +5,7 @@
 use bytes::{BufMut, BytesMut};
 use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
 use pgwire::messages::response::{CommandComplete, ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
-use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
+use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey};
 use pgwire::messages::Message;
 
 /// OID of `text`: every admin-console column is text.
@@ -90,6 +90,13 @@ pub fn auth_sasl_final(data: &[u8]) -> BytesMut {
 }
 pub fn parameter_status(name: &str, value: &str) -> BytesMut {
     encode(ParameterStatus::new(name.into(), value.into()))
+}
+/// PostgreSQL 15's answer to a startup packet asking for a newer minor
+/// version or naming protocol options: it speaks 3.0 (the field holds
+/// the whole version number, as PostgreSQL 15 sends it) and knows none
+/// of the options.
+pub fn negotiate_protocol_version(options: &[String]) -> BytesMut {
+    encode(NegotiateProtocolVersion::new(crate::startup::PROTOCOL_3_0 as i32, options.to_vec()))
 }
 pub fn backend_key_data(pid: i32, secret: i32) -> BytesMut {
     encode(BackendKeyData::new(pid, SecretKey::I32(secret)))
