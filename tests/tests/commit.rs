@@ -1300,6 +1300,40 @@ fn a_suspended_portal_survives_the_begin_before_a_write_in_its_unit() {
     no_gid_left(&c);
 }
 
+/// A session that hears its own NOTIFY gets the notification where
+/// PostgreSQL puts it: after the answer (the CommandComplete of the NOTIFY
+/// or of the COMMIT the cluster ran), just before ReadyForQuery — not
+/// ahead of the answer, as it comes from the node during the proxy's own
+/// commit statements.
+#[test]
+fn a_sessions_own_notification_follows_the_answer_of_its_commit() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table heard(id int primary key)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    r.s.write_all(&Raw::query("listen chan")).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["C:LISTEN", "Z:I"]);
+    r.s.write_all(&Raw::query("notify chan, 'autocommit'")).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["C:NOTIFY", "A", "Z:I"]);
+    r.s.write_all(&Raw::query("begin; insert into heard values (1); notify chan, 'block'; commit")).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["C:BEGIN", "C:INSERT 0 1", "C:NOTIFY", "C:COMMIT", "A", "Z:I"]);
+    r.s.write_all(&Raw::query("select pg_notify('chan', 'function')")).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["T", "D", "C:SELECT 1", "A", "Z:I"]);
+    // The extended protocol: the proxy answers the Sync after the COMMIT.
+    let mut unit = Raw::parse("", "begin");
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::parse("", "notify chan, 'extended'"));
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::parse("", "insert into heard values (2)"));
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::parse("", "commit"));
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::sync());
+    r.s.write_all(&unit).unwrap();
+    let answer = summary(&r.until_ready());
+    assert_eq!(answer[answer.len() - 3..], ["C:COMMIT", "A", "Z:I"], "{answer:?}");
+    no_gid_left(&c);
+}
+
 /// A client whose encoding is not UTF-8 (`SET client_encoding TO
 /// latin9`) sends its text in that encoding: the proxy passes it on byte
 /// for byte — a write in autocommit, a Query string it runs part by

@@ -116,6 +116,11 @@ struct Link<CW> {
     /// [`Loose`] does: the driver can tell when the node has answered
     /// every message of a unit sent so far.
     loose: Mutex<Loose>,
+    /// NotificationResponses that arrived while the proxy's own
+    /// statements ran (its commit): PostgreSQL delivers them after the
+    /// answer, just before ReadyForQuery, so they wait for the next
+    /// ReadyForQuery the client gets.
+    notifications: Mutex<BytesMut>,
     client: tokio::sync::Mutex<CW>,
 }
 
@@ -160,6 +165,16 @@ impl<CW: AsyncWrite + Unpin> Link<CW> {
 
     fn loose(&self) -> Loose {
         *self.loose.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hold_notification(&self, raw: &[u8]) {
+        self.notifications.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(raw);
+    }
+
+    /// The notifications held back, to go out before a ReadyForQuery.
+    fn held_notifications(&self) -> Option<BytesMut> {
+        let mut held = self.notifications.lock().unwrap_or_else(|e| e.into_inner());
+        (!held.is_empty()).then(|| held.split())
     }
 
     /// From the PREPARE of the commit of `gid` (Some) until its outcome
@@ -207,6 +222,7 @@ where
         node_fatal: AtomicBool::new(false),
         copy_in_response: AtomicBool::new(false),
         loose: Mutex::new(Loose::default()),
+        notifications: Mutex::new(BytesMut::new()),
         client: tokio::sync::Mutex::new(cw),
     };
     let mut driver = Driver {

@@ -172,8 +172,15 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
             self.link.copy_in_response.store(true, Ordering::Release);
         }
         if tag == b'A' {
-            // Notifications belong to the client whatever is running.
-            self.out.extend_from_slice(raw);
+            // Notifications belong to the client whatever is running; but
+            // one that comes with the answer to a statement of the
+            // proxy's (its commit) goes out before the ReadyForQuery of
+            // the answer the client gets, not ahead of its CommandComplete.
+            if matches!(queue.front(), Some(Expect::Capture(_))) {
+                self.link.hold_notification(raw);
+            } else {
+                self.out.extend_from_slice(raw);
+            }
             return;
         }
         let status = (tag == b'Z').then(|| body.first().copied().unwrap_or(b'I'));
@@ -228,6 +235,11 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
             }
             Expect::Forward => {
                 self.count_error(tag, raw);
+                if status.is_some() {
+                    if let Some(held) = self.link.held_notifications() {
+                        self.out.extend_from_slice(&held);
+                    }
+                }
                 self.out.extend_from_slice(raw);
                 if let Some(s) = status {
                     self.ctx.tracker.on_ready(s);

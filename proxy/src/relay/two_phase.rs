@@ -370,8 +370,14 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// unit is over at the ReadyForQuery that answers the client's Sync,
     /// which the responder passes on: see `Responder::route`.)
     pub(super) async fn to_client(&self, bytes: &[u8]) -> Result<(), End> {
-        self.link.to_client(bytes).await?;
         let ends_unit = bytes.len() >= 6 && bytes[bytes.len() - 6] == b'Z';
+        match ends_unit.then(|| self.link.held_notifications()).flatten() {
+            Some(held) => {
+                let (answer, ready) = bytes.split_at(bytes.len() - 6);
+                self.link.to_client(&[answer, &held, ready].concat()).await?;
+            }
+            None => self.link.to_client(bytes).await?,
+        }
         if ends_unit && self.link.committing() {
             self.set_committing(None);
         }
