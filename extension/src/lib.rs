@@ -25,6 +25,8 @@
 //!   commits there;
 //! - [`sequences`] — sequences whose values never collide across nodes
 //!   (`mtm.alter_sequences`);
+//! - [`signal`]   — `pg_cancel_backend` / `pg_terminate_backend` of a pid
+//!   on another node;
 //! - [`xact`]     — whether a client transaction wrote (reported to the proxy)
 //!   and the guard against committing such a transaction on one node;
 //! - [`decisions`] — the durable 2PC decision log: the extension's WAL
@@ -62,6 +64,7 @@ pub mod receiver;
 pub mod relmap;
 pub mod resolver;
 pub mod sequences;
+pub mod signal;
 pub mod status;
 pub mod votes;
 pub mod worker;
@@ -80,7 +83,8 @@ pgrx::extension_sql!(
     r#"
 GRANT USAGE ON SCHEMA mtm TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION mtm.init_cluster(text, text[]), mtm.alter_sequences(),
-    mtm.make_table_local(regclass), mtm.cleanup_old_syncpoints(), mtm.resolve_gid(text, text) FROM PUBLIC;
+    mtm.make_table_local(regclass), mtm.cleanup_old_syncpoints(), mtm.resolve_gid(text, text),
+    mtm.signal_local(integer, text, boolean, bigint) FROM PUBLIC;
 "#,
     name = "grants",
     finalize

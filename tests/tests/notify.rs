@@ -143,3 +143,48 @@ print(sorted(heard),
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.trim(), "['autocommit', 'far', 'near', 'wrote'] True True True True True");
 }
+
+/// A session cancels or terminates another by the pid that session was
+/// given, whichever node each is on (drivers' test suites and job runners
+/// do this): PostgreSQL's own functions, run where the pid lives, as the
+/// caller's role — same answers, same permission errors.
+#[test]
+fn a_pid_from_another_node_can_be_cancelled_and_terminated() {
+    let c = TestCluster::start(3);
+    let mut s = one_per_node(&c);
+    let mut far = s.pop().unwrap();
+    let mut me = s.remove(0);
+    let far_pid: i32 = far.query_one("select pg_backend_pid()", &[]).unwrap().get(0);
+    let mine: i32 = me.query_one("select pg_backend_pid()", &[]).unwrap().get(0);
+    assert_ne!(far_pid, mine);
+
+    // Cancel: the far session's statement ends with 57014.
+    let running = std::thread::spawn(move || {
+        let r = far.batch_execute("select pg_sleep(30)");
+        (far, r)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let cancelled: bool = me.query_one("select pg_cancel_backend($1)", &[&far_pid]).unwrap().get(0);
+    assert!(cancelled);
+    let (mut far, r) = running.join().unwrap();
+    let e = r.expect_err("the far statement was cancelled");
+    assert_eq!(mtm_tests::cluster::sqlstate(&e), "57014", "{e:?}");
+    assert_eq!(far.query_one("select 1", &[]).unwrap().get::<_, i32>(0), 1, "a cancel leaves the session");
+
+    // A role that may not signal a superuser's backend: PostgreSQL's own
+    // refusal, from the node where the backend is.
+    schema(&c, "create role plain login");
+    let mut plain = postgres::Client::connect(&format!("host=127.0.0.1 port={} user=plain dbname=postgres", c.layout.proxy_port), postgres::NoTls).unwrap();
+    let e = plain.query_one("select pg_cancel_backend($1)", &[&far_pid]).expect_err("plain may not cancel a superuser");
+    assert_eq!(mtm_tests::cluster::sqlstate(&e), "42501", "{e:?}");
+
+    // A pid no node has: PostgreSQL's warning and false.
+    let nobody: bool = me.query_one("select pg_terminate_backend(2147483000)", &[]).unwrap().get(0);
+    assert!(!nobody);
+
+    // Terminate, waiting for the backend to exit: the far session is gone.
+    let terminated: bool = me.query_one("select pg_terminate_backend($1, 5000)", &[&far_pid]).unwrap().get(0);
+    assert!(terminated);
+    assert!(far.query_one("select 1", &[]).is_err(), "the far session ended");
+    assert_eq!(me.query_one("select 1", &[]).unwrap().get::<_, i32>(0), 1);
+}

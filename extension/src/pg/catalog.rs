@@ -208,6 +208,15 @@ pub fn as_role<T>(role: &CStr, f: impl FnOnce() -> T) -> T {
     run_as(if oid == pg_sys::InvalidOid { pg_sys::BOOTSTRAP_SUPERUSERID.into() } else { oid }, f)
 }
 
+/// Runs `f` as the role named `role`, as SET ROLE would; an ERROR
+/// (42704) if there is no such role. Inside a transaction.
+pub fn as_existing_role<T>(role: &CStr, f: impl FnOnce() -> T) -> T {
+    // SAFETY: a guarded syscache lookup inside a transaction; without
+    // missing_ok an unknown name is PostgreSQL's own ERROR.
+    let oid = unsafe { pg_sys::get_role_oid(role.as_ptr(), false) };
+    run_as(oid, f)
+}
+
 /// Runs `f` in read-write mode, also inside a transaction the client
 /// made read-only (`default_transaction_read_only`, which covers the
 /// implicit transaction of its COMMIT PREPARED): the extension's own

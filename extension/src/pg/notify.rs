@@ -1,8 +1,9 @@
 //! NOTIFY: PostgreSQL's own queueing of a notification (`Async_Notify`,
 //! not exported by pgrx) and the parse-analysis hook (installed and
-//! chained here) that points a query's calls of `pg_notify()` and
-//! `setval()` at the extension's functions when [`crate::notify`] and
-//! [`crate::sequences`] say so.
+//! chained here) that points a query's calls of `pg_notify()`,
+//! `setval()`, `pg_cancel_backend()` and `pg_terminate_backend()` at the
+//! extension's functions when [`crate::notify`], [`crate::sequences`] and
+//! [`crate::signal`] say so.
 
 use pgrx::pg_guard;
 use pgrx::pg_sys;
@@ -65,6 +66,7 @@ unsafe extern "C-unwind" fn post_parse_analyze(pstate: *mut pg_sys::ParseState, 
     if let Some(ours) = crate::sequences::setval_replacements(source) {
         calls.extend(ours);
     }
+    calls.extend(crate::signal::replacements(source));
     if !calls.is_empty() {
         // SAFETY: `query` is the analysed tree this hook may change in
         // place; the callback is ours below, whose context is `calls`,

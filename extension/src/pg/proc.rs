@@ -171,6 +171,30 @@ pub fn at_exit(f: fn()) {
     unsafe { pg_sys::before_shmem_exit(Some(call), pg_sys::Datum::from(f as usize)) }
 }
 
+/// Whether a backend of this server (a client's, a background worker, a
+/// walsender) has process id `pid`: what `pg_cancel_backend` looks for.
+pub fn is_backend(pid: i32) -> bool {
+    // SAFETY: a guarded binding that reads the proc array under its own
+    // lock; the PGPROC it returns is only compared with null.
+    !unsafe { pg_sys::BackendPidGetProc(pid) }.is_null()
+}
+
+/// Calls the built-in function `oid` with `args` (none of them NULL) and
+/// reads its result as a boolean; its ERROR is raised as from any call.
+pub fn call_builtin(oid: pg_sys::Oid, args: &[pg_sys::Datum]) -> bool {
+    // SAFETY: guarded fmgr calls of a built-in function by oid, with the
+    // number of arguments it takes (the callers name functions of one and
+    // two arguments); a boolean result is read as one.
+    let result = unsafe {
+        match args {
+            [a] => pg_sys::OidFunctionCall1Coll(oid, pg_sys::InvalidOid, *a),
+            [a, b] => pg_sys::OidFunctionCall2Coll(oid, pg_sys::InvalidOid, *a, *b),
+            _ => unreachable!("call_builtin takes one or two arguments"),
+        }
+    };
+    result.value() != 0
+}
+
 /// Sends SIGINT to process `pid` of this server: what pg_cancel_backend
 /// sends, ending the statement it runs with 57014.
 pub fn cancel(pid: i32) {
