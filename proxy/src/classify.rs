@@ -161,6 +161,12 @@ pub enum Intent {
     Begin,
     /// ROLLBACK, SAVEPOINT, COMMIT PREPARED...: forwarded as sent.
     TransactionControl,
+    /// Writes nothing and runs only in a transaction block (LOCK, DECLARE
+    /// without HOLD): forwarded as sent, and an extended unit with one is
+    /// not wrapped in a transaction of the proxy's, so outside a block
+    /// PostgreSQL refuses it (25P01) as it would without the proxy. In a
+    /// Query string, PostgreSQL's implicit block allows it: a read there.
+    BlockOnly,
     /// Cannot run in a transaction block and concerns every node (VACUUM,
     /// CREATE INDEX CONCURRENTLY, CREATE DATABASE, ALTER SYSTEM...): in
     /// autocommit the proxy runs it on every node ([`crate::everywhere`]).
@@ -174,9 +180,6 @@ pub enum Intent {
 const READS: &[&str] = &[
     "SELECT", "VALUES", "TABLE", "SHOW", "SET", "RESET", "FETCH", "MOVE", "CLOSE", "DECLARE", "DEALLOCATE",
     "DISCARD", "LISTEN", "UNLISTEN", "LOAD", "CHECKPOINT",
-    // Takes locks, writes nothing; outside a transaction block PostgreSQL
-    // refuses it, which a transaction of the proxy's would hide.
-    "LOCK",
 ];
 
 /// Functions (and keywords written like calls) that a SELECT may use and
@@ -206,7 +209,13 @@ const MTM_WRITES: &[&str] = &["alter_sequences", "make_table_local", "set_temp_s
 /// The [`Intent`] of a statement (or of a multi-statement string).
 pub fn intent(sql: &str) -> Intent {
     if has_inner_semicolon(sql) {
-        let pieces: Vec<Intent> = statements(sql).into_iter().map(single_intent).collect();
+        let pieces: Vec<Intent> = statements(sql)
+            .into_iter()
+            .map(|piece| match single_intent(piece) {
+                Intent::BlockOnly => Intent::Read,
+                other => other,
+            })
+            .collect();
         return if pieces.iter().any(|i| !matches!(i, Intent::Read | Intent::Write)) {
             Intent::TransactionControl
         } else if pieces.iter().all(|i| *i == Intent::Read) {
@@ -241,6 +250,11 @@ fn single_intent(sql: &str) -> Intent {
         "BEGIN" | "START" => Intent::Begin,
         "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => Intent::TransactionControl,
         "EXPLAIN" if !has("ANALYZE") && !has("ANALYSE") => Intent::Read,
+        // Takes locks or opens a cursor, writes nothing; outside a block
+        // PostgreSQL refuses either, which a transaction of the proxy's
+        // would hide.
+        "LOCK" => Intent::BlockOnly,
+        "DECLARE" if !(has("HOLD") && !has("WITHOUT")) => Intent::BlockOnly,
         "COPY" => {
             let query_copy = upper.find("COPY").is_some_and(|p| upper[p + 4..].trim_start().starts_with('('));
             if query_copy || !has("FROM") {
@@ -661,7 +675,12 @@ mod tests {
         assert_eq!(intent("begin"), Intent::Begin);
         assert_eq!(intent("start transaction isolation level serializable"), Intent::Begin);
         assert_eq!(intent("rollback"), Intent::TransactionControl);
-        assert_eq!(intent("lock table t in exclusive mode"), Intent::Read, "refused outside a block, as by PostgreSQL");
+        assert_eq!(intent("lock table t in exclusive mode"), Intent::BlockOnly, "refused outside a block, as by PostgreSQL");
+        assert_eq!(intent("declare c cursor for select 1"), Intent::BlockOnly);
+        assert_eq!(intent("declare c no scroll cursor without hold for select 1"), Intent::BlockOnly);
+        assert_eq!(intent("declare c cursor with hold for select 1"), Intent::Read, "allowed outside a block");
+        assert_eq!(intent("lock table t; insert into t values (1)"), Intent::Write, "PostgreSQL's implicit block allows it");
+        assert_eq!(intent("lock table t; select 1"), Intent::Read);
         assert_eq!(intent("insert into t values (1); insert into t values (2)"), Intent::Write);
         assert_eq!(intent("select 1; select 2"), Intent::Read);
         assert_eq!(intent("begin; insert into t values (1); commit"), Intent::TransactionControl);

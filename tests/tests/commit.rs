@@ -1334,6 +1334,36 @@ fn a_sessions_own_notification_follows_the_answer_of_its_commit() {
     no_gid_left(&c);
 }
 
+/// LOCK TABLE and DECLARE CURSOR run only in a transaction block. In a
+/// pipeline that writes, outside a block, PostgreSQL refuses them (25P01)
+/// and the unit's writes roll back: the proxy, which wraps such a unit in
+/// its own block, leaves one with either unwrapped, so they fail the same
+/// way. In a Query string PostgreSQL's implicit block allows them, and so
+/// does the proxy.
+#[test]
+fn block_only_statements_in_a_writing_pipeline_fail_as_in_postgresql() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table bo(id int primary key)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    for (i, second) in ["lock table bo", "declare cc cursor for select 1"].iter().enumerate() {
+        let mut unit = Raw::parse("", &format!("insert into bo values ({i})"));
+        unit.extend(Raw::bind_execute(""));
+        unit.extend(Raw::parse("", second));
+        unit.extend(Raw::bind_execute(""));
+        unit.extend(Raw::sync());
+        r.s.write_all(&unit).unwrap();
+        assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "E:25P01", "Z:I"], "{second}");
+    }
+    r.s.write_all(&Raw::query("insert into bo values (7); lock table bo")).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["C:INSERT 0 1", "C:LOCK TABLE", "Z:I"]);
+    converge(&c, &["bo"]);
+    for i in 1..=3 {
+        let ids: Vec<i32> = client(&c, i).query("select id from bo order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [7], "node {i}");
+    }
+    no_gid_left(&c);
+}
+
 /// A client whose encoding is not UTF-8 (`SET client_encoding TO
 /// latin9`) sends its text in that encoding: the proxy passes it on byte
 /// for byte — a write in autocommit, a Query string it runs part by

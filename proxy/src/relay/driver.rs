@@ -666,7 +666,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     }
                 }
             }
-            Intent::Read | Intent::Begin | Intent::TransactionControl => {}
+            Intent::Read | Intent::Begin | Intent::TransactionControl | Intent::BlockOnly => {}
         }
         self.expect(Expect::Forward);
         self.out.extend_from_slice(raw);
@@ -773,7 +773,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             };
             let commit = executes.contains(&Intent::Commit);
             let may_write = executes.contains(&Intent::Write);
-            let control = executes.iter().any(|x| matches!(x, Intent::Begin | Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_)));
+            let control = executes
+                .iter()
+                .any(|x| matches!(x, Intent::Begin | Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_) | Intent::BlockOnly));
             let write = may_write && !control;
             // BEGIN, statements that may write, COMMIT, all in this piece
             // (psycopg's pipeline, pgbench's \startpipeline): the block is
