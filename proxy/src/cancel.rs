@@ -24,6 +24,10 @@ pub struct CancelTarget {
 /// has signalled the backend).
 const CANCEL_DONE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Longest wait for the answer to the proxy's BEGIN before a cancel goes
+/// out ([`crate::state::SessionInfo::beginning`]).
+const BEGIN_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
     map: DashMap<(i32, i32), CancelTarget>,
@@ -62,6 +66,12 @@ impl CancelRegistry {
         if t.session.committing.load(Ordering::Relaxed) {
             return false;
         }
+        // Past the proxy's BEGIN, so the cancel reaches the client's
+        // statement behind it; bounded, should the node never answer.
+        let deadline = tokio::time::Instant::now() + BEGIN_ANSWER_WAIT;
+        while t.session.beginning.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         let mut raw = Vec::with_capacity(16);
         raw.extend_from_slice(&16u32.to_be_bytes());
         raw.extend_from_slice(&crate::startup::CANCEL_REQUEST.to_be_bytes());
@@ -89,4 +99,60 @@ async fn send_and_wait<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, raw: &[u8]) 
     let mut byte = [0u8; 1];
     let _ = tokio::time::timeout(CANCEL_DONE_WAIT, s.read(&mut byte)).await;
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::SessionInfo;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
+    use std::time::Instant;
+
+    fn session() -> Arc<SessionInfo> {
+        Arc::new(SessionInfo {
+            id: 1,
+            client: "client".into(),
+            user: "user".into(),
+            database: "db".into(),
+            node: "node1".into(),
+            started: Instant::now(),
+            state: AtomicU8::new(0),
+            queries: AtomicU64::new(0),
+            transactions: AtomicU64::new(0),
+            committing: AtomicBool::new(false),
+            beginning: AtomicBool::new(false),
+        })
+    }
+
+    /// A cancel that comes while the proxy's BEGIN in front of the
+    /// client's statement is unanswered reaches the node only after it
+    /// has answered: it then interrupts the statement, not the BEGIN.
+    #[tokio::test]
+    async fn a_cancel_waits_until_the_proxys_begin_has_answered() {
+        let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = node.local_addr().unwrap().to_string();
+        let info = session();
+        info.beginning.store(true, Ordering::Release);
+        let registry = CancelRegistry::default();
+        let key = registry.register(CancelTarget { addr, pid: 7, secret: 9, session: info.clone() });
+        let answered_at = Arc::new(std::sync::Mutex::new(None));
+        let answered = answered_at.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            *answered.lock().unwrap() = Some(Instant::now());
+            info.beginning.store(false, Ordering::Release);
+        });
+        let received = tokio::spawn(async move {
+            let (mut s, _) = node.accept().await.unwrap();
+            let mut request = [0u8; 16];
+            s.read_exact(&mut request).await.unwrap();
+            (Instant::now(), request)
+        });
+        assert!(registry.cancel(key).await);
+        let (at, request) = received.await.unwrap();
+        let answered = answered_at.lock().unwrap().expect("the BEGIN answered");
+        assert!(at >= answered, "the cancel reached the node before the BEGIN had answered");
+        assert_eq!(&request[8..12], &7i32.to_be_bytes());
+        assert_eq!(&request[12..16], &9i32.to_be_bytes());
+    }
 }

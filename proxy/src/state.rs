@@ -71,6 +71,12 @@ pub struct SessionInfo {
     /// The proxy runs the cluster's commit of the session's transaction
     /// (a cancel then waits: see [`crate::cancel::CancelTarget`]).
     pub committing: std::sync::atomic::AtomicBool,
+    /// The BEGIN the proxy put in front of a client's statement is on its
+    /// way to the node, not answered yet: a cancel now would end that
+    /// BEGIN instead of the statement (and the node would then skip a
+    /// simple Query sent behind it), so it waits the moment until the
+    /// BEGIN has answered.
+    pub beginning: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -180,6 +186,7 @@ impl Shared {
             queries: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
             committing: std::sync::atomic::AtomicBool::new(false),
+            beginning: std::sync::atomic::AtomicBool::new(false),
         });
         self.sessions.insert(id, info.clone());
         info

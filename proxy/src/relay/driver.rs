@@ -445,6 +445,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// Opens a transaction of the proxy's in front of the next unit (its
     /// answer is not the client's).
     pub(super) fn begin_own_transaction(&mut self) {
+        self.ctx.tracker.info.beginning.store(true, Ordering::Release);
         self.out.extend_from_slice(&commit::own_statement("BEGIN"));
         self.expect(Expect::Skip(commit::OWN_STATEMENT_REPLIES));
     }

@@ -279,6 +279,7 @@ impl<CW: AsyncWrite + Unpin> Responder<'_, CW> {
             return;
         }
         match queue.pop_front() {
+            Some(Expect::Skip(_)) => self.ctx.tracker.info.beginning.store(false, Ordering::Release),
             Some(Expect::Hold { tx, .. }) => {
                 let held = Held {
                     status: status.unwrap_or(b'I'),
