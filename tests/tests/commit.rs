@@ -1169,11 +1169,30 @@ fn an_autocommit_write_is_answered_only_when_the_client_asks() {
     assert_eq!(summary(&r.read_n(3)), ["1", "2", "C:INSERT 0 1"]);
     r.s.write_all(&Raw::sync()).unwrap();
     assert_eq!(summary(&r.until_ready()), ["Z:I"]);
+    // The same with the Parse sent on its own first (psycopg's pipeline):
+    // still nothing before the client's Sync.
+    r.s.write_all(&Raw::parse("", "insert into asked values (2)")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut bind = cstr("");
+    bind.extend(cstr(""));
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut m = msg(b'B', &bind);
+    m.extend(msg(b'D', b"P\0"));
+    let mut execute = cstr("");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    m.extend(msg(b'E', &execute));
+    r.s.write_all(&m).unwrap();
+    r.s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let early = r.s.read(&mut byte);
+    assert!(early.is_err(), "nothing before the client asks: {early:?} {byte:?}");
+    r.s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    r.s.write_all(&Raw::sync()).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["1", "2", "n", "C:INSERT 0 1", "Z:I"]);
     converge(&c, &["asked"]);
     no_gid_left(&c);
     for id in 1..=3 {
         let n: i64 = client(&c, id).query_one("select count(*) from asked", &[]).unwrap().get(0);
-        assert_eq!(n, 1, "node{id}");
+        assert_eq!(n, 2, "node{id}");
     }
 }
 

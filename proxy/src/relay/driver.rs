@@ -66,6 +66,9 @@ pub(super) struct Unit {
     /// the driver's write count then ([`Driver::writes`]) and where they
     /// start in [`Driver::out`].
     pub(super) unsent: Option<(u64, usize)>,
+    /// The unit's messages so far are Parse and Close only: they wait in
+    /// [`Driver::out`] for the rest of the unit ([`Driver::batch`]).
+    pub(super) only_parses: bool,
 }
 
 impl Unit {
@@ -81,6 +84,7 @@ impl Unit {
             owed: 0,
             answered_in_place: false,
             unsent: None,
+            only_parses: true,
         }
     }
 
@@ -519,7 +523,26 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 _ => self.out.extend_from_slice(raw),
             }
         }
-        self.send().await
+        self.send_unless_only_parses().await
+    }
+
+    /// Sends what the batch left to send — but a unit that so far only
+    /// parsed statements (psycopg sends a pipeline's Parse on its own)
+    /// waits for its next messages: PostgreSQL answers none before a Flush
+    /// or Sync, and the proxy may yet put its BEGIN in front of the unit,
+    /// which it can do without a Sync of its own (an early ParseComplete)
+    /// only while none of it has left.
+    async fn send_unless_only_parses(&mut self) -> Result<(), End> {
+        let writes = self.writes;
+        let waiting = self.unit.and_then(|u| u.unsent.filter(|&(w, from)| u.only_parses && w == writes && from <= self.out.len()));
+        let Some((_, from)) = waiting else { return self.send().await };
+        let unit_part = self.out.split_off(from);
+        self.send().await?;
+        self.out = unit_part;
+        if let Some(u) = self.unit.as_mut() {
+            u.unsent = Some((self.writes, 0));
+        }
+        Ok(())
     }
 
     pub(super) fn count_statement(&self, sql: &str, executes: bool) {
@@ -865,6 +888,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             self.out.extend_from_slice(&held);
         }
         unit.sent = true;
+        unit.only_parses &= matches!(f.tag, b'P' | b'C');
         self.unit = Some(unit);
         match f.tag {
             b'P' if whole => {
