@@ -673,6 +673,10 @@ pub fn refuse_values_per_node(stmt: PlannedStmt<'_>, capture: &Capture) {
         if !query.contains_mutable_functions() {
             return;
         }
+        // An unlogged table's rows are each node's own anyway.
+        if ctas.into_relation().is_some_and(|rv| rv.persistence() == pg_sys::RELPERSISTENCE_UNLOGGED as u8) {
+            return;
+        }
         if ctas.into_relation().and_then(catalog::range_var_relid).is_some_and(has_rows) {
             refuse(
                 "CREATE TABLE AS (or a materialized view) whose query calls a function that is not immutable (now(), random()…)",
