@@ -104,6 +104,7 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
                 // while connecting): PostgreSQL only logs it and closes,
                 // and clients expect no answer.
                 tracing::info!(%peer, "invalid length of startup packet ({len} bytes): connection closed");
+                discard_what_arrived(&mut client).await;
                 return Login::Done;
             }
             Err(e @ StartupError::UnsupportedProtocol { .. }) => {
@@ -378,5 +379,21 @@ mod tests {
         let mut e = p(&[("multimaster.node", "node1"), ("database", "postgres")]);
         assert_eq!(take_node_option(&mut e).as_deref(), Some("node1"));
         assert_eq!(e, p(&[("database", "postgres")]));
+    }
+}
+
+/// Reads and drops what the client has already sent, without waiting for
+/// more: PostgreSQL reads its whole first segment into its buffer before
+/// it gives up on a bad startup packet, so its close is an orderly one
+/// (FIN); closing with bytes unread would reset the connection instead.
+async fn discard_what_arrived(client: &mut ClientStream) {
+    use tokio::io::AsyncReadExt;
+    let mut junk = [0u8; 8192];
+    for _ in 0..8 {
+        // A zero timeout still polls the read once: what is there is read.
+        match tokio::time::timeout(std::time::Duration::ZERO, client.read(&mut junk)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            _ => return,
+        }
     }
 }
