@@ -159,7 +159,12 @@ pub enum Intent {
     /// BEGIN or START TRANSACTION: opens a transaction block (forwarded
     /// as sent).
     Begin,
-    /// ROLLBACK, SAVEPOINT, COMMIT PREPARED...: forwarded as sent.
+    /// ROLLBACK (or ABORT) of the transaction: forwarded as sent, but
+    /// where it ends a transaction of the proxy's around an implicit one
+    /// the proxy runs it, with PostgreSQL's warning that no transaction
+    /// was in progress.
+    Rollback,
+    /// SAVEPOINT, ROLLBACK TO, COMMIT PREPARED...: forwarded as sent.
     TransactionControl,
     /// Writes nothing and runs only in a transaction block (LOCK, DECLARE
     /// without HOLD): forwarded as sent, and an extended unit with one is
@@ -248,6 +253,7 @@ fn single_intent(sql: &str) -> Intent {
         },
         "PREPARE" => Intent::Read,
         "BEGIN" | "START" => Intent::Begin,
+        "ROLLBACK" | "ABORT" if !has("TO") && !has("PREPARED") => Intent::Rollback,
         "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => Intent::TransactionControl,
         "EXPLAIN" if !has("ANALYZE") && !has("ANALYSE") => Intent::Read,
         // Takes locks or opens a cursor, writes nothing; outside a block
@@ -674,7 +680,10 @@ mod tests {
         assert_eq!(intent("prepare s as insert into t values ($1)"), Intent::Read);
         assert_eq!(intent("begin"), Intent::Begin);
         assert_eq!(intent("start transaction isolation level serializable"), Intent::Begin);
-        assert_eq!(intent("rollback"), Intent::TransactionControl);
+        assert_eq!(intent("rollback"), Intent::Rollback);
+        assert_eq!(intent("ABORT AND NO CHAIN"), Intent::Rollback);
+        assert_eq!(intent("rollback to savepoint a"), Intent::TransactionControl);
+        assert_eq!(intent("rollback prepared 'x'"), Intent::TransactionControl);
         assert_eq!(intent("lock table t in exclusive mode"), Intent::BlockOnly, "refused outside a block, as by PostgreSQL");
         assert_eq!(intent("declare c cursor for select 1"), Intent::BlockOnly);
         assert_eq!(intent("declare c no scroll cursor without hold for select 1"), Intent::BlockOnly);

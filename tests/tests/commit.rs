@@ -1383,6 +1383,34 @@ fn block_only_statements_in_a_writing_pipeline_fail_as_in_postgresql() {
     no_gid_left(&c);
 }
 
+/// A ROLLBACK sent after the writes of a pipeline in autocommit (in a
+/// later piece of the same unit): PostgreSQL rolls the implicit
+/// transaction back with a warning that no transaction is in progress;
+/// through the proxy, whose BEGIN went in front of the writes, the same.
+#[test]
+fn a_rollback_after_a_pipelines_writes_rolls_them_back_with_postgresqls_warning() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table rb(id int primary key)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    let mut writes = Raw::parse("", "insert into rb values (1)");
+    writes.extend(Raw::bind_execute(""));
+    r.s.write_all(&writes).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut rollback = Raw::parse("", "rollback");
+    rollback.extend(Raw::bind_execute(""));
+    rollback.extend(Raw::sync());
+    r.s.write_all(&rollback).unwrap();
+    let answer = r.until_ready();
+    assert_eq!(summary(&answer), ["1", "2", "C:INSERT 0 1", "1", "2", "N", "C:ROLLBACK", "Z:I"]);
+    let (_, notice) = answer.iter().find(|(t, _)| *t == b'N').unwrap();
+    assert_eq!(mtm_proxy::net::scan::error_field(notice, b'C').as_deref(), Some("25P01"));
+    r.s.write_all(&Raw::query("select count(*) from rb")).unwrap();
+    let answer = r.until_ready();
+    let (_, row) = answer.iter().find(|(t, _)| *t == b'D').unwrap();
+    assert_eq!(&row[6..], b"0");
+    no_gid_left(&c);
+}
+
 /// A client whose encoding is not UTF-8 (`SET client_encoding TO
 /// latin9`) sends its text in that encoding: the proxy passes it on byte
 /// for byte — a write in autocommit, a Query string it runs part by

@@ -690,7 +690,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     }
                 }
             }
-            Intent::Read | Intent::Begin | Intent::TransactionControl | Intent::BlockOnly => {}
+            Intent::Read | Intent::Begin | Intent::Rollback | Intent::TransactionControl | Intent::BlockOnly => {}
         }
         self.expect(Expect::Forward);
         self.out.extend_from_slice(raw);
@@ -799,7 +799,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             let may_write = executes.contains(&Intent::Write);
             let control = executes
                 .iter()
-                .any(|x| matches!(x, Intent::Begin | Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_) | Intent::BlockOnly));
+                .any(|x| {
+                    matches!(x, Intent::Begin | Intent::Rollback | Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_) | Intent::BlockOnly)
+                });
             let write = may_write && !control;
             // BEGIN, statements that may write, COMMIT, all in this piece
             // (psycopg's pipeline, pgbench's \startpipeline): the block is
@@ -938,6 +940,9 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     }
                 }
                 if unit.mode == UnitMode::Wrapped && self.portals.get(&portal) == Some(&Intent::Commit) && self.implicit_commit_in_place().await? {
+                    return Ok(());
+                }
+                if unit.mode == UnitMode::Wrapped && self.portals.get(&portal) == Some(&Intent::Rollback) && self.implicit_rollback_in_place().await? {
                     return Ok(());
                 }
                 match self.portals.get(&portal).cloned() {

@@ -65,6 +65,24 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(true)
     }
 
+    /// At the Execute of a ROLLBACK in a unit the proxy wrapped in its own
+    /// BEGIN, sent after the unit's writes went out: PostgreSQL rolls the
+    /// implicit transaction back with a warning that no transaction is in
+    /// progress; the proxy rolls its block back and answers the same.
+    /// Returns whether it did.
+    pub(super) async fn implicit_rollback_in_place(&mut self) -> Result<bool, End> {
+        match self.block_wrote().await? {
+            Block::Wrote | Block::ReadOnly => {}
+            Block::Failed => return Ok(true),
+            Block::Other => return Ok(false),
+        }
+        self.own(&["ROLLBACK"]).await?;
+        let mut reply = messages::warning("25P01", NO_TRANSACTION);
+        reply.extend_from_slice(&messages::command_complete("ROLLBACK"));
+        self.answered_in_place(&reply).await?;
+        Ok(true)
+    }
+
     /// Gives the client the answer to an Execute the proxy ran itself
     /// with its own statements, all answered by now
     /// ([`super::driver::Unit::answered_in_place`]). The node is then idle
