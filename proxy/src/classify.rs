@@ -171,7 +171,8 @@ pub enum Intent {
     /// not wrapped in a transaction of the proxy's, so outside a block
     /// PostgreSQL refuses it (25P01) as it would without the proxy. In a
     /// Query string, PostgreSQL's implicit block allows it: a read there.
-    BlockOnly,
+    /// Names the statement as PostgreSQL's refusal does.
+    BlockOnly(&'static str),
     /// Cannot run in a transaction block and concerns every node (VACUUM,
     /// CREATE INDEX CONCURRENTLY, CREATE DATABASE, ALTER SYSTEM...): in
     /// autocommit the proxy runs it on every node ([`crate::everywhere`]).
@@ -217,7 +218,7 @@ pub fn intent(sql: &str) -> Intent {
         let pieces: Vec<Intent> = statements(sql)
             .into_iter()
             .map(|piece| match single_intent(piece) {
-                Intent::BlockOnly => Intent::Read,
+                Intent::BlockOnly(_) => Intent::Read,
                 other => other,
             })
             .collect();
@@ -259,8 +260,8 @@ fn single_intent(sql: &str) -> Intent {
         // Takes locks or opens a cursor, writes nothing; outside a block
         // PostgreSQL refuses either, which a transaction of the proxy's
         // would hide.
-        "LOCK" => Intent::BlockOnly,
-        "DECLARE" if !(has("HOLD") && !has("WITHOUT")) => Intent::BlockOnly,
+        "LOCK" => Intent::BlockOnly("LOCK TABLE"),
+        "DECLARE" if !(has("HOLD") && !has("WITHOUT")) => Intent::BlockOnly("DECLARE CURSOR"),
         "COPY" => {
             let query_copy = upper.find("COPY").is_some_and(|p| upper[p + 4..].trim_start().starts_with('('));
             if query_copy || !has("FROM") {
@@ -684,9 +685,9 @@ mod tests {
         assert_eq!(intent("ABORT AND NO CHAIN"), Intent::Rollback);
         assert_eq!(intent("rollback to savepoint a"), Intent::TransactionControl);
         assert_eq!(intent("rollback prepared 'x'"), Intent::TransactionControl);
-        assert_eq!(intent("lock table t in exclusive mode"), Intent::BlockOnly, "refused outside a block, as by PostgreSQL");
-        assert_eq!(intent("declare c cursor for select 1"), Intent::BlockOnly);
-        assert_eq!(intent("declare c no scroll cursor without hold for select 1"), Intent::BlockOnly);
+        assert_eq!(intent("lock table t in exclusive mode"), Intent::BlockOnly("LOCK TABLE"), "refused outside a block, as by PostgreSQL");
+        assert_eq!(intent("declare c cursor for select 1"), Intent::BlockOnly("DECLARE CURSOR"));
+        assert_eq!(intent("declare c no scroll cursor without hold for select 1"), Intent::BlockOnly("DECLARE CURSOR"));
         assert_eq!(intent("declare c cursor with hold for select 1"), Intent::Read, "allowed outside a block");
         assert_eq!(intent("lock table t; insert into t values (1)"), Intent::Write, "PostgreSQL's implicit block allows it");
         assert_eq!(intent("lock table t; select 1"), Intent::Read);

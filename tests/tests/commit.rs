@@ -1373,12 +1373,36 @@ fn block_only_statements_in_a_writing_pipeline_fail_as_in_postgresql() {
         r.s.write_all(&unit).unwrap();
         assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "E:25P01", "Z:I"], "{second}");
     }
+    // LOCK sent later, after the writes went out in the proxy's block:
+    // refused the same, and the writes rolled back.
+    let mut writes = Raw::parse("", "insert into bo values (5)");
+    writes.extend(Raw::bind_execute(""));
+    r.s.write_all(&writes).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut lock = Raw::parse("", "lock table bo");
+    lock.extend(Raw::bind_execute(""));
+    lock.extend(Raw::parse("", "insert into bo values (6)"));
+    lock.extend(Raw::bind_execute(""));
+    lock.extend(Raw::sync());
+    r.s.write_all(&lock).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "E:25P01", "Z:I"]);
+    // After a COMMIT in the unit, LOCK is in a transaction of its own:
+    // the writes before the COMMIT commit, LOCK is refused.
+    let mut unit = Raw::parse("", "insert into bo values (8)");
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::parse("", "commit"));
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::parse("", "lock table bo"));
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::sync());
+    r.s.write_all(&unit).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "N", "C:COMMIT", "1", "2", "E:25P01", "Z:I"]);
     r.s.write_all(&Raw::query("insert into bo values (7); lock table bo")).unwrap();
     assert_eq!(summary(&r.until_ready()), ["C:INSERT 0 1", "C:LOCK TABLE", "Z:I"]);
     converge(&c, &["bo"]);
     for i in 1..=3 {
         let ids: Vec<i32> = client(&c, i).query("select id from bo order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(ids, [7], "node {i}");
+        assert_eq!(ids, [7, 8], "node {i}");
     }
     no_gid_left(&c);
 }

@@ -690,7 +690,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                     }
                 }
             }
-            Intent::Read | Intent::Begin | Intent::Rollback | Intent::TransactionControl | Intent::BlockOnly => {}
+            Intent::Read | Intent::Begin | Intent::Rollback | Intent::TransactionControl | Intent::BlockOnly(_) => {}
         }
         self.expect(Expect::Forward);
         self.out.extend_from_slice(raw);
@@ -797,11 +797,13 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
             };
             let commit = executes.contains(&Intent::Commit);
             let may_write = executes.contains(&Intent::Write);
+            // A statement only a block allows keeps the unit unwrapped if
+            // it runs in the writes' implicit transaction, before a
+            // COMMIT: after it, the rest of the unit is decided afresh.
             let control = executes
                 .iter()
-                .any(|x| {
-                    matches!(x, Intent::Begin | Intent::Rollback | Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_) | Intent::BlockOnly)
-                });
+                .any(|x| matches!(x, Intent::Begin | Intent::Rollback | Intent::TransactionControl | Intent::CommitAndChain | Intent::PrepareTransaction(_)))
+                || executes.iter().take_while(|x| **x != Intent::Commit).any(|x| matches!(x, Intent::BlockOnly(_)));
             let write = may_write && !control;
             // BEGIN, statements that may write, COMMIT, all in this piece
             // (psycopg's pipeline, pgbench's \startpipeline): the block is
@@ -944,6 +946,11 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 }
                 if unit.mode == UnitMode::Wrapped && self.portals.get(&portal) == Some(&Intent::Rollback) && self.implicit_rollback_in_place().await? {
                     return Ok(());
+                }
+                if let (UnitMode::Wrapped, Some(Intent::BlockOnly(what))) = (unit.mode, self.portals.get(&portal).cloned()) {
+                    if self.refuse_outside_a_block(what).await? {
+                        return Ok(());
+                    }
                 }
                 match self.portals.get(&portal).cloned() {
                     Some(Intent::PrepareTransaction(gid)) => {

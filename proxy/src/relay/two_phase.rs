@@ -83,6 +83,28 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(true)
     }
 
+    /// At the Execute of LOCK TABLE or DECLARE CURSOR (`what`) in a unit
+    /// the proxy wrapped in its BEGIN, sent after the unit's writes went
+    /// out: PostgreSQL, which runs the unit in an implicit transaction,
+    /// refuses it (25P01) and rolls the writes back. So does the proxy: it
+    /// rolls its block back, answers the error and skips the rest of the
+    /// unit up to the client's Sync, which it answers itself. Returns
+    /// whether it did.
+    pub(super) async fn refuse_outside_a_block(&mut self, what: &str) -> Result<bool, End> {
+        match self.block_wrote().await? {
+            Block::Wrote | Block::ReadOnly => {}
+            Block::Failed => return Ok(true),
+            Block::Other => return Ok(false),
+        }
+        self.own(&["ROLLBACK"]).await?;
+        count_error("25P01");
+        self.to_client(&messages::error_response("25P01", &format!("{what} can only be used in transaction blocks"), None)).await?;
+        let skip_rest = super::driver::Unit::after_answer_in_place(self.link.loose());
+        self.unit = Some(super::driver::Unit { mode: super::driver::UnitMode::Discard, ..skip_rest });
+        self.looked_ahead_to = 0;
+        Ok(true)
+    }
+
     /// Gives the client the answer to an Execute the proxy ran itself
     /// with its own statements, all answered by now
     /// ([`super::driver::Unit::answered_in_place`]). The node is then idle
