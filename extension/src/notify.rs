@@ -66,10 +66,42 @@ pub(crate) fn take_over(channel: &str, payload: &str) -> bool {
     check(channel, payload);
     let msg = NotifyMessage { channel: channel.to_string(), payload: payload.to_string() };
     crate::pg::rmgr::log_logical_message(c"mtm_notify", &msg.to_bytes(), true);
+    if LISTENED.get() {
+        // PostgreSQL cannot PREPARE a transaction that ran LISTEN: this
+        // one commits here, and its NOTIFY is PostgreSQL's own here and
+        // the peers' when they apply its commit (the message above).
+        queue_one(channel, payload);
+        return true;
+    }
     let level = crate::pg::xact::nest_level();
     PENDING.with_borrow_mut(|p| p.push((level, msg.channel, msg.payload)));
-    crate::xact::set_writes(true);
+    crate::xact::set_writes_for_notify();
     true
+}
+
+thread_local! {
+    /// The open transaction ran LISTEN or UNLISTEN in a session of the
+    /// proxy.
+    static LISTENED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// LISTEN or UNLISTEN ran. PostgreSQL cannot PREPARE the transaction
+/// now, so a transaction whose only cluster-wide work is NOTIFY commits
+/// on this node without the cluster's two-phase commit: its NOTIFYs so
+/// far become PostgreSQL's own here, and the peers deliver them when they
+/// apply its commit (their `mtm_notify` messages are logged already). One
+/// that also wrote to replicated tables still needs the two-phase commit,
+/// which PostgreSQL refuses (0A000, nothing committed).
+pub fn listen_seen() {
+    if !cluster_wide() {
+        return;
+    }
+    LISTENED.set(true);
+    if crate::xact::writes_only_notifies() {
+        let pending: Vec<(String, String)> = PENDING.with_borrow_mut(|p| p.drain(..).map(|(_, c, m)| (c, m)).collect());
+        queue(&pending);
+        crate::xact::set_writes(false);
+    }
 }
 
 /// `pg_notify()` as the proxy's sessions run it: parse analysis points
@@ -155,6 +187,7 @@ pub fn subtransaction_ended(level: i32, aborted: bool) {
 pub fn transaction_ended() {
     PENDING.with_borrow_mut(Vec::clear);
     OWN_WORK.set(false);
+    LISTENED.set(false);
 }
 
 /// Runs `f` as the bootstrap superuser: `mtm.notifications` is the

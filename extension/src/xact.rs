@@ -76,6 +76,7 @@ pub(crate) fn client_change() -> bool {
 }
 
 pub(crate) fn set_writes(on: bool) {
+    ONLY_NOTIFIES.set(false);
     // Other databases are local to each node: their writes commit here.
     if XACT_WRITES.get() == on || (on && !crate::ddl::replicated_database()) {
         return;
@@ -84,6 +85,24 @@ pub(crate) fn set_writes(on: bool) {
     // SESSION, not OVERRIDE: an override also becomes the reset value and
     // survives an abort; this must not.
     crate::pg::guc::set_internal_for_session(c"multimaster.xact_writes", value);
+}
+
+thread_local! {
+    /// What made the open transaction a write is NOTIFY alone.
+    static ONLY_NOTIFIES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A NOTIFY taken over: the transaction goes through the cluster's
+/// commit, like a write.
+pub(crate) fn set_writes_for_notify() {
+    let first = !XACT_WRITES.get();
+    set_writes(true);
+    ONLY_NOTIFIES.set(first && XACT_WRITES.get());
+}
+
+/// Whether the open transaction counts as a write only for its NOTIFYs.
+pub(crate) fn writes_only_notifies() -> bool {
+    ONLY_NOTIFIES.get() && XACT_WRITES.get()
 }
 
 /// Refuses a client's write to replicated tables (`relids`; empty: a
@@ -256,6 +275,9 @@ pub(crate) fn process_utility(mut call: UtilityCall<'_>) {
         if crate::notify::take_over(channel, payload) {
             return;
         }
+    }
+    if matches!(stmt, UtilityStmt::Listen) {
+        crate::notify::listen_seen();
     }
     if client_change() && utility_writes(&stmt) {
         refuse_direct_write(&[], "COPY FROM or TRUNCATE of a replicated table");

@@ -188,3 +188,39 @@ fn a_pid_from_another_node_can_be_cancelled_and_terminated() {
     assert!(far.query_one("select 1", &[]).is_err(), "the far session ended");
     assert_eq!(me.query_one("select 1", &[]).unwrap().get::<_, i32>(0), 1);
 }
+
+/// A transaction that LISTENs (or UNLISTENs) and NOTIFYs, as clients'
+/// notification tests do (`LISTEN c; NOTIFY c, 'x'`): PostgreSQL cannot
+/// PREPARE it, so it commits on its node, and every node's listeners
+/// still hear its notifications — its own session included. One that
+/// also writes to a replicated table needs the two-phase commit: 0A000,
+/// nothing committed.
+#[test]
+fn a_transaction_that_listens_and_notifies_is_heard_on_every_node() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table t(id int primary key)");
+    wait_connected(&c);
+    let mut listeners = one_per_node(&c);
+    for l in &mut listeners {
+        l.batch_execute("listen chan").unwrap();
+    }
+    let mut senders = one_per_node(&c);
+    senders[0].batch_execute("listen chan; notify chan, 'listen first'").unwrap();
+    senders[1].batch_execute("begin; notify chan, 'notify first'; listen other; commit").unwrap();
+    senders[2].batch_execute("begin; unlisten chan; select pg_notify('chan', 'function'); commit").unwrap();
+    let e = senders[2].batch_execute("begin; insert into t values (1); listen other; notify chan, 'with a write'; commit").unwrap_err();
+    assert_eq!(mtm_tests::cluster::sqlstate(&e), "0A000", "{e:?}");
+    senders[2].batch_execute("rollback").unwrap();
+    for (i, l) in listeners.iter_mut().enumerate() {
+        let mut heard = payloads(l, 3, Duration::from_secs(10));
+        heard.sort();
+        assert_eq!(heard, ["function", "listen first", "notify first"], "listener {i}");
+    }
+    let own = payloads(&mut senders[0], 1, Duration::from_secs(10));
+    assert_eq!(own, ["listen first"], "the sender listening on its channel hears itself");
+    nothing_prepared(&c, Duration::from_secs(10));
+    for id in 1..=3 {
+        let rows: i64 = client(&c, id).query_one("select count(*) from t", &[]).unwrap().get(0);
+        assert_eq!(rows, 0, "node{id}: the refused transaction wrote nothing");
+    }
+}

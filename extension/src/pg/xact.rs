@@ -278,6 +278,8 @@ pub enum UtilityStmt<'a> {
     Truncate(Vec<Option<RangeVar<'a>>>),
     /// A transaction statement: its kind and gid, if it has one.
     Transaction { kind: pg_sys::TransactionStmtKind::Type, gid: Option<&'a CStr> },
+    /// LISTEN or UNLISTEN.
+    Listen,
     /// Anything else (or no statement).
     Other,
 }
@@ -297,6 +299,8 @@ impl<'a> UtilityCall<'a> {
             UtilityStmt::Truncate(truncate.relations().collect())
         } else if let Some(stmt) = node.as_transaction() {
             UtilityStmt::Transaction { kind: stmt.kind(), gid: stmt.gid() }
+        } else if matches!(node.tag(), pg_sys::NodeTag::T_ListenStmt | pg_sys::NodeTag::T_UnlistenStmt) {
+            UtilityStmt::Listen
         } else {
             UtilityStmt::Other
         }
