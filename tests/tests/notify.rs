@@ -30,8 +30,9 @@ fn payloads(l: &mut Client, n: usize, wait: Duration) -> Vec<String> {
     out
 }
 
-#[test]
-fn a_listener_on_any_node_hears_a_notify_from_any_node_once_it_commits() {
+/// A 3-node cluster with table `t`, a session on each node listening on
+/// `chan`, and another session on each node to send from.
+fn listeners_and_senders() -> (TestCluster, Vec<Client>, Vec<Client>) {
     let c = TestCluster::start(3);
     schema(&c, "create table t(id int primary key)");
     wait_connected(&c);
@@ -39,7 +40,13 @@ fn a_listener_on_any_node_hears_a_notify_from_any_node_once_it_commits() {
     for l in &mut listeners {
         l.batch_execute("listen chan").unwrap();
     }
-    let mut senders = one_per_node(&c);
+    let senders = one_per_node(&c);
+    (c, listeners, senders)
+}
+
+#[test]
+fn a_listener_on_any_node_hears_a_notify_from_any_node_once_it_commits() {
+    let (c, mut listeners, mut senders) = listeners_and_senders();
     senders[0].batch_execute("notify chan, 'autocommit'").unwrap();
     senders[1].batch_execute("begin; insert into t values (1); notify chan, 'with a write'; commit").unwrap();
     senders[2].batch_execute("begin; notify chan, 'rolled back'; rollback").unwrap();
@@ -197,14 +204,7 @@ fn a_pid_from_another_node_can_be_cancelled_and_terminated() {
 /// nothing committed.
 #[test]
 fn a_transaction_that_listens_and_notifies_is_heard_on_every_node() {
-    let c = TestCluster::start(3);
-    schema(&c, "create table t(id int primary key)");
-    wait_connected(&c);
-    let mut listeners = one_per_node(&c);
-    for l in &mut listeners {
-        l.batch_execute("listen chan").unwrap();
-    }
-    let mut senders = one_per_node(&c);
+    let (c, mut listeners, mut senders) = listeners_and_senders();
     senders[0].batch_execute("listen chan; notify chan, 'listen first'").unwrap();
     senders[1].batch_execute("begin; notify chan, 'notify first'; listen other; commit").unwrap();
     senders[2].batch_execute("begin; unlisten chan; select pg_notify('chan', 'function'); commit").unwrap();
