@@ -1435,6 +1435,35 @@ fn a_rollback_after_a_pipelines_writes_rolls_them_back_with_postgresqls_warning(
     no_gid_left(&c);
 }
 
+/// A simple Query after extended messages with no Sync between (pgjdbc
+/// with autosave closes a statement, then sends its savepoint's Query,
+/// then the next statement's Parse/Bind/Execute/Sync, in one write): the
+/// Query ends their unit, as in PostgreSQL, and a write after it is a
+/// unit of its own. The proxy held the Query back behind its BEGIN and
+/// then waited for its answer: no reply, ever.
+#[test]
+fn a_query_after_extended_messages_ends_their_unit() {
+    let c = TestCluster::start(3);
+    schema(&c, "create table qx(id int primary key)");
+    let mut r = Raw::connect(c.layout.proxy_port);
+    let mut close = vec![b'S'];
+    close.extend(cstr("S_1"));
+    let mut batch = msg(b'C', &close);
+    batch.extend(Raw::query("select 2"));
+    batch.extend(Raw::parse("S_7", "insert into qx values (1)"));
+    batch.extend(Raw::bind_execute("S_7"));
+    batch.extend(Raw::sync());
+    r.s.write_all(&batch).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["3", "T", "D", "C:SELECT 1", "Z:I"]);
+    assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "Z:I"]);
+    converge(&c, &["qx"]);
+    for i in 1..=3 {
+        let n: i64 = client(&c, i).query_one("select count(*) from qx", &[]).unwrap().get(0);
+        assert_eq!(n, 1, "node {i}");
+    }
+    no_gid_left(&c);
+}
+
 /// A client whose encoding is not UTF-8 (`SET client_encoding TO
 /// latin9`) sends its text in that encoding: the proxy passes it on byte
 /// for byte — a write in autocommit, a Query string it runs part by

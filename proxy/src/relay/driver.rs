@@ -402,10 +402,26 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// A FunctionCall (whole, or the start of one streamed after it):
     /// passed on as it is, a unit of its own.
     pub(super) async fn function_call(&mut self, raw: &[u8]) {
+        self.ends_extended_unit();
         self.ctx.tracker.before_send(1).await;
         self.past_answered_commit();
         self.expect(Expect::Forward);
         self.out.extend_from_slice(raw);
+    }
+
+    /// A Query or FunctionCall after extended messages with no Sync
+    /// between (pgjdbc's autosave: Close, then its savepoint's Query):
+    /// PostgreSQL runs it after them and ends their implicit transaction
+    /// with it, answering ReadyForQuery, so it ends their unit here too —
+    /// their answers reach the client ahead of its own, unasked, and what
+    /// follows is a unit of its own. Neither may be held back behind a
+    /// BEGIN of the proxy's any more: the Query's answer is awaited.
+    fn ends_extended_unit(&mut self) {
+        match self.unit.as_mut() {
+            Some(u) if u.mode == UnitMode::Plain => self.unit = None,
+            Some(u) => u.unsent = None,
+            None => {}
+        }
     }
 
     /// A new unit waits until the pending one is finished — and the one
@@ -564,6 +580,7 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// portal, which a Query replaces.
     pub(super) async fn start_query(&mut self, sql: &str) {
         self.count_statement(sql, true);
+        self.ends_extended_unit();
         self.ctx.tracker.before_send(1).await;
         self.statements.remove(&b""[..]);
         self.portals.remove(&b""[..]);
