@@ -95,9 +95,9 @@ thread_local! {
 /// A NOTIFY taken over: the transaction goes through the cluster's
 /// commit, like a write.
 pub(crate) fn set_writes_for_notify() {
-    let first = !XACT_WRITES.get();
+    let only_notifies_so_far = !XACT_WRITES.get() || ONLY_NOTIFIES.get();
     set_writes(true);
-    ONLY_NOTIFIES.set(first && XACT_WRITES.get());
+    ONLY_NOTIFIES.set(only_notifies_so_far && XACT_WRITES.get());
 }
 
 /// Whether the open transaction counts as a write only for its NOTIFYs.
@@ -140,9 +140,11 @@ fn replicated(relid: pg_sys::Oid) -> bool {
 pub(crate) fn executor_start(query: ExecutorStart<'_>) {
     let modifies = query.operation() != pg_sys::CmdType::CMD_SELECT || query.has_modifying_cte();
     let explain_only = query.eflags() & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0;
-    // A proxy session that already wrote has nothing more to learn here;
-    // elsewhere each write may have to be refused.
-    let known = XACT_WRITES.get() && COORDINATED_COMMIT.get();
+    // A proxy session that already wrote has nothing more to learn here
+    // (unless all it did was NOTIFY: a LISTEN may still make that a local
+    // commit, which a row written now must forbid); elsewhere each write
+    // may have to be refused.
+    let known = XACT_WRITES.get() && COORDINATED_COMMIT.get() && !ONLY_NOTIFIES.get();
     let client = client_change();
     if client {
         crate::conflicts::check_current();
@@ -151,9 +153,7 @@ pub(crate) fn executor_start(query: ExecutorStart<'_>) {
         let written: Vec<pg_sys::Oid> = query.result_relids().into_iter().filter(|&r| replicated(r)).collect();
         if !written.is_empty() {
             refuse_direct_write(&written, "writing to a replicated table");
-            if !XACT_WRITES.get() {
-                set_writes(true);
-            }
+            set_writes(true);
         }
     }
     if !explain_only {

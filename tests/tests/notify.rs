@@ -208,13 +208,22 @@ fn a_transaction_that_listens_and_notifies_is_heard_on_every_node() {
     senders[0].batch_execute("listen chan; notify chan, 'listen first'").unwrap();
     senders[1].batch_execute("begin; notify chan, 'notify first'; listen other; commit").unwrap();
     senders[2].batch_execute("begin; unlisten chan; select pg_notify('chan', 'function'); commit").unwrap();
-    let e = senders[2].batch_execute("begin; insert into t values (1); listen other; notify chan, 'with a write'; commit").unwrap_err();
-    assert_eq!(mtm_tests::cluster::sqlstate(&e), "0A000", "{e:?}");
-    senders[2].batch_execute("rollback").unwrap();
+    senders[1].batch_execute("begin; notify chan, 'n1'; notify chan, 'n2'; listen other; commit").unwrap();
+    for writes_then_listens in [
+        "begin; insert into t values (1); listen other; notify chan, 'with a write'; commit",
+        "begin; notify chan, 'notify, write'; insert into t values (2); listen other; commit",
+        "begin; select pg_notify('chan', 'pg_notify, write'); insert into t values (3); listen other; commit",
+    ] {
+        let e = senders[2].batch_execute(writes_then_listens).unwrap_err();
+        assert_eq!(mtm_tests::cluster::sqlstate(&e), "0A000", "{writes_then_listens}: {e:?}");
+        senders[2].batch_execute("rollback").unwrap();
+    }
     for (i, l) in listeners.iter_mut().enumerate() {
-        let mut heard = payloads(l, 3, Duration::from_secs(10));
+        let mut heard = payloads(l, 5, Duration::from_secs(10));
         heard.sort();
-        assert_eq!(heard, ["function", "listen first", "notify first"], "listener {i}");
+        assert_eq!(heard, ["function", "listen first", "n1", "n2", "notify first"], "listener {i}");
+        let more = payloads(l, 1, Duration::from_millis(500));
+        assert!(more.is_empty(), "listener {i} heard more: {more:?}");
     }
     let own = payloads(&mut senders[0], 1, Duration::from_secs(10));
     assert_eq!(own, ["listen first"], "the sender listening on its channel hears itself");
