@@ -10,7 +10,11 @@
 //! the other nodes, over replication connections like the resolver's, and
 //! the node that has it signals it with PostgreSQL's own function run as
 //! the caller's role (same permission checks, same errors). A pid no
-//! node has gets PostgreSQL's own answer here (a warning, false).
+//! node has gets PostgreSQL's own answer here (a warning, false). Only
+//! client sessions are signalled elsewhere: nodes on separate hosts (or
+//! containers) each have their own pids, so a pid that just ended here
+//! may name an unrelated process there, which must never be one of the
+//! node's own workers.
 
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -174,7 +178,10 @@ const ASK_TIMEOUT_MS: i32 = 3000;
 /// replication connection), never granted.
 #[pg_extern]
 fn signal_local(pid: i32, role: &str, terminate: bool, timeout: i64) -> String {
-    if !crate::pg::proc::is_backend(pid) {
+    // Only a client's session: the caller means one it was told of, and a
+    // pid that ended on its own node may be reused here by anything (the
+    // nodes' pids are apart only on one host) — never by a worker of ours.
+    if !crate::pg::proc::is_backend(pid) || !is_client_backend(pid) {
         return Answer::Absent.to_text();
     }
     let how = if terminate { Signal::Terminate(timeout) } else { Signal::Cancel };
@@ -186,6 +193,15 @@ fn signal_local(pid: i32, role: &str, terminate: bool, timeout: i64) -> String {
         })
         .execute();
     answer.to_text()
+}
+
+/// Whether `pid` is a client's session on this node (not a background
+/// worker, a walsender, or any other process of the server).
+fn is_client_backend(pid: i32) -> bool {
+    Spi::get_one_with_args::<bool>("SELECT backend_type = 'client backend' FROM pg_catalog.pg_stat_activity WHERE pid = $1", &[pid.into()])
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
