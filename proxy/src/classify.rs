@@ -254,7 +254,8 @@ fn single_intent(sql: &str) -> Intent {
         },
         "PREPARE" => Intent::Read,
         "BEGIN" | "START" => Intent::Begin,
-        "ROLLBACK" | "ABORT" if !has("TO") && !has("PREPARED") => Intent::Rollback,
+        // ROLLBACK AND CHAIN: PostgreSQL refuses it outside a block.
+        "ROLLBACK" | "ABORT" if !has("TO") && !has("PREPARED") && !(has("CHAIN") && !has("NO")) => Intent::Rollback,
         "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => Intent::TransactionControl,
         "EXPLAIN" if !has("ANALYZE") && !has("ANALYSE") => Intent::Read,
         // Takes locks or opens a cursor, writes nothing; outside a block
@@ -273,6 +274,10 @@ fn single_intent(sql: &str) -> Intent {
         // Tablespaces are directories of one server: they stay local.
         "CREATE" | "DROP" | "ALTER" if words.get(1) == Some(&"TABLESPACE") => Intent::Read,
         "CREATE" | "DROP" if has("CONCURRENTLY") || words.get(1) == Some(&"DATABASE") => Intent::EveryNode,
+        // Its owner and name are schema changes like any other, which the
+        // cluster's commit carries; the rest (SET, SET TABLESPACE, WITH)
+        // each node takes in turn.
+        "ALTER" if words.get(1) == Some(&"DATABASE") && matches!(words.get(3), Some(&"OWNER" | &"RENAME")) => Intent::Write,
         "ALTER" if words.get(1) == Some(&"SYSTEM") || words.get(1) == Some(&"DATABASE") => Intent::EveryNode,
         "VACUUM" | "ANALYZE" | "ANALYSE" | "REINDEX" | "CLUSTER" => Intent::EveryNode,
         "WITH" if has("INSERT") || has("UPDATE") || has("DELETE") || has("MERGE") => Intent::Write,
@@ -669,6 +674,10 @@ mod tests {
         assert_eq!(intent("drop index concurrently i"), Intent::EveryNode);
         assert_eq!(intent("create database d"), Intent::EveryNode);
         assert_eq!(intent("alter system set work_mem = '8MB'"), Intent::EveryNode);
+        assert_eq!(intent("alter database d set work_mem = '8MB'"), Intent::EveryNode);
+        assert_eq!(intent("alter database d owner to r"), Intent::Write);
+        assert_eq!(intent("alter database d rename to e"), Intent::Write);
+        assert_eq!(intent("alter database d set search_path = owner"), Intent::EveryNode);
         assert_eq!(intent("create tablespace ts location '/x'"), Intent::Read);
         assert_eq!(intent("create table database_log(id int)"), Intent::Write);
         assert_eq!(intent("vacuum a; vacuum b"), Intent::TransactionControl, "PostgreSQL refuses it: forwarded as sent");
@@ -685,6 +694,8 @@ mod tests {
         assert_eq!(intent("ABORT AND NO CHAIN"), Intent::Rollback);
         assert_eq!(intent("rollback to savepoint a"), Intent::TransactionControl);
         assert_eq!(intent("rollback prepared 'x'"), Intent::TransactionControl);
+        assert_eq!(intent("rollback and chain"), Intent::TransactionControl);
+        assert_eq!(intent("rollback and no chain"), Intent::Rollback);
         assert_eq!(intent("lock table t in exclusive mode"), Intent::BlockOnly("LOCK TABLE"), "refused outside a block, as by PostgreSQL");
         assert_eq!(intent("declare c cursor for select 1"), Intent::BlockOnly("DECLARE CURSOR"));
         assert_eq!(intent("declare c no scroll cursor without hold for select 1"), Intent::BlockOnly("DECLARE CURSOR"));

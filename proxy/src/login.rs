@@ -126,7 +126,7 @@ pub async fn login(mut client: ClientStream, peer: &SocketAddrOrUnix, shared: &A
     let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     // A walsender's session (pg_basebackup, pg_receivewal, a subscriber)
     // speaks a protocol of its own that the proxy does not relay.
-    if get("replication").is_some_and(|v| !matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0")) {
+    if get("replication").is_some_and(|v| !is_false(&v)) {
         let e = PgError::fatal("0A000", "replication connections are not supported through the proxy")
             .with_hint("Connect to a node directly for pg_basebackup, pg_receivewal or logical replication.");
         refuse(&mut client, peer, &e).await;
@@ -355,9 +355,26 @@ fn take_node_option(params: &mut Vec<(String, String)>) -> Option<String> {
     found
 }
 
+/// Whether `value` is false as PostgreSQL's boolean settings read it (a
+/// prefix of "false" or "no", "off", "0"; any case).
+fn is_false(value: &str) -> bool {
+    let v = value.trim().to_ascii_lowercase();
+    (!v.is_empty() && ("false".starts_with(&v) || "no".starts_with(&v))) || v == "off" || v == "of" || v == "0"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_false_as_postgresql_does() {
+        for v in ["false", "f", "FAL", "no", "n", "off", "of", "0"] {
+            assert!(is_false(v), "{v}");
+        }
+        for v in ["true", "database", "on", "1", "", "o"] {
+            assert!(!is_false(v), "{v}");
+        }
+    }
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

@@ -1399,10 +1399,34 @@ fn block_only_statements_in_a_writing_pipeline_fail_as_in_postgresql() {
     assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "N", "C:COMMIT", "1", "2", "E:25P01", "Z:I"]);
     r.s.write_all(&Raw::query("insert into bo values (7); lock table bo")).unwrap();
     assert_eq!(summary(&r.until_ready()), ["C:INSERT 0 1", "C:LOCK TABLE", "Z:I"]);
+    // The client's BEGIN sent later makes the writes' transaction a block
+    // (as in PostgreSQL): LOCK runs in it, and the block is the client's
+    // to end.
+    let mut writes = Raw::parse("", "insert into bo values (9)");
+    writes.extend(Raw::bind_execute(""));
+    r.s.write_all(&writes).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut block = Raw::parse("", "begin");
+    block.extend(Raw::bind_execute(""));
+    block.extend(Raw::parse("", "lock table bo"));
+    block.extend(Raw::bind_execute(""));
+    block.extend(Raw::sync());
+    r.s.write_all(&block).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "C:BEGIN", "1", "2", "C:LOCK TABLE", "Z:T"]);
+    r.s.write_all(&Raw::query("commit")).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["C:COMMIT", "Z:I"]);
+    // ROLLBACK AND CHAIN outside a block: refused as by PostgreSQL.
+    let mut unit = Raw::parse("", "insert into bo values (10)");
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::parse("", "rollback and chain"));
+    unit.extend(Raw::bind_execute(""));
+    unit.extend(Raw::sync());
+    r.s.write_all(&unit).unwrap();
+    assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "E:25P01", "Z:I"]);
     converge(&c, &["bo"]);
     for i in 1..=3 {
         let ids: Vec<i32> = client(&c, i).query("select id from bo order by id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(ids, [7, 8], "node {i}");
+        assert_eq!(ids, [7, 8, 9], "node {i}");
     }
     no_gid_left(&c);
 }

@@ -951,6 +951,18 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 unit.executed = true;
                 self.unit = Some(unit);
                 let portal = BodyReader::new(body).cbytes().map_err(End::ClientProtocol)?.to_vec();
+                // The client's own BEGIN, in a later piece of a unit the
+                // proxy wrapped: PostgreSQL makes the implicit transaction
+                // a block there, and so the proxy's block becomes the
+                // client's (`begin_in_place`).
+                let is_begin = self.portals.get(&portal) == Some(&Intent::Begin);
+                if is_begin && unit.mode == UnitMode::Wrapped && !unit.begins && self.begin_in_place().await? {
+                    return Ok(());
+                }
+                if is_begin {
+                    unit.begins = true;
+                    self.unit = Some(unit);
+                }
                 if unit.mode == UnitMode::CommitInside && self.portals.get(&portal) == Some(&Intent::Commit) {
                     // Stays CommitInside: a later COMMIT of the unit (a
                     // pipeline of several transactions) is taken over too.
@@ -961,10 +973,11 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
                 if unit.mode == UnitMode::Wrapped && self.portals.get(&portal) == Some(&Intent::Commit) && self.implicit_commit_in_place().await? {
                     return Ok(());
                 }
-                if unit.mode == UnitMode::Wrapped && self.portals.get(&portal) == Some(&Intent::Rollback) && self.implicit_rollback_in_place().await? {
+                let implicit = unit.mode == UnitMode::Wrapped && !unit.begins;
+                if implicit && self.portals.get(&portal) == Some(&Intent::Rollback) && self.implicit_rollback_in_place().await? {
                     return Ok(());
                 }
-                if let (UnitMode::Wrapped, Some(Intent::BlockOnly(what))) = (unit.mode, self.portals.get(&portal).cloned()) {
+                if let (true, Some(Intent::BlockOnly(what))) = (implicit, self.portals.get(&portal).cloned()) {
                     if self.refuse_outside_a_block(what).await? {
                         return Ok(());
                     }

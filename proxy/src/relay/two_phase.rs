@@ -65,6 +65,21 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         Ok(true)
     }
 
+    /// At the Execute of the client's BEGIN in a unit the proxy wrapped in
+    /// its own BEGIN, sent after the unit's writes went out: PostgreSQL
+    /// turns the implicit transaction into a block, which the client then
+    /// ends. The proxy's block is that block: it answers BEGIN itself and
+    /// no longer commits at the unit's Sync. Returns whether it did.
+    pub(super) async fn begin_in_place(&mut self) -> Result<bool, End> {
+        match self.block_wrote().await? {
+            Block::Wrote | Block::ReadOnly => {}
+            Block::Failed => return Ok(true),
+            Block::Other => return Ok(false),
+        }
+        self.answered_in_place(&messages::command_complete("BEGIN")).await?;
+        Ok(true)
+    }
+
     /// At the Execute of a ROLLBACK in a unit the proxy wrapped in its own
     /// BEGIN, sent after the unit's writes went out: PostgreSQL rolls the
     /// implicit transaction back with a warning that no transaction is in
