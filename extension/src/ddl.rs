@@ -755,14 +755,15 @@ fn refuse_large_object() {
 }
 
 /// Notes whether the captured statement touches temporary relations,
-/// functions or types (the object access hook, after the previous one
-/// ran).
+/// functions or types, or triggers, rules or policies of temporary
+/// tables (the object access hook, after the previous one ran).
 pub fn object_accessed(access: pg_sys::ObjectAccessType::Type, class_id: pg_sys::Oid, object_id: pg_sys::Oid) {
     if class_id == LARGE_OBJECT_RELATION_ID && access == pg_sys::ObjectAccessType::OAT_POST_CREATE {
         refuse_large_object();
     }
     let catalogs = [pg_sys::RelationRelationId, pg_sys::ProcedureRelationId, pg_sys::TypeRelationId];
-    if !CAPTURING.get() || !catalogs.contains(&class_id) {
+    let of_a_table = catalog::table_object_catalogs().contains(&class_id);
+    if !CAPTURING.get() || !(catalogs.contains(&class_id) || of_a_table) {
         return;
     }
     if !matches!(
@@ -776,6 +777,12 @@ pub fn object_accessed(access: pg_sys::ObjectAccessType::Type, class_id: pg_sys:
     // catalog with a snapshot that sees our own changes.
     let nsp = if class_id == pg_sys::RelationRelationId {
         relation_namespace(object_id)
+    } else if of_a_table {
+        // A trigger, rule or policy is where its table is.
+        match catalog::owning_table_uncached(class_id, object_id) {
+            table if table == pg_sys::InvalidOid => pg_sys::InvalidOid,
+            table => relation_namespace(table),
+        }
     } else {
         catalog::object_namespace_uncached(class_id, object_id)
     };

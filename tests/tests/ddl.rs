@@ -127,6 +127,15 @@ fn a_migration_mixing_ddl_and_dml_commits_on_every_node() {
     // So do temporary functions and types.
     one.batch_execute("create function pg_temp.scratch_f() returns int language sql as 'select 7'; create type pg_temp.scratch_t as enum ('a')").unwrap();
     assert_eq!(one.query_one("select pg_temp.scratch_f()", &[]).unwrap().get::<_, i32>(0), 7);
+    // And a temporary table's triggers, rules and policies.
+    one.batch_execute("create temp table scratch_log(x int)").unwrap();
+    one.batch_execute("create function pg_temp.log_it() returns trigger language plpgsql as 'begin insert into scratch_log values (new.x); return new; end'").unwrap();
+    one.batch_execute("create trigger scratch_logged after insert on scratch for each row execute function pg_temp.log_it()").unwrap();
+    one.batch_execute("create rule scratch_twice as on insert to scratch do also insert into scratch_log values (new.x)").unwrap();
+    one.batch_execute("create policy scratch_mine on scratch using (true)").unwrap();
+    one.batch_execute("insert into scratch values (2)").unwrap();
+    assert_eq!(one.query_one("select count(*) from scratch_log", &[]).unwrap().get::<_, i64>(0), 2);
+    one.batch_execute("drop rule scratch_twice on scratch; drop trigger scratch_logged on scratch; drop policy scratch_mine on scratch").unwrap();
     settle(&c);
     one.batch_execute("insert into cache values (1)").unwrap();
     let scratch = on_each(&c, "select count(*)::text from pg_class where relname = 'scratch'");
@@ -326,6 +335,10 @@ fn statements_that_cannot_run_in_a_transaction_run_on_every_node() {
     same_everywhere(&c, "select count(*)::text from pg_indexes where indexname = 'big_v'", "1");
     same_everywhere(&c, "select (last_vacuum is not null and last_analyze is not null)::text from pg_stat_user_tables where relname = 'big'", "true");
     same_everywhere(&c, "select count(*)::text from pg_database where datname = 'side_db'", "1");
+    // Its owner is a schema change like any other (in autocommit too).
+    s[1].1.batch_execute("create role side_owner").unwrap();
+    s[1].1.batch_execute("alter database side_db owner to side_owner").unwrap();
+    same_everywhere(&c, "select pg_get_userbyid(datdba)::text from pg_database where datname = 'side_db'", "side_owner");
     // Other databases are local to each node: their writes commit where
     // they run, with no two-phase commit.
     let mut side = postgres::Client::connect(&c.proxy_conninfo("side_db"), postgres::NoTls).unwrap();

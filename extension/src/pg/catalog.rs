@@ -71,7 +71,7 @@ pub fn relation_namespace_uncached(relid: pg_sys::Oid) -> pg_sys::Oid {
     // SAFETY: the fixed part of a pg_class row, as namespace_uncached
     // hands it over.
     unsafe {
-        namespace_uncached(pg_sys::RelationRelationId, pg_sys::ClassOidIndexId, pg_sys::Anum_pg_class_oid, relid, |row| {
+        oid_field_uncached(pg_sys::RelationRelationId, pg_sys::ClassOidIndexId, pg_sys::Anum_pg_class_oid, relid, |row| {
             (*(row as *const pg_sys::FormData_pg_class)).relnamespace
         })
     }
@@ -82,14 +82,14 @@ pub fn relation_namespace_uncached(relid: pg_sys::Oid) -> pg_sys::Oid {
 /// catalog or no such row.
 pub fn object_namespace_uncached(class_id: pg_sys::Oid, oid: pg_sys::Oid) -> pg_sys::Oid {
     // SAFETY: the fixed part of a pg_proc / pg_type row, as
-    // namespace_uncached hands it over, read as that catalog's struct.
+    // oid_field_uncached hands it over, read as that catalog's struct.
     unsafe {
         if class_id == pg_sys::ProcedureRelationId {
-            namespace_uncached(class_id, pg_sys::ProcedureOidIndexId, pg_sys::Anum_pg_proc_oid, oid, |row| {
+            oid_field_uncached(class_id, pg_sys::ProcedureOidIndexId, pg_sys::Anum_pg_proc_oid, oid, |row| {
                 (*(row as *const pg_sys::FormData_pg_proc)).pronamespace
             })
         } else if class_id == pg_sys::TypeRelationId {
-            namespace_uncached(class_id, pg_sys::TypeOidIndexId, pg_sys::Anum_pg_type_oid, oid, |row| {
+            oid_field_uncached(class_id, pg_sys::TypeOidIndexId, pg_sys::Anum_pg_type_oid, oid, |row| {
                 (*(row as *const pg_sys::FormData_pg_type)).typnamespace
             })
         } else {
@@ -98,15 +98,55 @@ pub fn object_namespace_uncached(class_id: pg_sys::Oid, oid: pg_sys::Oid) -> pg_
     }
 }
 
+/// pg_rewrite and pg_policy, which pgrx's bindings leave out: their
+/// catalog and oid-index ids (catalog/pg_rewrite.h, pg_policy.h).
+const REWRITE_RELATION_ID: u32 = 2618;
+const REWRITE_OID_INDEX_ID: u32 = 2692;
+const POLICY_RELATION_ID: u32 = 3256;
+const POLICY_OID_INDEX_ID: u32 = 3257;
+/// Where both rows keep their table's oid: after `oid` and a NameData
+/// (rule or policy name), `ev_class` / `polrelid`.
+const TABLE_OID_OFFSET: usize = std::mem::size_of::<pg_sys::Oid>() + std::mem::size_of::<pg_sys::NameData>();
+
+/// The catalogs of objects that belong to a table: triggers, rules,
+/// policies.
+pub fn table_object_catalogs() -> [pg_sys::Oid; 3] {
+    [pg_sys::TriggerRelationId, REWRITE_RELATION_ID.into(), POLICY_RELATION_ID.into()]
+}
+
+/// The table a trigger, rule or policy (`class_id`, one of
+/// [`table_object_catalogs`]) the running command may be creating or
+/// dropping belongs to; InvalidOid for another catalog or no such row.
+pub fn owning_table_uncached(class_id: pg_sys::Oid, oid: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: each branch names a catalog with its own oid index and oid
+    // column (1 in all three), and reads a field of that catalog's fixed
+    // part: pg_trigger's through pgrx's struct; pg_rewrite's `ev_class`
+    // and pg_policy's `polrelid`, both an Oid right after `oid` and a
+    // NameData (TABLE_OID_OFFSET), 4-byte aligned, inside the fixed part.
+    unsafe {
+        if class_id == pg_sys::TriggerRelationId {
+            oid_field_uncached(class_id, pg_sys::TriggerOidIndexId, pg_sys::Anum_pg_trigger_oid, oid, |row| {
+                (*(row as *const pg_sys::FormData_pg_trigger)).tgrelid
+            })
+        } else if class_id == pg_sys::Oid::from(REWRITE_RELATION_ID) || class_id == pg_sys::Oid::from(POLICY_RELATION_ID) {
+            let index = if class_id == pg_sys::Oid::from(REWRITE_RELATION_ID) { REWRITE_OID_INDEX_ID } else { POLICY_OID_INDEX_ID };
+            oid_field_uncached(class_id, index, 1, oid, |row| row.add(TABLE_OID_OFFSET).cast::<pg_sys::Oid>().read_unaligned())
+        } else {
+            pg_sys::InvalidOid
+        }
+    }
+}
+
 /// Reads the row `oid` of `catalog` through its oid index with
-/// `SnapshotSelf` and gives `namespace` the start of the row's fixed
-/// part; InvalidOid if there is no such row.
+/// `SnapshotSelf` and gives `field` the start of the row's fixed part,
+/// to read an oid from it (a namespace, a table); InvalidOid if there is
+/// no such row.
 ///
 /// # Safety
 /// `index` is `catalog`'s index on its oid column `oid_attnum`, and
-/// `namespace` reads that catalog's own fixed-part struct; inside a
+/// `field` reads that catalog's own fixed-part struct; inside a
 /// transaction.
-unsafe fn namespace_uncached(catalog: pg_sys::Oid, index: u32, oid_attnum: u32, oid: pg_sys::Oid, namespace: impl Fn(*const u8) -> pg_sys::Oid) -> pg_sys::Oid {
+unsafe fn oid_field_uncached(catalog: pg_sys::Oid, index: u32, oid_attnum: u32, oid: pg_sys::Oid, field: impl Fn(*const u8) -> pg_sys::Oid) -> pg_sys::Oid {
     // SAFETY: the catalog opened and closed with AccessShareLock around a
     // systable scan on its oid index, all in the caller's transaction;
     // the zeroed ScanKeyData is initialised by ScanKeyInit before use;
@@ -123,7 +163,7 @@ unsafe fn namespace_uncached(catalog: pg_sys::Oid, index: u32, oid_attnum: u32, 
             pg_sys::InvalidOid
         } else {
             let data = (*tup).t_data;
-            namespace((data as *const u8).add((*data).t_hoff as usize))
+            field((data as *const u8).add((*data).t_hoff as usize))
         };
         pg_sys::systable_endscan(scan);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
