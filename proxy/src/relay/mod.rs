@@ -243,10 +243,22 @@ where
         wake: Box::pin(tokio::time::sleep(RECHECK)),
     };
     let responder = Responder { link: &link, ctx, out: BytesMut::new(), held_complete: None, held_error: false, captured: Vec::new(), fire: Vec::new(), progressed: false };
+    let driving = driver.run(cr);
+    tokio::pin!(driving);
     let end = tokio::select! {
         biased;
-        end = driver.run(cr) => end,
-        end = responder.run(sr) => end,
+        end = &mut driving => end,
+        end = responder.run(sr) => {
+            // The node's side ended with answers the responder already
+            // handed to the driver, which has not read them yet: during
+            // a commit one of them may be COMMIT PREPARED's, which
+            // changes what the client must be told. Let the driver catch
+            // up (it then waits for an answer that never comes).
+            if matches!(end, End::ServerClosed | End::ServerIo | End::ServerProtocol(_)) && link.committing() {
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(100), &mut driving).await;
+            }
+            end
+        }
     };
     let committing = link.committing.lock().unwrap_or_else(|e| e.into_inner()).take();
     session_end(end, committing, link.node_fatal.load(Ordering::Relaxed))
