@@ -66,16 +66,14 @@ pub(crate) fn take_over(channel: &str, payload: &str) -> bool {
     check(channel, payload);
     let msg = NotifyMessage { channel: channel.to_string(), payload: payload.to_string() };
     crate::pg::rmgr::log_logical_message(c"mtm_notify", &msg.to_bytes(), true);
-    if LISTENED.get() {
-        // PostgreSQL cannot PREPARE a transaction that ran LISTEN: this
-        // one commits here, and its NOTIFY is PostgreSQL's own here and
-        // the peers' when they apply its commit (the message above).
-        queue_one(channel, payload);
-        return true;
-    }
     let level = crate::pg::xact::nest_level();
     PENDING.with_borrow_mut(|p| p.push((level, msg.channel, msg.payload)));
-    crate::xact::set_writes_for_notify();
+    // PostgreSQL cannot PREPARE a transaction that ran LISTEN: this one
+    // commits here ([`before_local_commit`]), and the peers hear its
+    // NOTIFYs when they apply its commit (the message above).
+    if !LISTENED.get() {
+        crate::xact::set_writes_for_notify();
+    }
     true
 }
 
@@ -87,10 +85,11 @@ thread_local! {
 
 /// LISTEN or UNLISTEN ran. PostgreSQL cannot PREPARE the transaction
 /// now, so a transaction whose only cluster-wide work is NOTIFY commits
-/// on this node without the cluster's two-phase commit: its NOTIFYs so
-/// far become PostgreSQL's own here, and the peers deliver them when they
-/// apply its commit (their `mtm_notify` messages are logged already). One
-/// that also wrote to replicated tables still needs the two-phase commit,
+/// on this node without the cluster's two-phase commit: its NOTIFYs
+/// become PostgreSQL's own here as it commits ([`before_local_commit`]),
+/// and the peers deliver them when they apply its commit (their
+/// `mtm_notify` messages are logged as they are taken over). One that
+/// also wrote to replicated tables still needs the two-phase commit,
 /// which PostgreSQL refuses (0A000, nothing committed).
 pub fn listen_seen() {
     if !cluster_wide() {
@@ -98,10 +97,16 @@ pub fn listen_seen() {
     }
     LISTENED.set(true);
     if crate::xact::writes_only_notifies() {
-        let pending: Vec<(String, String)> = PENDING.with_borrow_mut(|p| p.drain(..).map(|(_, c, m)| (c, m)).collect());
-        queue(&pending);
         crate::xact::set_writes(false);
     }
+}
+
+/// The transaction commits on this node without PREPARE: its NOTIFYs
+/// still pending (those of savepoints that were not rolled back) are
+/// queued the way PostgreSQL's own are, heard here once it commits.
+pub fn before_local_commit() {
+    let pending: Vec<(String, String)> = PENDING.with_borrow_mut(|p| p.drain(..).map(|(_, c, m)| (c, m)).collect());
+    queue(&pending);
 }
 
 /// `pg_notify()` as the proxy's sessions run it: parse analysis points

@@ -349,7 +349,12 @@ pub(crate) fn xact_callback(event: pg_sys::XactEvent::Type) {
         // nothing (a DELETE that matched no row), so the peers would never
         // see it nor vote: give every prepare one change, a transactional
         // message naming this node as the one that prepared it.
-        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT if client_change() => crate::conflicts::check_current(),
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT if client_change() => {
+            crate::conflicts::check_current();
+            // Committed here without PREPARE (it ran LISTEN): its NOTIFYs
+            // are PostgreSQL's own on this node.
+            crate::notify::before_local_commit();
+        }
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if client_change() => {
             if COORDINATED_COMMIT.get() && XACT_WRITES.get() {
                 crate::votes::refuse_if_a_peer_is_unreachable();

@@ -209,6 +209,7 @@ fn a_transaction_that_listens_and_notifies_is_heard_on_every_node() {
     senders[1].batch_execute("begin; notify chan, 'notify first'; listen other; commit").unwrap();
     senders[2].batch_execute("begin; unlisten chan; select pg_notify('chan', 'function'); commit").unwrap();
     senders[1].batch_execute("begin; notify chan, 'n1'; notify chan, 'n2'; listen other; commit").unwrap();
+    senders[0].batch_execute("begin; notify chan, 'before a savepoint'; savepoint s; listen other; notify chan, 'undone'; rollback to s; commit").unwrap();
     for writes_then_listens in [
         "begin; insert into t values (1); listen other; notify chan, 'with a write'; commit",
         "begin; notify chan, 'notify, write'; insert into t values (2); listen other; commit",
@@ -219,9 +220,9 @@ fn a_transaction_that_listens_and_notifies_is_heard_on_every_node() {
         senders[2].batch_execute("rollback").unwrap();
     }
     for (i, l) in listeners.iter_mut().enumerate() {
-        let mut heard = payloads(l, 5, Duration::from_secs(10));
+        let mut heard = payloads(l, 6, Duration::from_secs(10));
         heard.sort();
-        assert_eq!(heard, ["function", "listen first", "n1", "n2", "notify first"], "listener {i}");
+        assert_eq!(heard, ["before a savepoint", "function", "listen first", "n1", "n2", "notify first"], "listener {i}");
         let more = payloads(l, 1, Duration::from_millis(500));
         assert!(more.is_empty(), "listener {i} heard more: {more:?}");
     }
