@@ -653,6 +653,13 @@ impl Raw {
         msg(b'P', &b)
     }
 
+    /// Parse of `sql` as the unnamed statement, Bind and Execute of it.
+    fn statement(sql: &str) -> Vec<u8> {
+        let mut out = Raw::parse("", sql);
+        out.extend(Raw::bind_execute(""));
+        out
+    }
+
     fn bind_execute(statement: &str) -> Vec<u8> {
         let mut b = cstr("");
         b.extend(cstr(statement));
@@ -808,8 +815,7 @@ fn autocommit_pipelines_and_extended_commit_are_coordinated() {
     let mut raw = Raw::connect(port);
     let mut pipe = Vec::new();
     for (i, id) in [10, 1, 11].iter().enumerate() {
-        pipe.extend(Raw::parse("", &format!("insert into t values ({id}, 'pipeline {i}')")));
-        pipe.extend(Raw::bind_execute(""));
+        pipe.extend(Raw::statement(&format!("insert into t values ({id}, 'pipeline {i}')")));
         pipe.extend(Raw::sync());
     }
     raw.s.write_all(&pipe).unwrap();
@@ -824,8 +830,7 @@ fn autocommit_pipelines_and_extended_commit_are_coordinated() {
     assert_eq!(summary(&raw.until_ready()), ["1", "Z:I"]);
     raw.s.write_all(&Raw::query("begin")).unwrap();
     raw.until_ready();
-    let mut unit = Raw::parse("", "insert into t values (12, 'extended commit')");
-    unit.extend(Raw::bind_execute(""));
+    let mut unit = Raw::statement("insert into t values (12, 'extended commit')");
     unit.extend(Raw::sync());
     raw.s.write_all(&unit).unwrap();
     assert_eq!(summary(&raw.until_ready()), ["1", "2", "C:INSERT 0 1", "Z:T"]);
@@ -874,8 +879,7 @@ fn pipelined_transactions_commit_through_the_cluster() {
     let unit = |sqls: &[&str]| -> Vec<u8> {
         let mut out = Vec::new();
         for sql in sqls {
-            out.extend(Raw::parse("", sql));
-            out.extend(Raw::bind_execute(""));
+            out.extend(Raw::statement(sql));
         }
         out
     };
@@ -1034,8 +1038,7 @@ fn a_commit_inside_a_query_string_commits_there_and_the_rest_runs() {
     // and each gets its own answers.
     let mut pipelined = Raw::query("begin; insert into m values (15); commit; insert into m values (16)");
     pipelined.extend(Raw::query("select 1/0"));
-    pipelined.extend(Raw::parse("", "select 42"));
-    pipelined.extend(Raw::bind_execute(""));
+    pipelined.extend(Raw::statement("select 42"));
     pipelined.extend(Raw::sync());
     raws[2].s.write_all(&pipelined).unwrap();
     assert_eq!(summary(&raws[2].until_ready()), ["C:BEGIN", "C:INSERT 0 1", "C:COMMIT", "C:INSERT 0 1", "Z:I"]);
@@ -1075,10 +1078,8 @@ fn a_rollback_to_sent_with_the_commit_restores_the_block_and_it_commits() {
     raws[1].s.write_all(&Raw::query("rollback to s; insert into m values (3); commit")).unwrap();
     assert_eq!(summary(&raws[1].until_ready()), ["C:ROLLBACK", "C:INSERT 0 1", "C:COMMIT", "Z:I"]);
     failed_block(&mut raws[2], 4);
-    let mut unit = Raw::parse("", "rollback to savepoint s");
-    unit.extend(Raw::bind_execute(""));
-    unit.extend(Raw::parse("", "commit"));
-    unit.extend(Raw::bind_execute(""));
+    let mut unit = Raw::statement("rollback to savepoint s");
+    unit.extend(Raw::statement("commit"));
     unit.extend(Raw::sync());
     raws[2].s.write_all(&unit).unwrap();
     assert_eq!(summary(&raws[2].until_ready()), ["1", "2", "C:ROLLBACK", "1", "2", "C:COMMIT", "Z:I"]);
@@ -1157,8 +1158,7 @@ fn an_autocommit_write_is_answered_only_when_the_client_asks() {
     let c = TestCluster::start(3);
     schema(&c, "create table asked(id int primary key)");
     let mut r = Raw::connect(c.layout.proxy_port);
-    let mut m = Raw::parse("", "insert into asked values (1)");
-    m.extend(Raw::bind_execute(""));
+    let m = Raw::statement("insert into asked values (1)");
     r.s.write_all(&m).unwrap();
     r.s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut byte = [0u8; 1];
@@ -1221,8 +1221,7 @@ fn a_pipeline_segment_that_reads_before_it_writes_commits_in_autocommit() {
     let mut r = Raw::connect(c.layout.proxy_port);
     let flush = || msg(b'H', &[]);
     for round in 0..2 {
-        let mut reads = Raw::parse("", "select count(*) from seg");
-        reads.extend(Raw::bind_execute(""));
+        let mut reads = Raw::statement("select count(*) from seg");
         let counted = format!("counted{round}");
         reads.extend(Raw::parse(&counted, "select count(*) from seg where id > $1"));
         let mut describe = vec![b'S'];
@@ -1231,32 +1230,27 @@ fn a_pipeline_segment_that_reads_before_it_writes_commits_in_autocommit() {
         reads.extend(flush());
         r.s.write_all(&reads).unwrap();
         assert_eq!(summary(&r.read_n(7)), ["1", "2", "D", "C:SELECT 1", "1", "t", "T"]);
-        let mut write = Raw::parse("", &format!("insert into seg values ({round})"));
-        write.extend(Raw::bind_execute(""));
+        let mut write = Raw::statement(&format!("insert into seg values ({round})"));
         write.extend(Raw::sync());
         r.s.write_all(&write).unwrap();
         assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "Z:I"]);
     }
     // A read that fails: the write after it is skipped.
-    let mut failing = Raw::parse("", "select 1 / (random() * 0)::int");
-    failing.extend(Raw::bind_execute(""));
+    let mut failing = Raw::statement("select 1 / (random() * 0)::int");
     failing.extend(flush());
     r.s.write_all(&failing).unwrap();
     assert_eq!(summary(&r.read_n(3)), ["1", "2", "E:22012"]);
-    let mut write = Raw::parse("", "insert into seg values (9)");
-    write.extend(Raw::bind_execute(""));
+    let mut write = Raw::statement("insert into seg values (9)");
     write.extend(Raw::sync());
     r.s.write_all(&write).unwrap();
     assert_eq!(summary(&r.until_ready()), ["Z:I"]);
     // The same with an error too big for the proxy to hold whole (it
     // passes through in pieces): still seen as the unit's failure.
-    let mut failing = Raw::parse("", "select (repeat('x', 300000) || (random() * 0)::int)::int");
-    failing.extend(Raw::bind_execute(""));
+    let mut failing = Raw::statement("select (repeat('x', 300000) || (random() * 0)::int)::int");
     failing.extend(flush());
     r.s.write_all(&failing).unwrap();
     assert_eq!(summary(&r.read_n(3)), ["1", "2", "E:22P02"]);
-    let mut write = Raw::parse("", "insert into seg values (10)");
-    write.extend(Raw::bind_execute(""));
+    let mut write = Raw::statement("insert into seg values (10)");
     write.extend(Raw::sync());
     r.s.write_all(&write).unwrap();
     assert_eq!(summary(&r.until_ready()), ["Z:I"]);
@@ -1338,14 +1332,10 @@ fn a_sessions_own_notification_follows_the_answer_of_its_commit() {
     r.s.write_all(&Raw::query("select pg_notify('chan', 'function')")).unwrap();
     assert_eq!(summary(&r.until_ready()), ["T", "D", "C:SELECT 1", "A", "Z:I"]);
     // The extended protocol: the proxy answers the Sync after the COMMIT.
-    let mut unit = Raw::parse("", "begin");
-    unit.extend(Raw::bind_execute(""));
-    unit.extend(Raw::parse("", "notify chan, 'extended'"));
-    unit.extend(Raw::bind_execute(""));
-    unit.extend(Raw::parse("", "insert into heard values (2)"));
-    unit.extend(Raw::bind_execute(""));
-    unit.extend(Raw::parse("", "commit"));
-    unit.extend(Raw::bind_execute(""));
+    let mut unit = Raw::statement("begin");
+    unit.extend(Raw::statement("notify chan, 'extended'"));
+    unit.extend(Raw::statement("insert into heard values (2)"));
+    unit.extend(Raw::statement("commit"));
     unit.extend(Raw::sync());
     r.s.write_all(&unit).unwrap();
     let answer = summary(&r.until_ready());
@@ -1365,35 +1355,27 @@ fn block_only_statements_in_a_writing_pipeline_fail_as_in_postgresql() {
     schema(&c, "create table bo(id int primary key)");
     let mut r = Raw::connect(c.layout.proxy_port);
     for (i, second) in ["lock table bo", "declare cc cursor for select 1"].iter().enumerate() {
-        let mut unit = Raw::parse("", &format!("insert into bo values ({i})"));
-        unit.extend(Raw::bind_execute(""));
-        unit.extend(Raw::parse("", second));
-        unit.extend(Raw::bind_execute(""));
+        let mut unit = Raw::statement(&format!("insert into bo values ({i})"));
+        unit.extend(Raw::statement(second));
         unit.extend(Raw::sync());
         r.s.write_all(&unit).unwrap();
         assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "E:25P01", "Z:I"], "{second}");
     }
     // LOCK sent later, after the writes went out in the proxy's block:
     // refused the same, and the writes rolled back.
-    let mut writes = Raw::parse("", "insert into bo values (5)");
-    writes.extend(Raw::bind_execute(""));
+    let writes = Raw::statement("insert into bo values (5)");
     r.s.write_all(&writes).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let mut lock = Raw::parse("", "lock table bo");
-    lock.extend(Raw::bind_execute(""));
-    lock.extend(Raw::parse("", "insert into bo values (6)"));
-    lock.extend(Raw::bind_execute(""));
+    let mut lock = Raw::statement("lock table bo");
+    lock.extend(Raw::statement("insert into bo values (6)"));
     lock.extend(Raw::sync());
     r.s.write_all(&lock).unwrap();
     assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "E:25P01", "Z:I"]);
     // After a COMMIT in the unit, LOCK is in a transaction of its own:
     // the writes before the COMMIT commit, LOCK is refused.
-    let mut unit = Raw::parse("", "insert into bo values (8)");
-    unit.extend(Raw::bind_execute(""));
-    unit.extend(Raw::parse("", "commit"));
-    unit.extend(Raw::bind_execute(""));
-    unit.extend(Raw::parse("", "lock table bo"));
-    unit.extend(Raw::bind_execute(""));
+    let mut unit = Raw::statement("insert into bo values (8)");
+    unit.extend(Raw::statement("commit"));
+    unit.extend(Raw::statement("lock table bo"));
     unit.extend(Raw::sync());
     r.s.write_all(&unit).unwrap();
     assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "N", "C:COMMIT", "1", "2", "E:25P01", "Z:I"]);
@@ -1402,24 +1384,19 @@ fn block_only_statements_in_a_writing_pipeline_fail_as_in_postgresql() {
     // The client's BEGIN sent later makes the writes' transaction a block
     // (as in PostgreSQL): LOCK runs in it, and the block is the client's
     // to end.
-    let mut writes = Raw::parse("", "insert into bo values (9)");
-    writes.extend(Raw::bind_execute(""));
+    let writes = Raw::statement("insert into bo values (9)");
     r.s.write_all(&writes).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let mut block = Raw::parse("", "begin");
-    block.extend(Raw::bind_execute(""));
-    block.extend(Raw::parse("", "lock table bo"));
-    block.extend(Raw::bind_execute(""));
+    let mut block = Raw::statement("begin");
+    block.extend(Raw::statement("lock table bo"));
     block.extend(Raw::sync());
     r.s.write_all(&block).unwrap();
     assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "C:BEGIN", "1", "2", "C:LOCK TABLE", "Z:T"]);
     r.s.write_all(&Raw::query("commit")).unwrap();
     assert_eq!(summary(&r.until_ready()), ["C:COMMIT", "Z:I"]);
     // ROLLBACK AND CHAIN outside a block: refused as by PostgreSQL.
-    let mut unit = Raw::parse("", "insert into bo values (10)");
-    unit.extend(Raw::bind_execute(""));
-    unit.extend(Raw::parse("", "rollback and chain"));
-    unit.extend(Raw::bind_execute(""));
+    let mut unit = Raw::statement("insert into bo values (10)");
+    unit.extend(Raw::statement("rollback and chain"));
     unit.extend(Raw::sync());
     r.s.write_all(&unit).unwrap();
     assert_eq!(summary(&r.until_ready()), ["1", "2", "C:INSERT 0 1", "1", "2", "E:25P01", "Z:I"]);
@@ -1440,12 +1417,10 @@ fn a_rollback_after_a_pipelines_writes_rolls_them_back_with_postgresqls_warning(
     let c = TestCluster::start(3);
     schema(&c, "create table rb(id int primary key)");
     let mut r = Raw::connect(c.layout.proxy_port);
-    let mut writes = Raw::parse("", "insert into rb values (1)");
-    writes.extend(Raw::bind_execute(""));
+    let writes = Raw::statement("insert into rb values (1)");
     r.s.write_all(&writes).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let mut rollback = Raw::parse("", "rollback");
-    rollback.extend(Raw::bind_execute(""));
+    let mut rollback = Raw::statement("rollback");
     rollback.extend(Raw::sync());
     r.s.write_all(&rollback).unwrap();
     let answer = r.until_ready();
@@ -2026,8 +2001,7 @@ fn a_node_dying_after_an_extended_commit_is_answered_reports_it_committed() {
     let home = s.node_id(&c);
     s.s.write_all(&Raw::query("begin; insert into ext values (1)")).unwrap();
     assert_eq!(summary(&s.until_ready()), ["C:BEGIN", "C:INSERT 0 1", "Z:T"]);
-    let mut commit = Raw::parse("", "commit");
-    commit.extend(Raw::bind_execute(""));
+    let mut commit = Raw::statement("commit");
     commit.extend(msg(b'H', &[]));
     s.s.write_all(&commit).unwrap();
     assert_eq!(summary(&s.read_n(3)), ["1", "2", "C:COMMIT"]);
