@@ -30,6 +30,18 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
         })
     }
 
+    /// Before an Execute the proxy answers itself if a transaction block
+    /// is open (one that only read too; [`Self::block_wrote`]): None when
+    /// one is, else whether the Execute was dealt with — a failed unit
+    /// skips it (true), with no block it goes as sent (false).
+    async fn unless_a_block_is_open(&mut self) -> Result<Option<bool>, End> {
+        Ok(match self.block_wrote().await? {
+            Block::Wrote | Block::ReadOnly => None,
+            Block::Failed => Some(true),
+            Block::Other => Some(false),
+        })
+    }
+
     /// At the Execute of a COMMIT inside an extended unit: if the
     /// transaction wrote ([`Self::block_wrote`]), run the two-phase commit
     /// and answer the Execute ourselves. Returns whether it did.
@@ -54,10 +66,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// progress; the proxy commits its block the cluster's way instead and
     /// answers the same. Returns whether it did.
     pub(super) async fn implicit_commit_in_place(&mut self) -> Result<bool, End> {
-        match self.block_wrote().await? {
-            Block::Wrote | Block::ReadOnly => {}
-            Block::Failed => return Ok(true),
-            Block::Other => return Ok(false),
+        if let Some(done) = self.unless_a_block_is_open().await? {
+            return Ok(done);
         }
         let mut reply = messages::warning("25P01", NO_TRANSACTION);
         reply.extend_from_slice(&self.commit_open_reply(messages::command_complete("COMMIT")).await?);
@@ -71,10 +81,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// ends. The proxy's block is that block: it answers BEGIN itself and
     /// no longer commits at the unit's Sync. Returns whether it did.
     pub(super) async fn begin_in_place(&mut self) -> Result<bool, End> {
-        match self.block_wrote().await? {
-            Block::Wrote | Block::ReadOnly => {}
-            Block::Failed => return Ok(true),
-            Block::Other => return Ok(false),
+        if let Some(done) = self.unless_a_block_is_open().await? {
+            return Ok(done);
         }
         self.answered_in_place(&messages::command_complete("BEGIN")).await?;
         Ok(true)
@@ -86,10 +94,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// progress; the proxy rolls its block back and answers the same.
     /// Returns whether it did.
     pub(super) async fn implicit_rollback_in_place(&mut self) -> Result<bool, End> {
-        match self.block_wrote().await? {
-            Block::Wrote | Block::ReadOnly => {}
-            Block::Failed => return Ok(true),
-            Block::Other => return Ok(false),
+        if let Some(done) = self.unless_a_block_is_open().await? {
+            return Ok(done);
         }
         self.own(&["ROLLBACK"]).await?;
         let mut reply = messages::warning("25P01", NO_TRANSACTION);
@@ -106,17 +112,15 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// unit up to the client's Sync, which it answers itself. Returns
     /// whether it did.
     pub(super) async fn refuse_outside_a_block(&mut self, what: &str) -> Result<bool, End> {
-        match self.block_wrote().await? {
-            Block::Wrote | Block::ReadOnly => {}
-            Block::Failed => return Ok(true),
-            Block::Other => return Ok(false),
+        if let Some(done) = self.unless_a_block_is_open().await? {
+            return Ok(done);
         }
         self.own(&["ROLLBACK"]).await?;
         count_error("25P01");
-        self.to_client(&messages::error_response("25P01", &format!("{what} can only be used in transaction blocks"), None)).await?;
-        let skip_rest = super::driver::Unit::after_answer_in_place(self.link.loose());
-        self.unit = Some(super::driver::Unit { mode: super::driver::UnitMode::Discard, ..skip_rest });
-        self.looked_ahead_to = 0;
+        self.answered_in_place(&messages::error_response("25P01", &format!("{what} can only be used in transaction blocks"), None)).await?;
+        if let Some(rest) = self.unit.as_mut() {
+            rest.mode = super::driver::UnitMode::Discard;
+        }
         Ok(true)
     }
 
@@ -141,10 +145,8 @@ impl<SW: AsyncWrite + Unpin, CW: AsyncWrite + Unpin> Driver<'_, SW, CW> {
     /// Execute ourselves — PREPARE TRANSACTION, or 40001 with the gid
     /// rolled back everywhere. Returns whether it did.
     pub(super) async fn prepare_in_place(&mut self, gid: &str) -> Result<bool, End> {
-        match self.block_wrote().await? {
-            Block::Wrote | Block::ReadOnly => {}
-            Block::Failed => return Ok(true),
-            Block::Other => return Ok(false),
+        if let Some(done) = self.unless_a_block_is_open().await? {
+            return Ok(done);
         }
         let prepare = format!("PREPARE TRANSACTION {}", commit::literal(gid));
         let prepared = self.own(&[&prepare]).await?.remove(0);
